@@ -1,0 +1,656 @@
+"""The training loop: ``fit`` and ``lr_find``.
+
+Design for speed: the dataset lives on the device as tensors (no DataLoader, no collate); each
+step gathers a batch by index, runs forward/backward/step, and adds the batch's loss and metric
+sums to device accumulators (no host sync per step; on CPU the non-finite check reads the loss,
+which costs well under a microsecond). Everything else — validation, callbacks, reporting,
+snapshots — happens once per epoch.
+
+Reproducibility protocol (a hand-written loop that follows it gets the same numbers):
+1. the data split comes from ``training.data.load(spec.data, seed)``;
+2. ``random.seed(seed); numpy.random.seed(seed); torch.manual_seed(seed)``;
+3. layers are built in spec order, each weighted layer drawing its kernel then its bias from
+   the global torch RNG;
+4. each epoch's order is ``torch.randperm(n_train, generator=g)`` with
+   ``g = torch.Generator().manual_seed(seed)``; dropout draws from the global RNG.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from training import data as data_mod
+from training.callbacks import EarlyStopping, ModelCheckpoint, ReduceLROnPlateau, resolve_mode
+from training.model import BuiltModel, build_model
+from training.objectives import Objective, build_objective, prepare_targets, strip_output_activation
+from training.optim import build_optimizer, make_clipper
+from training.reporting import BaseReporter, Checkpoint, FitResult, Reporter, Snapshot
+from training.schedules import make_lr_fn
+from training.spec import JobSpec, ReduceOnPlateau, validate_spec
+from training.state import StateError, pack_snapshot, sha256, unpack_snapshot, weights_to_bytes
+
+POLL_SECONDS = 0.2
+VAL_CHUNK = 4096
+
+
+class TrainingError(RuntimeError):
+    """A failure a person can act on; ``kind`` is machine-readable (``device``, ``oom``,
+    ``data``, ``resume``, ``runtime``)."""
+
+    def __init__(self, message: str, kind: str = "runtime") -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise TrainingError(f"device {name!r} was requested but CUDA is not available on this worker; use 'cpu' or 'auto'", "device")
+        dev = torch.device(name)
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise TrainingError(f"device {name!r} does not exist: this worker has {torch.cuda.device_count()} GPU(s)", "device")
+        return dev
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def _deterministic(enabled: bool, device: torch.device) -> Iterator[None]:
+    if not enabled:
+        yield
+        return
+    previous = torch.are_deterministic_algorithms_enabled()
+    prev_bench = torch.backends.cudnn.benchmark
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
+        torch.backends.cudnn.benchmark = prev_bench
+
+
+@contextlib.contextmanager
+def _actionable_errors(spec: JobSpec, device: torch.device) -> Iterator[None]:
+    """Turn torch failures into messages that say what to change."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise TrainingError(
+            f"out of memory on {device} (batch_size {spec.data.batch_size}); reduce data.batch_size or the model's size",
+            "oom",
+        ) from None
+    except data_mod.DataError as exc:
+        raise TrainingError(f"data: {exc}", "data") from None
+    except StateError as exc:
+        raise TrainingError(f"cannot resume: {exc}", "resume") from None
+    except RuntimeError as exc:
+        if isinstance(exc, TrainingError):
+            raise
+        text = str(exc)
+        if "out of memory" in text.lower():
+            raise TrainingError(f"out of memory on {device}: reduce data.batch_size (now {spec.data.batch_size}) or the model's size", "oom") from None
+        if "shape" in text or "size" in text:
+            raise TrainingError(f"the model cannot process this data: {text.splitlines()[0]}", "runtime") from None
+        raise
+
+
+class _Run:
+    """One training run's state; see ``fit``."""
+
+    def __init__(self, spec: JobSpec, reporter: Reporter | None, should_stop: Callable[[], bool] | None) -> None:
+        self.spec = spec
+        self.reporter: Reporter = reporter or BaseReporter()
+        self.has_reporter = reporter is not None
+        self.should_stop = should_stop
+        self.device = resolve_device(spec.device)
+        if spec.precision == "fp16" and self.device.type != "cuda":
+            raise TrainingError("precision 'fp16' needs a CUDA device; use 'bf16' or 'fp32' on CPU", "device")
+
+        split = data_mod.load(spec.data, spec.seed)
+        self.info = split.info
+        seed = spec.seed
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+
+        self.strip = strip_output_activation(spec)
+        self.built: BuiltModel = build_model(spec, tuple(split.info.input_shape), self.strip)
+        self.model = self.built.module.to(self.device)
+        self.forward = torch.compile(self.model) if spec.compile else self.model
+        self.generator = torch.Generator().manual_seed(seed)
+
+        dev = self.device
+        n_classes = split.info.n_classes if split.info.task == "classification" else None
+        self.x_train = torch.from_numpy(split.x_train).to(dev)
+        self.y_train = torch.from_numpy(split.y_train).to(dev)
+        self.x_val = torch.from_numpy(split.x_val).to(dev)
+        self.y_val = torch.from_numpy(split.y_val).to(dev)
+        self.t_train = prepare_targets(spec, self.y_train, n_classes)
+        self.t_val = prepare_targets(spec, self.y_val, n_classes)
+        self.n_train, self.n_val = len(self.x_train), len(self.x_val)
+        self.batch_size = min(spec.data.batch_size, self.n_train)
+        self.steps_per_epoch = math.ceil(self.n_train / self.batch_size)
+
+        self.objective: Objective = build_objective(spec, n_classes)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.params = params
+        lr_spec = spec.optimizer.learning_rate
+        self.lr_fn = make_lr_fn(lr_spec, steps_per_epoch=self.steps_per_epoch, total_steps=spec.epochs * self.steps_per_epoch)
+        self.optimizer = build_optimizer(params, spec.optimizer, self.lr_fn(0))
+        self.clip = make_clipper(params, spec.optimizer)
+        self.scaler = torch.amp.GradScaler("cuda") if spec.precision == "fp16" else None
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.precision)
+
+        cb = spec.callbacks
+        self.early = EarlyStopping(**cb.early_stopping.model_dump(exclude={"verbose"})) if cb.early_stopping else None
+        plateau_spec: Any = cb.reduce_lr_on_plateau or (lr_spec if isinstance(lr_spec, ReduceOnPlateau) else None)
+        self.plateau = (
+            ReduceLROnPlateau(
+                plateau_spec.monitor, plateau_spec.factor, plateau_spec.patience, plateau_spec.mode,
+                plateau_spec.min_delta, plateau_spec.cooldown, plateau_spec.min_lr,
+            )
+            if plateau_spec is not None else None
+        )
+        self.plateau_lr: float | None = None  # the rate set by the plateau callback, once it acted
+        has_val = self.n_val > 0
+        if cb.model_checkpoint:
+            mc = cb.model_checkpoint
+            self.checkpoint = ModelCheckpoint(mc.monitor, mc.mode, mc.save_best_only, mc.initial_value_threshold)
+            self.save_freq = mc.save_freq
+        else:
+            # Lightning-style default: keep the best weights by the primary monitor.
+            monitor = cb.early_stopping.monitor if cb.early_stopping else ("val_loss" if has_val else "loss")
+            self.checkpoint = ModelCheckpoint(monitor, "auto", save_best_only=True)
+            self.save_freq = "epoch"
+        self.es_best: dict[str, torch.Tensor] | None = None
+        self.best_checkpoint: Checkpoint | None = None
+        self.history: list[dict[str, float]] = []
+        self.epoch = 0  # completed epochs
+        self.step = 0  # optimizer updates applied
+        self.stop_reason: str | None = None
+        self.lr = self.lr_fn(0)
+        self.check_nan = cb.terminate_on_nan
+        self.has_penalty = bool(self.built.weight_penalties) or any(m._forward_hooks for m in self.model.modules())
+        self._next_poll = 0.0
+
+    # ------------------------------------------------------------------ helpers
+
+    def _current_lr(self, step: int) -> float:
+        return self.plateau_lr if self.plateau_lr is not None else self.lr_fn(step)
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _poll_cancel(self) -> bool:
+        if self.should_stop is None:
+            return False
+        now = time.monotonic()
+        if now < self._next_poll:
+            return False
+        self._next_poll = now + POLL_SECONDS
+        return bool(self.should_stop())
+
+    def _weights(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    # ------------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Validation loss (with penalties, as Keras) and metrics, in eval mode."""
+        if self.n_val == 0:
+            return {}
+        self.model.eval()
+        obj = self.objective
+        loss_sum = torch.zeros((), device=self.device)
+        sums = {k: torch.zeros((), device=self.device) for k in obj.metrics}
+        for start in range(0, self.n_val, VAL_CHUNK):
+            xb = self.x_val[start : start + VAL_CHUNK]
+            yb, tb = self.y_val[start : start + VAL_CHUNK], self.t_val[start : start + VAL_CHUNK]
+            with self._autocast():
+                out = self.forward(xb)
+                loss = obj.loss(out, tb)
+            penalty = self.built.penalty()
+            if penalty is not None:
+                loss = loss + penalty
+            loss_sum += loss.float() * len(xb)
+            out = out.float()
+            for k, fn in obj.metrics.items():
+                sums[k] += fn(out, yb, tb)
+        values = torch.stack([loss_sum, *sums.values()]).double().cpu().tolist()
+        logs = {"val_loss": values[0] / self.n_val}
+        for k, v in zip(sums, values[1:], strict=True):
+            logs[f"val_{k}"] = obj.finalize.get(k, float)(v / self.n_val)
+        return logs
+
+    # ------------------------------------------------------------------ training
+
+    def run(self) -> None:
+        spec = self.spec
+        self.reporter.on_start(
+            {
+                "device": str(self.device),
+                "parameters": self.built.parameter_count,
+                "train_samples": self.n_train,
+                "val_samples": self.n_val,
+                "steps_per_epoch": self.steps_per_epoch,
+                "resumed_from_epoch": self.epoch,
+            }
+        )
+        while self.epoch < spec.epochs and self.stop_reason is None:
+            self.train_epoch()
+
+    def train_epoch(self) -> None:
+        spec, obj, model = self.spec, self.objective, self.model
+        started = time.perf_counter()
+        model.train()
+        n, bs = self.n_train, self.batch_size
+        perm = torch.randperm(n, generator=self.generator).to(self.device) if spec.data.shuffle else None
+        loss_sum = torch.zeros((), device=self.device)
+        sums = {k: torch.zeros((), device=self.device) for k in obj.metrics}
+        metric_fns = list(obj.metrics.items())
+        x, y, t = self.x_train, self.y_train, self.t_train
+        optimizer, clip, scaler, penalty_of = self.optimizer, self.clip, self.scaler, self.built.penalty
+        has_penalty = self.has_penalty
+        lr_constant = isinstance(spec.optimizer.learning_rate, float | int) and self.plateau is None
+        max_steps = spec.max_steps
+        check_nan = self.check_nan and self.device.type == "cpu"
+        cuda_check = self.check_nan and self.device.type == "cuda"
+        pending: torch.cuda.Event | None = None
+        finite_host = torch.ones((), dtype=torch.bool).pin_memory() if cuda_check else None
+        step_freq = self.save_freq if isinstance(self.save_freq, int) else None
+        seen = 0
+        lr = self.lr
+        for b in range(self.steps_per_epoch):
+            if perm is None:
+                xb, yb, tb = x[b * bs : (b + 1) * bs], y[b * bs : (b + 1) * bs], t[b * bs : (b + 1) * bs]
+            else:
+                idx = perm[b * bs : (b + 1) * bs]
+                xb, yb, tb = x[idx], y[idx], t[idx]
+            if not lr_constant:
+                new_lr = self._current_lr(self.step)
+                if new_lr != lr:
+                    lr = new_lr
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr
+            with self._autocast():
+                out = self.forward(xb)
+                loss = obj.loss(out, tb)
+            if has_penalty:
+                penalty = penalty_of()
+                if penalty is not None:
+                    loss = loss + penalty
+            if check_nan and not math.isfinite(loss.item()):
+                self.stop_reason = "non_finite_loss"
+                loss_sum += loss.detach().float() * len(xb)
+                seen += len(xb)
+                break
+            if cuda_check:
+                assert finite_host is not None
+                if pending is not None:
+                    pending.synchronize()
+                    if not bool(finite_host):
+                        self.stop_reason = "non_finite_loss"
+                        break
+                finite_host.copy_(torch.isfinite(loss.detach()), non_blocking=True)
+                pending = torch.cuda.Event()
+                pending.record()
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                if clip is not None:
+                    scaler.unscale_(optimizer)
+                    clip()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                if clip is not None:
+                    clip()
+                optimizer.step()
+            self.step += 1
+            m = len(xb)
+            seen += m
+            loss_sum.add_(loss.detach().float(), alpha=m)
+            if metric_fns:
+                with torch.no_grad():
+                    o = out.detach().float()
+                    for k, fn in metric_fns:
+                        sums[k].add_(fn(o, yb, tb))
+            if step_freq is not None and self.step % step_freq == 0:
+                self._step_checkpoint(loss_sum, sums, seen)
+            if max_steps is not None and self.step >= max_steps:
+                self.stop_reason = "max_steps"
+                break
+            if self._poll_cancel():
+                self.stop_reason = "cancelled"
+                return
+        if cuda_check and pending is not None and self.stop_reason is None:
+            pending.synchronize()
+            assert finite_host is not None
+            if not bool(finite_host):
+                self.stop_reason = "non_finite_loss"
+        self.lr = lr
+        self._end_epoch(loss_sum, sums, max(seen, 1), started)
+
+    def _train_logs(self, loss_sum: torch.Tensor, sums: dict[str, torch.Tensor], seen: int) -> dict[str, float]:
+        values = torch.stack([loss_sum, *sums.values()]).double().cpu().tolist()
+        logs = {"loss": values[0] / seen}
+        for k, v in zip(sums, values[1:], strict=True):
+            logs[k] = self.objective.finalize.get(k, float)(v / seen)
+        return logs
+
+    def _step_checkpoint(self, loss_sum: torch.Tensor, sums: dict[str, torch.Tensor], seen: int) -> None:
+        logs = self._train_logs(loss_sum, sums, seen)
+        if self.checkpoint.should_save(logs, self.epoch):
+            self._save_checkpoint(logs.get(self.checkpoint.monitor))
+
+    def _save_checkpoint(self, value: float | None) -> None:
+        meta = {"epoch": self.epoch + 1, "step": self.step, "monitor": self.checkpoint.monitor, "value": value}
+        data = weights_to_bytes(self.model.state_dict(), meta)
+        ckpt = Checkpoint(self.epoch + 1, self.step, self.checkpoint.monitor, value, data, sha256(data))
+        self.best_checkpoint = ckpt
+        self.reporter.on_checkpoint(ckpt)
+
+    def _end_epoch(self, loss_sum: torch.Tensor, sums: dict[str, torch.Tensor], seen: int, started: float) -> None:
+        logs: dict[str, float] = {"epoch": self.epoch + 1}
+        logs.update(self._train_logs(loss_sum, sums, seen))
+        logs.update(self.evaluate())
+        logs["lr"] = self.lr
+        logs["seconds"] = time.perf_counter() - started
+        epoch = self.epoch
+        if self.plateau is not None:
+            new_lr = self.plateau.on_epoch_end(logs, self._current_lr(self.step))
+            if new_lr != self._current_lr(self.step):
+                self.plateau_lr = new_lr
+        if self.early is not None:
+            decision = self.early.on_epoch_end(epoch, logs)
+            if decision.hold_weights:
+                self.es_best = self._weights()
+            if decision.stop and self.stop_reason is None:
+                self.stop_reason = self.early.reason
+        if self.save_freq == "epoch" and self.checkpoint.should_save(logs, epoch):
+            self._save_checkpoint(logs.get(self.checkpoint.monitor))
+        self.history.append(logs)
+        self.epoch += 1
+        self.reporter.on_epoch(dict(logs))
+        if self.stop_reason is None and self.epoch < self.spec.epochs and self.has_reporter and self.snapshot_due():
+            data = self.snapshot()
+            self.reporter.on_snapshot(Snapshot(self.epoch, self.step, data, sha256(data)))
+
+    snapshot_every = 1
+
+    def snapshot_due(self) -> bool:
+        return self.snapshot_every > 0 and self.epoch % self.snapshot_every == 0
+
+    # ------------------------------------------------------------------ resume
+
+    def snapshot(self) -> bytes:
+        """The full training state after the last completed epoch."""
+        rng = {"torch_cpu": torch.get_rng_state(), "shuffle": self.generator.get_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            for i, s in enumerate(torch.cuda.get_rng_state_all()):
+                rng[f"cuda_{i}"] = s
+        extra: dict[str, dict[str, torch.Tensor]] = {}
+        if self.es_best is not None:
+            extra["es_best"] = self.es_best
+        best_meta = None
+        if self.best_checkpoint is not None:
+            c = self.best_checkpoint
+            best_meta = {"epoch": c.epoch, "step": c.step, "monitor": c.monitor, "value": c.value}
+            from training.state import weights_from_bytes
+
+            extra["ckpt_best"] = weights_from_bytes(c.data)
+        np_state = np.random.get_state()
+        meta = {
+            "spec_digest": _spec_digest(self.spec),
+            "epoch": self.epoch,
+            "step": self.step,
+            "lr": self.lr,
+            "plateau_lr": self.plateau_lr,
+            "history": self.history,
+            "early": self.early.state_dict() if self.early else None,
+            "checkpoint": self.checkpoint.state_dict(),
+            "plateau": self.plateau.state_dict() if self.plateau else None,
+            "best_checkpoint": best_meta,
+            "python_random": _py_state_to_json(random.getstate()),
+            "numpy_random": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        }
+        return pack_snapshot(
+            model_state=self.model.state_dict(),
+            optimizer_state=self.optimizer.state_dict(),
+            rng_tensors=rng,
+            extra_tensors=extra,
+            meta=meta,
+        )
+
+    def restore(self, data: bytes) -> None:
+        state = unpack_snapshot(data)
+        meta = state["meta"]
+        if meta["spec_digest"] != _spec_digest(self.spec):
+            raise StateError("the snapshot was taken from a different job spec")
+        self.model.load_state_dict({k: v.to(self.device) for k, v in state["model"].items()})
+        opt_state = state["optimizer"]
+        self.optimizer.load_state_dict(opt_state)
+        self.epoch, self.step, self.lr = meta["epoch"], meta["step"], meta["lr"]
+        self.plateau_lr = meta["plateau_lr"]
+        self.history = meta["history"]
+        if self.early is not None and meta["early"] is not None:
+            self.early.load_state_dict(meta["early"])
+        self.checkpoint.load_state_dict(meta["checkpoint"])
+        if self.plateau is not None and meta["plateau"] is not None:
+            self.plateau.load_state_dict(meta["plateau"])
+        if "es_best" in state:
+            self.es_best = {k: v.to(self.device) for k, v in state["es_best"].items()}
+        if meta["best_checkpoint"] is not None:
+            b = meta["best_checkpoint"]
+            data_bytes = weights_to_bytes(state["ckpt_best"], b)
+            self.best_checkpoint = Checkpoint(b["epoch"], b["step"], b["monitor"], b["value"], data_bytes, sha256(data_bytes))
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch_cpu"])
+        self.generator.set_state(rng["shuffle"])
+        cuda_states = [rng[k] for k in sorted(rng) if k.startswith("cuda_")]
+        if cuda_states and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(cuda_states)
+        random.setstate(_py_state_from_json(meta["python_random"]))
+        ns = meta["numpy_random"]
+        np.random.set_state((ns[0], np.array(ns[1], dtype=np.uint32), ns[2], ns[3], ns[4]))
+
+    # ------------------------------------------------------------------ result
+
+    def result(self, seconds: float) -> FitResult:
+        if self.early is not None and self.early.restore_best_weights and self.es_best is not None:
+            self.model.load_state_dict(self.es_best)
+        reason = self.stop_reason or "completed"
+        best_epoch = self.checkpoint.best_epoch
+        ckpt = self.best_checkpoint
+        weights = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+        return FitResult(
+            history=self.history,
+            stop_reason=reason,
+            best_epoch=None if best_epoch is None else best_epoch + 1,
+            best_value=self.checkpoint.best,
+            monitor=self.checkpoint.monitor,
+            stopped_epoch=(self.early.stopped_epoch + 1) if self.early and self.early.stopped_epoch is not None else (
+                self.epoch if reason != "completed" else None
+            ),
+            epochs_run=self.epoch,
+            steps=self.step,
+            weights=weights,
+            best_checkpoint=ckpt.data if ckpt else None,
+            best_checkpoint_sha256=ckpt.sha256 if ckpt else None,
+            seconds=seconds,
+            info={
+                "device": str(self.device),
+                "parameters": self.built.parameter_count,
+                "steps_per_epoch": self.steps_per_epoch,
+                "outputs_are_logits": self.objective.outputs_are_logits,
+                "output_activation": self.built.output_activation,
+                "output_activation_in_weights": not self.built.stripped_output_activation,
+                "spec": self.spec.model_dump(mode="json"),
+            },
+        )
+
+
+def _spec_digest(spec: JobSpec) -> str:
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(spec.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+
+def _py_state_to_json(state: tuple[Any, ...]) -> list[Any]:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _py_state_from_json(state: list[Any]) -> tuple[Any, ...]:
+    return (state[0], tuple(state[1]), state[2])
+
+
+def fit(
+    spec: JobSpec | dict[str, Any],
+    reporter: Reporter | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    resume_from: bytes | None = None,
+    *,
+    snapshot_every: int = 1,
+    datasets: Callable[[str], Any] | None = None,
+) -> FitResult:
+    """Train the model a spec describes and return its history, stop reason and weights.
+
+    ``reporter`` gets ``on_start``, each epoch's metrics, each saved checkpoint and a training
+    state snapshot every ``snapshot_every`` epochs; ``should_stop`` is polled every
+    ``POLL_SECONDS`` (cancellation ends the run with stop reason ``cancelled``);
+    ``resume_from`` is a snapshot's bytes: the run continues exactly where it was taken.
+    Raises ``SpecError`` for an invalid spec and ``TrainingError`` for failures a person can fix.
+    """
+    job = validate_spec(spec, datasets)
+    if job.kind != "train":
+        raise TrainingError(f"fit() runs jobs of kind 'train'; this one is {job.kind!r} (use lr_find)", "runtime")
+    started = time.perf_counter()
+    device = resolve_device(job.device)
+    with _deterministic(job.deterministic, device), _actionable_errors(job, device):
+        run = _Run(job, reporter, should_stop)
+        run.snapshot_every = snapshot_every
+        if resume_from is not None:
+            run.restore(resume_from)
+        run.run()
+        return run.result(time.perf_counter() - started)
+
+
+def suggest_lr(lrs: list[float], losses: list[float]) -> tuple[float | None, str]:
+    """Steepest descent of the smoothed loss against log10(lr), looked for before the loss
+    minimum and after the first 10% of points; falls back to (lr at the minimum) / 10."""
+    n = len(losses)
+    if n < 5:
+        return None, "too few points for a suggestion"
+    arr = np.array(losses, dtype=float)
+    finite = np.isfinite(arr)
+    if not finite.any():
+        return None, "the loss was never finite"
+    i_min = int(np.nanargmin(np.where(finite, arr, np.nan)))
+    skip = max(1, n // 10)
+    if i_min - skip >= 3:
+        grads = np.gradient(arr[: i_min + 1], np.log10(np.array(lrs[: i_min + 1])))
+        i = skip + int(np.argmin(grads[skip:]))
+        return float(lrs[i]), "steepest descent of the smoothed loss before its minimum"
+    return float(lrs[i_min]) / 10.0, "loss minimum / 10 (curve too short for a slope)"
+
+
+def lr_find(
+    spec: JobSpec | dict[str, Any],
+    min_lr: float | None = None,
+    max_lr: float | None = None,
+    steps: int | None = None,
+    *,
+    should_stop: Callable[[], bool] | None = None,
+    datasets: Callable[[str], Any] | None = None,
+) -> dict[str, Any]:
+    """LR range test (Smith 2015): raise the rate exponentially from ``min_lr`` to ``max_lr``
+    over ``steps`` updates on the training data, record the loss (exponentially smoothed, with
+    bias correction), stop when it exceeds ``stop_factor`` (4) times its best or is not finite.
+    Returns ``lrs``, ``losses`` (smoothed), ``raw_losses``, ``suggested_learning_rate``, ``rule``,
+    ``stopped_early``."""
+    job = validate_spec(spec, datasets)
+    opts = job.lr_find or __import__("training.spec", fromlist=["LRFindSpec"]).LRFindSpec()
+    lo = min_lr if min_lr is not None else opts.min_lr
+    hi = max_lr if max_lr is not None else opts.max_lr
+    n_steps = steps if steps is not None else opts.steps
+    if not hi > lo > 0 or n_steps < 2:
+        raise TrainingError("lr_find needs 0 < min_lr < max_lr and steps >= 2", "runtime")
+    train_job = job.model_copy(update={"kind": "train"})
+    device = resolve_device(job.device)
+    with _deterministic(job.deterministic, device), _actionable_errors(job, device):
+        run = _Run(train_job, None, should_stop)
+        model, obj = run.model, run.objective
+        model.train()
+        lrs, raw, smooth = [], [], []
+        avg, best = 0.0, math.inf
+        beta = opts.smoothing
+        stopped_early = False
+        bs = run.batch_size
+        perm = torch.randperm(run.n_train, generator=run.generator).to(run.device)
+        b = 0
+        for i in range(n_steps):
+            if (b + 1) * bs > run.n_train and b > 0:
+                perm, b = torch.randperm(run.n_train, generator=run.generator).to(run.device), 0
+            idx = perm[b * bs : (b + 1) * bs]
+            b += 1
+            lr = lo * (hi / lo) ** (i / (n_steps - 1))
+            for g in run.optimizer.param_groups:
+                g["lr"] = lr
+            with run._autocast():
+                out = run.forward(run.x_train[idx])
+                loss = obj.loss(out, run.t_train[idx])
+            penalty = run.built.penalty()
+            if penalty is not None:
+                loss = loss + penalty
+            value = float(loss.item())
+            lrs.append(lr)
+            raw.append(value)
+            if not math.isfinite(value):
+                smooth.append(math.inf)
+                stopped_early = True
+                break
+            avg = beta * avg + (1 - beta) * value
+            debiased = avg / (1 - beta ** (i + 1))
+            smooth.append(debiased)
+            best = min(best, debiased)
+            if i > 0 and debiased > opts.stop_factor * best:
+                stopped_early = True
+                break
+            run.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if run.clip is not None:
+                run.clip()
+            run.optimizer.step()
+            if run._poll_cancel():
+                stopped_early = True
+                break
+        suggestion, rule = suggest_lr(lrs, smooth)
+        return {
+            "lrs": lrs,
+            "losses": [v if math.isfinite(v) else None for v in smooth],
+            "raw_losses": [v if math.isfinite(v) else None for v in raw],
+            "suggested_learning_rate": suggestion,
+            "rule": rule,
+            "stopped_early": stopped_early,
+            "min_lr": lo,
+            "max_lr": hi,
+        }

@@ -1,0 +1,78 @@
+"""What the engine tells its caller while it trains, and what it returns.
+
+No torch here: the worker implements :class:`Reporter`; the API reads the same field names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+STOP_REASONS = ("completed", "early_stopping", "non_finite_loss", "diverged", "cancelled", "max_steps")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Model weights (parameters and buffers) as safetensors bytes."""
+
+    epoch: int  # 1-based epoch at whose end (or during which, for save_freq=N) it was taken
+    step: int  # optimizer updates applied when it was taken
+    monitor: str | None
+    value: float | None
+    data: bytes
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The full training state at the end of an epoch: pass ``data`` as ``fit(resume_from=...)``."""
+
+    epoch: int  # 1-based: the last completed epoch
+    step: int
+    data: bytes
+    sha256: str
+
+
+class Reporter(Protocol):
+    """Receives progress from ``training.fit``. Every method is optional to implement when
+    subclassing :class:`BaseReporter`. Calls happen on the training thread, between steps."""
+
+    def on_start(self, info: dict[str, Any]) -> None: ...
+    def on_epoch(self, metrics: dict[str, float]) -> None: ...
+    def on_checkpoint(self, checkpoint: Checkpoint) -> None: ...
+    def on_snapshot(self, snapshot: Snapshot) -> None: ...
+
+
+class BaseReporter:
+    """A reporter that ignores everything; subclass and override what you need."""
+
+    def on_start(self, info: dict[str, Any]) -> None:
+        pass
+
+    def on_epoch(self, metrics: dict[str, float]) -> None:
+        pass
+
+    def on_checkpoint(self, checkpoint: Checkpoint) -> None:
+        pass
+
+    def on_snapshot(self, snapshot: Snapshot) -> None:
+        pass
+
+
+@dataclass
+class FitResult:
+    """What ``training.fit`` returns."""
+
+    history: list[dict[str, float]]
+    stop_reason: str
+    best_epoch: int | None  # 1-based
+    best_value: float | None
+    monitor: str | None
+    stopped_epoch: int | None  # 1-based epoch after which training stopped early, else None
+    epochs_run: int
+    steps: int
+    weights: dict[str, Any]  # final name -> tensor (after restore_best_weights)
+    best_checkpoint: bytes | None  # safetensors bytes of the best (or last saved) weights
+    best_checkpoint_sha256: str | None = None
+    seconds: float = 0.0
+    info: dict[str, Any] = field(default_factory=dict)  # device, parameter count, effective spec

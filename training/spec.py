@@ -1,0 +1,825 @@
+"""Job spec v1: the engine's input contract.
+
+Pydantic v2 models; importing this module never imports torch, so the API validates specs
+without loading the engine. Field names are Keras' (with a few PyTorch aliases such as ``lr``,
+``betas``, ``eps``). Unknown fields are errors. ``validate_spec`` runs the structural checks and
+the semantic ones (shapes through the layers, the last layer against the task, monitor names)
+and raises :class:`SpecError` whose ``errors`` each carry a JSON ``path`` and a message that says
+what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Callable, Mapping
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+SPEC_VERSION = 1
+
+ACTIVATIONS = (
+    "linear", "relu", "leaky_relu", "elu", "selu", "gelu", "silu", "swish",
+    "sigmoid", "tanh", "softmax", "softplus", "softsign", "relu6", "hard_sigmoid", "mish",
+)
+INITIALIZER_NAMES = (
+    "glorot_uniform", "glorot_normal", "he_uniform", "he_normal", "lecun_uniform", "lecun_normal",
+    "xavier_normal", "xavier_uniform", "kaiming_normal", "kaiming_uniform", "orthogonal",
+    "zeros", "ones", "constant", "normal", "uniform", "truncated_normal",
+)
+LOSSES = (
+    "sparse_categorical_crossentropy", "categorical_crossentropy", "binary_crossentropy",
+    "mse", "mae", "huber",
+)
+METRICS = ("accuracy", "top_k_accuracy", "mae", "mse", "rmse")
+CLASSIFICATION_LOSSES = ("sparse_categorical_crossentropy", "categorical_crossentropy", "binary_crossentropy")
+
+Activation = Literal[ACTIVATIONS]  # type: ignore[valid-type]
+InitializerName = Literal[INITIALIZER_NAMES]  # type: ignore[valid-type]
+PositiveInt = Annotated[int, Field(ge=1)]
+
+
+class StrictModel(BaseModel):
+    """Base: unknown fields are errors that list the allowed ones; NaN/Infinity are refused."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, populate_by_name=True, validate_default=False)
+    extra_aliases: ClassVar[tuple[str, ...]] = ()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unknown_fields(cls, data: Any) -> Any:
+        if not isinstance(data, Mapping):
+            return data
+        allowed = set(cls.model_fields)
+        for f in cls.model_fields.values():
+            if f.alias:
+                allowed.add(f.alias)
+            if f.validation_alias and isinstance(f.validation_alias, str):
+                allowed.add(f.validation_alias)
+        allowed |= set(cls.extra_aliases)
+        for key in data:
+            if key not in allowed:
+                names = sorted(cls.model_fields)
+                close = difflib.get_close_matches(str(key), names, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise PydanticCustomError(
+                    "extra_forbidden",
+                    "unknown field {field}{hint}; allowed fields here: {allowed}",
+                    {"field": str(key), "hint": hint, "allowed": ", ".join(names)},
+                )
+        return data
+
+
+# --------------------------------------------------------------------------- small parts
+
+
+class Initializer(StrictModel):
+    """An initializer by name, with optional parameters (a bare string is shorthand)."""
+
+    name: InitializerName
+    gain: float | None = Field(None, gt=0, description="xavier_*, kaiming_*, orthogonal")
+    value: float | None = Field(None, description="constant")
+    mean: float | None = Field(None, description="normal, truncated_normal")
+    stddev: float | None = Field(None, gt=0, description="normal, truncated_normal")
+    minval: float | None = Field(None, description="uniform")
+    maxval: float | None = Field(None, description="uniform")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, data: Any) -> Any:
+        return {"name": data} if isinstance(data, str) else data
+
+
+class Regularizer(StrictModel):
+    """``l1 * sum(|x|) + l2 * sum(x**2)``; the strings "l1", "l2", "l1_l2" mean 0.01 as in Keras."""
+
+    l1: float = Field(0.0, ge=0)
+    l2: float = Field(0.0, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, data: Any) -> Any:
+        shorthands = {"l1": {"l1": 0.01}, "l2": {"l2": 0.01}, "l1_l2": {"l1": 0.01, "l2": 0.01}}
+        if isinstance(data, str):
+            if data not in shorthands:
+                raise PydanticCustomError(
+                    "regularizer", "unknown regularizer {name!r}; allowed: 'l1', 'l2', 'l1_l2' or {{\"l1\": a, \"l2\": b}}",
+                    {"name": data},
+                )
+            return shorthands[data]
+        return data
+
+
+class _Weighted(StrictModel):
+    activation: Activation = "linear"
+    use_bias: bool = True
+    kernel_initializer: Initializer | None = Field(None, description="default: model.kernel_initializer")
+    bias_initializer: Initializer | None = Field(None, description="default: model.bias_initializer")
+    kernel_regularizer: Regularizer | None = None
+    bias_regularizer: Regularizer | None = None
+    activity_regularizer: Regularizer | None = None
+
+
+class Dense(_Weighted):
+    type: Literal["dense"] = "dense"
+    units: int = Field(ge=1, le=65536)
+
+
+IntPair = int | tuple[int, int]
+
+
+class Conv2D(_Weighted):
+    """2-D convolution on channels-first input (C, H, W), as in PyTorch."""
+
+    type: Literal["conv2d"] = "conv2d"
+    filters: int = Field(ge=1, le=8192)
+    kernel_size: IntPair
+    strides: IntPair = 1
+    padding: Literal["valid", "same"] = "valid"
+    dilation_rate: IntPair = 1
+
+
+class _Pool(StrictModel):
+    pool_size: IntPair = 2
+    strides: IntPair | None = Field(None, description="default: pool_size")
+    padding: Literal["valid", "same"] = "valid"
+
+
+class MaxPool2D(_Pool):
+    type: Literal["max_pool2d"] = "max_pool2d"
+
+
+class AvgPool2D(_Pool):
+    type: Literal["avg_pool2d"] = "avg_pool2d"
+
+
+class Flatten(StrictModel):
+    type: Literal["flatten"] = "flatten"
+
+
+class Reshape(StrictModel):
+    type: Literal["reshape"] = "reshape"
+    target_shape: list[int] = Field(min_length=1, max_length=4, description="per sample; one entry may be -1")
+
+
+class Dropout(StrictModel):
+    """Inverted dropout: active in training only, survivors scaled by 1/(1-rate)."""
+
+    type: Literal["dropout"] = "dropout"
+    rate: float = Field(ge=0, lt=1)
+
+
+class BatchNorm(StrictModel):
+    """Keras BatchNormalization: moving = moving * momentum + batch * (1 - momentum)."""
+
+    type: Literal["batch_norm"] = "batch_norm"
+    momentum: float = Field(0.99, ge=0, lt=1)
+    epsilon: float = Field(1e-3, gt=0)
+    center: bool = True
+    scale: bool = True
+
+
+class LayerNorm(StrictModel):
+    type: Literal["layer_norm"] = "layer_norm"
+    epsilon: float = Field(1e-3, gt=0)
+    center: bool = True
+    scale: bool = True
+
+
+class ActivationLayer(StrictModel):
+    type: Literal["activation"] = "activation"
+    activation: Activation
+
+
+Layer = Annotated[
+    Dense | Conv2D | MaxPool2D | AvgPool2D | Flatten | Reshape | Dropout | BatchNorm | LayerNorm | ActivationLayer,
+    Field(discriminator="type"),
+]
+LAYER_TYPES = ("dense", "conv2d", "max_pool2d", "avg_pool2d", "flatten", "reshape", "dropout", "batch_norm", "layer_norm", "activation")
+
+
+class ModelSpec(StrictModel):
+    kernel_initializer: Initializer = Field(default_factory=lambda: Initializer(name="glorot_uniform"))
+    bias_initializer: Initializer = Field(default_factory=lambda: Initializer(name="zeros"))
+    layers: list[Layer] = Field(min_length=1, max_length=200)
+
+
+# --------------------------------------------------------------------------- data
+
+
+class DataSpec(StrictModel):
+    dataset: str = Field(min_length=1, max_length=200, description="built-in name, or a stored dataset id")
+    path: str | None = Field(None, description="server-side .npz (x, y) or .csv file; set by the service")
+    target: str | int | None = Field(None, description="csv target column (name or index); default last")
+    layout: Literal["flat", "image"] = Field("flat", description="digits only: image = 1x8x8")
+    n_samples: int | None = Field(None, ge=10, le=1_000_000)
+    noise: float | None = Field(None, ge=0, le=100)
+    n_features: int | None = Field(None, ge=1, le=100_000)
+    n_classes: int | None = Field(None, ge=2, le=10_000)
+    data_seed: int | None = Field(None, description="synthetic data seed; default: the job's seed")
+    validation_split: float = Field(0.2, ge=0, lt=1)
+    batch_size: int = Field(32, ge=1, le=1_000_000)
+    shuffle: bool = True
+    standardize: bool = False
+
+
+# --------------------------------------------------------------------------- loss, metrics
+
+
+class Loss(StrictModel):
+    """``from_logits``: None (auto) treats the last layer's output as logits unless its activation
+    is softmax/sigmoid, in which case the engine uses the pre-activation values (the same maths,
+    numerically stable). ``false`` with a linear last layer treats outputs as probabilities, as
+    Keras does."""
+
+    name: Literal[LOSSES]  # type: ignore[valid-type]
+    from_logits: bool | None = None
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    delta: float = Field(1.0, gt=0, description="huber")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, data: Any) -> Any:
+        return {"name": data} if isinstance(data, str) else data
+
+
+class Metric(StrictModel):
+    name: Literal[METRICS]  # type: ignore[valid-type]
+    k: int = Field(5, ge=1, description="top_k_accuracy")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, data: Any) -> Any:
+        return {"name": data} if isinstance(data, str) else data
+
+    @property
+    def key(self) -> str:
+        """Name in the history (``top_k_accuracy`` stays unsuffixed, like Keras)."""
+        return self.name
+
+
+# --------------------------------------------------------------------------- schedules
+
+
+class _Warmup(StrictModel):
+    warmup_steps: int = Field(0, ge=0)
+    warmup_start_lr: float = Field(0.0, ge=0)
+
+
+class Constant(_Warmup):
+    schedule: Literal["constant"]
+    initial_learning_rate: float = Field(gt=0)
+
+
+class Exponential(_Warmup):
+    schedule: Literal["exponential"]
+    initial_learning_rate: float = Field(gt=0)
+    decay_steps: int = Field(ge=1)
+    decay_rate: float = Field(gt=0)
+    staircase: bool = False
+
+
+class StepDecay(_Warmup):
+    schedule: Literal["step"]
+    initial_learning_rate: float = Field(gt=0)
+    step_size: int = Field(ge=1)
+    gamma: float = Field(0.1, gt=0)
+    unit: Literal["epoch", "step"] = "epoch"
+
+
+class MultiStep(_Warmup):
+    schedule: Literal["multistep"]
+    initial_learning_rate: float = Field(gt=0)
+    milestones: list[int] = Field(min_length=1)
+    gamma: float = Field(0.1, gt=0)
+    unit: Literal["epoch", "step"] = "epoch"
+
+    @field_validator("milestones")
+    @classmethod
+    def _increasing(cls, v: list[int]) -> list[int]:
+        if any(b <= a for a, b in zip(v, v[1:], strict=False)) or v[0] < 0:
+            raise ValueError("milestones must be non-negative and strictly increasing")
+        return v
+
+
+class Polynomial(_Warmup):
+    schedule: Literal["polynomial"]
+    initial_learning_rate: float = Field(gt=0)
+    decay_steps: int = Field(ge=1)
+    end_learning_rate: float = Field(1e-4, ge=0)
+    power: float = Field(1.0, gt=0)
+    cycle: bool = False
+
+
+class Cosine(_Warmup):
+    schedule: Literal["cosine"]
+    initial_learning_rate: float = Field(ge=0, description="> 0 unless warmup_target is given (then the warm-up start)")
+    decay_steps: int = Field(ge=1)
+    alpha: float = Field(0.0, ge=0, le=1)
+    warmup_target: float | None = Field(
+        None, gt=0, description="Keras CosineDecay: warm up from initial_learning_rate to this, then decay from it"
+    )
+
+    @model_validator(mode="after")
+    def _one_warmup(self) -> Cosine:
+        if self.warmup_target is not None and self.warmup_start_lr:
+            raise ValueError("give either warmup_target (Keras) or warmup_start_lr, not both")
+        if self.warmup_target is None and self.initial_learning_rate <= 0:
+            raise ValueError("initial_learning_rate must be > 0 (it may be 0 only as the start of a warmup_target warm-up)")
+        return self
+
+
+class CosineRestarts(_Warmup):
+    schedule: Literal["cosine_restarts"]
+    initial_learning_rate: float = Field(gt=0)
+    first_decay_steps: int = Field(ge=1)
+    t_mul: float = Field(2.0, gt=0)
+    m_mul: float = Field(1.0, gt=0)
+    alpha: float = Field(0.0, ge=0, le=1)
+
+
+class OneCycle(_Warmup):
+    schedule: Literal["one_cycle"]
+    max_lr: float = Field(gt=0)
+    total_steps: int | None = Field(None, ge=2, description="default: epochs * steps per epoch")
+    pct_start: float = Field(0.3, gt=0, lt=1)
+    anneal_strategy: Literal["cos", "linear"] = "cos"
+    div_factor: float = Field(25.0, gt=0)
+    final_div_factor: float = Field(1e4, gt=0)
+    three_phase: bool = False
+
+
+class ReduceOnPlateau(_Warmup):
+    schedule: Literal["reduce_on_plateau"]
+    initial_learning_rate: float = Field(gt=0)
+    monitor: str = "val_loss"
+    factor: float = Field(0.1, gt=0, lt=1)
+    patience: int = Field(10, ge=0)
+    mode: Literal["auto", "min", "max"] = "auto"
+    min_delta: float = Field(1e-4, ge=0)
+    cooldown: int = Field(0, ge=0)
+    min_lr: float = Field(0.0, ge=0)
+
+
+Schedule = Annotated[
+    Constant | Exponential | StepDecay | MultiStep | Polynomial | Cosine | CosineRestarts | OneCycle | ReduceOnPlateau,
+    Field(discriminator="schedule"),
+]
+
+
+def _lr_kind(v: Any) -> str:
+    return "schedule" if isinstance(v, Mapping | BaseModel) else "number"
+
+
+LearningRate = Annotated[
+    Annotated[float, Tag("number"), Field(gt=0)] | Annotated[Schedule, Tag("schedule")],
+    Discriminator(_lr_kind),
+]
+_LR_ADAPTER: TypeAdapter[Any] = TypeAdapter(LearningRate)
+
+
+def parse_learning_rate(value: Any) -> Any:
+    """Validate a learning rate as written in a spec (number or schedule object)."""
+    try:
+        return _LR_ADAPTER.validate_python(value)
+    except ValidationError as exc:
+        raise SpecError(_format_errors(exc, value, prefix=("learning_rate",))) from None
+
+
+# --------------------------------------------------------------------------- optimizers
+
+_TORCH_NAMES = ("betas", "eps", "alpha")
+
+
+class _Optimizer(StrictModel):
+    extra_aliases: ClassVar[tuple[str, ...]] = ("lr", "betas", "eps")
+    learning_rate: LearningRate = 0.001
+    weight_decay: float | None = Field(None, ge=0)
+    clipnorm: float | None = Field(None, gt=0, description="clip each gradient tensor to this norm (Keras)")
+    clipvalue: float | None = Field(None, gt=0, description="clip each gradient element to [-v, v]")
+    global_clipnorm: float | None = Field(None, gt=0, description="clip all gradients to this global norm")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _aliases(cls, data: Any) -> Any:
+        """Accept PyTorch's names; the epsilon default follows the name family used."""
+        if not isinstance(data, Mapping):
+            return data
+        data = dict(data)
+        if "lr" in data:
+            if "learning_rate" in data:
+                raise PydanticCustomError("alias_conflict", "give learning_rate or its alias lr, not both", {})
+            data["learning_rate"] = data.pop("lr")
+        torch_family = any(k in data for k in _TORCH_NAMES)
+        if "betas" in data:
+            betas = data.pop("betas")
+            if not (isinstance(betas, list | tuple) and len(betas) == 2):
+                raise PydanticCustomError("betas", "betas must be a list of two numbers [beta_1, beta_2]", {})
+            data.setdefault("beta_1", betas[0])
+            data.setdefault("beta_2", betas[1])
+        if "eps" in data:
+            data.setdefault("epsilon", data.pop("eps"))
+        if torch_family and "epsilon" in cls.model_fields and "epsilon" not in data:
+            data["epsilon"] = 1e-8
+        return data
+
+    @model_validator(mode="after")
+    def _clip_conflict(self) -> _Optimizer:
+        if self.clipnorm is not None and self.global_clipnorm is not None:
+            raise ValueError("give clipnorm or global_clipnorm, not both (as in Keras)")
+        return self
+
+
+class SGD(_Optimizer):
+    """Keras SGD: velocity = momentum * velocity - lr * g; w += velocity (nesterov: w += momentum *
+    velocity - lr * g). Same as torch SGD for a constant learning rate."""
+
+    name: Literal["sgd"]
+    learning_rate: LearningRate = 0.01
+    momentum: float = Field(0.0, ge=0, lt=1)
+    nesterov: bool = False
+
+
+class _AdamLike(_Optimizer):
+    beta_1: float = Field(0.9, ge=0, lt=1)
+    beta_2: float = Field(0.999, ge=0, lt=1)
+    epsilon: float = Field(1e-7, gt=0, description="Keras default 1e-7; 1e-8 when the spec uses torch names")
+
+
+class Adam(_AdamLike):
+    """weight_decay is coupled L2 (added to the gradient), as in torch Adam."""
+
+    name: Literal["adam"]
+    amsgrad: bool = False
+
+
+class AdamW(_AdamLike):
+    """Decoupled weight decay (Loshchilov & Hutter), default 0.004 as in Keras."""
+
+    name: Literal["adamw"]
+    amsgrad: bool = False
+    weight_decay: float | None = Field(0.004, ge=0)
+
+
+class Nadam(_AdamLike):
+    name: Literal["nadam"]
+
+
+class RAdam(_AdamLike):
+    name: Literal["radam"]
+    epsilon: float = Field(1e-8, gt=0, description="torch default")
+
+
+class Adamax(_AdamLike):
+    name: Literal["adamax"]
+
+
+class RMSprop(_Optimizer):
+    extra_aliases: ClassVar[tuple[str, ...]] = ("lr", "eps", "alpha")
+    name: Literal["rmsprop"]
+    rho: float = Field(0.9, ge=0, lt=1, description="Keras rho (torch: alpha)")
+    momentum: float = Field(0.0, ge=0, lt=1)
+    epsilon: float = Field(1e-7, gt=0)
+    centered: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _alpha(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and "alpha" in data:
+            data = dict(data)
+            data.setdefault("rho", data.pop("alpha"))
+        return data
+
+
+class Adagrad(_Optimizer):
+    name: Literal["adagrad"]
+    initial_accumulator_value: float = Field(0.1, ge=0)
+    epsilon: float = Field(1e-7, gt=0)
+
+
+Optimizer = Annotated[
+    SGD | Adam | AdamW | Nadam | RAdam | Adamax | RMSprop | Adagrad,
+    Field(discriminator="name"),
+]
+OPTIMIZER_NAMES = ("sgd", "adam", "adamw", "nadam", "radam", "adamax", "rmsprop", "adagrad")
+
+
+# --------------------------------------------------------------------------- callbacks
+
+
+class EarlyStoppingSpec(StrictModel):
+    monitor: str = "val_loss"
+    min_delta: float = Field(0.0, ge=0)
+    patience: int = Field(0, ge=0)
+    mode: Literal["auto", "min", "max"] = "auto"
+    baseline: float | None = None
+    restore_best_weights: bool = False
+    start_from_epoch: int = Field(0, ge=0)
+    stop_on_non_finite: bool = True
+    divergence_threshold: float | None = None
+    verbose: int = Field(0, ge=0, le=2, description="accepted for Keras compatibility; ignored")
+
+
+class ModelCheckpointSpec(StrictModel):
+    monitor: str = "val_loss"
+    mode: Literal["auto", "min", "max"] = "auto"
+    save_best_only: bool = False
+    save_weights_only: bool = Field(
+        True, description="weights are always what is stored (safetensors); the full training state is kept separately"
+    )
+    save_freq: Literal["epoch"] | Annotated[int, Field(ge=1)] = "epoch"
+    initial_value_threshold: float | None = None
+    filepath: str | None = Field(None, description="accepted for Keras compatibility; the service stores checkpoints itself")
+    verbose: int = Field(0, ge=0, le=2, description="accepted for Keras compatibility; ignored")
+
+
+class ReduceLROnPlateauSpec(StrictModel):
+    monitor: str = "val_loss"
+    factor: float = Field(0.1, gt=0, lt=1)
+    patience: int = Field(10, ge=0)
+    mode: Literal["auto", "min", "max"] = "auto"
+    min_delta: float = Field(1e-4, ge=0)
+    cooldown: int = Field(0, ge=0)
+    min_lr: float = Field(0.0, ge=0)
+    verbose: int = Field(0, ge=0, le=2, description="accepted for Keras compatibility; ignored")
+
+
+class CallbacksSpec(StrictModel):
+    early_stopping: EarlyStoppingSpec | None = None
+    model_checkpoint: ModelCheckpointSpec | None = None
+    reduce_lr_on_plateau: ReduceLROnPlateauSpec | None = None
+    terminate_on_nan: bool = True
+
+
+class LRFindSpec(StrictModel):
+    """LR range test (Smith 2015): exponential ramp from min_lr to max_lr over steps."""
+
+    min_lr: float = Field(1e-7, gt=0)
+    max_lr: float = Field(10.0, gt=0)
+    steps: int = Field(100, ge=5, le=100_000)
+    stop_factor: float = Field(4.0, gt=1, description="stop when the smoothed loss exceeds this times its best")
+    smoothing: float = Field(0.98, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _order(self) -> LRFindSpec:
+        if self.max_lr <= self.min_lr:
+            raise ValueError("max_lr must be greater than min_lr")
+        return self
+
+
+# --------------------------------------------------------------------------- the job
+
+
+class JobSpec(StrictModel):
+    """A training job: data, model, loss, optimizer, epochs and callbacks."""
+
+    version: Literal[1] = SPEC_VERSION
+    kind: Literal["train", "lr_find"] = "train"
+    name: str = Field("job", min_length=1, max_length=200)
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda|cuda:\d{1,2})$", description="auto, cpu, cuda or cuda:N")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="bf16/fp16 autocast (fp16 needs CUDA)")
+    deterministic: bool = False
+    compile: bool = Field(False, description="torch.compile the model (CUDA; slow to start)")
+    data: DataSpec
+    model: ModelSpec
+    loss: Loss
+    metrics: list[Metric] = Field(default_factory=list, max_length=10)
+    optimizer: Optimizer = Field(default_factory=lambda: Adam(name="adam"))
+    epochs: int = Field(1, ge=1, le=100_000)
+    max_steps: int | None = Field(None, ge=1)
+    callbacks: CallbacksSpec = Field(default_factory=CallbacksSpec)
+    lr_find: LRFindSpec | None = Field(None, description="options of kind 'lr_find'")
+
+    def metric_names(self) -> list[str]:
+        """Names the history carries besides loss/val_loss/lr/seconds/epoch."""
+        return [m.key for m in self.metrics]
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class SpecError(ValueError):
+    """Invalid spec. ``errors`` is a list of ``{"loc", "path", "msg", "type"}`` dicts."""
+
+    def __init__(self, errors: list[dict[str, Any]]) -> None:
+        self.errors = errors
+        super().__init__("; ".join(f"{e['path'] or '<root>'}: {e['msg']}" for e in errors))
+
+
+def json_path(loc: tuple[Any, ...] | list[Any]) -> str:
+    """``("model", "layers", 0, "units")`` -> ``model.layers[0].units``."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _clean_loc(loc: tuple[Any, ...], data: Any) -> tuple[Any, ...]:
+    """Drop the union tags pydantic inserts into ``loc`` by following the input data: an element
+    that is neither a key nor an index of the current input (and is not the last) is a tag."""
+    cleaned: list[Any] = []
+    current = data
+    for i, part in enumerate(loc):
+        last = i == len(loc) - 1
+        if isinstance(current, Mapping) and part in current:
+            cleaned.append(part)
+            current = current[part]
+        elif isinstance(current, list) and isinstance(part, int) and 0 <= part < len(current):
+            cleaned.append(part)
+            current = current[part]
+        elif last:
+            cleaned.append(part)
+        # else: a tag such as "dense", "cosine", "number", "schedule" - skip it
+    return tuple(cleaned)
+
+
+_ALLOWED_HINTS = {"union_tag_invalid": "expected_tags", "literal_error": "expected"}
+
+
+def _format_errors(exc: ValidationError, data: Any, prefix: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+    out = []
+    for err in exc.errors(include_url=False):
+        ctx = err.get("ctx") or {}
+        raw = tuple(err["loc"])
+        if err["type"] == "extra_forbidden" and "field" in ctx:
+            raw = (*raw, ctx["field"])
+        loc = _clean_loc(raw, data)
+        msg = err["msg"]
+        if err["type"] == "union_tag_invalid":
+            msg = f"unknown {ctx.get('discriminator', 'kind')} {ctx.get('tag')!r}; allowed: {ctx.get('expected_tags')}"
+        elif err["type"] == "union_tag_not_found":
+            msg = f"missing {ctx.get('discriminator', 'discriminator')}; it selects the kind of object"
+        elif err["type"].startswith("value_error"):
+            msg = msg.removeprefix("Value error, ")
+        full = (*prefix, *loc)
+        out.append({"loc": list(full), "path": json_path(full), "msg": msg, "type": err["type"]})
+    return out
+
+
+# --------------------------------------------------------------------------- semantic checks
+
+
+DatasetResolver = Callable[[str], Any]
+
+
+def _issue(errors: list[dict[str, Any]], loc: tuple[Any, ...], msg: str, kind: str = "value_error") -> None:
+    errors.append({"loc": list(loc), "path": json_path(loc), "msg": msg, "type": kind})
+
+
+def semantic_errors(spec: JobSpec, datasets: DatasetResolver | None = None) -> list[dict[str, Any]]:
+    """Checks that need more than one field: the dataset exists and fits the model, shapes flow
+    through the layers, the last layer fits the task and loss, monitors name real metrics."""
+    from training import data as data_mod
+    from training.shapes import ShapeError, infer_shapes
+
+    errors: list[dict[str, Any]] = []
+    info = None
+    ds = spec.data
+    if ds.path is None and ds.dataset not in data_mod.BUILTIN_DATASETS:
+        resolved = datasets(ds.dataset) if datasets else None
+        if resolved is None:
+            _issue(
+                errors, ("data", "dataset"),
+                f"unknown dataset {ds.dataset!r}; built-ins: {', '.join(data_mod.BUILTIN_DATASETS)}"
+                + (", or the id of a stored dataset" if datasets else ""),
+            )
+        else:
+            info = resolved
+    else:
+        for field, msg in data_mod.check_options(ds):
+            _issue(errors, ("data", field), msg)
+        if not errors:
+            try:
+                info = data_mod.describe(ds, spec.seed)
+            except data_mod.DataError as exc:
+                _issue(errors, ("data", exc.field or "dataset"), str(exc))
+
+    if info is not None:
+        n_val = int(round(info.n_samples * ds.validation_split))
+        if info.n_samples - n_val < 2:
+            _issue(errors, ("data", "validation_split"), "fewer than 2 training samples remain after the split")
+        try:
+            shapes = infer_shapes(spec.model, info.input_shape)
+        except ShapeError as exc:
+            _issue(errors, ("model", "layers", exc.index, *exc.field), str(exc))
+        else:
+            _check_head(spec, info, shapes[-1], errors)
+
+    _check_monitors(spec, errors)
+    return errors
+
+
+def _check_head(spec: JobSpec, info: Any, out_shape: tuple[int, ...], errors: list[dict[str, Any]]) -> None:
+    last = len(spec.model.layers) - 1
+    loss = spec.loss.name
+    where = ("model", "layers", last)
+    if len(out_shape) != 1:
+        _issue(errors, where, f"the model must end in a flat vector per sample, but its output shape is {list(out_shape)}; add a flatten and a dense layer")
+        return
+    units = out_shape[0]
+    if info.task == "classification":
+        k = info.n_classes
+        if loss in ("mse", "mae", "huber"):
+            _issue(errors, ("loss",), f"dataset {info.name!r} is classification ({k} classes); use sparse_categorical_crossentropy, categorical_crossentropy or binary_crossentropy")
+        elif loss == "binary_crossentropy":
+            if k != 2:
+                _issue(errors, ("loss",), f"binary_crossentropy needs 2 classes, dataset {info.name!r} has {k}; use sparse_categorical_crossentropy")
+            elif units != 1:
+                _issue(errors, where, f"binary_crossentropy needs 1 output unit, the last layer gives {units}")
+        elif units != k:
+            _issue(errors, where, f"the last layer gives {units} outputs but dataset {info.name!r} has {k} classes; set units to {k}")
+    else:
+        t = info.n_targets
+        if loss in CLASSIFICATION_LOSSES:
+            _issue(errors, ("loss",), f"dataset {info.name!r} is regression; use mse, mae or huber")
+        elif units != t:
+            _issue(errors, where, f"the last layer gives {units} outputs but dataset {info.name!r} has {t} target(s); set units to {t}")
+        for i, m in enumerate(spec.metrics):
+            if m.name in ("accuracy", "top_k_accuracy"):
+                _issue(errors, ("metrics", i), f"{m.name} needs a classification dataset; for regression use mae, mse or rmse")
+    last_layer = spec.model.layers[last]
+    act = getattr(last_layer, "activation", "linear")
+    if spec.loss.from_logits is True and act in ("softmax", "sigmoid"):
+        _issue(errors, ("loss", "from_logits"), f"from_logits is true but the last layer applies {act}; drop the activation or set from_logits to null")
+
+
+def _check_monitors(spec: JobSpec, errors: list[dict[str, Any]]) -> None:
+    train_names = ["loss", *spec.metric_names()]
+    has_val = spec.data.validation_split > 0
+    known = train_names + ([f"val_{n}" for n in train_names] if has_val else [])
+    monitors: list[tuple[tuple[Any, ...], str]] = []
+    cb = spec.callbacks
+    if cb.early_stopping:
+        monitors.append((("callbacks", "early_stopping", "monitor"), cb.early_stopping.monitor))
+    if cb.model_checkpoint:
+        monitors.append((("callbacks", "model_checkpoint", "monitor"), cb.model_checkpoint.monitor))
+        if cb.model_checkpoint.save_freq != "epoch" and cb.model_checkpoint.monitor.startswith("val_"):
+            _issue(errors, ("callbacks", "model_checkpoint", "save_freq"),
+                   "save_freq in steps cannot monitor a val_* metric (validation runs at epoch end); use save_freq 'epoch' or a training metric")
+    if cb.reduce_lr_on_plateau:
+        monitors.append((("callbacks", "reduce_lr_on_plateau", "monitor"), cb.reduce_lr_on_plateau.monitor))
+        if not isinstance(spec.optimizer.learning_rate, float | int):
+            _issue(errors, ("callbacks", "reduce_lr_on_plateau"),
+                   "reduce_lr_on_plateau needs a constant learning rate (as in Keras); use the schedule 'reduce_on_plateau' with warm-up instead")
+    lr = spec.optimizer.learning_rate
+    if isinstance(lr, ReduceOnPlateau):
+        monitors.append((("optimizer", "learning_rate", "monitor"), lr.monitor))
+        if cb.reduce_lr_on_plateau:
+            _issue(errors, ("callbacks", "reduce_lr_on_plateau"), "the learning rate is already a reduce_on_plateau schedule; give one or the other")
+    for loc, name in monitors:
+        if name not in known:
+            hint = "" if has_val or not name.startswith("val_") else " (validation_split is 0, so no val_* metrics exist)"
+            _issue(errors, loc, f"unknown monitor {name!r}{hint}; available: {', '.join(known)}")
+    if spec.kind == "train" and spec.max_steps is None and spec.epochs < 1:
+        _issue(errors, ("epochs",), "epochs must be >= 1")
+
+
+def validate_spec(data: Any, datasets: DatasetResolver | None = None) -> JobSpec:
+    """Validate a spec (dict or JobSpec) structurally and semantically; raise SpecError listing
+    every problem with its JSON path. ``datasets`` maps a stored dataset id to its DatasetInfo."""
+    if isinstance(data, JobSpec):
+        spec = data
+    else:
+        try:
+            spec = JobSpec.model_validate(data)
+        except ValidationError as exc:
+            raise SpecError(_format_errors(exc, data)) from None
+    errors = semantic_errors(spec, datasets)
+    if errors:
+        raise SpecError(errors)
+    return spec
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of a job spec (draft 2020-12), as published by the API."""
+    return JobSpec.model_json_schema(mode="validation")
+
+
+def _reject_non_finite(value: Any, path: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+    """NaN/Infinity anywhere in raw JSON (including free-form fields) is an error."""
+    errs: list[dict[str, Any]] = []
+    if isinstance(value, float) and not math.isfinite(value):
+        errs.append({"loc": list(path), "path": json_path(path), "msg": "NaN and Infinity are not allowed", "type": "finite_number"})
+    elif isinstance(value, Mapping):
+        for k, v in value.items():
+            errs.extend(_reject_non_finite(v, (*path, k)))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            errs.extend(_reject_non_finite(v, (*path, i)))
+    return errs

@@ -1,0 +1,125 @@
+"""Checkpoints and training-state snapshots as safetensors (never pickle).
+
+A checkpoint is the model's ``state_dict`` (parameters and buffers). A snapshot is everything a
+run needs to continue exactly: tensors (weights, optimizer state, RNG states, held best weights)
+in the safetensors body, and the rest (epoch, step, history, callback states, optimizer
+hyperparameters, numpy/python RNG states) as JSON in the safetensors metadata.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+SNAPSHOT_FORMAT = "trainyard-state/1"
+CHECKPOINT_FORMAT = "trainyard-weights/1"
+
+
+class StateError(ValueError):
+    """A snapshot or checkpoint that cannot be used (corrupt, wrong format, other model)."""
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+
+
+def weights_to_bytes(state: dict[str, torch.Tensor], meta: dict[str, Any] | None = None) -> bytes:
+    """A state_dict as safetensors bytes, with string metadata."""
+    metadata = {"format": CHECKPOINT_FORMAT}
+    for k, v in (meta or {}).items():
+        metadata[k] = json.dumps(v)
+    return st_save(_cpu(state), metadata=metadata)
+
+
+def weights_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
+    try:
+        return st_load(data)
+    except Exception as exc:  # safetensors raises its own error types
+        raise StateError(f"not a valid safetensors checkpoint: {exc}") from None
+
+
+def _flatten_optimizer(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, st in sd["state"].items():
+        for key, value in st.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"opt.{idx}.{key}"] = value
+            else:
+                scalars.setdefault(str(idx), {})[key] = value
+    groups = [{k: v for k, v in g.items() if k != "params"} | {"params": g["params"]} for g in sd["param_groups"]]
+    return tensors, {"scalars": scalars, "param_groups": groups}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        if name.startswith("opt."):
+            _, idx, key = name.split(".", 2)
+            state.setdefault(int(idx), {})[key] = value
+    for idx, values in meta["scalars"].items():
+        state.setdefault(int(idx), {}).update(values)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def pack_snapshot(
+    *,
+    model_state: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any],
+    rng_tensors: dict[str, torch.Tensor],
+    extra_tensors: dict[str, dict[str, torch.Tensor]],
+    meta: dict[str, Any],
+) -> bytes:
+    """Serialize a training state. ``extra_tensors`` maps a prefix (e.g. ``"es_best"``) to a
+    state_dict stored under ``prefix.name``."""
+    tensors = {f"model.{k}": v for k, v in model_state.items()}
+    opt_tensors, opt_meta = _flatten_optimizer(optimizer_state)
+    tensors.update(opt_tensors)
+    tensors.update({f"rng.{k}": v for k, v in rng_tensors.items()})
+    for prefix, sd in extra_tensors.items():
+        tensors.update({f"{prefix}.{k}": v for k, v in sd.items()})
+    body = dict(meta, optimizer=opt_meta, extra_prefixes=sorted(extra_tensors))
+    return st_save(_cpu(tensors), metadata={"format": SNAPSHOT_FORMAT, "state": json.dumps(body)})
+
+
+def unpack_snapshot(data: bytes) -> dict[str, Any]:
+    """Inverse of :func:`pack_snapshot`: a dict with ``model``, ``optimizer``, ``rng``, each
+    extra prefix, and ``meta``."""
+    try:
+        header_meta = read_metadata(data)
+        tensors = st_load(data)
+    except StateError:
+        raise
+    except Exception as exc:
+        raise StateError(f"not a valid training-state snapshot: {exc}") from None
+    if header_meta.get("format") != SNAPSHOT_FORMAT:
+        raise StateError(f"not a training-state snapshot (format {header_meta.get('format')!r}, expected {SNAPSHOT_FORMAT!r})")
+    meta = json.loads(header_meta["state"])
+    out: dict[str, Any] = {"meta": meta, "optimizer": _unflatten_optimizer(tensors, meta["optimizer"])}
+    for prefix in ("model", "rng", *meta["extra_prefixes"]):
+        p = prefix + "."
+        out[prefix] = {k[len(p):]: v for k, v in tensors.items() if k.startswith(p)}
+    return out
+
+
+def read_metadata(data: bytes) -> dict[str, str]:
+    """The string metadata of safetensors bytes, without loading tensors."""
+    if len(data) < 8:
+        raise StateError("snapshot too short")
+    n = int.from_bytes(data[:8], "little")
+    if n <= 0 or 8 + n > len(data):
+        raise StateError("snapshot header is corrupt")
+    try:
+        header = json.loads(data[8 : 8 + n])
+    except ValueError as exc:
+        raise StateError(f"snapshot header is not JSON: {exc}") from None
+    return header.get("__metadata__", {}) or {}
