@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from training import data as data_mod
-from training.callbacks import EarlyStopping, ModelCheckpoint, ReduceLROnPlateau, resolve_mode
+from training.callbacks import EarlyStopping, ModelCheckpoint, ReduceLROnPlateau
 from training.model import BuiltModel, build_model
 from training.objectives import Objective, build_objective, prepare_targets, strip_output_activation
 from training.optim import build_optimizer, make_clipper

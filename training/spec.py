@@ -744,6 +744,9 @@ def _check_head(spec: JobSpec, info: Any, out_shape: tuple[int, ...], errors: li
                 _issue(errors, where, f"binary_crossentropy needs 1 output unit, the last layer gives {units}")
         elif units != k:
             _issue(errors, where, f"the last layer gives {units} outputs but dataset {info.name!r} has {k} classes; set units to {k}")
+        for i, m in enumerate(spec.metrics):
+            if m.name in ("mae", "mse", "rmse"):
+                _issue(errors, ("metrics", i), f"{m.name} is a regression metric; for classification use accuracy or top_k_accuracy")
     else:
         t = info.n_targets
         if loss in CLASSIFICATION_LOSSES:

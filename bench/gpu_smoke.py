@@ -1,0 +1,120 @@
+"""GPU checks of the engine (run on a machine with CUDA; not part of CI).
+
+python bench/gpu_smoke.py [--json out.json]
+
+Checks: the source note's spec trains on cuda in fp32 and bf16 autocast (and with
+torch.compile), a non-finite loss stops within one step on CUDA (the deferred check),
+cancellation, and resume-from-snapshot equality in deterministic mode on the GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from training import BaseReporter, fit  # noqa: E402
+
+SPEC = {
+    "name": "gpu-smoke",
+    "seed": 42,
+    "device": "cuda",
+    "data": {"dataset": "digits", "validation_split": 0.2, "batch_size": 64, "shuffle": True, "standardize": True},
+    "model": {
+        "kernel_initializer": "glorot_uniform",
+        "layers": [
+            {"type": "dense", "units": 64, "activation": "relu", "kernel_initializer": "he_normal",
+             "kernel_regularizer": {"l2": 0.01}, "activity_regularizer": {"l1": 0.01}},
+            {"type": "dropout", "rate": 0.5},
+            {"type": "dense", "units": 10},
+        ],
+    },
+    "loss": "sparse_categorical_crossentropy",
+    "metrics": ["accuracy"],
+    "optimizer": {"name": "adam", "beta_1": 0.89,
+                  "learning_rate": {"schedule": "cosine_restarts", "initial_learning_rate": 0.01,
+                                    "first_decay_steps": 1000, "warmup_steps": 50}},
+    "epochs": 12,
+    "callbacks": {
+        "early_stopping": {"monitor": "val_loss", "patience": 10, "restore_best_weights": True},
+        "model_checkpoint": {"monitor": "val_loss", "save_best_only": True},
+    },
+}
+
+
+class Snaps(BaseReporter):
+    def __init__(self) -> None:
+        self.snapshots = []
+
+    def on_snapshot(self, snapshot) -> None:  # type: ignore[no-untyped-def]
+        self.snapshots.append(snapshot)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json")
+    ap.add_argument("--device", default="cuda", help="cpu only to dry-run this script")
+    args = ap.parse_args()
+    SPEC["device"] = args.device
+    out: dict[str, object] = {"torch": torch.__version__, "cuda": torch.cuda.is_available()}
+    if args.device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            print("no CUDA device")
+            return 1
+        out["gpu"] = torch.cuda.get_device_name(0)
+    ok = True
+    variants = (("fp32", False), ("bf16", False), ("fp32", True)) if args.device != "cpu" else (("fp32", False), ("bf16", False))
+    for precision, compile_ in variants:
+        spec = copy.deepcopy(SPEC)
+        spec["precision"], spec["compile"] = precision, compile_
+        t = time.perf_counter()
+        res = fit(spec)
+        secs = time.perf_counter() - t
+        acc = res.history[-1]["val_accuracy"]
+        key = f"{precision}{'+compile' if compile_ else ''}"
+        out[key] = {"val_accuracy": acc, "seconds": secs, "stop": res.stop_reason, "device": res.info["device"],
+                    "epoch_seconds_median": sorted(h["seconds"] for h in res.history)[len(res.history) // 2]}
+        print(key, out[key])
+        ok &= acc > 0.9 and res.info["device"].startswith(args.device.split(":")[0])
+
+    spec = copy.deepcopy(SPEC)
+    spec["optimizer"] = {"name": "sgd", "learning_rate": 1e10}
+    res = fit(spec)
+    out["non_finite"] = {"stop": res.stop_reason, "steps": res.steps, "epochs": res.epochs_run}
+    print("non-finite", out["non_finite"])
+    ok &= res.stop_reason == "non_finite_loss" and res.steps <= 3
+
+    spec = copy.deepcopy(SPEC)
+    spec["epochs"] = 100000
+    start = time.monotonic()
+    res = fit(spec, should_stop=lambda: time.monotonic() - start > 1.0)
+    out["cancel"] = {"stop": res.stop_reason, "seconds": time.monotonic() - start}
+    print("cancel", out["cancel"])
+    ok &= res.stop_reason == "cancelled" and out["cancel"]["seconds"] < 3  # type: ignore[index]
+
+    spec = copy.deepcopy(SPEC)
+    spec["deterministic"] = True
+    rep = Snaps()
+    full = fit(spec, reporter=rep)
+    resumed = fit(spec, resume_from=rep.snapshots[4].data)
+    wdiff = max((full.weights[k] - resumed.weights[k]).abs().max().item() for k in full.weights)
+    hdiff = max(abs(a[k] - b[k]) for a, b in zip(full.history, resumed.history, strict=True) for k in a if k != "seconds")
+    out["resume"] = {"max_weight_diff": wdiff, "max_history_diff": hdiff}
+    print("resume", out["resume"])
+    ok &= wdiff <= 1e-5 and hdiff <= 1e-5
+    out["ok"] = bool(ok)
+    print("OK" if ok else "FAILED")
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
