@@ -297,8 +297,7 @@ class _Run:
                     loss = loss + penalty
             if check_nan and not math.isfinite(loss.item()):
                 self.stop_reason = "non_finite_loss"
-                loss_sum += loss.detach().float() * len(xb)
-                seen += len(xb)
+                loss_sum += loss.detach().float() * len(xb)  # the reported loss becomes non-finite too
                 break
             if cuda_check:
                 assert finite_host is not None
@@ -477,15 +476,18 @@ class _Run:
         if self.early is not None and self.early.restore_best_weights and self.es_best is not None:
             self.model.load_state_dict(self.es_best)
         reason = self.stop_reason or "completed"
-        best_epoch = self.checkpoint.best_epoch
+        # The recorded best is early stopping's (whose weights are restored) when it is configured,
+        # else the checkpoint monitor's.
+        tracker: EarlyStopping | ModelCheckpoint = self.early if self.early is not None else self.checkpoint
+        best_epoch = tracker.best_epoch
         ckpt = self.best_checkpoint
         weights = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
         return FitResult(
             history=self.history,
             stop_reason=reason,
             best_epoch=None if best_epoch is None else best_epoch + 1,
-            best_value=self.checkpoint.best,
-            monitor=self.checkpoint.monitor,
+            best_value=tracker.best,
+            monitor=tracker.monitor,
             stopped_epoch=(self.early.stopped_epoch + 1) if self.early and self.early.stopped_epoch is not None else (
                 self.epoch if reason != "completed" else None
             ),

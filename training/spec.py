@@ -379,12 +379,15 @@ Schedule = Annotated[
 ]
 
 
+_LR_TAGS = ("lr-number", "lr-schedule")
+
+
 def _lr_kind(v: Any) -> str:
-    return "schedule" if isinstance(v, Mapping | BaseModel) else "number"
+    return _LR_TAGS[1] if isinstance(v, Mapping | BaseModel) else _LR_TAGS[0]
 
 
 LearningRate = Annotated[
-    Annotated[float, Tag("number"), Field(gt=0)] | Annotated[Schedule, Tag("schedule")],
+    Annotated[float, Tag(_LR_TAGS[0]), Field(gt=0)] | Annotated[Schedule, Tag(_LR_TAGS[1])],
     Discriminator(_lr_kind),
 ]
 _LR_ADAPTER: TypeAdapter[Any] = TypeAdapter(LearningRate)
@@ -431,6 +434,8 @@ class _Optimizer(StrictModel):
             data.setdefault("beta_2", betas[1])
         if "eps" in data:
             data.setdefault("epsilon", data.pop("eps"))
+        if "alpha" in data and "rho" in cls.model_fields:
+            data.setdefault("rho", data.pop("alpha"))
         if torch_family and "epsilon" in cls.model_fields and "epsilon" not in data:
             data["epsilon"] = 1e-8
         return data
@@ -493,14 +498,6 @@ class RMSprop(_Optimizer):
     momentum: float = Field(0.0, ge=0, lt=1)
     epsilon: float = Field(1e-7, gt=0)
     centered: bool = False
-
-    @model_validator(mode="before")
-    @classmethod
-    def _alpha(cls, data: Any) -> Any:
-        if isinstance(data, Mapping) and "alpha" in data:
-            data = dict(data)
-            data.setdefault("rho", data.pop("alpha"))
-        return data
 
 
 class Adagrad(_Optimizer):
@@ -630,6 +627,9 @@ def json_path(loc: tuple[Any, ...] | list[Any]) -> str:
     return out
 
 
+_DISCRIMINATORS = ("type", "name", "schedule")
+
+
 def _clean_loc(loc: tuple[Any, ...], data: Any) -> tuple[Any, ...]:
     """Drop the union tags pydantic inserts into ``loc`` by following the input data: an element
     that is neither a key nor an index of the current input (and is not the last) is a tag."""
@@ -637,6 +637,10 @@ def _clean_loc(loc: tuple[Any, ...], data: Any) -> tuple[Any, ...]:
     current = data
     for i, part in enumerate(loc):
         last = i == len(loc) - 1
+        if part in _LR_TAGS:
+            continue
+        if isinstance(current, Mapping) and last and any(current.get(k) == part for k in _DISCRIMINATORS):
+            continue  # an error about the whole object ends on its tag
         if isinstance(current, Mapping) and part in current:
             cleaned.append(part)
             current = current[part]
@@ -660,6 +664,8 @@ def _format_errors(exc: ValidationError, data: Any, prefix: tuple[Any, ...] = ()
         if err["type"] == "extra_forbidden" and "field" in ctx:
             raw = (*raw, ctx["field"])
         loc = _clean_loc(raw, data)
+        if err["type"] in ("union_tag_invalid", "union_tag_not_found") and "discriminator" in ctx:
+            loc = (*loc, str(ctx["discriminator"]).strip("'\""))
         msg = err["msg"]
         if err["type"] == "union_tag_invalid":
             msg = f"unknown {ctx.get('discriminator', 'kind')} {ctx.get('tag')!r}; allowed: {ctx.get('expected_tags')}"
@@ -809,20 +815,25 @@ def validate_spec(data: Any, datasets: DatasetResolver | None = None) -> JobSpec
     return spec
 
 
+_SHORTHANDS: dict[str, list[str]] = {
+    "Initializer": list(INITIALIZER_NAMES),
+    "Loss": list(LOSSES),
+    "Metric": list(METRICS),
+    "Regularizer": ["l1", "l2", "l1_l2"],
+}
+
+
 def json_schema() -> dict[str, Any]:
-    """The JSON Schema of a job spec (draft 2020-12), as published by the API."""
-    return JobSpec.model_json_schema(mode="validation")
-
-
-def _reject_non_finite(value: Any, path: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
-    """NaN/Infinity anywhere in raw JSON (including free-form fields) is an error."""
-    errs: list[dict[str, Any]] = []
-    if isinstance(value, float) and not math.isfinite(value):
-        errs.append({"loc": list(path), "path": json_path(path), "msg": "NaN and Infinity are not allowed", "type": "finite_number"})
-    elif isinstance(value, Mapping):
-        for k, v in value.items():
-            errs.extend(_reject_non_finite(v, (*path, k)))
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            errs.extend(_reject_non_finite(v, (*path, i)))
-    return errs
+    """The JSON Schema of a job spec (draft 2020-12), as published by the API; the string
+    shorthands (``"he_normal"``, ``"mse"``, ``"l2"``...) are part of it."""
+    schema = JobSpec.model_json_schema(mode="validation")
+    defs = schema.get("$defs", {})
+    for name, names in _SHORTHANDS.items():
+        if name in defs:
+            obj = defs[name]
+            defs[name] = {
+                "anyOf": [{"type": "string", "enum": names}, obj],
+                "title": obj.get("title", name),
+                "description": obj.get("description", ""),
+            }
+    return schema
