@@ -1,0 +1,47 @@
+"""Request dependencies as named ``Annotated`` aliases."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.orm import Session
+
+from api.dispatch import Dispatcher
+from store.db import get_sessionmaker
+from store.settings import Settings
+
+
+def _write_session() -> Iterator[Session]:
+    session = get_sessionmaker(write=True)()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+def _read_session() -> Iterator[Session]:
+    session = get_sessionmaker(write=False)()
+    try:
+        yield session
+    finally:
+        session.close()
+
+
+def _settings(request: Request) -> Settings:
+    return request.app.state.settings  # type: ignore[no-any-return]
+
+
+def _dispatcher(request: Request) -> Dispatcher:
+    return request.app.state.dispatcher  # type: ignore[no-any-return]
+
+
+SessionDep = Annotated[Session, Depends(_write_session)]
+ReadSessionDep = Annotated[Session, Depends(_read_session)]
+SettingsDep = Annotated[Settings, Depends(_settings)]
+DispatcherDep = Annotated[Dispatcher, Depends(_dispatcher)]

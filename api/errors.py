@@ -1,0 +1,46 @@
+"""Error bodies: 422s name JSON paths, as ``{"detail": [{"loc", "path", "msg", "type"}]}``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from training.spec import json_path
+
+
+class SpecProblem(Exception):
+    """Raised by routes with spec-style error dicts; rendered as a 422."""
+
+    def __init__(self, errors: list[dict[str, Any]], status_code: int = 422) -> None:
+        self.errors = errors
+        self.status_code = status_code
+
+
+def error(loc: list[Any], msg: str, type_: str = "value_error") -> dict[str, Any]:
+    return {"loc": loc, "path": json_path(loc), "msg": msg, "type": type_}
+
+
+def _safe(value: Any) -> Any:
+    if isinstance(value, float) and value != value:  # noqa: PLR0124 - NaN
+        return "NaN"
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    return str(value)
+
+
+async def request_validation_handler(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's own validation errors in the same shape as spec errors; ``path`` drops the
+    leading ``body``."""
+    out = []
+    for e in exc.errors():
+        loc = [_safe(p) for p in e.get("loc", ())]
+        rel = loc[1:] if loc and loc[0] == "body" else loc
+        out.append({"loc": loc, "path": json_path(rel), "msg": e.get("msg", ""), "type": e.get("type", "")})
+    return JSONResponse({"detail": out}, status_code=422)
+
+
+async def spec_problem_handler(_request: Request, exc: SpecProblem) -> JSONResponse:
+    return JSONResponse({"detail": exc.errors}, status_code=exc.status_code)

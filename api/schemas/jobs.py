@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from api.schemas.common import ErrorItem, MetricValue
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class Progress(BaseModel):
+    epoch: int = Field(description="epochs completed (1-based count)")
+    epochs: int = Field(description="epochs asked for")
+
+
+class Best(BaseModel):
+    monitor: str | None
+    value: MetricValue = Field(description='number, or "NaN"/"Infinity"/"-Infinity"')
+    epoch: int | None
+
+
+class JobSummary(BaseModel):
+    id: str
+    name: str
+    status: JobStatus
+    queue: str
+    stop_reason: str | None = None
+    error: str | None = None
+    progress: Progress
+    best: Best | None = None
+    attempts: int
+    cancel_requested: bool
+    worker: str | None = None
+    steps: int | None = None
+    run_seconds: float | None = None
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    heartbeat_at: datetime | None = None
+    updated_at: datetime
+
+
+class JobRead(JobSummary):
+    spec: dict[str, Any] = Field(description="the job spec with effective defaults")
+    info: dict[str, Any] | None = Field(None, description="what the engine reported (device, parameters, ...)")
+
+
+class JobList(BaseModel):
+    jobs: list[JobSummary]
+    next_cursor: str | None = Field(None, description="pass as ?cursor= for the next (older) page")
+
+
+class BatchCreate(BaseModel):
+    jobs: list[dict[str, Any]] = Field(min_length=1, max_length=1000, description="job specs")
+
+
+class BatchItem(BaseModel):
+    index: int
+    id: str | None = None
+    status: Literal["created", "invalid", "not_enqueued"]
+    errors: list[ErrorItem] | None = None
+
+
+class BatchResult(BaseModel):
+    created: int
+    invalid: int
+    results: list[BatchItem]
+
+
+class MetricsRead(BaseModel):
+    job_id: str
+    epochs: list[dict[str, MetricValue]] = Field(
+        description='one object per epoch: epoch, loss, val_loss, metrics, lr, seconds; non-finite values '
+        'are the strings "NaN", "Infinity", "-Infinity"'
+    )
+    total: int = Field(description="epochs available after since_epoch, before downsampling")
+
+
+class CheckpointRead(BaseModel):
+    id: int
+    epoch: int
+    step: int
+    monitor: str | None
+    value: MetricValue
+    size: int
+    sha256: str
+    is_best: bool
+    stored: bool = Field(description="its bytes are kept (the best and the newest checkpoint are)")
+    created_at: datetime
+
+
+class CheckpointList(BaseModel):
+    checkpoints: list[CheckpointRead]

@@ -1,0 +1,72 @@
+"""Validating job specs at the API: the engine's validator plus the service's own rules."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from store import repo
+from store.settings import Settings
+from training import SpecError, validate_spec
+from training import data as data_mod
+from training.data import DatasetInfo
+
+
+def dataset_resolver(session: Session) -> Callable[[str], DatasetInfo | None]:
+    """Map a stored dataset id to its DatasetInfo (None if there is no such dataset)."""
+
+    def resolve(dataset_id: str) -> DatasetInfo | None:
+        if len(dataset_id) != 32:
+            return None
+        ds = repo.get_dataset(session, dataset_id)
+        if ds is None:
+            return None
+        return DatasetInfo(
+            name=ds.id, task=ds.task, input_shape=tuple(ds.input_shape), n_classes=ds.n_classes,  # type: ignore[arg-type]
+            n_targets=ds.n_targets, n_samples=ds.n_samples,
+        )
+
+    return resolve
+
+
+@dataclass(frozen=True)
+class ValidSpec:
+    spec: dict[str, Any]  # effective spec (defaults filled in), JSON-ready
+    queue: str
+
+
+def _err(loc: list[Any], msg: str, type_: str = "value_error") -> dict[str, Any]:
+    from training.spec import json_path
+
+    return {"loc": loc, "path": json_path(loc), "msg": msg, "type": type_}
+
+
+def check_job_spec(raw: Any, resolver: Callable[[str], DatasetInfo | None], settings: Settings) -> ValidSpec:
+    """Validate a submitted spec; raise SpecError listing every problem with its JSON path."""
+    if not isinstance(raw, dict):
+        raise SpecError([_err([], f"a job spec must be a JSON object, got {type(raw).__name__}", "dict_type")])
+    errors: list[dict[str, Any]] = []
+    data = raw.get("data")
+    if isinstance(data, dict) and data.get("path") is not None:
+        errors.append(_err(
+            ["data", "path"],
+            "data.path is set by the server; upload a file with POST /v1/datasets and name its id in data.dataset",
+            "forbidden",
+        ))
+        raw = {**raw, "data": {k: v for k, v in data.items() if k != "path"}}
+    try:
+        spec = validate_spec(raw, datasets=resolver)
+    except SpecError as exc:
+        raise SpecError(errors + exc.errors) from None
+    if spec.data.dataset not in data_mod.BUILTIN_DATASETS:
+        # A stored dataset is a file dataset: check the options that do not apply to files.
+        probe = spec.data.model_copy(update={"path": "stored.npz"})
+        for field, msg in data_mod.check_options(probe):
+            if field != "path":
+                errors.append(_err(["data", field], msg.replace("(path)", f"(stored dataset {spec.data.dataset})")))
+    if errors:
+        raise SpecError(errors)
+    return ValidSpec(spec=spec.model_dump(mode="json"), queue=settings.queue_for_device(spec.device))

@@ -1,0 +1,46 @@
+"""ORM rows to response models (ORM objects never leak into responses)."""
+
+from __future__ import annotations
+
+from api.schemas.jobs import Best, CheckpointRead, JobRead, JobSummary, Progress
+from api.schemas.misc import DatasetRead
+from store.floats import from_text
+from store.models import Checkpoint, Dataset, Job
+from store.repo import as_utc
+
+
+def _summary_fields(job: Job) -> dict:
+    best = None
+    if job.best_monitor is not None or job.best_epoch is not None:
+        best = Best(monitor=job.best_monitor, value=from_text(job.best_value), epoch=job.best_epoch)
+    return dict(
+        id=job.id, name=job.name, status=job.status, queue=job.queue, stop_reason=job.stop_reason,
+        error=job.error, progress=Progress(epoch=job.epoch, epochs=job.epochs), best=best,
+        attempts=job.attempts, cancel_requested=job.cancel_requested, worker=job.worker, steps=job.steps,
+        run_seconds=job.run_seconds, created_at=as_utc(job.created_at), started_at=as_utc(job.started_at),
+        finished_at=as_utc(job.finished_at), heartbeat_at=as_utc(job.heartbeat_at),
+        updated_at=as_utc(job.updated_at),
+    )
+
+
+def job_summary(job: Job) -> JobSummary:
+    return JobSummary(**_summary_fields(job))
+
+
+def job_read(job: Job) -> JobRead:
+    return JobRead(**_summary_fields(job), spec=job.spec, info=job.info)
+
+
+def checkpoint_read(ck: Checkpoint, stored: bool) -> CheckpointRead:
+    return CheckpointRead(
+        id=ck.id, epoch=ck.epoch, step=ck.step, monitor=ck.monitor, value=from_text(ck.value), size=ck.size,
+        sha256=ck.sha256, is_best=ck.is_best, stored=stored, created_at=as_utc(ck.created_at),
+    )
+
+
+def dataset_read(ds: Dataset) -> DatasetRead:
+    return DatasetRead(
+        id=ds.id, name=ds.name, filename=ds.filename, format=ds.format, task=ds.task,
+        input_shape=list(ds.input_shape), n_classes=ds.n_classes, n_targets=ds.n_targets,
+        n_samples=ds.n_samples, size=ds.size, sha256=ds.sha256, created_at=as_utc(ds.created_at),
+    )

@@ -1,0 +1,178 @@
+"""``Client``: the Trainyard HTTP API from Python (the CLI uses it too).
+
+Metric values that are not finite arrive as the strings "NaN", "Infinity", "-Infinity";
+``float()`` reads them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+class TrainyardError(Exception):
+    """An error answer from the API; ``detail`` is its parsed ``detail`` (errors list or text)."""
+
+    def __init__(self, status_code: int, detail: Any) -> None:
+        self.status_code = status_code
+        self.detail = detail
+        super().__init__(f"HTTP {status_code}: {format_detail(detail)}")
+
+
+def format_detail(detail: Any) -> str:
+    if isinstance(detail, list):
+        return "; ".join(f"{d.get('path') or '<root>'}: {d.get('msg')}" if isinstance(d, dict) else str(d) for d in detail)
+    return str(detail)
+
+
+class Client:
+    """Talks to one Trainyard server (``url`` or ``$TRAINYARD_URL`` or http://127.0.0.1:8000)."""
+
+    def __init__(self, url: str | None = None, *, timeout: float = 30.0, transport: httpx.BaseTransport | None = None):
+        self.url = (url or os.environ.get("TRAINYARD_URL") or DEFAULT_URL).rstrip("/")
+        self._http = httpx.Client(base_url=self.url, timeout=timeout, transport=transport)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _check(self, r: httpx.Response) -> httpx.Response:
+        if r.status_code >= 400:
+            try:
+                detail = r.json().get("detail", r.text)
+            except (ValueError, AttributeError):
+                detail = r.text
+            raise TrainyardError(r.status_code, detail)
+        return r
+
+    def _json(self, method: str, path: str, **kw: Any) -> Any:
+        return self._check(self._http.request(method, path, **kw)).json()
+
+    # -- jobs
+    def submit(self, spec: dict[str, Any], *, idempotency_key: str | None = None) -> dict[str, Any]:
+        """Submit one job spec; returns the job (the existing one for a repeated key)."""
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        return self._json("POST", "/v1/jobs", json=spec, headers=headers)  # type: ignore[no-any-return]
+
+    def submit_batch(self, specs: list[dict[str, Any]]) -> dict[str, Any]:
+        """Submit up to 1000 specs; a result (id or errors) per item."""
+        return self._json("POST", "/v1/jobs/batch", json={"jobs": specs})  # type: ignore[no-any-return]
+
+    def jobs(self, *, status: list[str] | None = None, name: str | None = None, limit: int = 50,
+             cursor: str | None = None) -> dict[str, Any]:
+        params: dict[str, Any] = {"limit": limit}
+        if status:
+            params["status"] = status
+        if name:
+            params["name"] = name
+        if cursor:
+            params["cursor"] = cursor
+        return self._json("GET", "/v1/jobs", params=params)  # type: ignore[no-any-return]
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        return self._json("GET", f"/v1/jobs/{job_id}")  # type: ignore[no-any-return]
+
+    def metrics(self, job_id: str, *, since_epoch: int = 0, max_points: int | None = None) -> list[dict[str, Any]]:
+        params: dict[str, Any] = {"since_epoch": since_epoch}
+        if max_points:
+            params["max_points"] = max_points
+        return self._json("GET", f"/v1/jobs/{job_id}/metrics", params=params)["epochs"]  # type: ignore[no-any-return]
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        return self._json("POST", f"/v1/jobs/{job_id}/cancel")  # type: ignore[no-any-return]
+
+    def checkpoints(self, job_id: str) -> list[dict[str, Any]]:
+        return self._json("GET", f"/v1/jobs/{job_id}/checkpoints")["checkpoints"]  # type: ignore[no-any-return]
+
+    def best_checkpoint(self, job_id: str) -> tuple[bytes, str]:
+        """The best weights (safetensors bytes) and their sha256, verified."""
+        r = self._check(self._http.get(f"/v1/jobs/{job_id}/checkpoints/best"))
+        digest = hashlib.sha256(r.content).hexdigest()
+        expected = r.headers.get("X-Checkpoint-SHA256")
+        if expected and expected != digest:
+            raise TrainyardError(502, f"checkpoint digest mismatch: header {expected}, body {digest}")
+        return r.content, digest
+
+    def download_best(self, job_id: str, path: str | Path) -> str:
+        """Write the best checkpoint to ``path``; returns its sha256."""
+        data, digest = self.best_checkpoint(job_id)
+        Path(path).write_bytes(data)
+        return digest
+
+    def events(self, job_id: str, *, last_event_id: int | None = None) -> Iterator[dict[str, Any]]:
+        """Server-Sent Events of a job: dicts with ``id``, ``event`` ("state"/"epoch") and
+        ``data``; ends after the terminal state."""
+        headers = {"Last-Event-ID": str(last_event_id)} if last_event_id is not None else {}
+        with self._http.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers, timeout=httpx.Timeout(30, read=None)) as r:
+            self._check_stream(r)
+            ev: dict[str, Any] = {}
+            for line in r.iter_lines():
+                if not line:
+                    if "data" in ev:
+                        ev["data"] = json.loads(ev["data"])
+                        ev["id"] = int(ev["id"]) if "id" in ev else None
+                        yield ev
+                    ev = {}
+                    continue
+                if line.startswith(":"):
+                    continue
+                key, _, value = line.partition(":")
+                value = value[1:] if value.startswith(" ") else value
+                if key == "data" and "data" in ev:
+                    ev["data"] += "\n" + value
+                else:
+                    ev[key] = value
+
+    def _check_stream(self, r: httpx.Response) -> None:
+        if r.status_code >= 400:
+            r.read()
+            self._check(r)
+
+    def wait(self, job_id: str, *, poll: float = 0.5, timeout: float | None = None) -> dict[str, Any]:
+        """Poll until the job reaches a terminal state; returns it."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            job = self.job(job_id)
+            if job["status"] in TERMINAL:
+                return job
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still {job['status']} after {timeout} s")
+            time.sleep(poll)
+
+    # -- the rest
+    def preview_schedule(self, learning_rate: Any, steps: int, steps_per_epoch: int | None = None) -> list[float]:
+        body = {"learning_rate": learning_rate, "steps": steps, "steps_per_epoch": steps_per_epoch}
+        return self._json("POST", "/v1/schedules/preview", json=body)["lr"]  # type: ignore[no-any-return]
+
+    def catalog(self) -> dict[str, Any]:
+        return self._json("GET", "/v1/catalog")  # type: ignore[no-any-return]
+
+    def upload_dataset(self, path: str | Path, *, name: str | None = None, target: str | None = None) -> dict[str, Any]:
+        p = Path(path)
+        data = {k: v for k, v in (("name", name), ("target", target)) if v is not None}
+        with p.open("rb") as f:
+            return self._json("POST", "/v1/datasets", files={"file": (p.name, f)}, data=data)  # type: ignore[no-any-return]
+
+    def datasets(self) -> list[dict[str, Any]]:
+        return self._json("GET", "/v1/datasets")["datasets"]  # type: ignore[no-any-return]
+
+    def health(self) -> dict[str, Any]:
+        return self._json("GET", "/healthz")  # type: ignore[no-any-return]
+
+    def ready(self) -> dict[str, Any]:
+        return self._json("GET", "/readyz")  # type: ignore[no-any-return]

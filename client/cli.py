@@ -1,0 +1,423 @@
+"""The ``trainyard`` command line.
+
+Client commands (submit, jobs, show, watch, cancel, download) talk HTTP through
+:class:`client.api.Client` (``--url`` / ``$TRAINYARD_URL``). Server commands (serve, migrate,
+api, worker) start processes; they import the server packages lazily, so the client stays light.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from client.api import TERMINAL, Client, TrainyardError, format_detail
+
+app = typer.Typer(help="Trainyard: submit, follow and fetch training jobs; run the service.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+
+UrlOpt = Annotated[str | None, typer.Option("--url", envvar="TRAINYARD_URL", help="API base URL [default: http://127.0.0.1:8000]")]
+
+
+def _client(url: str | None) -> Client:
+    return Client(url)
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console()
+
+
+def _fail(msg: str, code: int = 1) -> typer.Exit:
+    typer.echo(msg, err=True)
+    return typer.Exit(code)
+
+
+def _fmt(v: Any, digits: int = 4) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}g}"
+    return str(v)
+
+
+# --------------------------------------------------------------------------- client commands
+
+
+def _load_specs(files: list[Path]) -> list[tuple[str, dict[str, Any]]]:
+    specs = []
+    for f in files:
+        try:
+            doc = json.loads(f.read_text())
+        except (OSError, ValueError) as exc:
+            raise _fail(f"{f}: cannot read a JSON spec: {exc}", 2) from None
+        items = doc.get("jobs") if isinstance(doc, dict) and "jobs" in doc and "model" not in doc else doc
+        if isinstance(items, list):
+            specs += [(f"{f}[{i}]", s) for i, s in enumerate(items)]
+        else:
+            specs.append((str(f), items))
+    return specs
+
+
+@app.command()
+def submit(
+    files: Annotated[list[Path], typer.Argument(help="JSON spec files (a spec, a list of specs, or {'jobs': [...]})")],
+    wait: Annotated[bool, typer.Option("--wait", help="follow the jobs with progress bars until they end")] = False,
+    idempotency_key: Annotated[str | None, typer.Option(help="single spec only: submit at most once per key")] = None,
+    url: UrlOpt = None,
+) -> None:
+    """Submit job specs. Exit status: 0 when all were accepted (and, with --wait, succeeded)."""
+    specs = _load_specs(files)
+    if idempotency_key and len(specs) != 1:
+        raise _fail("--idempotency-key needs exactly one spec", 2)
+    ids: list[tuple[str, str]] = []
+    bad = 0
+    with _client(url) as c:
+        try:
+            if len(specs) == 1:
+                job = c.submit(specs[0][1], idempotency_key=idempotency_key)
+                ids.append((specs[0][0], job["id"]))
+            else:
+                for start in range(0, len(specs), 1000):
+                    chunk = specs[start : start + 1000]
+                    res = c.submit_batch([s for _, s in chunk])
+                    for item in res["results"]:
+                        where = chunk[item["index"]][0]
+                        if item["id"]:
+                            ids.append((where, item["id"]))
+                        else:
+                            bad += 1
+                            typer.echo(f"{where}: invalid: {format_detail(item['errors'])}", err=True)
+        except TrainyardError as exc:
+            raise _fail(f"{specs[0][0] if len(specs) == 1 else 'batch'}: {exc}", 2) from None
+        for where, job_id in ids:
+            typer.echo(f"{job_id}  {where}")
+        if not wait:
+            raise typer.Exit(2 if bad else 0)
+        statuses = _wait_with_progress(c, [j for _, j in ids])
+    failed = [j for j, st in statuses.items() if st != "succeeded"]
+    raise typer.Exit(1 if failed else (2 if bad else 0))
+
+
+def _wait_with_progress(c: Client, job_ids: list[str]) -> dict[str, str]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    done: dict[str, str] = {}
+    with Progress(
+        TextColumn("{task.fields[job]}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(), console=_console(),
+    ) as progress:
+        tasks = {j: progress.add_task("", total=None, job=f"{j[:12]}…", status="queued") for j in job_ids}
+        while len(done) < len(job_ids):
+            for j in job_ids:
+                if j in done:
+                    continue
+                job = c.job(j)
+                best = job.get("best") or {}
+                extra = f" best {best.get('monitor')}={_fmt(best.get('value'))}" if best.get("monitor") else ""
+                status = job["status"] + (f" ({job['stop_reason']})" if job.get("stop_reason") else "") + extra
+                progress.update(tasks[j], completed=job["progress"]["epoch"], total=job["progress"]["epochs"],
+                                status=status if not job.get("error") else f"{status}: {job['error'][:80]}")
+                if job["status"] in TERMINAL:
+                    done[j] = job["status"]
+            if len(done) < len(job_ids):
+                time.sleep(0.5)
+    return done
+
+
+@app.command()
+def jobs(
+    status: Annotated[list[str] | None, typer.Option("--status", help="filter; repeat for several")] = None,
+    name: Annotated[str | None, typer.Option(help="filter by exact name")] = None,
+    limit: Annotated[int, typer.Option(help="how many (newest first)")] = 20,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    url: UrlOpt = None,
+) -> None:
+    """List jobs, newest first."""
+    with _client(url) as c:
+        page = c.jobs(status=status, name=name, limit=limit)
+    if as_json:
+        typer.echo(json.dumps(page, indent=2))
+        return
+    from rich.table import Table
+
+    t = Table("id", "name", "status", "epoch", "best", "created")
+    for j in page["jobs"]:
+        best = j.get("best") or {}
+        t.add_row(j["id"], j["name"], j["status"] + (f" ({j['stop_reason']})" if j.get("stop_reason") else ""),
+                  f"{j['progress']['epoch']}/{j['progress']['epochs']}",
+                  f"{best.get('monitor')}={_fmt(best.get('value'))}" if best.get("monitor") else "-", j["created_at"][:19])
+    _console().print(t)
+
+
+@app.command()
+def show(job_id: str, as_json: Annotated[bool, typer.Option("--json")] = False, url: UrlOpt = None) -> None:
+    """Show a job (status, progress, best, error, spec)."""
+    try:
+        with _client(url) as c:
+            job = c.job(job_id)
+    except TrainyardError as exc:
+        raise _fail(str(exc)) from None
+    if as_json:
+        typer.echo(json.dumps(job, indent=2))
+        return
+    best = job.get("best") or {}
+    lines = [
+        f"id          {job['id']}", f"name        {job['name']}",
+        f"status      {job['status']}" + (f" ({job['stop_reason']})" if job.get("stop_reason") else ""),
+        f"progress    {job['progress']['epoch']}/{job['progress']['epochs']} epochs",
+        f"best        {best.get('monitor')} = {_fmt(best.get('value'), 6)} at epoch {best.get('epoch')}" if best else "best        -",
+        f"attempts    {job['attempts']}", f"created     {job['created_at']}",
+        f"started     {job.get('started_at') or '-'}", f"finished    {job.get('finished_at') or '-'}",
+    ]
+    if job.get("error"):
+        lines.append(f"error       {job['error']}")
+    typer.echo("\n".join(lines))
+
+
+@app.command()
+def watch(job_id: str, url: UrlOpt = None) -> None:
+    """Follow a job's epochs live until it ends (exit 0 only if it succeeded)."""
+    from rich.live import Live
+    from rich.table import Table
+
+    cols: list[str] = []
+    rows: list[dict[str, Any]] = []
+    final = "?"
+
+    def render() -> Table:
+        t = Table(*(cols or ["epoch"]), title=f"job {job_id}: {final}")
+        for r in rows[-30:]:
+            t.add_row(*(_fmt(r.get(k)) for k in cols))
+        return t
+
+    try:
+        with _client(url) as c, Live(render(), console=_console(), refresh_per_second=4) as live:
+            for ev in c.events(job_id):
+                if ev.get("event") == "epoch":
+                    data = ev["data"]
+                    for k in data:
+                        if k not in cols:
+                            cols.append(k)
+                    rows.append(data)
+                elif ev.get("event") == "state":
+                    final = ev["data"].get("status", final)
+                    if ev["data"].get("error"):
+                        final += f": {ev['data']['error']}"
+                live.update(render())
+    except TrainyardError as exc:
+        raise _fail(str(exc)) from None
+    raise typer.Exit(0 if final == "succeeded" else 1)
+
+
+@app.command()
+def cancel(job_id: str, url: UrlOpt = None) -> None:
+    """Cancel a job (a queued one never starts; a running one stops within about a second)."""
+    try:
+        with _client(url) as c:
+            job = c.cancel(job_id)
+    except TrainyardError as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(f"{job['id']}  {job['status']}" + ("  (cancel requested)" if job["status"] == "running" else ""))
+
+
+@app.command()
+def download(
+    job_id: str,
+    output: Annotated[Path, typer.Option("-o", "--output", help="file to write")] = Path("best.safetensors"),
+    url: UrlOpt = None,
+) -> None:
+    """Download a job's best checkpoint (.safetensors), verifying its sha256."""
+    try:
+        with _client(url) as c:
+            digest = c.download_best(job_id, output)
+    except TrainyardError as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(f"{output}  sha256 {digest}")
+
+
+# --------------------------------------------------------------------------- server commands
+
+
+def _python(*args: str) -> list[str]:
+    return [sys.executable, *args]
+
+
+def _celery_worker_argv(queues: list[str], concurrency: int, pool: str | None, loglevel: str, hostname: str) -> list[str]:
+    pool = pool or ("solo" if concurrency == 1 else "prefork")
+    return _python(
+        "-m", "celery", "-A", "worker.main", "worker", "-Q", ",".join(queues), "--concurrency", str(concurrency),
+        "--pool", pool, "--loglevel", loglevel, "-n", hostname, "--without-gossip", "--without-mingle",
+        "--without-heartbeat",
+    )
+
+
+@app.command()
+def migrate() -> None:
+    """Bring the database ($TRAINYARD_DATABASE_URL) to the newest schema (Alembic head)."""
+    from store.migrate import upgrade
+    from store.settings import get_settings
+
+    url = get_settings().database_url
+    upgrade(url)
+    typer.echo(f"database at head: {_redact(url)}")
+
+
+def _redact(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        return f"{scheme}://{creds.split(':')[0]}:***@{host}" if ":" in creds else url
+    return url
+
+
+@app.command()
+def api(
+    host: Annotated[str, typer.Option(help="interface to bind")] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8000,
+    workers: Annotated[int, typer.Option(help="uvicorn worker processes")] = 1,
+) -> None:
+    """Run the HTTP API (uvicorn) against $TRAINYARD_DATABASE_URL and $TRAINYARD_BROKER_URL."""
+    argv = _python("-m", "uvicorn", "api.app:create_app", "--factory", "--host", host, "--port", str(port),
+                   "--workers", str(workers), "--no-access-log")
+    os.execv(argv[0], argv)
+
+
+@app.command()
+def worker(
+    queues: Annotated[str, typer.Option(help="comma-separated: gpu, cpu")] = "gpu,cpu",
+    concurrency: Annotated[int, typer.Option(help="jobs at a time per process (keep 1 per GPU)")] = 1,
+    gpus: Annotated[str | None, typer.Option(help="e.g. 0,1: one worker process per GPU (CUDA_VISIBLE_DEVICES)")] = None,
+    pool: Annotated[str | None, typer.Option(help="celery pool [default: solo for 1, else prefork]")] = None,
+    loglevel: Annotated[str, typer.Option()] = "INFO",
+    name: Annotated[str, typer.Option(help="worker name prefix")] = "trainyard",
+) -> None:
+    """Run a Celery worker for the given queues (names get $TRAINYARD_QUEUE_PREFIX)."""
+    prefix = os.environ.get("TRAINYARD_QUEUE_PREFIX", "")
+    qs = [prefix + q.strip() for q in queues.split(",") if q.strip()]
+    bad = [q for q in queues.split(",") if q.strip() not in ("gpu", "cpu")]
+    if bad:
+        raise _fail(f"unknown queue(s) {', '.join(bad)}; use gpu and/or cpu", 2)
+    if not gpus:
+        argv = _celery_worker_argv(qs, concurrency, pool, loglevel, f"{name}@%h")
+        os.execv(argv[0], argv)
+    procs = []
+    for g in [g.strip() for g in gpus.split(",") if g.strip()]:
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": g}
+        procs.append(subprocess.Popen(_celery_worker_argv(qs, concurrency, pool, loglevel, f"{name}-gpu{g}@%h"), env=env))
+    raise typer.Exit(_supervise({f"gpu{i}": p for i, p in enumerate(procs)}))
+
+
+def _supervise(procs: dict[str, subprocess.Popen[Any]], grace: float = 30.0) -> int:
+    """Wait for children; on SIGINT/SIGTERM (or one child dying) stop them all, SIGTERM first."""
+    stop = {"flag": False}
+
+    def handler(_signum: int, _frame: Any) -> None:
+        stop["flag"] = True
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    code = 0
+    try:
+        while not stop["flag"]:
+            dead = [n for n, p in procs.items() if p.poll() is not None]
+            if dead:
+                typer.echo(f"trainyard: {', '.join(dead)} exited; stopping", err=True)
+                code = 1
+                break
+            time.sleep(0.2)
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for p in procs.values():
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        for s, h in old.items():
+            signal.signal(s, h)
+    return code
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="interface to bind")] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8000,
+    data_dir: Annotated[Path, typer.Option(help="database, broker and datasets live here")] = Path("./trainyard-data"),
+) -> None:
+    """Run everything in one process tree: the API, one worker, SQLite (WAL) and an embedded
+    broker (kombu's SQLAlchemy transport over SQLite). Ctrl-C stops it all."""
+    data_dir = data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    env = {
+        **os.environ,
+        "TRAINYARD_DATA_DIR": str(data_dir),
+        "TRAINYARD_DATABASE_URL": f"sqlite:///{data_dir / 'trainyard.db'}",
+        "TRAINYARD_BROKER_URL": f"sqla+sqlite:///{data_dir / 'broker.sqlite'}",
+    }
+    prefix = env.get("TRAINYARD_QUEUE_PREFIX", "")
+    from store.migrate import upgrade
+
+    upgrade(env["TRAINYARD_DATABASE_URL"])
+    log_dir = data_dir / "logs"
+    log_dir.mkdir(exist_ok=True)
+    worker_log = (log_dir / "worker.log").open("ab")
+    procs = {
+        "worker": subprocess.Popen(
+            _celery_worker_argv([prefix + "gpu", prefix + "cpu"], 1, "solo", "INFO", "trainyard-serve@%h"),
+            env=env, stdout=worker_log, stderr=subprocess.STDOUT, start_new_session=True,
+        ),
+        "api": subprocess.Popen(
+            _python("-m", "uvicorn", "api.app:create_app", "--factory", "--host", host, "--port", str(port),
+                    "--log-level", "warning"),
+            env=env, start_new_session=True,
+        ),
+    }
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    base = f"http://{shown}:{port}"
+    if _wait_healthy(base, procs, 60):
+        typer.echo(f"Trainyard is running at {base}  (API docs: {base}/docs)")
+        typer.echo(f"data: {data_dir}  worker log: {log_dir / 'worker.log'}  - press Ctrl-C to stop")
+    raise typer.Exit(_supervise(procs))
+
+
+def _wait_healthy(base: str, procs: dict[str, subprocess.Popen[Any]], timeout: float) -> bool:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(p.poll() is not None for p in procs.values()):
+            return False
+        try:
+            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    return False
+
+
+def main() -> None:
+    """Console-script entry point (``trainyard``)."""
+    import httpx
+
+    try:
+        app()
+    except httpx.TransportError as exc:
+        url = exc.request.url if getattr(exc, "_request", None) is not None else "the server"
+        typer.echo(f"trainyard: cannot reach {url}: {exc} (is the server running? see --url / TRAINYARD_URL)", err=True)
+        sys.exit(3)
+
+
+if __name__ == "__main__":
+    main()

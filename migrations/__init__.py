@@ -1,0 +1,1 @@
+"""Alembic migrations over :mod:`store.models` (``render_as_batch=True`` so SQLite can ALTER)."""

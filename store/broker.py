@@ -1,0 +1,45 @@
+"""Celery configuration shared by the API (which only sends tasks, by name) and the worker.
+
+No Celery import here: these are plain dicts, so ``store`` stays light.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from store.settings import Settings
+
+RUN_JOB_TASK = "trainyard.run_job"
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Celery settings: late acks, one message prefetched, JSON only, a visibility timeout longer
+    than any job, and key prefixes on Redis so deployments sharing a Redis do not collide."""
+    transport: dict[str, Any] = {}
+    url = settings.broker_url
+    if url.startswith(("redis://", "rediss://", "sentinel://")):
+        transport["visibility_timeout"] = settings.visibility_timeout_s
+        if settings.queue_prefix:
+            transport["global_keyprefix"] = settings.queue_prefix
+    return {
+        "broker_url": url,
+        "broker_transport_options": transport,
+        "broker_connection_retry_on_startup": True,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "result_serializer": "json",
+        "result_backend": None,
+        "task_ignore_result": True,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": False,
+        "worker_prefetch_multiplier": 1,
+        "task_default_queue": settings.queue_name("cpu"),
+        "task_create_missing_queues": True,
+        "worker_send_task_events": False,
+        "broker_heartbeat": 0,
+    }
+
+
+#: How often a worker polls the embedded (SQLAlchemy) broker. Set on the transport class because
+#: kombu's SQLAlchemy transport passes every transport option on to ``create_engine``.
+SQLA_POLLING_INTERVAL_S = 0.2

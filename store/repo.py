@@ -1,0 +1,444 @@
+"""Repositories: every query of the service lives here. Functions take a session and never
+commit; the request or task boundary owns the transaction."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, overload
+
+from sqlalchemy import case, delete, func, select, update
+from sqlalchemy.orm import Session, defer
+
+from store.floats import encode_metrics, to_text
+from store.ids import new_id
+from store.models import (
+    TERMINAL_STATUSES,
+    Checkpoint,
+    Dataset,
+    Job,
+    JobEvent,
+    JobMetric,
+    Snapshot,
+)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@overload
+def as_utc(dt: datetime) -> datetime: ...
+@overload
+def as_utc(dt: None) -> None: ...
+def as_utc(dt: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes; every stored time is UTC."""
+    if dt is None:
+        return None
+    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
+
+
+# --------------------------------------------------------------------------- jobs
+
+
+def create_jobs(session: Session, items: Sequence[tuple[dict[str, Any], str, str | None]]) -> list[Job]:
+    """Insert queued jobs from ``(spec, queue, idempotency_key)`` items, each with its first state
+    event, in one flush (ids are made here, so no round trip per row)."""
+    now = utcnow()
+    jobs = [
+        Job(
+            id=new_id(), name=str(spec.get("name") or "job"), status="queued", queue=queue, spec=spec,
+            idempotency_key=key, epoch=0, epochs=int(spec.get("epochs") or 1), attempts=0,
+            cancel_requested=False, created_at=now, updated_at=now,
+        )
+        for spec, queue, key in items
+    ]
+    session.add_all(jobs)
+    session.flush()
+    session.add_all([JobEvent(job_id=j.id, kind="state", data={"status": "queued"}, created_at=now) for j in jobs])
+    session.flush()
+    return jobs
+
+
+def create_job(
+    session: Session, *, spec: dict[str, Any], queue: str, idempotency_key: str | None = None
+) -> Job:
+    """Insert one queued job (see :func:`create_jobs`)."""
+    return create_jobs(session, [(spec, queue, idempotency_key)])[0]
+
+
+def get_job(session: Session, job_id: str) -> Job | None:
+    return session.get(Job, job_id)
+
+
+def get_job_by_idempotency_key(session: Session, key: str) -> Job | None:
+    return session.scalars(select(Job).where(Job.idempotency_key == key)).one_or_none()
+
+
+@dataclass(frozen=True)
+class JobFilter:
+    status: Sequence[str] = ()
+    name: str | None = None
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+
+
+def list_jobs(session: Session, flt: JobFilter, *, limit: int, cursor: str | None) -> list[Job]:
+    """Newest first (ids are time-ordered); ``cursor`` is the last id of the previous page.
+    Returns up to ``limit + 1`` rows so the caller can tell whether a next page exists."""
+    q = select(Job).options(defer(Job.spec), defer(Job.info))
+    if flt.status:
+        q = q.where(Job.status.in_(list(flt.status)))
+    if flt.name is not None:
+        q = q.where(Job.name == flt.name)
+    if flt.created_after is not None:
+        q = q.where(Job.created_at >= flt.created_after)
+    if flt.created_before is not None:
+        q = q.where(Job.created_at < flt.created_before)
+    if cursor:
+        q = q.where(Job.id < cursor)
+    return list(session.scalars(q.order_by(Job.id.desc()).limit(limit + 1)))
+
+
+def add_event(session: Session, job_id: str, kind: str, data: dict[str, Any], at: datetime | None = None) -> None:
+    session.add(JobEvent(job_id=job_id, kind=kind, data=data, created_at=at or utcnow()))
+
+
+def events_after(session: Session, job_id: str, after_id: int, limit: int = 500) -> list[JobEvent]:
+    q = (
+        select(JobEvent)
+        .where(JobEvent.job_id == job_id, JobEvent.id > after_id)
+        .order_by(JobEvent.id)
+        .limit(limit)
+    )
+    return list(session.scalars(q))
+
+
+def request_cancel(session: Session, job_id: str) -> str | None:
+    """Cancel a job: a queued one becomes ``cancelled`` at once (a worker's claim then fails, so
+    it never starts); a running one is flagged and its worker stops it. Returns the status the
+    job is now in, or None if it does not exist."""
+    now = utcnow()
+    res = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == "queued")
+        .values(status="cancelled", stop_reason="cancelled", cancel_requested=True, finished_at=now, updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    if res.rowcount == 1:  # type: ignore[attr-defined]
+        add_event(session, job_id, "state", {"status": "cancelled", "stop_reason": "cancelled"}, now)
+        return "cancelled"
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == "running")
+        .values(cancel_requested=True, updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    return session.scalar(select(Job.status).where(Job.id == job_id))
+
+
+def claim_job(session: Session, job_id: str, worker: str, stale_after_s: float) -> Job | None:
+    """Compare-and-set queued -> running (or take over a running job whose heartbeat is older
+    than ``stale_after_s``: its worker was lost and the broker redelivered). None if the job is
+    not claimable, so delivering the task twice runs it once."""
+    now = utcnow()
+    values = dict(
+        status="running", attempts=Job.attempts + 1, heartbeat_at=now, worker=worker, updated_at=now
+    )
+    res = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == "queued")
+        .values(started_at=now, **values)
+        .execution_options(synchronize_session=False)
+    )
+    if res.rowcount != 1:  # type: ignore[attr-defined]
+        res = session.execute(
+            update(Job)
+            .where(
+                Job.id == job_id,
+                Job.status == "running",
+                Job.cancel_requested.is_(False),
+                Job.heartbeat_at < now - timedelta(seconds=stale_after_s),
+            )
+            .values(**values)
+            .execution_options(synchronize_session=False)
+        )
+        if res.rowcount != 1:  # type: ignore[attr-defined]
+            return None
+    job = session.get(Job, job_id, populate_existing=True)
+    add_event(session, job_id, "state", {"status": "running", "attempt": job.attempts if job else None}, now)
+    return job
+
+
+def is_cancel_requested(session: Session, job_id: str) -> bool:
+    return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
+
+
+def stale_running_jobs(session: Session, older_than_s: float) -> list[tuple[str, str]]:
+    """(id, queue) of running jobs whose heartbeat is older than ``older_than_s``: their worker
+    was lost."""
+    cutoff = utcnow() - timedelta(seconds=older_than_s)
+    q = select(Job.id, Job.queue).where(Job.status == "running", Job.heartbeat_at < cutoff)
+    return [(i, qn) for i, qn in session.execute(q)]
+
+
+def record_progress(
+    session: Session, job_id: str, epochs: Iterable[dict[str, Any]], *, info: dict[str, Any] | None = None
+) -> bool:
+    """Write a batch of epoch metrics (1-based ``epoch`` key), bump the heartbeat and progress,
+    and return whether a cancel was requested: one transaction per batch."""
+    now = utcnow()
+    last_epoch = None
+    for m in epochs:
+        enc = encode_metrics(m)
+        epoch = int(m["epoch"])
+        session.merge(JobMetric(job_id=job_id, epoch=epoch, values=enc, created_at=now))
+        add_event(session, job_id, "epoch", enc, now)
+        last_epoch = epoch
+    values: dict[str, Any] = {"heartbeat_at": now, "updated_at": now}
+    if last_epoch is not None:
+        values["epoch"] = last_epoch
+    if info is not None:
+        values["info"] = info
+    session.execute(
+        update(Job).where(Job.id == job_id).values(**values).execution_options(synchronize_session=False)
+    )
+    return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
+
+
+def finish_job(
+    session: Session,
+    job_id: str,
+    *,
+    status: str,
+    stop_reason: str | None = None,
+    error: str | None = None,
+    best: tuple[str | None, Any, int | None] | None = None,
+    steps: int | None = None,
+    epochs_run: int | None = None,
+    run_seconds: float | None = None,
+    info: dict[str, Any] | None = None,
+) -> bool:
+    """Record a terminal state (only from ``running``). Returns False if the job had already
+    left ``running`` (e.g. taken over by another worker)."""
+    assert status in TERMINAL_STATUSES
+    now = utcnow()
+    values: dict[str, Any] = dict(
+        status=status, stop_reason=stop_reason, error=error, finished_at=now, updated_at=now, heartbeat_at=now
+    )
+    if best is not None:
+        values.update(best_monitor=best[0], best_value=to_text(best[1]), best_epoch=best[2])
+    if steps is not None:
+        values["steps"] = steps
+    if epochs_run is not None:
+        values["epoch"] = epochs_run
+    if run_seconds is not None:
+        values["run_seconds"] = run_seconds
+    if info is not None:
+        values["info"] = info
+    res = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == "running")
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    if res.rowcount != 1:  # type: ignore[attr-defined]
+        return False
+    event: dict[str, Any] = {"status": status, "stop_reason": stop_reason}
+    if error:
+        event["error"] = error
+    add_event(session, job_id, "state", event, now)
+    return True
+
+
+def fail_unstarted_job(session: Session, job_id: str, error: str) -> None:
+    """Mark a queued job failed (it could not be enqueued, or its spec no longer resolves)."""
+    now = utcnow()
+    res = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == "queued")
+        .values(status="failed", error=error, finished_at=now, updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    if res.rowcount == 1:  # type: ignore[attr-defined]
+        add_event(session, job_id, "state", {"status": "failed", "error": error}, now)
+
+
+def metrics(session: Session, job_id: str, since_epoch: int = 0) -> list[dict[str, Any]]:
+    q = (
+        select(JobMetric.values)
+        .where(JobMetric.job_id == job_id, JobMetric.epoch > since_epoch)
+        .order_by(JobMetric.epoch)
+    )
+    return list(session.scalars(q))
+
+
+def job_exists(session: Session, job_id: str) -> bool:
+    return session.scalar(select(func.count()).select_from(Job).where(Job.id == job_id)) == 1
+
+
+def counts_by_status(session: Session) -> dict[str, int]:
+    return {s: n for s, n in session.execute(select(Job.status, func.count()).group_by(Job.status))}
+
+
+def duration_buckets(session: Session, bounds: Sequence[float]) -> tuple[list[int], int, float]:
+    """Cumulative counts of finished jobs' run seconds per upper bound, total count and sum."""
+    cols = [func.sum(case((Job.run_seconds <= b, 1), else_=0)) for b in bounds]
+    row = session.execute(
+        select(*cols, func.count(Job.run_seconds), func.coalesce(func.sum(Job.run_seconds), 0.0)).where(
+            Job.run_seconds.is_not(None)
+        )
+    ).one()
+    return [int(v or 0) for v in row[: len(bounds)]], int(row[-2] or 0), float(row[-1] or 0.0)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def add_checkpoint(
+    session: Session,
+    job_id: str,
+    *,
+    epoch: int,
+    step: int,
+    monitor: str | None,
+    value: Any,
+    data: bytes,
+    sha256: str,
+    is_best: bool,
+) -> Checkpoint:
+    if is_best:
+        _clear_best(session, job_id)
+    ck = Checkpoint(
+        job_id=job_id, epoch=epoch, step=step, monitor=monitor, value=to_text(value), size=len(data),
+        sha256=sha256, is_best=is_best, data=data, created_at=utcnow(),
+    )
+    session.add(ck)
+    session.flush()
+    # keep bytes only for the best and the newest checkpoint
+    session.execute(
+        update(Checkpoint)
+        .where(
+            Checkpoint.job_id == job_id, Checkpoint.id != ck.id, Checkpoint.is_best.is_(False),
+            Checkpoint.data.is_not(None),
+        )
+        .values(data=None)
+        .execution_options(synchronize_session=False)
+    )
+    return ck
+
+
+def _clear_best(session: Session, job_id: str) -> None:
+    session.execute(
+        update(Checkpoint)
+        .where(Checkpoint.job_id == job_id, Checkpoint.is_best.is_(True))
+        .values(is_best=False)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def mark_best_checkpoint(session: Session, job_id: str, sha256: str) -> bool:
+    """Make the newest checkpoint with this digest (and its bytes) the job's best; False if none
+    has it. The bytes of the previous best and of older checkpoints are dropped."""
+    ck_id = session.scalar(
+        select(Checkpoint.id)
+        .where(Checkpoint.job_id == job_id, Checkpoint.sha256 == sha256, Checkpoint.data.is_not(None))
+        .order_by(Checkpoint.id.desc())
+        .limit(1)
+    )
+    if ck_id is None:
+        return False
+    _clear_best(session, job_id)
+    session.execute(
+        update(Checkpoint).where(Checkpoint.id == ck_id).values(is_best=True).execution_options(synchronize_session=False)
+    )
+    newest = session.scalar(select(func.max(Checkpoint.id)).where(Checkpoint.job_id == job_id))
+    session.execute(
+        update(Checkpoint)
+        .where(Checkpoint.job_id == job_id, Checkpoint.id.not_in([ck_id, newest]), Checkpoint.data.is_not(None))
+        .values(data=None)
+        .execution_options(synchronize_session=False)
+    )
+    return True
+
+
+def list_checkpoints(session: Session, job_id: str) -> list[tuple[Checkpoint, bool]]:
+    """Checkpoints (without their bytes) and whether their bytes are still stored."""
+    q = (
+        select(Checkpoint, Checkpoint.data.is_not(None))
+        .options(defer(Checkpoint.data))
+        .where(Checkpoint.job_id == job_id)
+        .order_by(Checkpoint.id)
+    )
+    return [(ck, bool(stored)) for ck, stored in session.execute(q)]
+
+
+def best_checkpoint(session: Session, job_id: str) -> Checkpoint | None:
+    q = (
+        select(Checkpoint)
+        .where(Checkpoint.job_id == job_id, Checkpoint.is_best.is_(True), Checkpoint.data.is_not(None))
+        .order_by(Checkpoint.id.desc())
+        .limit(1)
+    )
+    return session.scalars(q).first()
+
+
+def save_snapshot(session: Session, job_id: str, *, epoch: int, step: int, data: bytes, sha256: str) -> None:
+    """Keep only the newest training-state snapshot of a job."""
+    session.execute(delete(Snapshot).where(Snapshot.job_id == job_id))
+    session.add(
+        Snapshot(job_id=job_id, epoch=epoch, step=step, size=len(data), sha256=sha256, data=data, created_at=utcnow())
+    )
+
+
+def get_snapshot(session: Session, job_id: str) -> Snapshot | None:
+    return session.get(Snapshot, job_id)
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+def create_dataset(session: Session, **fields: Any) -> Dataset:
+    ds = Dataset(created_at=utcnow(), **fields)
+    session.add(ds)
+    session.flush()
+    return ds
+
+
+def get_dataset(session: Session, dataset_id: str) -> Dataset | None:
+    return session.get(Dataset, dataset_id)
+
+
+def list_datasets(session: Session, limit: int = 1000) -> list[Dataset]:
+    return list(session.scalars(select(Dataset).order_by(Dataset.id.desc()).limit(limit)))
+
+
+def select_job_status(job_id: str) -> Any:
+    """A statement selecting one job's status (None if it does not exist)."""
+    return select(Job.status).where(Job.id == job_id)
+
+
+def requeue_job(session: Session, job_id: str, reason: str, stale_after_s: float | None = None) -> bool:
+    """running -> queued: its worker is shutting down (the broker message is requeued) or was
+    lost (heartbeat older than ``stale_after_s``; the caller sends a new message). The next claim
+    resumes from the latest snapshot."""
+    now = utcnow()
+    cond = [Job.id == job_id, Job.status == "running"]
+    if stale_after_s is not None:
+        cond.append(Job.heartbeat_at < now - timedelta(seconds=stale_after_s))
+    res = session.execute(
+        update(Job)
+        .where(*cond)
+        .values(status="queued", updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    if res.rowcount != 1:  # type: ignore[attr-defined]
+        return False
+    add_event(session, job_id, "state", {"status": "queued", "reason": reason}, now)
+    return True

@@ -1,0 +1,84 @@
+"""Service settings, read from the environment once per process through :func:`get_settings`."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+DEFAULT_DATA_DIR = "./trainyard-data"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the API and the worker need to find the database, the broker and the files.
+
+    ``queue_prefix`` namespaces the Celery queues (``<prefix>gpu``, ``<prefix>cpu``) and, on
+    Redis, every key the broker writes, so several deployments (or test runs) can share one
+    Redis without seeing each other's jobs.
+    """
+
+    database_url: str
+    broker_url: str
+    data_dir: Path
+    queue_prefix: str = ""
+    auto_queue: str = "gpu"  # where device "auto" jobs go
+    max_upload_bytes: int = 100 * 2**20
+    visibility_timeout_s: int = 7 * 24 * 3600  # longer than the longest job (Redis redelivery)
+    flush_interval_s: float = 0.5  # worker: metric batches, heartbeats and cancel polls
+    snapshot_interval_s: float = 60.0  # worker: how often a resume snapshot is written
+    heartbeat_stale_s: float = 300.0  # a running job whose heartbeat is older may be taken over
+
+    @property
+    def datasets_dir(self) -> Path:
+        return self.data_dir / "datasets"
+
+    def queue_name(self, base: str) -> str:
+        """The broker queue that carries ``base`` ("gpu" or "cpu") jobs."""
+        return f"{self.queue_prefix}{base}"
+
+    def queue_for_device(self, device: str) -> str:
+        """Jobs asking for ``cpu`` go to the cpu queue, ``cuda*`` to the gpu queue, ``auto`` to
+        ``auto_queue`` (gpu unless configured)."""
+        if device == "cpu":
+            return self.queue_name("cpu")
+        if device.startswith("cuda"):
+            return self.queue_name("gpu")
+        return self.queue_name(self.auto_queue)
+
+
+def default_database_url(data_dir: Path) -> str:
+    return f"sqlite:///{(data_dir / 'trainyard.db').resolve()}"
+
+
+def default_broker_url(data_dir: Path) -> str:
+    return f"sqla+sqlite:///{(data_dir / 'broker.sqlite').resolve()}"
+
+
+def settings_from_env(env: os._Environ[str] | dict[str, str] | None = None) -> Settings:
+    """Build settings from ``TRAINYARD_*`` variables (defaults: SQLite and the embedded
+    SQLAlchemy broker under ``./trainyard-data``)."""
+    e = os.environ if env is None else env
+    data_dir = Path(e.get("TRAINYARD_DATA_DIR") or DEFAULT_DATA_DIR).resolve()
+    auto_queue = e.get("TRAINYARD_AUTO_QUEUE", "gpu")
+    if auto_queue not in ("gpu", "cpu"):
+        raise ValueError(f"TRAINYARD_AUTO_QUEUE must be 'gpu' or 'cpu', got {auto_queue!r}")
+    return Settings(
+        database_url=e.get("TRAINYARD_DATABASE_URL") or default_database_url(data_dir),
+        broker_url=e.get("TRAINYARD_BROKER_URL") or default_broker_url(data_dir),
+        data_dir=data_dir,
+        queue_prefix=e.get("TRAINYARD_QUEUE_PREFIX", ""),
+        auto_queue=auto_queue,
+        max_upload_bytes=int(e.get("TRAINYARD_MAX_UPLOAD_BYTES", 100 * 2**20)),
+        visibility_timeout_s=int(e.get("TRAINYARD_VISIBILITY_TIMEOUT", 7 * 24 * 3600)),
+        flush_interval_s=float(e.get("TRAINYARD_FLUSH_INTERVAL", 0.5)),
+        snapshot_interval_s=float(e.get("TRAINYARD_SNAPSHOT_INTERVAL", 60.0)),
+        heartbeat_stale_s=float(e.get("TRAINYARD_HEARTBEAT_STALE", 300.0)),
+    )
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings (read from the environment on first call, then cached)."""
+    return settings_from_env()

@@ -1,0 +1,69 @@
+"""``trainyard serve``: API + one worker + SQLite + the embedded SQLAlchemy broker, one command."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+from safetensors.numpy import load as load_safetensors
+
+from client import Client
+
+from .helpers import ROOT, free_port, note_spec, wait_status
+
+
+def test_serve_runs_a_job_and_stops_on_ctrl_c(tmp_path):
+    port = free_port()
+    data_dir = tmp_path / "data"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINYARD_")}
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "client.cli", "serve", "--port", str(port), "--data-dir", str(data_dir)],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        first = proc.stdout.readline()  # type: ignore[union-attr]
+        assert f"http://127.0.0.1:{port}" in first and "/docs" in first, first
+        with Client(f"http://127.0.0.1:{port}") as c:
+            job = c.submit(note_spec(4))
+            done = wait_status(c, job["id"], ("succeeded", "failed", "cancelled"), timeout=180)
+            assert done["status"] == "succeeded", done
+            assert done["stop_reason"] in ("completed", "early_stopping")
+            metrics = c.metrics(job["id"])
+            assert len(metrics) == done["progress"]["epoch"] == 4
+            vals = [m["val_loss"] for m in metrics]
+            assert done["best"]["epoch"] == vals.index(min(vals)) + 1
+            data, digest = c.best_checkpoint(job["id"])
+            assert digest == hashlib.sha256(data).hexdigest()
+            assert next(ck for ck in c.checkpoints(job["id"]) if ck["is_best"])["sha256"] == digest
+            assert sorted(t.shape for t in load_safetensors(data).values()) == sorted([(64, 64), (64,), (10, 64), (10,)])
+            assert c.ready()["broker"] == "ok"
+
+            # a running job is cancelled through the embedded broker setup too
+            long = c.submit(note_spec(100_000, name="long", callbacks={}))
+            wait_status(c, long["id"], ("running",), timeout=60)
+            c.cancel(long["id"])
+            assert wait_status(c, long["id"], ("cancelled",), timeout=30)["stop_reason"] == "cancelled"
+
+        assert (data_dir / "trainyard.db").exists() and (data_dir / "broker.sqlite").exists()
+        with sqlite3.connect(data_dir / "trainyard.db") as db:
+            assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+            assert db.execute("SELECT status FROM jobs WHERE id = ?", (job["id"],)).fetchone()[0] == "succeeded"
+
+        children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        assert len(children) == 2  # the API and the worker
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        assert proc.wait(timeout=60) == 0
+        assert time.monotonic() - t0 < 30
+        for pid in children:
+            assert not os.path.exists(f"/proc/{pid}"), f"child {pid} outlived serve"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -1,0 +1,1 @@
+"""Trainyard's Celery worker: one thin task, ``trainyard.run_job(job_id)``."""

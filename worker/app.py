@@ -1,0 +1,83 @@
+"""The Celery app of the worker (``celery -A worker.main worker``)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from celery import Celery
+from celery.exceptions import Reject
+from celery.signals import worker_init, worker_ready, worker_shutting_down
+
+from store.broker import RUN_JOB_TASK, SQLA_POLLING_INTERVAL_S, celery_config
+from store.settings import Settings, get_settings
+
+
+def _on_shutdown(**_: Any) -> None:
+    from worker.reporter import SHUTDOWN
+
+    SHUTDOWN.set()
+
+
+def _on_worker_init(**_: Any) -> None:
+    # Import torch once at start-up, so the first job does not pay for it (submit -> running).
+    import training.engine  # noqa: F401
+
+    alive = os.environ.get("TRAINYARD_WORKER_HEARTBEAT_FILE")
+    if alive:
+        _start_liveness_file(Path(alive))
+
+
+def _start_liveness_file(path: Path, every_s: float = 10.0) -> None:
+    """Touch ``path`` every ``every_s`` seconds from a daemon thread: a container healthcheck can
+    tell a live worker (even one busy training, which cannot answer ``celery inspect ping``
+    on the solo pool) from a hung or dead one by the file's age."""
+
+    def beat() -> None:
+        while True:
+            path.touch()
+            time.sleep(every_s)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch()
+    threading.Thread(target=beat, name="trainyard-liveness", daemon=True).start()
+
+
+def create_celery(settings: Settings | None = None) -> Celery:
+    """A Celery app configured from settings, with ``trainyard.run_job`` registered."""
+    settings = settings or get_settings()
+    app = Celery("trainyard")
+    app.conf.update(celery_config(settings))
+    if settings.broker_url.startswith("sqla+"):
+        from kombu.transport import sqlalchemy as sqla_transport
+
+        sqla_transport.Transport.polling_interval = SQLA_POLLING_INTERVAL_S
+
+    @app.task(name=RUN_JOB_TASK, ignore_result=True, acks_late=True)
+    def run_job(job_id: str) -> str:
+        from worker.runner import run_job as run
+
+        outcome = run(job_id, settings)
+        if outcome == "requeued":
+            raise Reject("worker shutting down; the job resumes on the next worker", requeue=True)
+        return outcome
+
+    _ = run_job
+
+    def _on_ready(**_: Any) -> None:
+        from worker.recovery import start_reaper
+
+        start_reaper(app, settings)
+
+    worker_ready.connect(_on_ready, weak=False)
+    worker_shutting_down.connect(_on_shutdown, weak=False)
+    worker_init.connect(_on_worker_init, weak=False)
+    return app
+
+
+def default_queues(settings: Settings) -> list[str]:
+    return [settings.queue_name("gpu"), settings.queue_name("cpu")]
+

@@ -1,0 +1,139 @@
+"""The reporter the worker hands to ``training.fit``: batches metric writes, keeps a heartbeat,
+stores checkpoints and resume snapshots, and answers ``should_stop`` from the database."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from typing import Any
+
+from store import repo
+from store.db import session_scope
+from store.floats import encode_float
+from store.settings import Settings
+from training import BaseReporter, Checkpoint, Snapshot
+
+#: Set when the worker process is shutting down: running jobs stop at the next poll and are
+#: requeued (to resume from their latest snapshot) instead of finishing.
+SHUTDOWN = threading.Event()
+
+#: The heartbeat is written at least this often while a job runs (with every metrics batch too).
+HEARTBEAT_EVERY_S = 5.0
+
+
+def json_safe(value: Any) -> Any:
+    """Make engine info JSON-storable (non-finite floats encoded, unknown objects as text)."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    if isinstance(value, bool) or value is None or isinstance(value, int | str):
+        return value
+    if isinstance(value, float):
+        return encode_float(value)
+    return str(value)
+
+
+def monitor_mode(mode: str, monitor: str | None) -> str:
+    """Keras ModelCheckpoint's ``auto``: max for accuracy-like names, else min."""
+    if mode in ("min", "max"):
+        return mode
+    name = monitor or ""
+    return "max" if ("acc" in name or "auc" in name or name.startswith("fmeasure")) else "min"
+
+
+class DbReporter(BaseReporter):
+    """Writes what the engine reports. Every ``flush_interval_s`` at most one transaction writes
+    the buffered epochs, bumps the heartbeat and reads the cancel flag."""
+
+    def __init__(self, job_id: str, settings: Settings, spec: dict[str, Any]) -> None:
+        self.job_id = job_id
+        self.settings = settings
+        self.buffer: list[dict[str, Any]] = []
+        self.info: dict[str, Any] | None = None
+        self.cancelled = False
+        self.last_flush = time.monotonic()
+        self.last_heartbeat = 0.0
+        self.last_snapshot: float | None = None
+        self.pending_snapshot: Snapshot | None = None
+        cb = (spec.get("callbacks") or {}).get("model_checkpoint") or {}
+        self.save_best_only = bool(cb.get("save_best_only", False))
+        self.mode = monitor_mode(cb.get("mode", "auto"), cb.get("monitor"))
+        self.best_value: float | None = None
+        self.epochs_seen = 0
+
+    # -- engine callbacks
+    def on_start(self, info: dict[str, Any]) -> None:
+        self.info = json_safe(info)
+        self.flush()
+
+    def on_epoch(self, metrics: dict[str, float]) -> None:
+        self.buffer.append(dict(metrics))
+        self.epochs_seen += 1
+        if time.monotonic() - self.last_flush >= self.settings.flush_interval_s:
+            self.flush()
+
+    def on_checkpoint(self, checkpoint: Checkpoint) -> None:
+        value = checkpoint.value
+        if self.save_best_only or self.best_value is None:
+            is_best = value is None or not (isinstance(value, float) and math.isnan(value))
+        else:
+            is_best = value is not None and (value < self.best_value if self.mode == "min" else value > self.best_value)
+        if is_best and value is not None:
+            self.best_value = value
+        with session_scope() as s:
+            repo.add_checkpoint(
+                s, self.job_id, epoch=checkpoint.epoch, step=checkpoint.step, monitor=checkpoint.monitor,
+                value=value, data=checkpoint.data, sha256=checkpoint.sha256, is_best=is_best,
+            )
+
+    def on_snapshot(self, snapshot: Snapshot) -> None:
+        now = time.monotonic()
+        if self.last_snapshot is not None and now - self.last_snapshot < self.settings.snapshot_interval_s:
+            self.pending_snapshot = snapshot  # written only if the job must be resumed
+            return
+        self.last_snapshot = now
+        self.pending_snapshot = None
+        self.write_snapshot(snapshot)
+
+    def write_pending_snapshot(self) -> None:
+        if self.pending_snapshot is not None:
+            self.write_snapshot(self.pending_snapshot)
+            self.pending_snapshot = None
+
+    def write_snapshot(self, snapshot: Snapshot) -> None:
+        with session_scope() as s:
+            repo.save_snapshot(
+                s, self.job_id, epoch=snapshot.epoch, step=snapshot.step, data=snapshot.data, sha256=snapshot.sha256
+            )
+
+    def should_stop(self) -> bool:
+        """Polled by the engine (every ~0.2 s); touches the database at most every flush interval."""
+        if SHUTDOWN.is_set():
+            return True
+        if not self.cancelled and time.monotonic() - self.last_flush >= self.settings.flush_interval_s:
+            self.flush()
+        return self.cancelled
+
+    # -- writing
+    def flush(self) -> None:
+        """Write buffered epochs + heartbeat (+ info once) and read the cancel flag. With nothing
+        to write and a recent heartbeat, only the cancel flag is read."""
+        now = time.monotonic()
+        if not self.buffer and self.info is None and now - self.last_heartbeat < HEARTBEAT_EVERY_S:
+            with session_scope(write=False) as s:
+                self.cancelled = repo.is_cancel_requested(s, self.job_id) or self.cancelled
+            self.last_flush = time.monotonic()
+            return
+        self.last_heartbeat = now
+        batch, self.buffer = self.buffer, []
+        info, self.info = self.info, None
+        try:
+            with session_scope() as s:
+                self.cancelled = repo.record_progress(s, self.job_id, batch, info=info) or self.cancelled
+        except Exception:
+            self.buffer = batch + self.buffer  # keep them for the next try
+            raise
+        finally:
+            self.last_flush = time.monotonic()
