@@ -107,6 +107,51 @@ def _actionable_errors(spec: JobSpec, device: torch.device) -> Iterator[None]:
         raise
 
 
+class _CudaFiniteCheck:
+    """Non-finite loss detection on CUDA without stalling the pipeline: each step's
+    ``isfinite(loss)`` is copied to pinned host memory behind an event; a step's flag is read as
+    soon as the GPU has finished it (normally by the next step), and at the latest two steps
+    later, when its slot is reused."""
+
+    SLOTS = 2
+
+    def __init__(self) -> None:
+        self.flags = torch.ones(self.SLOTS, dtype=torch.bool).pin_memory()
+        self.events = [torch.cuda.Event() for _ in range(self.SLOTS)]
+        self.pending: list[int] = []
+        self.count = 0
+
+    def _ok(self, slot: int) -> bool:
+        return bool(self.flags[slot])
+
+    def push(self, loss: torch.Tensor) -> bool:
+        """Queue this step's check; False when an earlier step's loss was not finite."""
+        slot = self.count % self.SLOTS
+        self.count += 1
+        while self.pending:
+            oldest = self.pending[0]
+            if oldest == slot:
+                self.events[slot].synchronize()
+            elif not self.events[oldest].query():
+                break
+            self.pending.pop(0)
+            if not self._ok(oldest):
+                return False
+        self.flags[slot].copy_(torch.isfinite(loss.detach()), non_blocking=True)
+        self.events[slot].record()
+        self.pending.append(slot)
+        return True
+
+    def drain(self) -> bool:
+        """Wait for every queued check; False if one of them saw a non-finite loss."""
+        ok = True
+        for slot in self.pending:
+            self.events[slot].synchronize()
+            ok &= self._ok(slot)
+        self.pending.clear()
+        return ok
+
+
 class _Run:
     """One training run's state; see ``fit``."""
 
@@ -177,6 +222,7 @@ class _Run:
             self.save_freq = "epoch"
         self.es_best: dict[str, torch.Tensor] | None = None
         self.best_checkpoint: Checkpoint | None = None
+        self._pending_checkpoint: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None
         self.history: list[dict[str, float]] = []
         self.epoch = 0  # completed epochs
         self.step = 0  # optimizer updates applied
@@ -256,41 +302,52 @@ class _Run:
             self.train_epoch()
 
     def train_epoch(self) -> None:
+        """One pass over the training split. The step loop does only what a hand-written loop
+        needs; everything optional is decided once, before it."""
         spec, obj, model = self.spec, self.objective, self.model
         started = time.perf_counter()
         model.train()
-        n, bs = self.n_train, self.batch_size
-        perm = torch.randperm(n, generator=self.generator).to(self.device) if spec.data.shuffle else None
-        loss_sum = torch.zeros((), device=self.device)
-        sums = {k: torch.zeros((), device=self.device) for k in obj.metrics}
-        metric_fns = list(obj.metrics.items())
+        n, bs, dev = self.n_train, self.batch_size, self.device
+        perm = torch.randperm(n, generator=self.generator).to(dev) if spec.data.shuffle else None
+        loss_sum = torch.zeros((), device=dev)
+        sums = {k: torch.zeros((), device=dev, dtype=torch.long if k in obj.count_metrics else torch.float32) for k in obj.metrics}
+        metric_fns = [(sums[k], fn) for k, fn in obj.metrics.items()]
         x, y, t = self.x_train, self.y_train, self.t_train
+        same_target = t is y
+        forward, loss_fn = self.forward, obj.loss
         optimizer, clip, scaler, penalty_of = self.optimizer, self.clip, self.scaler, self.built.penalty
         has_penalty = self.has_penalty
+        autocast = self._autocast if self.autocast_dtype is not None else None
         lr_constant = isinstance(spec.optimizer.learning_rate, float | int) and self.plateau is None
         max_steps = spec.max_steps
-        check_nan = self.check_nan and self.device.type == "cpu"
-        cuda_check = self.check_nan and self.device.type == "cuda"
-        pending: torch.cuda.Event | None = None
-        finite_host = torch.ones((), dtype=torch.bool).pin_memory() if cuda_check else None
+        check_nan = self.check_nan and dev.type != "cuda"
+        cuda_nan = _CudaFiniteCheck() if self.check_nan and dev.type == "cuda" else None
+        poll = self._poll_cancel if self.should_stop is not None else None
         step_freq = self.save_freq if isinstance(self.save_freq, int) else None
         seen = 0
         lr = self.lr
         for b in range(self.steps_per_epoch):
+            lo, hi = b * bs, (b + 1) * bs
             if perm is None:
-                xb, yb, tb = x[b * bs : (b + 1) * bs], y[b * bs : (b + 1) * bs], t[b * bs : (b + 1) * bs]
+                xb, yb = x[lo:hi], y[lo:hi]
+                tb = yb if same_target else t[lo:hi]
             else:
-                idx = perm[b * bs : (b + 1) * bs]
-                xb, yb, tb = x[idx], y[idx], t[idx]
+                idx = perm[lo:hi]
+                xb, yb = x[idx], y[idx]
+                tb = yb if same_target else t[idx]
             if not lr_constant:
                 new_lr = self._current_lr(self.step)
                 if new_lr != lr:
                     lr = new_lr
                     for group in optimizer.param_groups:
                         group["lr"] = lr
-            with self._autocast():
-                out = self.forward(xb)
-                loss = obj.loss(out, tb)
+            if autocast is None:
+                out = forward(xb)
+                loss = loss_fn(out, tb)
+            else:
+                with autocast():
+                    out = forward(xb)
+                    loss = loss_fn(out, tb)
             if has_penalty:
                 penalty = penalty_of()
                 if penalty is not None:
@@ -299,16 +356,9 @@ class _Run:
                 self.stop_reason = "non_finite_loss"
                 loss_sum += loss.detach().float() * len(xb)  # the reported loss becomes non-finite too
                 break
-            if cuda_check:
-                assert finite_host is not None
-                if pending is not None:
-                    pending.synchronize()
-                    if not bool(finite_host):
-                        self.stop_reason = "non_finite_loss"
-                        break
-                finite_host.copy_(torch.isfinite(loss.detach()), non_blocking=True)
-                pending = torch.cuda.Event()
-                pending.record()
+            if cuda_nan is not None and not cuda_nan.push(loss):
+                self.stop_reason = "non_finite_loss"
+                break
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()
@@ -325,30 +375,26 @@ class _Run:
             self.step += 1
             m = len(xb)
             seen += m
-            loss_sum.add_(loss.detach().float(), alpha=m)
+            loss_sum.add_(loss.detach(), alpha=m)
             if metric_fns:
-                with torch.no_grad():
-                    o = out.detach().float()
-                    for k, fn in metric_fns:
-                        sums[k].add_(fn(o, yb, tb))
+                o = out.detach()
+                for acc, fn in metric_fns:
+                    acc.add_(fn(o, yb, tb))
             if step_freq is not None and self.step % step_freq == 0:
                 self._step_checkpoint(loss_sum, sums, seen)
             if max_steps is not None and self.step >= max_steps:
                 self.stop_reason = "max_steps"
                 break
-            if self._poll_cancel():
+            if poll is not None and poll():
                 self.stop_reason = "cancelled"
                 return
-        if cuda_check and pending is not None and self.stop_reason is None:
-            pending.synchronize()
-            assert finite_host is not None
-            if not bool(finite_host):
-                self.stop_reason = "non_finite_loss"
+        if cuda_nan is not None and self.stop_reason is None and not cuda_nan.drain():
+            self.stop_reason = "non_finite_loss"
         self.lr = lr
         self._end_epoch(loss_sum, sums, max(seen, 1), started)
 
     def _train_logs(self, loss_sum: torch.Tensor, sums: dict[str, torch.Tensor], seen: int) -> dict[str, float]:
-        values = torch.stack([loss_sum, *sums.values()]).double().cpu().tolist()
+        values = torch.stack([v.double() for v in (loss_sum, *sums.values())]).cpu().tolist()
         logs = {"loss": values[0] / seen}
         for k, v in zip(sums, values[1:], strict=True):
             logs[k] = self.objective.finalize.get(k, float)(v / seen)
@@ -361,10 +407,23 @@ class _Run:
 
     def _save_checkpoint(self, value: float | None) -> None:
         meta = {"epoch": self.epoch + 1, "step": self.step, "monitor": self.checkpoint.monitor, "value": value}
-        data = weights_to_bytes(self.model.state_dict(), meta)
-        ckpt = Checkpoint(self.epoch + 1, self.step, self.checkpoint.monitor, value, data, sha256(data))
-        self.best_checkpoint = ckpt
-        self.reporter.on_checkpoint(ckpt)
+        if not self.has_reporter:
+            # Nobody consumes intermediate checkpoints: keep a device copy, serialize once at the end.
+            self._pending_checkpoint = (self._weights(), meta)
+            return
+        self.best_checkpoint = self._make_checkpoint(self.model.state_dict(), meta)
+        self.reporter.on_checkpoint(self.best_checkpoint)
+
+    def _make_checkpoint(self, weights: dict[str, torch.Tensor], meta: dict[str, Any]) -> Checkpoint:
+        data = weights_to_bytes(weights, meta)
+        return Checkpoint(meta["epoch"], meta["step"], meta["monitor"], meta["value"], data, sha256(data))
+
+    def final_checkpoint(self) -> Checkpoint | None:
+        if self._pending_checkpoint is not None:
+            weights, meta = self._pending_checkpoint
+            self.best_checkpoint = self._make_checkpoint(weights, meta)
+            self._pending_checkpoint = None
+        return self.best_checkpoint
 
     def _end_epoch(self, loss_sum: torch.Tensor, sums: dict[str, torch.Tensor], seen: int, started: float) -> None:
         logs: dict[str, float] = {"epoch": self.epoch + 1}
@@ -409,7 +468,7 @@ class _Run:
         if self.es_best is not None:
             extra["es_best"] = self.es_best
         best_meta = None
-        if self.best_checkpoint is not None:
+        if self.final_checkpoint() is not None:
             c = self.best_checkpoint
             best_meta = {"epoch": c.epoch, "step": c.step, "monitor": c.monitor, "value": c.value}
             from training.state import weights_from_bytes
@@ -480,7 +539,7 @@ class _Run:
         # else the checkpoint monitor's.
         tracker: EarlyStopping | ModelCheckpoint = self.early if self.early is not None else self.checkpoint
         best_epoch = tracker.best_epoch
-        ckpt = self.best_checkpoint
+        ckpt = self.final_checkpoint()
         weights = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
         return FitResult(
             history=self.history,

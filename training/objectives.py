@@ -29,6 +29,7 @@ class Objective:
     metrics: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]]
     finalize: dict[str, Callable[[float], float]]
     outputs_are_logits: bool
+    count_metrics: frozenset[str] = frozenset()  # metrics whose per-batch sum is an integer count
 
 
 def strip_output_activation(spec: JobSpec) -> bool:
@@ -105,9 +106,10 @@ def build_objective(spec: JobSpec, n_classes: int | None) -> Objective:
             k = m.k
             metrics[m.key] = lambda o, y, t, k=k: (o.topk(min(k, o.shape[-1]), dim=-1).indices == y.unsqueeze(-1)).any(dim=-1).sum()
         elif m.name == "mae":
-            metrics[m.key] = lambda o, y, t: (o - t).abs().mean(dim=-1).sum()
+            metrics[m.key] = lambda o, y, t: (o.to(t.dtype) - t).abs().mean(dim=-1).sum()
         elif m.name in ("mse", "rmse"):
-            metrics[m.key] = lambda o, y, t: (o - t).square().mean(dim=-1).sum()
+            metrics[m.key] = lambda o, y, t: (o.to(t.dtype) - t).square().mean(dim=-1).sum()
             if m.name == "rmse":
                 finalize[m.key] = lambda v: v**0.5
-    return Objective(loss=loss, metrics=metrics, finalize=finalize, outputs_are_logits=logits)
+    counts = frozenset(m.key for m in spec.metrics if m.name in ("accuracy", "top_k_accuracy"))
+    return Objective(loss=loss, metrics=metrics, finalize=finalize, outputs_are_logits=logits, count_metrics=counts)
