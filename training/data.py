@@ -1004,14 +1004,17 @@ def load(data: Any, seed: int) -> Split:
     flat = x.reshape(n, -1)
     x_train, x_val = flat[train_idx], flat[val_idx]  # fancy indexing: copies
     if _get(data, "standardize", False):
-        t64 = x_train.astype(np.float64)
-        mean = t64.mean(axis=0)
-        std = t64.std(axis=0)
-        constant = t64.max(axis=0) == t64.min(axis=0)
-        mean[constant] = t64[0, constant] if len(t64) else 0.0
+        # Statistics in float64, applied in place in float32 (no full-size float64 copies).
+        mean = x_train.mean(axis=0, dtype=np.float64)
+        std = x_train.std(axis=0, dtype=np.float64)
+        constant = x_train.max(axis=0) == x_train.min(axis=0)
+        mean[constant] = x_train[0, constant] if len(x_train) else 0.0
         std[constant | (std == 0)] = 1.0
-        x_train = ((t64 - mean) / std).astype(np.float32)
-        x_val = ((x_val.astype(np.float64) - mean) / std).astype(np.float32)
+        x_train = np.asarray(x_train, dtype=np.float32)
+        x_val = np.asarray(x_val, dtype=np.float32)
+        for part in (x_train, x_val):
+            part -= mean.astype(np.float32)
+            part /= std.astype(np.float32)
 
     shape = (-1, *info.input_shape)
     return Split(
