@@ -625,6 +625,42 @@ def profile_engine(args: argparse.Namespace) -> None:
         pstats.Stats(pr).sort_stats("tottime").print_stats(25)
 
 
+def ab_engine_plain(args: argparse.Namespace, workload: str, pairs: int) -> dict[str, Any]:
+    """Engine vs plain loop alternating in ONE process (same allocator, same thread pool), at 1
+    thread and at ``--threads``: wall and CPU-time medians. Subprocess rounds on a small shared VM
+    swing by +-30 %; this A/B isolates the engine's own overhead."""
+    import statistics as st
+
+    out: dict[str, Any] = {}
+    for threads in sorted({1, args.threads}):
+        base = dict(vars(args), workload=workload, threads=threads)
+        eng = Worker(argparse.Namespace(**dict(base, worker="engine")))
+        pla = Worker(argparse.Namespace(**dict(base, worker="plain")))
+        wall: dict[str, list[float]] = {"plain": [], "engine": []}
+        cpu: dict[str, list[float]] = {"plain": [], "engine": []}
+        for i in range(pairs):
+            order = [("plain", pla.run_plain), ("engine", eng.run_engine)]
+            for name, fn in order if i % 2 == 0 else order[::-1]:
+                t, c = time.perf_counter(), time.process_time()
+                fn()
+                if eng.cuda:
+                    eng.torch.cuda.synchronize()
+                wall[name].append(time.perf_counter() - t)
+                cpu[name].append(time.process_time() - c)
+        r = {
+            "wall_ratio_median": st.median(wall["engine"]) / st.median(wall["plain"]),
+            "wall_ratio_min": min(wall["engine"]) / min(wall["plain"]),
+            "cpu_ratio_median": st.median(cpu["engine"]) / st.median(cpu["plain"]),
+            "plain_wall_median_s": st.median(wall["plain"]),
+            "engine_wall_median_s": st.median(wall["engine"]),
+        }
+        out[f"threads_{threads}"] = r
+        print(f"  in-process A/B, {threads} thread(s), {pairs} pairs: engine/plain wall median {r['wall_ratio_median']:.3f}, "
+              f"wall min {r['wall_ratio_min']:.3f}, CPU time median {r['cpu_ratio_median']:.3f} "
+              f"(plain {r['plain_wall_median_s']:.3f} s, engine {r['engine_wall_median_s']:.3f} s per run)")
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=5, help="timed rounds (each runs every contender once; default 5)")
@@ -636,6 +672,7 @@ def main() -> None:
     p.add_argument("--json", metavar="PATH", help="write all results and raw timings here")
     p.add_argument("--profile", action="store_true", help="cProfile the engine in-process instead of benchmarking")
     p.add_argument("--logdir", default=None, help="worker stderr logs (default: a temp dir)")
+    p.add_argument("--ab-pairs", type=int, default=15, help="engine/plain pairs of the in-process A/B (0: skip)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--workload", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -670,6 +707,10 @@ def main() -> None:
     print(f"python {platform.python_version()}, {platform.machine()}, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.2f} at start; worker logs in {logdir}")
     results = [bench_workload(w, contenders, args, logdir) for w in args.workloads]
+    if args.ab_pairs and "engine" in contenders and "plain" in contenders:
+        for res in results:
+            print(f"\n== {res['title']}: in-process A/B")
+            res["ab"] = ab_engine_plain(args, res["workload"], args.ab_pairs if res["workload"] == "small" else max(3, args.ab_pairs // 3))
     load_end = os.getloadavg()[0]
     print(f"\ntotal {time.perf_counter() - started:.0f} s; load average {load_end:.2f} at the end "
           f"(> ~0.5 beyond this benchmark's own means other work competed for the {os.cpu_count()} CPUs)")
