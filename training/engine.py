@@ -116,13 +116,15 @@ class _CudaFiniteCheck:
     SLOTS = 2
 
     def __init__(self) -> None:
-        self.flags = torch.ones(self.SLOTS, dtype=torch.bool).pin_memory()
+        # One pinned host scalar per slot (not views of one buffer), allocated once per run:
+        # pinned allocation is slow, and the copy must target pinned memory to stay asynchronous.
+        self.flags = [torch.ones((), dtype=torch.bool).pin_memory() for _ in range(self.SLOTS)]
         self.events = [torch.cuda.Event() for _ in range(self.SLOTS)]
         self.pending: list[int] = []
         self.count = 0
 
     def _ok(self, slot: int) -> bool:
-        return bool(self.flags[slot])
+        return bool(self.flags[slot].item())
 
     def push(self, loss: torch.Tensor) -> bool:
         """Queue this step's check; False when an earlier step's loss was not finite."""
@@ -229,6 +231,7 @@ class _Run:
         self.stop_reason: str | None = None
         self.lr = self.lr_fn(0)
         self.check_nan = cb.terminate_on_nan
+        self.cuda_nan = _CudaFiniteCheck() if self.check_nan and self.device.type == "cuda" else None
         self.has_penalty = bool(self.built.weight_penalties) or any(m._forward_hooks for m in self.model.modules())
         self._next_poll = 0.0
 
@@ -321,7 +324,7 @@ class _Run:
         lr_constant = isinstance(spec.optimizer.learning_rate, float | int) and self.plateau is None
         max_steps = spec.max_steps
         check_nan = self.check_nan and dev.type != "cuda"
-        cuda_nan = _CudaFiniteCheck() if self.check_nan and dev.type == "cuda" else None
+        cuda_nan = self.cuda_nan
         poll = self._poll_cancel if self.should_stop is not None else None
         step_freq = self.save_freq if isinstance(self.save_freq, int) else None
         seen = 0
@@ -408,8 +411,9 @@ class _Run:
     def _save_checkpoint(self, value: float | None) -> None:
         meta = {"epoch": self.epoch + 1, "step": self.step, "monitor": self.checkpoint.monitor, "value": value}
         if not self.has_reporter:
-            # Nobody consumes intermediate checkpoints: keep a device copy, serialize once at the end.
-            self._pending_checkpoint = (self._weights(), meta)
+            # Nobody consumes intermediate checkpoints: keep a host copy (no accelerator memory),
+            # serialize once at the end.
+            self._pending_checkpoint = ({k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}, meta)
             return
         self.best_checkpoint = self._make_checkpoint(self.model.state_dict(), meta)
         self.reporter.on_checkpoint(self.best_checkpoint)
