@@ -544,7 +544,8 @@ class _Run:
         tracker: EarlyStopping | ModelCheckpoint = self.early if self.early is not None else self.checkpoint
         best_epoch = tracker.best_epoch
         ckpt = self.final_checkpoint()
-        weights = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+        # The model is not used after this, so CPU tensors can be handed out without a copy.
+        weights = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
         return FitResult(
             history=self.history,
             stop_reason=reason,

@@ -29,7 +29,8 @@ def sha256(data: bytes) -> str:
 
 
 def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    # safetensors copies into its output buffer: no clone needed here.
+    return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
 
 
 def weights_to_bytes(state: dict[str, torch.Tensor], meta: dict[str, Any] | None = None) -> bytes:
