@@ -22,31 +22,9 @@ import torch  # noqa: E402
 
 from training import BaseReporter, fit  # noqa: E402
 
-SPEC = {
-    "name": "gpu-smoke",
-    "seed": 42,
-    "device": "cuda",
-    "data": {"dataset": "digits", "validation_split": 0.2, "batch_size": 64, "shuffle": True, "standardize": True},
-    "model": {
-        "kernel_initializer": "glorot_uniform",
-        "layers": [
-            {"type": "dense", "units": 64, "activation": "relu", "kernel_initializer": "he_normal",
-             "kernel_regularizer": {"l2": 0.01}, "activity_regularizer": {"l1": 0.01}},
-            {"type": "dropout", "rate": 0.5},
-            {"type": "dense", "units": 10},
-        ],
-    },
-    "loss": "sparse_categorical_crossentropy",
-    "metrics": ["accuracy"],
-    "optimizer": {"name": "adam", "beta_1": 0.89,
-                  "learning_rate": {"schedule": "cosine_restarts", "initial_learning_rate": 0.01,
-                                    "first_decay_steps": 1000, "warmup_steps": 50}},
-    "epochs": 12,
-    "callbacks": {
-        "early_stopping": {"monitor": "val_loss", "patience": 10, "restore_best_weights": True},
-        "model_checkpoint": {"monitor": "val_loss", "save_best_only": True},
-    },
-}
+# The source note's spec (examples/source-note.json), 12 epochs, on the GPU.
+SPEC = {**json.loads((Path(__file__).resolve().parents[1] / "examples" / "source-note.json").read_text()),
+        "name": "gpu-smoke", "device": "cuda", "epochs": 12}
 
 
 class Snaps(BaseReporter):

@@ -30,68 +30,18 @@ from training.data import load
 TOL = 1e-5
 TRUNC = 0.87962566103423978
 
-EXAMPLE = {
-    "name": "digits-he-adam-cosine-restarts",
-    "seed": 42,
-    "device": "auto",
-    "data": {
-        "dataset": "digits",
-        "validation_split": 0.2,
-        "batch_size": 64,
-        "shuffle": True,
-        "standardize": True,
-    },
-    "model": {
-        "kernel_initializer": "glorot_uniform",
-        "layers": [
-            {
-                "type": "dense",
-                "units": 64,
-                "activation": "relu",
-                "kernel_initializer": "he_normal",
-                "kernel_regularizer": {"l2": 0.01},
-                "activity_regularizer": {"l1": 0.01},
-            },
-            {"type": "dropout", "rate": 0.5},
-            {"type": "dense", "units": 10},
-        ],
-    },
-    "loss": "sparse_categorical_crossentropy",
-    "metrics": ["accuracy"],
-    "optimizer": {
-        "name": "adam",
-        "beta_1": 0.89,
-        "learning_rate": {
-            "schedule": "cosine_restarts",
-            "initial_learning_rate": 0.01,
-            "first_decay_steps": 1000,
-            "warmup_steps": 50,
-        },
-    },
-    "epochs": 100,
-    "callbacks": {
-        "early_stopping": {
-            "monitor": "val_loss",
-            "min_delta": 0,
-            "patience": 10,
-            "restore_best_weights": True,
-        },
-        "model_checkpoint": {
-            "monitor": "val_loss",
-            "save_best_only": True,
-            "save_weights_only": True,
-            "mode": "auto",
-            "save_freq": "epoch",
-        },
-    },
-}
+EXAMPLE = json.loads((Path(__file__).resolve().parents[2] / "examples" / "source-note.json").read_text())
 
 
-def test_inline_example_is_the_source_notes_spec():
-    p = Path("/tmp/example.json")
-    if not p.exists():
-        pytest.skip("/tmp/example.json not present")
-    assert json.loads(p.read_text()) == EXAMPLE
+def test_example_is_the_source_notes_spec():
+    """The committed example carries the source note's knobs (issue 2's example)."""
+    assert EXAMPLE["optimizer"]["beta_1"] == 0.89
+    lr = EXAMPLE["optimizer"]["learning_rate"]
+    assert (lr["schedule"], lr["initial_learning_rate"], lr["first_decay_steps"]) == ("cosine_restarts", 0.01, 1000)
+    dense = EXAMPLE["model"]["layers"][0]
+    assert dense["kernel_initializer"] == "he_normal" and dense["kernel_regularizer"] == {"l2": 0.01}
+    assert dense["activity_regularizer"] == {"l1": 0.01} and EXAMPLE["model"]["layers"][1]["rate"] == 0.5
+    assert EXAMPLE["callbacks"]["early_stopping"]["patience"] == 10
 
 
 # --------------------------------------------------------------------------- hand-written pieces

@@ -19,61 +19,8 @@ from training import SpecError, json_schema, validate_spec
 
 REPO = Path(__file__).resolve().parents[2]
 
-EXAMPLE = {
-    "name": "digits-he-adam-cosine-restarts",
-    "seed": 42,
-    "device": "auto",
-    "data": {
-        "dataset": "digits",
-        "validation_split": 0.2,
-        "batch_size": 64,
-        "shuffle": True,
-        "standardize": True,
-    },
-    "model": {
-        "kernel_initializer": "glorot_uniform",
-        "layers": [
-            {
-                "type": "dense",
-                "units": 64,
-                "activation": "relu",
-                "kernel_initializer": "he_normal",
-                "kernel_regularizer": {"l2": 0.01},
-                "activity_regularizer": {"l1": 0.01},
-            },
-            {"type": "dropout", "rate": 0.5},
-            {"type": "dense", "units": 10},
-        ],
-    },
-    "loss": "sparse_categorical_crossentropy",
-    "metrics": ["accuracy"],
-    "optimizer": {
-        "name": "adam",
-        "beta_1": 0.89,
-        "learning_rate": {
-            "schedule": "cosine_restarts",
-            "initial_learning_rate": 0.01,
-            "first_decay_steps": 1000,
-            "warmup_steps": 50,
-        },
-    },
-    "epochs": 100,
-    "callbacks": {
-        "early_stopping": {
-            "monitor": "val_loss",
-            "min_delta": 0,
-            "patience": 10,
-            "restore_best_weights": True,
-        },
-        "model_checkpoint": {
-            "monitor": "val_loss",
-            "save_best_only": True,
-            "save_weights_only": True,
-            "mode": "auto",
-            "save_freq": "epoch",
-        },
-    },
-}
+# The source note's spec, as committed for the README tour.
+EXAMPLE = json.loads((REPO / "examples" / "source-note.json").read_text())
 
 
 def example(**changes):
