@@ -9,20 +9,13 @@ from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
 from api.dispatch import Dispatcher
-from store.db import get_sessionmaker
+from store.db import get_sessionmaker, session_scope
 from store.settings import Settings
 
 
 def _write_session() -> Iterator[Session]:
-    session = get_sessionmaker(write=True)()
-    try:
+    with session_scope(write=True) as session:
         yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
 
 
 def _read_session() -> Iterator[Session]:
