@@ -598,3 +598,27 @@ def test_lr_find_ramp_smoothing_stop_and_suggestion():
     train["data"]["batch_size"] = 128
     r = training.fit(train)
     assert r.history[-1]["val_accuracy"] >= 0.95, (suggestion, r.history[-1])
+
+
+def test_out_of_memory_becomes_an_actionable_message():
+    """A torch OOM inside training is reported with the device and what to change."""
+    from training.engine import _actionable_errors
+    from training.spec import validate_spec
+
+    spec = validate_spec(_example_like())
+    with pytest.raises(TrainingError) as info:
+        with _actionable_errors(spec, torch.device("cpu")):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    assert info.value.kind == "oom"
+    assert "batch_size" in str(info.value) and "64" in str(info.value)
+
+
+def test_generic_torch_shape_error_becomes_a_training_error():
+    from training.engine import _actionable_errors
+    from training.spec import validate_spec
+
+    spec = validate_spec(_example_like())
+    with pytest.raises(TrainingError) as info:
+        with _actionable_errors(spec, torch.device("cpu")):
+            torch.zeros(3, 4) @ torch.zeros(5, 6)
+    assert "cannot process" in str(info.value)
