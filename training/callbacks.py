@@ -150,20 +150,18 @@ class ModelCheckpoint(Monitor):
         self.save_best_only = save_best_only
         self.best: float | None = initial_value_threshold
         self.best_epoch: int | None = None
+        self.last_improved = False  # whether the latest should_save call saw a new best
 
     def should_save(self, logs: dict[str, float], epoch: int) -> bool:
         """True when this epoch's (or step's) weights are to be saved; updates the best value."""
         current = self.value(logs)
-        if not self.save_best_only:
-            if current is not None and (self.best is None or self._better(current, self.best)):
-                self.best, self.best_epoch = current, epoch
-            return True
-        if current is None or not math.isfinite(current):
-            return False
-        if self.best is None or self._better(current, self.best):
+        self.last_improved = (
+            current is not None and math.isfinite(current) and (self.best is None or self._better(current, self.best))
+        )
+        if self.last_improved:
+            assert current is not None
             self.best, self.best_epoch = current, epoch
-            return True
-        return False
+        return True if not self.save_best_only else self.last_improved
 
     def _better(self, current: float, best: float) -> bool:
         return current < best if self.mode == "min" else current > best

@@ -410,13 +410,19 @@ class _Run:
 
     def _save_checkpoint(self, value: float | None) -> None:
         meta = {"epoch": self.epoch + 1, "step": self.step, "monitor": self.checkpoint.monitor, "value": value}
+        # With save_best_only false every save is reported, but only an improving one (or the
+        # first) becomes the run's best checkpoint.
+        is_best = self.checkpoint.last_improved or (self.best_checkpoint is None and self._pending_checkpoint is None)
         if not self.has_reporter:
             # Nobody consumes intermediate checkpoints: keep a host copy (no accelerator memory),
             # serialize once at the end.
-            self._pending_checkpoint = ({k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}, meta)
+            if is_best:
+                self._pending_checkpoint = ({k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}, meta)
             return
-        self.best_checkpoint = self._make_checkpoint(self.model.state_dict(), meta)
-        self.reporter.on_checkpoint(self.best_checkpoint)
+        ckpt = self._make_checkpoint(self.model.state_dict(), meta)
+        if is_best:
+            self.best_checkpoint = ckpt
+        self.reporter.on_checkpoint(ckpt)
 
     def _make_checkpoint(self, weights: dict[str, torch.Tensor], meta: dict[str, Any]) -> Checkpoint:
         data = weights_to_bytes(weights, meta)

@@ -34,11 +34,17 @@ def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def weights_to_bytes(state: dict[str, torch.Tensor], meta: dict[str, Any] | None = None) -> bytes:
-    """A state_dict as safetensors bytes, with string metadata."""
-    metadata = {"format": CHECKPOINT_FORMAT}
-    for k, v in (meta or {}).items():
-        metadata[k] = json.dumps(v)
-    return st_save(_cpu(state), metadata=metadata)
+    """A state_dict as safetensors bytes. The metadata is ONE key, ``trainyard``, holding sorted
+    JSON: safetensors writes several keys in a random (hash) order, which would make the bytes,
+    and so the sha256, of identical weights differ between calls."""
+    body = {"format": CHECKPOINT_FORMAT, **(meta or {})}
+    return st_save(_cpu(state), metadata={"trainyard": json.dumps(body, sort_keys=True)})
+
+
+def checkpoint_metadata(data: bytes) -> dict[str, Any]:
+    """The JSON metadata of a checkpoint written by :func:`weights_to_bytes`."""
+    raw = read_metadata(data).get("trainyard")
+    return json.loads(raw) if raw else {}
 
 
 def weights_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
@@ -89,7 +95,8 @@ def pack_snapshot(
     for prefix, sd in extra_tensors.items():
         tensors.update({f"{prefix}.{k}": v for k, v in sd.items()})
     body = dict(meta, optimizer=opt_meta, extra_prefixes=sorted(extra_tensors))
-    return st_save(_cpu(tensors), metadata={"format": SNAPSHOT_FORMAT, "state": json.dumps(body)})
+    body["format"] = SNAPSHOT_FORMAT
+    return st_save(_cpu(tensors), metadata={"trainyard": json.dumps(body, sort_keys=True)})
 
 
 def unpack_snapshot(data: bytes) -> dict[str, Any]:
@@ -102,9 +109,12 @@ def unpack_snapshot(data: bytes) -> dict[str, Any]:
         raise
     except Exception as exc:
         raise StateError(f"not a valid training-state snapshot: {exc}") from None
-    if header_meta.get("format") != SNAPSHOT_FORMAT:
-        raise StateError(f"not a training-state snapshot (format {header_meta.get('format')!r}, expected {SNAPSHOT_FORMAT!r})")
-    meta = json.loads(header_meta["state"])
+    try:
+        meta = json.loads(header_meta.get("trainyard", "{}"))
+    except ValueError as exc:
+        raise StateError(f"snapshot metadata is not JSON: {exc}") from None
+    if meta.get("format") != SNAPSHOT_FORMAT:
+        raise StateError(f"not a training-state snapshot (format {meta.get('format')!r}, expected {SNAPSHOT_FORMAT!r})")
     out: dict[str, Any] = {"meta": meta, "optimizer": _unflatten_optimizer(tensors, meta["optimizer"])}
     for prefix in ("model", "rng", *meta["extra_prefixes"]):
         p = prefix + "."

@@ -622,3 +622,33 @@ def test_generic_torch_shape_error_becomes_a_training_error():
         with _actionable_errors(spec, torch.device("cpu")):
             torch.zeros(3, 4) @ torch.zeros(5, 6)
     assert "cannot process" in str(info.value)
+
+
+def test_best_checkpoint_is_the_best_epoch_when_every_epoch_is_saved():
+    """save_best_only false: every epoch is reported, but the result's best checkpoint holds the
+    weights of the epoch with the best monitored value, not the last saved one."""
+    spec = _example_like()
+    spec["epochs"] = 8
+    # the rate grows 4x per epoch (23 steps): val_loss improves, then gets worse
+    spec["optimizer"] = {"name": "sgd", "learning_rate": {"schedule": "exponential", "initial_learning_rate": 0.02,
+                                                          "decay_steps": 23, "decay_rate": 4.0}}
+    spec["callbacks"] = {"model_checkpoint": {"monitor": "val_loss", "save_best_only": False}}
+
+    class Saved(BaseReporter):
+        def __init__(self):
+            self.saved = []
+
+        def on_checkpoint(self, c):
+            self.saved.append(c)
+
+    rep = Saved()
+    res = training.fit(spec, reporter=rep)
+    assert len(rep.saved) == len(res.history)
+    vals = [h["val_loss"] if math.isfinite(h["val_loss"]) else math.inf for h in res.history]
+    best_epoch = 1 + min(range(len(vals)), key=lambda i: vals[i])
+    assert best_epoch < len(vals), f"setup: the last epoch should not be the best here, val_loss {vals}"
+    chosen = [c for c in rep.saved if c.sha256 == res.best_checkpoint_sha256]
+    assert len(chosen) == 1 and chosen[0].epoch == best_epoch
+    # without a reporter the same best is serialized at the end
+    res2 = training.fit(spec)
+    assert res2.best_checkpoint_sha256 == res.best_checkpoint_sha256
