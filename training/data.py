@@ -40,6 +40,7 @@ import math
 import numbers
 import os
 import threading
+import zipfile
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -594,7 +595,7 @@ def _read_npz(path: str) -> tuple[np.ndarray, np.ndarray]:
             f"data, which is never loaded); save it with np.savez(path, x=..., y=...) using numeric arrays",
             field="path",
         ) from e
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zipfile.BadZipFile) as e:
         raise DataError(f"{path!r} could not be read as an .npz archive: {e}", field="path") from e
     if not isinstance(archive, np.lib.npyio.NpzFile):
         raise DataError(
@@ -611,7 +612,7 @@ def _read_npz(path: str) -> tuple[np.ndarray, np.ndarray]:
             )
         try:
             x, y = archive["x"], archive["y"]
-        except ValueError as e:
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
             raise DataError(
                 f"{path!r}: arrays 'x'/'y' could not be loaded ({e}); only numeric arrays are allowed",
                 field="path",

@@ -444,3 +444,11 @@ def test_import_is_cheap_and_does_not_import_torch_or_sklearn():
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "loaded: []"
+
+
+def test_corrupt_npz_with_zip_magic_is_a_data_error(tmp_path):
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"PK\x03\x04" + b"garbage" * 100)
+    with pytest.raises(DataError) as info:
+        read_array_file(str(bad))
+    assert "npz" in str(info.value)
