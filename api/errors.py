@@ -36,6 +36,16 @@ async def request_validation_handler(_request: Request, exc: RequestValidationEr
     leading ``body``."""
     out = []
     for e in exc.errors():
+        if e.get("type") == "json_invalid":
+            # FastAPI puts the character offset in loc (["body", 9]), which reads as an array index:
+            # the error is about the whole body, and the position goes in the message.
+            raw = list(e.get("loc", ()))
+            pos = raw[1] if len(raw) > 1 and isinstance(raw[1], int) else None
+            reason = (e.get("ctx") or {}).get("error")
+            msg = "the request body is not valid JSON" + (f" (at character {pos}" if pos is not None else "")
+            msg += (f": {reason})" if reason else ")") if pos is not None else (f": {reason}" if reason else "")
+            out.append({"loc": ["body"], "path": "", "msg": msg, "type": "json_invalid"})
+            continue
         loc = [_safe(p) for p in e.get("loc", ())]
         rel = loc[1:] if loc and loc[0] == "body" else loc
         out.append({"loc": loc, "path": json_path(rel), "msg": e.get("msg", ""), "type": e.get("type", "")})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -142,8 +143,11 @@ def jobs(
     url: UrlOpt = None,
 ) -> None:
     """List jobs, newest first."""
-    with _client(url) as c:
-        page = c.jobs(status=status, name=name, limit=limit)
+    try:
+        with _client(url) as c:
+            page = c.jobs(status=status, name=name, limit=limit)
+    except TrainyardError as exc:
+        raise _fail(f"trainyard: {exc}") from None
     if as_json:
         typer.echo(json.dumps(page, indent=2))
         return
@@ -165,7 +169,7 @@ def show(job_id: str, as_json: Annotated[bool, typer.Option("--json")] = False, 
         with _client(url) as c:
             job = c.job(job_id)
     except TrainyardError as exc:
-        raise _fail(str(exc)) from None
+        raise _fail(f"trainyard: {exc}") from None
     if as_json:
         typer.echo(json.dumps(job, indent=2))
         return
@@ -366,12 +370,15 @@ def serve(
         "TRAINYARD_BROKER_URL": f"sqla+sqlite:///{data_dir / 'broker.sqlite'}",
     }
     prefix = env.get("TRAINYARD_QUEUE_PREFIX", "")
+    if not _port_free(host, port):
+        raise _fail(f"trainyard: port {port} is in use on {host}; use --port to pick another", 1)
     from store.migrate import upgrade
 
     upgrade(env["TRAINYARD_DATABASE_URL"])
     log_dir = data_dir / "logs"
     log_dir.mkdir(exist_ok=True)
     worker_log = (log_dir / "worker.log").open("ab")
+    token = secrets.token_hex(16)
     procs = {
         "worker": subprocess.Popen(
             _celery_worker_argv([prefix + "gpu", prefix + "cpu"], 1, "solo", "INFO", "trainyard-serve@%h"),
@@ -380,31 +387,66 @@ def serve(
         "api": subprocess.Popen(
             _python("-m", "uvicorn", "api.app:create_app", "--factory", "--host", host, "--port", str(port),
                     "--log-level", "warning"),
-            env=env, start_new_session=True,
+            env={**env, "TRAINYARD_INSTANCE_TOKEN": token}, start_new_session=True,
         ),
     }
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     base = f"http://{shown}:{port}"
-    if _wait_healthy(base, procs, 60):
-        typer.echo(f"Trainyard is running at {base}  (API docs: {base}/docs)")
-        typer.echo(f"data: {data_dir}  worker log: {log_dir / 'worker.log'}  - press Ctrl-C to stop")
+    problem = _wait_healthy(base, procs, 60, token)
+    if problem is not None:
+        if procs["api"].poll() is not None and not _port_free(host, port):
+            problem = f"port {port} is in use on {host}; use --port to pick another"
+        _stop_all(procs)
+        raise _fail(f"trainyard: the service did not start: {problem}", 1)
+    typer.echo(f"Trainyard is running at {base}  (API docs: {base}/docs)")
+    typer.echo(f"data: {data_dir}  worker log: {log_dir / 'worker.log'}  - press Ctrl-C to stop")
     raise typer.Exit(_supervise(procs))
 
 
-def _wait_healthy(base: str, procs: dict[str, subprocess.Popen[Any]], timeout: float) -> bool:
+def _port_free(host: str, port: int) -> bool:
+    """Whether ``host:port`` can be bound now (nothing else listens there)."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: TIME_WAIT is no conflict
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _stop_all(procs: dict[str, subprocess.Popen[Any]], grace: float = 30.0) -> None:
+    for p in procs.values():
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for p in procs.values():
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def _wait_healthy(base: str, procs: dict[str, subprocess.Popen[Any]], timeout: float, token: str) -> str | None:
+    """None once OUR API child answers /healthz (it echoes ``token``), else what went wrong."""
     import httpx
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if any(p.poll() is not None for p in procs.values()):
-            return False
+        dead = [f"{n} exited with status {p.returncode}" for n, p in procs.items() if p.poll() is not None]
+        if dead:
+            return "; ".join(dead)
         try:
-            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                return True
+            r = httpx.get(f"{base}/healthz", timeout=1)
+            if r.status_code == 200 and r.headers.get("x-trainyard-instance") == token:
+                return None
         except httpx.HTTPError:
             pass
         time.sleep(0.2)
-    return False
+    return f"{base}/healthz did not answer within {timeout:.0f} s"
 
 
 def main() -> None:

@@ -60,6 +60,8 @@ class Job(Base):
     queue: Mapped[str] = mapped_column(String(100))
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
     idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True)
+    # sha256 of the canonical JSON of the request body sent with the key (NULL before 0002)
+    idempotency_hash: Mapped[str | None] = mapped_column(String(64))
     stop_reason: Mapped[str | None] = mapped_column(String(32))
     error: Mapped[str | None] = mapped_column(Text)
     epoch: Mapped[int] = mapped_column(Integer, default=0)

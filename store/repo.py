@@ -40,17 +40,26 @@ def as_utc(dt: datetime | None) -> datetime | None:
     return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
 
 
+def to_utc(dt: datetime) -> datetime:
+    """A bound for comparing with stored times: naive means UTC; an aware time is converted to
+    UTC (SQLite compares the wall-clock text, PostgreSQL reads a naive value in the session's
+    time zone, so neither may see a non-UTC or naive value)."""
+    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
+
+
 # --------------------------------------------------------------------------- jobs
 
 
-def create_jobs(session: Session, items: Sequence[tuple[dict[str, Any], str, str | None]]) -> list[Job]:
+def create_jobs(
+    session: Session, items: Sequence[tuple[dict[str, Any], str, str | None]], *, idempotency_hash: str | None = None
+) -> list[Job]:
     """Insert queued jobs from ``(spec, queue, idempotency_key)`` items, each with its first state
     event, in one flush (ids are made here, so no round trip per row)."""
     now = utcnow()
     jobs = [
         Job(
             id=new_id(), name=str(spec.get("name") or "job"), status="queued", queue=queue, spec=spec,
-            idempotency_key=key, epoch=0, epochs=int(spec.get("epochs") or 1), attempts=0,
+            idempotency_key=key, idempotency_hash=idempotency_hash if key else None, epoch=0, epochs=int(spec.get("epochs") or 1), attempts=0,
             cancel_requested=False, created_at=now, updated_at=now,
         )
         for spec, queue, key in items
@@ -63,10 +72,21 @@ def create_jobs(session: Session, items: Sequence[tuple[dict[str, Any], str, str
 
 
 def create_job(
-    session: Session, *, spec: dict[str, Any], queue: str, idempotency_key: str | None = None
+    session: Session, *, spec: dict[str, Any], queue: str, idempotency_key: str | None = None,
+    idempotency_hash: str | None = None,
 ) -> Job:
-    """Insert one queued job (see :func:`create_jobs`)."""
-    return create_jobs(session, [(spec, queue, idempotency_key)])[0]
+    """Insert one queued job (see :func:`create_jobs`); ``idempotency_hash`` is the digest of the
+    request body sent with ``idempotency_key``."""
+    return create_jobs(session, [(spec, queue, idempotency_key)], idempotency_hash=idempotency_hash)[0]
+
+
+def request_hash(body: Any) -> str:
+    """sha256 of a request body's canonical JSON (sorted keys, no spaces)."""
+    import json
+
+    return hashlib.sha256(
+        json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str).encode()
+    ).hexdigest()
 
 
 def get_job(session: Session, job_id: str) -> Job | None:
@@ -94,9 +114,9 @@ def list_jobs(session: Session, flt: JobFilter, *, limit: int, cursor: str | Non
     if flt.name is not None:
         q = q.where(Job.name == flt.name)
     if flt.created_after is not None:
-        q = q.where(Job.created_at >= flt.created_after)
+        q = q.where(Job.created_at >= to_utc(flt.created_after))
     if flt.created_before is not None:
-        q = q.where(Job.created_at < flt.created_before)
+        q = q.where(Job.created_at < to_utc(flt.created_before))
     if cursor:
         q = q.where(Job.id < cursor)
     return list(session.scalars(q.order_by(Job.id.desc()).limit(limit + 1)))
@@ -343,25 +363,35 @@ def _clear_best(session: Session, job_id: str) -> None:
     )
 
 
-def mark_best_checkpoint(session: Session, job_id: str, sha256: str) -> bool:
-    """Make the newest checkpoint with this digest (and its bytes) the job's best; False if none
-    has it. The bytes of the previous best and of older checkpoints are dropped."""
-    ck_id = session.scalar(
-        select(Checkpoint.id)
-        .where(Checkpoint.job_id == job_id, Checkpoint.sha256 == sha256, Checkpoint.data.is_not(None))
-        .order_by(Checkpoint.id.desc())
+def mark_best_checkpoint(session: Session, job_id: str, sha256: str, data: bytes | None = None) -> bool:
+    """Make the newest checkpoint with this digest the job's best; False if no row has it (or
+    its bytes were dropped and ``data`` does not bring them back). Bytes are kept for the best and
+    the newest checkpoint; the others' are dropped. The best's bytes are never dropped."""
+    row = session.execute(
+        select(Checkpoint.id, Checkpoint.data.is_not(None))
+        .where(Checkpoint.job_id == job_id, Checkpoint.sha256 == sha256)
+        .order_by(Checkpoint.data.is_not(None).desc(), Checkpoint.id.desc())
         .limit(1)
-    )
-    if ck_id is None:
+    ).first()
+    if row is None:
         return False
+    ck_id, stored = row
+    values: dict[str, Any] = {"is_best": True}
+    if not stored:
+        if data is None or sha256_hex(data) != sha256:
+            return False
+        values.update(data=data, size=len(data))
     _clear_best(session, job_id)
     session.execute(
-        update(Checkpoint).where(Checkpoint.id == ck_id).values(is_best=True).execution_options(synchronize_session=False)
+        update(Checkpoint).where(Checkpoint.id == ck_id).values(**values).execution_options(synchronize_session=False)
     )
     newest = session.scalar(select(func.max(Checkpoint.id)).where(Checkpoint.job_id == job_id))
     session.execute(
         update(Checkpoint)
-        .where(Checkpoint.job_id == job_id, Checkpoint.id.not_in([ck_id, newest]), Checkpoint.data.is_not(None))
+        .where(
+            Checkpoint.job_id == job_id, Checkpoint.id.not_in([ck_id, newest]), Checkpoint.is_best.is_(False),
+            Checkpoint.data.is_not(None),
+        )
         .values(data=None)
         .execution_options(synchronize_session=False)
     )

@@ -23,8 +23,10 @@ def _on_shutdown(**_: Any) -> None:
 
 
 def _on_worker_init(**_: Any) -> None:
-    # Import torch once at start-up, so the first job does not pay for it (submit -> running).
+    # Import torch once at start-up, so the first job does not pay for it (submit -> running), and
+    # create the shutdown event (worker.reporter) before the prefork pool forks, so children share it.
     import training.engine  # noqa: F401
+    import worker.reporter  # noqa: F401
 
     alive = os.environ.get("TRAINYARD_WORKER_HEARTBEAT_FILE")
     if alive:

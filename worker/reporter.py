@@ -4,7 +4,7 @@ stores checkpoints and resume snapshots, and answers ``should_stop`` from the da
 from __future__ import annotations
 
 import math
-import threading
+import multiprocessing
 import time
 from typing import Any
 
@@ -14,9 +14,33 @@ from store.floats import encode_float
 from store.settings import Settings
 from training import BaseReporter, Checkpoint, Snapshot
 
-#: Set when the worker process is shutting down: running jobs stop at the next poll and are
-#: requeued (to resume from their latest snapshot) instead of finishing.
-SHUTDOWN = threading.Event()
+
+class SharedFlag:
+    """A set-once flag in shared memory (a lock-free byte, inherited through fork): safe to set
+    from a signal handler (no lock the interrupted code could hold) and visible to processes
+    forked after it was created."""
+
+    def __init__(self) -> None:
+        try:
+            self._value: Any = multiprocessing.get_context("fork").RawValue("b", 0)
+        except ValueError:  # pragma: no cover - no fork (Windows): one process only
+            self._value = multiprocessing.RawValue("b", 0)
+
+    def set(self) -> None:
+        self._value.value = 1
+
+    def clear(self) -> None:
+        self._value.value = 0
+
+    def is_set(self) -> bool:
+        return bool(self._value.value)
+
+
+#: Set when the worker is shutting down: running jobs stop at the next poll and are requeued (to
+#: resume from their latest snapshot) instead of finishing. Celery fires worker_shutting_down only
+#: in its main process; the prefork pool's children are forked after ``worker_init`` imports this
+#: module, so they share this flag and see the main process set it.
+SHUTDOWN = SharedFlag()
 
 #: The heartbeat is written at least this often while a job runs (with every metrics batch too).
 HEARTBEAT_EVERY_S = 5.0
@@ -36,11 +60,10 @@ def json_safe(value: Any) -> Any:
 
 
 def monitor_mode(mode: str, monitor: str | None) -> str:
-    """Keras ModelCheckpoint's ``auto``: max for accuracy-like names, else min."""
-    if mode in ("min", "max"):
-        return mode
-    name = monitor or ""
-    return "max" if ("acc" in name or "auc" in name or name.startswith("fmeasure")) else "min"
+    """The engine's ``auto`` (training.callbacks.resolve_mode): max for acc/auc names, else min."""
+    from training.callbacks import resolve_mode
+
+    return resolve_mode(monitor or "", mode if mode in ("min", "max") else "auto")
 
 
 class DbReporter(BaseReporter):
@@ -58,9 +81,12 @@ class DbReporter(BaseReporter):
         self.last_snapshot: float | None = None
         self.pending_snapshot: Snapshot | None = None
         cb = (spec.get("callbacks") or {}).get("model_checkpoint") or {}
-        self.save_best_only = bool(cb.get("save_best_only", False))
+        # Without a model_checkpoint callback the engine saves only improvements (its default).
+        self.save_best_only = bool(cb.get("save_best_only", False)) if cb else True
         self.mode = monitor_mode(cb.get("mode", "auto"), cb.get("monitor"))
-        self.best_value: float | None = None
+        threshold = cb.get("initial_value_threshold")
+        self.best_value: float | None = float(threshold) if threshold is not None else None
+        self.has_best = False
         self.epochs_seen = 0
 
     # -- engine callbacks
@@ -75,13 +101,19 @@ class DbReporter(BaseReporter):
             self.flush()
 
     def on_checkpoint(self, checkpoint: Checkpoint) -> None:
+        # The engine's rule (training.engine._save_checkpoint): a save is the run's best when the
+        # monitored value improved (finite, and better than the best so far or the initial
+        # threshold), or when it is the first save. Mirrored here so the bytes of the engine's
+        # best are the ones kept.
         value = checkpoint.value
-        if self.save_best_only or self.best_value is None:
-            is_best = value is None or not (isinstance(value, float) and math.isnan(value))
-        else:
-            is_best = value is not None and (value < self.best_value if self.mode == "min" else value > self.best_value)
-        if is_best and value is not None:
-            self.best_value = value
+        improved = (
+            value is not None and isinstance(value, int | float) and math.isfinite(value)
+            and (self.best_value is None or (value < self.best_value if self.mode == "min" else value > self.best_value))
+        )
+        if improved:
+            self.best_value = float(value)  # type: ignore[arg-type]
+        is_best = self.save_best_only or improved or not self.has_best
+        self.has_best = True
         with session_scope() as s:
             repo.add_checkpoint(
                 s, self.job_id, epoch=checkpoint.epoch, step=checkpoint.step, monitor=checkpoint.monitor,

@@ -85,6 +85,20 @@ def run_job(job_id: str, settings: Settings | None = None) -> str:
         log.error("job %s crashed:\n%s", job_id, traceback.format_exc())
         raise
 
+    try:
+        return _record_result(job_id, reporter, result, attempt)
+    except BaseException as exc:
+        # Whatever fails after training (the last metrics, the best checkpoint, the final row),
+        # the job must not stay 'running' (the reaper would requeue it forever).
+        try:
+            _finish_failed(job_id, reporter, f"internal error while recording the result: {type(exc).__name__}: {exc}")
+        except Exception:  # noqa: BLE001 - re-raise the original error below
+            log.exception("job %s: could not record the failure", job_id)
+        log.error("job %s: recording its result failed:\n%s", job_id, traceback.format_exc())
+        raise
+
+
+def _record_result(job_id: str, reporter: DbReporter, result: Any, attempt: int) -> str:
     reporter.flush()
     if result.stop_reason == "cancelled" and SHUTDOWN.is_set() and not reporter.cancelled:
         reporter.write_pending_snapshot()
@@ -112,7 +126,9 @@ def run_job(job_id: str, settings: Settings | None = None) -> str:
 
 def _store_best(s: Any, job_id: str, result: Any) -> None:
     """Mark the engine's best checkpoint; store it (or the final weights) if no row has it."""
-    if result.best_checkpoint_sha256 and repo.mark_best_checkpoint(s, job_id, result.best_checkpoint_sha256):
+    if result.best_checkpoint_sha256 and repo.mark_best_checkpoint(
+        s, job_id, result.best_checkpoint_sha256, result.best_checkpoint
+    ):
         return
     data = result.best_checkpoint
     if data is None and result.weights:

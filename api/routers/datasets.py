@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Annotated
 
@@ -65,27 +67,47 @@ def upload_dataset(
             tmp.close()
             tmp_path.unlink(missing_ok=True)
             raise
+    stored = ""
     try:
         tgt: str | int | None = int(target) if target is not None and target.strip().isdigit() else target
-        x, y = read_array_file(str(tmp_path), tgt if ext == ".csv" else None)
+        try:
+            x, y = read_array_file(str(tmp_path), tgt if ext == ".csv" else None)
+        except DataError as exc:
+            field = "target" if exc.field == "target" else "file"
+            raise SpecProblem([error([field], str(exc).replace(str(tmp_path), filename))]) from None
+        except (ValueError, OSError, EOFError, KeyError, TypeError, AttributeError, zipfile.BadZipFile, zlib.error) as exc:
+            # Corrupt archives the engine's reader lets through: broken compressed data (zlib.error),
+            # a member that is not an .npy array (numpy hands back bytes: AttributeError), ...
+            what = "a valid .npz archive of numeric arrays 'x' and 'y'" if ext == ".npz" else "a valid CSV file"
+            raise SpecProblem([error(["file"], f"{filename!r} is not {what}: {type(exc).__name__}: {exc}"
+                                     .replace(str(tmp_path), filename))]) from None
         dataset_id = new_id()
-        info = info_from_arrays(dataset_id, x, y)
-    except DataError as exc:
-        field = "target" if exc.field == "target" else "file"
-        tmp_path.unlink(missing_ok=True)
-        raise SpecProblem([error([field], str(exc).replace(str(tmp_path), filename))]) from None
-    stored = f"{dataset_id}.npz"
-    try:
+        try:
+            info = info_from_arrays(dataset_id, x, y)
+        except DataError as exc:
+            raise SpecProblem([error(["file"], str(exc).replace(str(tmp_path), filename))]) from None
+        stored = f"{dataset_id}.npz"
         if info.task == "classification":
             y = np.asarray(y).reshape(-1).astype(np.int64)
         np.savez(settings.datasets_dir / stored, x=x, y=y)
+    except BaseException:
+        if stored:
+            (settings.datasets_dir / stored).unlink(missing_ok=True)
+        raise
     finally:
         tmp_path.unlink(missing_ok=True)
-    ds = repo.create_dataset(
-        session, id=dataset_id, name=name or filename, filename=filename, format=ext[1:], file=stored,
-        task=info.task, input_shape=list(info.input_shape), n_classes=info.n_classes, n_targets=info.n_targets,
-        n_samples=info.n_samples, size=size, sha256=digest.hexdigest(),
-    )
+    # Commit before answering: the session dependency's own commit runs only after the response
+    # is sent, so a failing commit would follow a 201 for a dataset that does not exist.
+    try:
+        ds = repo.create_dataset(
+            session, id=dataset_id, name=name or filename, filename=filename, format=ext[1:], file=stored,
+            task=info.task, input_shape=list(info.input_shape), n_classes=info.n_classes,
+            n_targets=info.n_targets, n_samples=info.n_samples, size=size, sha256=digest.hexdigest(),
+        )
+        session.commit()
+    except BaseException:
+        (settings.datasets_dir / stored).unlink(missing_ok=True)
+        raise
     return dataset_read(ds)
 
 

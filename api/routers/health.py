@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
@@ -14,9 +16,17 @@ from store.db import get_engine
 router = APIRouter(tags=["health"])
 
 
+#: ``trainyard serve`` gives its API child a per-start token, echoed by /healthz, so it can tell
+#: its own child from another server already answering on the port.
+INSTANCE_HEADER = "X-Trainyard-Instance"
+
+
 @router.get("/healthz", response_model=Health)
-def healthz() -> Health:
+def healthz(response: Response) -> Health:
     """The process is up."""
+    token = os.environ.get("TRAINYARD_INSTANCE_TOKEN")
+    if token:
+        response.headers[INSTANCE_HEADER] = token
     return Health(status="ok")
 
 

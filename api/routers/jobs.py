@@ -35,6 +35,11 @@ from training import SpecError
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
+#: Bounds of integer parameters compared with database columns (INTEGER epochs, BIGINT event ids):
+#: a larger number is a 422, not a database overflow (500).
+MAX_INT32 = 2**31 - 1
+MAX_INT64 = 2**63 - 1
+
 SPEC_EXAMPLE: dict[str, Any] = {
     "name": "digits-mlp",
     "data": {"dataset": "digits", "validation_split": 0.2, "batch_size": 64, "standardize": True},
@@ -67,7 +72,8 @@ def _dispatch(session: Any, dispatcher: Any, jobs: list[tuple[str, str]]) -> Non
     response_model=JobRead,
     status_code=201,
     responses={
-        200: {"model": JobRead, "description": "a job with this Idempotency-Key already exists"},
+        200: {"model": JobRead, "description": "a job with this Idempotency-Key and body already exists"},
+        409: {"description": "the Idempotency-Key was already used with a different body"},
         422: {"model": ErrorResponse, "description": "invalid spec; each error names its JSON path"},
         503: {"description": "the broker is unavailable; the job is recorded as failed"},
     },
@@ -80,18 +86,22 @@ def create_job(
     spec: Annotated[dict[str, Any], Body(examples=[SPEC_EXAMPLE])],
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)] = None,
 ) -> JobRead:
-    """Validate, store and enqueue a job. The same Idempotency-Key again returns the same job (200)."""
+    """Validate, store and enqueue a job. The same Idempotency-Key with the same body again returns
+    the same job (200); with a different body it is a 409."""
+    body_hash = repo.request_hash(spec) if idempotency_key else None
     if idempotency_key:
         existing = repo.get_job_by_idempotency_key(session, idempotency_key)
         if existing is not None:
             response.status_code = 200
-            return job_read(existing)
+            return _replay(existing, body_hash)
     try:
         valid = check_job_spec(spec, dataset_resolver(session), settings)
     except SpecError as exc:
         raise SpecProblem(exc.errors) from None
     try:
-        job = repo.create_job(session, spec=valid.spec, queue=valid.queue, idempotency_key=idempotency_key)
+        job = repo.create_job(
+            session, spec=valid.spec, queue=valid.queue, idempotency_key=idempotency_key, idempotency_hash=body_hash
+        )
         session.commit()
     except IntegrityError:
         session.rollback()
@@ -99,9 +109,20 @@ def create_job(
         if existing is None:
             raise
         response.status_code = 200
-        return job_read(existing)
+        return _replay(existing, body_hash)
     _dispatch(session, dispatcher, [(job.id, job.queue)])
     return job_read(job)
+
+
+def _replay(existing: Any, body_hash: str | None) -> JobRead:
+    """The job an Idempotency-Key already made, if this request's body is the one it was made with."""
+    if existing.idempotency_hash is not None and existing.idempotency_hash != body_hash:
+        raise HTTPException(
+            status_code=409,
+            detail=f"Idempotency-Key {existing.idempotency_key!r} was already used with a different request body "
+            f"(job {existing.id}); use a new key for a different job",
+        )
+    return job_read(existing)
 
 
 @router.post("/batch", response_model=BatchResult, responses={503: {"description": "broker unavailable"}})
@@ -166,7 +187,7 @@ def _downsample(rows: list[dict[str, Any]], max_points: int) -> list[dict[str, A
 def get_metrics(
     job_id: str,
     session: ReadSessionDep,
-    since_epoch: Annotated[int, Query(ge=0, description="only epochs after this one")] = 0,
+    since_epoch: Annotated[int, Query(ge=0, le=MAX_INT32, description="only epochs after this one")] = 0,
     max_points: Annotated[int | None, Query(ge=1, le=100_000, description="downsample evenly (keeps the last)")] = None,
 ) -> MetricsRead:
     """Per-epoch metrics. Non-finite values are the strings "NaN", "Infinity", "-Infinity"."""
@@ -196,7 +217,9 @@ async def job_events(
     job_id: str,
     request: Request,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
-    after: Annotated[int | None, Query(ge=0, description="like Last-Event-ID, for clients that cannot set headers")] = None,
+    after: Annotated[
+        int | None, Query(ge=0, le=MAX_INT64, description="like Last-Event-ID, for clients that cannot set headers")
+    ] = None,
     poll_interval: Annotated[float, Query(ge=0.05, le=10)] = 0.25,
 ) -> EventSourceResponse:
     """Server-Sent Events: ``state`` (status changes) and ``epoch`` (an epoch's metrics) as they
@@ -205,8 +228,10 @@ async def job_events(
     start = after or 0
     if last_event_id:
         try:
-            start = int(last_event_id)
+            start = int(last_event_id.strip()) if len(last_event_id) <= 20 else -1
         except ValueError:
+            start = -1
+        if not 0 <= start <= MAX_INT64:
             raise HTTPException(status_code=400, detail="Last-Event-ID must be an event id (an integer)") from None
     first, status = await run_in_threadpool(_poll_events, job_id, start)
     if status is None:
@@ -233,16 +258,23 @@ async def job_events(
 @router.post(
     "/{job_id}/cancel",
     response_model=JobRead,
-    responses={404: {"description": "no such job"}, 409: {"description": "the job already finished"}},
+    responses={404: {"description": "no such job"},
+               409: {"description": "the job already ended (succeeded, failed or cancelled)"}},
 )
 def cancel_job(job_id: str, session: SessionDep) -> JobRead:
     """A queued job is cancelled at once and never starts; a running one stops within about a
-    second of training and ends ``cancelled``."""
+    second of training and ends ``cancelled`` (cancelling it again while it stops is a 200). A
+    job that already ended (succeeded, failed or cancelled) is a 409."""
+    before = session.scalar(repo.select_job_status(job_id))
+    if before is None:
+        raise _not_found(job_id)
+    if before in TERMINAL_STATUSES:
+        raise HTTPException(status_code=409, detail=f"job {job_id} already ended: {before}")
     status = repo.request_cancel(session, job_id)
     if status is None:
         raise _not_found(job_id)
     if status in ("succeeded", "failed"):
-        raise HTTPException(status_code=409, detail=f"job {job_id} already {status}")
+        raise HTTPException(status_code=409, detail=f"job {job_id} already ended: {status}")
     session.commit()
     job = repo.get_job(session, job_id)
     assert job is not None
@@ -270,8 +302,11 @@ def best_checkpoint(job_id: str, session: ReadSessionDep) -> Response:
     """The best weights as a ``.safetensors`` file."""
     ck = repo.best_checkpoint(session, job_id)
     if ck is None:
-        if not repo.job_exists(session, job_id):
+        status = session.scalar(repo.select_job_status(job_id))
+        if status is None:
             raise _not_found(job_id)
+        if status in TERMINAL_STATUSES:
+            raise HTTPException(status_code=404, detail=f"job {job_id} ended without a checkpoint ({status})")
         raise HTTPException(status_code=404, detail=f"job {job_id} has no checkpoint yet")
     assert ck.data is not None
     return Response(

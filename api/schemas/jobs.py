@@ -53,7 +53,8 @@ class JobList(BaseModel):
 
 
 class BatchCreate(BaseModel):
-    jobs: list[dict[str, Any]] = Field(min_length=1, max_length=1000, description="job specs")
+    # list[Any]: an item that is not an object gets its own "invalid" result (the others are stored)
+    jobs: list[Any] = Field(min_length=1, max_length=1000, description="job specs (JSON objects)")
 
 
 class BatchItem(BaseModel):

@@ -7,7 +7,10 @@ from pydantic import BaseModel, Field
 
 
 class SchedulePreviewRequest(BaseModel):
-    learning_rate: float | dict[str, Any] = Field(description="a number or a schedule object as in a job spec")
+    learning_rate: Any = Field(
+        description="a number or a schedule object as in a job spec (validated as the engine does)",
+        json_schema_extra={"anyOf": [{"type": "number", "exclusiveMinimum": 0}, {"type": "object"}]},
+    )
     steps: int = Field(ge=1, le=200_000)
     steps_per_epoch: int | None = Field(None, ge=1, description="needed by schedules counted in epochs")
 

@@ -14,6 +14,7 @@ import pytest
 from safetensors.numpy import load as load_safetensors
 
 from training import preview_schedule
+from worker.reporter import HEARTBEAT_EVERY_S
 
 from .helpers import ROOT, long_spec, note_spec, wait_status
 
@@ -93,6 +94,11 @@ def test_cancel_a_running_job(client):
         time.sleep(0.1)
     beat = datetime.fromisoformat(cur["heartbeat_at"])
     assert abs((datetime.now(UTC) - beat).total_seconds()) < 15  # the worker keeps a heartbeat
+    # ... and it advances: two polls more than the heartbeat interval apart see two beats
+    time.sleep(HEARTBEAT_EVERY_S + 1.5)
+    later = client.job(job["id"])
+    assert later["status"] == "running"
+    assert datetime.fromisoformat(later["heartbeat_at"]) > beat, (cur["heartbeat_at"], later["heartbeat_at"])
     t0 = time.monotonic()
     assert client.cancel(job["id"])["cancel_requested"] is True
     done = wait_status(client, job["id"], ("succeeded", "failed", "cancelled"), timeout=30)

@@ -67,3 +67,36 @@ def test_serve_runs_a_job_and_stops_on_ctrl_c(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_serve_on_a_busy_port_says_so_and_exits_non_zero(tmp_path):
+    import http.server
+    import threading
+
+    class Ok(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - another server that answers 200 to anything
+            body = b'{"status": "ok"}'
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    other = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Ok)
+    port = other.server_address[1]
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINYARD_")}
+    env["PYTHONPATH"] = str(ROOT)
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "client.cli", "serve", "--port", str(port), "--data-dir", str(tmp_path / "data")],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+        )
+    finally:
+        other.shutdown()
+        other.server_close()
+    assert out.returncode != 0, out.stdout + out.stderr
+    assert "is running" not in out.stdout
+    assert f"port {port} is in use" in out.stderr and "--port" in out.stderr

@@ -8,6 +8,7 @@ import subprocess
 from datetime import timedelta
 from typing import Any
 
+import pytest
 from sqlalchemy import update
 
 from api.dispatch import Dispatcher
@@ -92,8 +93,9 @@ def test_lost_worker_job_is_requeued_and_resumes_from_its_snapshot(inproc_env):
         assert [m["epoch"] for m in repo.metrics(s, job_id)] == [1, 2, 3, 4]
 
 
-def test_worker_shutdown_requeues_the_running_job_and_the_next_worker_resumes_it(service_env, inproc_env, tmp_path):
-    env = {**service_env, "TRAINYARD_QUEUE_PREFIX": f"ty-{RUN_ID}-shutdown-"}
+@pytest.mark.parametrize("concurrency", [1, 2])  # 2: prefork, the job runs in a pool child
+def test_worker_shutdown_requeues_the_running_job_and_the_next_worker_resumes_it(service_env, inproc_env, tmp_path, concurrency):
+    env = {**service_env, "TRAINYARD_QUEUE_PREFIX": f"ty-{RUN_ID}-shutdown{concurrency}-"}
     settings = settings_from_env(env)
     with session_scope() as s:
         job_id = _job(s, long_spec(device="cpu"), settings.queue_name("cpu"))
@@ -102,7 +104,8 @@ def test_worker_shutdown_requeues_the_running_job_and_the_next_worker_resumes_it
     def start(n: int) -> subprocess.Popen[Any]:
         log = tmp_path / f"worker{n}.log"
         with log.open("wb") as f:
-            proc = subprocess.Popen(cli("worker", "--queues", "cpu", "--name", f"shutdown{n}"), env=env, cwd=ROOT,
+            proc = subprocess.Popen(cli("worker", "--queues", "cpu", "--concurrency", str(concurrency if n == 1 else 1),
+                                        "--name", f"shutdown{concurrency}-{n}"), env=env, cwd=ROOT,
                                     stdout=f, stderr=subprocess.STDOUT)
         wait_for_log(log, " ready.", proc)
         return proc
