@@ -53,7 +53,8 @@ PositiveInt = Annotated[int, Field(ge=1)]
 class StrictModel(BaseModel):
     """Base: unknown fields are errors that list the allowed ones; NaN/Infinity are refused."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, populate_by_name=True, validate_default=False)
+    # strict: JSON types only (no "5" for 5, no true for 1); ints are still accepted for floats.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, populate_by_name=True, validate_default=False, strict=True)
     extra_aliases: ClassVar[tuple[str, ...]] = ()
 
     @model_validator(mode="before")
@@ -136,7 +137,7 @@ class Dense(_Weighted):
     units: int = Field(ge=1, le=65536)
 
 
-IntPair = int | tuple[int, int]
+IntPair = int | Annotated[list[int], Field(min_length=2, max_length=2)]
 
 
 class Conv2D(_Weighted):
@@ -386,7 +387,7 @@ def _lr_kind(v: Any) -> str:
 
 
 LearningRate = Annotated[
-    Annotated[float, Tag(_LR_TAGS[0]), Field(gt=0)] | Annotated[Schedule, Tag(_LR_TAGS[1])],
+    Annotated[float, Tag(_LR_TAGS[0]), Field(gt=0, allow_inf_nan=False, strict=True)] | Annotated[Schedule, Tag(_LR_TAGS[1])],
     Discriminator(_lr_kind),
 ]
 _LR_ADAPTER: TypeAdapter[Any] = TypeAdapter(LearningRate)

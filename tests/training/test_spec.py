@@ -405,3 +405,30 @@ def test_json_schema_is_valid_and_accepts_the_example():
     bad = example()
     bad["data"]["batchsize"] = 3
     assert list(validator.iter_errors(bad)), "the schema should forbid unknown fields too"
+
+
+@pytest.mark.parametrize(
+    "path, value",
+    [(("epochs",), True), (("seed",), "5"), (("data", "batch_size"), 64.5), (("optimizer", "learning_rate"), True),
+     (("data", "shuffle"), "yes")],
+)
+def test_json_types_are_strict(path, value):
+    """No silent coercion: true is not 1, "5" is not 5."""
+    spec = copy.deepcopy(EXAMPLE)
+    target = spec
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    with pytest.raises(SpecError) as info:
+        validate_spec(spec)
+    assert any(e["path"] == ".".join(path) for e in info.value.errors), info.value.errors
+
+
+def test_integers_are_accepted_for_float_fields():
+    spec = copy.deepcopy(EXAMPLE)
+    spec["optimizer"]["learning_rate"] = 1
+    spec["data"]["validation_split"] = 0
+    spec["callbacks"]["early_stopping"]["monitor"] = "loss"
+    spec["callbacks"]["model_checkpoint"]["monitor"] = "loss"
+    job = validate_spec(spec)
+    assert job.optimizer.learning_rate == 1.0 and isinstance(job.optimizer.learning_rate, float)
