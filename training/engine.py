@@ -419,14 +419,14 @@ class _Run:
             if is_best:
                 self._pending_checkpoint = ({k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}, meta)
             return
-        ckpt = self._make_checkpoint(self.model.state_dict(), meta)
+        ckpt = self._make_checkpoint(self.model.state_dict(), meta, is_best)
         if is_best:
             self.best_checkpoint = ckpt
         self.reporter.on_checkpoint(ckpt)
 
-    def _make_checkpoint(self, weights: dict[str, torch.Tensor], meta: dict[str, Any]) -> Checkpoint:
+    def _make_checkpoint(self, weights: dict[str, torch.Tensor], meta: dict[str, Any], is_best: bool = True) -> Checkpoint:
         data = weights_to_bytes(weights, meta)
-        return Checkpoint(meta["epoch"], meta["step"], meta["monitor"], meta["value"], data, sha256(data))
+        return Checkpoint(meta["epoch"], meta["step"], meta["monitor"], meta["value"], data, sha256(data), is_best)
 
     def final_checkpoint(self) -> Checkpoint | None:
         if self._pending_checkpoint is not None:
@@ -457,7 +457,10 @@ class _Run:
         self.history.append(logs)
         self.epoch += 1
         self.reporter.on_epoch(dict(logs))
-        if self.stop_reason is None and self.epoch < self.spec.epochs and self.has_reporter and self.snapshot_due():
+        if (
+            self.stop_reason is None and self.epoch < self.spec.epochs and self.has_reporter and self.snapshot_due()
+            and getattr(self.reporter, "wants_snapshot", lambda: True)()
+        ):
             data = self.snapshot()
             self.reporter.on_snapshot(Snapshot(self.epoch, self.step, data, sha256(data)))
 

@@ -21,6 +21,7 @@ class Checkpoint:
     value: float | None
     data: bytes
     sha256: str
+    is_best: bool = True  # the run's best so far (save_best_only false also reports non-best saves)
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class Reporter(Protocol):
     def on_epoch(self, metrics: dict[str, float]) -> None: ...
     def on_checkpoint(self, checkpoint: Checkpoint) -> None: ...
     def on_snapshot(self, snapshot: Snapshot) -> None: ...
+    def wants_snapshot(self) -> bool: ...
 
 
 class BaseReporter:
@@ -57,6 +59,11 @@ class BaseReporter:
 
     def on_snapshot(self, snapshot: Snapshot) -> None:
         pass
+
+    def wants_snapshot(self) -> bool:
+        """Asked at each epoch end before a snapshot is built (serializing costs ~1 ms for a
+        small model): return False to skip this one."""
+        return True
 
 
 @dataclass

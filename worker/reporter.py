@@ -3,7 +3,6 @@ stores checkpoints and resume snapshots, and answers ``should_stop`` from the da
 
 from __future__ import annotations
 
-import math
 import multiprocessing
 import time
 from typing import Any
@@ -44,6 +43,7 @@ SHUTDOWN = SharedFlag()
 
 #: The heartbeat is written at least this often while a job runs (with every metrics batch too).
 HEARTBEAT_EVERY_S = 5.0
+SNAPSHOT_BUILD_EVERY_S = 1.0
 
 
 def json_safe(value: Any) -> Any:
@@ -59,18 +59,11 @@ def json_safe(value: Any) -> Any:
     return str(value)
 
 
-def monitor_mode(mode: str, monitor: str | None) -> str:
-    """The engine's ``auto`` (training.callbacks.resolve_mode): max for acc/auc names, else min."""
-    from training.callbacks import resolve_mode
-
-    return resolve_mode(monitor or "", mode if mode in ("min", "max") else "auto")
-
-
 class DbReporter(BaseReporter):
     """Writes what the engine reports. Every ``flush_interval_s`` at most one transaction writes
     the buffered epochs, bumps the heartbeat and reads the cancel flag."""
 
-    def __init__(self, job_id: str, settings: Settings, spec: dict[str, Any]) -> None:
+    def __init__(self, job_id: str, settings: Settings) -> None:
         self.job_id = job_id
         self.settings = settings
         self.buffer: list[dict[str, Any]] = []
@@ -80,13 +73,8 @@ class DbReporter(BaseReporter):
         self.last_heartbeat = 0.0
         self.last_snapshot: float | None = None
         self.pending_snapshot: Snapshot | None = None
-        cb = (spec.get("callbacks") or {}).get("model_checkpoint") or {}
-        # Without a model_checkpoint callback the engine saves only improvements (its default).
-        self.save_best_only = bool(cb.get("save_best_only", False)) if cb else True
-        self.mode = monitor_mode(cb.get("mode", "auto"), cb.get("monitor"))
-        threshold = cb.get("initial_value_threshold")
-        self.best_value: float | None = float(threshold) if threshold is not None else None
-        self.has_best = False
+        self.pending_checkpoints: list[Checkpoint] = []
+        self.last_built: float | None = None
         self.epochs_seen = 0
 
     # -- engine callbacks
@@ -101,27 +89,20 @@ class DbReporter(BaseReporter):
             self.flush()
 
     def on_checkpoint(self, checkpoint: Checkpoint) -> None:
-        # The engine's rule (training.engine._save_checkpoint): a save is the run's best when the
-        # monitored value improved (finite, and better than the best so far or the initial
-        # threshold), or when it is the first save. Mirrored here so the bytes of the engine's
-        # best are the ones kept.
-        value = checkpoint.value
-        improved = (
-            value is not None and isinstance(value, int | float) and math.isfinite(value)
-            and (self.best_value is None or (value < self.best_value if self.mode == "min" else value > self.best_value))
-        )
-        if improved:
-            self.best_value = float(value)  # type: ignore[arg-type]
-        is_best = self.save_best_only or improved or not self.has_best
-        self.has_best = True
-        with session_scope() as s:
-            repo.add_checkpoint(
-                s, self.job_id, epoch=checkpoint.epoch, step=checkpoint.step, monitor=checkpoint.monitor,
-                value=value, data=checkpoint.data, sha256=checkpoint.sha256, is_best=is_best,
-            )
+        # Buffered: written in the next flush's transaction (at most every flush interval, and
+        # always at the end of the run), not one transaction per save.
+        self.pending_checkpoints.append(checkpoint)
+        if time.monotonic() - self.last_flush >= self.settings.flush_interval_s:
+            self.flush()
+
+    def wants_snapshot(self) -> bool:
+        """Build a snapshot at most every SNAPSHOT_BUILD_EVERY_S of training (an epoch end
+        always qualifies after that): a clean shutdown then redoes at most that much work."""
+        return self.last_built is None or time.monotonic() - self.last_built >= SNAPSHOT_BUILD_EVERY_S
 
     def on_snapshot(self, snapshot: Snapshot) -> None:
         now = time.monotonic()
+        self.last_built = now
         if self.last_snapshot is not None and now - self.last_snapshot < self.settings.snapshot_interval_s:
             self.pending_snapshot = snapshot  # written only if the job must be resumed
             return
@@ -153,7 +134,7 @@ class DbReporter(BaseReporter):
         """Write buffered epochs + heartbeat (+ info once) and read the cancel flag. With nothing
         to write and a recent heartbeat, only the cancel flag is read."""
         now = time.monotonic()
-        if not self.buffer and self.info is None and now - self.last_heartbeat < HEARTBEAT_EVERY_S:
+        if not self.buffer and not self.pending_checkpoints and self.info is None and now - self.last_heartbeat < HEARTBEAT_EVERY_S:
             with session_scope(write=False) as s:
                 self.cancelled = repo.is_cancel_requested(s, self.job_id) or self.cancelled
             self.last_flush = time.monotonic()
@@ -161,11 +142,19 @@ class DbReporter(BaseReporter):
         self.last_heartbeat = now
         batch, self.buffer = self.buffer, []
         info, self.info = self.info, None
+        checkpoints, self.pending_checkpoints = self.pending_checkpoints, []
         try:
             with session_scope() as s:
+                for c in checkpoints:
+                    repo.add_checkpoint(
+                        s, self.job_id, epoch=c.epoch, step=c.step, monitor=c.monitor,
+                        value=c.value, data=c.data, sha256=c.sha256, is_best=c.is_best,
+                    )
                 self.cancelled = repo.record_progress(s, self.job_id, batch, info=info) or self.cancelled
         except Exception:
             self.buffer = batch + self.buffer  # keep them for the next try
+            self.pending_checkpoints = checkpoints + self.pending_checkpoints
+            self.info = self.info or info
             raise
         finally:
             self.last_flush = time.monotonic()

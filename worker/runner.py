@@ -64,7 +64,7 @@ def run_job(job_id: str, settings: Settings | None = None) -> str:
         snapshot = repo.get_snapshot(s, job_id) if attempt > 1 else None
         resume_from = snapshot.data if snapshot is not None else None
 
-    reporter = DbReporter(job_id, settings, spec_dict)
+    reporter = DbReporter(job_id, settings)
     try:
         from training import SpecError, TrainingError
 
