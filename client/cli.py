@@ -338,16 +338,7 @@ def _supervise(procs: dict[str, subprocess.Popen[Any]], grace: float = 30.0) -> 
                 break
             time.sleep(0.2)
     finally:
-        for p in procs.values():
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        for p in procs.values():
-            try:
-                p.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        _stop_all(procs, grace)
         for s, h in old.items():
             signal.signal(s, h)
     return code

@@ -443,8 +443,9 @@ class _Run:
         logs["seconds"] = time.perf_counter() - started
         epoch = self.epoch
         if self.plateau is not None:
-            new_lr = self.plateau.on_epoch_end(logs, self._current_lr(self.step))
-            if new_lr != self._current_lr(self.step):
+            current_lr = self._current_lr(self.step)
+            new_lr = self.plateau.on_epoch_end(logs, current_lr)
+            if new_lr != current_lr:
                 self.plateau_lr = new_lr
         if self.early is not None:
             decision = self.early.on_epoch_end(epoch, logs)
