@@ -51,10 +51,73 @@ def _now_default() -> Any:
     return func.now()
 
 
+DEFAULT_PROJECT = "default"  # the project of embedded mode and of rows made before 0003
+
+
+class Project(Base):
+    """Who owns jobs, datasets and sweeps. API keys belong to one project and see only it."""
+
+    __tablename__ = "projects"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    # per-project limits (NULL: the service-wide default from Settings)
+    max_concurrent_jobs: Mapped[int | None] = mapped_column(Integer)
+    requests_per_minute: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class ApiKey(Base):
+    """A bearer token, stored as its sha256 only; ``prefix`` (the first characters of the
+    token) is what ``keys list`` shows."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str | None] = mapped_column(String(200))
+    prefix: Mapped[str] = mapped_column(String(16))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Sweep(Base):
+    """A hyperparameter search whose trials are ordinary jobs (``jobs.sweep_id``)."""
+
+    __tablename__ = "sweeps"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id"), index=True)
+    name: Mapped[str] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(16), index=True)  # running | succeeded | failed | cancelled
+    method: Mapped[str] = mapped_column(String(16))
+    config: Mapped[dict[str, Any]] = mapped_column(JSON)  # the validated request (base spec, space, ...)
+    objective_metric: Mapped[str] = mapped_column(String(100))
+    objective_mode: Mapped[str] = mapped_column(String(8))
+    max_trials: Mapped[int] = mapped_column(Integer)
+    max_concurrent: Mapped[int] = mapped_column(Integer)
+    trials_created: Mapped[int] = mapped_column(Integer, default=0)
+    best_job_id: Mapped[str | None] = mapped_column(String(32))
+    best_value: Mapped[str | None] = mapped_column(String(40))  # encoded float (store.floats)
+    stop_reason: Mapped[str | None] = mapped_column(String(32))
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
 class Job(Base):
     __tablename__ = "jobs"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    project_id: Mapped[str] = mapped_column(
+        ForeignKey("projects.id"), index=True, default=DEFAULT_PROJECT, server_default=DEFAULT_PROJECT
+    )
+    sweep_id: Mapped[str | None] = mapped_column(ForeignKey("sweeps.id", ondelete="CASCADE"), index=True)
+    trial_number: Mapped[int | None] = mapped_column(Integer)  # 0-based trial number within its sweep
+    trial_params: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # {"optimizer.learning_rate": 0.01, ...}
     name: Mapped[str] = mapped_column(String(200), index=True)
     status: Mapped[str] = mapped_column(String(16), index=True)
     queue: Mapped[str] = mapped_column(String(100))
@@ -71,6 +134,9 @@ class Job(Base):
     best_value: Mapped[str | None] = mapped_column(String(40))  # encoded float (store.floats)
     best_epoch: Mapped[int | None] = mapped_column(Integer)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=3, server_default="3")
+    # fencing token: bumped by every claim; a worker's writes only apply while it still holds it
+    lease_token: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     worker: Mapped[str | None] = mapped_column(String(200))
     info: Mapped[dict[str, Any] | None] = mapped_column(JSON)
@@ -142,12 +208,29 @@ class Snapshot(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
+class Outbox(Base):
+    """Jobs committed but not yet handed to the broker (written in the job's transaction, deleted
+    once sent): a broker outage delays jobs, it does not lose or fail them."""
+
+    __tablename__ = "outbox"
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    queue: Mapped[str] = mapped_column(String(100))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
 class Dataset(Base):
     """An uploaded array dataset, stored as ``.npz`` (x, y) under the data directory."""
 
     __tablename__ = "datasets"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    project_id: Mapped[str] = mapped_column(
+        ForeignKey("projects.id"), index=True, default=DEFAULT_PROJECT, server_default=DEFAULT_PROJECT
+    )
     name: Mapped[str] = mapped_column(String(200))
     filename: Mapped[str] = mapped_column(String(300))  # as uploaded
     format: Mapped[str] = mapped_column(String(8))  # "npz" | "csv"

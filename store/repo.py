@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session, defer
 from store.floats import encode_metrics, to_text
 from store.ids import new_id
 from store.models import (
+    DEFAULT_PROJECT,
     TERMINAL_STATUSES,
     Checkpoint,
     Dataset,
@@ -51,18 +52,28 @@ def to_utc(dt: datetime) -> datetime:
 
 
 def create_jobs(
-    session: Session, items: Sequence[tuple[dict[str, Any], str, str | None]], *, idempotency_hash: str | None = None
+    session: Session,
+    items: Sequence[tuple[dict[str, Any], str, str | None]],
+    *,
+    project_id: str = DEFAULT_PROJECT,
+    idempotency_hash: str | None = None,
+    sweep_id: str | None = None,
+    trials: Sequence[tuple[int, dict[str, Any]]] | None = None,
 ) -> list[Job]:
     """Insert queued jobs from ``(spec, queue, idempotency_key)`` items, each with its first state
-    event, in one flush (ids are made here, so no round trip per row)."""
+    event, in one flush (ids are made here, so no round trip per row). ``trials`` gives each item's
+    ``(trial_number, trial_params)`` when the jobs are trials of sweep ``sweep_id``."""
     now = utcnow()
     jobs = [
         Job(
-            id=new_id(), name=str(spec.get("name") or "job"), status="queued", queue=queue, spec=spec,
-            idempotency_key=key, idempotency_hash=idempotency_hash if key else None, epoch=0, epochs=int(spec.get("epochs") or 1), attempts=0,
-            cancel_requested=False, created_at=now, updated_at=now,
+            id=new_id(), project_id=project_id, name=str(spec.get("name") or "job"), status="queued", queue=queue,
+            spec=spec, idempotency_key=key, idempotency_hash=idempotency_hash if key else None, epoch=0,
+            epochs=int(spec.get("epochs") or 1), attempts=0, cancel_requested=False, created_at=now, updated_at=now,
+            sweep_id=sweep_id,
+            trial_number=trials[i][0] if trials else None,
+            trial_params=trials[i][1] if trials else None,
         )
-        for spec, queue, key in items
+        for i, (spec, queue, key) in enumerate(items)
     ]
     session.add_all(jobs)
     session.flush()
@@ -73,11 +84,13 @@ def create_jobs(
 
 def create_job(
     session: Session, *, spec: dict[str, Any], queue: str, idempotency_key: str | None = None,
-    idempotency_hash: str | None = None,
+    idempotency_hash: str | None = None, project_id: str = DEFAULT_PROJECT,
 ) -> Job:
     """Insert one queued job (see :func:`create_jobs`); ``idempotency_hash`` is the digest of the
     request body sent with ``idempotency_key``."""
-    return create_jobs(session, [(spec, queue, idempotency_key)], idempotency_hash=idempotency_hash)[0]
+    return create_jobs(
+        session, [(spec, queue, idempotency_key)], project_id=project_id, idempotency_hash=idempotency_hash
+    )[0]
 
 
 def request_hash(body: Any) -> str:

@@ -11,7 +11,10 @@ from store.db import make_engine
 from store.migrate import downgrade, upgrade
 from store.models import Base
 
-TABLES = {"jobs", "job_metrics", "job_events", "checkpoints", "snapshots", "datasets", "alembic_version"}
+TABLES = {
+    "jobs", "job_metrics", "job_events", "checkpoints", "snapshots", "datasets", "alembic_version",
+    "projects", "api_keys", "sweeps", "outbox",
+}
 
 
 def _check_roundtrip(url: str) -> None:
@@ -23,7 +26,7 @@ def _check_roundtrip(url: str) -> None:
         with engine.connect() as conn:
             diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata)
             assert diff == [], f"migrations and models disagree: {diff}"
-            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0002"
+            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0003"
         downgrade(url, "base")
         assert set(inspect(engine).get_table_names()) <= {"alembic_version"}
         upgrade(url)
