@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, FastAPI
-from fastapi.exceptions import RequestValidationError
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
 
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from api.deps import current_project, known_query_parameters, operations_of
 from api.dispatch import Dispatcher
 from api.errors import SpecProblem, request_validation_handler, spec_problem_handler
+from api.limits import BodyLimitMiddleware, RateLimiter
 from api.prom import make_registry
-from api.routers import catalog, datasets, health, jobs, schedules
+from api.routers import catalog, datasets, health, jobs, schedules, sweeps
+from api.schemas.common import ErrorResponse
 from store.settings import Settings, get_settings
 
 DESCRIPTION = """JSON job specs in, PyTorch training on Celery workers, metrics and best checkpoints out.
@@ -18,18 +27,58 @@ Metric values that are not finite are served as the strings `"NaN"`, `"Infinity"
 the JSON `path` at fault."""
 
 
+AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorResponse, "description": "no API key, or an invalid or revoked one"},
+    413: {"model": ErrorResponse, "description": "the request body is over the size limit"},
+    429: {"model": ErrorResponse, "description": "the project's request rate or concurrent-jobs limit; see Retry-After"},
+}
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    # the outbox relay and the reconciler of lost jobs run for as long as the app does
+    app.state.dispatcher.start_background()
+    try:
+        yield
+    finally:
+        app.state.dispatcher.stop_background()
+
+
+async def _http_exception(request: Request, exc: StarletteHTTPException) -> Response:
+    """FastAPI's own rendering, except that a 405 lists in ``Allow`` every method the path
+    supports (Starlette lists only those of the first route that matched the path)."""
+    if exc.status_code == 405:
+        allowed = _allowed_methods(request.app, request.url.path)
+        if allowed:
+            exc = StarletteHTTPException(405, exc.detail, headers={**(exc.headers or {}), "Allow": ", ".join(allowed)})
+    return await http_exception_handler(request, exc)
+
+
+def _allowed_methods(app: FastAPI, path: str) -> list[str]:
+    return sorted(operations_of(app, path) or ())
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app (nothing is built at import time)."""
     settings = settings or get_settings()
-    app = FastAPI(title="Trainyard", version="1.0", description=DESCRIPTION)
+    app = FastAPI(title="Trainyard", version="1.0", description=DESCRIPTION, lifespan=_lifespan)
     app.state.settings = settings
     app.state.dispatcher = Dispatcher(settings)
     app.state.registry = make_registry(app.state.dispatcher)
     app.add_exception_handler(RequestValidationError, request_validation_handler)  # type: ignore[arg-type]
     app.add_exception_handler(SpecProblem, spec_problem_handler)  # type: ignore[arg-type]
-    v1 = APIRouter(prefix="/v1")
-    for module in (jobs, schedules, catalog, datasets):
+    app.add_exception_handler(StarletteHTTPException, _http_exception)  # type: ignore[arg-type]
+    app.state.rate_limiter = RateLimiter()
+    app.add_middleware(BodyLimitMiddleware, settings=settings)  # type: ignore[arg-type]
+    # every /v1 route needs the caller's project: the key check (401) and rate limit (429) run first
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(current_project), Depends(known_query_parameters)],
+                   responses=AUTH_RESPONSES)
+    for module in (jobs, schedules, catalog, datasets, sweeps):
         v1.include_router(module.router)
     app.include_router(v1)
+    # the polled routes resolve the key in their own query (one round trip): not current_project
+    v1_polls = APIRouter(prefix="/v1", dependencies=[Depends(known_query_parameters)], responses=AUTH_RESPONSES)
+    v1_polls.include_router(jobs.poll_router)
+    app.include_router(v1_polls)
     app.include_router(health.router)
     return app

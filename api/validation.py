@@ -8,6 +8,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from api.limits import spec_limit_errors
 from store import repo
 from store.settings import Settings
 from training import SpecError, validate_spec
@@ -15,13 +16,14 @@ from training import data as data_mod
 from training.data import DatasetInfo
 
 
-def dataset_resolver(session: Session) -> Callable[[str], DatasetInfo | None]:
-    """Map a stored dataset id to its DatasetInfo (None if there is no such dataset)."""
+def dataset_resolver(session: Session, project_id: str | None = None) -> Callable[[str], DatasetInfo | None]:
+    """Map a stored dataset id to its DatasetInfo (None if there is no such dataset, or it is
+    not in ``project_id`` when given)."""
 
     def resolve(dataset_id: str) -> DatasetInfo | None:
         if len(dataset_id) != 32:
             return None
-        ds = repo.get_dataset(session, dataset_id)
+        ds = repo.get_dataset(session, dataset_id, project_id)
         if ds is None:
             return None
         return DatasetInfo(
@@ -44,11 +46,31 @@ def _err(loc: list[Any], msg: str, type_: str = "value_error") -> dict[str, Any]
     return {"loc": loc, "path": json_path(loc), "msg": msg, "type": type_}
 
 
+def nul_errors(value: Any, loc: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+    """An error for every string (key or value) holding a NUL character: no database text column
+    can store one (PostgreSQL refuses it), so it is a 422 here rather than a 500 at the INSERT."""
+    out: list[dict[str, Any]] = []
+    if isinstance(value, str):
+        if "\x00" in value:
+            out.append(_err(list(loc), "text may not contain NUL characters (\\u0000)", "string_nul"))
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            if isinstance(k, str) and "\x00" in k:
+                out.append(_err([*loc, k], "a field name may not contain NUL characters (\\u0000)", "string_nul"))
+            out += nul_errors(v, (*loc, k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            out += nul_errors(v, (*loc, i))
+    return out
+
+
 def check_job_spec(raw: Any, resolver: Callable[[str], DatasetInfo | None], settings: Settings) -> ValidSpec:
     """Validate a submitted spec; raise SpecError listing every problem with its JSON path."""
     if not isinstance(raw, dict):
         raise SpecError([_err([], f"a job spec must be a JSON object, got {type(raw).__name__}", "dict_type")])
-    errors: list[dict[str, Any]] = []
+    errors: list[dict[str, Any]] = nul_errors(raw)
+    if errors:
+        raise SpecError(errors)
     data = raw.get("data")
     if isinstance(data, dict) and data.get("path") is not None:
         errors.append(_err(
@@ -61,6 +83,14 @@ def check_job_spec(raw: Any, resolver: Callable[[str], DatasetInfo | None], sett
         spec = validate_spec(raw, datasets=resolver)
     except SpecError as exc:
         raise SpecError(errors + exc.errors) from None
+    # the service's limits (epochs, layers, batch size, dataset size, parameter count: api/limits.py)
+    info = resolver(spec.data.dataset) if spec.data.dataset not in data_mod.BUILTIN_DATASETS else None
+    if info is None and spec.data.dataset in data_mod.BUILTIN_DATASETS:
+        try:
+            info = data_mod.describe(spec.data, spec.seed)
+        except data_mod.DataError:
+            info = None
+    errors += spec_limit_errors(spec, info, settings)
     if spec.data.dataset not in data_mod.BUILTIN_DATASETS:
         # A stored dataset is a file dataset: check the options that do not apply to files.
         probe = spec.data.model_copy(update={"path": "stored.npz"})

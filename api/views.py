@@ -19,7 +19,8 @@ def _summary_fields(job: Job) -> dict:
         attempts=job.attempts, cancel_requested=job.cancel_requested, worker=job.worker, steps=job.steps,
         run_seconds=job.run_seconds, created_at=as_utc(job.created_at), started_at=as_utc(job.started_at),
         finished_at=as_utc(job.finished_at), heartbeat_at=as_utc(job.heartbeat_at),
-        updated_at=as_utc(job.updated_at),
+        updated_at=as_utc(job.updated_at), sweep_id=job.sweep_id, trial_number=job.trial_number,
+        trial_params=job.trial_params,
     )
 
 

@@ -36,11 +36,15 @@ def format_detail(detail: Any) -> str:
 
 
 class Client:
-    """Talks to one Trainyard server (``url`` or ``$TRAINYARD_URL`` or http://127.0.0.1:8000)."""
+    """Talks to one Trainyard server (``url`` or ``$TRAINYARD_URL`` or http://127.0.0.1:8000),
+    sending ``api_key`` (or ``$TRAINYARD_API_KEY``) as ``Authorization: Bearer <key>``."""
 
-    def __init__(self, url: str | None = None, *, timeout: float = 30.0, transport: httpx.BaseTransport | None = None):
+    def __init__(self, url: str | None = None, *, api_key: str | None = None, timeout: float = 30.0,
+                 transport: httpx.BaseTransport | None = None):
         self.url = (url or os.environ.get("TRAINYARD_URL") or DEFAULT_URL).rstrip("/")
-        self._http = httpx.Client(base_url=self.url, timeout=timeout, transport=transport)
+        key = api_key or os.environ.get("TRAINYARD_API_KEY") or None
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self._http = httpx.Client(base_url=self.url, timeout=timeout, transport=transport, headers=headers)
 
     def close(self) -> None:
         self._http.close()
@@ -74,8 +78,10 @@ class Client:
         return self._json("POST", "/v1/jobs/batch", json={"jobs": specs})  # type: ignore[no-any-return]
 
     def jobs(self, *, status: list[str] | None = None, name: str | None = None, limit: int = 50,
-             cursor: str | None = None) -> dict[str, Any]:
+             cursor: str | None = None, sweep_id: str | None = None) -> dict[str, Any]:
         params: dict[str, Any] = {"limit": limit}
+        if sweep_id:
+            params["sweep_id"] = sweep_id
         if status:
             params["status"] = status
         if name:
@@ -152,6 +158,37 @@ class Client:
                 return job
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} still {job['status']} after {timeout} s")
+            time.sleep(poll)
+
+    # -- sweeps
+    def create_sweep(self, sweep: dict[str, Any]) -> dict[str, Any]:
+        """Start a sweep (see POST /v1/sweeps); returns it with its first trials."""
+        return self._json("POST", "/v1/sweeps", json=sweep)  # type: ignore[no-any-return]
+
+    def sweep(self, sweep_id: str) -> dict[str, Any]:
+        """A sweep with its trials, ``best_trial`` and ``leaderboard``."""
+        return self._json("GET", f"/v1/sweeps/{sweep_id}")  # type: ignore[no-any-return]
+
+    def sweeps(self, *, status: list[str] | None = None, limit: int = 50, cursor: str | None = None) -> dict[str, Any]:
+        params: dict[str, Any] = {"limit": limit}
+        if status:
+            params["status"] = status
+        if cursor:
+            params["cursor"] = cursor
+        return self._json("GET", "/v1/sweeps", params=params)  # type: ignore[no-any-return]
+
+    def cancel_sweep(self, sweep_id: str) -> dict[str, Any]:
+        return self._json("POST", f"/v1/sweeps/{sweep_id}/cancel")  # type: ignore[no-any-return]
+
+    def wait_sweep(self, sweep_id: str, *, poll: float = 1.0, timeout: float | None = None) -> dict[str, Any]:
+        """Poll until the sweep ends (succeeded, failed or cancelled); returns it."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            sweep = self.sweep(sweep_id)
+            if sweep["status"] != "running":
+                return sweep
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"sweep {sweep_id} still running after {timeout} s")
             time.sleep(poll)
 
     # -- the rest

@@ -1,6 +1,6 @@
 """The ``trainyard`` command line.
 
-Client commands (submit, jobs, show, watch, cancel, download) talk HTTP through
+Client commands (submit, jobs, show, watch, cancel, download, sweep, sweeps, sweep-cancel) talk HTTP through
 :class:`client.api.Client` (``--url`` / ``$TRAINYARD_URL``). Server commands (serve, migrate,
 api, worker) start processes; they import the server packages lazily, so the client stays light.
 """
@@ -25,6 +25,16 @@ app = typer.Typer(help="Trainyard: submit, follow and fetch training jobs; run t
                   pretty_exceptions_enable=False, add_completion=False)
 
 UrlOpt = Annotated[str | None, typer.Option("--url", envvar="TRAINYARD_URL", help="API base URL [default: http://127.0.0.1:8000]")]
+
+
+@app.callback()
+def _options(
+    api_key: Annotated[str | None, typer.Option(
+        "--api-key", envvar="TRAINYARD_API_KEY", show_envvar=True,
+        help="API key sent as 'Authorization: Bearer <key>' by the client commands")] = None,
+) -> None:
+    if api_key:
+        os.environ["TRAINYARD_API_KEY"] = api_key  # what Client reads (this process only)
 
 
 def _client(url: str | None) -> Client:
@@ -248,6 +258,102 @@ def download(
     typer.echo(f"{output}  sha256 {digest}")
 
 
+def _leaderboard_table(sweep: dict[str, Any], top: int = 15) -> Any:
+    from rich.table import Table
+
+    counts = sweep["counts"]
+    obj = sweep["objective"]
+    title = (
+        f"sweep {sweep['name']} ({sweep['id'][:12]}…): {sweep['status']}"
+        + (f" - {sweep['error']}" if sweep.get("error") else "")
+        + f"  |  {counts['total']}/{sweep['max_trials']} trials: {counts['running']} running, {counts['queued']} queued, "
+        f"{counts['succeeded']} done ({counts['pruned']} pruned), {counts['failed']} failed, {counts['cancelled']} cancelled"
+    )
+    names = list(sweep["config"].get("parameters", {}))
+    t = Table("#", "trial", f"{obj['metric']} ({obj['mode']})", "epochs", "status", *names, title=title)
+    shown = sweep["leaderboard"][:top]
+    shown_ids = {r["job_id"] for r in shown}
+    live = [r for r in sweep["trials"] if r["status"] in ("running", "queued") and r["job_id"] not in shown_ids]
+    for rank, r in enumerate(shown + live, 1):
+        status = r["status"] + (f" ({r['stop_reason']})" if r.get("stop_reason") and r["stop_reason"] != "completed" else "")
+        t.add_row(
+            str(rank) if r in shown else "", str(r["number"]), _fmt(r.get("value")), f"{r['epochs_run']}/{r['epochs']}",
+            status, *(_fmt(r["params"].get(n)) for n in names),
+        )
+    return t
+
+
+@app.command()
+def sweep(
+    file: Annotated[Path, typer.Argument(help="a JSON sweep: {name, base, method, parameters, objective, ...}")],
+    wait: Annotated[bool, typer.Option("--wait", help="follow the sweep with a live leaderboard until it ends")] = False,
+    url: UrlOpt = None,
+) -> None:
+    """Start a hyperparameter sweep. Exit status: 0 when accepted (with --wait: when it succeeded)."""
+    try:
+        body = json.loads(file.read_text())
+    except (OSError, ValueError) as exc:
+        raise _fail(f"{file}: cannot read a JSON sweep: {exc}", 2) from None
+    with _client(url) as c:
+        try:
+            sw = c.create_sweep(body)
+        except TrainyardError as exc:
+            raise _fail(f"{file}: {exc}", 2) from None
+        typer.echo(f"{sw['id']}  {file}  ({sw['method']}, up to {sw['max_trials']} trials)")
+        if not wait:
+            raise typer.Exit(0)
+        from rich.live import Live
+
+        with Live(_leaderboard_table(sw), console=_console(), refresh_per_second=2) as live:
+            while sw["status"] == "running":
+                time.sleep(1.0)
+                try:
+                    sw = c.sweep(sw["id"])
+                except TrainyardError as exc:
+                    raise _fail(f"trainyard: {exc}") from None
+                live.update(_leaderboard_table(sw))
+    best = sw.get("best_trial")
+    if best:
+        typer.echo(f"best: trial {best['number']} (job {best['job_id']}) {sw['objective']['metric']}={_fmt(best['value'], 6)} "
+                   f"params {json.dumps(best['params'])}")
+    raise typer.Exit(0 if sw["status"] == "succeeded" else 1)
+
+
+@app.command()
+def sweeps(
+    limit: Annotated[int, typer.Option(help="how many (newest first)")] = 20,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    url: UrlOpt = None,
+) -> None:
+    """List sweeps, newest first."""
+    try:
+        with _client(url) as c:
+            page = c.sweeps(limit=limit)
+    except TrainyardError as exc:
+        raise _fail(f"trainyard: {exc}") from None
+    if as_json:
+        typer.echo(json.dumps(page, indent=2))
+        return
+    from rich.table import Table
+
+    t = Table("id", "name", "method", "status", "trials", "best", "created")
+    for s in page["sweeps"]:
+        t.add_row(s["id"], s["name"], s["method"], s["status"], f"{s['trials_created']}/{s['max_trials']}",
+                  f"{s['objective']['metric']}={_fmt(s.get('best_value'))}", s["created_at"][:19])
+    _console().print(t)
+
+
+@app.command("sweep-cancel")
+def sweep_cancel(sweep_id: str, url: UrlOpt = None) -> None:
+    """Cancel a sweep: no new trials; its queued and running trials are cancelled."""
+    try:
+        with _client(url) as c:
+            sw = c.cancel_sweep(sweep_id)
+    except TrainyardError as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(f"{sw['id']}  {sw['status']}")
+
+
 # --------------------------------------------------------------------------- server commands
 
 
@@ -289,7 +395,14 @@ def api(
     port: Annotated[int, typer.Option()] = 8000,
     workers: Annotated[int, typer.Option(help="uvicorn worker processes")] = 1,
 ) -> None:
-    """Run the HTTP API (uvicorn) against $TRAINYARD_DATABASE_URL and $TRAINYARD_BROKER_URL."""
+    """Run the HTTP API (uvicorn) against $TRAINYARD_DATABASE_URL and $TRAINYARD_BROKER_URL.
+    Every /v1 request needs an API key ('trainyard keys create') unless TRAINYARD_AUTH=off."""
+    from store.settings import get_settings
+
+    if get_settings().auth == "off":
+        typer.echo("trainyard: TRAINYARD_AUTH=off: no API keys; every caller is in the default project", err=True)
+    else:
+        typer.echo("trainyard: API keys required (create one with 'trainyard keys create --project NAME')", err=True)
     argv = _python("-m", "uvicorn", "api.app:create_app", "--factory", "--host", host, "--port", str(port),
                    "--workers", str(workers), "--no-access-log")
     os.execv(argv[0], argv)
@@ -349,9 +462,14 @@ def serve(
     host: Annotated[str, typer.Option(help="interface to bind")] = "127.0.0.1",
     port: Annotated[int, typer.Option()] = 8000,
     data_dir: Annotated[Path, typer.Option(help="database, broker and datasets live here")] = Path("./trainyard-data"),
+    auth: Annotated[bool, typer.Option("--auth", help="require API keys (trainyard keys create), as 'trainyard api' does")] = False,
 ) -> None:
     """Run everything in one process tree: the API, one worker, SQLite (WAL) and an embedded
-    broker (kombu's SQLAlchemy transport over SQLite). Ctrl-C stops it all."""
+    broker (kombu's SQLAlchemy transport over SQLite). Ctrl-C stops it all. Without --auth there
+    are no API keys (every caller is in the default project), so it serves only on a loopback host."""
+    if not auth and host not in ("127.0.0.1", "localhost", "::1"):
+        raise _fail(f"trainyard: serving on {host} without API keys would let anyone on the network in; "
+                    "add --auth (and create a key with 'trainyard keys create') or use --host 127.0.0.1", 2)
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     env = {
@@ -359,6 +477,7 @@ def serve(
         "TRAINYARD_DATA_DIR": str(data_dir),
         "TRAINYARD_DATABASE_URL": f"sqlite:///{data_dir / 'trainyard.db'}",
         "TRAINYARD_BROKER_URL": f"sqla+sqlite:///{data_dir / 'broker.sqlite'}",
+        "TRAINYARD_AUTH": "required" if auth else "off",
     }
     prefix = env.get("TRAINYARD_QUEUE_PREFIX", "")
     if not _port_free(host, port):
@@ -391,6 +510,12 @@ def serve(
         raise _fail(f"trainyard: the service did not start: {problem}", 1)
     typer.echo(f"Trainyard is running at {base}  (API docs: {base}/docs)")
     typer.echo(f"data: {data_dir}  worker log: {log_dir / 'worker.log'}  - press Ctrl-C to stop")
+    if auth:
+        typer.echo(f"API keys required: TRAINYARD_DATABASE_URL={env['TRAINYARD_DATABASE_URL']} "
+                   "trainyard keys create --project NAME")
+    else:
+        typer.echo(f"no API keys (embedded mode on {host}): every caller is in the default project; "
+                   "--auth requires keys")
     raise typer.Exit(_supervise(procs))
 
 
@@ -438,6 +563,111 @@ def _wait_healthy(base: str, procs: dict[str, subprocess.Popen[Any]], timeout: f
             pass
         time.sleep(0.2)
     return f"{base}/healthz did not answer within {timeout:.0f} s"
+
+
+# --------------------------------------------------------------------------- API keys (admin)
+
+keys_app = typer.Typer(help="Create, list and revoke API keys (talks to $TRAINYARD_DATABASE_URL directly).",
+                       no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+def _when(dt: Any) -> str:
+    return dt.strftime("%Y-%m-%d %H:%M:%S") if dt is not None else "-"
+
+
+@keys_app.command("create")
+def keys_create(
+    project: Annotated[str, typer.Option("--project", help="the key's project (created if missing)")],
+    name: Annotated[str | None, typer.Option("--name", help="a label for the key")] = None,
+) -> None:
+    """Make an API key for a project and print it. It is shown only this once: only its sha256 is stored."""
+    from store import auth
+    from store.db import session_scope
+
+    try:
+        with session_scope(write=True) as session:
+            key = auth.create_key(session, project, name)
+    except ValueError as exc:
+        raise _fail(f"trainyard: {exc}", 2) from None
+    typer.echo(key.token)
+    typer.echo(f"key {key.id} (prefix {key.prefix}) for project {key.project_name!r}: store it now, it is not "
+               "shown again; send it as 'Authorization: Bearer <key>' or set TRAINYARD_API_KEY", err=True)
+
+
+@keys_app.command("list")
+def keys_list(
+    project: Annotated[str | None, typer.Option("--project", help="only this project's keys")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """List keys: id, prefix, project, name, created, last used, revoked (never the key itself)."""
+    from store import auth
+    from store.db import session_scope
+
+    with session_scope(write=False) as session:
+        rows = [
+            {"id": k.id, "prefix": k.prefix, "project": pname, "name": k.name,
+             "created_at": auth.as_utc(k.created_at), "last_used_at": auth.as_utc(k.last_used_at),
+             "revoked_at": auth.as_utc(k.revoked_at)}
+            for k, pname in auth.list_keys(session, project)
+        ]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2, default=lambda d: d.isoformat()))
+        return
+    from rich.table import Column, Table
+
+    t = Table(Column("id", overflow="fold"), Column("prefix", no_wrap=True), "project", "name", "created",
+              "last used", "revoked")
+    for r in rows:
+        t.add_row(r["id"], r["prefix"] + "…", r["project"], r["name"] or "-", _when(r["created_at"]),
+                  _when(r["last_used_at"]), _when(r["revoked_at"]))
+    _console().print(t)
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key: Annotated[str, typer.Argument(help="the key's id, or its prefix as 'keys list' shows it")],
+) -> None:
+    """Revoke a key; requests with it are refused (401) from the next one on."""
+    from store import auth
+    from store.db import session_scope
+
+    with session_scope(write=True) as session:
+        found = auth.find_keys(session, key)
+        if not found:
+            raise _fail(f"trainyard: no API key with id or prefix {key!r}", 1)
+        if len(found) > 1:
+            raise _fail(f"trainyard: {key!r} matches {len(found)} keys ({', '.join(k.prefix for k in found)}); "
+                        "give the key id", 2)
+        revoked = auth.revoke_key(session, found[0].id)
+    typer.echo(f"{found[0].id}  {found[0].prefix}…  " + ("revoked" if revoked else "was already revoked"))
+
+
+projects_app = typer.Typer(help="Per-project limits (talks to $TRAINYARD_DATABASE_URL directly).",
+                           no_args_is_help=True)
+app.add_typer(projects_app, name="projects")
+
+
+@projects_app.command("set-limits")
+def projects_set_limits(
+    project: Annotated[str, typer.Argument(help="project name (created if missing)")],
+    max_concurrent_jobs: Annotated[int | None, typer.Option(min=0, help="queued + running jobs; 0: unlimited")] = None,
+    requests_per_minute: Annotated[int | None, typer.Option(min=0, help="0: unlimited")] = None,
+) -> None:
+    """Set a project's own limits; an option left out means the service's default
+    (TRAINYARD_MAX_CONCURRENT_JOBS, TRAINYARD_REQUESTS_PER_MINUTE)."""
+    from store import auth
+    from store.db import session_scope
+
+    try:
+        with session_scope(write=True) as session:
+            pid = auth.ensure_project(session, project).id
+            auth.set_project_limits(session, pid, max_concurrent_jobs=max_concurrent_jobs,
+                                    requests_per_minute=requests_per_minute)
+    except ValueError as exc:
+        raise _fail(f"trainyard: {exc}", 2) from None
+    shown = {"max_concurrent_jobs": max_concurrent_jobs, "requests_per_minute": requests_per_minute}
+    typer.echo(f"{project}: " + ", ".join(f"{k}={'default' if v is None else v}" for k, v in shown.items()))
 
 
 def main() -> None:

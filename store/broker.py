@@ -19,6 +19,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     url = settings.broker_url
     if url.startswith(("redis://", "rediss://", "sentinel://")):
         transport["visibility_timeout"] = settings.visibility_timeout_s
+        if settings.visibility_timeout_s < 600:
+            # kombu sweeps for expired unacked messages every interval x throttle (100 s by
+            # default); a short visibility timeout (tests, chaos runs) needs the sweep to match
+            transport["unacked_restore_interval"] = max(1, settings.visibility_timeout_s // 2)
+            transport["unacked_restore_throttle"] = 1
         if settings.queue_prefix:
             transport["global_keyprefix"] = settings.queue_prefix
     return {

@@ -22,6 +22,7 @@ from store.models import (
     Job,
     JobEvent,
     JobMetric,
+    Outbox,
     Snapshot,
 )
 
@@ -78,6 +79,8 @@ def create_jobs(
     session.add_all(jobs)
     session.flush()
     session.add_all([JobEvent(job_id=j.id, kind="state", data={"status": "queued"}, created_at=now) for j in jobs])
+    # the dispatch outbox (store.outbox): each job owes the broker a message, in this transaction
+    session.add_all([Outbox(job_id=j.id, queue=j.queue, attempts=0, created_at=now) for j in jobs])
     session.flush()
     return jobs
 
@@ -102,12 +105,18 @@ def request_hash(body: Any) -> str:
     ).hexdigest()
 
 
-def get_job(session: Session, job_id: str) -> Job | None:
-    return session.get(Job, job_id)
+def get_job(session: Session, job_id: str, project_id: str | None = None) -> Job | None:
+    """The job, if it exists (and, given ``project_id``, belongs to that project)."""
+    if project_id is None:
+        return session.get(Job, job_id)
+    return session.scalars(select(Job).where(Job.id == job_id, Job.project_id == project_id)).one_or_none()
 
 
-def get_job_by_idempotency_key(session: Session, key: str) -> Job | None:
-    return session.scalars(select(Job).where(Job.idempotency_key == key)).one_or_none()
+def get_job_by_idempotency_key(session: Session, key: str, project_id: str = DEFAULT_PROJECT) -> Job | None:
+    """The project's job made with this Idempotency-Key (keys are unique per project)."""
+    return session.scalars(
+        select(Job).where(Job.idempotency_key == key, Job.project_id == project_id)
+    ).one_or_none()
 
 
 @dataclass(frozen=True)
@@ -116,16 +125,23 @@ class JobFilter:
     name: str | None = None
     created_after: datetime | None = None
     created_before: datetime | None = None
+    sweep_id: str | None = None  # only the trials of this sweep
 
 
-def list_jobs(session: Session, flt: JobFilter, *, limit: int, cursor: str | None) -> list[Job]:
+def list_jobs(
+    session: Session, flt: JobFilter, *, limit: int, cursor: str | None, project_id: str | None = None
+) -> list[Job]:
     """Newest first (ids are time-ordered); ``cursor`` is the last id of the previous page.
     Returns up to ``limit + 1`` rows so the caller can tell whether a next page exists."""
     q = select(Job).options(defer(Job.spec), defer(Job.info))
+    if project_id is not None:
+        q = q.where(Job.project_id == project_id)
     if flt.status:
         q = q.where(Job.status.in_(list(flt.status)))
     if flt.name is not None:
         q = q.where(Job.name == flt.name)
+    if flt.sweep_id is not None:
+        q = q.where(Job.sweep_id == flt.sweep_id)
     if flt.created_after is not None:
         q = q.where(Job.created_at >= to_utc(flt.created_after))
     if flt.created_before is not None:
@@ -175,10 +191,13 @@ def request_cancel(session: Session, job_id: str) -> str | None:
 def claim_job(session: Session, job_id: str, worker: str, stale_after_s: float) -> Job | None:
     """Compare-and-set queued -> running (or take over a running job whose heartbeat is older
     than ``stale_after_s``: its worker was lost and the broker redelivered). None if the job is
-    not claimable, so delivering the task twice runs it once."""
+    not claimable, so delivering the task twice runs it once. Every claim bumps ``lease_token``
+    (the fencing token of this attempt, see :mod:`store.leases`); a lost job that already used
+    ``max_attempts`` claims is not taken over (the reconciler fails it)."""
     now = utcnow()
     values = dict(
-        status="running", attempts=Job.attempts + 1, heartbeat_at=now, worker=worker, updated_at=now
+        status="running", attempts=Job.attempts + 1, lease_token=Job.lease_token + 1, heartbeat_at=now,
+        worker=worker, updated_at=now,
     )
     res = session.execute(
         update(Job)
@@ -194,6 +213,7 @@ def claim_job(session: Session, job_id: str, worker: str, stale_after_s: float) 
                 Job.status == "running",
                 Job.cancel_requested.is_(False),
                 Job.heartbeat_at < now - timedelta(seconds=stale_after_s),
+                Job.attempts < Job.max_attempts,
             )
             .values(**values)
             .execution_options(synchronize_session=False)
@@ -308,8 +328,11 @@ def metrics(session: Session, job_id: str, since_epoch: int = 0) -> list[dict[st
     return list(session.scalars(q))
 
 
-def job_exists(session: Session, job_id: str) -> bool:
-    return session.scalar(select(func.count()).select_from(Job).where(Job.id == job_id)) == 1
+def job_exists(session: Session, job_id: str, project_id: str | None = None) -> bool:
+    q = select(func.count()).select_from(Job).where(Job.id == job_id)
+    if project_id is not None:
+        q = q.where(Job.project_id == project_id)
+    return session.scalar(q) == 1
 
 
 def counts_by_status(session: Session) -> dict[str, int]:
@@ -411,24 +434,29 @@ def mark_best_checkpoint(session: Session, job_id: str, sha256: str, data: bytes
     return True
 
 
-def list_checkpoints(session: Session, job_id: str) -> list[tuple[Checkpoint, bool]]:
-    """Checkpoints (without their bytes) and whether their bytes are still stored."""
+def list_checkpoints(session: Session, job_id: str, project_id: str | None = None) -> list[tuple[Checkpoint, bool]]:
+    """Checkpoints (without their bytes) and whether their bytes are still stored (none when
+    the job is not in ``project_id``, if given)."""
     q = (
         select(Checkpoint, Checkpoint.data.is_not(None))
         .options(defer(Checkpoint.data))
         .where(Checkpoint.job_id == job_id)
         .order_by(Checkpoint.id)
     )
+    if project_id is not None:
+        q = q.join(Job, Job.id == Checkpoint.job_id).where(Job.project_id == project_id)
     return [(ck, bool(stored)) for ck, stored in session.execute(q)]
 
 
-def best_checkpoint(session: Session, job_id: str) -> Checkpoint | None:
+def best_checkpoint(session: Session, job_id: str, project_id: str | None = None) -> Checkpoint | None:
     q = (
         select(Checkpoint)
         .where(Checkpoint.job_id == job_id, Checkpoint.is_best.is_(True), Checkpoint.data.is_not(None))
         .order_by(Checkpoint.id.desc())
         .limit(1)
     )
+    if project_id is not None:
+        q = q.join(Job, Job.id == Checkpoint.job_id).where(Job.project_id == project_id)
     return session.scalars(q).first()
 
 
@@ -454,17 +482,27 @@ def create_dataset(session: Session, **fields: Any) -> Dataset:
     return ds
 
 
-def get_dataset(session: Session, dataset_id: str) -> Dataset | None:
-    return session.get(Dataset, dataset_id)
+def get_dataset(session: Session, dataset_id: str, project_id: str | None = None) -> Dataset | None:
+    """The dataset, if it exists (and, given ``project_id``, belongs to that project)."""
+    if project_id is None:
+        return session.get(Dataset, dataset_id)
+    return session.scalars(
+        select(Dataset).where(Dataset.id == dataset_id, Dataset.project_id == project_id)
+    ).one_or_none()
 
 
-def list_datasets(session: Session, limit: int = 1000) -> list[Dataset]:
-    return list(session.scalars(select(Dataset).order_by(Dataset.id.desc()).limit(limit)))
+def list_datasets(session: Session, limit: int = 1000, project_id: str | None = None) -> list[Dataset]:
+    q = select(Dataset)
+    if project_id is not None:
+        q = q.where(Dataset.project_id == project_id)
+    return list(session.scalars(q.order_by(Dataset.id.desc()).limit(limit)))
 
 
-def select_job_status(job_id: str) -> Any:
-    """A statement selecting one job's status (None if it does not exist)."""
-    return select(Job.status).where(Job.id == job_id)
+def select_job_status(job_id: str, project_id: str | None = None) -> Any:
+    """A statement selecting one job's status (None if it does not exist, or is not in
+    ``project_id`` when given)."""
+    q = select(Job.status).where(Job.id == job_id)
+    return q if project_id is None else q.where(Job.project_id == project_id)
 
 
 def requeue_job(session: Session, job_id: str, reason: str, stale_after_s: float | None = None) -> bool:

@@ -29,6 +29,19 @@ class Settings:
     flush_interval_s: float = 0.5  # worker: metric batches, heartbeats and cancel polls
     snapshot_interval_s: float = 60.0  # worker: how often a resume snapshot is written
     heartbeat_stale_s: float = 300.0  # a running job whose heartbeat is older may be taken over
+    # Security (see README "Security"): "required" makes every /v1 request carry an API key;
+    # "off" puts every caller in the default project (embedded mode on 127.0.0.1).
+    auth: str = "required"
+    # Limits; a project's own max_concurrent_jobs / requests_per_minute override the last two.
+    max_body_bytes: int = 16 * 2**20  # JSON bodies (uploads have max_upload_bytes)
+    max_json_depth: int = 64
+    max_epochs: int = 100_000
+    max_layers: int = 200
+    max_parameters: int = 100_000_000
+    max_batch_size: int = 65_536
+    max_dataset_bytes: int = 2**30  # an uploaded dataset's arrays, uncompressed
+    max_concurrent_jobs: int = 1000  # queued + running, per project
+    requests_per_minute: int = 6000  # per project, per API process (0: unlimited)
 
     @property
     def datasets_dir(self) -> Path:
@@ -75,7 +88,23 @@ def settings_from_env(env: os._Environ[str] | dict[str, str] | None = None) -> S
         flush_interval_s=float(e.get("TRAINYARD_FLUSH_INTERVAL", 0.5)),
         snapshot_interval_s=float(e.get("TRAINYARD_SNAPSHOT_INTERVAL", 60.0)),
         heartbeat_stale_s=float(e.get("TRAINYARD_HEARTBEAT_STALE", 300.0)),
+        auth=_auth_mode(e.get("TRAINYARD_AUTH") or "required"),
+        max_body_bytes=int(e.get("TRAINYARD_MAX_BODY_BYTES", 16 * 2**20)),
+        max_json_depth=int(e.get("TRAINYARD_MAX_JSON_DEPTH", 64)),
+        max_epochs=int(e.get("TRAINYARD_MAX_EPOCHS", 100_000)),
+        max_layers=int(e.get("TRAINYARD_MAX_LAYERS", 200)),
+        max_parameters=int(e.get("TRAINYARD_MAX_PARAMETERS", 100_000_000)),
+        max_batch_size=int(e.get("TRAINYARD_MAX_BATCH_SIZE", 65_536)),
+        max_dataset_bytes=int(e.get("TRAINYARD_MAX_DATASET_BYTES", 2**30)),
+        max_concurrent_jobs=int(e.get("TRAINYARD_MAX_CONCURRENT_JOBS", 1000)),
+        requests_per_minute=int(e.get("TRAINYARD_REQUESTS_PER_MINUTE", 6000)),
     )
+
+
+def _auth_mode(value: str) -> str:
+    if value not in ("required", "off"):
+        raise ValueError(f"TRAINYARD_AUTH must be 'required' or 'off', got {value!r}")
+    return value
 
 
 @lru_cache(maxsize=1)

@@ -35,7 +35,7 @@ from training.objectives import Objective, build_objective, prepare_targets, str
 from training.optim import build_optimizer, make_clipper
 from training.reporting import BaseReporter, Checkpoint, FitResult, Reporter, Snapshot
 from training.schedules import make_lr_fn
-from training.spec import JobSpec, ReduceOnPlateau, validate_spec
+from training.spec import FIND, JobSpec, ReduceOnPlateau, validate_spec
 from training.state import StateError, pack_snapshot, sha256, unpack_snapshot, weights_to_bytes
 
 POLL_SECONDS = 0.2
@@ -234,6 +234,7 @@ class _Run:
         self.cuda_nan = _CudaFiniteCheck() if self.check_nan and self.device.type == "cuda" else None
         self.has_penalty = bool(self.built.weight_penalties) or any(m._forward_hooks for m in self.model.modules())
         self._next_poll = 0.0
+        self.extra_info: dict[str, Any] = {}  # reported in on_start and the result's info (e.g. lr_find)
 
     # ------------------------------------------------------------------ helpers
 
@@ -299,6 +300,7 @@ class _Run:
                 "val_samples": self.n_val,
                 "steps_per_epoch": self.steps_per_epoch,
                 "resumed_from_epoch": self.epoch,
+                **self.extra_info,
             }
         )
         while self.epoch < spec.epochs and self.stop_reason is None:
@@ -458,6 +460,9 @@ class _Run:
         self.history.append(logs)
         self.epoch += 1
         self.reporter.on_epoch(dict(logs))
+        request = getattr(self.reporter, "stop_request", None)
+        if request and self.stop_reason is None:
+            self.stop_reason = str(request)  # e.g. "pruned": a sweep's pruner ended the trial at this epoch
         if (
             self.stop_reason is None and self.epoch < self.spec.epochs and self.has_reporter and self.snapshot_due()
             and getattr(self.reporter, "wants_snapshot", lambda: True)()
@@ -502,6 +507,7 @@ class _Run:
             "best_checkpoint": best_meta,
             "python_random": _py_state_to_json(random.getstate()),
             "numpy_random": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+            "extra_info": self.extra_info,
         }
         return pack_snapshot(
             model_state=self.model.state_dict(),
@@ -579,6 +585,7 @@ class _Run:
                 "output_activation": self.built.output_activation,
                 "output_activation_in_weights": not self.built.stripped_output_activation,
                 "spec": self.spec.model_dump(mode="json"),
+                **self.extra_info,
             },
         )
 
@@ -614,20 +621,56 @@ def fit(
     state snapshot every ``snapshot_every`` epochs; ``should_stop`` is polled every
     ``POLL_SECONDS`` (cancellation ends the run with stop reason ``cancelled``);
     ``resume_from`` is a snapshot's bytes: the run continues exactly where it was taken.
+    With ``"learning_rate": "find"`` the LR range test (:func:`lr_find`) runs first and training
+    uses its suggestion; its output is ``info["lr_find"]`` (in ``on_start`` and the result). A
+    reporter that sets ``stop_request`` in ``on_epoch`` ends the run after that epoch with that
+    stop reason (a sweep's pruner: ``"pruned"``).
     Raises ``SpecError`` for an invalid spec and ``TrainingError`` for failures a person can fix.
     """
     job = validate_spec(spec, datasets)
     if job.kind != "train":
         raise TrainingError(f"fit() runs jobs of kind 'train'; this one is {job.kind!r} (use lr_find)", "runtime")
     started = time.perf_counter()
+    found: dict[str, Any] | None = None
+    if job.optimizer.learning_rate == FIND:
+        # a resumed run keeps the rate it found (the snapshot has it), so it resumes the same spec
+        found = _found_in_snapshot(resume_from) if resume_from is not None else None
+        if found is None:
+            found = lr_find(job, should_stop=should_stop, datasets=datasets)
+        cancelled = found.get("suggested_learning_rate") is None and should_stop is not None and bool(should_stop())
+        job = _with_found_lr(job, found, cancelled)
     device = resolve_device(job.device)
     with _deterministic(job.deterministic, device), _actionable_errors(job, device):
         run = _Run(job, reporter, should_stop)
+        if found is not None:
+            run.extra_info["lr_find"] = found
         run.snapshot_every = snapshot_every
         if resume_from is not None:
             run.restore(resume_from)
         run.run()
         return run.result(time.perf_counter() - started)
+
+
+def _found_in_snapshot(data: bytes) -> dict[str, Any] | None:
+    try:
+        found = unpack_snapshot(data)["meta"].get("extra_info", {}).get("lr_find")
+    except (StateError, ValueError, KeyError):
+        return None  # restoring reports what is wrong with it
+    return found if isinstance(found, dict) and found.get("suggested_learning_rate") else None
+
+
+def _with_found_lr(job: JobSpec, found: dict[str, Any], cancelled: bool = False) -> JobSpec:
+    """The spec with ``"learning_rate": "find"`` replaced by the finder's suggestion (by its
+    ``min_lr`` if the finder was cancelled: the run then stops at its first poll)."""
+    lr = found.get("suggested_learning_rate")
+    if lr is None and cancelled:
+        lr = found.get("min_lr")
+    if lr is None:
+        raise TrainingError(
+            f"learning_rate 'find': the LR range test gave no suggestion ({found.get('rule')}); widen "
+            "lr_find.min_lr/max_lr or raise lr_find.steps, or give a number", "runtime",
+        )
+    return job.model_copy(update={"optimizer": job.optimizer.model_copy(update={"learning_rate": float(lr)})})
 
 
 def suggest_lr(lrs: list[float], losses: list[float]) -> tuple[float | None, str]:
@@ -670,7 +713,10 @@ def lr_find(
     n_steps = steps if steps is not None else opts.steps
     if not hi > lo > 0 or n_steps < 2:
         raise TrainingError("lr_find needs 0 < min_lr < max_lr and steps >= 2", "runtime")
-    train_job = job.model_copy(update={"kind": "train"})
+    update: dict[str, Any] = {"kind": "train"}
+    if job.optimizer.learning_rate == FIND:  # the range test sets the rate itself at every step
+        update["optimizer"] = job.optimizer.model_copy(update={"learning_rate": lo})
+    train_job = job.model_copy(update=update)
     device = resolve_device(job.device)
     with _deterministic(job.deterministic, device), _actionable_errors(job, device):
         run = _Run(train_job, None, should_stop)

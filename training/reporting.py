@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-STOP_REASONS = ("completed", "early_stopping", "non_finite_loss", "diverged", "cancelled", "max_steps")
+STOP_REASONS = ("completed", "early_stopping", "non_finite_loss", "diverged", "cancelled", "max_steps", "pruned")
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,10 @@ class Reporter(Protocol):
 
 class BaseReporter:
     """A reporter that ignores everything; subclass and override what you need."""
+
+    #: Set (e.g. to ``"pruned"``) from ``on_epoch`` to end the run after that epoch with this stop
+    #: reason; the run ends like an early stop (best weights restored, result recorded).
+    stop_request: str | None = None
 
     def on_start(self, info: dict[str, Any]) -> None:
         pass

@@ -379,11 +379,19 @@ Schedule = Annotated[
 ]
 
 
-_LR_TAGS = ("lr-number", "lr-schedule")
+_LR_TAGS = ("lr-number", "lr-schedule", "lr-find")
+
+#: ``"learning_rate": "find"`` in an optimizer: run the LR range test first (options in the spec's
+#: ``lr_find``, defaulted), then train with its suggestion.
+FIND = "find"
 
 
 def _lr_kind(v: Any) -> str:
     return _LR_TAGS[1] if isinstance(v, Mapping | BaseModel) else _LR_TAGS[0]
+
+
+def _optimizer_lr_kind(v: Any) -> str:
+    return _LR_TAGS[2] if isinstance(v, str) else _lr_kind(v)
 
 
 LearningRate = Annotated[
@@ -391,6 +399,14 @@ LearningRate = Annotated[
     Discriminator(_lr_kind),
 ]
 _LR_ADAPTER: TypeAdapter[Any] = TypeAdapter(LearningRate)
+
+#: An optimizer's learning rate: a number, a schedule object, or "find" (the LR finder's suggestion).
+OptimizerLearningRate = Annotated[
+    Annotated[float, Tag(_LR_TAGS[0]), Field(gt=0, allow_inf_nan=False, strict=True)]
+    | Annotated[Schedule, Tag(_LR_TAGS[1])]
+    | Annotated[Literal["find"], Tag(_LR_TAGS[2])],
+    Discriminator(_optimizer_lr_kind),
+]
 
 
 def parse_learning_rate(value: Any) -> Any:
@@ -408,7 +424,9 @@ _TORCH_NAMES = ("betas", "eps", "alpha")
 
 class _Optimizer(StrictModel):
     extra_aliases: ClassVar[tuple[str, ...]] = ("lr", "betas", "eps")
-    learning_rate: LearningRate = 0.001
+    learning_rate: OptimizerLearningRate = Field(
+        0.001, description='a number, a schedule object, or "find": run the LR range test (options in lr_find) and train with its suggestion'
+    )
     weight_decay: float | None = Field(None, ge=0)
     clipnorm: float | None = Field(None, gt=0, description="clip each gradient tensor to this norm (Keras)")
     clipvalue: float | None = Field(None, gt=0, description="clip each gradient element to [-v, v]")
@@ -452,7 +470,9 @@ class SGD(_Optimizer):
     velocity - lr * g). Same as torch SGD for a constant learning rate."""
 
     name: Literal["sgd"]
-    learning_rate: LearningRate = 0.01
+    learning_rate: OptimizerLearningRate = Field(
+        0.01, description='a number, a schedule object, or "find": run the LR range test (options in lr_find) and train with its suggestion'
+    )
     momentum: float = Field(0.0, ge=0, lt=1)
     nesterov: bool = False
 
@@ -598,7 +618,7 @@ class JobSpec(StrictModel):
     epochs: int = Field(1, ge=1, le=100_000)
     max_steps: int | None = Field(None, ge=1)
     callbacks: CallbacksSpec = Field(default_factory=CallbacksSpec)
-    lr_find: LRFindSpec | None = Field(None, description="options of kind 'lr_find'")
+    lr_find: LRFindSpec | None = Field(None, description="options of kind 'lr_find' and of \"learning_rate\": \"find\"")
 
     def metric_names(self) -> list[str]:
         """Names the history carries besides loss/val_loss/lr/seconds/epoch."""
@@ -783,7 +803,7 @@ def _check_monitors(spec: JobSpec, errors: list[dict[str, Any]]) -> None:
                    "save_freq in steps cannot monitor a val_* metric (validation runs at epoch end); use save_freq 'epoch' or a training metric")
     if cb.reduce_lr_on_plateau:
         monitors.append((("callbacks", "reduce_lr_on_plateau", "monitor"), cb.reduce_lr_on_plateau.monitor))
-        if not isinstance(spec.optimizer.learning_rate, float | int):
+        if not isinstance(spec.optimizer.learning_rate, float | int) and spec.optimizer.learning_rate != FIND:
             _issue(errors, ("callbacks", "reduce_lr_on_plateau"),
                    "reduce_lr_on_plateau needs a constant learning rate (as in Keras); use the schedule 'reduce_on_plateau' with warm-up instead")
     lr = spec.optimizer.learning_rate

@@ -10,7 +10,7 @@ from typing import Any
 
 from celery import Celery
 from celery.exceptions import Reject
-from celery.signals import worker_init, worker_ready, worker_shutting_down
+from celery.signals import worker_init, worker_process_init, worker_ready, worker_shutting_down
 
 from store.broker import RUN_JOB_TASK, SQLA_POLLING_INTERVAL_S, celery_config
 from store.settings import Settings, get_settings
@@ -31,6 +31,15 @@ def _on_worker_init(**_: Any) -> None:
     alive = os.environ.get("TRAINYARD_WORKER_HEARTBEAT_FILE")
     if alive:
         _start_liveness_file(Path(alive))
+
+
+def _on_worker_process_init(**_: Any) -> None:
+    # A prefork child is forked from the main process, whose maintenance thread (reconciler,
+    # outbox relay) holds pooled database connections: the child must never use the parent's
+    # sockets (both would talk on one connection). Forget them here; the child opens its own.
+    from store.db import get_engine
+
+    get_engine().dispose(close=False)
 
 
 def _start_liveness_file(path: Path, every_s: float = 10.0) -> None:
@@ -61,22 +70,35 @@ def create_celery(settings: Settings | None = None) -> Celery:
     @app.task(name=RUN_JOB_TASK, ignore_result=True, acks_late=True)
     def run_job(job_id: str) -> str:
         from worker.runner import run_job as run
+        from worker.sweeps import after_job
 
-        outcome = run(job_id, settings)
+        try:
+            outcome = run(job_id, settings)
+        finally:
+            # a trial of a sweep that ended (however) advances its sweep; a no-op for other jobs
+            after_job(job_id, settings, _send_jobs)
         if outcome == "requeued":
-            raise Reject("worker shutting down; the job resumes on the next worker", requeue=True)
+            # shutting down (the job resumes on the next worker), or no database to claim it
+            raise Reject("the job could not run here now; handing the message back", requeue=True)
         return outcome
 
     _ = run_job
 
+    def _send_jobs(jobs: Any) -> None:
+        for job_id, queue in jobs:
+            app.send_task(RUN_JOB_TASK, args=[job_id], queue=queue)
+
     def _on_ready(**_: Any) -> None:
         from worker.recovery import start_reaper
+        from worker.sweeps import start_sweep_keeper
 
         start_reaper(app, settings)
+        start_sweep_keeper(settings, _send_jobs)  # advances sweeps whose last trial ended without a worker
 
     worker_ready.connect(_on_ready, weak=False)
     worker_shutting_down.connect(_on_shutdown, weak=False)
     worker_init.connect(_on_worker_init, weak=False)
+    worker_process_init.connect(_on_worker_process_init, weak=False)
     return app
 
 

@@ -1,49 +1,58 @@
-"""Recovering jobs whose worker was lost (killed without a chance to requeue them)."""
+"""Recovering jobs whose worker was lost (killed without a chance to requeue them), and relaying
+outbox messages: every worker runs :class:`store.leases.Maintenance` in a daemon thread.
+
+Why a reconciler and not the broker: with ``task_acks_late`` and ``task_reject_on_worker_lost``
+off, Celery acknowledges the message of a prefork child that was SIGKILLed (the task fails with
+WorkerLostError), and the message of a whole worker that was SIGKILLed stays unacknowledged in
+Redis until the visibility timeout (days). Neither brings the job back in time, so the database is
+the truth: a ``running`` job whose heartbeat is older than ``heartbeat_stale_s`` is requeued with a
+new message (or, after ``max_attempts`` claims, failed with a reason). ``task_reject_on_worker_lost``
+stays off: a message handed straight back would only find the job still leased (fresh heartbeat)
+and be dropped, and a job that kills its worker would be redelivered without bound.
+"""
 
 from __future__ import annotations
 
 import logging
-import threading
-import time
+from collections.abc import Sequence
 from typing import Any
 
-from store import repo
+from store import leases
 from store.broker import RUN_JOB_TASK
-from store.db import session_scope
 from store.settings import Settings
 
 log = logging.getLogger("trainyard.worker")
 
+#: Workers relay the outbox less often than the API (which sends every submission): the API's
+#: relay does the work; a worker's covers an API that is down while a reconciler requeues.
+WORKER_RELAY_EVERY_S = 5.0
+
+
+def _sender(app: Any) -> Any:
+    def send(jobs: Sequence[tuple[str, str]]) -> None:
+        for job_id, queue in jobs:
+            app.send_task(RUN_JOB_TASK, args=[job_id], queue=queue)
+
+    return send
+
+
+def _queues(settings: Settings) -> list[str]:
+    return [settings.queue_name("gpu"), settings.queue_name("cpu")]
+
 
 def requeue_lost_jobs(app: Any, settings: Settings) -> list[str]:
-    """Put running jobs with a stale heartbeat back in their queue (compare-and-set, so several
-    workers starting at once requeue each job once); they resume from their latest snapshot.
-    The message is sent after the row is committed."""
-    with session_scope(write=False) as s:
-        candidates = repo.stale_running_jobs(s, settings.heartbeat_stale_s)
-    requeued = []
-    for job_id, queue in candidates:
-        with session_scope() as s:
-            ok = repo.requeue_job(s, job_id, "worker lost", stale_after_s=settings.heartbeat_stale_s)
-        if ok:
-            app.send_task(RUN_JOB_TASK, args=[job_id], queue=queue)
-            requeued.append(job_id)
-            log.warning("job %s: its worker was lost (no heartbeat for %.0f s); requeued", job_id, settings.heartbeat_stale_s)
+    """Requeue (or, after max_attempts, fail) running jobs with a stale heartbeat, once each
+    (compare-and-set); they resume from their latest snapshot. Returns the ids requeued."""
+    requeued, _failed = leases.reconcile(settings.heartbeat_stale_s, _sender(app), _queues(settings))
     return requeued
 
 
-def start_reaper(app: Any, settings: Settings) -> threading.Thread:
-    """Requeue lost jobs now and then every half heartbeat-staleness period, from a daemon
-    thread (so a worker busy training still recovers jobs of workers that died)."""
-
-    def loop() -> None:
-        while True:
-            try:
-                requeue_lost_jobs(app, settings)
-            except Exception:  # noqa: BLE001 - keep reaping after a database hiccup
-                log.exception("could not check for lost jobs")
-            time.sleep(max(10.0, settings.heartbeat_stale_s / 2))
-
-    thread = threading.Thread(target=loop, name="trainyard-reaper", daemon=True)
-    thread.start()
-    return thread
+def start_reaper(app: Any, settings: Settings) -> leases.Maintenance:
+    """Reconcile lost jobs now and every :func:`store.leases.reconcile_interval` (at most 30 s),
+    and relay the outbox, from a daemon thread (so a worker busy training still recovers the jobs
+    of workers that died)."""
+    return leases.Maintenance(
+        _sender(app), settings.heartbeat_stale_s, queues=_queues(settings),
+        relay_every_s=min(WORKER_RELAY_EVERY_S, leases.reconcile_interval(settings.heartbeat_stale_s)),
+        name="trainyard-reaper",
+    ).start()

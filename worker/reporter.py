@@ -3,11 +3,13 @@ stores checkpoints and resume snapshots, and answers ``should_stop`` from the da
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
+import threading
 import time
 from typing import Any
 
-from store import repo
+from store import leases, repo
 from store.db import session_scope
 from store.floats import encode_float
 from store.settings import Settings
@@ -41,9 +43,16 @@ class SharedFlag:
 #: module, so they share this flag and see the main process set it.
 SHUTDOWN = SharedFlag()
 
-#: The heartbeat is written at least this often while a job runs (with every metrics batch too).
+#: The heartbeat is written at least this often while a job runs (with every metrics batch too),
+#: and at least four times per heartbeat lease (``heartbeat_stale_s``) when that is shorter.
 HEARTBEAT_EVERY_S = 5.0
 SNAPSHOT_BUILD_EVERY_S = 1.0
+#: Writes that must land (the last metrics, the result, a requeue) retry transient database errors
+#: (connection lost, server restarting) with backoff for this long. Periodic flushes do not block
+#: training: on such an error they keep their batch and try again at the next flush.
+WRITE_RETRY_DEADLINE_S = 120.0
+
+log = logging.getLogger("trainyard.worker")
 
 
 def json_safe(value: Any) -> Any:
@@ -61,11 +70,22 @@ def json_safe(value: Any) -> Any:
 
 class DbReporter(BaseReporter):
     """Writes what the engine reports. Every ``flush_interval_s`` at most one transaction writes
-    the buffered epochs, bumps the heartbeat and reads the cancel flag."""
+    the buffered epochs, bumps the heartbeat and reads the cancel flag.
 
-    def __init__(self, job_id: str, settings: Settings) -> None:
+    With a ``lease_token`` (the claim's fencing token, :mod:`store.leases`) every write
+    transaction starts with the fence: once another claim took the job, the next flush raises
+    :class:`store.leases.LeaseLost` and writes nothing."""
+
+    def __init__(self, job_id: str, settings: Settings, lease_token: int | None = None) -> None:
         self.job_id = job_id
         self.settings = settings
+        self.lease_token = lease_token
+        self.db_down_since: float | None = None
+        self.unwritten_snapshot: Snapshot | None = None  # due, but its transaction failed
+        self.heartbeat_every_s = min(HEARTBEAT_EVERY_S, settings.heartbeat_stale_s / 4)
+        self.lease_lost = threading.Event()
+        self._beating = threading.Event()
+        self._beat_thread: threading.Thread | None = None
         self.buffer: list[dict[str, Any]] = []
         self.info: dict[str, Any] | None = None
         self.cancelled = False
@@ -76,6 +96,37 @@ class DbReporter(BaseReporter):
         self.pending_checkpoints: list[Checkpoint] = []
         self.last_built: float | None = None
         self.epochs_seen = 0
+
+    # -- the heartbeat thread
+    def start_heartbeat(self) -> None:
+        """Bump the job's heartbeat (fenced) every ``heartbeat_every_s`` from a daemon thread
+        while the job runs: the lease says the process is alive, so loading a large dataset or
+        one long step does not make the job look lost. If the fence fails the lease is gone: the
+        training thread raises LeaseLost at its next poll."""
+        if self.lease_token is None or self._beat_thread is not None:
+            return
+        self._beating.set()
+
+        def beat() -> None:
+            while self._beating.is_set():
+                try:
+                    with session_scope() as s:
+                        leases.fence(s, self.job_id, self.lease_token)  # type: ignore[arg-type]
+                except leases.LeaseLost:
+                    self.lease_lost.set()
+                    return
+                except Exception as exc:  # noqa: BLE001 - transient: the training thread's writes retry
+                    log.debug("job %s: heartbeat not written: %s", self.job_id, exc)
+                if not self._beating.is_set():
+                    return
+                time.sleep(self.heartbeat_every_s)
+
+        self._beat_thread = threading.Thread(target=beat, name=f"trainyard-heartbeat-{self.job_id[:8]}", daemon=True)
+        self._beat_thread.start()
+
+    def stop_heartbeat(self) -> None:
+        self._beating.clear()
+        self._beat_thread = None
 
     # -- engine callbacks
     def on_start(self, info: dict[str, Any]) -> None:
@@ -96,9 +147,11 @@ class DbReporter(BaseReporter):
             self.flush()
 
     def wants_snapshot(self) -> bool:
-        """Build a snapshot at most every SNAPSHOT_BUILD_EVERY_S of training (an epoch end
-        always qualifies after that): a clean shutdown then redoes at most that much work."""
-        return self.last_built is None or time.monotonic() - self.last_built >= SNAPSHOT_BUILD_EVERY_S
+        """Build a snapshot at most every SNAPSHOT_BUILD_EVERY_S of training (or every
+        ``snapshot_interval_s`` if shorter; an epoch end always qualifies after that): a clean
+        shutdown then redoes at most that much work."""
+        every = min(SNAPSHOT_BUILD_EVERY_S, self.settings.snapshot_interval_s)
+        return self.last_built is None or time.monotonic() - self.last_built >= every
 
     def on_snapshot(self, snapshot: Snapshot) -> None:
         now = time.monotonic()
@@ -111,18 +164,23 @@ class DbReporter(BaseReporter):
         self.write_snapshot(snapshot)
 
     def write_pending_snapshot(self) -> None:
+        """Write the newest snapshot not written yet (before handing the job back)."""
         if self.pending_snapshot is not None:
-            self.write_snapshot(self.pending_snapshot)
+            self.unwritten_snapshot = self.pending_snapshot
             self.pending_snapshot = None
+        self.flush(block=True)
 
     def write_snapshot(self, snapshot: Snapshot) -> None:
-        with session_scope() as s:
-            repo.save_snapshot(
-                s, self.job_id, epoch=snapshot.epoch, step=snapshot.step, data=snapshot.data, sha256=snapshot.sha256
-            )
+        """Write ``snapshot`` in one transaction with the epochs buffered so far: a snapshot is
+        never ahead of the stored metrics, so a resumed run neither loses nor repeats an epoch's
+        metrics."""
+        self.unwritten_snapshot = snapshot
+        self.flush(force=True)
 
     def should_stop(self) -> bool:
         """Polled by the engine (every ~0.2 s); touches the database at most every flush interval."""
+        if self.lease_lost.is_set():
+            raise leases.LeaseLost(f"job {self.job_id}: lease {self.lease_token} is no longer held")
         if SHUTDOWN.is_set():
             return True
         if not self.cancelled and time.monotonic() - self.last_flush >= self.settings.flush_interval_s:
@@ -130,31 +188,80 @@ class DbReporter(BaseReporter):
         return self.cancelled
 
     # -- writing
-    def flush(self) -> None:
-        """Write buffered epochs + heartbeat (+ info once) and read the cancel flag. With nothing
-        to write and a recent heartbeat, only the cancel flag is read."""
+    def _cancel_flag(self, s: Any, *, write: bool) -> bool:
+        if self.lease_token is None:
+            return repo.is_cancel_requested(s, self.job_id)
+        if write:
+            return leases.fence(s, self.job_id, self.lease_token)
+        return leases.check(s, self.job_id, self.lease_token)
+
+    def _database_down(self, exc: BaseException) -> None:
         now = time.monotonic()
-        if not self.buffer and not self.pending_checkpoints and self.info is None and now - self.last_heartbeat < HEARTBEAT_EVERY_S:
-            with session_scope(write=False) as s:
-                self.cancelled = repo.is_cancel_requested(s, self.job_id) or self.cancelled
-            self.last_flush = time.monotonic()
+        if self.db_down_since is None:
+            self.db_down_since = now
+        log.warning("job %s: database unavailable for %.1f s (%s); keeping %d epoch(s) to write later",
+                    self.job_id, now - self.db_down_since, type(exc).__name__, len(self.buffer))
+
+    def flush(self, *, block: bool = False, force: bool = False) -> None:
+        """Write buffered epochs, checkpoints and the due snapshot + heartbeat (+ info once) in
+        one transaction, and read the cancel flag; with nothing to write and a recent heartbeat,
+        only the cancel flag (and the lease) is read. Raises LeaseLost if the job is no longer
+        this attempt's. On a transient database error the batch is kept: with ``block`` the write
+        is retried with backoff (up to WRITE_RETRY_DEADLINE_S), otherwise the next flush retries."""
+        now = time.monotonic()
+        idle = not (self.buffer or self.pending_checkpoints or self.info is not None or self.unwritten_snapshot)
+        if idle and not force and now - self.last_heartbeat < self.heartbeat_every_s:
+            try:
+                with session_scope(write=False) as s:
+                    self.cancelled = self._cancel_flag(s, write=False) or self.cancelled
+                self.db_down_since = None
+            except leases.LeaseLost:
+                raise
+            except Exception as exc:
+                if block or not leases.is_transient(exc):
+                    raise
+                self._database_down(exc)
+            finally:
+                self.last_flush = time.monotonic()
             return
-        self.last_heartbeat = now
         batch, self.buffer = self.buffer, []
         info, self.info = self.info, None
         checkpoints, self.pending_checkpoints = self.pending_checkpoints, []
-        try:
+        snapshot = self.unwritten_snapshot
+
+        def write() -> bool:
             with session_scope() as s:
+                cancelled = self._cancel_flag(s, write=True)
                 for c in checkpoints:
                     repo.add_checkpoint(
                         s, self.job_id, epoch=c.epoch, step=c.step, monitor=c.monitor,
                         value=c.value, data=c.data, sha256=c.sha256, is_best=c.is_best,
                     )
-                self.cancelled = repo.record_progress(s, self.job_id, batch, info=info) or self.cancelled
-        except Exception:
+                cancelled = repo.record_progress(s, self.job_id, batch, info=info) or cancelled
+                if snapshot is not None:
+                    repo.save_snapshot(
+                        s, self.job_id, epoch=snapshot.epoch, step=snapshot.step, data=snapshot.data,
+                        sha256=snapshot.sha256,
+                    )
+                return cancelled
+
+        try:
+            if block:
+                cancelled = leases.retry_transient(write, deadline_s=WRITE_RETRY_DEADLINE_S, what=f"job {self.job_id}")
+            else:
+                cancelled = write()
+        except Exception as exc:
             self.buffer = batch + self.buffer  # keep them for the next try
             self.pending_checkpoints = checkpoints + self.pending_checkpoints
             self.info = self.info or info
-            raise
+            if isinstance(exc, leases.LeaseLost) or block or not leases.is_transient(exc):
+                raise
+            self._database_down(exc)
+            return
         finally:
             self.last_flush = time.monotonic()
+        self.last_heartbeat = now
+        self.db_down_since = None
+        if self.unwritten_snapshot is snapshot:
+            self.unwritten_snapshot = None
+        self.cancelled = cancelled or self.cancelled

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import traceback
 from typing import Any
 
-from store import repo
+from store import leases, outbox, repo
 from store.db import session_scope
 from store.settings import Settings, get_settings
-from worker.reporter import SHUTDOWN, DbReporter, json_safe
+from worker.reporter import SHUTDOWN, WRITE_RETRY_DEADLINE_S, DbReporter, json_safe
 
 log = logging.getLogger("trainyard.worker")
 
@@ -46,34 +47,94 @@ def _resolve_dataset(spec: dict[str, Any], settings: Settings) -> dict[str, Any]
     return {**spec, "data": data}
 
 
+#: Test-only fault injection, honoured only when the environment variable of this name is "1"
+#: (set by the fault-tolerance tests, never by the service): a job named FAULT_KILL_NAME kills
+#: its worker process (SIGKILL) right after each claim, like a job that crashes native code.
+FAULT_ENV = "TRAINYARD_TEST_FAULTS"
+FAULT_KILL_NAME = "test-fault-kill-worker"
+
+
+def _claim(job_id: str, settings: Settings) -> tuple[int, int, dict[str, Any], Any] | None:
+    """Claim the job and drop its outbox rows (its message arrived) in one transaction; the
+    claim's (lease token, attempt, spec, snapshot or None)."""
+    with session_scope() as s:
+        outbox.forget_jobs(s, [job_id])
+        job = repo.claim_job(s, job_id, worker_name(), settings.heartbeat_stale_s)
+        if job is None:
+            return None
+        attempt = job.attempts
+        snapshot = repo.get_snapshot(s, job_id) if attempt > 1 else None
+        if snapshot is not None:
+            s.expunge(snapshot)
+        return job.lease_token, attempt, dict(job.spec), snapshot
+
+
+def _verified_snapshot(job_id: str, snapshot: Any) -> bytes:
+    """The snapshot's bytes if their sha256 is the stored one; a TrainingError otherwise (a
+    corrupt snapshot is never deserialized)."""
+    from training import TrainingError
+
+    digest = repo.sha256_hex(snapshot.data)
+    if digest != snapshot.sha256:
+        raise TrainingError(
+            f"cannot resume: the training-state snapshot of epoch {snapshot.epoch} is corrupt (stored sha256 "
+            f"{snapshot.sha256[:12]}…, its bytes hash to {digest[:12]}…); refusing to load it", "resume",
+        )
+    return bytes(snapshot.data)
+
+
 def run_job(job_id: str, settings: Settings | None = None) -> str:
     """Claim ``job_id`` (compare-and-set; safe if delivered twice), train it, record the result.
-    Returns the job's final status, ``"skipped"`` if it was not claimable, or ``"requeued"`` if
-    this worker is shutting down (the task then hands the message back to the broker). Exceptions other
-    than the engine's own are re-raised after the job is recorded as failed."""
+    Returns the job's final status, ``"skipped"`` if it was not claimable, ``"lease_lost"`` if
+    another claim took the job over while it ran (nothing more is written), or ``"requeued"`` if
+    this worker is shutting down or the database could not be reached to claim it (the task then
+    hands the message back to the broker). Exceptions other than the engine's own are re-raised
+    after the job is recorded as failed."""
     settings = settings or get_settings()
     if SHUTDOWN.is_set():  # a message that arrives while this worker shuts down goes back untouched
         return "requeued"
-    with session_scope() as s:
-        job = repo.claim_job(s, job_id, worker_name(), settings.heartbeat_stale_s)
-        if job is None:
-            log.info("job %s is not claimable (already handled or cancelled); skipping", job_id)
-            return "skipped"
-        spec_dict = dict(job.spec)
-        attempt = job.attempts
-        snapshot = repo.get_snapshot(s, job_id) if attempt > 1 else None
-        resume_from = snapshot.data if snapshot is not None else None
+    try:
+        claimed = leases.retry_transient(lambda: _claim(job_id, settings), deadline_s=30.0, what=f"claim {job_id}")
+    except Exception as exc:
+        if not leases.is_transient(exc):
+            raise
+        log.error("job %s: the database is unreachable; handing the message back (%s)", job_id, exc)
+        return "requeued"
+    if claimed is None:
+        log.info("job %s is not claimable (already handled or cancelled); skipping", job_id)
+        return "skipped"
+    token, attempt, spec_dict, snapshot = claimed
+    if os.environ.get(FAULT_ENV) == "1" and spec_dict.get("name") == FAULT_KILL_NAME:
+        os.kill(os.getpid(), signal.SIGKILL)
 
-    reporter = DbReporter(job_id, settings)
+    from worker.sweeps import make_reporter
+
+    reporter = make_reporter(job_id, settings, lease_token=token)  # a sweep trial's also asks its pruner
+    reporter.start_heartbeat()
+    try:
+        return _run_claimed(job_id, settings, reporter, spec_dict, snapshot, attempt)
+    except leases.LeaseLost:
+        log.warning("job %s: attempt %d lost its lease (another attempt owns the job); stopped, nothing recorded",
+                    job_id, attempt)
+        return "lease_lost"
+    finally:
+        reporter.stop_heartbeat()
+
+
+def _run_claimed(job_id: str, settings: Settings, reporter: DbReporter, spec_dict: dict[str, Any], snapshot: Any,
+                 attempt: int) -> str:
     try:
         from training import SpecError, TrainingError
 
+        resume_from = _verified_snapshot(job_id, snapshot) if snapshot is not None else None
         run_spec = _resolve_dataset(spec_dict, settings)
         if run_spec.get("kind") == "lr_find":
             return _run_lr_find(job_id, run_spec, reporter)
         from training import fit
 
         result = fit(run_spec, reporter=reporter, should_stop=reporter.should_stop, resume_from=resume_from)
+    except leases.LeaseLost:
+        raise
     except (SpecError, TrainingError) as exc:
         _finish_failed(job_id, reporter, str(exc))
         return "failed"
@@ -87,6 +148,8 @@ def run_job(job_id: str, settings: Settings | None = None) -> str:
 
     try:
         return _record_result(job_id, reporter, result, attempt)
+    except leases.LeaseLost:
+        raise
     except BaseException as exc:
         # Whatever fails after training (the last metrics, the best checkpoint, the final row),
         # the job must not stay 'running' (the reaper would requeue it forever).
@@ -98,12 +161,24 @@ def run_job(job_id: str, settings: Settings | None = None) -> str:
         raise
 
 
+def _write(reporter: DbReporter, fn: Any, what: str) -> Any:
+    """Run ``fn(session)`` in a transaction that starts with the lease fence, retrying transient
+    database errors with backoff (store.leases.retry_transient)."""
+
+    def tx() -> Any:
+        with session_scope() as s:
+            if reporter.lease_token is not None:
+                leases.fence(s, reporter.job_id, reporter.lease_token)
+            return fn(s)
+
+    return leases.retry_transient(tx, deadline_s=WRITE_RETRY_DEADLINE_S, what=f"job {reporter.job_id}: {what}")
+
+
 def _record_result(job_id: str, reporter: DbReporter, result: Any, attempt: int) -> str:
-    reporter.flush()
+    reporter.flush(block=True)
     if result.stop_reason == "cancelled" and SHUTDOWN.is_set() and not reporter.cancelled:
         reporter.write_pending_snapshot()
-        with session_scope() as s:
-            requeued = repo.requeue_job(s, job_id, "worker shutdown")
+        requeued = _write(reporter, lambda s: repo.requeue_job(s, job_id, "worker shutdown"), "requeue")
         if requeued:
             log.info("job %s stopped for worker shutdown; requeued", job_id)
             return "requeued"
@@ -113,7 +188,8 @@ def _record_result(job_id: str, reporter: DbReporter, result: Any, attempt: int)
         status = "cancelled"
     elif result.stop_reason in FAILED_STOP_REASONS:
         status, error = "failed", FAILED_STOP_REASONS[result.stop_reason]
-    with session_scope() as s:
+
+    def finish(s: Any) -> None:
         _store_best(s, job_id, result)
         repo.finish_job(
             s, job_id, status=status, stop_reason=result.stop_reason, error=error,
@@ -121,6 +197,8 @@ def _record_result(job_id: str, reporter: DbReporter, result: Any, attempt: int)
             steps=result.steps, epochs_run=result.epochs_run, run_seconds=result.seconds,
             info=json_safe({**(result.info or {}), "stopped_epoch": result.stopped_epoch, "attempt": attempt}),
         )
+
+    _write(reporter, finish, "finish")
     return status
 
 
@@ -148,18 +226,19 @@ def _run_lr_find(job_id: str, spec: dict[str, Any], reporter: DbReporter) -> str
 
     out = lr_find(spec, should_stop=reporter.should_stop)
     status = "cancelled" if reporter.cancelled else "succeeded"
-    with session_scope() as s:
-        repo.finish_job(
-            s, job_id, status=status, stop_reason="cancelled" if reporter.cancelled else "completed",
-            info=json_safe({"lr_find": out}),
-        )
+    _write(reporter, lambda s: repo.finish_job(
+        s, job_id, status=status, stop_reason="cancelled" if reporter.cancelled else "completed",
+        info=json_safe({"lr_find": out}),
+    ), "finish")
     return status
 
 
 def _finish_failed(job_id: str, reporter: DbReporter, error: str) -> None:
     try:
-        reporter.flush()
+        reporter.flush(block=True)
+    except leases.LeaseLost:
+        raise
     except Exception:  # noqa: BLE001 - recording the failure matters more than the last metrics
         log.exception("could not write the last metrics of job %s", job_id)
-    with session_scope() as s:
-        repo.finish_job(s, job_id, status="failed", stop_reason="error", error=error[:10_000])
+    _write(reporter, lambda s: repo.finish_job(s, job_id, status="failed", stop_reason="error", error=error[:10_000]),
+           "record the failure")

@@ -13,7 +13,7 @@ from typing import Annotated
 import numpy as np
 from fastapi import APIRouter, File, Form, HTTPException, Request, UploadFile
 
-from api.deps import ReadSessionDep, SessionDep, SettingsDep
+from api.deps import ProjectDep, ReadSessionDep, SessionDep, SettingsDep
 from api.errors import SpecProblem, error
 from api.schemas.common import ErrorResponse
 from api.schemas.misc import DatasetList, DatasetRead
@@ -31,14 +31,17 @@ CHUNK = 1 << 20
     "",
     response_model=DatasetRead,
     status_code=201,
-    responses={413: {"description": "file over the size limit"}, 422: {"model": ErrorResponse}},
+    responses={400: {"model": ErrorResponse, "description": "the multipart body cannot be parsed"},
+               413: {"model": ErrorResponse, "description": "file over the size limit"},
+               422: {"model": ErrorResponse}},
 )
 def upload_dataset(
     request: Request,
     session: SessionDep,
     settings: SettingsDep,
+    project: ProjectDep,
     file: Annotated[UploadFile, File(description=".npz with arrays x and y, or .csv with a header row")],
-    name: Annotated[str | None, Form(max_length=200)] = None,
+    name: Annotated[str | None, Form(max_length=200, pattern=r"^[^\x00]*$")] = None,
     target: Annotated[str | None, Form(description="csv: target column name or 0-based index; default last")] = None,
 ) -> DatasetRead:
     """Store a dataset; name its ``id`` in a spec's ``data.dataset``. CSV files are converted
@@ -47,7 +50,7 @@ def upload_dataset(
     length = request.headers.get("content-length")
     if length and length.isdigit() and int(length) > limit + 64 * 1024:
         raise HTTPException(status_code=413, detail=f"upload is larger than the limit of {limit} bytes")
-    filename = os.path.basename(file.filename or "upload")
+    filename = os.path.basename((file.filename or "").replace("\x00", "")) or "upload"
     ext = os.path.splitext(filename)[1].lower()
     if ext not in (".npz", ".csv"):
         raise SpecProblem([error(["file"], f"unsupported file type {ext or '(none)'!r}; allowed: .npz, .csv")])
@@ -70,6 +73,8 @@ def upload_dataset(
     stored = ""
     try:
         tgt: str | int | None = int(target) if target is not None and target.strip().isdigit() else target
+        if ext == ".npz":
+            _check_npz_size(tmp_path, filename, settings.max_dataset_bytes)
         try:
             x, y = read_array_file(str(tmp_path), tgt if ext == ".csv" else None)
         except DataError as exc:
@@ -81,6 +86,9 @@ def upload_dataset(
             what = "a valid .npz archive of numeric arrays 'x' and 'y'" if ext == ".npz" else "a valid CSV file"
             raise SpecProblem([error(["file"], f"{filename!r} is not {what}: {type(exc).__name__}: {exc}"
                                      .replace(str(tmp_path), filename))]) from None
+        if x.nbytes + y.nbytes > settings.max_dataset_bytes:
+            raise SpecProblem([error(["file"], f"{filename!r} holds {x.nbytes + y.nbytes} bytes of arrays; this server "
+                                     f"allows at most {settings.max_dataset_bytes}", "limit_exceeded")])
         dataset_id = new_id()
         try:
             info = info_from_arrays(dataset_id, x, y)
@@ -103,6 +111,7 @@ def upload_dataset(
             session, id=dataset_id, name=name or filename, filename=filename, format=ext[1:], file=stored,
             task=info.task, input_shape=list(info.input_shape), n_classes=info.n_classes,
             n_targets=info.n_targets, n_samples=info.n_samples, size=size, sha256=digest.hexdigest(),
+            project_id=project,
         )
         session.commit()
     except BaseException:
@@ -111,6 +120,20 @@ def upload_dataset(
     return dataset_read(ds)
 
 
+def _check_npz_size(path: Path, filename: str, limit: int) -> None:
+    """Refuse an archive whose members would expand beyond ``limit`` bytes, before numpy reads
+    it (the sizes come from the zip directory, which bounds what zipfile will decompress)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            total = sum(i.file_size for i in zf.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return  # not a zip archive: the reader below says so
+    if total > limit:
+        raise SpecProblem([error(["file"], f"{filename!r} expands to {total} bytes; this server allows at most "
+                                 f"{limit}", "limit_exceeded")])
+
+
 @router.get("", response_model=DatasetList)
-def list_datasets(session: ReadSessionDep) -> DatasetList:
-    return DatasetList(datasets=[dataset_read(d) for d in repo.list_datasets(session)])
+def list_datasets(session: ReadSessionDep, project: ProjectDep) -> DatasetList:
+    """The project's stored datasets, newest first."""
+    return DatasetList(datasets=[dataset_read(d) for d in repo.list_datasets(session, project_id=project)])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from datetime import datetime
+import re
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Header, HTTPException, Query, Request, Response
@@ -12,10 +12,11 @@ from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.exc import IntegrityError
 from sse_starlette.sse import EventSourceResponse, ServerSentEvent
 
-from api.deps import DispatcherDep, ReadSessionDep, SessionDep, SettingsDep
-from api.dispatch import DispatchError
+from api.auth import admit, authenticate
+from api.deps import DispatcherDep, PollCallerDep, ProjectDep, ReadSessionDep, SessionDep, SettingsDep
 from api.errors import SpecProblem
-from api.schemas.common import ErrorItem, ErrorResponse
+from api.limits import check_job_slots, slots_full
+from api.schemas.common import ErrorItem, ErrorResponse, IsoDatetime
 from api.schemas.jobs import (
     BatchCreate,
     BatchItem,
@@ -28,9 +29,11 @@ from api.schemas.jobs import (
 )
 from api.validation import check_job_spec, dataset_resolver
 from api.views import checkpoint_read, job_read, job_summary
-from store import repo
-from store.db import session_scope
+from store import auth as keys
+from store import fastread, repo, submit
+from store.db import get_engine, session_scope
 from store.models import TERMINAL_STATUSES
+from store.repo import as_utc
 from training import SpecError
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -39,6 +42,9 @@ router = APIRouter(prefix="/jobs", tags=["jobs"])
 #: a larger number is a 422, not a database overflow (500).
 MAX_INT32 = 2**31 - 1
 MAX_INT64 = 2**63 - 1
+#: a Last-Event-ID: an event id (up to 18 digits, so below MAX_INT64), spaces around allowed;
+#: an empty one (an EventSource whose last event had no id) means none
+LAST_EVENT_ID = re.compile(r"^[ \t]*([0-9]{1,18})?[ \t]*$")
 
 SPEC_EXAMPLE: dict[str, Any] = {
     "name": "digits-mlp",
@@ -52,19 +58,32 @@ SPEC_EXAMPLE: dict[str, Any] = {
 }
 
 
+def _checkpoint_problem(data: bytes, sha256: str) -> str | None:
+    """Why stored checkpoint bytes must not be served (None if they are sound): their sha256
+    differs from the stored digest, or they are not a safetensors file (a length-prefixed JSON
+    header; a pickle, say, is not)."""
+    digest = repo.sha256_hex(data)
+    if digest != sha256:
+        return f"its bytes hash to sha256 {digest[:12]}…, not the stored {sha256[:12]}…"
+    n = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
+    try:
+        header = json.loads(data[8 : 8 + n]) if 0 < n <= len(data) - 8 else None
+    except ValueError:
+        header = None
+    if not isinstance(header, dict):
+        return "it is not a safetensors file"
+    return None
+
+
 def _not_found(job_id: str) -> HTTPException:
     return HTTPException(status_code=404, detail=f"no job {job_id!r}")
 
 
 def _dispatch(session: Any, dispatcher: Any, jobs: list[tuple[str, str]]) -> None:
-    """Enqueue committed jobs; if the broker refuses, mark them failed and answer 503."""
-    try:
-        dispatcher.send(jobs)
-    except DispatchError as exc:
-        for job_id, _ in jobs:
-            repo.fail_unstarted_job(session, job_id, str(exc))
-        session.commit()
-        raise HTTPException(status_code=503, detail=str(exc)) from exc
+    """Send the messages of committed jobs. Their outbox rows were committed with them, so if
+    the broker is down the jobs stay queued and the outbox relay sends them when it is back
+    (store.outbox): a broker outage delays jobs, it does not fail them."""
+    dispatcher.submit(jobs)
 
 
 @router.post(
@@ -75,43 +94,64 @@ def _dispatch(session: Any, dispatcher: Any, jobs: list[tuple[str, str]]) -> Non
         200: {"model": JobRead, "description": "a job with this Idempotency-Key and body already exists"},
         409: {"description": "the Idempotency-Key was already used with a different body"},
         422: {"model": ErrorResponse, "description": "invalid spec; each error names its JSON path"},
-        503: {"description": "the broker is unavailable; the job is recorded as failed"},
     },
 )
 def create_job(
     session: SessionDep,
     settings: SettingsDep,
     dispatcher: DispatcherDep,
+    project: ProjectDep,
     response: Response,
     spec: Annotated[dict[str, Any], Body(examples=[SPEC_EXAMPLE])],
-    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)] = None,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=200)] = None,
 ) -> JobRead:
     """Validate, store and enqueue a job. The same Idempotency-Key with the same body again returns
     the same job (200); with a different body it is a 409."""
     body_hash = repo.request_hash(spec) if idempotency_key else None
     if idempotency_key:
-        existing = repo.get_job_by_idempotency_key(session, idempotency_key)
+        existing = repo.get_job_by_idempotency_key(session, idempotency_key, project)
         if existing is not None:
             response.status_code = 200
             return _replay(existing, body_hash)
     try:
-        valid = check_job_spec(spec, dataset_resolver(session), settings)
+        valid = check_job_spec(spec, dataset_resolver(session, project), settings)
     except SpecError as exc:
         raise SpecProblem(exc.errors) from None
     try:
-        job = repo.create_job(
-            session, spec=valid.spec, queue=valid.queue, idempotency_key=idempotency_key, idempotency_hash=body_hash
-        )
-        session.commit()
+        job = _insert_one(session, settings, project, valid, idempotency_key, body_hash)
     except IntegrityError:
         session.rollback()
-        existing = repo.get_job_by_idempotency_key(session, idempotency_key) if idempotency_key else None
+        existing = repo.get_job_by_idempotency_key(session, idempotency_key, project) if idempotency_key else None
         if existing is None:
             raise
         response.status_code = 200
         return _replay(existing, body_hash)
     _dispatch(session, dispatcher, [(job.id, job.queue)])
     return job_read(job)
+
+
+def _insert_one(
+    session: Any, settings: Any, project: str, valid: Any, idempotency_key: str | None, body_hash: str | None
+) -> Any:
+    """Store one queued job with its event and outbox row, within the project's concurrent-jobs
+    limit (429 otherwise). On PostgreSQL one pipelined transaction does it all (store.submit: the
+    submit→running latency is the product's most visible number); elsewhere the ORM does."""
+    engine = get_engine()
+    if engine.dialect.name == "postgresql":
+        try:
+            return submit.insert_queued_jobs(
+                engine, [(valid.spec, valid.queue, idempotency_key)], project_id=project,
+                idempotency_hash=body_hash, max_active=settings.max_concurrent_jobs,
+            )[0]
+        except submit.SlotsFull as full:
+            raise slots_full(full.active, full.limit, 1) from None
+    check_job_slots(session, project, 1, settings)
+    job = repo.create_job(
+        session, spec=valid.spec, queue=valid.queue, idempotency_key=idempotency_key, idempotency_hash=body_hash,
+        project_id=project,
+    )
+    session.commit()
+    return job
 
 
 def _replay(existing: Any, body_hash: str | None) -> JobRead:
@@ -125,13 +165,13 @@ def _replay(existing: Any, body_hash: str | None) -> JobRead:
     return job_read(existing)
 
 
-@router.post("/batch", response_model=BatchResult, responses={503: {"description": "broker unavailable"}})
+@router.post("/batch", response_model=BatchResult)
 def create_batch(
-    body: BatchCreate, session: SessionDep, settings: SettingsDep, dispatcher: DispatcherDep
+    body: BatchCreate, session: SessionDep, settings: SettingsDep, dispatcher: DispatcherDep, project: ProjectDep
 ) -> BatchResult:
     """Submit up to 1000 specs: a result per item (an id, or errors with JSON paths). Valid items
     are stored and enqueued even when others fail."""
-    resolver = dataset_resolver(session)
+    resolver = dataset_resolver(session, project)
     results: list[BatchItem] = []
     valid_items: list[tuple[int, Any]] = []
     for i, raw in enumerate(body.jobs):
@@ -139,7 +179,12 @@ def create_batch(
             valid_items.append((i, check_job_spec(raw, resolver, settings)))
         except SpecError as exc:
             results.append(BatchItem(index=i, status="invalid", errors=[ErrorItem(**e) for e in exc.errors]))
-    jobs = repo.create_jobs(session, [(v.spec, v.queue, None) for _, v in valid_items]) if valid_items else []
+    if valid_items:
+        check_job_slots(session, project, len(valid_items), settings)
+    jobs = (
+        repo.create_jobs(session, [(v.spec, v.queue, None) for _, v in valid_items], project_id=project)
+        if valid_items else []
+    )
     session.commit()
     if jobs:
         _dispatch(session, dispatcher, [(j.id, j.queue) for j in jobs])
@@ -151,58 +196,81 @@ def create_batch(
 @router.get("", response_model=JobList)
 def list_jobs(
     session: ReadSessionDep,
+    project: ProjectDep,
     status: Annotated[list[JobStatus] | None, Query(description="repeat to give several")] = None,
-    name: str | None = None,
-    created_after: datetime | None = None,
-    created_before: datetime | None = None,
-    cursor: Annotated[str | None, Query(max_length=32)] = None,
+    name: Annotated[str | None, Query(pattern=r"^[^\x00]*$", description="exact name")] = None,
+    created_after: IsoDatetime | None = None,
+    created_before: IsoDatetime | None = None,
+    sweep_id: Annotated[
+        str | None, Query(pattern="^[0-9a-f]{32}$", description="only the trials of this sweep")
+    ] = None,
+    cursor: Annotated[str | None, Query(pattern="^[0-9a-f]{32}$", description="next_cursor of the previous page")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> JobList:
     """Jobs, newest first, with cursor pagination."""
-    flt = repo.JobFilter(status=status or (), name=name, created_after=created_after, created_before=created_before)
-    rows = repo.list_jobs(session, flt, limit=limit, cursor=cursor)
+    flt = repo.JobFilter(
+        status=status or (), name=name, created_after=created_after, created_before=created_before, sweep_id=sweep_id
+    )
+    rows = repo.list_jobs(session, flt, limit=limit, cursor=cursor, project_id=project)
     page = rows[:limit]
     return JobList(jobs=[job_summary(j) for j in page], next_cursor=page[-1].id if len(rows) > limit else None)
 
 
-@router.get("/{job_id}", response_model=JobRead, responses={404: {"description": "no such job"}})
-def get_job(job_id: str, session: ReadSessionDep) -> JobRead:
-    job = repo.get_job(session, job_id)
-    if job is None:
+# The two routes dashboards poll live on their own router (see api.app): their single query also
+# resolves the API key (store.fastread), instead of the separate key lookup of every other route,
+# so a poll is one database round trip with or without keys.
+poll_router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+
+def _admitted(request: Request, caller: fastread.Caller, key: fastread.KeyRow) -> None:
+    """401/429 for a keyed poll, from the key row its own query returned."""
+    if caller.key_hash is None:
+        return
+    owner = None
+    if key is not None:
+        owner = keys.KeyOwner(key_id=key[0], project_id=key[1], requests_per_minute=key[2], last_used_at=as_utc(key[3]))
+    admit(request, owner)
+
+
+@poll_router.get("/{job_id}", response_model=JobRead, responses={404: {"description": "no such job"}})
+def get_job(job_id: str, request: Request, caller: PollCallerDep) -> Response:
+    """The job, its progress, best value, spec (with effective defaults) and what the engine reported.
+    (Served by :mod:`store.fastread`: one query, the stored spec passed through as JSON text.)"""
+    key, body = fastread.job_json(get_engine(), job_id, caller)
+    _admitted(request, caller, key)
+    if body is None:
         raise _not_found(job_id)
-    return job_read(job)
+    return Response(content=body, media_type="application/json")
 
 
-def _downsample(rows: list[dict[str, Any]], max_points: int) -> list[dict[str, Any]]:
-    n = len(rows)
-    if n <= max_points:
-        return rows
-    if max_points == 1:
-        return [rows[-1]]
-    idx = sorted({round(i * (n - 1) / (max_points - 1)) for i in range(max_points)})
-    return [rows[i] for i in idx]
-
-
-@router.get("/{job_id}/metrics", response_model=MetricsRead, responses={404: {"description": "no such job"}})
+@poll_router.get("/{job_id}/metrics", response_model=MetricsRead, responses={404: {"description": "no such job"}})
 def get_metrics(
     job_id: str,
-    session: ReadSessionDep,
+    request: Request,
+    caller: PollCallerDep,
     since_epoch: Annotated[int, Query(ge=0, le=MAX_INT32, description="only epochs after this one")] = 0,
     max_points: Annotated[int | None, Query(ge=1, le=100_000, description="downsample evenly (keeps the last)")] = None,
-) -> MetricsRead:
+) -> Response:
     """Per-epoch metrics. Non-finite values are the strings "NaN", "Infinity", "-Infinity"."""
-    rows = repo.metrics(session, job_id, since_epoch)
-    if not rows and not repo.job_exists(session, job_id):
+    key, body = fastread.metrics_json(get_engine(), job_id, caller, since_epoch, max_points)
+    _admitted(request, caller, key)
+    if body is None:
         raise _not_found(job_id)
-    total = len(rows)
-    if max_points is not None:
-        rows = _downsample(rows, max_points)
-    return MetricsRead(job_id=job_id, epochs=rows, total=total)
+    return Response(content=body, media_type="application/json")
 
 
-def _poll_events(job_id: str, after: int) -> tuple[list[tuple[int, str, dict[str, Any]]], str | None]:
+def _poll_events(
+    job_id: str, after: int, project: str, key_id: str | None = None
+) -> tuple[list[tuple[int, str, dict[str, Any]]], str | None]:
+    """New events and the job's status (None when the job is not the project's, or the caller's
+    key has been revoked since the stream began: the stream then ends)."""
+    status_q = repo.select_job_status(job_id, project)
+    if key_id is not None:
+        status_q = status_q.where(keys.key_is_live(key_id))
     with session_scope(write=False) as s:
-        status = s.scalar(repo.select_job_status(job_id))
+        status = s.scalar(status_q)
+        if status is None:
+            return [], None
         events = [(e.id, e.kind, e.data) for e in repo.events_after(s, job_id, after)]
     return events, status
 
@@ -211,12 +279,19 @@ def _poll_events(job_id: str, after: int) -> tuple[list[tuple[int, str, dict[str
     "/{job_id}/events",
     response_class=EventSourceResponse,
     responses={200: {"content": {"text/event-stream": {}}, "description": "events 'state' and 'epoch'"},
+               400: {"model": ErrorResponse, "description": "Last-Event-ID is not an event id"},
                404: {"description": "no such job"}},
 )
 async def job_events(
     job_id: str,
     request: Request,
-    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+    project: ProjectDep,
+    # typed str (not str | None) so the document says "a string of digits", without a null branch;
+    # the pattern is documented, and checked below (a 400, as before, rather than FastAPI's 422)
+    last_event_id: Annotated[
+        str, Header(alias="Last-Event-ID", description="an event id",
+                    json_schema_extra={"pattern": LAST_EVENT_ID.pattern})
+    ] = None,  # type: ignore[assignment]
     after: Annotated[
         int | None, Query(ge=0, le=MAX_INT64, description="like Last-Event-ID, for clients that cannot set headers")
     ] = None,
@@ -226,14 +301,13 @@ async def job_events(
     land, each with an increasing id; resume with Last-Event-ID. The stream ends after the job's
     terminal state."""
     start = after or 0
-    if last_event_id:
-        try:
-            start = int(last_event_id.strip()) if len(last_event_id) <= 20 else -1
-        except ValueError:
-            start = -1
+    if last_event_id is not None:
+        m = LAST_EVENT_ID.match(last_event_id)
+        start = (int(m.group(1)) if m.group(1) else start) if m else -1
         if not 0 <= start <= MAX_INT64:
             raise HTTPException(status_code=400, detail="Last-Event-ID must be an event id (an integer)") from None
-    first, status = await run_in_threadpool(_poll_events, job_id, start)
+    key_id = authenticate(request).key_id
+    first, status = await run_in_threadpool(_poll_events, job_id, start, project, key_id)
     if status is None:
         raise _not_found(job_id)
 
@@ -250,7 +324,9 @@ async def job_events(
                 return
             if not events:
                 await asyncio.sleep(poll_interval)
-            events, st = await run_in_threadpool(_poll_events, job_id, last)
+            events, st = await run_in_threadpool(_poll_events, job_id, last, project, key_id)
+            if st is None:
+                return  # the key was revoked (or the job deleted) while streaming
 
     return EventSourceResponse(stream(), ping=15)
 
@@ -261,11 +337,11 @@ async def job_events(
     responses={404: {"description": "no such job"},
                409: {"description": "the job already ended (succeeded, failed or cancelled)"}},
 )
-def cancel_job(job_id: str, session: SessionDep) -> JobRead:
+def cancel_job(job_id: str, session: SessionDep, project: ProjectDep) -> JobRead:
     """A queued job is cancelled at once and never starts; a running one stops within about a
     second of training and ends ``cancelled`` (cancelling it again while it stops is a 200). A
     job that already ended (succeeded, failed or cancelled) is a 409."""
-    before = session.scalar(repo.select_job_status(job_id))
+    before = session.scalar(repo.select_job_status(job_id, project))
     if before is None:
         raise _not_found(job_id)
     if before in TERMINAL_STATUSES:
@@ -282,9 +358,9 @@ def cancel_job(job_id: str, session: SessionDep) -> JobRead:
 
 
 @router.get("/{job_id}/checkpoints", response_model=CheckpointList, responses={404: {"description": "no such job"}})
-def list_checkpoints(job_id: str, session: ReadSessionDep) -> CheckpointList:
-    rows = repo.list_checkpoints(session, job_id)
-    if not rows and not repo.job_exists(session, job_id):
+def list_checkpoints(job_id: str, session: ReadSessionDep, project: ProjectDep) -> CheckpointList:
+    rows = repo.list_checkpoints(session, job_id, project)
+    if not rows and not repo.job_exists(session, job_id, project):
         raise _not_found(job_id)
     return CheckpointList(checkpoints=[checkpoint_read(c, stored) for c, stored in rows])
 
@@ -296,19 +372,28 @@ def list_checkpoints(job_id: str, session: ReadSessionDep) -> CheckpointList:
         200: {"content": {"application/octet-stream": {}},
               "description": "safetensors file; its sha256 (hex) in X-Checkpoint-SHA256 and ETag"},
         404: {"description": "no such job, or no checkpoint yet"},
+        500: {"model": ErrorResponse, "description": "the stored checkpoint is corrupt (its bytes no longer match "
+                                                     "their sha256, or are not a safetensors file); never served"},
     },
 )
-def best_checkpoint(job_id: str, session: ReadSessionDep) -> Response:
-    """The best weights as a ``.safetensors`` file."""
-    ck = repo.best_checkpoint(session, job_id)
+def best_checkpoint(job_id: str, session: ReadSessionDep, project: ProjectDep) -> Response:
+    """The best weights as a ``.safetensors`` file. Bytes whose sha256 is not the stored one, or
+    that are not a safetensors file, are refused (500), never served."""
+    ck = repo.best_checkpoint(session, job_id, project)
     if ck is None:
-        status = session.scalar(repo.select_job_status(job_id))
+        status = session.scalar(repo.select_job_status(job_id, project))
         if status is None:
             raise _not_found(job_id)
         if status in TERMINAL_STATUSES:
             raise HTTPException(status_code=404, detail=f"job {job_id} ended without a checkpoint ({status})")
         raise HTTPException(status_code=404, detail=f"job {job_id} has no checkpoint yet")
     assert ck.data is not None
+    problem = _checkpoint_problem(ck.data, ck.sha256)
+    if problem is not None:
+        raise HTTPException(
+            status_code=500,
+            detail=f"the best checkpoint of job {job_id} (epoch {ck.epoch}) is corrupt: {problem}; refusing to serve it",
+        )
     return Response(
         content=ck.data,
         media_type="application/octet-stream",

@@ -1,8 +1,10 @@
 from __future__ import annotations
 
-from typing import Any
+import re
+from datetime import datetime
+from typing import Annotated, Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, BeforeValidator, Field
 
 
 class ErrorItem(BaseModel):
@@ -18,3 +20,14 @@ class ErrorResponse(BaseModel):
 
 #: A metric value: a JSON number, or "NaN" / "Infinity" / "-Infinity" for non-finite values.
 MetricValue = float | int | str | None
+
+
+def _iso_datetime(value: Any) -> Any:
+    # pydantic also reads numbers ("0.5") as Unix times; the OpenAPI document promises RFC 3339
+    if isinstance(value, str) and not re.match(r"^\d{4}-\d{2}-\d{2}", value.strip()):
+        raise ValueError("expected an RFC 3339 date-time such as 2026-01-31T12:00:00Z")
+    return value
+
+
+#: A date-time query parameter: RFC 3339 text only (a naive one is UTC).
+IsoDatetime = Annotated[datetime, BeforeValidator(_iso_datetime)]

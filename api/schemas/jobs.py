@@ -40,6 +40,9 @@ class JobSummary(BaseModel):
     finished_at: datetime | None = None
     heartbeat_at: datetime | None = None
     updated_at: datetime
+    sweep_id: str | None = Field(None, description="the sweep this job is a trial of")
+    trial_number: int | None = Field(None, description="its 0-based trial number within the sweep")
+    trial_params: dict[str, Any] | None = Field(None, description="the sweep parameters this trial was given")
 
 
 class JobRead(JobSummary):

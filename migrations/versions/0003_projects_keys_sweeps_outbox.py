@@ -86,6 +86,11 @@ def upgrade() -> None:
         batch_op.create_foreign_key(batch_op.f('fk_jobs_sweep_id_sweeps'), 'sweeps', ['sweep_id'], ['id'], ondelete='CASCADE')
         batch_op.create_index(batch_op.f('ix_jobs_project_id'), ['project_id'], unique=False)
         batch_op.create_index(batch_op.f('ix_jobs_sweep_id'), ['sweep_id'], unique=False)
+        # Idempotency-Keys become unique per project
+        batch_op.drop_constraint('uq_jobs_idempotency_key', type_='unique')
+        batch_op.create_unique_constraint(
+            batch_op.f('uq_jobs_project_id_idempotency_key'), ['project_id', 'idempotency_key']
+        )
 
     with op.batch_alter_table('datasets', schema=None) as batch_op:
         batch_op.add_column(sa.Column('project_id', sa.String(length=32), server_default='default', nullable=False))
@@ -114,6 +119,8 @@ def downgrade() -> None:
         batch_op.drop_constraint(batch_op.f('fk_datasets_project_id_projects'), type_='foreignkey')
         batch_op.drop_column('project_id')
     with op.batch_alter_table('jobs', schema=None) as batch_op:
+        batch_op.drop_constraint(batch_op.f('uq_jobs_project_id_idempotency_key'), type_='unique')
+        batch_op.create_unique_constraint(batch_op.f('uq_jobs_idempotency_key'), ['idempotency_key'])
         batch_op.drop_index(batch_op.f('ix_jobs_sweep_id'))
         batch_op.drop_index(batch_op.f('ix_jobs_project_id'))
         batch_op.drop_constraint(batch_op.f('fk_jobs_sweep_id_sweeps'), type_='foreignkey')

@@ -87,6 +87,9 @@ def service_env(pg_url: str, redis_client: redis.Redis, tmp_path_factory: pytest
         "TRAINYARD_BROKER_URL": REDIS_URL,
         "TRAINYARD_DATA_DIR": str(data_dir),
         "TRAINYARD_QUEUE_PREFIX": f"ty-{RUN_ID}-",
+        # the shared API process runs keyless (every caller in the default project); the key and
+        # project tests build their own apps with auth required (tests/service/test_auth.py)
+        "TRAINYARD_AUTH": "off",
     }
 
 
@@ -149,6 +152,7 @@ def inproc_env(pg_url: str, migrated: None, redis_client: redis.Redis, tmp_path_
         "TRAINYARD_BROKER_URL": REDIS_URL,
         "TRAINYARD_DATA_DIR": str(tmp_path_factory.mktemp("inproc-data")),
         "TRAINYARD_QUEUE_PREFIX": f"ty-{RUN_ID}-inproc-",
+        "TRAINYARD_AUTH": "off",
     }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)

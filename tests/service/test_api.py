@@ -390,21 +390,25 @@ def test_health_ready_and_prometheus(app_client):
     assert float(queued.split()[-1]) >= 1
 
 
-def test_broker_down_is_503_and_the_job_is_recorded_failed(inproc_env):
+def test_broker_down_still_accepts_the_job_and_keeps_it_in_the_outbox(inproc_env):
     from dataclasses import replace
 
     from fastapi.testclient import TestClient
 
     from api.app import create_app
+    from store.db import session_scope
+    from store.models import Outbox
     from store.settings import get_settings
 
     down = create_app(replace(get_settings(), broker_url="redis://127.0.0.1:1/0"))
     with TestClient(down) as c:
         name = f"nobroker-{uuid.uuid4().hex[:8]}"
         r = c.post("/v1/jobs", json=note_spec(2, name=name))
-        assert r.status_code == 503
+        assert r.status_code == 201 and r.json()["status"] == "queued"
         jobs = c.get("/v1/jobs", params={"name": name}).json()["jobs"]
-        assert len(jobs) == 1 and jobs[0]["status"] == "failed" and "broker" in jobs[0]["error"]
+        assert len(jobs) == 1 and jobs[0]["status"] == "queued"
+        with session_scope(write=False) as s:
+            assert s.query(Outbox).filter(Outbox.job_id == r.json()["id"]).count() == 1  # sent when the broker is back
         ready = c.get("/readyz")
         assert ready.status_code == 503 and ready.json()["database"] == "ok" and ready.json()["broker"] != "ok"
 

@@ -55,7 +55,9 @@ class Rewriter:
         if "TRAINYARD_WORKER_HEARTBEAT_FILE" in env:
             env["TRAINYARD_WORKER_HEARTBEAT_FILE"] = self.path(env["TRAINYARD_WORKER_HEARTBEAT_FILE"])
         env["TRAINYARD_QUEUE_PREFIX"] = f"ty-{RUN_ID}-compose-"  # isolation from concurrent runs only
-        return {**os.environ, "PYTHONPATH": str(ROOT), **env}
+        # the compose file's settings only: not a TRAINYARD_* this test process carries (inproc_env's AUTH=off)
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith("TRAINYARD_")}
+        return {**inherited, "PYTHONPATH": str(ROOT), **env}
 
     def path(self, p: str) -> str:
         return str(self.tmp / p.lstrip("/").replace("/", "_"))
@@ -124,7 +126,13 @@ def test_compose_services_run_jobs(pg, redis_client, tmp_path):
             procs[name] = subprocess.Popen(rw.command(svc["command"]), env=rw.env(svc), cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
         for name in ("api", "worker-gpu", "worker-cpu"):
             _healthy(rw.healthcheck(services[name]), rw.env(services[name]), timeout=90)
+        # production mode: the API wants a key, made the way an operator would (in the api container)
+        key = subprocess.run(rw.command(["trainyard", "keys", "create", "--project", "compose"]),
+                             env=rw.env(services["api"]), cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert key.returncode == 0, key.stderr
         with Client(f"http://127.0.0.1:{port}") as c:
+            assert c._http.get("/v1/jobs").status_code == 401
+        with Client(f"http://127.0.0.1:{port}", api_key=key.stdout.strip()) as c:
             cpu_job = c.submit(note_spec(2, name="compose-cpu", device="cpu"))
             auto_job = c.submit(note_spec(2, name="compose-auto"))
             assert cpu_job["queue"].endswith("cpu") and auto_job["queue"].endswith("gpu")

@@ -1,0 +1,279 @@
+"""Limits: request body size and JSON nesting (ASGI middleware), what a job spec may ask for,
+per-project concurrent jobs, and per-project request rate.
+
+The rate limit is a token bucket per project held in this API process: with N uvicorn workers or N
+API processes a project gets up to N times its rate. The concurrent-jobs limit is exact: it is
+checked in the submitting transaction under a lock on the project's row.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import threading
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from fastapi import HTTPException
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from store.models import Job, Project
+from store.settings import Settings
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+#: multipart bodies carry a file of up to ``max_upload_bytes`` plus form fields and boundaries
+MULTIPART_OVERHEAD = 64 * 1024
+
+
+def _error_body(status: int, detail: Any) -> tuple[int, bytes]:
+    import json
+
+    return status, json.dumps({"detail": detail}).encode()
+
+
+def json_too_deep(body: bytes, max_depth: int) -> bool:
+    """Whether the JSON text ``body`` nests arrays/objects deeper than ``max_depth`` (brackets
+    inside strings do not count). Linear time, vectorized; a cheap count settles most bodies."""
+    if body.count(b"[") + body.count(b"{") <= max_depth:
+        return False
+    import numpy as np
+
+    text = re.sub(rb"\\.", b"", body)  # escapes first, so \" does not end a string
+    text = re.sub(rb'"[^"]*"', b"", text)
+    arr = np.frombuffer(text, dtype=np.uint8)
+    opens = (arr == ord("[")) | (arr == ord("{"))
+    closes = (arr == ord("]")) | (arr == ord("}"))
+    steps = opens.astype(np.int8)[opens | closes] - closes.astype(np.int8)[opens | closes]
+    return bool(steps.size) and int(np.cumsum(steps, dtype=np.int64).max()) > max_depth
+
+
+class BodyLimitMiddleware:
+    """413 for a body over the limit, decided from Content-Length when there is one and else by
+    counting bytes as they arrive (never reading more than the limit). JSON bodies (they are read
+    whole by the app anyway) are also refused with a 422 when nested deeper than
+    ``max_json_depth``, before anything parses them."""
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+
+    def _limit(self, scope: Scope) -> tuple[int, bool]:
+        ctype = ""
+        for k, v in scope.get("headers") or ():
+            if k == b"content-type":
+                ctype = v.decode("latin-1").lower()
+        if ctype.startswith("multipart/"):
+            return self.settings.max_upload_bytes + MULTIPART_OVERHEAD, False
+        return self.settings.max_body_bytes, "json" in ctype or not ctype
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD", "OPTIONS", "DELETE"):
+            await self.app(scope, receive, send)
+            return
+        limit, is_json = self._limit(scope)
+        too_large = {"detail": f"the request body is larger than the limit of {limit} bytes"}
+        for k, v in scope.get("headers") or ():
+            if k == b"content-length":
+                try:
+                    declared = int(v)
+                except ValueError:
+                    declared = -1
+                if declared > limit:
+                    await _respond(send, 413, too_large["detail"])
+                    return
+        if is_json:
+            body, over = await _read_all(receive, limit)
+            if over:
+                await _respond(send, 413, too_large["detail"])
+                return
+            if body and not _decodes(body):
+                await _respond(send, 422, [{
+                    "loc": ["body"], "path": "", "type": "json_invalid",
+                    "msg": "the request body is not valid JSON: it is not UTF-8 text",
+                }])
+                return
+            if json_too_deep(body, self.settings.max_json_depth):
+                await _respond(send, 422, [{
+                    "loc": ["body"], "path": "", "type": "json_too_deep",
+                    "msg": f"the request body nests arrays/objects deeper than {self.settings.max_json_depth} levels",
+                }])
+                return
+            await self.app(scope, _replay(body), send)
+            return
+        seen = 0
+
+        async def counting_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    # FastAPI re-raises HTTPExceptions met while parsing a body; its handler renders it
+                    raise HTTPException(status_code=413, detail=too_large["detail"])
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+
+def _decodes(body: bytes) -> bool:
+    """Whether the body is text in the encoding JSON's rules detect (UTF-8, or UTF-16/32)."""
+    import json
+
+    try:
+        body.decode(json.detect_encoding(body))
+    except (UnicodeDecodeError, LookupError):
+        return False
+    return True
+
+
+async def _read_all(receive: Receive, limit: int) -> tuple[bytes, bool]:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return b"", True
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return b"".join(chunks), False
+
+
+def _replay(body: bytes) -> Receive:
+    sent = False
+
+    async def receive() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return {"type": "http.disconnect"}
+
+    return receive
+
+
+async def _respond(send: Send, status: int, detail: Any) -> None:
+    _, body = _error_body(status, detail)
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+# --------------------------------------------------------------------------- job specs
+
+
+def spec_limit_errors(spec: Any, info: Any, settings: Settings) -> list[dict[str, Any]]:
+    """What a valid spec asks for beyond the service's limits, as spec errors with JSON paths.
+    The parameter count comes from the layer shapes alone (nothing is allocated)."""
+    from training.shapes import ShapeError, count_parameters
+    from training.spec import json_path
+
+    errors: list[dict[str, Any]] = []
+
+    def add(loc: list[Any], msg: str) -> None:
+        errors.append({"loc": loc, "path": json_path(loc), "msg": msg, "type": "limit_exceeded"})
+
+    if spec.epochs > settings.max_epochs:
+        add(["epochs"], f"epochs is {spec.epochs}; this server allows at most {settings.max_epochs}")
+    if len(spec.model.layers) > settings.max_layers:
+        add(["model", "layers"], f"the model has {len(spec.model.layers)} layers; this server allows at most "
+                                 f"{settings.max_layers}")
+    if spec.data.batch_size > settings.max_batch_size:
+        add(["data", "batch_size"], f"batch_size is {spec.data.batch_size}; this server allows at most "
+                                    f"{settings.max_batch_size}")
+    if info is not None:
+        per_sample = math.prod(int(d) for d in info.input_shape)
+        nbytes = 4 * per_sample * int(info.n_samples)
+        if nbytes > settings.max_dataset_bytes:
+            add(["data"], f"the dataset is {info.n_samples} samples of shape {list(info.input_shape)} "
+                          f"({nbytes} bytes as float32); this server allows at most {settings.max_dataset_bytes}")
+        try:
+            n_params = count_parameters(spec.model, tuple(info.input_shape))
+        except ShapeError:
+            n_params = 0  # shape errors were reported by the spec's own validation
+        if n_params > settings.max_parameters:
+            add(["model"], f"the model has {n_params} parameters; this server allows at most {settings.max_parameters}")
+    return errors
+
+
+# --------------------------------------------------------------------------- concurrent jobs
+
+
+def too_many_requests(detail: str, retry_after: float) -> HTTPException:
+    return HTTPException(status_code=429, detail=detail, headers={"Retry-After": str(max(1, math.ceil(retry_after)))})
+
+
+#: what a 429 for the concurrent-jobs limit suggests: jobs take minutes
+JOBS_RETRY_AFTER_S = 30
+
+
+def check_job_slots(session: Session, project_id: str, adding: int, settings: Settings) -> None:
+    """429 (Retry-After) unless the project's queued + running jobs plus ``adding`` fit its
+    limit (its own ``max_concurrent_jobs``, else the service's). Locks the project's row until
+    the caller's transaction ends, so concurrent submissions cannot both squeeze in."""
+    own = session.execute(
+        select(Project.max_concurrent_jobs).where(Project.id == project_id).with_for_update()
+    ).first()
+    limit = own[0] if own is not None and own[0] is not None else settings.max_concurrent_jobs
+    if limit <= 0:
+        return
+    active = session.scalar(
+        select(func.count()).select_from(Job).where(Job.project_id == project_id, Job.status.in_(("queued", "running")))
+    ) or 0
+    if active + adding > limit:
+        raise slots_full(active, limit, adding)
+
+
+def slots_full(active: int, limit: int, adding: int) -> HTTPException:
+    """The 429 of a submission that does not fit the project's concurrent-jobs limit."""
+    return too_many_requests(
+        f"project has {active} queued or running jobs and may have at most {limit}; "
+        f"{'this job does' if adding == 1 else f'these {adding} jobs do'} not fit; retry when some have finished",
+        JOBS_RETRY_AFTER_S,
+    )
+
+
+# --------------------------------------------------------------------------- request rate
+
+
+class RateLimiter:
+    """Token buckets per project: ``per_minute`` tokens a minute, holding at most a minute's worth
+    (so a burst of ``per_minute`` requests passes, then one every ``60/per_minute`` s)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, at)
+        self._lock = threading.Lock()
+
+    def acquire(self, key: str, per_minute: int) -> float:
+        """Take a token: 0.0 if granted, else the seconds until one is available."""
+        if per_minute <= 0:
+            return 0.0
+        rate = per_minute / 60.0
+        now = self._clock()
+        with self._lock:
+            tokens, at = self._buckets.get(key, (float(per_minute), now))
+            tokens = min(float(per_minute), tokens + (now - at) * rate)
+            if tokens >= 1.0:
+                self._buckets[key] = (tokens - 1.0, now)
+                return 0.0
+            self._buckets[key] = (tokens, now)
+            return (1.0 - tokens) / rate
+
+    def check(self, key: str, per_minute: int) -> None:
+        """Raise a 429 with Retry-After when the bucket of ``key`` is empty."""
+        wait = self.acquire(key, per_minute)
+        if wait > 0:
+            raise too_many_requests(f"rate limit of {per_minute} requests per minute exceeded; retry later", wait)

@@ -1,0 +1,193 @@
+"""The two routes that dashboards and batch scripts poll (a job, its metrics) read through the
+DBAPI connection directly: one prepared SQL string, one round trip, and the stored JSON (the spec,
+each epoch's metrics) passed through as text instead of parsed and re-serialized.
+
+Measured on this project's 2-core VM (``bench/service.py`` and the A/B in BENCHMARKS.md), the ORM
+path spent most of a poll's server time in SQLAlchemy's session, row and result machinery and in
+pydantic validating a response it had just built; this path keeps only the query.
+``tests/service/test_fastread.py`` checks its output equals the response model's, field for field.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import lru_cache
+from typing import Any
+
+from sqlalchemy import Engine
+
+from store.floats import from_text
+
+# The job columns a view needs, in select order; spec and info come as JSON text.
+JOB_COLUMNS = (
+    "id", "name", "status", "queue", "stop_reason", "error", "epoch", "epochs", "best_monitor", "best_value",
+    "best_epoch", "attempts", "cancel_requested", "worker", "steps", "run_seconds", "created_at", "started_at",
+    "finished_at", "heartbeat_at", "updated_at", "sweep_id", "trial_number", "trial_params",
+)
+
+
+def _sql(engine: Engine, sql: str) -> str:
+    """``:name`` placeholders in the driver's own parameter style."""
+    if engine.dialect.paramstyle in ("pyformat", "format"):
+        return re.sub(r"(?<!:):([a-z_]+)", r"%(\1)s", sql)
+    return sql  # sqlite3 takes :name
+
+
+#: With an API key, the key's row leads the query (LEFT JOIN to the job), so one round trip
+#: authenticates the caller and reads the job: no key row = 401, key row without job = 404.
+KEY_COLUMNS = ("k.id", "k.project_id", "p.requests_per_minute", "k.last_used_at")
+_KEY_FROM = (
+    "FROM api_keys k JOIN projects p ON p.id = k.project_id "
+    "LEFT JOIN jobs j ON j.id = :id AND j.project_id = k.project_id"
+)
+_KEY_WHERE = "WHERE k.key_hash = :key_hash AND k.revoked_at IS NULL"
+
+
+@lru_cache(maxsize=8)
+def _job_sql(engine: Engine, keyed: bool) -> str:
+    cols = ", ".join(f"j.{c}" for c in JOB_COLUMNS) + ", CAST(j.spec AS TEXT), CAST(j.info AS TEXT)"
+    if keyed:
+        return _sql(engine, f"SELECT {', '.join(KEY_COLUMNS)}, {cols} {_KEY_FROM} {_KEY_WHERE}")
+    return _sql(engine, f"SELECT {cols} FROM jobs j WHERE j.id = :id AND j.project_id = :project")
+
+
+@lru_cache(maxsize=8)
+def _metrics_sql(engine: Engine, keyed: bool) -> str:
+    # The job row joins in so one round trip tells "no such job" from "no epochs yet".
+    metrics = "LEFT JOIN job_metrics m ON m.job_id = j.id AND m.epoch > :since"
+    if keyed:
+        return _sql(
+            engine,
+            f"SELECT {', '.join(KEY_COLUMNS)}, j.id, CAST(m.\"values\" AS TEXT) {_KEY_FROM} {metrics} "
+            f"{_KEY_WHERE} ORDER BY m.epoch",
+        )
+    return _sql(
+        engine,
+        f"SELECT j.id, CAST(m.\"values\" AS TEXT) FROM jobs j {metrics} "
+        "WHERE j.id = :id AND j.project_id = :project ORDER BY m.epoch",
+    )
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who asks: a project (auth off, or already resolved) or the sha256 of an API key, which the
+    query itself resolves (see :data:`KEY_COLUMNS`)."""
+
+    project_id: str | None = None
+    key_hash: str | None = None
+
+    def params(self) -> dict[str, Any]:
+        return {"key_hash": self.key_hash} if self.key_hash is not None else {"project": self.project_id}
+
+
+#: What a keyed query says of the key: (key id, project id, project's requests per minute,
+#: last used at), or None when the key is unknown or revoked.
+KeyRow = tuple[Any, Any, Any, Any] | None
+
+
+def _fetch(engine: Engine, sql: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+    conn = engine.raw_connection()
+    try:
+        cur = conn.cursor()
+        try:
+            cur.execute(sql, params)
+            rows = cur.fetchall()
+        finally:
+            cur.close()
+        if engine.dialect.name != "sqlite":
+            conn.commit()  # psycopg opened a transaction for the SELECT; end it (no round trip if idle)
+        return rows
+    finally:
+        conn.close()  # back to the pool
+
+
+def _iso(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, str):  # SQLite returns text
+        value = datetime.fromisoformat(value)
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, str):
+        return json.loads(value)
+    return value
+
+
+def _view(row: Sequence[Any]) -> dict[str, Any]:
+    r = dict(zip(JOB_COLUMNS, row, strict=False))
+    best = None
+    if r["best_monitor"] is not None or r["best_epoch"] is not None:
+        best = {"monitor": r["best_monitor"], "value": from_text(r["best_value"]), "epoch": r["best_epoch"]}
+    return {
+        "id": r["id"], "name": r["name"], "status": r["status"], "queue": r["queue"],
+        "stop_reason": r["stop_reason"], "error": r["error"],
+        "progress": {"epoch": r["epoch"], "epochs": r["epochs"]}, "best": best,
+        "attempts": r["attempts"], "cancel_requested": bool(r["cancel_requested"]), "worker": r["worker"],
+        "steps": r["steps"], "run_seconds": r["run_seconds"],
+        "created_at": _iso(r["created_at"]), "started_at": _iso(r["started_at"]),
+        "finished_at": _iso(r["finished_at"]), "heartbeat_at": _iso(r["heartbeat_at"]),
+        "updated_at": _iso(r["updated_at"]),
+        "sweep_id": r["sweep_id"], "trial_number": r["trial_number"], "trial_params": _json_value(r["trial_params"]),
+    }
+
+
+def job_json(engine: Engine, job_id: str, caller: Caller) -> tuple[KeyRow, bytes | None]:
+    """``GET /v1/jobs/{id}`` as JSON bytes (the spec and info spliced in as stored), or None if
+    there is no such job in the caller's project; with a key, also the key's row (None: 401)."""
+    keyed = caller.key_hash is not None
+    rows = _fetch(engine, _job_sql(engine, keyed), {"id": job_id, **caller.params()})
+    key: KeyRow = None
+    if keyed:
+        if not rows:
+            return None, None
+        key, row = tuple(rows[0][:4]), rows[0][4:]  # type: ignore[assignment]
+    elif rows:
+        row = rows[0]
+    else:
+        return None, None
+    if row[0] is None:  # the key is valid, the job is not in its project
+        return key, None
+    head = json.dumps(_view(row[: len(JOB_COLUMNS)]), separators=(",", ":"), allow_nan=False)
+    spec_text, info_text = row[len(JOB_COLUMNS)], row[len(JOB_COLUMNS) + 1]
+    body = f'{head[:-1]},"spec":{spec_text},"info":{info_text if info_text is not None else "null"}}}'
+    return key, body.encode()
+
+
+def downsample(rows: list[Any], max_points: int) -> list[Any]:
+    """``max_points`` evenly spaced rows, always keeping the first and the last."""
+    n = len(rows)
+    if n <= max_points:
+        return rows
+    if max_points == 1:
+        return [rows[-1]]
+    idx = sorted({round(i * (n - 1) / (max_points - 1)) for i in range(max_points)})
+    return [rows[i] for i in idx]
+
+
+def metrics_json(
+    engine: Engine, job_id: str, caller: Caller, since_epoch: int = 0, max_points: int | None = None
+) -> tuple[KeyRow, bytes | None]:
+    """``GET /v1/jobs/{id}/metrics`` as JSON bytes (each epoch's stored JSON spliced in), or None
+    if the job does not exist in the caller's project; with a key, also the key's row."""
+    keyed = caller.key_hash is not None
+    rows = _fetch(engine, _metrics_sql(engine, keyed), {"id": job_id, "since": since_epoch, **caller.params()})
+    if not rows:
+        return None, None
+    key: KeyRow = tuple(rows[0][:4]) if keyed else None  # type: ignore[assignment]
+    if keyed:
+        rows = [r[4:] for r in rows]
+    if rows[0][0] is None:
+        return key, None
+    epochs = [r[1] for r in rows if r[1] is not None]
+    total = len(epochs)
+    if max_points is not None:
+        epochs = downsample(epochs, max_points)
+    return key, f'{{"job_id":{json.dumps(job_id)},"epochs":[{",".join(epochs)}],"total":{total}}}'.encode()

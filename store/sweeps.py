@@ -1,0 +1,342 @@
+"""Sweeps: their rows, their trials (jobs with ``sweep_id``), and advancing a sweep.
+
+The database is the truth: a sweep's Optuna study is rebuilt from these rows whenever a decision
+is needed (``training.sweep_space``). :func:`advance_sweep` runs under a row lock on the sweep
+(``SELECT ... FOR UPDATE`` on PostgreSQL; SQLite's writing transactions are BEGIN IMMEDIATE), so
+trials that end at the same time never create more than ``max_trials`` trials or more than
+``max_concurrent`` unfinished ones. Functions take a session and never commit.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session, defer
+
+from store import repo
+from store.floats import decode_float, to_text
+from store.ids import new_id
+from store.models import TERMINAL_STATUSES, Dataset, Job, JobMetric, Sweep
+from store.settings import Settings
+from training.sweep_space import TrialRecord, objective_value, suggest, with_params
+
+log = logging.getLogger("trainyard.sweeps")
+
+SWEEP_TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+# --------------------------------------------------------------------------- rows
+
+
+def create_sweep(
+    session: Session, *, project_id: str, name: str, method: str, config: dict[str, Any], objective_metric: str,
+    objective_mode: str, max_trials: int, max_concurrent: int,
+) -> Sweep:
+    now = repo.utcnow()
+    sweep = Sweep(
+        id=new_id(), project_id=project_id, name=name, status="running", method=method, config=config,
+        objective_metric=objective_metric, objective_mode=objective_mode, max_trials=max_trials,
+        max_concurrent=max_concurrent, trials_created=0, created_at=now, updated_at=now,
+    )
+    session.add(sweep)
+    session.flush()
+    return sweep
+
+
+def get_sweep(session: Session, sweep_id: str, project_id: str | None = None, *, lock: bool = False) -> Sweep | None:
+    """The sweep (of ``project_id`` when given); ``lock`` takes its row lock for the rest of the
+    transaction and reads it fresh."""
+    q = select(Sweep).where(Sweep.id == sweep_id)
+    if project_id is not None:
+        q = q.where(Sweep.project_id == project_id)
+    if lock:
+        q = q.with_for_update().execution_options(populate_existing=True)
+    return session.scalars(q).one_or_none()
+
+
+def list_sweeps(
+    session: Session, project_id: str, *, limit: int, cursor: str | None, status: Sequence[str] = ()
+) -> list[Sweep]:
+    """Newest first (ids are time-ordered); up to ``limit + 1`` rows (a next page exists if more)."""
+    q = select(Sweep).options(defer(Sweep.config)).where(Sweep.project_id == project_id)
+    if status:
+        q = q.where(Sweep.status.in_(list(status)))
+    if cursor:
+        q = q.where(Sweep.id < cursor)
+    return list(session.scalars(q.order_by(Sweep.id.desc()).limit(limit + 1)))
+
+
+def trials(session: Session, sweep_id: str) -> list[Job]:
+    """The sweep's trial jobs by trial number (without spec and info)."""
+    q = (
+        select(Job).options(defer(Job.spec), defer(Job.info))
+        .where(Job.sweep_id == sweep_id).order_by(Job.trial_number)
+    )
+    return list(session.scalars(q))
+
+
+def objective_series(session: Session, sweep_id: str, metric: str) -> dict[str, dict[int, float]]:
+    """job id -> {epoch: value of the objective metric} for every trial of the sweep (non-finite
+    values as floats; epochs without the metric left out)."""
+    q = (
+        select(JobMetric.job_id, JobMetric.epoch, JobMetric.values)
+        .join(Job, Job.id == JobMetric.job_id)
+        .where(Job.sweep_id == sweep_id)
+    )
+    out: dict[str, dict[int, float]] = {}
+    for job_id, epoch, values in session.execute(q):
+        v = decode_float(values.get(metric))
+        if v is not None:
+            out.setdefault(job_id, {})[int(epoch)] = float(v)
+    return out
+
+
+def trial_state(job: Job, value: float | None) -> str:
+    """The Optuna state of a trial job: queued/running -> running; succeeded with stop reason
+    ``pruned`` -> pruned; succeeded -> complete (fail if its objective never had a finite value);
+    failed or cancelled -> fail."""
+    if job.status in ("queued", "running"):
+        return "running"
+    if job.status == "succeeded":
+        if job.stop_reason == "pruned":
+            return "pruned"
+        return "complete" if value is not None else "fail"
+    return "fail"
+
+
+@dataclass(frozen=True)
+class TrialView:
+    """A trial job with its objective values, as the API and the advancing logic see it."""
+
+    job: Job
+    values: dict[int, float]
+    value: float | None
+    state: str
+
+    def record(self) -> TrialRecord:
+        return TrialRecord(
+            number=int(self.job.trial_number or 0), params=dict(self.job.trial_params or {}),
+            state=self.state,  # type: ignore[arg-type]
+            values=self.values, value=self.value,
+        )
+
+
+def trial_views(session: Session, sweep: Sweep) -> list[TrialView]:
+    """Every trial of ``sweep`` with its objective series, value and state, by trial number."""
+    series = objective_series(session, sweep.id, sweep.objective_metric)
+    out = []
+    for job in trials(session, sweep.id):
+        values = series.get(job.id, {})
+        value = objective_value(values, sweep.objective_mode)
+        out.append(TrialView(job=job, values=values, value=value, state=trial_state(job, value)))
+    return out
+
+
+def leaderboard(views: Sequence[TrialView], mode: str) -> list[TrialView]:
+    """Trials that ended normally (completed, early-stopped or pruned) with an objective value,
+    best first (ties: lower trial number first)."""
+    ranked = [v for v in views if v.value is not None and v.job.status == "succeeded"]
+    sign = -1.0 if mode == "max" else 1.0
+    return sorted(ranked, key=lambda v: (sign * (v.value or 0.0), v.job.trial_number or 0))
+
+
+# --------------------------------------------------------------------------- trial specs
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    spec: dict[str, Any] | None  # effective spec, JSON-ready; None when invalid
+    queue: str | None
+    errors: list[dict[str, Any]] | None = None
+
+
+def dataset_resolver(session: Session, project_id: str) -> Callable[[str], Any]:
+    """Map one of the project's stored dataset ids to its DatasetInfo (None if there is none)."""
+    from training.data import DatasetInfo
+
+    def resolve(dataset_id: str) -> Any:
+        if len(dataset_id) != 32:
+            return None
+        ds = session.get(Dataset, dataset_id)
+        if ds is None or ds.project_id != project_id:
+            return None
+        return DatasetInfo(
+            name=ds.id, task=ds.task, input_shape=tuple(ds.input_shape), n_classes=ds.n_classes,  # type: ignore[arg-type]
+            n_targets=ds.n_targets, n_samples=ds.n_samples,
+        )
+
+    return resolve
+
+
+def objective_problem(spec: Any, metric: str) -> str | None:
+    """Why ``metric`` cannot be a sweep objective for the validated ``spec`` (None if it can)."""
+    names = ["loss", *spec.metric_names()]
+    has_val = spec.data.validation_split > 0
+    known = names + ([f"val_{n}" for n in names] if has_val else [])
+    if metric in known:
+        return None
+    hint = ""
+    if metric.startswith("val_") and not has_val:
+        hint = " (data.validation_split is 0, so no val_* metric exists)"
+    elif metric.removeprefix("val_") not in names:
+        hint = " (add it to the spec's metrics)"
+    return f"the trials do not report {metric!r}{hint}; available: {', '.join(known)}"
+
+
+def make_trial_spec(
+    base: dict[str, Any], params: dict[str, Any], *, metric: str, resolver: Callable[[str], Any], settings: Settings
+) -> TrialSpec:
+    """The trial's spec: ``base`` with ``params`` set, validated like any job (plus: it reports the
+    objective metric). Invalid: ``errors`` with JSON paths into the trial spec."""
+    from training import SpecError, validate_spec
+
+    try:
+        raw = with_params(base, params)
+        valid = validate_spec(raw, datasets=resolver)
+    except SpecError as exc:
+        return TrialSpec(None, None, exc.errors)
+    except ValueError as exc:  # PathError
+        return TrialSpec(None, None, [{"loc": [], "path": "", "msg": str(exc), "type": "value_error"}])
+    problem = objective_problem(valid, metric)
+    if problem:
+        return TrialSpec(None, None, [{"loc": ["objective", "metric"], "path": "objective.metric", "msg": problem, "type": "value_error"}])
+    return TrialSpec(valid.model_dump(mode="json"), settings.queue_for_device(valid.device))
+
+
+# --------------------------------------------------------------------------- advancing
+
+
+def _raw_trial_spec(base: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return with_params(base, params)
+    except ValueError:
+        return dict(base)
+
+
+def _summarize_errors(errors: list[dict[str, Any]]) -> str:
+    return "invalid trial spec: " + "; ".join(f"{e.get('path') or '<root>'}: {e.get('msg')}" for e in errors)
+
+
+def advance_sweep(session: Session, sweep_id: str, settings: Settings) -> list[tuple[str, str]]:
+    """Bring a running sweep up to date under its row lock: record its best trial, create new
+    trials (parameters from the sweep's Optuna sampler told every stored trial) while fewer than
+    ``max_concurrent`` are unfinished and fewer than ``max_trials`` exist, and end the sweep
+    (``succeeded``; ``failed`` if no trial succeeded) once every trial is finished and no more may
+    be made. A sampled spec that fails validation becomes a failed trial (it counts toward
+    ``max_trials``). Returns ``(job_id, queue)`` of the new trials: send them after the commit."""
+    sweep = get_sweep(session, sweep_id, lock=True)
+    if sweep is None or sweep.status != "running":
+        return []
+    config = sweep.config
+    resolver = dataset_resolver(session, sweep.project_id)
+    created: list[tuple[str, str]] = []
+    while True:
+        views = trial_views(session, sweep)
+        unfinished = sum(1 for v in views if v.job.status not in TERMINAL_STATUSES)
+        room = min(sweep.max_concurrent - unfinished, sweep.max_trials - sweep.trials_created)
+        if room <= 0:
+            break
+        start = sweep.trials_created
+        proposals = suggest(config, [v.record() for v in views], room, study_name=sweep.id)
+        invalid_made = False
+        for i, params in enumerate(proposals):
+            number = start + i
+            ts = make_trial_spec(
+                config["base"], params, metric=sweep.objective_metric, resolver=resolver, settings=settings
+            )
+            spec = {**(ts.spec or _raw_trial_spec(config["base"], params)), "name": f"{sweep.name[:180]}-{number}"}
+            queue = ts.queue or settings.queue_for_device(str(config["base"].get("device", "auto")))
+            job = repo.create_jobs(
+                session, [(spec, queue, None)], project_id=sweep.project_id, sweep_id=sweep.id,
+                trials=[(number, params)],
+            )[0]
+            if ts.errors:
+                repo.fail_unstarted_job(session, job.id, _summarize_errors(ts.errors)[:10_000])
+                invalid_made = True
+            else:
+                created.append((job.id, queue))
+        sweep.trials_created = start + len(proposals)
+        session.flush()
+        if not invalid_made:
+            views = trial_views(session, sweep)
+            break
+    _update_best_and_finish(session, sweep, views)
+    return created
+
+
+def _update_best_and_finish(session: Session, sweep: Sweep, views: list[TrialView]) -> None:
+    now = repo.utcnow()
+    ranked = leaderboard(views, sweep.objective_mode)
+    if ranked:
+        sweep.best_job_id = ranked[0].job.id
+        sweep.best_value = to_text(ranked[0].value)
+    done = sweep.trials_created >= sweep.max_trials and all(v.job.status in TERMINAL_STATUSES for v in views)
+    if done:
+        sweep.status = "succeeded" if ranked else "failed"
+        sweep.stop_reason = "completed"
+        if not ranked:
+            sweep.error = sweep.error or "no trial succeeded with a finite objective value; see the trials' errors"
+        sweep.finished_at = now
+    sweep.updated_at = now
+    session.flush()
+
+
+def cancel_sweep(session: Session, sweep: Sweep) -> list[str]:
+    """End a running sweep as ``cancelled`` (call with its row lock): no new trials. Returns the
+    ids of its unfinished trials, for the caller to cancel AFTER this transaction commits, one
+    short transaction each (:func:`store.repo.request_cancel`: queued ones at once, running ones
+    flagged for their workers). Cancelling them inside the sweep's lock, several job rows in one
+    transaction, deadlocked against workers claiming or fencing those rows."""
+    now = repo.utcnow()
+    ids = list(session.scalars(
+        select(Job.id).where(Job.sweep_id == sweep.id, Job.status.in_(("queued", "running"))).order_by(Job.id)
+    ))
+    sweep.status = "cancelled"
+    sweep.stop_reason = "cancelled"
+    sweep.finished_at = now
+    sweep.updated_at = now
+    session.flush()
+    return ids
+
+
+def record_error(session: Session, sweep_id: str, error: str) -> None:
+    """Note why advancing the sweep failed; a sweep left with no unfinished trial cannot recover by
+    itself, so it ends ``failed``. (The next trial that ends tries to advance it again.)"""
+    now = repo.utcnow()
+    unfinished = session.scalar(
+        select(func.count()).select_from(Job).where(Job.sweep_id == sweep_id, Job.status.in_(("queued", "running")))
+    )
+    values: dict[str, Any] = {"error": error[:10_000], "updated_at": now}
+    if not unfinished:
+        values.update(status="failed", stop_reason="error", finished_at=now)
+    session.execute(
+        update(Sweep).where(Sweep.id == sweep_id, Sweep.status == "running").values(**values)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def sweep_of_job(session: Session, job_id: str) -> tuple[str | None, str | None]:
+    """(sweep_id, status) of a job (``(None, None)`` if it does not exist)."""
+    row = session.execute(select(Job.sweep_id, Job.status).where(Job.id == job_id)).first()
+    return (row[0], row[1]) if row else (None, None)
+
+
+def trial_records_for_pruning(session: Session, sweep_id: str) -> tuple[Sweep | None, list[TrialRecord]]:
+    """The sweep and its trials as Optuna records (no lock: a pruning decision only reads)."""
+    sweep = get_sweep(session, sweep_id)
+    if sweep is None:
+        return None, []
+    return sweep, [v.record() for v in trial_views(session, sweep)]
+
+
+def stalled_sweep_ids(session: Session) -> list[str]:
+    """Running sweeps with no queued or running trial: nothing will advance them (e.g. their last
+    trial was failed by the reconciler after its worker was lost on every attempt)."""
+    active = (
+        select(Job.id).where(Job.sweep_id == Sweep.id, Job.status.in_(("queued", "running"))).exists()
+    )
+    return list(session.scalars(select(Sweep.id).where(Sweep.status == "running", ~active)))

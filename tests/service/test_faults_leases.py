@@ -1,0 +1,274 @@
+"""Leases, the reconciler, the outbox, refusing corrupt or pickled state, numeric faults and
+concurrent migrations: the parts of issue 4 that need no process to be killed (fast)."""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+import subprocess
+import sys
+import uuid
+from dataclasses import replace
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import func, inspect, select, text, update
+
+from store import leases, outbox, repo
+from store.db import make_engine, session_scope
+from store.models import Checkpoint, Job, JobMetric, Outbox
+from store.settings import get_settings, settings_from_env
+from training import BaseReporter, fit, validate_spec
+from worker.reporter import DbReporter
+from worker.runner import run_job
+
+from .helpers import ROOT, wait_status
+from .test_faults_kit import tiny_spec
+
+
+def _job(spec: dict[str, Any], queue: str, **values: Any) -> str:
+    with session_scope() as s:
+        job_id = repo.create_job(s, spec=validate_spec(spec).model_dump(mode="json"), queue=queue).id
+        if values:
+            s.execute(update(Job).where(Job.id == job_id).values(**values))
+    return job_id
+
+
+def _claim(job_id: str, worker: str = "w:1", stale: float = 300.0) -> Job:
+    with session_scope() as s:
+        job = repo.claim_job(s, job_id, worker, stale)
+        assert job is not None
+        return job
+
+
+def _age_heartbeat(job_id: str, seconds: float = 3600) -> None:
+    with session_scope() as s:
+        s.execute(update(Job).where(Job.id == job_id).values(heartbeat_at=repo.utcnow() - timedelta(seconds=seconds)))
+
+
+def _metric_epochs(job_id: str) -> list[int]:
+    with session_scope(write=False) as s:
+        return list(s.scalars(select(JobMetric.epoch).where(JobMetric.job_id == job_id).order_by(JobMetric.epoch)))
+
+
+def test_a_second_claim_fences_the_first_attempt(inproc_env):
+    settings = settings_from_env(inproc_env)
+    job_id = _job(tiny_spec(epochs=5), settings.queue_name("cpu"))
+    first = _claim(job_id)
+    assert (first.attempts, first.lease_token) == (1, 1)
+    old = DbReporter(job_id, settings, lease_token=first.lease_token)
+    old.on_epoch({"epoch": 1, "loss": 1.0})
+    old.flush(force=True)
+    assert _metric_epochs(job_id) == [1]
+
+    with session_scope() as s:  # a duplicate delivery while the lease is fresh: not claimable
+        assert repo.claim_job(s, job_id, "w:2", 300.0) is None
+    _age_heartbeat(job_id)  # the first worker stalls past its lease; another takes over
+    second = _claim(job_id, "w:2")
+    assert (second.attempts, second.lease_token) == (2, 2)
+
+    old.on_epoch({"epoch": 2, "loss": 0.5})
+    with pytest.raises(leases.LeaseLost):
+        old.flush(force=True)
+    with pytest.raises(leases.LeaseLost):  # the read-only poll notices too
+        DbReporter(job_id, settings, lease_token=1).flush()
+    with session_scope() as s, pytest.raises(leases.LeaseLost):
+        leases.fence(s, job_id, first.lease_token)
+    assert _metric_epochs(job_id) == [1]  # nothing of the old attempt landed
+
+    new = DbReporter(job_id, settings, lease_token=second.lease_token)
+    new.on_epoch({"epoch": 2, "loss": 0.4})
+    new.flush(force=True)
+    with session_scope() as s:
+        assert repo.finish_job(s, job_id, status="succeeded", stop_reason="completed")
+    with session_scope() as s, pytest.raises(leases.LeaseLost):  # a finished job has no lease at all
+        leases.fence(s, job_id, second.lease_token)
+    assert _metric_epochs(job_id) == [1, 2]
+
+
+def test_the_reconciler_requeues_a_lost_job_and_fails_it_after_max_attempts(inproc_env):
+    settings = replace(settings_from_env(inproc_env), queue_prefix=f"recon-{uuid.uuid4().hex[:6]}-")
+    queue = settings.queue_name("cpu")
+    sent: list[tuple[str, str]] = []
+    job_id = _job(tiny_spec(), queue, max_attempts=2)
+    fresh = _job(tiny_spec(), queue)
+    _claim(fresh)  # a running job with a fresh heartbeat is left alone
+
+    _claim(job_id)
+    _age_heartbeat(job_id, 10)
+    assert leases.reconcile(5.0, sent.extend, [queue]) == ([job_id], [])
+    assert sent == [(job_id, queue)]
+    with session_scope(write=False) as s:
+        assert s.get(Job, job_id).status == "queued"
+        # its message was sent at once, so its outbox rows are gone
+        assert s.scalar(select(func.count()).select_from(Outbox).where(Outbox.job_id == job_id)) == 0
+    assert leases.reconcile(5.0, sent.extend, [queue]) == ([], [])  # once only
+
+    _claim(job_id)  # attempt 2 = max_attempts, lost too
+    _age_heartbeat(job_id, 10)
+    with session_scope() as s:  # a redelivered message cannot take it over
+        assert repo.claim_job(s, job_id, "w:3", 5.0) is None
+    assert leases.reconcile(5.0, sent.extend, [queue]) == ([], [job_id])
+    with session_scope(write=False) as s:
+        job = s.get(Job, job_id)
+        assert (job.status, job.stop_reason, job.attempts) == ("failed", "worker_lost", 2)
+        assert "max_attempts is 2" in job.error
+        assert s.get(Job, fresh).status == "running"
+
+
+def test_the_outbox_relay_sends_old_rows_once_and_keeps_them_while_the_broker_is_down(inproc_env):
+    queue = f"relay-{uuid.uuid4().hex[:6]}-cpu"
+    job_id = _job(tiny_spec(), queue)
+
+    def down(jobs: Any) -> None:
+        raise ConnectionError("broker down")
+
+    assert outbox.relay(down, queues=[queue], resend_after_s=0) == 0
+    with session_scope(write=False) as s:
+        row = s.scalars(select(Outbox).where(Outbox.job_id == job_id)).one()
+        assert row.attempts == 1 and "broker down" in row.last_error
+    sent: list[tuple[str, str]] = []
+    assert outbox.relay(sent.extend, queues=[queue], resend_after_s=60) == 0  # too young: its sender may still send it
+    assert outbox.relay(sent.extend, queues=[queue], resend_after_s=0) == 1
+    assert sent == [(job_id, queue)]
+    assert outbox.relay(sent.extend, queues=[queue], resend_after_s=0) == 0
+
+
+class _Planted:
+    """Unpickling this creates the marker file: proof that pickle.loads ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> Any:
+        return (open, (str(self.marker), "w"))
+
+
+def _resume_with(job_id: str, data: bytes, sha256: str, settings: Any) -> Job:
+    with session_scope() as s:
+        repo.save_snapshot(s, job_id, epoch=1, step=12, data=data, sha256=sha256)
+        assert repo.requeue_job(s, job_id, "test")
+    assert run_job(job_id, settings) == "failed"
+    with session_scope(write=False) as s:
+        return s.get(Job, job_id)
+
+
+def test_a_planted_pickle_or_corrupt_snapshot_is_refused_on_resume_and_never_unpickled(inproc_env, tmp_path):
+    settings = settings_from_env(inproc_env)
+    marker = tmp_path / "pwned"
+    payload = pickle.dumps(_Planted(marker))
+
+    job_id = _job(tiny_spec(epochs=3), settings.queue_name("cpu"))
+    _claim(job_id)
+    job = _resume_with(job_id, payload, repo.sha256_hex(payload), settings)  # a matching digest
+    assert job.status == "failed" and "cannot resume" in job.error and "snapshot" in job.error, job.error
+    assert not marker.exists()
+
+    # real snapshot bytes with one bit flipped: the digest no longer matches
+    class Grab(BaseReporter):
+        snap: Any = None
+
+        def on_snapshot(self, snapshot: Any) -> None:
+            self.snap = self.snap or snapshot
+
+    grab = Grab()
+    fit(tiny_spec(epochs=2), reporter=grab)
+    corrupt = bytearray(grab.snap.data)
+    corrupt[-1] ^= 1
+    job_id = _job(tiny_spec(epochs=3), settings.queue_name("cpu"))
+    _claim(job_id)
+    job = _resume_with(job_id, bytes(corrupt), grab.snap.sha256, settings)
+    assert job.status == "failed" and "corrupt" in job.error and "sha256" in job.error, job.error
+    assert pickle.loads(payload) is not None and marker.exists()  # (the payload was live all along)
+
+
+def test_a_corrupt_or_pickled_best_checkpoint_is_never_served(app_client, inproc_env, tmp_path):
+    settings = settings_from_env(inproc_env)
+    good = b"x" * 8
+    ids = []
+    for data, digest in (
+        (pickle.dumps(_Planted(tmp_path / "pwned")), None),  # a pickle with its own (matching) digest
+        (good, "0" * 64),  # bytes whose digest no longer matches
+    ):
+        job_id = _job(tiny_spec(), settings.queue_name("cpu"))
+        _claim(job_id)
+        with session_scope() as s:
+            repo.add_checkpoint(s, job_id, epoch=1, step=1, monitor="val_loss", value=1.0, data=data,
+                                sha256=digest or repo.sha256_hex(data), is_best=True)
+            repo.finish_job(s, job_id, status="succeeded", stop_reason="completed")
+        ids.append(job_id)
+    pickled, mismatched = (app_client.get(f"/v1/jobs/{j}/checkpoints/best") for j in ids)
+    assert pickled.status_code == 500 and "not a safetensors file" in pickled.json()["detail"]
+    assert mismatched.status_code == 500 and "corrupt" in mismatched.json()["detail"] and "sha256" in mismatched.json()["detail"]
+    assert b"pwned" not in pickled.content and not (tmp_path / "pwned").exists()
+    with session_scope(write=False) as s:  # the checkpoint rows are untouched
+        assert s.scalar(select(func.count()).select_from(Checkpoint).where(Checkpoint.job_id.in_(ids))) == 2
+
+
+@pytest.mark.parametrize("optimizer", [{"name": "sgd", "learning_rate": 1e10},
+                                       {"name": "sgd", "learning_rate": 1e10, "momentum": 0.9}])
+def test_an_exploding_learning_rate_ends_the_job_within_one_step_and_its_metrics_read_back(client, optimizer):
+    spec = tiny_spec(f"numeric-{uuid.uuid4().hex[:6]}", epochs=50, optimizer=optimizer)
+    job = wait_status(client, client.submit(spec)["id"], ("succeeded", "failed", "cancelled"), timeout=120)
+    assert job["status"] == "failed" and job["stop_reason"] in ("non_finite_loss", "diverged"), job
+    epochs = client.metrics(job["id"])
+    steps_per_epoch = math.ceil(1797 * 0.8 / 128)
+    assert job["progress"]["epoch"] == len(epochs) == 1, epochs  # stopped in the first epoch ...
+    assert job["steps"] <= 2 < steps_per_epoch  # ... within one step of the first non-finite loss
+    assert epochs[0]["loss"] in ("NaN", "Infinity", "-Infinity"), epochs  # non-finite values read back as strings
+    assert "non-finite" in job["error"] or "NaN" in job["error"]
+
+
+def _migrate(env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "client.cli", "migrate"], env=env, cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "sqlite"])
+def test_two_migrations_at_once_are_safe(pg, tmp_path, backend):
+    url = pg.create(f"mig2_{uuid.uuid4().hex[:6]}") if backend == "postgresql" else f"sqlite:///{tmp_path / 'two.db'}"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TRAINYARD_DATABASE_URL": url, "TRAINYARD_DATA_DIR": str(tmp_path)}
+    procs = [_migrate(env) for _ in range(2)]
+    outs = [p.communicate(timeout=180) for p in procs]
+    for p, (out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+        assert "database at head" in out
+    engine = make_engine(url)
+    try:
+        assert "outbox" in inspect(engine).get_table_names()
+        with engine.connect() as c:
+            assert c.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == ["0003"]
+    finally:
+        engine.dispose()
+
+
+def test_settings_of_the_fault_tests_reach_the_worker():
+    s = settings_from_env({"TRAINYARD_HEARTBEAT_STALE": "3", "TRAINYARD_SNAPSHOT_INTERVAL": "0",
+                           "TRAINYARD_VISIBILITY_TIMEOUT": "2"})
+    assert (s.heartbeat_stale_s, s.snapshot_interval_s, s.visibility_timeout_s) == (3.0, 0.0, 2)
+    assert leases.reconcile_interval(s.heartbeat_stale_s) <= 1.0
+    assert leases.reconcile_interval(get_settings().heartbeat_stale_s) <= 30.0  # lease + 30 s at most by default
+
+
+def test_queued_jobs_whose_messages_redis_lost_are_sent_again(inproc_env, redis_client):
+    """A Redis restart without persistence loses the messages of queued jobs: the API's
+    reconciler sees an empty queue with old queued jobs (no outbox row) and sends them again."""
+    from api.dispatch import Dispatcher
+
+    settings = replace(settings_from_env(inproc_env), queue_prefix=f"lost-{uuid.uuid4().hex[:6]}-")
+    queue = settings.queue_name("cpu")
+    old = _job(tiny_spec(), queue, updated_at=repo.utcnow() - timedelta(minutes=5))
+    young = _job(tiny_spec(), queue)
+    with session_scope() as s:
+        outbox.forget_jobs(s, [old, young])  # their messages were sent (and then lost with Redis)
+    dispatcher = Dispatcher(settings)
+    try:
+        assert dispatcher.resend_lost_messages() == [old]
+        assert dispatcher.queue_depths()[queue] == 1
+        assert dispatcher.resend_lost_messages() == []  # the queue holds a message now
+    finally:
+        for key in redis_client.scan_iter(match=f"{settings.queue_prefix}*"):
+            redis_client.delete(key)
