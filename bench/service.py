@@ -205,6 +205,10 @@ def ts(v: datetime | None) -> float:
     return v.timestamp()
 
 
+#: The API key of this run's project, sent with every request to the API (set by Stack.create_db).
+HEADERS: dict[str, str] = {}
+
+
 class Stack:
     """Everything this run starts, so that ``close`` can remove it whatever happened."""
 
@@ -222,6 +226,10 @@ class Stack:
             "TRAINYARD_BROKER_URL": REDIS_URL,
             "TRAINYARD_DATA_DIR": str(self.tmp / "data"),
             "TRAINYARD_QUEUE_PREFIX": PREFIX,
+            # production mode: every request carries an API key (the key check is part of the cost);
+            # no per-project request rate, or the load windows would measure 429s
+            "TRAINYARD_AUTH": "required",
+            "TRAINYARD_REQUESTS_PER_MINUTE": "0",
         }
         self.bare_env = {**self.env, "TRAINYARD_QUEUE_PREFIX": PREFIX + "bare-", "BENCH_RESULTS_KEY": PREFIX + "bare-results"}
         self.pg: psycopg.Connection[Any] | None = None
@@ -237,6 +245,11 @@ class Stack:
         if out.returncode != 0:
             raise RuntimeError(f"trainyard migrate failed:\n{out.stderr[-3000:]}")
         self.pg = psycopg.connect(PG_ADMIN.replace("dbname=postgres", f"dbname={DB_NAME}"), autocommit=True)
+        out = subprocess.run([sys.executable, "-m", "client.cli", "keys", "create", "--project", "bench"], env=self.env,
+                             cwd=ROOT, capture_output=True, text=True, timeout=120)
+        if out.returncode != 0:
+            raise RuntimeError(f"trainyard keys create failed:\n{out.stderr[-3000:]}")
+        HEADERS["Authorization"] = f"Bearer {out.stdout.split()[0]}"
 
     def start(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[Any]:
         path = self.tmp / f"{name}.log"
@@ -327,7 +340,7 @@ class Stack:
 
 
 def bench_latency(st: Stack, api: str, bare: Any, n: int, n_bare: int) -> dict[str, Any]:
-    client = httpx.Client(base_url=api, timeout=30)
+    client = httpx.Client(base_url=api, timeout=30, headers=HEADERS)
     tiny = spec(1, "bench-tiny")
     lat, post_ms = [], []
     dropped = 0
@@ -392,7 +405,7 @@ async def _load(url: str, seconds: float, conc: int, warmup: float = 2.0) -> dic
 
     async def one() -> None:
         nonlocal errors
-        async with httpx.AsyncClient(limits=httpx.Limits(max_connections=1), timeout=30) as c:
+        async with httpx.AsyncClient(limits=httpx.Limits(max_connections=1), timeout=30, headers=HEADERS) as c:
             while True:
                 t0 = time.perf_counter()
                 if t0 >= t_end:
@@ -423,8 +436,9 @@ def _wrk(url: str, seconds: float, conc: int, warmup: float = 2.0) -> tuple[dict
     """The same load from wrk (C, one thread, ``conc`` keep-alive connections): the generator then
     takes a few percent of a core instead of most of one, so the server, not the load generator,
     is what is measured. A short warm-up run first, then the measured window."""
-    subprocess.run(["wrk", "-t1", f"-c{conc}", f"-d{max(int(warmup), 1)}s", url], capture_output=True, check=True)
-    out = subprocess.run(["wrk", "-t1", f"-c{conc}", f"-d{int(seconds)}s", "--latency", url],
+    hdr = [a for k, v in HEADERS.items() for a in ("-H", f"{k}: {v}")]  # the bare endpoint ignores it
+    subprocess.run(["wrk", "-t1", f"-c{conc}", f"-d{max(int(warmup), 1)}s", *hdr, url], capture_output=True, check=True)
+    out = subprocess.run(["wrk", "-t1", f"-c{conc}", f"-d{int(seconds)}s", "--latency", *hdr, url],
                          capture_output=True, text=True, check=True).stdout
     child = resource.getrusage(resource.RUSAGE_CHILDREN)
     reqs = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
@@ -462,7 +476,8 @@ def count_round_trips(st: Stack, job_id: str, n: int = 100) -> dict[str, Any]:
     """Round trips per request, exactly: libpq traces of the app's connections, ReadyForQuery
     messages counted over ``n`` sequential requests after a warm-up (psycopg prepares statements
     after 5 uses, which costs one extra round trip once per connection)."""
-    os.environ.update({k: st.env[k] for k in ("TRAINYARD_DATABASE_URL", "TRAINYARD_BROKER_URL", "TRAINYARD_DATA_DIR")})
+    os.environ.update({k: st.env[k] for k in ("TRAINYARD_DATABASE_URL", "TRAINYARD_BROKER_URL", "TRAINYARD_DATA_DIR",
+                                              "TRAINYARD_AUTH", "TRAINYARD_REQUESTS_PER_MINUTE")})
     os.environ["TRAINYARD_QUEUE_PREFIX"] = PREFIX + "inproc-"
     from fastapi.testclient import TestClient
     from sqlalchemy import event
@@ -485,12 +500,12 @@ def count_round_trips(st: Stack, job_id: str, n: int = 100) -> dict[str, Any]:
     sent_at: list[float] = []
     real_send = dispatcher.send
 
-    def timed_send(jobs: Any) -> None:
+    def timed_send(jobs: Any, **kw: Any) -> None:
         sent_at.append(time.time())
-        real_send(jobs)
+        real_send(jobs, **kw)
 
     dispatcher.send = timed_send  # nobody consumes the in-process prefix's queue
-    with TestClient(app) as c:
+    with TestClient(app, headers=HEADERS) as c:
         for label, path in (("job", f"/v1/jobs/{job_id}"), ("metrics", f"/v1/jobs/{job_id}/metrics")):
             for _ in range(10):
                 assert c.get(path).status_code == 200
@@ -520,7 +535,7 @@ def count_round_trips(st: Stack, job_id: str, n: int = 100) -> dict[str, Any]:
 
 
 def bench_polling(st: Stack, api: str, bare_url: str, seconds: float, conc: int, gen: str = "httpx") -> dict[str, Any]:
-    client = httpx.Client(base_url=api, timeout=30)
+    client = httpx.Client(base_url=api, timeout=30, headers=HEADERS)
     # A job with heavier epochs (MLP 64-1024-1024-10, a few hundred ms each), so that it keeps the
     # worker busy and its metrics stay a realistic size (tens of epochs, not thousands) while polled.
     long = spec(100_000, "bench-long", model=BIG_MLP)
@@ -613,7 +628,8 @@ def _timed_db_reporter(st: Stack) -> Any:
             job = repo.create_job(s, spec=spec_, queue=settings.queue_name("cpu"))
             job_id = job.id
         with session_scope() as s:
-            repo.claim_job(s, job_id, "bench-inproc", settings.heartbeat_stale_s)
+            claimed = repo.claim_job(s, job_id, "bench-inproc", settings.heartbeat_stale_s)
+            token = claimed.lease_token if claimed is not None else None
         timings: dict[str, float] = {}
 
         def timed(name: str, fn: Any) -> Any:
@@ -625,7 +641,7 @@ def _timed_db_reporter(st: Stack) -> Any:
                     timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
             return wrapper
 
-        rep = DbReporter(job_id, settings)
+        rep = DbReporter(job_id, settings, lease_token=token)
         for name in ("on_start", "on_epoch", "on_snapshot", "on_checkpoint", "should_stop", "flush", "write_snapshot"):
             setattr(rep, name, timed(name, getattr(rep, name)))
         return rep, timings
@@ -644,7 +660,7 @@ def bench_epochs(st: Stack, api: str, epochs: int, rounds: int, threads: int) ->
     torch.set_num_threads(threads)
     s = spec(epochs, "bench-epochs")
     fit(spec(2, "warm"))  # warm this process (imports, first-call costs)
-    client = httpx.Client(base_url=api, timeout=30)
+    client = httpx.Client(base_url=api, timeout=30, headers=HEADERS)
     r: dict[str, dict[str, list[float]]] = {k: {"epoch": [], "fit": [], "outside": []} for k in ("engine", "nop", "inproc_db", "job")}
 
     def add(k: str, epoch_s: list[float], fit_s: float) -> None:
@@ -695,7 +711,7 @@ def bench_epochs(st: Stack, api: str, epochs: int, rounds: int, threads: int) ->
 
 
 def bench_throughput(st: Stack, api: str, bare: Any, k_jobs: int, k_tasks: int) -> dict[str, Any]:
-    client = httpx.Client(base_url=api, timeout=60)
+    client = httpx.Client(base_url=api, timeout=60, headers=HEADERS)
     specs = [spec(1, f"bench-tp-{i}") for i in range(k_jobs)]
     m0 = time.monotonic()
     res = client.post("/v1/jobs/batch", json={"jobs": specs}).raise_for_status().json()
@@ -767,9 +783,9 @@ def start_stack(st: Stack) -> tuple[str, str, Any]:
     st.wait_log("worker", " ready.")
     st.wait_log("bare-worker", " ready.")
     # the bare API returns what GET /v1/jobs/{id} returns for a queued-then-finished job
-    sample = httpx.post(f"{api}/v1/jobs", json=spec(1, "bench-sample"), timeout=30).raise_for_status().json()
+    sample = httpx.post(f"{api}/v1/jobs", json=spec(1, "bench-sample"), timeout=30, headers=HEADERS).raise_for_status().json()
     st.wait_jobs([sample["id"]])
-    payload = httpx.get(f"{api}/v1/jobs/{sample['id']}", timeout=30).text
+    payload = httpx.get(f"{api}/v1/jobs/{sample['id']}", timeout=30, headers=HEADERS).text
     st.start("bare-api", [sys.executable, "-m", "uvicorn", "bench_bare_api:app", "--host", "127.0.0.1", "--port",
                           str(bare_port), "--workers", "1", "--no-access-log"], {**st.env, "BENCH_PAYLOAD": payload})
     bare_url = f"http://127.0.0.1:{bare_port}/bare"
