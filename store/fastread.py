@@ -91,17 +91,21 @@ KeyRow = tuple[Any, Any, Any, Any] | None
 
 def _fetch(engine: Engine, sql: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
     conn = engine.raw_connection()
+    pg = engine.dialect.name == "postgresql"
     try:
+        if pg:
+            # autocommit for this one SELECT: otherwise psycopg sends BEGIN and COMMIT as round
+            # trips of their own (three per poll instead of one; bench/service.py counts them)
+            conn.driver_connection.autocommit = True
         cur = conn.cursor()
         try:
             cur.execute(sql, params)
-            rows = cur.fetchall()
+            return cur.fetchall()
         finally:
             cur.close()
-        if engine.dialect.name != "sqlite":
-            conn.commit()  # psycopg opened a transaction for the SELECT; end it (no round trip if idle)
-        return rows
     finally:
+        if pg:
+            conn.driver_connection.autocommit = False
         conn.close()  # back to the pool
 
 

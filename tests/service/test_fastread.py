@@ -129,3 +129,52 @@ def test_fast_views_equal_the_response_models_on_sqlite(tmp_path):
 @pytest.mark.parametrize("n,k,expected", [(5, 3, [0, 2, 4]), (3, 5, [0, 1, 2]), (4, 1, [3]), (10, 2, [0, 9])])
 def test_downsample_keeps_first_and_last(n, k, expected):
     assert fastread.downsample(list(range(n)), k) == expected
+
+
+def test_a_poll_is_one_database_round_trip_with_or_without_a_key(pg, tmp_path):
+    """libpq's own trace of the connection: one ReadyForQuery (one round trip) per poll, for both
+    routes, whether the caller is a project or an API key resolved by the same query."""
+    import psycopg
+    from sqlalchemy import event
+    from sqlalchemy.orm import Session
+
+    url = pg.create("fastread_rt")
+    upgrade(url)
+    engine = make_engine(url)
+    trace_path = tmp_path / "libpq.trace"
+    trace = trace_path.open("w")
+    try:
+        with Session(engine) as s:
+            done = _make_jobs(s)[2]
+            key = store_auth.create_key(s, DEFAULT_PROJECT, "rt")
+            s.commit()
+        engine.dispose()  # new connections, traced from their first message
+
+        @event.listens_for(engine, "connect")
+        def _trace(dbapi_conn: Any, _rec: Any) -> None:
+            dbapi_conn.pgconn.trace(trace.fileno())
+            dbapi_conn.pgconn.set_trace_flags(psycopg.pq.Trace.SUPPRESS_TIMESTAMPS)
+
+        def ready_for_query() -> int:
+            """ReadyForQuery messages so far (untrace flushes libpq's buffer; then trace again)."""
+            raw = engine.raw_connection()  # the pool's one connection
+            try:
+                raw.driver_connection.pgconn.untrace()
+                n = trace_path.read_text().count("ReadyForQuery")
+                raw.driver_connection.pgconn.trace(trace.fileno())
+                raw.driver_connection.pgconn.set_trace_flags(psycopg.pq.Trace.SUPPRESS_TIMESTAMPS)
+            finally:
+                raw.close()
+            return n
+
+        for caller in (fastread.Caller(project_id=DEFAULT_PROJECT), fastread.Caller(key_hash=store_auth.hash_key(key.token))):
+            for fn in (fastread.job_json, fastread.metrics_json):
+                for _ in range(10):  # warm: connected, and psycopg has prepared the statement (after 5 uses)
+                    fn(engine, done, caller)
+                before = ready_for_query()
+                for _ in range(20):
+                    assert fn(engine, done, caller)[1] is not None
+                assert ready_for_query() - before == 20, (fn.__name__, caller)
+    finally:
+        trace.close()
+        engine.dispose()
