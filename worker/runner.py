@@ -58,8 +58,9 @@ def _claim(job_id: str, settings: Settings) -> tuple[int, int, dict[str, Any], A
     """Claim the job and drop its outbox rows (its message arrived) in one transaction; the
     claim's (lease token, attempt, spec, snapshot or None)."""
     with session_scope() as s:
-        outbox.forget_jobs(s, [job_id])
+        # the claim first: its started_at is when the job starts (submit->running latency)
         job = repo.claim_job(s, job_id, worker_name(), settings.heartbeat_stale_s)
+        outbox.forget_jobs(s, [job_id])
         if job is None:
             return None
         attempt = job.attempts
