@@ -52,11 +52,12 @@ def current_project(
     return authenticate(request).project_id
 
 
-def poll_caller(
+async def poll_caller(
     request: Request, _credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)] = None
 ) -> fastread.Caller:
     """The caller of a polled route, for its own query to resolve: the default project when auth
-    is off, else the hash of the bearer token (the route answers 401/429 from what its query found)."""
+    is off, else the hash of the bearer token (the route answers 401/429 from what its query found).
+    ``async``: it only parses a header, and a sync dependency costs a thread-pool hop per request."""
     key_hash = required_key_hash(request)
     if key_hash is None:
         return fastread.Caller(project_id=DEFAULT_PROJECT)
@@ -77,7 +78,7 @@ def operations_of(app: Any, path: str) -> dict[str, dict[str, Any]] | None:
     return next((ops for pattern, ops in table if pattern.match(path)), None)
 
 
-def known_query_parameters(request: Request) -> None:
+async def known_query_parameters(request: Request) -> None:
     """422 for a query parameter the operation does not have (``?statsu=failed`` would
     otherwise be ignored silently and list every job), for one given twice that takes one value
     (FastAPI would keep the last silently), and for NUL characters in the query (no database
