@@ -54,9 +54,9 @@ FAULT_ENV = "TRAINYARD_TEST_FAULTS"
 FAULT_KILL_NAME = "test-fault-kill-worker"
 
 
-def _claim(job_id: str, settings: Settings) -> tuple[int, int, dict[str, Any], Any] | None:
+def _claim(job_id: str, settings: Settings) -> tuple[int, int, dict[str, Any], Any, str | None, int] | None:
     """Claim the job and drop its outbox rows (its message arrived) in one transaction; the
-    claim's (lease token, attempt, spec, snapshot or None)."""
+    claim's (lease token, attempt, spec, snapshot or None, sweep id or None, epochs)."""
     with session_scope() as s:
         # the claim first: its started_at is when the job starts (submit->running latency)
         job = repo.claim_job(s, job_id, worker_name(), settings.heartbeat_stale_s)
@@ -67,7 +67,7 @@ def _claim(job_id: str, settings: Settings) -> tuple[int, int, dict[str, Any], A
         snapshot = repo.get_snapshot(s, job_id) if attempt > 1 else None
         if snapshot is not None:
             s.expunge(snapshot)
-        return job.lease_token, attempt, dict(job.spec), snapshot
+        return job.lease_token, attempt, dict(job.spec), snapshot, job.sweep_id, job.epochs
 
 
 def _verified_snapshot(job_id: str, snapshot: Any) -> bytes:
@@ -104,13 +104,14 @@ def run_job(job_id: str, settings: Settings | None = None) -> str:
     if claimed is None:
         log.info("job %s is not claimable (already handled or cancelled); skipping", job_id)
         return "skipped"
-    token, attempt, spec_dict, snapshot = claimed
+    token, attempt, spec_dict, snapshot, sweep_id, epochs = claimed
     if os.environ.get(FAULT_ENV) == "1" and spec_dict.get("name") == FAULT_KILL_NAME:
         os.kill(os.getpid(), signal.SIGKILL)
 
     from worker.sweeps import make_reporter
 
-    reporter = make_reporter(job_id, settings, lease_token=token)  # a sweep trial's also asks its pruner
+    # a sweep trial's reporter also asks its pruner (the claimed row says whether it is one)
+    reporter = make_reporter(job_id, settings, sweep_id=sweep_id, epochs=epochs, lease_token=token)
     reporter.start_heartbeat()
     try:
         return _run_claimed(job_id, settings, reporter, spec_dict, snapshot, attempt)

@@ -71,16 +71,20 @@ class TrialReporter(DbReporter):
             log.exception("trial %s: the pruning decision at epoch %d failed; the trial continues", self.job_id, epoch)
 
 
-def make_reporter(job_id: str, settings: Settings, **kwargs: Any) -> DbReporter:
-    """The reporter of a job: a :class:`TrialReporter` for a trial of a sweep with early
-    termination, else a plain :class:`DbReporter`."""
-    with session_scope(write=False) as s:
-        row = s.execute(select(Job.sweep_id, Job.epochs).where(Job.id == job_id)).first()
-        sweep = store_sweeps.get_sweep(s, row[0]) if row is not None and row[0] else None
-        config = sweep.config if sweep is not None else None
-    if sweep is None or not (config or {}).get("early_termination"):
+def make_reporter(
+    job_id: str, settings: Settings, *, sweep_id: str | None, epochs: int, **kwargs: Any
+) -> DbReporter:
+    """The reporter of a job (``sweep_id`` and ``epochs`` as its claim read them): a
+    :class:`TrialReporter` for a trial of a sweep with early termination, else a plain
+    :class:`DbReporter`. Only a trial costs a query (its sweep's config)."""
+    config = None
+    if sweep_id:
+        with session_scope(write=False) as s:
+            sweep = store_sweeps.get_sweep(s, sweep_id)
+            config = sweep.config if sweep is not None else None
+    if not sweep_id or not (config or {}).get("early_termination"):
         return DbReporter(job_id, settings, **kwargs)
-    return TrialReporter(job_id, settings, sweep_id=sweep.id, config=config or {}, epochs=int(row[1]), **kwargs)
+    return TrialReporter(job_id, settings, sweep_id=sweep_id, config=config or {}, epochs=int(epochs), **kwargs)
 
 
 def advance(sweep_id: str, settings: Settings, send: Send) -> list[tuple[str, str]]:
