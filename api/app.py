@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -14,10 +15,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from api.deps import current_project, known_query_parameters, operations_of
 from api.dispatch import Dispatcher
 from api.errors import SpecProblem, request_validation_handler, spec_problem_handler
+from api.fastpath import PollFastPath, PollStats
 from api.limits import BodyLimitMiddleware, RateLimiter
 from api.prom import make_registry
 from api.routers import catalog, datasets, health, jobs, schedules, sweeps
 from api.schemas.common import ErrorResponse
+from store.pollread import close_readers
 from store.settings import Settings, get_settings
 
 DESCRIPTION = """JSON job specs in, PyTorch training on Celery workers, metrics and best checkpoints out.
@@ -38,10 +41,17 @@ AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     # the outbox relay and the reconciler of lost jobs run for as long as the app does
     app.state.dispatcher.start_background()
+    app.openapi()  # built now, not on a first request (the query-parameter check reads it)
+    if app.state.settings.gc_freeze:
+        # everything built so far lives as long as the process: keep it out of full collections
+        # (store.settings.Settings.gc_freeze; measured in BENCHMARKS.md, "Service")
+        gc.collect()
+        gc.freeze()
     try:
         yield
     finally:
         app.state.dispatcher.stop_background()
+        close_readers()  # the polled routes' connections (store.pollread); reopened on demand
 
 
 async def _http_exception(request: Request, exc: StarletteHTTPException) -> Response:
@@ -58,18 +68,23 @@ def _allowed_methods(app: FastAPI, path: str) -> list[str]:
     return sorted(operations_of(app, path) or ())
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """Build the app (nothing is built at import time)."""
+def create_app(settings: Settings | None = None, *, poll_fast_path: bool = True) -> FastAPI:
+    """Build the app (nothing is built at import time). ``poll_fast_path=False`` leaves out
+    :mod:`api.fastpath` (the tests compare the two)."""
     settings = settings or get_settings()
     app = FastAPI(title="Trainyard", version="1.0", description=DESCRIPTION, lifespan=_lifespan)
     app.state.settings = settings
     app.state.dispatcher = Dispatcher(settings)
-    app.state.registry = make_registry(app.state.dispatcher)
+    app.state.poll_stats = PollStats()
+    app.state.registry = make_registry(app.state.dispatcher, app.state.poll_stats)
     app.add_exception_handler(RequestValidationError, request_validation_handler)  # type: ignore[arg-type]
     app.add_exception_handler(SpecProblem, spec_problem_handler)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _http_exception)  # type: ignore[arg-type]
     app.state.rate_limiter = RateLimiter()
     app.add_middleware(BodyLimitMiddleware, settings=settings)  # type: ignore[arg-type]
+    if poll_fast_path:  # added last: the outermost of ours, so a served poll skips the rest
+        app.add_middleware(PollFastPath, settings=settings, rate_limiter=app.state.rate_limiter,  # type: ignore[arg-type]
+                           stats=app.state.poll_stats)
     # every /v1 route needs the caller's project: the key check (401) and rate limit (429) run first
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(current_project), Depends(known_query_parameters)],
                    responses=AUTH_RESPONSES)

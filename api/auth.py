@@ -81,14 +81,25 @@ def required_key_hash(request: Request) -> str | None:
     return keys.hash_key(token)
 
 
-def admit(request: Request, owner: keys.KeyOwner | None) -> Caller:
+def needs_touch(owner: keys.KeyOwner) -> bool:
+    """Whether this request should record the key's use (at most once a minute)."""
+    return owner.last_used_at is None or keys.utcnow() - owner.last_used_at >= keys.LAST_USED_RESOLUTION
+
+
+def touch(owner: keys.KeyOwner) -> None:
+    """Record the key's use (its own short write transaction)."""
+    with session_scope(write=True) as session:
+        keys.touch_key(session, owner)
+
+
+def admit(request: Request, owner: keys.KeyOwner | None, *, record_use: bool = True) -> Caller:
     """The caller a resolved key makes (401 if it resolved to nothing), after recording its use
-    (at most once a minute) and taking a token from its project's request-rate bucket (429)."""
+    (at most once a minute; ``record_use=False``: the caller did it) and taking a token from its
+    project's request-rate bucket (429)."""
     if owner is None:
         raise _unauthorized("invalid or revoked API key")
-    if owner.last_used_at is None or keys.utcnow() - owner.last_used_at >= keys.LAST_USED_RESOLUTION:
-        with session_scope(write=True) as session:
-            keys.touch_key(session, owner)
+    if record_use and needs_touch(owner):
+        touch(owner)
     caller = Caller(project_id=owner.project_id, key_id=owner.key_id, requests_per_minute=owner.requests_per_minute)
     settings = request.app.state.settings
     rpm = caller.requests_per_minute if caller.requests_per_minute is not None else settings.requests_per_minute

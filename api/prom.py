@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from store import repo
+from store import pollread, repo
 from store.db import session_scope
 from store.models import JOB_STATUSES
 
@@ -43,7 +43,23 @@ class JobsCollector(Collector):
         yield h
 
 
-def make_registry(dispatcher: Any) -> CollectorRegistry:
+class PollsCollector(Collector):
+    """This API process's polls of ``GET /v1/jobs/{id}`` and ``/metrics``: how many the fast path
+    answered (api.fastpath) and how many queries the poll threads ran (store.pollread; identical
+    concurrent polls share one, so under load there are fewer queries than polls)."""
+
+    def __init__(self, stats: Any) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[Any]:
+        yield CounterMetricFamily("trainyard_polls_fast", "Polls answered by the fast path", value=self.stats.served)
+        yield CounterMetricFamily("trainyard_poll_queries", "Queries run by the poll threads",
+                                  value=pollread.total_queries())
+
+
+def make_registry(dispatcher: Any, poll_stats: Any = None) -> CollectorRegistry:
     reg = CollectorRegistry(auto_describe=False)
     reg.register(JobsCollector(dispatcher))
+    if poll_stats is not None:
+        reg.register(PollsCollector(poll_stats))
     return reg

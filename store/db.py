@@ -101,8 +101,10 @@ def session_scope(write: bool = True) -> Iterator[Session]:
 
 def reset_caches() -> None:
     """Forget the cached settings, engine and sessionmaker (tests change the environment)."""
+    from store.pollread import close_readers
     from store.settings import get_settings as gs
 
+    close_readers()
     if get_engine.cache_info().currsize:
         get_engine().dispose()
     get_engine.cache_clear()

@@ -89,7 +89,14 @@ class Caller:
 KeyRow = tuple[Any, Any, Any, Any] | None
 
 
-def _fetch(engine: Engine, sql: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+def _fetch(engine: Engine, sql: str, params: dict[str, Any], conn: Any = None) -> list[tuple[Any, ...]]:
+    if conn is not None:  # a connection of store.pollread's (PostgreSQL ones are in autocommit)
+        cur = conn.cursor()
+        try:
+            cur.execute(sql, params)
+            return cur.fetchall()
+        finally:
+            cur.close()
     conn = engine.raw_connection()
     pg = engine.dialect.name == "postgresql"
     try:
@@ -143,11 +150,12 @@ def _view(row: Sequence[Any]) -> dict[str, Any]:
     }
 
 
-def job_json(engine: Engine, job_id: str, caller: Caller) -> tuple[KeyRow, bytes | None]:
+def job_json(engine: Engine, job_id: str, caller: Caller, conn: Any = None) -> tuple[KeyRow, bytes | None]:
     """``GET /v1/jobs/{id}`` as JSON bytes (the spec and info spliced in as stored), or None if
-    there is no such job in the caller's project; with a key, also the key's row (None: 401)."""
+    there is no such job in the caller's project; with a key, also the key's row (None: 401).
+    ``conn``: a DBAPI connection to use (default: one from the engine's pool)."""
     keyed = caller.key_hash is not None
-    rows = _fetch(engine, _job_sql(engine, keyed), {"id": job_id, **caller.params()})
+    rows = _fetch(engine, _job_sql(engine, keyed), {"id": job_id, **caller.params()}, conn)
     key: KeyRow = None
     if keyed:
         if not rows:
@@ -177,12 +185,13 @@ def downsample(rows: list[Any], max_points: int) -> list[Any]:
 
 
 def metrics_json(
-    engine: Engine, job_id: str, caller: Caller, since_epoch: int = 0, max_points: int | None = None
+    engine: Engine, job_id: str, caller: Caller, since_epoch: int = 0, max_points: int | None = None,
+    conn: Any = None,
 ) -> tuple[KeyRow, bytes | None]:
     """``GET /v1/jobs/{id}/metrics`` as JSON bytes (each epoch's stored JSON spliced in), or None
     if the job does not exist in the caller's project; with a key, also the key's row."""
     keyed = caller.key_hash is not None
-    rows = _fetch(engine, _metrics_sql(engine, keyed), {"id": job_id, "since": since_epoch, **caller.params()})
+    rows = _fetch(engine, _metrics_sql(engine, keyed), {"id": job_id, "since": since_epoch, **caller.params()}, conn)
     if not rows:
         return None, None
     key: KeyRow = tuple(rows[0][:4]) if keyed else None  # type: ignore[assignment]

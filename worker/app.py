@@ -22,7 +22,23 @@ def _on_shutdown(**_: Any) -> None:
     SHUTDOWN.set()
 
 
+def lower_priority(nice: int) -> int:
+    """Raise this process's nice value to ``nice`` (never lower it; 0 leaves it alone) and return
+    the value now in force. Training is throughput work: on a machine it shares with the API and
+    the database (``trainyard serve``, a CPU worker beside the API), they should get the CPU first
+    when both want it, or every poll waits behind a training step (BENCHMARKS.md, "Service").
+    Threads started afterwards (torch's pool, the heartbeat) inherit it."""
+    current = os.getpriority(os.PRIO_PROCESS, 0)
+    if nice > current:
+        try:
+            os.setpriority(os.PRIO_PROCESS, 0, nice)
+        except OSError:  # a sandbox may forbid it; training still runs
+            return current
+    return os.getpriority(os.PRIO_PROCESS, 0)
+
+
 def _on_worker_init(**_: Any) -> None:
+    lower_priority(get_settings().worker_nice)
     # Import torch once at start-up, so the first job does not pay for it (submit -> running), and
     # create the shutdown event (worker.reporter) before the prefork pool forks, so children share it.
     import training.engine  # noqa: F401

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import re
+import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Header, HTTPException, Query, Request, Response
@@ -12,7 +14,7 @@ from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.exc import IntegrityError
 from sse_starlette.sse import EventSourceResponse, ServerSentEvent
 
-from api.auth import admit, authenticate
+from api.auth import admit, authenticate, needs_touch, touch
 from api.deps import DispatcherDep, PollCallerDep, ProjectDep, ReadSessionDep, SessionDep, SettingsDep
 from api.errors import SpecProblem
 from api.limits import check_job_slots, slots_full
@@ -33,6 +35,7 @@ from store import auth as keys
 from store import fastread, repo, submit
 from store.db import get_engine, session_scope
 from store.models import TERMINAL_STATUSES
+from store.pollread import get_reader
 from store.repo import as_utc
 from training import SpecError
 
@@ -222,29 +225,59 @@ def list_jobs(
 poll_router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 
-def _admitted(request: Request, caller: fastread.Caller, key: fastread.KeyRow) -> None:
-    """401/429 for a keyed poll, from the key row its own query returned."""
+async def _admitted(request: Request, caller: fastread.Caller, key: fastread.KeyRow) -> None:
+    """401/429 for a keyed poll, from the key row its own query returned. The key's use is
+    recorded (at most once a minute) off the event loop."""
     if caller.key_hash is None:
         return
     owner = None
     if key is not None:
         owner = keys.KeyOwner(key_id=key[0], project_id=key[1], requests_per_minute=key[2], last_used_at=as_utc(key[3]))
-    admit(request, owner)
+        if needs_touch(owner) and _touches.claim(owner.key_id):
+            await run_in_threadpool(touch, owner)
+    admit(request, owner, record_use=False)
 
 
-@poll_router.get("/{job_id}", response_model=JobRead, responses={404: {"description": "no such job"}})
-def get_job(job_id: str, request: Request, caller: PollCallerDep) -> Response:
-    """The job, its progress, best value, spec (with effective defaults) and what the engine reported.
-    (Served by :mod:`store.fastread`: one query, the stored spec passed through as JSON text.)"""
-    key, body = fastread.job_json(get_engine(), job_id, caller)
-    _admitted(request, caller, key)
-    if body is None:
-        raise _not_found(job_id)
+class _Touches:
+    """Which keys this process recorded a use of in the last minute: polls that shared a query
+    (store.pollread) saw the same stale ``last_used_at``, and one write records them all."""
+
+    def __init__(self) -> None:
+        self._at: dict[str, float] = {}
+
+    def claim(self, key_id: str) -> bool:
+        now = time.monotonic()
+        if now - self._at.get(key_id, -math.inf) < keys.LAST_USED_RESOLUTION.total_seconds():
+            return False
+        if len(self._at) > 10_000:
+            self._at.clear()
+        self._at[key_id] = now
+        return True
+
+
+_touches = _Touches()
+
+
+def _json(body: bytes) -> Response:
     return Response(content=body, media_type="application/json")
 
 
+@poll_router.get("/{job_id}", response_model=JobRead, responses={404: {"description": "no such job"}})
+async def get_job(job_id: str, request: Request, caller: PollCallerDep) -> Response:
+    """The job, its progress, best value, spec (with effective defaults) and what the engine reported.
+    (Served by :mod:`store.fastread` on :mod:`store.pollread`'s connections: one query, the stored
+    spec passed through as JSON text.)"""
+    engine = get_engine()
+    key, body = await get_reader(engine).run(
+        ("job", job_id, caller), lambda conn: fastread.job_json(engine, job_id, caller, conn))
+    await _admitted(request, caller, key)
+    if body is None:
+        raise _not_found(job_id)
+    return _json(body)
+
+
 @poll_router.get("/{job_id}/metrics", response_model=MetricsRead, responses={404: {"description": "no such job"}})
-def get_metrics(
+async def get_metrics(
     job_id: str,
     request: Request,
     caller: PollCallerDep,
@@ -252,11 +285,14 @@ def get_metrics(
     max_points: Annotated[int | None, Query(ge=1, le=100_000, description="downsample evenly (keeps the last)")] = None,
 ) -> Response:
     """Per-epoch metrics. Non-finite values are the strings "NaN", "Infinity", "-Infinity"."""
-    key, body = fastread.metrics_json(get_engine(), job_id, caller, since_epoch, max_points)
-    _admitted(request, caller, key)
+    engine = get_engine()
+    key, body = await get_reader(engine).run(
+        ("metrics", job_id, caller, since_epoch, max_points),
+        lambda conn: fastread.metrics_json(engine, job_id, caller, since_epoch, max_points, conn))
+    await _admitted(request, caller, key)
     if body is None:
         raise _not_found(job_id)
-    return Response(content=body, media_type="application/json")
+    return _json(body)
 
 
 def _poll_events(

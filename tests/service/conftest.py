@@ -153,6 +153,7 @@ def inproc_env(pg_url: str, migrated: None, redis_client: redis.Redis, tmp_path_
         "TRAINYARD_DATA_DIR": str(tmp_path_factory.mktemp("inproc-data")),
         "TRAINYARD_QUEUE_PREFIX": f"ty-{RUN_ID}-inproc-",
         "TRAINYARD_AUTH": "off",
+        "TRAINYARD_GC_FREEZE": "0",  # apps built in the test process leave its garbage collector alone
     }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)

@@ -1,0 +1,349 @@
+"""The polled routes' fast path (api.fastpath) and their query threads (store.pollread), against
+the real PostgreSQL database.
+
+The fast path must be invisible: for every request, the app with it answers exactly what the app
+without it answers (status, headers, body), whether the fast path served the request or handed
+it to the FastAPI route. Each case also says which of the two it expects to have served it, so a
+fast path that silently handed everything to the route would fail here too."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+
+from .helpers import note_spec
+
+JOB = "/v1/jobs/{id}"
+METRICS = "/v1/jobs/{id}/metrics"
+
+
+def _unique(tag: str) -> str:
+    return f"{tag}-{uuid.uuid4().hex[:8]}"
+
+
+def _key(project: str, rpm: int | None = None) -> tuple[str, str]:
+    from store import auth
+    from store.db import session_scope
+
+    with session_scope() as s:
+        k = auth.create_key(s, project)
+        if rpm is not None:
+            auth.set_project_limits(s, k.project_id, requests_per_minute=rpm)
+    return k.token, k.project_id
+
+
+def _finished_job(project_id: str) -> str:
+    """A finished job of ``project_id`` with 5 epochs of metrics, some not finite."""
+    from store import repo
+    from store.db import session_scope
+    from training import validate_spec
+
+    spec = validate_spec(note_spec(5)).model_dump(mode="json")
+    epochs = [{"epoch": e, "loss": 1.0 / e, "val_loss": float("nan") if e == 2 else 0.5 / e, "accuracy": 0.1 * e,
+               "lr": 1e-3, "seconds": 0.01} for e in range(1, 6)]
+    with session_scope() as s:
+        job = repo.create_job(s, spec=spec, queue="cpu", project_id=project_id)
+        s.flush()
+        repo.claim_job(s, job.id, "host:1", 300)
+        repo.record_progress(s, job.id, epochs, info={"device": "cpu"})
+        repo.finish_job(s, job.id, status="succeeded", stop_reason="completed", best=("val_loss", 0.1, 5),
+                        steps=50, epochs_run=5, run_seconds=0.5, info={"device": "cpu"})
+    return job.id
+
+
+@pytest.fixture(scope="module")
+def pair(inproc_env: dict[str, str]) -> Iterator[tuple[Any, Any, Any]]:
+    """(with the fast path, without it, the fast-path layer), keys required."""
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from api.fastpath import PollFastPath
+    from store.settings import get_settings
+
+    settings = dataclasses.replace(get_settings(), auth="required")
+    fast_app = create_app(settings)
+    slow_app = create_app(settings, poll_fast_path=False)
+    with TestClient(fast_app) as fast, TestClient(slow_app) as slow:
+        layer = fast_app.middleware_stack
+        while not isinstance(layer, PollFastPath):
+            layer = layer.app
+        yield fast, slow, layer
+
+
+def _same(pair: tuple[Any, Any, Any], method: str, url: str, headers: dict[str, str], served: bool) -> Any:
+    fast, slow, layer = pair
+    before = layer.stats.served
+    a = fast.request(method, url, headers=headers, follow_redirects=False)
+    assert layer.stats.served - before == (1 if served else 0), (url, headers, a.status_code, a.text[:200])
+    b = slow.request(method, url, headers=headers, follow_redirects=False)
+    assert (a.status_code, dict(a.headers), a.content) == (b.status_code, dict(b.headers), b.content), (url, headers)
+    return a
+
+
+def test_fast_path_answers_exactly_what_the_route_answers(pair):
+    token, project = _key(_unique("fast"))
+    other, _ = _key(_unique("fast-other"))
+    job = _finished_job(project)
+    auth = {"Authorization": f"Bearer {token}"}
+    # a new key's first use is recorded by the route (a write), after which the fast path serves
+    r = _same(pair, "GET", JOB.format(id=job), auth, served=False)
+    assert r.status_code == 200 and r.json()["id"] == job
+    served = [
+        (JOB.format(id=job), auth),
+        (METRICS.format(id=job), auth),
+        (METRICS.format(id=job) + "?since_epoch=2", auth),
+        (METRICS.format(id=job) + "?max_points=2", auth),
+        (METRICS.format(id=job) + "?since_epoch=1&max_points=3", auth),
+        (METRICS.format(id=job) + "?max_points=100000&since_epoch=0", auth),
+        (JOB.format(id=job), {"Authorization": f"bearer  {token}"}),
+    ]
+    for url, headers in served:
+        r = _same(pair, "GET", url, headers, served=True)
+        assert r.status_code == 200, (url, r.text)
+    _same(pair, "GET", JOB.format(id=job), {"Authorization": f"Bearer {other}"}, served=False)  # first use
+    handed_over = [
+        (JOB.format(id=job), {}),                                             # no key: 401
+        (JOB.format(id=job), {"Authorization": "Bearer ty_" + "x" * 43}),     # unknown key: 401
+        (JOB.format(id=job), {"Authorization": f"Basic {token}"}),            # not Bearer: 401
+        (JOB.format(id=job), {"Authorization": f"Bearer {other}"}),           # another project's job: 404
+        (JOB.format(id="0" * 32), auth),                                      # no such job: 404
+        (JOB.format(id=job) + "?since_epoch=0", auth),                        # not a parameter of this route: 422
+        (JOB.format(id=job) + "/", auth),                                     # the route redirects (307)
+        (JOB.format(id="batch"), auth),                                       # a POST-only path: 404 by the route
+        (METRICS.format(id=job) + "?since_epoch=-1", auth),                   # out of range: 422
+        (METRICS.format(id=job) + "?max_points=0", auth),
+        (METRICS.format(id=job) + "?max_points=100001", auth),
+        (METRICS.format(id=job) + "?since_epoch=1&since_epoch=2", auth),      # twice: 422
+        (METRICS.format(id=job) + "?since_epoch=+1", auth),                   # not plain digits: the route decides
+        (METRICS.format(id=job) + "?sinceepoch=1", auth),                     # unknown: 422
+        (METRICS.format(id=job) + "?since_epoch=1&", auth),
+    ]
+    for url, headers in handed_over:
+        _same(pair, "GET", url, headers, served=False)
+    # other methods on the polled paths are the route's (405 with Allow)
+    _same(pair, "DELETE", JOB.format(id=job), auth, served=False)
+    _same(pair, "POST", METRICS.format(id=job), auth, served=False)
+
+
+def test_revoked_keys_and_rate_limits_hold_on_the_fast_path(pair):
+    from store import auth
+    from store.db import session_scope
+
+    token, project = _key(_unique("fast-rate"), rpm=3)
+    job = _finished_job(project)
+    headers = {"Authorization": f"Bearer {token}"}
+    fast, slow, layer = pair
+    # the project may make 3 requests a minute, in each app (each process has its own bucket)
+    statuses = []
+    for _ in range(4):
+        before = layer.stats.served
+        r = fast.get(JOB.format(id=job), headers=headers)
+        s = slow.get(JOB.format(id=job), headers=headers)
+        assert (r.status_code, dict(r.headers), r.content) == (s.status_code, dict(s.headers), s.content)
+        statuses.append((r.status_code, layer.stats.served - before))
+    # first use recorded by the route, then served fast, then the bucket is empty: the route's 429
+    assert statuses == [(200, 0), (200, 1), (200, 1), (429, 0)], statuses
+    assert int(r.headers["retry-after"]) >= 1
+    token2, project2 = _key(_unique("fast-revoke"))
+    job2 = _finished_job(project2)
+    headers2 = {"Authorization": f"Bearer {token2}"}
+    assert fast.get(JOB.format(id=job2), headers=headers2).status_code == 200
+    assert fast.get(JOB.format(id=job2), headers=headers2).status_code == 200
+    with session_scope() as s:
+        key_id = s.execute(text("SELECT id FROM api_keys WHERE project_id = :p"), {"p": project2}).scalar_one()
+        auth.revoke_key(s, key_id)
+    r = fast.get(JOB.format(id=job2), headers=headers2)  # the very next request
+    assert r.status_code == 401 and r.json()["detail"] == "invalid or revoked API key"
+
+
+def test_fast_path_with_keys_off_serves_the_default_project(inproc_env):
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from api.fastpath import PollFastPath
+    from store.models import DEFAULT_PROJECT
+
+    job = _finished_job(DEFAULT_PROJECT)
+    fast_app = create_app()  # the test environment runs with TRAINYARD_AUTH=off
+    with TestClient(fast_app) as fast, TestClient(create_app(poll_fast_path=False)) as slow:
+        layer = fast_app.middleware_stack
+        while not isinstance(layer, PollFastPath):
+            layer = layer.app
+        for url in (JOB.format(id=job), METRICS.format(id=job) + "?since_epoch=3", JOB.format(id="f" * 32)):
+            before = layer.stats.served
+            a, b = fast.get(url), slow.get(url)
+            assert (a.status_code, dict(a.headers), a.content) == (b.status_code, dict(b.headers), b.content)
+            assert layer.stats.served - before == (1 if a.status_code == 200 else 0)
+        assert a.status_code == 404
+
+
+def test_a_poll_survives_its_connection_being_killed(pair):
+    """PostgreSQL ends the reader's connections (a restart, an idle timeout): the next poll is
+    still answered (the fast path meets the broken connection, the route retries on a new one)."""
+    from store.db import get_engine
+    from store.pollread import get_reader
+
+    token, project = _key(_unique("fast-kill"))
+    job = _finished_job(project)
+    fast, _, _ = pair
+    headers = {"Authorization": f"Bearer {token}"}
+    assert fast.get(JOB.format(id=job), headers=headers).status_code == 200
+    reader = get_reader(get_engine())
+    pids = [c.info.backend_pid for c in list(reader._conns)]
+    assert pids
+    with get_engine().connect() as conn:
+        for pid in pids:
+            conn.execute(text("SELECT pg_terminate_backend(:p)"), {"p": pid})
+        conn.commit()
+    for _ in range(2 * len(pids) + 2):  # every thread meets its dead connection once
+        r = fast.get(JOB.format(id=job), headers=headers)
+        assert r.status_code == 200, r.text
+    assert not set(pids) & {c.info.backend_pid for c in list(reader._conns)}
+
+
+# --------------------------------------------------------------------------- store.pollread
+
+
+def test_identical_polls_share_a_query_that_has_not_started_and_only_that(inproc_env):
+    from store.db import get_engine
+    from store.pollread import PollReader
+
+    reader = PollReader(get_engine(), threads=1)
+    gate, started = threading.Event(), threading.Event()
+    calls: list[str] = []
+
+    def blocking(conn: Any) -> str:
+        calls.append("first")
+        started.set()
+        gate.wait(10)
+        return "first"
+
+    def read(tag: str) -> Any:
+        def fn(conn: Any) -> str:
+            calls.append(tag)
+            return conn.execute("SELECT %s::text", (tag,)).fetchone()[0] if hasattr(conn, "execute") else tag
+        return fn
+
+    try:
+        first = reader.submit("k", blocking)
+        assert started.wait(10)
+        # the query under "k" is running: a new poll with the same key must not join it
+        second = reader.submit("k", read("second"))
+        assert second is not first
+        # ... but later ones join the waiting one, and different keys never share
+        joined = [reader.submit("k", read("never")) for _ in range(5)]
+        other = reader.submit("other", read("other"))
+        assert all(f is second for f in joined) and other is not second
+        gate.set()
+        assert first.result(10) == "first"
+        assert second.result(10) == "second" and all(f.result(10) == "second" for f in joined)
+        assert other.result(10) == "other"
+        assert calls == ["first", "second", "other"] and reader.queries == 3
+    finally:
+        gate.set()
+        reader.close()
+
+
+def test_a_failed_shared_query_fails_every_waiter_and_the_next_one_runs_afresh(inproc_env):
+    from store.db import get_engine
+    from store.pollread import PollReader
+
+    reader = PollReader(get_engine(), threads=1)
+    gate = threading.Event()
+    try:
+        reader.submit("block", lambda conn: gate.wait(10))
+        waiting = [reader.submit("k", lambda conn: 1 / 0) for _ in range(3)]
+        gate.set()
+        for f in waiting:
+            with pytest.raises(ZeroDivisionError):
+                f.result(10)
+        assert reader.submit("k", lambda conn: conn.execute("SELECT 7").fetchone()[0]).result(10) == 7
+    finally:
+        gate.set()
+        reader.close()
+
+
+def test_many_concurrent_polls_of_one_job_use_few_queries(pair):
+    """64 concurrent polls of the same job: every one answered 200 with the job, and the
+    database answered fewer queries than there were polls (they shared)."""
+    import asyncio
+
+    import httpx
+
+    from store.db import get_engine
+    from store.pollread import get_reader
+
+    token, project = _key(_unique("fast-share"))
+    job = _finished_job(project)
+    fast, _, layer = pair
+    headers = {"Authorization": f"Bearer {token}"}
+    assert fast.get(JOB.format(id=job), headers=headers).status_code == 200  # records the first use
+    app = fast.app
+    reader = get_reader(get_engine())
+
+    async def main() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            return await asyncio.gather(*(c.get(JOB.format(id=job), headers=headers) for _ in range(64)))
+
+    def scraped(name: str) -> float:
+        text_ = fast.get("/metrics").text
+        return float(next(line.split()[-1] for line in text_.splitlines() if line.startswith(name + " ")))
+
+    q0, s0 = reader.queries, layer.stats.served
+    prom_served, prom_queries = scraped("trainyard_polls_fast_total"), scraped("trainyard_poll_queries_total")
+    t0 = time.monotonic()
+    responses = asyncio.run(main())
+    assert time.monotonic() - t0 < 30
+    assert all(r.status_code == 200 and r.json()["id"] == job for r in responses)
+    assert layer.stats.served - s0 == 64
+    assert reader.queries - q0 < 64
+    # what Prometheus sees: the same counts
+    assert scraped("trainyard_polls_fast_total") - prom_served == 64
+    assert scraped("trainyard_poll_queries_total") - prom_queries == reader.queries - q0
+
+
+def test_a_poll_is_one_database_round_trip(pair, tmp_path, monkeypatch):
+    """Counted exactly from a libpq trace of the poll threads' connections: ReadyForQuery
+    messages per poll, on the fast path, for both routes. (One poll thread, so that the warm-up
+    surely covers psycopg's one-time statement preparation on its connection.)"""
+    import psycopg
+
+    from store import pollread
+
+    token, project = _key(_unique("fast-trips"))
+    job = _finished_job(project)
+    fast, _, layer = pair
+    headers = {"Authorization": f"Bearer {token}"}
+    assert fast.get(JOB.format(id=job), headers=headers).status_code == 200  # first use: recorded by the route
+    trace_path = tmp_path / "trace.txt"
+    with trace_path.open("w") as trace:
+
+        def traced(conn: Any) -> None:
+            conn.pgconn.trace(trace.fileno())
+            conn.pgconn.set_trace_flags(psycopg.pq.Trace.SUPPRESS_TIMESTAMPS)
+
+        pollread.CONNECT_HOOKS.append(traced)
+        monkeypatch.setattr(pollread, "DEFAULT_THREADS", 1)
+        try:
+            pollread.close_readers()  # new connections, traced
+            for url in (JOB.format(id=job), METRICS.format(id=job)):
+                for _ in range(12):  # warm-up: each thread's connection prepares the statement once
+                    assert fast.get(url, headers=headers).status_code == 200
+                trace.flush()
+                before, served = trace_path.read_text().count("ReadyForQuery"), layer.stats.served
+                for _ in range(40):
+                    assert fast.get(url, headers=headers).status_code == 200
+                trace.flush()
+                assert layer.stats.served - served == 40
+                assert trace_path.read_text().count("ReadyForQuery") - before == 40, url
+        finally:
+            pollread.CONNECT_HOOKS.remove(traced)
+            pollread.close_readers()
