@@ -15,6 +15,8 @@ from collections.abc import Iterable
 from functools import cached_property
 from typing import Any
 
+import redis  # imported with the app, not on a first scrape (api.app freezes the GC after start-up)
+
 from store.broker import RUN_JOB_TASK, celery_config
 from store.settings import Settings
 
@@ -161,6 +163,4 @@ class Dispatcher:
 
     @cached_property
     def _redis(self) -> Any:
-        import redis
-
         return redis.Redis.from_url(self.settings.broker_url, socket_timeout=2)

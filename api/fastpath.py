@@ -128,14 +128,14 @@ class PollFastPath:
         job_id = m.group(1)
         engine = get_engine()
         try:
+            reader = get_reader(engine)
             if m.group(2):
                 since, max_points = params
-                key, body = await get_reader(engine).run(
-                    ("metrics", job_id, caller, since, max_points),
-                    lambda conn: fastread.metrics_json(engine, job_id, caller, since, max_points, conn))
+                key, body = await reader.run_item(
+                    (job_id, caller, since, max_points), fastread.metrics_polls(engine),
+                    (job_id, caller, since, max_points))
             else:
-                key, body = await get_reader(engine).run(
-                    ("job", job_id, caller), lambda conn: fastread.job_json(engine, job_id, caller, conn))
+                key, body = await reader.run_item((job_id, caller), fastread.job_polls(engine), (job_id, caller))
         except Exception:  # noqa: BLE001 - the route meets the same error and answers it
             await self.app(scope, receive, send)
             return

@@ -167,10 +167,15 @@ def job_json(engine: Engine, job_id: str, caller: Caller, conn: Any = None) -> t
         return None, None
     if row[0] is None:  # the key is valid, the job is not in its project
         return key, None
+    return key, _job_document(row)
+
+
+def _job_document(row: Sequence[Any]) -> bytes:
+    """The job's JSON from its columns (:data:`JOB_COLUMNS`, then the spec and info as text)."""
     head = json.dumps(_view(row[: len(JOB_COLUMNS)]), separators=(",", ":"), allow_nan=False)
     spec_text, info_text = row[len(JOB_COLUMNS)], row[len(JOB_COLUMNS) + 1]
     body = f'{head[:-1]},"spec":{spec_text},"info":{info_text if info_text is not None else "null"}}}'
-    return key, body.encode()
+    return body.encode()
 
 
 def downsample(rows: list[Any], max_points: int) -> list[Any]:
@@ -199,8 +204,149 @@ def metrics_json(
         rows = [r[4:] for r in rows]
     if rows[0][0] is None:
         return key, None
-    epochs = [r[1] for r in rows if r[1] is not None]
+    return key, _metrics_document(job_id, [r[1] for r in rows if r[1] is not None], max_points)
+
+
+def _metrics_document(job_id: str, epochs: list[str], max_points: int | None) -> bytes:
     total = len(epochs)
     if max_points is not None:
         epochs = downsample(epochs, max_points)
-    return key, f'{{"job_id":{json.dumps(job_id)},"epochs":[{",".join(epochs)}],"total":{total}}}'.encode()
+    return f'{{"job_id":{json.dumps(job_id)},"epochs":[{",".join(epochs)}],"total":{total}}}'.encode()
+
+
+# --------------------------------------------------------------------------- many polls, one query
+#
+# Polls of different jobs that wait for a poll thread at the same time (store.pollread) are
+# answered together, by one query over the list of (job, caller) pairs: one round trip and one
+# statement for all of them instead of one each. Each item is still resolved on its own, with
+# exactly the rules of the single-poll queries above (the key, then the job in the key's
+# project); ``tests/service/test_fastpath.py`` checks the answers are the same bytes. LATERAL
+# subqueries pin the plan to index lookups per item, whatever the table sizes.
+
+_KEY_LATERAL = (
+    "JOIN LATERAL (SELECT id, project_id, last_used_at FROM api_keys "
+    "WHERE key_hash = q.key_hash AND revoked_at IS NULL) k ON true "
+    "JOIN LATERAL (SELECT requests_per_minute FROM projects WHERE id = k.project_id) p ON true"
+)
+
+
+@lru_cache(maxsize=4)
+def _jobs_batch_sql(keyed: bool) -> str:
+    cols = ", ".join(JOB_COLUMNS) + ", CAST(spec AS TEXT), CAST(info AS TEXT)"
+    if keyed:
+        return (
+            "SELECT q.n, k.id, k.project_id, p.requests_per_minute, k.last_used_at, j.* "
+            "FROM unnest(CAST(%(ids)s AS text[]), CAST(%(who)s AS text[])) WITH ORDINALITY AS q(id, key_hash, n) "
+            f"{_KEY_LATERAL} "
+            f"LEFT JOIN LATERAL (SELECT {cols} FROM jobs WHERE id = q.id AND project_id = k.project_id) j ON true"
+        )
+    return (
+        "SELECT q.n, j.* "
+        "FROM unnest(CAST(%(ids)s AS text[]), CAST(%(who)s AS text[])) WITH ORDINALITY AS q(id, project, n) "
+        f"JOIN LATERAL (SELECT {cols} FROM jobs WHERE id = q.id AND project_id = q.project) j ON true"
+    )
+
+
+@lru_cache(maxsize=4)
+def _metrics_batch_sql(keyed: bool) -> str:
+    values = (
+        "LEFT JOIN LATERAL (SELECT epoch, CAST(\"values\" AS TEXT) AS v FROM job_metrics "
+        "WHERE job_id = j.id AND epoch > q.since) m ON true"
+    )
+    if keyed:
+        return (
+            "SELECT q.n, k.id, k.project_id, p.requests_per_minute, k.last_used_at, j.id, m.v "
+            "FROM unnest(CAST(%(ids)s AS text[]), CAST(%(who)s AS text[]), CAST(%(since)s AS int[])) "
+            "WITH ORDINALITY AS q(id, key_hash, since, n) "
+            f"{_KEY_LATERAL} "
+            "LEFT JOIN LATERAL (SELECT id FROM jobs WHERE id = q.id AND project_id = k.project_id) j ON true "
+            f"{values} ORDER BY q.n, m.epoch"
+        )
+    return (
+        "SELECT q.n, j.id, m.v "
+        "FROM unnest(CAST(%(ids)s AS text[]), CAST(%(who)s AS text[]), CAST(%(since)s AS int[])) "
+        "WITH ORDINALITY AS q(id, project, since, n) "
+        "JOIN LATERAL (SELECT id FROM jobs WHERE id = q.id AND project_id = q.project) j ON true "
+        f"{values} ORDER BY q.n, m.epoch"
+    )
+
+
+def _split(items: Sequence[tuple[Any, ...]]) -> list[tuple[bool, list[int]]]:
+    """Item positions grouped by whether their caller is a key (one query per group)."""
+    keyed = [i for i, it in enumerate(items) if it[1].key_hash is not None]
+    plain = [i for i, it in enumerate(items) if it[1].key_hash is None]
+    return [(flag, idx) for flag, idx in ((True, keyed), (False, plain)) if idx]
+
+
+def _who(caller: Caller) -> str | None:
+    return caller.key_hash if caller.key_hash is not None else caller.project_id
+
+
+class JobPolls:
+    """``GET /v1/jobs/{id}`` for many (job id, caller) items at once (a ``store.pollread`` batch
+    kind): the results are :func:`job_json`'s, item by item."""
+
+    limit = 128  # items per query
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def run_many(self, conn: Any, items: Sequence[tuple[str, Caller]]) -> list[tuple[KeyRow, bytes | None]]:
+        if self.engine.dialect.name != "postgresql":
+            return [job_json(self.engine, job_id, caller, conn) for job_id, caller in items]
+        out: list[tuple[KeyRow, bytes | None]] = [(None, None)] * len(items)
+        for keyed, idx in _split(items):
+            rows = _fetch(self.engine, _jobs_batch_sql(keyed),
+                          {"ids": [items[i][0] for i in idx], "who": [_who(items[i][1]) for i in idx]}, conn)
+            for row in rows:
+                pos = idx[row[0] - 1]
+                key: KeyRow = tuple(row[1:5]) if keyed else None  # type: ignore[assignment]
+                job = row[5:] if keyed else row[1:]
+                out[pos] = (key, _job_document(job) if job[0] is not None else None)
+        return out
+
+
+class MetricsPolls:
+    """``GET /v1/jobs/{id}/metrics`` for many (job id, caller, since_epoch, max_points) items at
+    once: the results are :func:`metrics_json`'s, item by item."""
+
+    limit = 64
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def run_many(
+        self, conn: Any, items: Sequence[tuple[str, Caller, int, int | None]]
+    ) -> list[tuple[KeyRow, bytes | None]]:
+        if self.engine.dialect.name != "postgresql":
+            return [metrics_json(self.engine, job_id, caller, since, mp, conn) for job_id, caller, since, mp in items]
+        out: list[tuple[KeyRow, bytes | None]] = [(None, None)] * len(items)
+        for keyed, idx in _split(items):
+            rows = _fetch(self.engine, _metrics_batch_sql(keyed),
+                          {"ids": [items[i][0] for i in idx], "who": [_who(items[i][1]) for i in idx],
+                           "since": [items[i][2] for i in idx]}, conn)
+            groups: dict[int, list[Any]] = {}
+            for row in rows:
+                groups.setdefault(row[0], []).append(row)
+            for n, group in groups.items():
+                pos = idx[n - 1]
+                job_id, _caller, _since, max_points = items[pos]
+                key: KeyRow = tuple(group[0][1:5]) if keyed else None  # type: ignore[assignment]
+                tail = [r[5:] if keyed else r[1:] for r in group]
+                if tail[0][0] is None:
+                    out[pos] = (key, None)
+                else:
+                    out[pos] = (key, _metrics_document(job_id, [t[1] for t in tail if t[1] is not None], max_points))
+        return out
+
+
+@lru_cache(maxsize=8)
+def job_polls(engine: Engine) -> JobPolls:
+    """The engine's :class:`JobPolls` (one object, so that its polls batch together)."""
+    return JobPolls(engine)
+
+
+@lru_cache(maxsize=8)
+def metrics_polls(engine: Engine) -> MetricsPolls:
+    """The engine's :class:`MetricsPolls`."""
+    return MetricsPolls(engine)

@@ -22,9 +22,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
-from collections.abc import Callable, Hashable
-from typing import Any
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
 
+import psycopg  # imported with the app, not on a first poll (api.app freezes the GC after start-up)
 from sqlalchemy import Engine
 
 #: threads (= connections) per API process: enough to keep PostgreSQL busy on a few cores
@@ -34,29 +36,50 @@ DEFAULT_THREADS = 4
 CONNECT_HOOKS: list[Callable[[Any], None]] = []
 
 
-class _Local(threading.local):
-    conn: Any = None
+class BatchKind(Protocol):
+    """A kind of read that many requests can share one query for (store.fastread.JobPolls)."""
+
+    limit: int
+
+    def run_many(self, conn: Any, items: Sequence[Any]) -> list[Any]: ...
+
+
+@dataclass(eq=False)
+class _Flight:
+    """One query-to-be: a function of the connection, or an item of a batch kind."""
+
+    key: Hashable
+    future: concurrent.futures.Future[Any]
+    fn: Callable[[Any], Any] | None = None
+    kind: BatchKind | None = None
+    item: Any = None
 
 
 class PollReader:
-    """Runs ``fn(connection)`` on one of ``threads`` threads, each holding one DBAPI connection
-    for its lifetime (PostgreSQL: a psycopg connection in autocommit; SQLite: one from the
-    engine's pool, returned after each call). Safe to call from any thread and any event loop."""
+    """Runs polls on up to ``threads`` threads, each holding one DBAPI connection for its
+    lifetime (PostgreSQL: a psycopg connection in autocommit; SQLite: one from the engine's pool,
+    returned after each query). Safe to call from any thread and any event loop.
+
+    A thread that becomes free takes the oldest waiting poll and, if that poll is of a batch kind,
+    every other waiting poll of the same kind (up to the kind's ``limit``): one query answers
+    them all. Under light load every poll runs alone, at once; under heavy load the number of
+    queries grows with the number of threads, not with the number of requests."""
 
     def __init__(self, engine: Engine, threads: int = DEFAULT_THREADS) -> None:
         self.engine = engine
         self._pg = engine.dialect.name == "postgresql"
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="poll-read")
-        self._local = _Local()
+        self._max_threads = threads
+        self._threads: list[threading.Thread] = []
+        self._idle = 0
+        self._closed = False
         self._conns: list[Any] = []
         self._lock = threading.Lock()
-        self._waiting: dict[Hashable, concurrent.futures.Future[Any]] = {}
+        self._wake = threading.Condition(self._lock)
+        self._waiting: dict[Hashable, _Flight] = {}  # in arrival order
         self.queries = 0  # queries run (for tests and the benchmark: requests / queries = sharing)
 
     # ---- connections
     def _connect(self) -> Any:
-        import psycopg
-
         url = self.engine.url.set(drivername="postgresql")
         conn = psycopg.connect(url.render_as_string(hide_password=False), autocommit=True)
         for hook in CONNECT_HOOKS:
@@ -74,61 +97,115 @@ class PollReader:
         except Exception:  # noqa: BLE001 - it is broken already
             pass
 
-    def _run(self, key: Hashable, fut: concurrent.futures.Future[Any], fn: Callable[[Any], Any]) -> Any:
-        with self._lock:
-            if self._waiting.get(key) is fut:
-                del self._waiting[key]  # under way: later arrivals wait for a query of their own
-            self.queries += 1
-        global _total_queries
-        with _readers_lock:
-            _total_queries += 1
+    # ---- the threads
+    def _take(self) -> list[_Flight]:
+        """The oldest waiting flight and, for a batch kind, the others of its kind (lock held)."""
+        key = next(iter(self._waiting))
+        first = self._waiting.pop(key)  # under way: later arrivals wait for a query of their own
+        batch = [first]
+        if first.kind is not None:
+            same = [k for k, f in self._waiting.items() if f.kind is first.kind][: first.kind.limit - 1]
+            batch += [self._waiting.pop(k) for k in same]
+        return batch
+
+    def _serve(self) -> None:
+        conn: Any = None
+        while True:
+            with self._lock:
+                self._idle += 1
+                while not self._waiting and not self._closed:
+                    self._wake.wait()
+                self._idle -= 1
+                if not self._waiting:  # closed, nothing left
+                    break
+                batch = self._take()
+                self.queries += 1
+            global _total_queries
+            with _readers_lock:
+                _total_queries += 1
+            batch = [f for f in batch if f.future.set_running_or_notify_cancel()]
+            if not batch:
+                continue
+            try:
+                if self._pg and (conn is None or conn.closed):
+                    conn = self._connect()
+                results = self._run(conn, batch)
+            except BaseException as exc:  # noqa: BLE001 - handed to every waiter
+                if conn is not None and (conn.broken or conn.closed):
+                    # a broken connection (server restart, network): the next poll on this
+                    # thread reconnects; these fail, as requests on a dead pooled connection would
+                    self._drop(conn)
+                    conn = None
+                for f in batch:
+                    f.future.set_exception(exc)
+                continue
+            for f, result in zip(batch, results, strict=True):
+                f.future.set_result(result)
+        if conn is not None:
+            self._drop(conn)
+
+    def _run(self, conn: Any, batch: list[_Flight]) -> list[Any]:
         if not self._pg:
             conn = self.engine.raw_connection()
             try:
-                return fn(conn)
+                return self._call(conn, batch)
             finally:
                 conn.close()  # back to the engine's pool
-        conn = self._local.conn
-        if conn is None or conn.closed:
-            conn = self._local.conn = self._connect()
-        try:
-            return fn(conn)
-        except Exception:
-            # a broken connection (server restart, network): the next poll on this thread
-            # reconnects; this one fails, as a request on a dead pooled connection would
-            if conn.broken or conn.closed:
-                self._local.conn = None
-                self._drop(conn)
-            raise
+        return self._call(conn, batch)
+
+    @staticmethod
+    def _call(conn: Any, batch: list[_Flight]) -> list[Any]:
+        first = batch[0]
+        if first.kind is None:
+            assert first.fn is not None
+            return [first.fn(conn)]
+        return first.kind.run_many(conn, [f.item for f in batch])
 
     # ---- submitting
-    def submit(self, key: Hashable, fn: Callable[[Any], Any]) -> concurrent.futures.Future[Any]:
-        """The future of ``fn``'s result: a query already waiting under the same ``key`` if there
-        is one, else a new one. ``key`` must capture every input of ``fn``."""
+    def _submit(self, flight: _Flight) -> concurrent.futures.Future[Any]:
         with self._lock:
-            fut = self._waiting.get(key)
-            if fut is not None:
-                return fut
-            fut = concurrent.futures.Future()
-            self._waiting[key] = fut
-        self._executor.submit(self._resolve, key, fut, fn)
-        return fut
+            if self._closed:
+                raise RuntimeError("the poll reader is closed")
+            waiting = self._waiting.get(flight.key)
+            if waiting is not None:
+                return waiting.future
+            self._waiting[flight.key] = flight
+            if self._idle == 0 and len(self._threads) < self._max_threads:
+                t = threading.Thread(target=self._serve, name=f"poll-read-{len(self._threads)}", daemon=True)
+                self._threads.append(t)
+                t.start()
+            else:
+                self._wake.notify()
+        return flight.future
 
-    def _resolve(self, key: Hashable, fut: concurrent.futures.Future[Any], fn: Callable[[Any], Any]) -> None:
-        if not fut.set_running_or_notify_cancel():
-            return
-        try:
-            fut.set_result(self._run(key, fut, fn))
-        except BaseException as exc:  # noqa: BLE001 - handed to every waiter
-            fut.set_exception(exc)
+    def submit(self, key: Hashable, fn: Callable[[Any], Any]) -> concurrent.futures.Future[Any]:
+        """The future of ``fn(connection)``: a query already waiting under the same ``key`` if
+        there is one, else a new one. ``key`` must capture every input of ``fn``."""
+        return self._submit(_Flight(key, concurrent.futures.Future(), fn=fn))
+
+    def submit_item(self, key: Hashable, kind: BatchKind, item: Any) -> concurrent.futures.Future[Any]:
+        """The future of ``kind.run_many(connection, [item, ...])[i]``, answered together with the
+        other waiting items of ``kind``; shared with a waiting one of the same ``key``."""
+        return self._submit(_Flight((kind, key), concurrent.futures.Future(), kind=kind, item=item))
 
     async def run(self, key: Hashable, fn: Callable[[Any], Any]) -> Any:
         """``submit`` awaited from the event loop (shielded: a client that goes away does not
         cancel the query others share)."""
         return await asyncio.shield(asyncio.wrap_future(self.submit(key, fn)))
 
+    async def run_item(self, key: Hashable, kind: BatchKind, item: Any) -> Any:
+        """``submit_item`` awaited from the event loop (shielded, as :meth:`run`)."""
+        return await asyncio.shield(asyncio.wrap_future(self.submit_item(key, kind, item)))
+
     def close(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        """Finish the waiting polls, stop the threads, close the connections."""
+        with self._lock:
+            self._closed = True
+            self._wake.notify_all()
+            threads = list(self._threads)
+        for t in threads:
+            if t is not threading.current_thread():
+                t.join(timeout=30)
         with self._lock:
             conns, self._conns = self._conns, []
         for conn in conns:

@@ -268,8 +268,7 @@ async def get_job(job_id: str, request: Request, caller: PollCallerDep) -> Respo
     (Served by :mod:`store.fastread` on :mod:`store.pollread`'s connections: one query, the stored
     spec passed through as JSON text.)"""
     engine = get_engine()
-    key, body = await get_reader(engine).run(
-        ("job", job_id, caller), lambda conn: fastread.job_json(engine, job_id, caller, conn))
+    key, body = await get_reader(engine).run_item((job_id, caller), fastread.job_polls(engine), (job_id, caller))
     await _admitted(request, caller, key)
     if body is None:
         raise _not_found(job_id)
@@ -286,9 +285,8 @@ async def get_metrics(
 ) -> Response:
     """Per-epoch metrics. Non-finite values are the strings "NaN", "Infinity", "-Infinity"."""
     engine = get_engine()
-    key, body = await get_reader(engine).run(
-        ("metrics", job_id, caller, since_epoch, max_points),
-        lambda conn: fastread.metrics_json(engine, job_id, caller, since_epoch, max_points, conn))
+    item = (job_id, caller, since_epoch, max_points)
+    key, body = await get_reader(engine).run_item(item, fastread.metrics_polls(engine), item)
     await _admitted(request, caller, key)
     if body is None:
         raise _not_found(job_id)

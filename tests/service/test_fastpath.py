@@ -347,3 +347,75 @@ def test_a_poll_is_one_database_round_trip(pair, tmp_path, monkeypatch):
         finally:
             pollread.CONNECT_HOOKS.remove(traced)
             pollread.close_readers()
+
+
+def _callers_and_jobs() -> tuple[list[Any], list[str]]:
+    """Callers (keys of two projects, a revoked and an unknown key, two projects without keys) and
+    jobs (each project's, and one that does not exist)."""
+    from store import auth
+    from store import fastread as fr
+    from store.db import session_scope
+
+    token_a, project_a = _key(_unique("batch-a"))
+    token_b, project_b = _key(_unique("batch-b"))
+    revoked, _ = _key(_unique("batch-revoked"))
+    with session_scope() as s:
+        key_id = s.execute(text("SELECT id FROM api_keys WHERE key_hash = :h"), {"h": auth.hash_key(revoked)}).scalar_one()
+        auth.revoke_key(s, key_id)
+    callers = [fr.Caller(key_hash=auth.hash_key(t)) for t in (token_a, token_b, revoked, "ty_" + "z" * 43)]
+    callers += [fr.Caller(project_id=project_a), fr.Caller(project_id=project_b)]
+    jobs = [_finished_job(project_a), _finished_job(project_a), _finished_job(project_b), "0" * 32]
+    return callers, jobs
+
+
+def test_batched_polls_answer_what_single_polls_answer(inproc_env):
+    """One query for many (job, caller) items gives, item by item, the single-poll answer: the
+    key's row (or none: 401), the job's document (or none: 404), metrics after since_epoch,
+    downsampled to max_points, for keyed and keyless callers mixed in one batch."""
+    from store import fastread as fr
+    from store.db import get_engine
+
+    engine = get_engine()
+    callers, jobs = _callers_and_jobs()
+    job_items = [(j, c) for c in callers for j in jobs]
+    metric_items = [(j, c, since, mp) for c in callers for j in jobs for since, mp in ((0, None), (2, None), (0, 2), (5, 1))]
+    conn = engine.raw_connection()
+    try:
+        conn.driver_connection.autocommit = True
+        batched_jobs = fr.job_polls(engine).run_many(conn.driver_connection, job_items)
+        batched_metrics = fr.metrics_polls(engine).run_many(conn.driver_connection, metric_items)
+    finally:
+        conn.driver_connection.autocommit = False
+        conn.close()
+    singles_jobs = [fr.job_json(engine, j, c) for j, c in job_items]
+    singles_metrics = [fr.metrics_json(engine, j, c, s, mp) for j, c, s, mp in metric_items]
+    assert batched_jobs == singles_jobs
+    assert batched_metrics == singles_metrics
+    # the cases are all there: served, 404 (key fine, job elsewhere), 401 (no key row)
+    outcomes = {(key is not None, body is not None) for key, body in singles_jobs[: 4 * len(jobs)]}
+    assert outcomes == {(True, True), (True, False), (False, False)}
+    assert any(b is not None and b'"epochs":[]' in b for _, b in singles_metrics)  # since_epoch=5: none after
+
+
+def test_waiting_polls_of_different_jobs_share_one_query(inproc_env):
+    from store import fastread as fr
+    from store.db import get_engine
+    from store.pollread import PollReader
+
+    engine = get_engine()
+    callers, jobs = _callers_and_jobs()
+    reader = PollReader(engine, threads=1)
+    gate, started = threading.Event(), threading.Event()
+    try:
+        reader.submit("block", lambda conn: (started.set(), gate.wait(10)))
+        assert started.wait(10)
+        items = [(j, c) for c in callers[:2] for j in jobs]
+        futures = [reader.submit_item(it, fr.job_polls(engine), it) for it in items]
+        metric = reader.submit_item(("m",), fr.metrics_polls(engine), (jobs[0], callers[0], 0, None))
+        gate.set()
+        assert [f.result(10) for f in futures] == [fr.job_json(engine, j, c) for j, c in items]
+        assert metric.result(10) == fr.metrics_json(engine, jobs[0], callers[0])
+        assert reader.queries == 3  # the blocker, all the job polls in one, the metrics poll
+    finally:
+        gate.set()
+        reader.close()
