@@ -36,7 +36,9 @@ NAMING = {
     "pk": "pk_%(table_name)s",
 }
 
-JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+# "paused": a sweep trial stopped at an ASHA rung with its training state snapshotted, until the
+# sweep promotes it (back to queued; it resumes from the snapshot) or ends it (pruned)
+JOB_STATUSES = ("queued", "running", "paused", "succeeded", "failed", "cancelled")
 TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
 
 # BIGINT on PostgreSQL, INTEGER on SQLite (so it is the rowid and autoincrements).

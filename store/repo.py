@@ -166,13 +166,13 @@ def events_after(session: Session, job_id: str, after_id: int, limit: int = 500)
 
 
 def request_cancel(session: Session, job_id: str) -> str | None:
-    """Cancel a job: a queued one becomes ``cancelled`` at once (a worker's claim then fails, so
-    it never starts); a running one is flagged and its worker stops it. Returns the status the
+    """Cancel a job: a queued (or paused) one becomes ``cancelled`` at once (a worker's claim then
+    fails, so it never starts); a running one is flagged and its worker stops it. Returns the status the
     job is now in, or None if it does not exist."""
     now = utcnow()
     res = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.status == "queued")
+        .where(Job.id == job_id, Job.status.in_(("queued", "paused")))
         .values(status="cancelled", stop_reason="cancelled", cancel_requested=True, finished_at=now, updated_at=now)
         .execution_options(synchronize_session=False)
     )
@@ -303,6 +303,59 @@ def finish_job(
     if error:
         event["error"] = error
     add_event(session, job_id, "state", event, now)
+    return True
+
+
+def pause_job(
+    session: Session, job_id: str, *, steps: int, epochs_run: int, best: tuple[str | None, Any, int | None] | None = None
+) -> bool:
+    """running -> paused (a sweep trial stopped at an ASHA rung, its snapshot written in the same
+    transaction). Not terminal: the sweep promotes it (:func:`promote_job`) or ends it
+    (:func:`end_paused_job`)."""
+    now = utcnow()
+    res = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == "running")
+        .values(status="paused", stop_reason="paused", steps=steps, epoch=epochs_run, updated_at=now, heartbeat_at=now,
+                **({} if best is None else dict(best_monitor=best[0], best_value=to_text(best[1]), best_epoch=best[2])))
+        .execution_options(synchronize_session=False)
+    )
+    if res.rowcount != 1:  # type: ignore[attr-defined]
+        return False
+    add_event(session, job_id, "state", {"status": "paused", "epoch": epochs_run}, now)
+    return True
+
+
+def promote_job(session: Session, job_id: str) -> bool:
+    """paused -> queued: the sweep promotes the trial; its next claim resumes from the snapshot
+    of the epoch it paused at. A promotion is a new run with its own attempt (``max_attempts``
+    grows by one, so a promoted trial whose worker is lost is still retried)."""
+    now = utcnow()
+    res = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == "paused", Job.cancel_requested.is_(False))
+        .values(status="queued", stop_reason=None, max_attempts=Job.max_attempts + 1, updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    if res.rowcount != 1:  # type: ignore[attr-defined]
+        return False
+    add_event(session, job_id, "state", {"status": "queued", "reason": "promoted"}, now)
+    return True
+
+
+def end_paused_job(session: Session, job_id: str, stop_reason: str = "pruned") -> bool:
+    """paused -> succeeded with ``stop_reason`` (the sweep ended without promoting it): like a
+    pruned trial, it keeps its metrics and checkpoints."""
+    now = utcnow()
+    res = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == "paused")
+        .values(status="succeeded", stop_reason=stop_reason, finished_at=now, updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    if res.rowcount != 1:  # type: ignore[attr-defined]
+        return False
+    add_event(session, job_id, "state", {"status": "succeeded", "stop_reason": stop_reason}, now)
     return True
 
 

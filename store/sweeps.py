@@ -22,11 +22,13 @@ from store.floats import decode_float, to_text
 from store.ids import new_id
 from store.models import TERMINAL_STATUSES, Dataset, Job, JobMetric, Sweep
 from store.settings import Settings
-from training.sweep_space import TrialRecord, objective_value, suggest, with_params
+from training.sweep_space import TrialRecord, objective_value, pauses, should_prune, suggest, with_params
 
 log = logging.getLogger("trainyard.sweeps")
 
 SWEEP_TERMINAL = ("succeeded", "failed", "cancelled")
+#: trial statuses that hold one of the sweep's ``max_concurrent`` slots (a paused trial does not)
+ACTIVE = ("queued", "running")
 
 
 # --------------------------------------------------------------------------- rows
@@ -75,6 +77,7 @@ def trials(session: Session, sweep_id: str) -> list[Job]:
     q = (
         select(Job).options(defer(Job.spec), defer(Job.info))
         .where(Job.sweep_id == sweep_id).order_by(Job.trial_number)
+        .execution_options(populate_existing=True)  # statuses changed by UPDATEs in this transaction
     )
     return list(session.scalars(q))
 
@@ -95,11 +98,23 @@ def objective_series(session: Session, sweep_id: str, metric: str) -> dict[str, 
     return out
 
 
+def objective_values(epochs: Sequence[dict[str, Any]], metric: str) -> dict[int, float]:
+    """{epoch: value of ``metric``} of metric dicts as the engine reports them (each has
+    ``epoch``); epochs without a value of the metric are left out, as in :func:`objective_series`."""
+    out: dict[int, float] = {}
+    for m in epochs:
+        v = decode_float(m.get(metric))
+        if v is not None and "epoch" in m:
+            out[int(m["epoch"])] = float(v)
+    return out
+
+
 def trial_state(job: Job, value: float | None) -> str:
     """The Optuna state of a trial job: queued/running -> running; succeeded with stop reason
     ``pruned`` -> pruned; succeeded -> complete (fail if its objective never had a finite value);
-    failed or cancelled -> fail."""
-    if job.status in ("queued", "running"):
+    failed or cancelled -> fail. A paused trial (ASHA with promotions) is running for Optuna: it may
+    yet go on."""
+    if job.status in ("queued", "running", "paused"):
         return "running"
     if job.status == "succeeded":
         if job.stop_reason == "pruned":
@@ -137,9 +152,9 @@ def trial_views(session: Session, sweep: Sweep) -> list[TrialView]:
 
 
 def leaderboard(views: Sequence[TrialView], mode: str) -> list[TrialView]:
-    """Trials that ended normally (completed, early-stopped or pruned) with an objective value,
-    best first (ties: lower trial number first)."""
-    ranked = [v for v in views if v.value is not None and v.job.status == "succeeded"]
+    """Trials that ended normally (completed, early-stopped or pruned) or are paused, with an
+    objective value, best first (ties: lower trial number first)."""
+    ranked = [v for v in views if v.value is not None and v.job.status in ("succeeded", "paused")]
     sign = -1.0 if mode == "max" else 1.0
     return sorted(ranked, key=lambda v: (sign * (v.value or 0.0), v.job.trial_number or 0))
 
@@ -234,15 +249,22 @@ def advance_sweep(session: Session, sweep_id: str, settings: Settings) -> list[t
     config = sweep.config
     resolver = dataset_resolver(session, sweep.project_id)
     created: list[tuple[str, str]] = []
+    views = trial_views(session, sweep)
+    if pauses(config):
+        # ASHA prefers promoting a paused trial to starting a new one
+        promoted = _promote(session, sweep, views)
+        if promoted:
+            created += promoted
+            views = trial_views(session, sweep)
     while True:
-        views = trial_views(session, sweep)
-        unfinished = sum(1 for v in views if v.job.status not in TERMINAL_STATUSES)
+        unfinished = sum(1 for v in views if v.job.status in ACTIVE)
         room = min(sweep.max_concurrent - unfinished, sweep.max_trials - sweep.trials_created)
         if room <= 0:
             break
         start = sweep.trials_created
         proposals = suggest(config, [v.record() for v in views], room, study_name=sweep.id)
         invalid_made = False
+        new_jobs: list[Job] = []
         for i, params in enumerate(proposals):
             number = start + i
             ts = make_trial_spec(
@@ -259,13 +281,84 @@ def advance_sweep(session: Session, sweep_id: str, settings: Settings) -> list[t
                 invalid_made = True
             else:
                 created.append((job.id, queue))
+                new_jobs.append(job)
         sweep.trials_created = start + len(proposals)
         session.flush()
         if not invalid_made:
-            views = trial_views(session, sweep)
+            # the new trials are queued, without metrics: no need to read every trial again
+            views = views + [TrialView(job=j, values={}, value=None, state="running") for j in new_jobs]
             break
+        views = trial_views(session, sweep)
+    if pauses(config) and sweep.trials_created >= sweep.max_trials and not any(v.job.status in ACTIVE for v in views):
+        views = _end_game(session, sweep, views, created)
     _update_best_and_finish(session, sweep, views)
     return created
+
+
+def _promote(session: Session, sweep: Sweep, views: list[TrialView], *, endgame: bool = False) -> list[tuple[str, str]]:
+    """Resume the paused trials that Optuna's successive halving now promotes (in the best
+    1/reduction_factor of the trials that reached their rung; see
+    ``training.sweep_space.make_pruner``), deepest rung first, while the sweep has free slots.
+    Each goes back to ``queued`` with an outbox row; returns ``(job_id, queue)`` to send."""
+    paused = [v for v in views if v.job.status == "paused"]
+    room = sweep.max_concurrent - sum(1 for v in views if v.job.status in ACTIVE)
+    if not paused or room <= 0:
+        return []
+    from store import outbox
+
+    records = [v.record() for v in views]
+    out: list[tuple[str, str]] = []
+    for v in sorted(paused, key=lambda v: (-(v.job.epoch or 0), v.job.trial_number or 0)):
+        if len(out) >= room:
+            break
+        number, epoch = int(v.job.trial_number or 0), int(v.job.epoch or 0)
+        if not _may_promote(sweep, records, number, epoch, endgame=endgame):
+            continue  # surely not promotable: spare rebuilding the study to ask
+        if should_prune(sweep.config, records, number, epoch, study_name=sweep.id, endgame=endgame):
+            continue
+        if repo.promote_job(session, v.job.id):
+            outbox.add(session, [(v.job.id, v.job.queue)])
+            out.append((v.job.id, v.job.queue))
+            log.info("sweep %s: trial %d promoted after epoch %d", sweep.id, number, epoch)
+    return out
+
+
+def _may_promote(sweep: Sweep, records: list[TrialRecord], number: int, epoch: int, *, endgame: bool) -> bool:
+    """A cheap necessary condition for Optuna to promote paused trial ``number`` at ``epoch``: it
+    ranks in the best max(1 if ``endgame`` else 0, n // reduction_factor) of the n trials with a
+    value at every rung up to ``epoch`` (the trials Optuna compares it with). Only trials that pass
+    are asked about (each question rebuilds the sweep's study: ~1 ms a trial, and a sweep may hold
+    dozens of paused trials)."""
+    et = sweep.config.get("early_termination") or {}
+    min_epochs, rf = int(et.get("min_epochs") or 1), int(et.get("reduction_factor") or 3)
+    steps = []
+    step = min_epochs
+    while step <= epoch:
+        steps.append(step)
+        step *= rf
+    me = next((r for r in records if r.number == number), None)
+    if me is None or epoch not in me.values or not steps or steps[-1] != epoch:
+        return True  # not a plain rung value: let Optuna decide
+    value = me.values[epoch]
+    at = [r.values[epoch] for r in records if all(s in r.values for s in steps)]
+    k = max(len(at) // rf, 1 if endgame else 0)
+    better = sum(1 for x in at if (x > value if sweep.objective_mode == "max" else x < value))
+    return better < k
+
+
+def _end_game(session: Session, sweep: Sweep, views: list[TrialView], created: list[tuple[str, str]]) -> list[TrialView]:
+    """No trial is queued or running and no new one may start: promote by Optuna's own rule (the
+    best trial at a rung that fewer than reduction_factor trials reached goes on); if none goes on,
+    the trials still paused end ``pruned``. Returns the trial views as they are now."""
+    promoted = _promote(session, sweep, views, endgame=True)
+    if promoted:
+        created += promoted
+    else:
+        for v in views:
+            if v.job.status == "paused":
+                repo.end_paused_job(session, v.job.id)
+    session.flush()
+    return trial_views(session, sweep)
 
 
 def _update_best_and_finish(session: Session, sweep: Sweep, views: list[TrialView]) -> None:
@@ -293,7 +386,7 @@ def cancel_sweep(session: Session, sweep: Sweep) -> list[str]:
     transaction, deadlocked against workers claiming or fencing those rows."""
     now = repo.utcnow()
     ids = list(session.scalars(
-        select(Job.id).where(Job.sweep_id == sweep.id, Job.status.in_(("queued", "running"))).order_by(Job.id)
+        select(Job.id).where(Job.sweep_id == sweep.id, Job.status.in_((*ACTIVE, "paused"))).order_by(Job.id)
     ))
     sweep.status = "cancelled"
     sweep.stop_reason = "cancelled"
@@ -325,12 +418,17 @@ def sweep_of_job(session: Session, job_id: str) -> tuple[str | None, str | None]
     return (row[0], row[1]) if row else (None, None)
 
 
-def trial_records_for_pruning(session: Session, sweep_id: str) -> tuple[Sweep | None, list[TrialRecord]]:
-    """The sweep and its trials as Optuna records (no lock: a pruning decision only reads)."""
+def trial_records_for_pruning(
+    session: Session, sweep_id: str, job_id: str | None = None
+) -> tuple[Sweep | None, list[TrialRecord], int | None]:
+    """The sweep, its trials as Optuna records, and the trial number of ``job_id`` (None if it is
+    not a trial of the sweep); no lock: a pruning decision only reads."""
     sweep = get_sweep(session, sweep_id)
     if sweep is None:
-        return None, []
-    return sweep, [v.record() for v in trial_views(session, sweep)]
+        return None, [], None
+    views = trial_views(session, sweep)
+    number = next((v.job.trial_number for v in views if v.job.id == job_id), None)
+    return sweep, [v.record() for v in views], number
 
 
 def stalled_sweep_ids(session: Session) -> list[str]:

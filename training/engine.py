@@ -40,6 +40,8 @@ from training.state import StateError, pack_snapshot, sha256, unpack_snapshot, w
 
 POLL_SECONDS = 0.2
 VAL_CHUNK = 4096
+#: the stop request of a sweep trial paused at an ASHA rung (the run ends with a snapshot)
+PAUSED = "paused"
 
 
 class TrainingError(RuntimeError):
@@ -463,9 +465,13 @@ class _Run:
         request = getattr(self.reporter, "stop_request", None)
         if request and self.stop_reason is None:
             self.stop_reason = str(request)  # e.g. "pruned": a sweep's pruner ended the trial at this epoch
+        # "paused" (ASHA with promotions): the run may be resumed from this epoch, so it always
+        # leaves a snapshot of it
+        paused = self.stop_reason == PAUSED and request == PAUSED
         if (
-            self.stop_reason is None and self.epoch < self.spec.epochs and self.has_reporter and self.snapshot_due()
-            and getattr(self.reporter, "wants_snapshot", lambda: True)()
+            (paused or (self.stop_reason is None and self.snapshot_due()
+                        and getattr(self.reporter, "wants_snapshot", lambda: True)()))
+            and self.epoch < self.spec.epochs and self.has_reporter
         ):
             data = self.snapshot()
             self.reporter.on_snapshot(Snapshot(self.epoch, self.step, data, sha256(data)))
@@ -624,7 +630,8 @@ def fit(
     With ``"learning_rate": "find"`` the LR range test (:func:`lr_find`) runs first and training
     uses its suggestion; its output is ``info["lr_find"]`` (in ``on_start`` and the result). A
     reporter that sets ``stop_request`` in ``on_epoch`` ends the run after that epoch with that
-    stop reason (a sweep's pruner: ``"pruned"``).
+    stop reason (a sweep's pruner: ``"pruned"``; ``"paused"`` also hands the reporter a snapshot
+    of that epoch, to resume from).
     Raises ``SpecError`` for an invalid spec and ``TrainingError`` for failures a person can fix.
     """
     job = validate_spec(spec, datasets)

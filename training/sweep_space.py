@@ -238,9 +238,23 @@ def make_sampler(config: Mapping[str, Any], n_existing: int) -> Any:
     )
 
 
-def make_pruner(config: Mapping[str, Any]) -> Any:
+def pauses(config: Mapping[str, Any]) -> bool:
+    """Whether the sweep runs ASHA with promotions: weak trials are paused, not stopped."""
+    et = config.get("early_termination") or {}
+    return bool(et.get("pause")) and et.get("type") == "asha"
+
+
+def make_pruner(config: Mapping[str, Any], *, endgame: bool = False) -> Any:
     """SuccessiveHalvingPruner (asha), HyperbandPruner or MedianPruner, in epochs; NopPruner
-    without early termination."""
+    without early termination.
+
+    ASHA with promotions (``pause``) asks the same pruner with ``bootstrap_count`` at least
+    reduction_factor - 1: a trial is then "promotable" only once reduction_factor trials have
+    reached its rung and it is in their best 1/reduction_factor, which is ASHA's rule as published
+    (Optuna's own fallback, which promotes a lone trial that is the best so far, exists because
+    Optuna cannot suspend a trial; a sweep here can, from its snapshot). Its "prune" then means
+    "pause". ``endgame``: nothing else can run, so Optuna's own rule decides which paused trials
+    go on (the best one at a rung always does)."""
     pruners = _optuna().pruners
     et = config.get("early_termination")
     if not et:
@@ -249,9 +263,11 @@ def make_pruner(config: Mapping[str, Any]) -> Any:
     min_epochs = int(et.get("min_epochs") or 1)
     rf = int(et.get("reduction_factor") or DEFAULT_REDUCTION_FACTOR)
     if kind == "asha":
+        bootstrap = int(et.get("bootstrap_count") or 0)
+        if pauses(config) and not endgame:
+            bootstrap = max(bootstrap, rf - 1)
         return pruners.SuccessiveHalvingPruner(
-            min_resource=min_epochs, reduction_factor=rf, min_early_stopping_rate=0,
-            bootstrap_count=int(et.get("bootstrap_count") or 0),
+            min_resource=min_epochs, reduction_factor=rf, min_early_stopping_rate=0, bootstrap_count=bootstrap,
         )
     if kind == "hyperband":
         return pruners.HyperbandPruner(
@@ -302,7 +318,7 @@ _STATES = {"running": "RUNNING", "complete": "COMPLETE", "pruned": "PRUNED", "fa
 
 def build_study(
     config: Mapping[str, Any], trials: Sequence[TrialRecord], *, study_name: str, sampler: Any = None,
-    deciding: int | None = None, deciding_step: int | None = None,
+    deciding: int | None = None, deciding_step: int | None = None, endgame: bool = False,
 ) -> Any:
     """An in-memory Optuna study holding ``trials`` in number order (so Optuna's trial numbers are
     the sweep's): parameters, intermediate values per epoch, final values and the pruner's rung
@@ -310,7 +326,7 @@ def build_study(
     optuna = _optuna()
     TS = optuna.trial.TrialState
     mode = config["objective"]["mode"]
-    pruner = make_pruner(config)
+    pruner = make_pruner(config, endgame=endgame)
     study = optuna.create_study(
         study_name=study_name, direction="maximize" if mode == "max" else "minimize",
         sampler=sampler or make_sampler(config, len(trials)), pruner=pruner,
@@ -355,23 +371,37 @@ class _NumberOnly:
 
 def suggest(config: Mapping[str, Any], trials: Sequence[TrialRecord], n: int, *, study_name: str) -> list[dict[str, Any]]:
     """Parameters for the next ``n`` trials (numbers ``len(trials)`` on), from the sweep's sampler
-    told every stored trial; each proposal is in the study (running) before the next is asked."""
+    told every stored trial; each proposal is in the study (running) before the next is asked.
+
+    Random search draws trial number k from a sampler seeded by (seed, k) alone, so a sweep's
+    configurations do not depend on how its trials were batched: with ``max_concurrent`` > 1,
+    whether two trials were asked for in one call or one by one depends on when trials end, yet
+    trial k gets the same parameters either way (and the same as in a sweep that runs them one at a
+    time, with or without early termination)."""
     study = build_study(config, trials, study_name=study_name)
     dists = distributions(config)
-    return [_from_optuna(config, study.ask(dists).params) for _ in range(n)]
+    out = []
+    for i in range(n):
+        if config["method"] == "random" and i:
+            study.sampler = make_sampler(config, len(trials) + i)
+        out.append(_from_optuna(config, study.ask(dists).params))
+    return out
 
 
 def should_prune(
-    config: Mapping[str, Any], trials: Sequence[TrialRecord], number: int, epoch: int, *, study_name: str
+    config: Mapping[str, Any], trials: Sequence[TrialRecord], number: int, epoch: int, *, study_name: str,
+    endgame: bool = False,
 ) -> bool:
     """Whether Optuna's pruner stops running trial ``number`` after ``epoch``, given every trial
-    of the sweep (``trials`` includes this one, with its values up to ``epoch``)."""
+    of the sweep (``trials`` includes this one, with its values up to ``epoch``). With ``pause``,
+    "stop" means "pause", and for a paused trial (state running, at its rung) "not stop" means
+    "promote" (see :func:`make_pruner`)."""
     if not config.get("early_termination"):
         return False
     optuna = _optuna()
     study = build_study(
         config, trials, study_name=study_name, sampler=optuna.samplers.RandomSampler(seed=0),
-        deciding=number, deciding_step=epoch,
+        deciding=number, deciding_step=epoch, endgame=endgame,
     )
     frozen = next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
     if frozen is None or frozen.state != optuna.trial.TrialState.RUNNING or epoch not in frozen.intermediate_values:

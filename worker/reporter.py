@@ -91,7 +91,10 @@ class DbReporter(BaseReporter):
         self.cancelled = False
         self.last_flush = time.monotonic()
         self.last_heartbeat = 0.0
-        self.last_snapshot: float | None = None
+        # The run's start counts as the last snapshot: the first one is written snapshot_interval_s
+        # into the run, like every later one (a job shorter than that writes none: a lost
+        # worker's job then restarts from its beginning, at most snapshot_interval_s of work)
+        self.last_snapshot: float | None = time.monotonic()
         self.pending_snapshot: Snapshot | None = None
         self.pending_checkpoints: list[Checkpoint] = []
         self.last_built: float | None = None
@@ -202,6 +205,33 @@ class DbReporter(BaseReporter):
         log.warning("job %s: database unavailable for %.1f s (%s); keeping %d epoch(s) to write later",
                     self.job_id, now - self.db_down_since, type(exc).__name__, len(self.buffer))
 
+    def _write_items(self, s: Any, batch: list[dict[str, Any]], info: dict[str, Any] | None,
+                     checkpoints: list[Checkpoint], snapshot: Snapshot | None) -> bool:
+        for c in checkpoints:
+            repo.add_checkpoint(
+                s, self.job_id, epoch=c.epoch, step=c.step, monitor=c.monitor,
+                value=c.value, data=c.data, sha256=c.sha256, is_best=c.is_best,
+            )
+        cancelled = repo.record_progress(s, self.job_id, batch, info=info)
+        if snapshot is not None:
+            repo.save_snapshot(
+                s, self.job_id, epoch=snapshot.epoch, step=snapshot.step, data=snapshot.data, sha256=snapshot.sha256,
+            )
+        return cancelled
+
+    def write_buffered(self, s: Any) -> None:
+        """Write everything buffered (epochs, checkpoints, info, the unwritten snapshot) in the
+        caller's transaction, which it has fenced: the runner writes a job's last epochs together
+        with its result. Nothing leaves the buffers until :meth:`buffered_written` (the caller's
+        retry of a failed transaction writes them again)."""
+        if not (self.buffer or self.info is not None or self.pending_checkpoints or self.unwritten_snapshot):
+            return
+        self._write_items(s, self.buffer, self.info, self.pending_checkpoints, self.unwritten_snapshot)
+
+    def buffered_written(self) -> None:
+        """The transaction of :meth:`write_buffered` committed."""
+        self.buffer, self.info, self.pending_checkpoints, self.unwritten_snapshot = [], None, [], None
+
     def flush(self, *, block: bool = False, force: bool = False) -> None:
         """Write buffered epochs, checkpoints and the due snapshot + heartbeat (+ info once) in
         one transaction, and read the cancel flag; with nothing to write and a recent heartbeat,
@@ -232,18 +262,7 @@ class DbReporter(BaseReporter):
         def write() -> bool:
             with session_scope() as s:
                 cancelled = self._cancel_flag(s, write=True)
-                for c in checkpoints:
-                    repo.add_checkpoint(
-                        s, self.job_id, epoch=c.epoch, step=c.step, monitor=c.monitor,
-                        value=c.value, data=c.data, sha256=c.sha256, is_best=c.is_best,
-                    )
-                cancelled = repo.record_progress(s, self.job_id, batch, info=info) or cancelled
-                if snapshot is not None:
-                    repo.save_snapshot(
-                        s, self.job_id, epoch=snapshot.epoch, step=snapshot.step, data=snapshot.data,
-                        sha256=snapshot.sha256,
-                    )
-                return cancelled
+                return self._write_items(s, batch, info, checkpoints, snapshot) or cancelled
 
         try:
             if block:

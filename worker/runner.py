@@ -177,13 +177,25 @@ def _write(reporter: DbReporter, fn: Any, what: str) -> Any:
 
 
 def _record_result(job_id: str, reporter: DbReporter, result: Any, attempt: int) -> str:
-    reporter.flush(block=True)
-    if result.stop_reason == "cancelled" and SHUTDOWN.is_set() and not reporter.cancelled:
-        reporter.write_pending_snapshot()
-        requeued = _write(reporter, lambda s: repo.requeue_job(s, job_id, "worker shutdown"), "requeue")
-        if requeued:
-            log.info("job %s stopped for worker shutdown; requeued", job_id)
-            return "requeued"
+    if result.stop_reason == "cancelled" and SHUTDOWN.is_set():
+        reporter.flush(block=True)  # also reads whether the user asked to cancel meanwhile
+        if not reporter.cancelled:
+            reporter.write_pending_snapshot()
+            requeued = _write(reporter, lambda s: repo.requeue_job(s, job_id, "worker shutdown"), "requeue")
+            if requeued:
+                log.info("job %s stopped for worker shutdown; requeued", job_id)
+                return "requeued"
+    if result.stop_reason == "paused":
+        # a sweep trial paused at an ASHA rung: its last epochs, the snapshot of this epoch and
+        # the paused state commit together; the sweep resumes it from there, or ends it
+        def pause(s: Any) -> None:
+            reporter.write_buffered(s)
+            repo.pause_job(s, job_id, steps=result.steps, epochs_run=result.epochs_run,
+                           best=(result.monitor, result.best_value, result.best_epoch) if result.monitor else None)
+
+        _write(reporter, pause, "pause")
+        reporter.buffered_written()
+        return "paused"
     status = "succeeded"
     error = None
     if result.stop_reason == "cancelled":
@@ -192,6 +204,9 @@ def _record_result(job_id: str, reporter: DbReporter, result: Any, attempt: int)
         status, error = "failed", FAILED_STOP_REASONS[result.stop_reason]
 
     def finish(s: Any) -> None:
+        # the last epochs and checkpoints commit with the result: one transaction, not two
+        reporter.write_buffered(s)
+        s.flush()  # the best checkpoint may be among them
         _store_best(s, job_id, result)
         repo.finish_job(
             s, job_id, status=status, stop_reason=result.stop_reason, error=error,
@@ -201,6 +216,7 @@ def _record_result(job_id: str, reporter: DbReporter, result: Any, attempt: int)
         )
 
     _write(reporter, finish, "finish")
+    reporter.buffered_written()
     return status
 
 

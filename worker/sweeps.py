@@ -2,11 +2,13 @@
 when a trial ends.
 
 * **Pruning** (:class:`TrialReporter`): at the epochs where the sweep's pruner can act (ASHA and
-  Hyperband rungs; every epoch from ``min_epochs`` for the median rule) the reporter writes the
-  buffered epochs and asks :func:`prune_decision`, which rebuilds the sweep's Optuna study from the
-  database and asks Optuna's pruner. A "prune" sets ``stop_request = "pruned"``: the engine ends the
-  run after this epoch, and the job ends ``succeeded`` with stop reason ``pruned`` (its metrics and
-  best checkpoint are kept, as for an early stop).
+  Hyperband rungs; every epoch from ``min_epochs`` for the median rule) the reporter asks
+  :func:`prune_decision`, which rebuilds the sweep's Optuna study from the database plus the
+  trial's own epochs not written yet, and asks Optuna's pruner; a trial that goes on then writes
+  its epochs at once (trials beside it decide with its rung value). A "prune" sets
+  ``stop_request = "pruned"``: the engine ends the run after this epoch, and the job ends
+  ``succeeded`` with stop reason ``pruned`` (its metrics, written with the result, and its best
+  checkpoint are kept, as for an early stop).
 * **Advancing** (:func:`after_job`): when a trial job ends (whatever way), its worker advances the
   sweep under the sweep's row lock (``store.sweeps.advance_sweep``), commits, then sends the new
   trials' messages by task name. If advancing fails, the error is recorded on the sweep.
@@ -18,15 +20,15 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
-
-from sqlalchemy import select
 
 from store import sweeps as store_sweeps
 from store.db import session_scope
-from store.models import TERMINAL_STATUSES, Job
+from store.models import TERMINAL_STATUSES
 from store.settings import Settings
-from training.sweep_space import is_decision_epoch, should_prune
+from training.engine import PAUSED
+from training.sweep_space import is_decision_epoch, pauses, should_prune
 from worker.reporter import DbReporter
 
 log = logging.getLogger("trainyard.worker")
@@ -34,20 +36,28 @@ log = logging.getLogger("trainyard.worker")
 Send = Callable[[Sequence[tuple[str, str]]], None]
 
 
-def prune_decision(sweep_id: str, job_id: str, epoch: int) -> bool:
-    """Whether the sweep's pruner stops trial ``job_id`` after ``epoch`` (its metrics up to that
-    epoch are already written). Reads only; no lock."""
+def prune_decision(sweep_id: str, job_id: str, epoch: int, unwritten: Sequence[dict[str, Any]] = ()) -> bool:
+    """Whether the sweep's pruner stops trial ``job_id`` after ``epoch``, from the sweep's trials
+    as stored plus ``unwritten``, this trial's epochs not written yet (its reporter's buffer).
+    Reads only; no lock."""
     with session_scope(write=False) as s:
-        sweep, records = store_sweeps.trial_records_for_pruning(s, sweep_id)
-        number = s.scalar(select(Job.trial_number).where(Job.id == job_id))
+        sweep, records, number = store_sweeps.trial_records_for_pruning(s, sweep_id, job_id)
         if sweep is None or number is None or sweep.status != "running":
             return False
-        config = sweep.config
+        config, metric = sweep.config, sweep.objective_metric
+    if unwritten:
+        mine = store_sweeps.objective_values(unwritten, metric)
+        records = [replace(r, values={**r.values, **mine}) if r.number == number else r for r in records]
     return should_prune(config, records, number, epoch, study_name=sweep_id)
 
 
 class TrialReporter(DbReporter):
-    """A :class:`DbReporter` for a sweep's trial: asks the sweep's pruner at decision epochs."""
+    """A :class:`DbReporter` for a sweep's trial: asks the sweep's pruner at decision epochs.
+
+    The decision is made from the stored trials plus this trial's buffered epochs, before they are
+    written: a pruned trial ends at once and its last epochs are written with its result (one
+    transaction fewer per pruned trial); a trial that goes on writes them right after the decision,
+    so the decisions of trials running beside it see its value at this rung."""
 
     def __init__(self, job_id: str, settings: Settings, *, sweep_id: str, config: dict[str, Any], epochs: int,
                  **kwargs: Any) -> None:
@@ -56,6 +66,7 @@ class TrialReporter(DbReporter):
         self.config = config
         self.epochs = epochs
         self.stop_request: str | None = None
+        self.pauses = pauses(config)
 
     def on_epoch(self, metrics: dict[str, float]) -> None:
         super().on_epoch(metrics)
@@ -63,12 +74,22 @@ class TrialReporter(DbReporter):
         if self.stop_request is not None or not is_decision_epoch(self.config, epoch, self.epochs):
             return
         try:
-            self.flush()  # the decision reads this trial's epochs from the database too
-            if prune_decision(self.sweep_id, self.job_id, epoch):
-                self.stop_request = "pruned"
-                log.info("trial %s of sweep %s pruned after epoch %d", self.job_id, self.sweep_id, epoch)
+            if prune_decision(self.sweep_id, self.job_id, epoch, list(self.buffer)):
+                # ASHA with promotions pauses the trial (the engine hands over a snapshot of this
+                # epoch; the sweep may resume it from there), plain pruning stops it for good
+                self.stop_request = PAUSED if self.pauses else "pruned"
+                log.info("trial %s of sweep %s %s after epoch %d", self.job_id, self.sweep_id, self.stop_request, epoch)
+                return  # the engine stops after this epoch; the runner writes the buffer with the result
         except Exception:  # noqa: BLE001 - a failed decision must not fail the trial: it trains on
             log.exception("trial %s: the pruning decision at epoch %d failed; the trial continues", self.job_id, epoch)
+        self.flush()
+
+    def on_snapshot(self, snapshot: Any) -> None:
+        if self.stop_request == PAUSED:
+            # written with the paused state, in the runner's last transaction
+            self.unwritten_snapshot = snapshot
+            return
+        super().on_snapshot(snapshot)
 
 
 def make_reporter(
@@ -118,7 +139,7 @@ def after_job(job_id: str, settings: Settings, send: Send) -> None:
     except Exception:  # noqa: BLE001
         log.exception("job %s: could not look up its sweep", job_id)
         return
-    if sweep_id and status in TERMINAL_STATUSES:
+    if sweep_id and (status in TERMINAL_STATUSES or status == PAUSED):
         advance(sweep_id, settings, send)
 
 

@@ -191,6 +191,9 @@ def check_sweep(body: Any, session: Any, project: str, settings: Settings) -> di
                 ["early_termination", "min_epochs"],
                 f"must be less than the trials' epochs ({et['max_epochs']}), or no trial could be stopped early",
             ))
+        if et["pause"] and et["type"] != "asha":
+            errors.append(_err(["early_termination", "pause"], "pause applies to type 'asha' only"))
+        et["pause"] = et["type"] == "asha" if et["pause"] is None else et["pause"]
         if et["type"] == "hyperband" and et["max_epochs"] < et["min_epochs"] * et["reduction_factor"]:
             errors.append(_err(
                 ["early_termination", "max_epochs"],

@@ -7,7 +7,7 @@ from pydantic import BaseModel, Field
 
 from api.schemas.common import ErrorItem, MetricValue
 
-JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+JobStatus = Literal["queued", "running", "paused", "succeeded", "failed", "cancelled"]
 
 
 class Progress(BaseModel):

@@ -67,7 +67,7 @@ class EarlyTermination(_Strict):
     """Stop weak trials early, in epochs: ``asha`` (asynchronous successive halving), ``hyperband``
     (several ASHA brackets), ``median`` (stop a trial whose best value so far is worse than the
     median of finished trials at the same epoch). A stopped trial ends ``succeeded`` with stop
-    reason ``pruned``."""
+    reason ``pruned``; with ``pause`` (asha), weak trials are paused and may be resumed."""
 
     type: Literal["asha", "hyperband", "median"]
     min_epochs: int = Field(1, ge=1, le=100_000, description="no trial is stopped before this many epochs")
@@ -75,6 +75,14 @@ class EarlyTermination(_Strict):
     max_epochs: int | None = Field(None, ge=1, le=100_000, description="hyperband's max resource; default: the trials' epochs")
     bootstrap_count: int = Field(0, ge=0, le=1000, description="asha/hyperband: trials needed at a rung before it promotes")
     n_startup_trials: int = Field(5, ge=0, le=1000, description="median: finished trials needed before it stops any")
+    pause: bool | None = Field(
+        None,
+        description="asha (default true): ASHA with promotions (Li et al.; Determined's default). A trial that reaches a rung before "
+                    "reduction_factor trials have, or outside the best 1/reduction_factor there, is paused (status "
+                    "'paused', its training state snapshotted) instead of stopped, and resumed from that snapshot when "
+                    "it ranks in the best 1/reduction_factor; paused trials never promoted end 'pruned'. false: Optuna's "
+                    "rule, final at once, where a trial that is the best so far at a rung always goes on",
+    )
 
 
 class SweepCreate(_Strict):
@@ -131,6 +139,7 @@ class TrialRead(BaseModel):
 class SweepCounts(BaseModel):
     queued: int = 0
     running: int = 0
+    paused: int = Field(0, description="asha with pause: trials waiting at a rung for a promotion")
     succeeded: int = Field(0, description="completed or early-stopped, and pruned ones")
     pruned: int = 0
     failed: int = 0
@@ -165,7 +174,7 @@ class SweepRead(SweepSummary):
     config: dict[str, Any] = Field(description="the validated request: base spec (effective), parameters, seed, ...")
     counts: SweepCounts
     best_trial: TrialRead | None = None
-    leaderboard: list[TrialRead] = Field(description="trials that ended normally, best objective first")
+    leaderboard: list[TrialRead] = Field(description="trials that ended normally (or are paused), best objective first")
     trials: list[TrialRead] = Field(description="every trial, by number")
 
 
