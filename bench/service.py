@@ -340,16 +340,21 @@ class Stack:
 
 
 def bench_latency(st: Stack, api: str, bare: Any, n: int, n_bare: int) -> dict[str, Any]:
+    """Jobs and bare Celery tasks alternate, one sample of each per round, so that both see the
+    same machine (this VM's speed drifts by tens of percent within a minute)."""
     client = httpx.Client(base_url=api, timeout=30, headers=HEADERS)
     tiny = spec(1, "bench-tiny")
-    lat, post_ms = [], []
+    lat, post_ms, blat = [], [], []
     dropped = 0
-    for i in range(n + 2):  # 2 warm-up jobs
+    key = st.bare_env["BENCH_RESULTS_KEY"]
+    q = PREFIX + "bare-cpu"
+
+    def job_sample(keep: bool) -> None:
+        nonlocal dropped
         time.sleep(0.05)  # let the worker get back to waiting on the broker
         off0 = clock_offset()
         t0 = time.perf_counter()
         r = client.post("/v1/jobs", json=tiny)
-        post_ms.append((time.perf_counter() - t0) * 1000)
         r.raise_for_status()
         jid = r.json()["id"]
         row = st.wait_jobs([jid])[jid]
@@ -357,15 +362,12 @@ def bench_latency(st: Stack, api: str, bare: Any, n: int, n_bare: int) -> dict[s
             raise RuntimeError(f"tiny job {jid} ended {row[1]}")
         if abs(clock_offset() - off0) > 0.002:
             dropped += 1  # the wall clock was stepped meanwhile: the interval is meaningless
-        elif i >= 2:
+        elif keep:
+            post_ms.append((time.perf_counter() - t0) * 1000)
             lat.append((ts(row[3]) - ts(row[2])) * 1000)
-    client.close()
-    post_ms = post_ms[2:]
 
-    key = st.bare_env["BENCH_RESULTS_KEY"]
-    q = PREFIX + "bare-cpu"
-    blat = []
-    for i in range(n_bare + 3):
+    def bare_sample(keep: bool) -> None:
+        nonlocal dropped
         time.sleep(0.05)
         off0 = clock_offset()
         bare.send_task("bench.noop", args=[time.time()], queue=q)
@@ -375,8 +377,16 @@ def bench_latency(st: Stack, api: str, bare: Any, n: int, n_bare: int) -> dict[s
         sent, start, _end = json.loads(got[1])
         if abs(clock_offset() - off0) > 0.002:
             dropped += 1
-        elif i >= 3:
+        elif keep:
             blat.append((start - sent) * 1000)
+
+    warm = 3
+    for i in range(max(n, n_bare) + warm):
+        if i < n + warm:
+            job_sample(i >= warm)
+        if i < n_bare + warm:
+            bare_sample(i >= warm)
+    client.close()
     out = {
         "jobs": len(lat), "p50_ms": statistics.median(lat), "p95_ms": pct(lat, 0.95), "max_ms": max(lat),
         "post_p50_ms": statistics.median(post_ms),
@@ -935,7 +945,7 @@ def main() -> int:
     ap.add_argument("--load", choices=("wrk", "httpx"), default="wrk" if shutil.which("wrk") else "httpx",
                     help="load generator for the polling windows (default: wrk when installed, apt-get install wrk)")
     args = ap.parse_args()
-    n, n_bare, secs, ep_rounds, k_jobs, k_tasks = (8, 20, 4.0, 2, 10, 100) if args.quick else (20, 50, 8.0, 5, 20, 300)
+    n, n_bare, secs, ep_rounds, k_jobs, k_tasks = (8, 20, 4.0, 2, 10, 100) if args.quick else (50, 50, 8.0, 5, 20, 300)
 
     def on_term(signum: int, _frame: Any) -> None:
         raise KeyboardInterrupt(f"signal {signum}")

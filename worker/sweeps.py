@@ -29,7 +29,7 @@ from store.models import TERMINAL_STATUSES
 from store.settings import Settings
 from training.engine import PAUSED
 from training.sweep_space import is_decision_epoch, pauses, should_prune
-from worker.reporter import DbReporter
+from worker.reporter import DbReporter, json_safe
 
 log = logging.getLogger("trainyard.worker")
 
@@ -83,6 +83,12 @@ class TrialReporter(DbReporter):
         except Exception:  # noqa: BLE001 - a failed decision must not fail the trial: it trains on
             log.exception("trial %s: the pruning decision at epoch %d failed; the trial continues", self.job_id, epoch)
         self.flush()
+
+    def on_start(self, info: dict[str, Any]) -> None:
+        # A trial's start info (device, parameter count) waits for its first epoch's write instead
+        # of costing a transaction of its own: trials are short, and a sweep runs many
+        # (bench/sweeps.py: per-trial overhead is what ASHA's short trials pay most for).
+        self.info = json_safe(info)
 
     def on_snapshot(self, snapshot: Any) -> None:
         if self.stop_request == PAUSED:

@@ -185,7 +185,8 @@ def private_broker(inproc_env: dict[str, str], tmp_path_factory: pytest.TempPath
 def test_a_job_that_outlives_the_visibility_timeout_is_never_run_twice(private_broker):
     env = private_broker["env"]
     probe = Probe(env["TRAINYARD_DATABASE_URL"])
-    job_id = _submit(probe, env, slow_spec("outlives-visibility", epochs=24))
+    # several times the 2 s visibility timeout, however fast this machine trains (epochs of 0.1-0.3 s)
+    job_id = _submit(probe, env, slow_spec("outlives-visibility", epochs=60))
     job = probe.wait_status(job_id, ("succeeded", "failed"), 180)
     assert job.status == "succeeded" and job.attempts == 1 and probe.starts(job_id) == 1
     _assert_every_epoch_once(probe, job_id)

@@ -30,7 +30,9 @@ def test_prune_decision_uses_unwritten_epochs(inproc_env: dict[str, str]) -> Non
         "name": "unwritten", "base": base(epochs=9), "method": "random", "seed": 2,
         "objective": {"metric": "val_accuracy", "mode": "max"},
         "parameters": {"model.layers[0].units": {"values": [8, 16]}}, "max_trials": 2, "max_concurrent": 2,
-        "early_termination": {"type": "asha", "min_epochs": 1, "reduction_factor": 3},
+        # Optuna's stop-at-once rule: a lone trial that is the best so far goes on (with asha's
+        # default pause it would wait for reduction_factor trials at the rung)
+        "early_termination": {"type": "asha", "min_epochs": 1, "reduction_factor": 3, "pause": False},
     }
     with session_scope() as s:
         config = check_sweep(body, s, DEFAULT_PROJECT, settings)
