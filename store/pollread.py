@@ -1,6 +1,7 @@
 """Where the polled routes' queries run: a few dedicated threads, each with its own persistent
-connection, and identical polls that arrive while the same query is still waiting for a thread
-share it.
+connection. Identical polls that arrive while the same query is still waiting for a thread share
+it, and waiting polls of different jobs are answered together by one query
+(``store.fastread.JobPolls``, ``MetricsPolls``).
 
 Why not the request thread pool and the engine's pool: under 64 concurrent pollers, FastAPI ran
 up to 40 polls at once in its thread pool, more than the engine pool's 10 connections, so the
@@ -15,6 +16,10 @@ arrives once the query is under way waits for the next one. Only requests that a
 every input (the route, the job id, the query parameters and the API key's hash) share: what one
 caller receives is exactly what its own query would have returned. Each request is still admitted
 on its own (key check result, rate limit).
+
+Batching: a thread that becomes free takes the oldest waiting poll and every other waiting poll of
+the same kind; the kind's query answers each item with the single poll's rules. A lone poll is
+still one round trip; under load, queries grow with the number of threads, not of requests.
 """
 
 from __future__ import annotations

@@ -237,6 +237,25 @@ def stale_running_jobs(session: Session, older_than_s: float) -> list[tuple[str,
     return [(i, qn) for i, qn in session.execute(q)]
 
 
+def _upsert_metrics(session: Session, rows: list[dict[str, Any]]) -> None:
+    """Insert epoch rows, replacing any with the same (job, epoch): a resumed run that redoes an
+    epoch overwrites its row. One statement for the batch (``session.merge`` read each row first)."""
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    elif dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+    else:  # pragma: no cover - the two supported databases are above
+        for r in rows:
+            session.merge(JobMetric(**r))
+        return
+    stmt = dialect_insert(JobMetric).values(rows)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["job_id", "epoch"], set_={"values": stmt.excluded["values"], "created_at": stmt.excluded.created_at}
+    )
+    session.execute(stmt)
+
+
 def record_progress(
     session: Session, job_id: str, epochs: Iterable[dict[str, Any]], *, info: dict[str, Any] | None = None
 ) -> bool:
@@ -244,12 +263,15 @@ def record_progress(
     and return whether a cancel was requested: one transaction per batch."""
     now = utcnow()
     last_epoch = None
+    rows = []
     for m in epochs:
         enc = encode_metrics(m)
         epoch = int(m["epoch"])
-        session.merge(JobMetric(job_id=job_id, epoch=epoch, values=enc, created_at=now))
+        rows.append({"job_id": job_id, "epoch": epoch, "values": enc, "created_at": now})
         add_event(session, job_id, "epoch", enc, now)
         last_epoch = epoch
+    if rows:
+        _upsert_metrics(session, rows)
     values: dict[str, Any] = {"heartbeat_at": now, "updated_at": now}
     if last_epoch is not None:
         values["epoch"] = last_epoch
