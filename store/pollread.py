@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
+import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -36,6 +37,10 @@ from sqlalchemy import Engine
 
 #: threads (= connections) per API process: enough to keep PostgreSQL busy on a few cores
 DEFAULT_THREADS = 4
+
+#: a poll thread reconnects after this many seconds (as the engine's pool_recycle)
+RECYCLE_S = 300.0
+KEEPALIVES = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3}
 
 #: called with each new PostgreSQL connection (the benchmark and the tests trace them with libpq)
 CONNECT_HOOKS: list[Callable[[Any], None]] = []
@@ -85,8 +90,10 @@ class PollReader:
 
     # ---- connections
     def _connect(self) -> Any:
-        url = self.engine.url.set(drivername="postgresql")
-        conn = psycopg.connect(url.render_as_string(hide_password=False), autocommit=True)
+        # the engine's own connect arguments (a URL rendered back to text can lose its escaping),
+        # with TCP keepalives: a connection a proxy or firewall dropped silently fails in seconds
+        cargs, cparams = self.engine.dialect.create_connect_args(self.engine.url)
+        conn = psycopg.connect(*cargs, **{**KEEPALIVES, **cparams}, autocommit=True)
         for hook in CONNECT_HOOKS:
             hook(conn)
         with self._lock:
@@ -115,6 +122,7 @@ class PollReader:
 
     def _serve(self) -> None:
         conn: Any = None
+        born = 0.0
         while True:
             with self._lock:
                 self._idle += 1
@@ -132,13 +140,24 @@ class PollReader:
             if not batch:
                 continue
             try:
-                if self._pg and (conn is None or conn.closed):
-                    conn = self._connect()
-                results = self._run(conn, batch)
+                if self._pg and (conn is None or conn.closed or time.monotonic() - born > RECYCLE_S):
+                    if conn is not None:
+                        self._drop(conn)
+                    conn, born = self._connect(), time.monotonic()
+                try:
+                    results = self._run(conn, batch)
+                except Exception:
+                    if not (self._pg and (conn.broken or conn.closed)):
+                        raise
+                    # the server ended the connection while it sat idle (a restart, an idle
+                    # timeout): polls only read, so they are asked once more on a new one
+                    self._drop(conn)
+                    conn, born = self._connect(), time.monotonic()
+                    results = self._run(conn, batch)
             except BaseException as exc:  # noqa: BLE001 - handed to every waiter
                 if conn is not None and (conn.broken or conn.closed):
-                    # a broken connection (server restart, network): the next poll on this
-                    # thread reconnects; these fail, as requests on a dead pooled connection would
+                    # still broken (the database is down): these polls fail, the next ones
+                    # reconnect
                     self._drop(conn)
                     conn = None
                 for f in batch:
@@ -236,12 +255,14 @@ def get_reader(engine: Engine) -> PollReader:
     reader = _readers.get(key)
     if reader is not None and reader.engine is engine:
         return reader
+    old = None
     with _readers_lock:
         reader = _readers.get(key)
         if reader is None or reader.engine is not engine:
-            if reader is not None:
-                reader.close()
+            old = reader
             reader = _readers[key] = PollReader(engine, threads=DEFAULT_THREADS)
+    if old is not None:
+        old.close()  # outside the lock: its threads take the lock to count their last queries
     return reader
 
 

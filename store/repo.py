@@ -333,11 +333,12 @@ def pause_job(
 ) -> bool:
     """running -> paused (a sweep trial stopped at an ASHA rung, its snapshot written in the same
     transaction). Not terminal: the sweep promotes it (:func:`promote_job`) or ends it
-    (:func:`end_paused_job`)."""
+    (:func:`end_paused_job`). False if the job is no longer running or a cancel was requested
+    (the worker then ends it ``cancelled``: a cancel never leaves a paused trial behind)."""
     now = utcnow()
     res = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.status == "running")
+        .where(Job.id == job_id, Job.status == "running", Job.cancel_requested.is_(False))
         .values(status="paused", stop_reason="paused", steps=steps, epoch=epochs_run, updated_at=now, heartbeat_at=now,
                 **({} if best is None else dict(best_monitor=best[0], best_value=to_text(best[1]), best_epoch=best[2])))
         .execution_options(synchronize_session=False)
@@ -365,19 +366,21 @@ def promote_job(session: Session, job_id: str) -> bool:
     return True
 
 
-def end_paused_job(session: Session, job_id: str, stop_reason: str = "pruned") -> bool:
-    """paused -> succeeded with ``stop_reason`` (the sweep ended without promoting it): like a
-    pruned trial, it keeps its metrics and checkpoints."""
+def end_paused_job(session: Session, job_id: str, stop_reason: str = "pruned", status: str = "succeeded") -> bool:
+    """paused -> ``status`` with ``stop_reason``: ``succeeded``/``pruned`` when the sweep ended
+    without promoting it (like a pruned trial, it keeps its metrics and checkpoints), ``cancelled``
+    when its sweep failed."""
+    assert status in TERMINAL_STATUSES
     now = utcnow()
     res = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status == "paused")
-        .values(status="succeeded", stop_reason=stop_reason, finished_at=now, updated_at=now)
+        .values(status=status, stop_reason=stop_reason, finished_at=now, updated_at=now)
         .execution_options(synchronize_session=False)
     )
     if res.rowcount != 1:  # type: ignore[attr-defined]
         return False
-    add_event(session, job_id, "state", {"status": "succeeded", "stop_reason": stop_reason}, now)
+    add_event(session, job_id, "state", {"status": status, "stop_reason": stop_reason}, now)
     return True
 
 

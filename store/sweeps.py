@@ -406,10 +406,14 @@ def record_error(session: Session, sweep_id: str, error: str) -> None:
     values: dict[str, Any] = {"error": error[:10_000], "updated_at": now}
     if not unfinished:
         values.update(status="failed", stop_reason="error", finished_at=now)
-    session.execute(
+    res = session.execute(
         update(Sweep).where(Sweep.id == sweep_id, Sweep.status == "running").values(**values)
         .execution_options(synchronize_session=False)
     )
+    if not unfinished and res.rowcount == 1:  # type: ignore[attr-defined]
+        # nothing will promote its paused trials any more: they end with it
+        for job_id in session.scalars(select(Job.id).where(Job.sweep_id == sweep_id, Job.status == "paused")):
+            repo.end_paused_job(session, job_id, "sweep_failed", status="cancelled")
 
 
 def sweep_of_job(session: Session, job_id: str) -> tuple[str | None, str | None]:
@@ -418,17 +422,21 @@ def sweep_of_job(session: Session, job_id: str) -> tuple[str | None, str | None]
     return (row[0], row[1]) if row else (None, None)
 
 
-def trial_records_for_pruning(
+def trial_records_for_decision(
     session: Session, sweep_id: str, job_id: str | None = None
-) -> tuple[Sweep | None, list[TrialRecord], int | None]:
-    """The sweep, its trials as Optuna records, and the trial number of ``job_id`` (None if it is
-    not a trial of the sweep); no lock: a pruning decision only reads."""
+) -> tuple[Sweep | None, list[TrialRecord], int | None, bool]:
+    """The sweep, its trials as Optuna records, the trial number of ``job_id`` (None if it is not
+    a trial of the sweep; no lock: a decision only reads), and whether the sweep is in its end
+    game for ``job_id``: no more trials may start and no other is queued or running, so pausing
+    it would only have the sweep promote it straight back (``training.sweep_space.make_pruner``)."""
     sweep = get_sweep(session, sweep_id)
     if sweep is None:
-        return None, [], None
+        return None, [], None, False
     views = trial_views(session, sweep)
     number = next((v.job.trial_number for v in views if v.job.id == job_id), None)
-    return sweep, [v.record() for v in views], number
+    endgame = sweep.trials_created >= sweep.max_trials and not any(
+        v.job.status in ACTIVE for v in views if v.job.id != job_id)
+    return sweep, [v.record() for v in views], number, endgame
 
 
 def stalled_sweep_ids(session: Session) -> list[str]:

@@ -334,6 +334,7 @@ def build_study(
     dists = distributions(config)
     et = config.get("early_termination") or {}
     halving = et.get("type") in ("asha", "hyperband")
+    worst = -math.inf if mode == "max" else math.inf
     min_epochs = int(et.get("min_epochs") or 1)
     rf = int(et.get("reduction_factor") or DEFAULT_REDUCTION_FACTOR)
     hyperband = et.get("type") == "hyperband"
@@ -348,6 +349,9 @@ def build_study(
         if halving:
             offset = pruner._get_bracket_id(study, _NumberOnly(t.number)) if hyperband else 0
             attrs = _rung_attrs(t.values, min_epochs, rf, offset, deciding_step if t.number == deciding else None)
+            # a NaN rung value ranks last (Optuna sorts the competing values, and NaN has no
+            # place in a sorted list: the ranking would depend on where it landed)
+            attrs = {k: (worst if math.isnan(v) else v) for k, v in attrs.items()}
         state = t.state if not (t.state == "complete" and t.value is None) else "fail"
         frozen = optuna.trial.create_trial(
             state=getattr(TS, _STATES[state]),

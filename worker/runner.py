@@ -185,23 +185,27 @@ def _record_result(job_id: str, reporter: DbReporter, result: Any, attempt: int)
             if requeued:
                 log.info("job %s stopped for worker shutdown; requeued", job_id)
                 return "requeued"
-    if result.stop_reason == "paused":
+    stop_reason = result.stop_reason
+    if stop_reason == "paused":
         # a sweep trial paused at an ASHA rung: its last epochs, the snapshot of this epoch and
         # the paused state commit together; the sweep resumes it from there, or ends it
-        def pause(s: Any) -> None:
+        def pause(s: Any) -> bool:
+            if not repo.pause_job(s, job_id, steps=result.steps, epochs_run=result.epochs_run,
+                                  best=(result.monitor, result.best_value, result.best_epoch) if result.monitor else None):
+                return False  # cancelled meanwhile: it ends cancelled below, not paused
             reporter.write_buffered(s)
-            repo.pause_job(s, job_id, steps=result.steps, epochs_run=result.epochs_run,
-                           best=(result.monitor, result.best_value, result.best_epoch) if result.monitor else None)
+            return True
 
-        _write(reporter, pause, "pause")
-        reporter.buffered_written()
-        return "paused"
+        if _write(reporter, pause, "pause"):
+            reporter.buffered_written()
+            return "paused"
+        stop_reason = "cancelled"
     status = "succeeded"
     error = None
-    if result.stop_reason == "cancelled":
+    if stop_reason == "cancelled":
         status = "cancelled"
-    elif result.stop_reason in FAILED_STOP_REASONS:
-        status, error = "failed", FAILED_STOP_REASONS[result.stop_reason]
+    elif stop_reason in FAILED_STOP_REASONS:
+        status, error = "failed", FAILED_STOP_REASONS[stop_reason]
 
     def finish(s: Any) -> None:
         # the last epochs and checkpoints commit with the result: one transaction, not two
@@ -209,7 +213,7 @@ def _record_result(job_id: str, reporter: DbReporter, result: Any, attempt: int)
         s.flush()  # the best checkpoint may be among them
         _store_best(s, job_id, result)
         repo.finish_job(
-            s, job_id, status=status, stop_reason=result.stop_reason, error=error,
+            s, job_id, status=status, stop_reason=stop_reason, error=error,
             best=(result.monitor, result.best_value, result.best_epoch) if result.monitor else None,
             steps=result.steps, epochs_run=result.epochs_run, run_seconds=result.seconds,
             info=json_safe({**(result.info or {}), "stopped_epoch": result.stopped_epoch, "attempt": attempt}),

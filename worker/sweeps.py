@@ -41,14 +41,14 @@ def prune_decision(sweep_id: str, job_id: str, epoch: int, unwritten: Sequence[d
     as stored plus ``unwritten``, this trial's epochs not written yet (its reporter's buffer).
     Reads only; no lock."""
     with session_scope(write=False) as s:
-        sweep, records, number = store_sweeps.trial_records_for_pruning(s, sweep_id, job_id)
+        sweep, records, number, endgame = store_sweeps.trial_records_for_decision(s, sweep_id, job_id)
         if sweep is None or number is None or sweep.status != "running":
             return False
         config, metric = sweep.config, sweep.objective_metric
     if unwritten:
         mine = store_sweeps.objective_values(unwritten, metric)
         records = [replace(r, values={**r.values, **mine}) if r.number == number else r for r in records]
-    return should_prune(config, records, number, epoch, study_name=sweep_id)
+    return should_prune(config, records, number, epoch, study_name=sweep_id, endgame=endgame)
 
 
 class TrialReporter(DbReporter):

@@ -419,3 +419,24 @@ def test_waiting_polls_of_different_jobs_share_one_query(inproc_env):
     finally:
         gate.set()
         reader.close()
+
+
+def test_poll_connections_use_the_engines_connect_arguments(inproc_env):
+    """A password with a space (``%20`` in the URL) reaches libpq intact: the poll threads connect
+    with the engine's own arguments, not a URL rendered back to text. (The test server trusts
+    local connections, so any password is accepted; a mangled one is a connection error.)"""
+    from sqlalchemy.engine import make_url
+
+    from store.db import make_engine
+    from store.pollread import PollReader
+
+    url = make_url(inproc_env["TRAINYARD_DATABASE_URL"]).set(password="a b")
+    engine = make_engine(url.render_as_string(hide_password=False))
+    reader = PollReader(engine, threads=1)
+    try:
+        assert reader.submit("k", lambda conn: conn.execute("SELECT 41 + 1").fetchone()[0]).result(10) == 42
+        conn = reader._conns[0]
+        assert conn.info.get_parameters().get("user") == "postgres" or conn.info.user == "postgres"
+    finally:
+        reader.close()
+        engine.dispose()

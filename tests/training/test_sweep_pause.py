@@ -64,3 +64,15 @@ def test_end_game_lets_the_best_of_a_thin_rung_go_on():
     assert decide(two, 0, 3) is True and decide(two, 1, 3) is True  # two reached epoch 3: both wait
     assert decide(two, 0, 3, endgame=True) is False  # nothing else can run: the best goes on
     assert decide(two, 1, 3, endgame=True) is True
+
+
+def test_a_nan_at_a_rung_ranks_last():
+    """A diverged trial's NaN is the worst value at its rung (Optuna sorts the competing values,
+    and a NaN would land anywhere in the sort)."""
+    nan = float("nan")
+    for order in ([rec(0, {1: nan}), rec(1, {1: 0.5}), rec(2, {1: 0.4})],
+                  [rec(0, {1: 0.4}), rec(1, {1: 0.5}), rec(2, {1: nan})]):
+        deciding = next(r.number for r in order if r.values[1] == 0.5)
+        assert decide(order, deciding, 1) is False  # the best real value goes on
+        other = next(r.number for r in order if r.values[1] == 0.4)
+        assert decide(order, other, 1) is True
