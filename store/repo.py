@@ -310,7 +310,9 @@ def finish_job(
     if epochs_run is not None:
         values["epoch"] = epochs_run
     if run_seconds is not None:
-        values["run_seconds"] = run_seconds
+        # added to what earlier runs of the job recorded (a sweep trial paused and resumed runs
+        # several times; other jobs record it once)
+        values["run_seconds"] = func.coalesce(Job.run_seconds, 0.0) + run_seconds
     if info is not None:
         values["info"] = info
     res = session.execute(
@@ -329,7 +331,8 @@ def finish_job(
 
 
 def pause_job(
-    session: Session, job_id: str, *, steps: int, epochs_run: int, best: tuple[str | None, Any, int | None] | None = None
+    session: Session, job_id: str, *, steps: int, epochs_run: int, best: tuple[str | None, Any, int | None] | None = None,
+    run_seconds: float | None = None,
 ) -> bool:
     """running -> paused (a sweep trial stopped at an ASHA rung, its snapshot written in the same
     transaction). Not terminal: the sweep promotes it (:func:`promote_job`) or ends it
@@ -340,7 +343,8 @@ def pause_job(
         update(Job)
         .where(Job.id == job_id, Job.status == "running", Job.cancel_requested.is_(False))
         .values(status="paused", stop_reason="paused", steps=steps, epoch=epochs_run, updated_at=now, heartbeat_at=now,
-                **({} if best is None else dict(best_monitor=best[0], best_value=to_text(best[1]), best_epoch=best[2])))
+                **({} if best is None else dict(best_monitor=best[0], best_value=to_text(best[1]), best_epoch=best[2])),
+                **({} if run_seconds is None else {"run_seconds": func.coalesce(Job.run_seconds, 0.0) + run_seconds}))
         .execution_options(synchronize_session=False)
     )
     if res.rowcount != 1:  # type: ignore[attr-defined]

@@ -190,10 +190,12 @@ def _record_result(job_id: str, reporter: DbReporter, result: Any, attempt: int)
         # a sweep trial paused at an ASHA rung: its last epochs, the snapshot of this epoch and
         # the paused state commit together; the sweep resumes it from there, or ends it
         def pause(s: Any) -> bool:
-            if not repo.pause_job(s, job_id, steps=result.steps, epochs_run=result.epochs_run,
+            if not repo.pause_job(s, job_id, steps=result.steps, epochs_run=result.epochs_run, run_seconds=result.seconds,
                                   best=(result.monitor, result.best_value, result.best_epoch) if result.monitor else None):
                 return False  # cancelled meanwhile: it ends cancelled below, not paused
             reporter.write_buffered(s)
+            s.flush()
+            _store_best(s, job_id, result)  # what a pruned trial keeps, should it never resume
             return True
 
         if _write(reporter, pause, "pause"):

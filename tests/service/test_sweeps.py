@@ -4,6 +4,7 @@ trial (digits, tiny MLPs, few epochs)."""
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import time
 from typing import Any
@@ -127,6 +128,9 @@ def test_asha_with_pause_resumes_promoted_trials_from_their_snapshots(client: Cl
     pruned = [t for t in done["trials"] if t["stop_reason"] == "pruned"]
     assert pruned and all(t["epochs_run"] in (1, 3) for t in pruned)
     assert sum(t["epochs_run"] for t in done["trials"]) < 9 * epochs
+    for t in pruned:  # a trial paused, then ended, keeps its best weights like any pruned trial
+        data, digest = client.best_checkpoint(t["job_id"])
+        assert data and hashlib.sha256(data).hexdigest() == digest
     best = done["best_trial"]
     assert best["stop_reason"] != "pruned" and best["epochs_run"] == epochs
     with pytest.raises(Exception):  # noqa: B017 - a paused-only field is refused for other types
