@@ -97,14 +97,24 @@ def insert_queued_jobs(
     raw = engine.raw_connection()
     dbapi = raw.driver_connection
     try:
+        dbapi.autocommit = True  # the transaction is spelled out below, inside the pipeline
         try:
-            with dbapi.pipeline(), dbapi.transaction(), dbapi.cursor() as cur:
-                # pipelined: BEGIN, the lock and the INSERT go out together; one wait for the answer
-                cur.execute("SELECT 1 FROM projects WHERE id = %(project)s FOR UPDATE", {"project": project_id})
-                cur.execute(sql, params)
-                active, limit, written = cur.fetchone()
+            with dbapi.pipeline():
+                # pipelined: BEGIN, the lock, the INSERT and the COMMIT go out together and the
+                # pipeline's end waits once for all the answers: one round trip (the INSERT writes
+                # nothing over the limit, so committing before reading its counts is safe)
+                dbapi.execute("BEGIN")
+                dbapi.execute("SELECT 1 FROM projects WHERE id = %(project)s FOR UPDATE", {"project": project_id})
+                counts = dbapi.execute(sql, params)
+                dbapi.execute("COMMIT")
+            active, limit, written = counts.fetchone()
         except engine.dialect.dbapi.IntegrityError as exc:  # type: ignore[union-attr]
             raise IntegrityError(sql[:200], None, exc) from exc
+        finally:
+            if not dbapi.broken:
+                if dbapi.info.transaction_status != dbapi.info.transaction_status.IDLE:
+                    dbapi.execute("ROLLBACK")  # an error inside the transaction: nothing was written
+                dbapi.autocommit = False
     finally:
         raw.close()
     if written != len(jobs):
