@@ -89,14 +89,18 @@ class Caller:
 KeyRow = tuple[Any, Any, Any, Any] | None
 
 
+def _rows(conn: Any, sql: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+    cur = conn.cursor()
+    try:
+        cur.execute(sql, params)
+        return cur.fetchall()
+    finally:
+        cur.close()
+
+
 def _fetch(engine: Engine, sql: str, params: dict[str, Any], conn: Any = None) -> list[tuple[Any, ...]]:
     if conn is not None:  # a connection of store.pollread's (PostgreSQL ones are in autocommit)
-        cur = conn.cursor()
-        try:
-            cur.execute(sql, params)
-            return cur.fetchall()
-        finally:
-            cur.close()
+        return _rows(conn, sql, params)
     conn = engine.raw_connection()
     pg = engine.dialect.name == "postgresql"
     try:
@@ -104,12 +108,7 @@ def _fetch(engine: Engine, sql: str, params: dict[str, Any], conn: Any = None) -
             # autocommit for this one SELECT: otherwise psycopg sends BEGIN and COMMIT as round
             # trips of their own (three per poll instead of one; bench/service.py counts them)
             conn.driver_connection.autocommit = True
-        cur = conn.cursor()
-        try:
-            cur.execute(sql, params)
-            return cur.fetchall()
-        finally:
-            cur.close()
+        return _rows(conn, sql, params)
     finally:
         if pg:
             conn.driver_connection.autocommit = False
