@@ -10,18 +10,21 @@ from typing import Any
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.changes import ChangeHub
 from api.deps import current_project, known_query_parameters, operations_of
 from api.dispatch import Dispatcher
 from api.errors import SpecProblem, request_validation_handler, spec_problem_handler
 from api.fastpath import PollFastPath, PollStats
 from api.limits import BodyLimitMiddleware, RateLimiter
 from api.prom import make_registry
-from api.routers import catalog, datasets, health, jobs, schedules, sweeps
+from api.routers import catalog, dashboards, datasets, health, jobs, schedules, sweeps
 from api.schemas.common import ErrorResponse
 from store.pollread import close_readers
 from store.settings import Settings, get_settings
+from ui import routes as ui_routes
 
 DESCRIPTION = """JSON job specs in, PyTorch training on Celery workers, metrics and best checkpoints out.
 
@@ -41,6 +44,7 @@ AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     # the outbox relay and the reconciler of lost jobs run for as long as the app does
     app.state.dispatcher.start_background()
+    app.state.changes.start()  # the change reader of the event streams (api.changes)
     app.openapi()  # built now, not on a first request (the query-parameter check reads it)
     if app.state.settings.gc_freeze:
         # Everything built so far lives as long as the process: keep it out of full collections
@@ -55,6 +59,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        await app.state.changes.stop()
         app.state.dispatcher.stop_background()
         close_readers()  # the polled routes' connections (store.pollread); reopened on demand
 
@@ -77,8 +82,11 @@ def create_app(settings: Settings | None = None, *, poll_fast_path: bool = True)
     """Build the app (nothing is built at import time). ``poll_fast_path=False`` leaves out
     :mod:`api.fastpath` (the tests compare the two)."""
     settings = settings or get_settings()
-    app = FastAPI(title="Trainyard", version="1.0", description=DESCRIPTION, lifespan=_lifespan)
+    # /docs and /redoc are served by ui.routes from installed assets (FastAPI's own load a CDN)
+    app = FastAPI(title="Trainyard", version="1.0", description=DESCRIPTION, lifespan=_lifespan,
+                  docs_url=None, redoc_url=None)
     app.state.settings = settings
+    app.state.changes = ChangeHub(settings)
     app.state.dispatcher = Dispatcher(settings)
     app.state.poll_stats = PollStats()
     app.state.registry = make_registry(app.state.dispatcher, app.state.poll_stats)
@@ -87,13 +95,18 @@ def create_app(settings: Settings | None = None, *, poll_fast_path: bool = True)
     app.add_exception_handler(StarletteHTTPException, _http_exception)  # type: ignore[arg-type]
     app.state.rate_limiter = RateLimiter()
     app.add_middleware(BodyLimitMiddleware, settings=settings)  # type: ignore[arg-type]
+    origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
+    if origins:  # browsers on these origins may call the API (with a bearer key; cookies stay same-site)
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["*"],  # type: ignore[arg-type]
+                           allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "Last-Event-ID"],
+                           expose_headers=["Retry-After", "X-Checkpoint-SHA256", "ETag"], max_age=600)
     if poll_fast_path:  # added last: the outermost of ours, so a served poll skips the rest
         app.add_middleware(PollFastPath, settings=settings, rate_limiter=app.state.rate_limiter,  # type: ignore[arg-type]
                            stats=app.state.poll_stats)
     # every /v1 route needs the caller's project: the key check (401) and rate limit (429) run first
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(current_project), Depends(known_query_parameters)],
                    responses=AUTH_RESPONSES)
-    for module in (jobs, schedules, catalog, datasets, sweeps):
+    for module in (jobs, schedules, catalog, datasets, sweeps, dashboards):
         v1.include_router(module.router)
     app.include_router(v1)
     # the polled routes resolve the key in their own query (one round trip): not current_project
@@ -101,4 +114,5 @@ def create_app(settings: Settings | None = None, *, poll_fast_path: bool = True)
     v1_polls.include_router(jobs.poll_router)
     app.include_router(v1_polls)
     app.include_router(health.router)
+    ui_routes.install(app)
     return app

@@ -58,13 +58,30 @@ def authenticate(request: Request) -> Caller:
     else:
         token = bearer_token(request)
         if token is None:
-            raise _unauthorized("this server requires an API key: send 'Authorization: Bearer <key>' "
-                                "(create one with 'trainyard keys create --project NAME')")
-        with session_scope(write=False) as session:
-            owner = keys.resolve_key(session, token)
+            key_hash = _browser_key_hash(request)
+            with session_scope(write=False) as session:
+                owner = keys.resolve_key_hash(session, key_hash)
+        else:
+            with session_scope(write=False) as session:
+                owner = keys.resolve_key(session, token)
         caller = admit(request, owner)
     request.state.caller = caller
     return caller
+
+
+def _browser_key_hash(request: Request) -> str:
+    """The key hash of the request's browser session (api.session), checking its CSRF token for
+    state changes; 401 without a session, 403 for a state change without the token."""
+    from api.session import check_csrf, read_cookie
+
+    browser = read_cookie(request.app, request.cookies)
+    if browser is None:
+        raise _unauthorized("this server requires an API key: send 'Authorization: Bearer <key>' "
+                            "(create one with 'trainyard keys create --project NAME'), or sign in at /ui/signin")
+    if not check_csrf(request.method, request.headers, browser):
+        raise HTTPException(status_code=403, detail="a change made with a browser session needs its X-CSRF-Token header "
+                                                    "(pages send it from <meta name=\"csrf-token\">)")
+    return browser.key_hash
 
 
 def required_key_hash(request: Request) -> str | None:
@@ -74,8 +91,7 @@ def required_key_hash(request: Request) -> str | None:
         return None
     token = bearer_token(request)
     if token is None:
-        raise _unauthorized("this server requires an API key: send 'Authorization: Bearer <key>' "
-                            "(create one with 'trainyard keys create --project NAME')")
+        return _browser_key_hash(request)
     if not keys.looks_like_key(token):
         raise _unauthorized("invalid or revoked API key")
     return keys.hash_key(token)

@@ -38,6 +38,8 @@ def dataset_resolver(session: Session, project_id: str | None = None) -> Callabl
 class ValidSpec:
     spec: dict[str, Any]  # effective spec (defaults filled in), JSON-ready
     queue: str
+    parameters: int | None = None  # trainable parameters (None: the input shape is not known)
+    steps_per_epoch: int | None = None  # optimizer steps per epoch (None: the sample count is not known)
 
 
 def _err(loc: list[Any], msg: str, type_: str = "value_error") -> dict[str, Any]:
@@ -99,4 +101,20 @@ def check_job_spec(raw: Any, resolver: Callable[[str], DatasetInfo | None], sett
                 errors.append(_err(["data", field], msg.replace("(path)", f"(stored dataset {spec.data.dataset})")))
     if errors:
         raise SpecError(errors)
-    return ValidSpec(spec=spec.model_dump(mode="json"), queue=settings.queue_for_device(spec.device))
+    return ValidSpec(spec=spec.model_dump(mode="json"), queue=settings.queue_for_device(spec.device),
+                     **_implied(spec, info))
+
+
+def _implied(spec: Any, info: DatasetInfo | None) -> dict[str, int | None]:
+    """What a valid spec implies: its parameter count and steps per epoch (when the dataset's
+    shape and size are known)."""
+    from training.shapes import ShapeError, count_parameters
+
+    if info is None:
+        return {}
+    try:
+        parameters: int | None = count_parameters(spec.model, tuple(info.input_shape))
+    except ShapeError:
+        parameters = None
+    return {"parameters": parameters,
+            "steps_per_epoch": data_mod.steps_per_epoch(info.n_samples, spec.data.validation_split, spec.data.batch_size)}

@@ -20,7 +20,7 @@ def _summary_fields(job: Job) -> dict:
         run_seconds=job.run_seconds, created_at=as_utc(job.created_at), started_at=as_utc(job.started_at),
         finished_at=as_utc(job.finished_at), heartbeat_at=as_utc(job.heartbeat_at),
         updated_at=as_utc(job.updated_at), sweep_id=job.sweep_id, trial_number=job.trial_number,
-        trial_params=job.trial_params,
+        trial_params=job.trial_params, labels=job.labels or {}, notes=job.notes,
     )
 
 

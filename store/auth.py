@@ -110,10 +110,15 @@ def resolve_key(session: Session, token: str) -> KeyOwner | None:
     Nothing is cached: a revoke takes effect on the next request."""
     if not looks_like_key(token):
         return None
+    return resolve_key_hash(session, hash_key(token))
+
+
+def resolve_key_hash(session: Session, key_hash: str) -> KeyOwner | None:
+    """:func:`resolve_key` for a key known by its sha256 (a browser session's cookie holds that)."""
     row = session.execute(
         select(ApiKey.id, ApiKey.project_id, Project.requests_per_minute, ApiKey.last_used_at)
         .join(Project, Project.id == ApiKey.project_id)
-        .where(ApiKey.key_hash == hash_key(token), ApiKey.revoked_at.is_(None))
+        .where(ApiKey.key_hash == key_hash, ApiKey.revoked_at.is_(None))
     ).first()
     if row is None:
         return None

@@ -65,8 +65,14 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
 
 @lru_cache(maxsize=1)
 def get_engine() -> Engine:
-    """The process's engine for the configured database (built on first use)."""
-    return make_engine(get_settings().database_url)
+    """The process's engine for the configured database (built on first use); its committed
+    writes publish change notices (:mod:`store.notices`)."""
+    from store import notices
+
+    settings = get_settings()
+    engine = make_engine(settings.database_url)
+    notices.install(engine, settings)
+    return engine
 
 
 @lru_cache(maxsize=2)

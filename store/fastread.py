@@ -27,6 +27,7 @@ JOB_COLUMNS = (
     "id", "name", "status", "queue", "stop_reason", "error", "epoch", "epochs", "best_monitor", "best_value",
     "best_epoch", "attempts", "cancel_requested", "worker", "steps", "run_seconds", "created_at", "started_at",
     "finished_at", "heartbeat_at", "updated_at", "sweep_id", "trial_number", "trial_params",
+    "labels", "notes",
 )
 
 
@@ -146,6 +147,7 @@ def _view(row: Sequence[Any]) -> dict[str, Any]:
         "finished_at": _iso(r["finished_at"]), "heartbeat_at": _iso(r["heartbeat_at"]),
         "updated_at": _iso(r["updated_at"]),
         "sweep_id": r["sweep_id"], "trial_number": r["trial_number"], "trial_params": _json_value(r["trial_params"]),
+        "labels": _json_value(r["labels"]) or {}, "notes": r["notes"],
     }
 
 

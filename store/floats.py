@@ -57,3 +57,9 @@ def from_text(value: str | None) -> float | str | None:
     if value is None:
         return None
     return value if value in NON_FINITE else float(value)
+
+
+def finite_or_none(value: Any) -> float | None:
+    """``value`` as a float when it is a finite number, else None (a sortable column's value)."""
+    number = decode_float(value) if value is not None else None
+    return number if number is not None and math.isfinite(number) else None

@@ -109,6 +109,9 @@ class Sweep(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # dashboards' annotations (0004): string -> string labels and free text, set at create or by PATCH
+    labels: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict, server_default="{}")
+    notes: Mapped[str | None] = mapped_column(Text)
 
 
 class Job(Base):
@@ -116,6 +119,9 @@ class Job(Base):
     # an Idempotency-Key is unique within its project (two projects may use the same key)
     __table_args__ = (
         UniqueConstraint("project_id", "idempotency_key", name="uq_jobs_project_id_idempotency_key"),
+        # the list's sort orders (GET /v1/jobs?order_by=updated|best), keyset-paged
+        Index("ix_jobs_project_id_updated_at_id", "project_id", "updated_at", "id"),
+        Index("ix_jobs_project_id_best_number_id", "project_id", "best_number", "id"),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
@@ -140,6 +146,8 @@ class Job(Base):
     best_monitor: Mapped[str | None] = mapped_column(String(100))
     best_value: Mapped[str | None] = mapped_column(String(40))  # encoded float (store.floats)
     best_epoch: Mapped[int | None] = mapped_column(Integer)
+    # best_value as a number for sorting (NULL when there is none or it is not finite)
+    best_number: Mapped[float | None] = mapped_column(Float)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer, default=3, server_default="3")
     # fencing token: bumped by every claim; a worker's writes only apply while it still holds it
@@ -153,6 +161,8 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    labels: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict, server_default="{}")
+    notes: Mapped[str | None] = mapped_column(Text)
 
 
 class JobMetric(Base):

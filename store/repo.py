@@ -12,7 +12,7 @@ from typing import Any, overload
 from sqlalchemy import case, delete, func, select, update
 from sqlalchemy.orm import Session, defer
 
-from store.floats import encode_metrics, to_text
+from store.floats import encode_metrics, finite_or_none, to_text
 from store.ids import new_id
 from store.models import (
     DEFAULT_PROJECT,
@@ -60,6 +60,8 @@ def create_jobs(
     idempotency_hash: str | None = None,
     sweep_id: str | None = None,
     trials: Sequence[tuple[int, dict[str, Any]]] | None = None,
+    labels: dict[str, str] | None = None,
+    notes: str | None = None,
 ) -> list[Job]:
     """Insert queued jobs from ``(spec, queue, idempotency_key)`` items, each with its first state
     event, in one flush (ids are made here, so no round trip per row). ``trials`` gives each item's
@@ -73,6 +75,7 @@ def create_jobs(
             sweep_id=sweep_id,
             trial_number=trials[i][0] if trials else None,
             trial_params=trials[i][1] if trials else None,
+            labels=dict(labels or {}), notes=notes,
         )
         for i, (spec, queue, key) in enumerate(items)
     ]
@@ -88,11 +91,13 @@ def create_jobs(
 def create_job(
     session: Session, *, spec: dict[str, Any], queue: str, idempotency_key: str | None = None,
     idempotency_hash: str | None = None, project_id: str = DEFAULT_PROJECT,
+    labels: dict[str, str] | None = None, notes: str | None = None,
 ) -> Job:
     """Insert one queued job (see :func:`create_jobs`); ``idempotency_hash`` is the digest of the
     request body sent with ``idempotency_key``."""
     return create_jobs(
-        session, [(spec, queue, idempotency_key)], project_id=project_id, idempotency_hash=idempotency_hash
+        session, [(spec, queue, idempotency_key)], project_id=project_id, idempotency_hash=idempotency_hash,
+        labels=labels, notes=notes,
     )[0]
 
 
@@ -123,16 +128,33 @@ def get_job_by_idempotency_key(session: Session, key: str, project_id: str = DEF
 class JobFilter:
     status: Sequence[str] = ()
     name: str | None = None
+    name_prefix: str | None = None
     created_after: datetime | None = None
     created_before: datetime | None = None
+    updated_after: datetime | None = None
     sweep_id: str | None = None  # only the trials of this sweep
+    stop_reason: Sequence[str] = ()
+    labels: Sequence[tuple[str, str]] = ()  # every (key, value) must match
+    ids: Sequence[str] = ()  # only these jobs
+
+
+#: The list's sort orders: the column, and whether its natural direction is descending.
+JOB_ORDERS = {"created": (Job.id, True), "updated": (Job.updated_at, True), "best": (Job.best_number, False)}
+
+
+def _like_prefix(prefix: str) -> str:
+    return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 
 
 def list_jobs(
-    session: Session, flt: JobFilter, *, limit: int, cursor: str | None, project_id: str | None = None
+    session: Session, flt: JobFilter, *, limit: int, cursor: Any = None, project_id: str | None = None,
+    order_by: str = "created", descending: bool | None = None,
 ) -> list[Job]:
-    """Newest first (ids are time-ordered); ``cursor`` is the last id of the previous page.
-    Returns up to ``limit + 1`` rows so the caller can tell whether a next page exists."""
+    """Jobs in ``order_by`` order (created: newest first; updated: most recent first; best: the
+    smallest best value first, jobs without one last), keyset-paged: ``cursor`` is the
+    ``(sort value, id)`` of the previous page's last row (:func:`job_cursor`), or for
+    ``created`` its id alone. Returns up to ``limit + 1`` rows so the caller can tell whether a
+    next page exists."""
     q = select(Job).options(defer(Job.spec), defer(Job.info))
     if project_id is not None:
         q = q.where(Job.project_id == project_id)
@@ -140,15 +162,92 @@ def list_jobs(
         q = q.where(Job.status.in_(list(flt.status)))
     if flt.name is not None:
         q = q.where(Job.name == flt.name)
+    if flt.name_prefix:
+        q = q.where(Job.name.like(_like_prefix(flt.name_prefix), escape="\\"))
     if flt.sweep_id is not None:
         q = q.where(Job.sweep_id == flt.sweep_id)
+    if flt.stop_reason:
+        q = q.where(Job.stop_reason.in_(list(flt.stop_reason)))
+    if flt.ids:
+        q = q.where(Job.id.in_(list(flt.ids)))
+    for key, value in flt.labels:
+        q = q.where(Job.labels[key].as_string() == value)
     if flt.created_after is not None:
         q = q.where(Job.created_at >= to_utc(flt.created_after))
     if flt.created_before is not None:
         q = q.where(Job.created_at < to_utc(flt.created_before))
-    if cursor:
-        q = q.where(Job.id < cursor)
-    return list(session.scalars(q.order_by(Job.id.desc()).limit(limit + 1)))
+    if flt.updated_after is not None:
+        q = q.where(Job.updated_at > to_utc(flt.updated_after))
+    column, natural_desc = JOB_ORDERS[order_by]
+    desc = natural_desc if descending is None else descending
+    if order_by == "created":
+        if cursor:
+            q = q.where(Job.id < cursor if desc else Job.id > cursor)
+        return list(session.scalars(q.order_by(Job.id.desc() if desc else Job.id.asc()).limit(limit + 1)))
+    if cursor is not None:
+        value, last_id = cursor
+        if value is None:  # past every row with a value: the NULLs (always last), by id
+            q = q.where(column.is_(None), Job.id < last_id if desc else Job.id > last_id)
+        else:
+            value = to_utc(datetime.fromisoformat(value)) if order_by == "updated" else float(value)
+            after = (column < value) if desc else (column > value)
+            same = (column == value) & ((Job.id < last_id) if desc else (Job.id > last_id))
+            q = q.where(after | same | column.is_(None))
+    ordering = (column.desc().nulls_last(), Job.id.desc()) if desc else (column.asc().nulls_last(), Job.id.asc())
+    return list(session.scalars(q.order_by(*ordering).limit(limit + 1)))
+
+
+def job_cursor(job: Job, order_by: str) -> Any:
+    """The keyset cursor after ``job`` in ``order_by`` order (see :func:`list_jobs`)."""
+    if order_by == "created":
+        return job.id
+    if order_by == "updated":
+        return [as_utc(job.updated_at).isoformat(), job.id]
+    return [job.best_number, job.id]
+
+
+def annotate(
+    session: Session, model: Any, object_id: str, project_id: str, *, labels: dict[str, str] | None = None,
+    notes: str | None = None, set_notes: bool = False,
+) -> bool:
+    """Replace the labels (when given) and the notes (when ``set_notes``) of a job or sweep of
+    the project; False if there is no such row. Touches ``updated_at`` so lists and streams see it."""
+    values: dict[str, Any] = {"updated_at": utcnow()}
+    if labels is not None:
+        values["labels"] = labels
+    if set_notes:
+        values["notes"] = notes
+    res = session.execute(
+        update(model).where(model.id == object_id, model.project_id == project_id).values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    return res.rowcount == 1  # type: ignore[attr-defined,no-any-return]
+
+
+def bulk_metrics(
+    session: Session, since: dict[str, int], project_id: str
+) -> dict[str, list[dict[str, Any]]]:
+    """The epochs of several jobs of the project (``{job_id: since_epoch}``), each job's after its
+    own ``since_epoch``, in epoch order, in one query. Jobs not in the project are left out."""
+    if not since:
+        return {}
+    ids = list(since)
+    rows = session.execute(
+        select(JobMetric.job_id, JobMetric.epoch, JobMetric.values)
+        .join(Job, Job.id == JobMetric.job_id)
+        .where(JobMetric.job_id.in_(ids), Job.project_id == project_id)
+        .order_by(JobMetric.job_id, JobMetric.epoch)
+    )
+    out: dict[str, list[dict[str, Any]]] = {}
+    for job_id, epoch, values in rows:
+        if epoch > since[job_id]:
+            out.setdefault(job_id, []).append(values)
+    return out
+
+
+def existing_job_ids(session: Session, ids: Sequence[str], project_id: str) -> set[str]:
+    """Which of ``ids`` are jobs of the project."""
+    return set(session.scalars(select(Job.id).where(Job.id.in_(list(ids)), Job.project_id == project_id)))
 
 
 def add_event(session: Session, job_id: str, kind: str, data: dict[str, Any], at: datetime | None = None) -> None:
@@ -304,7 +403,8 @@ def finish_job(
         status=status, stop_reason=stop_reason, error=error, finished_at=now, updated_at=now, heartbeat_at=now
     )
     if best is not None:
-        values.update(best_monitor=best[0], best_value=to_text(best[1]), best_epoch=best[2])
+        values.update(best_monitor=best[0], best_value=to_text(best[1]), best_epoch=best[2],
+                      best_number=finite_or_none(best[1]))
     if steps is not None:
         values["steps"] = steps
     if epochs_run is not None:
@@ -343,7 +443,8 @@ def pause_job(
         update(Job)
         .where(Job.id == job_id, Job.status == "running", Job.cancel_requested.is_(False))
         .values(status="paused", stop_reason="paused", steps=steps, epoch=epochs_run, updated_at=now, heartbeat_at=now,
-                **({} if best is None else dict(best_monitor=best[0], best_value=to_text(best[1]), best_epoch=best[2])),
+                **({} if best is None else dict(best_monitor=best[0], best_value=to_text(best[1]), best_epoch=best[2],
+                                            best_number=finite_or_none(best[1]))),
                 **({} if run_seconds is None else {"run_seconds": func.coalesce(Job.run_seconds, 0.0) + run_seconds}))
         .execution_options(synchronize_session=False)
     )

@@ -49,6 +49,11 @@ class Settings:
     gc_freeze: bool = False
     # Worker: the nice value it trains at (worker.app.lower_priority; 0 = the caller's own).
     worker_nice: int = 10
+    # Browsers (dashboards): origins allowed by CORS ("" = none; "*" = any), the secret that signs
+    # session cookies ("" = one made and kept in the data directory), and how long a sign-in lasts.
+    cors_origins: str = ""
+    session_secret: str = ""
+    session_max_age_s: int = 7 * 24 * 3600
 
     @property
     def datasets_dir(self) -> Path:
@@ -106,6 +111,9 @@ def settings_from_env(env: os._Environ[str] | dict[str, str] | None = None) -> S
         max_concurrent_jobs=int(e.get("TRAINYARD_MAX_CONCURRENT_JOBS", 1000)),
         requests_per_minute=int(e.get("TRAINYARD_REQUESTS_PER_MINUTE", 6000)),
         worker_nice=int(e.get("TRAINYARD_WORKER_NICE") or 10),
+        cors_origins=e.get("TRAINYARD_CORS_ORIGINS", ""),
+        session_secret=e.get("TRAINYARD_SESSION_SECRET", ""),
+        session_max_age_s=int(e.get("TRAINYARD_SESSION_MAX_AGE") or 7 * 24 * 3600),
         gc_freeze=(e.get("TRAINYARD_GC_FREEZE") or "1").strip().lower() not in ("0", "false", "no", "off"),
     )
 

@@ -27,7 +27,8 @@ _COLUMNS = (
     ("spec", "json"), ("idempotency_key", "varchar"), ("idempotency_hash", "varchar"), ("epoch", "integer"),
     ("epochs", "integer"), ("attempts", "integer"), ("max_attempts", "integer"), ("lease_token", "integer"),
     ("cancel_requested", "boolean"), ("created_at", "timestamptz"), ("updated_at", "timestamptz"),
-    ("sweep_id", "varchar"), ("trial_number", "integer"), ("trial_params", "json"),
+    ("sweep_id", "varchar"), ("trial_number", "integer"), ("trial_params", "json"), ("labels", "json"),
+    ("notes", "text"),
 )
 _NAMES = ", ".join(c for c, _ in _COLUMNS)
 _QUEUED_EVENT = json.dumps({"status": "queued"})
@@ -53,6 +54,8 @@ def insert_queued_jobs(
     idempotency_hash: str | None = None,
     max_active: int = 0,
     max_attempts: int = 3,
+    labels: dict[str, str] | None = None,
+    notes: str | None = None,
 ) -> list[Job]:
     """Insert queued jobs (same items as :func:`store.repo.create_jobs`) with their events and
     outbox rows, on PostgreSQL, in one pipelined transaction: ``BEGIN; SELECT ... FOR UPDATE`` of
@@ -72,7 +75,7 @@ def insert_queued_jobs(
             spec=spec, idempotency_key=key, idempotency_hash=idempotency_hash if key else None, epoch=0,
             epochs=int(spec.get("epochs") or 1), attempts=0, max_attempts=max_attempts, lease_token=0,
             cancel_requested=False, created_at=now, updated_at=now, sweep_id=None, trial_number=None,
-            trial_params=None,
+            trial_params=None, labels=dict(labels or {}), notes=notes,
         )
         for spec, queue, key in items
     ]
@@ -80,7 +83,7 @@ def insert_queued_jobs(
     for i, j in enumerate(jobs):
         for c, _ in _COLUMNS:
             v = getattr(j, c)
-            if c in ("spec", "trial_params") and v is not None:
+            if c in ("spec", "trial_params", "labels") and v is not None:
                 v = json.dumps(v)
             params[f"{c}_{i}"] = v
     sql = (
@@ -108,6 +111,8 @@ def insert_queued_jobs(
                 counts = dbapi.execute(sql, params)
                 dbapi.execute("COMMIT")
             active, limit, written = counts.fetchone()
+            if written:
+                raw.info["ty_notify"] = True  # a change notice when the connection is back (store.notices)
         except engine.dialect.dbapi.IntegrityError as exc:  # type: ignore[union-attr]
             raise IntegrityError(sql[:200], None, exc) from exc
         finally:

@@ -36,13 +36,15 @@ ACTIVE = ("queued", "running")
 
 def create_sweep(
     session: Session, *, project_id: str, name: str, method: str, config: dict[str, Any], objective_metric: str,
-    objective_mode: str, max_trials: int, max_concurrent: int,
+    objective_mode: str, max_trials: int, max_concurrent: int, labels: dict[str, str] | None = None,
+    notes: str | None = None,
 ) -> Sweep:
     now = repo.utcnow()
     sweep = Sweep(
         id=new_id(), project_id=project_id, name=name, status="running", method=method, config=config,
         objective_metric=objective_metric, objective_mode=objective_mode, max_trials=max_trials,
         max_concurrent=max_concurrent, trials_created=0, created_at=now, updated_at=now,
+        labels=dict(labels or {}), notes=notes,
     )
     session.add(sweep)
     session.flush()

@@ -406,6 +406,17 @@ def _check_builtin(data: Any, ds: BuiltinDataset) -> list[tuple[str, str]]:
     return problems
 
 
+def validation_count(n: int, validation_split: float | None) -> int:
+    """How many of ``n`` samples the split holds out for validation."""
+    return int(round(n * float(validation_split or 0.0)))
+
+
+def steps_per_epoch(n: int, validation_split: float | None, batch_size: int) -> int:
+    """Optimizer steps in one epoch over ``n`` samples (the batch is capped at the training set)."""
+    n_train = n - validation_count(n, validation_split)
+    return math.ceil(n_train / max(1, min(batch_size, n_train)))
+
+
 def _check_split(data: Any, n: int | None) -> list[tuple[str, str]]:
     split = _get(data, "validation_split", 0.0)
     if split is None:
@@ -413,7 +424,7 @@ def _check_split(data: Any, n: int | None) -> list[tuple[str, str]]:
     if not _is_real(split) or not 0.0 <= float(split) < 1.0:
         return [("validation_split", f"validation_split must be a number in [0, 1), got {split!r}")]
     if n is not None:
-        n_val = int(round(n * float(split)))
+        n_val = validation_count(n, float(split))
         if n - n_val < 2:
             return [
                 (
@@ -999,7 +1010,7 @@ def load(data: Any, seed: int) -> Split:
     split = float(_get(data, "validation_split", 0.0) or 0.0)
     _raise_problems(_check_split(data, n))
     perm = np.random.default_rng(seed).permutation(n)
-    n_val = int(round(n * split))
+    n_val = validation_count(n, split)
     val_idx, train_idx = perm[:n_val], perm[n_val:]
 
     flat = x.reshape(n, -1)

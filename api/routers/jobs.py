@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 import re
 import time
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Header, HTTPException, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.exc import IntegrityError
 from sse_starlette.sse import EventSourceResponse, ServerSentEvent
 
+from api.annotations import split_annotations
 from api.auth import admit, authenticate, needs_touch, touch
+from api.changes import follow
 from api.deps import DispatcherDep, PollCallerDep, ProjectDep, ReadSessionDep, SessionDep, SettingsDep
-from api.errors import SpecProblem
+from api.errors import SpecProblem, error
 from api.limits import check_job_slots, slots_full
+from api.listing import ID, decode_cursor, encode_cursor, parse_label_filters
 from api.schemas.common import ErrorItem, ErrorResponse, IsoDatetime
 from api.schemas.jobs import (
     BatchCreate,
@@ -109,8 +111,10 @@ def create_job(
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=200)] = None,
 ) -> JobRead:
     """Validate, store and enqueue a job. The same Idempotency-Key with the same body again returns
-    the same job (200); with a different body it is a 409."""
+    the same job (200); with a different body it is a 409. ``labels`` (string -> string) and
+    ``notes`` may be given beside the spec's fields; they annotate the job, not its training."""
     body_hash = repo.request_hash(spec) if idempotency_key else None
+    spec, annotations = split_annotations(spec)
     if idempotency_key:
         existing = repo.get_job_by_idempotency_key(session, idempotency_key, project)
         if existing is not None:
@@ -121,7 +125,7 @@ def create_job(
     except SpecError as exc:
         raise SpecProblem(exc.errors) from None
     try:
-        job = _insert_one(session, settings, project, valid, idempotency_key, body_hash)
+        job = _insert_one(session, settings, project, valid, idempotency_key, body_hash, annotations)
     except IntegrityError:
         session.rollback()
         existing = repo.get_job_by_idempotency_key(session, idempotency_key, project) if idempotency_key else None
@@ -134,7 +138,8 @@ def create_job(
 
 
 def _insert_one(
-    session: Any, settings: Any, project: str, valid: Any, idempotency_key: str | None, body_hash: str | None
+    session: Any, settings: Any, project: str, valid: Any, idempotency_key: str | None, body_hash: str | None,
+    annotations: Any,
 ) -> Any:
     """Store one queued job with its event and outbox row, within the project's concurrent-jobs
     limit (429 otherwise). On PostgreSQL one pipelined transaction does it all (store.submit: the
@@ -145,13 +150,14 @@ def _insert_one(
             return submit.insert_queued_jobs(
                 engine, [(valid.spec, valid.queue, idempotency_key)], project_id=project,
                 idempotency_hash=body_hash, max_active=settings.max_concurrent_jobs,
+                labels=annotations.labels, notes=annotations.notes,
             )[0]
         except submit.SlotsFull as full:
             raise slots_full(full.active, full.limit, 1) from None
     check_job_slots(session, project, 1, settings)
     job = repo.create_job(
         session, spec=valid.spec, queue=valid.queue, idempotency_key=idempotency_key, idempotency_hash=body_hash,
-        project_id=project,
+        project_id=project, labels=annotations.labels, notes=annotations.notes,
     )
     session.commit()
     return job
@@ -196,27 +202,46 @@ def create_batch(
     return BatchResult(created=len(jobs), invalid=len(body.jobs) - len(jobs), results=results)
 
 
-@router.get("", response_model=JobList)
+@router.get("", response_model=JobList, responses={422: {"model": ErrorResponse}})
 def list_jobs(
     session: ReadSessionDep,
     project: ProjectDep,
     status: Annotated[list[JobStatus] | None, Query(description="repeat to give several")] = None,
     name: Annotated[str | None, Query(pattern=r"^[^\x00]*$", description="exact name")] = None,
+    name_prefix: Annotated[str | None, Query(max_length=200, pattern=r"^[^\x00]*$", description="names starting so")] = None,
+    label: Annotated[list[str] | None, Query(description="key=value; repeat to require several labels")] = None,
+    stop_reason: Annotated[list[str] | None, Query(max_length=32, description="repeat to give several")] = None,
+    id: Annotated[list[str] | None, Query(max_length=500, description="only these job ids; repeat (up to 500)")] = None,  # noqa: A002
     created_after: IsoDatetime | None = None,
     created_before: IsoDatetime | None = None,
+    updated_after: Annotated[IsoDatetime | None, Query(description="changed after this time")] = None,
     sweep_id: Annotated[
         str | None, Query(pattern="^[0-9a-f]{32}$", description="only the trials of this sweep")
     ] = None,
-    cursor: Annotated[str | None, Query(pattern="^[0-9a-f]{32}$", description="next_cursor of the previous page")] = None,
+    order_by: Annotated[Literal["created", "updated", "best"], Query(
+        description="created: newest first; updated: most recently changed first; best: the smallest best "
+                    "value first (jobs without a finite one last)")] = "created",
+    order: Annotated[Literal["asc", "desc"] | None, Query(description="reverse the order's direction")] = None,
+    cursor: Annotated[str | None, Query(max_length=300, pattern="^[A-Za-z0-9_-]+$",
+                                        description="next_cursor of the previous page")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> JobList:
-    """Jobs, newest first, with cursor pagination."""
+    """Jobs, filtered, in ``order_by`` order, with cursor pagination."""
+    bad_ids = [error(["query", "id", i], "a job id is 32 lowercase hex digits", "string_pattern_mismatch")
+               for i, v in enumerate(id or ()) if not ID.match(v)]
+    if bad_ids:
+        raise SpecProblem(bad_ids)
     flt = repo.JobFilter(
-        status=status or (), name=name, created_after=created_after, created_before=created_before, sweep_id=sweep_id
+        status=status or (), name=name, name_prefix=name_prefix, created_after=created_after,
+        created_before=created_before, updated_after=updated_after, sweep_id=sweep_id, stop_reason=stop_reason or (),
+        labels=parse_label_filters(label), ids=id or (),
     )
-    rows = repo.list_jobs(session, flt, limit=limit, cursor=cursor, project_id=project)
+    rows = repo.list_jobs(session, flt, limit=limit, cursor=decode_cursor(cursor, order_by), project_id=project,
+                          order_by=order_by, descending=None if order is None else order == "desc")
     page = rows[:limit]
-    return JobList(jobs=[job_summary(j) for j in page], next_cursor=page[-1].id if len(rows) > limit else None)
+    more = len(rows) > limit
+    return JobList(jobs=[job_summary(j) for j in page],
+                   next_cursor=encode_cursor(repo.job_cursor(page[-1], order_by), order_by) if more else None)
 
 
 # The two routes dashboards poll live on their own router (see api.app): their single query also
@@ -329,7 +354,8 @@ async def job_events(
     after: Annotated[
         int | None, Query(ge=0, le=MAX_INT64, description="like Last-Event-ID, for clients that cannot set headers")
     ] = None,
-    poll_interval: Annotated[float, Query(ge=0.05, le=10)] = 0.25,
+    poll_interval: Annotated[float, Query(ge=0.05, le=10, description="ignored: events are pushed as they commit "
+                                          "(kept so older clients' URLs still work)")] = 0.25,
 ) -> EventSourceResponse:
     """Server-Sent Events: ``state`` (status changes) and ``epoch`` (an epoch's metrics) as they
     land, each with an increasing id; resume with Last-Event-ID. The stream ends after the job's
@@ -341,26 +367,18 @@ async def job_events(
         if not 0 <= start <= MAX_INT64:
             raise HTTPException(status_code=400, detail="Last-Event-ID must be an event id (an integer)") from None
     key_id = authenticate(request).key_id
-    first, status = await run_in_threadpool(_poll_events, job_id, start, project, key_id)
+    _, status = await run_in_threadpool(_poll_events, job_id, MAX_INT64, project, key_id)
     if status is None:
         raise _not_found(job_id)
 
+    async def still_allowed() -> bool:  # the key may be revoked (or the job deleted) while streaming
+        return (await run_in_threadpool(_poll_events, job_id, MAX_INT64, project, key_id))[1] is not None
+
     async def stream() -> Any:
-        events, last = first, start
-        st: str | None = status
-        while True:
-            for ev_id, kind, data in events:
-                last = ev_id
-                yield ServerSentEvent(data=json.dumps(data, allow_nan=False), event=kind, id=str(ev_id))
-            if st in TERMINAL_STATUSES and not events:
-                return
-            if await request.is_disconnected():
-                return
-            if not events:
-                await asyncio.sleep(poll_interval)
-            events, st = await run_in_threadpool(_poll_events, job_id, last, project, key_id)
-            if st is None:
-                return  # the key was revoked (or the job deleted) while streaming
+        # pushed by the process's change reader (api.changes): no query per client per tick
+        async for c in follow(request.app.state.changes, project_id=project, after=start, job_id=job_id,
+                              is_disconnected=request.is_disconnected, still_allowed=still_allowed):
+            yield ServerSentEvent(data=json.dumps(c.data, allow_nan=False), event=c.kind, id=str(c.id))
 
     return EventSourceResponse(stream(), ping=15)
 

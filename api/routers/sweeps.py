@@ -208,6 +208,8 @@ def check_sweep(body: Any, session: Any, project: str, settings: Settings) -> di
         seed=req.seed if req.seed is not None else secrets.randbelow(2**32),
         n_startup_trials=req.n_startup_trials,
     )
+    if req.labels is not None or req.notes is not None:
+        config.update(labels=req.labels or {}, notes=req.notes)
     return config
 
 
@@ -243,6 +245,7 @@ def _summary_fields(s: Sweep) -> dict[str, Any]:
         max_trials=s.max_trials, max_concurrent=s.max_concurrent, trials_created=s.trials_created,
         best_job_id=s.best_job_id, best_value=from_text(s.best_value), stop_reason=s.stop_reason, error=s.error,
         created_at=as_utc(s.created_at), updated_at=as_utc(s.updated_at), finished_at=as_utc(s.finished_at),
+        labels=s.labels or {}, notes=s.notes,
     )
 
 
@@ -289,6 +292,7 @@ def create_sweep(
         session, project_id=project, name=config["name"], method=config["method"], config=config,
         objective_metric=config["objective"]["metric"], objective_mode=config["objective"]["mode"],
         max_trials=config["max_trials"], max_concurrent=config["max_concurrent"],
+        labels=config.get("labels") or {}, notes=config.get("notes"),
     )
     jobs = store_sweeps.advance_sweep(session, sweep.id, settings)
     session.commit()

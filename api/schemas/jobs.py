@@ -43,6 +43,8 @@ class JobSummary(BaseModel):
     sweep_id: str | None = Field(None, description="the sweep this job is a trial of")
     trial_number: int | None = Field(None, description="its 0-based trial number within the sweep")
     trial_params: dict[str, Any] | None = Field(None, description="the sweep parameters this trial was given")
+    labels: dict[str, str] = Field(default_factory=dict, description="the job's labels (set at create or by PATCH)")
+    notes: str | None = Field(None, description="free text (set at create or by PATCH)")
 
 
 class JobRead(JobSummary):

@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
 from api.schemas.common import MetricValue
+from api.schemas.dashboards import Labels, Notes
 from api.schemas.jobs import JobStatus
 
 SweepStatus = Literal["running", "succeeded", "failed", "cancelled"]
@@ -99,6 +100,8 @@ class SweepCreate(_Strict):
     early_termination: EarlyTermination | None = None
     seed: int | None = Field(None, ge=0, le=2**32 - 1, description="the sampler's seed (default: random, then stored)")
     n_startup_trials: int | None = Field(None, ge=1, le=1000, description="tpe: random trials before TPE models (default 10)")
+    labels: Labels | None = Field(None, description="the sweep's labels (string -> string)")
+    notes: Notes | None = Field(None, description="free text")
 
 
 SWEEP_EXAMPLE: dict[str, Any] = {
@@ -168,6 +171,8 @@ class SweepSummary(BaseModel):
     created_at: datetime
     updated_at: datetime
     finished_at: datetime | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    notes: str | None = None
 
 
 class SweepRead(SweepSummary):

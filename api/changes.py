@@ -1,0 +1,245 @@
+"""The API's side of change notices: one reader per process fetches new job events (one query
+for every open stream) when a notice arrives, and fans them out to the streams that follow
+them: ``GET /v1/events`` (the project's jobs and sweeps) and ``GET /v1/jobs/{id}/events``.
+
+How it wakes: on a Redis notice (:mod:`store.notices`), with a look every ``fallback_s`` in
+case one was lost; without Redis (embedded mode), every ``poll_s``. Either way the database
+sees one query per wake-up, however many clients are connected (bench/dashboards.py measures).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi.concurrency import run_in_threadpool
+from sqlalchemy import func, select
+
+from store import notices
+from store.db import session_scope
+from store.models import TERMINAL_STATUSES, Job, JobEvent
+from store.settings import Settings
+
+log = logging.getLogger("trainyard.changes")
+
+#: how far back each fetch looks again for events whose transaction committed after a later
+#: id's (ids are handed out at INSERT, not at COMMIT); those already sent are skipped
+REREAD_IDS = 200
+BATCH = 1000
+
+
+@dataclass(frozen=True)
+class Change:
+    """One job event with what a stream needs to route it."""
+
+    id: int
+    job_id: str
+    project_id: str
+    sweep_id: str | None
+    kind: str
+    data: dict[str, Any]
+
+
+def fetch_changes(after: int, limit: int = BATCH, *, project_id: str | None = None,
+                  job_id: str | None = None) -> list[Change]:
+    """Job events after id ``after`` (of one project or job when given), in id order."""
+    q = (select(JobEvent.id, JobEvent.job_id, Job.project_id, Job.sweep_id, JobEvent.kind, JobEvent.data)
+         .join(Job, Job.id == JobEvent.job_id).where(JobEvent.id > after).order_by(JobEvent.id).limit(limit))
+    if project_id is not None:
+        q = q.where(Job.project_id == project_id)
+    if job_id is not None:
+        q = q.where(JobEvent.job_id == job_id)
+    with session_scope(write=False) as s:
+        return [Change(*row) for row in s.execute(q)]
+
+
+def latest_event_id() -> int:
+    with session_scope(write=False) as s:
+        return int(s.scalar(select(func.max(JobEvent.id))) or 0)
+
+
+@dataclass(eq=False)
+class Subscription:
+    project_id: str
+    job_id: str | None
+    queue: asyncio.Queue[Change] = field(default_factory=lambda: asyncio.Queue(maxsize=10_000))
+    overflowed: bool = False
+
+    def wants(self, change: Change) -> bool:
+        return change.project_id == self.project_id and (self.job_id is None or change.job_id == self.job_id)
+
+
+class ChangeHub:
+    """Fetches new job events once per wake-up and hands each to the subscriptions that want it."""
+
+    def __init__(self, settings: Settings, *, poll_s: float = 0.25, fallback_s: float = 5.0) -> None:
+        self.settings = settings
+        self.poll_s = poll_s
+        self.fallback_s = fallback_s
+        self.subs: set[Subscription] = set()
+        self.last: int | None = None
+        self.sent: collections.deque[int] = collections.deque(maxlen=4 * REREAD_IDS)
+        self._sent_set: set[int] = set()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._listener: asyncio.Task[None] | None = None
+        self.fetches = 0  # queries made (the bench reads it)
+
+    # ------------------------------------------------------------------ life
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+        if notices.uses_redis(self.settings):
+            self._listener = asyncio.get_running_loop().create_task(self._listen())
+
+    async def stop(self) -> None:
+        for task in (self._task, self._listener):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+    def poke(self) -> None:
+        """Wake the reader now (this process wrote something)."""
+        self._wake.set()
+
+    async def _listen(self) -> None:
+        import redis.asyncio as aioredis
+
+        while True:
+            try:
+                client = aioredis.Redis.from_url(self.settings.broker_url)
+                async with client.pubsub() as pubsub:
+                    await pubsub.subscribe(notices.channel(self.settings))
+                    async for message in pubsub.listen():
+                        if message.get("type") == "message":
+                            self._wake.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - Redis away: the fallback looks carry on
+                log.warning("change notices unavailable (%s); retrying in 5 s", exc)
+                await asyncio.sleep(5)
+
+    async def _run(self) -> None:
+        interval = self.fallback_s if self._listener is not None else self.poll_s
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=interval)
+            self._wake.clear()
+            if not self.subs:
+                self.last = None  # the next subscriber sets it afresh
+                continue
+            try:
+                await self._fetch_and_fan_out()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the database is away: try again on the next wake
+                log.warning("fetching changes failed: %s", exc)
+
+    async def _fetch_and_fan_out(self) -> None:
+        while self.last is not None:
+            start = max(0, self.last - REREAD_IDS)
+            changes = await run_in_threadpool(fetch_changes, start)
+            self.fetches += 1
+            fresh = [c for c in changes if c.id not in self._sent_set]
+            for c in fresh:
+                self._remember(c.id)
+                for sub in list(self.subs):
+                    if sub.wants(c):
+                        try:
+                            sub.queue.put_nowait(c)
+                        except asyncio.QueueFull:
+                            sub.overflowed = True
+            if changes:
+                self.last = max(self.last, changes[-1].id)
+            if len(changes) < BATCH:
+                return
+
+    def _remember(self, event_id: int) -> None:
+        if len(self.sent) == self.sent.maxlen:
+            self._sent_set.discard(self.sent[0])
+        self.sent.append(event_id)
+        self._sent_set.add(event_id)
+
+    # ------------------------------------------------------------------ streams
+    async def subscribe(self, project_id: str, job_id: str | None = None) -> Subscription:
+        """A subscription that receives every change from now on (the caller then reads its
+        backlog from the database: events up to now, from its own Last-Event-ID)."""
+        if self.last is None:
+            self.last = await run_in_threadpool(latest_event_id)
+        sub = Subscription(project_id=project_id, job_id=job_id)
+        self.subs.add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        self.subs.discard(sub)
+
+
+def change_payload(c: Change) -> dict[str, Any]:
+    return {"job_id": c.job_id, "sweep_id": c.sweep_id, "kind": c.kind, "data": c.data}
+
+
+async def follow(
+    hub: ChangeHub, *, project_id: str, after: int, job_id: str | None = None,
+    is_disconnected: Callable[[], Any], still_allowed: Callable[[], Any] | None = None,
+    recheck_s: float = 15.0,
+) -> AsyncIterator[Change]:
+    """The changes after event id ``after`` (the backlog from the database, then those the hub
+    pushes), each once, in id order per batch; for one job, it ends after the job's terminal
+    state. ``still_allowed`` (a coroutine function) is asked every ``recheck_s`` (the caller's key
+    may be revoked): the stream ends when it says no."""
+    sub = await hub.subscribe(project_id, job_id)
+    last = after
+    seen: collections.deque[int] = collections.deque(maxlen=4 * REREAD_IDS)
+    try:
+        while True:  # the backlog, in pages
+            backlog = await run_in_threadpool(fetch_changes, last, project_id=project_id, job_id=job_id)
+            for c in backlog:
+                seen.append(c.id)
+                last = c.id
+                yield c
+                if job_id is not None and _ends(c):
+                    return
+            if len(backlog) < BATCH:
+                break
+        if job_id is not None and await run_in_threadpool(_job_ended, job_id):
+            return  # ended before: its terminal event was in the backlog or before ``after``
+        waited = 0.0
+        while True:
+            try:
+                c = await asyncio.wait_for(sub.queue.get(), timeout=1.0)
+            except TimeoutError:
+                if await is_disconnected():
+                    return
+                waited += 1.0
+                if still_allowed is not None and waited >= recheck_s:
+                    waited = 0.0
+                    if not await still_allowed():
+                        return
+                continue
+            if c.id in seen or c.id <= after:
+                continue
+            seen.append(c.id)
+            yield c
+            if job_id is not None and _ends(c):
+                return
+    finally:
+        hub.unsubscribe(sub)
+
+
+def _job_ended(job_id: str) -> bool:
+    with session_scope(write=False) as s:
+        return s.scalar(select(Job.status).where(Job.id == job_id)) in TERMINAL_STATUSES
+
+
+def _ends(c: Change) -> bool:
+    return c.kind == "state" and c.data.get("status") in TERMINAL_STATUSES
+
+
+def sse_data(payload: dict[str, Any]) -> str:
+    return json.dumps(payload, allow_nan=False)

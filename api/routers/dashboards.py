@@ -1,0 +1,164 @@
+"""What dashboards need beyond the resources' own routes: labels and notes (PATCH), bulk
+metrics, the project's event stream, and a dry run of a job spec."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Header, HTTPException, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from sse_starlette.sse import EventSourceResponse, ServerSentEvent
+
+from api.annotations import check_annotations, split_annotations
+from api.auth import authenticate
+from api.changes import change_payload, follow
+from api.deps import ProjectDep, ReadSessionDep, SessionDep, SettingsDep
+from api.errors import SpecProblem
+from api.routers.jobs import LAST_EVENT_ID, MAX_INT64, SPEC_EXAMPLE
+from api.routers.sweeps import sweep_read
+from api.schemas.common import ErrorResponse
+from api.schemas.dashboards import Annotations, BulkMetrics, BulkMetricsQuery, DryRun
+from api.schemas.jobs import JobRead
+from api.schemas.sweeps import SweepRead
+from api.validation import check_job_spec, dataset_resolver
+from api.views import job_read
+from store import auth as keys
+from store import repo
+from store import sweeps as store_sweeps
+from store.bulkread import bulk_metrics_json
+from store.db import get_engine, session_scope
+from store.models import Job, Sweep
+from training import SpecError
+
+router = APIRouter(tags=["dashboards"])
+
+_ANNOTATION_EXAMPLE = {"labels": {"team": "vision", "stage": "baseline"}, "notes": "first try with adam"}
+
+
+def _annotate(session: Any, model: Any, object_id: str, project: str, body: dict[str, Any]) -> bool:
+    a = check_annotations(body)
+    unknown = sorted(set(body) - {"labels", "notes"})
+    if unknown:
+        raise SpecProblem([{"loc": [k], "path": k, "msg": f"unknown field {k!r}; allowed: labels, notes",
+                            "type": "extra_forbidden"} for k in unknown])
+    return repo.annotate(session, model, object_id, project, labels=a.labels, notes=a.notes or None,
+                         set_notes="notes" in body)
+
+
+@router.patch("/jobs/{job_id}", response_model=JobRead, tags=["jobs"],
+              responses={404: {"description": "no such job"}, 422: {"model": ErrorResponse}})
+def patch_job(job_id: str, session: SessionDep, project: ProjectDep,
+              body: Annotated[dict[str, Any], Body(examples=[_ANNOTATION_EXAMPLE])]) -> JobRead:
+    """Set a job's ``labels`` (replaced whole) and/or ``notes`` (``""`` or null clears them).
+    Nothing else of a job can be changed."""
+    if not _annotate(session, Job, job_id, project, body):
+        raise HTTPException(status_code=404, detail=f"no job {job_id!r}")
+    session.commit()
+    job = repo.get_job(session, job_id, project)
+    assert job is not None
+    return job_read(job)
+
+
+@router.patch("/sweeps/{sweep_id}", response_model=SweepRead, tags=["sweeps"],
+              responses={404: {"description": "no such sweep"}, 422: {"model": ErrorResponse}})
+def patch_sweep(sweep_id: str, session: SessionDep, project: ProjectDep,
+                body: Annotated[dict[str, Any], Body(examples=[_ANNOTATION_EXAMPLE])]) -> SweepRead:
+    """Set a sweep's ``labels`` (replaced whole) and/or ``notes``."""
+    if not _annotate(session, Sweep, sweep_id, project, body):
+        raise HTTPException(status_code=404, detail=f"no sweep {sweep_id!r}")
+    session.commit()
+    sweep = store_sweeps.get_sweep(session, sweep_id, project)
+    assert sweep is not None
+    session.refresh(sweep)
+    return sweep_read(session, sweep)
+
+
+@router.post("/metrics/bulk", response_model=BulkMetrics, tags=["jobs"],
+             responses={422: {"model": ErrorResponse}})
+def bulk_metrics(query: BulkMetricsQuery, project: ProjectDep) -> Response:
+    """The curves of up to 1,000 jobs in one request: each job's epochs after its own
+    ``since_epoch``, only ``keys`` when given, ``max_points`` evenly spaced when given. Ids that
+    are not jobs of the project are listed in ``missing``."""
+    since: dict[str, int] = {}
+    for j in query.jobs:
+        since[j.id] = min(since.get(j.id, j.since_epoch), j.since_epoch)
+    body = bulk_metrics_json(get_engine(), project, since, query.keys, query.max_points)
+    return Response(content=body, media_type="application/json")
+
+
+@router.post("/jobs/validate", response_model=DryRun, tags=["jobs"],
+             responses={422: {"model": ErrorResponse, "description": "invalid spec; each error names its JSON path"}})
+def validate_job(session: ReadSessionDep, settings: SettingsDep, project: ProjectDep,
+                 spec: Annotated[dict[str, Any], Body(examples=[SPEC_EXAMPLE])]) -> DryRun:
+    """A dry run of ``POST /v1/jobs``: the same checks, nothing stored. Answers the normalized
+    spec and what it implies (parameter count, steps per epoch), or the same 422."""
+    spec, annotations = split_annotations(spec)
+    try:
+        valid = check_job_spec(spec, dataset_resolver(session, project), settings)
+    except SpecError as exc:
+        raise SpecProblem(exc.errors) from None
+    return DryRun(spec=valid.spec, queue=valid.queue, parameters=valid.parameters,
+                  steps_per_epoch=valid.steps_per_epoch, labels=annotations.labels or {}, notes=annotations.notes)
+
+
+def _key_is_live(key_id: str | None) -> bool:
+    if key_id is None:
+        return True
+    from sqlalchemy import select
+
+    with session_scope(write=False) as s:
+        return bool(s.scalar(select(keys.key_is_live(key_id))))
+
+
+@router.get(
+    "/events",
+    response_class=EventSourceResponse,
+    tags=["dashboards"],
+    responses={200: {"content": {"text/event-stream": {}},
+                     "description": "event 'job': {job_id, sweep_id, kind: state|epoch, data}; also 'sweep' "
+                                    "({sweep_id, job_id}) when the job is a sweep's trial"},
+               400: {"model": ErrorResponse, "description": "Last-Event-ID is not an event id"}},
+)
+async def project_events(
+    request: Request,
+    project: ProjectDep,
+    last_event_id: Annotated[
+        str, Header(alias="Last-Event-ID", description="an event id", json_schema_extra={"pattern": LAST_EVENT_ID.pattern})
+    ] = None,  # type: ignore[assignment]
+    after: Annotated[int | None, Query(ge=0, le=MAX_INT64, description="like Last-Event-ID; default: from now")] = None,
+) -> EventSourceResponse:
+    """Server-Sent Events of every change to the project's jobs (state changes and epochs) and
+    sweeps (a change to one of its trials), pushed as they commit (change notices, not a poll per
+    client). Each event has an increasing id: resume with ``Last-Event-ID``. Without one, the
+    stream starts from now. Comment pings every 15 s keep proxies from closing it."""
+    start: int | None = after
+    if last_event_id is not None:
+        m = LAST_EVENT_ID.match(last_event_id)
+        if m is None:
+            raise HTTPException(status_code=400, detail="Last-Event-ID must be an event id (an integer)")
+        if m.group(1):
+            start = int(m.group(1))
+    hub = request.app.state.changes
+    key_id = authenticate(request).key_id
+    if start is None:
+        from api.changes import latest_event_id
+
+        start = await run_in_threadpool(latest_event_id)
+
+    async def still_allowed() -> bool:
+        return await run_in_threadpool(_key_is_live, key_id)
+
+    async def stream() -> Any:
+        async for c in follow(hub, project_id=project, after=start, is_disconnected=request.is_disconnected,
+                              still_allowed=still_allowed if key_id else None):
+            payload = change_payload(c)
+            yield ServerSentEvent(data=json.dumps(payload, allow_nan=False), event="job", id=str(c.id))
+            if c.sweep_id is not None:
+                yield ServerSentEvent(data=json.dumps({"sweep_id": c.sweep_id, "job_id": c.job_id}), event="sweep",
+                                      id=str(c.id))
+
+    return EventSourceResponse(stream(), ping=15)
+
+
+__all__ = ["router", "Annotations"]
