@@ -59,6 +59,14 @@ def fetch_changes(after: int, limit: int = BATCH, *, project_id: str | None = No
         return [Change(*row) for row in s.execute(q)]
 
 
+def live_keys(key_ids: set[str]) -> set[str]:
+    """Which of these API keys are unrevoked."""
+    from store.models import ApiKey
+
+    with session_scope(write=False) as s:
+        return set(s.scalars(select(ApiKey.id).where(ApiKey.id.in_(list(key_ids)), ApiKey.revoked_at.is_(None))))
+
+
 def latest_event_id() -> int:
     with session_scope(write=False) as s:
         return int(s.scalar(select(func.max(JobEvent.id))) or 0)
@@ -68,7 +76,8 @@ def latest_event_id() -> int:
 class Subscription:
     project_id: str
     job_id: str | None
-    queue: asyncio.Queue[Change] = field(default_factory=lambda: asyncio.Queue(maxsize=10_000))
+    key_id: str | None = None  # the API key it streams for (None: auth off); a revoke ends it
+    queue: asyncio.Queue[Change | None] = field(default_factory=lambda: asyncio.Queue(maxsize=10_000))
     overflowed: bool = False
 
     def wants(self, change: Change) -> bool:
@@ -78,7 +87,8 @@ class Subscription:
 class ChangeHub:
     """Fetches new job events once per wake-up and hands each to the subscriptions that want it."""
 
-    def __init__(self, settings: Settings, *, poll_s: float = 0.25, fallback_s: float = 5.0) -> None:
+    def __init__(self, settings: Settings, *, poll_s: float = 0.25, fallback_s: float = 5.0,
+                 key_check_s: float = 5.0) -> None:
         self.settings = settings
         self.poll_s = poll_s
         self.fallback_s = fallback_s
@@ -89,6 +99,8 @@ class ChangeHub:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._listener: asyncio.Task[None] | None = None
+        self.key_check_s = key_check_s
+        self._keys_checked = 0.0
         self.fetches = 0  # queries made (the bench reads it)
 
     # ------------------------------------------------------------------ life
@@ -136,6 +148,7 @@ class ChangeHub:
                 continue
             try:
                 await self._fetch_and_fan_out()
+                await self._end_revoked()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - the database is away: try again on the next wake
@@ -160,6 +173,20 @@ class ChangeHub:
             if len(changes) < BATCH:
                 return
 
+    async def _end_revoked(self) -> None:
+        """Every ``key_check_s``: one query for the keys of all keyed streams; the streams of a
+        revoked key end (a revoke takes effect within seconds, at one query for every client)."""
+        loop = asyncio.get_running_loop()
+        key_ids = {s.key_id for s in self.subs if s.key_id is not None}
+        if not key_ids or loop.time() - self._keys_checked < self.key_check_s:
+            return
+        self._keys_checked = loop.time()
+        live = await run_in_threadpool(live_keys, key_ids)
+        for sub in list(self.subs):
+            if sub.key_id is not None and sub.key_id not in live:
+                self.subs.discard(sub)
+                sub.queue.put_nowait(None)  # the stream's end
+
     def _remember(self, event_id: int) -> None:
         if len(self.sent) == self.sent.maxlen:
             self._sent_set.discard(self.sent[0])
@@ -167,13 +194,15 @@ class ChangeHub:
         self._sent_set.add(event_id)
 
     # ------------------------------------------------------------------ streams
-    async def subscribe(self, project_id: str, job_id: str | None = None) -> Subscription:
+    async def subscribe(self, project_id: str, job_id: str | None = None, key_id: str | None = None) -> Subscription:
         """A subscription that receives every change from now on (the caller then reads its
         backlog from the database: events up to now, from its own Last-Event-ID)."""
         if self.last is None:
             self.last = await run_in_threadpool(latest_event_id)
-        sub = Subscription(project_id=project_id, job_id=job_id)
+        sub = Subscription(project_id=project_id, job_id=job_id, key_id=key_id)
         self.subs.add(sub)
+        if key_id is not None:
+            self._wake.set()  # so the key checks run on this hub's schedule even when nothing changes
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:
@@ -186,14 +215,12 @@ def change_payload(c: Change) -> dict[str, Any]:
 
 async def follow(
     hub: ChangeHub, *, project_id: str, after: int, job_id: str | None = None,
-    is_disconnected: Callable[[], Any], still_allowed: Callable[[], Any] | None = None,
-    recheck_s: float = 15.0,
+    is_disconnected: Callable[[], Any], key_id: str | None = None,
 ) -> AsyncIterator[Change]:
     """The changes after event id ``after`` (the backlog from the database, then those the hub
     pushes), each once, in id order per batch; for one job, it ends after the job's terminal
-    state. ``still_allowed`` (a coroutine function) is asked every ``recheck_s`` (the caller's key
-    may be revoked): the stream ends when it says no."""
-    sub = await hub.subscribe(project_id, job_id)
+    state. It also ends when the caller's key (``key_id``) is revoked."""
+    sub = await hub.subscribe(project_id, job_id, key_id)
     last = after
     seen: collections.deque[int] = collections.deque(maxlen=4 * REREAD_IDS)
     try:
@@ -209,19 +236,15 @@ async def follow(
                 break
         if job_id is not None and await run_in_threadpool(_job_ended, job_id):
             return  # ended before: its terminal event was in the backlog or before ``after``
-        waited = 0.0
         while True:
             try:
                 c = await asyncio.wait_for(sub.queue.get(), timeout=1.0)
             except TimeoutError:
                 if await is_disconnected():
                     return
-                waited += 1.0
-                if still_allowed is not None and waited >= recheck_s:
-                    waited = 0.0
-                    if not await still_allowed():
-                        return
                 continue
+            if c is None:
+                return  # the key was revoked
             if c.id in seen or c.id <= after:
                 continue
             seen.append(c.id)

@@ -23,11 +23,10 @@ from api.schemas.jobs import JobRead
 from api.schemas.sweeps import SweepRead
 from api.validation import check_job_spec, dataset_resolver
 from api.views import job_read
-from store import auth as keys
 from store import repo
 from store import sweeps as store_sweeps
 from store.bulkread import bulk_metrics_json
-from store.db import get_engine, session_scope
+from store.db import get_engine
 from store.models import Job, Sweep
 from training import SpecError
 
@@ -102,15 +101,6 @@ def validate_job(session: ReadSessionDep, settings: SettingsDep, project: Projec
                   steps_per_epoch=valid.steps_per_epoch, labels=annotations.labels or {}, notes=annotations.notes)
 
 
-def _key_is_live(key_id: str | None) -> bool:
-    if key_id is None:
-        return True
-    from sqlalchemy import select
-
-    with session_scope(write=False) as s:
-        return bool(s.scalar(select(keys.key_is_live(key_id))))
-
-
 @router.get(
     "/events",
     response_class=EventSourceResponse,
@@ -146,12 +136,9 @@ async def project_events(
 
         start = await run_in_threadpool(latest_event_id)
 
-    async def still_allowed() -> bool:
-        return await run_in_threadpool(_key_is_live, key_id)
-
     async def stream() -> Any:
         async for c in follow(hub, project_id=project, after=start, is_disconnected=request.is_disconnected,
-                              still_allowed=still_allowed if key_id else None):
+                              key_id=key_id):
             payload = change_payload(c)
             yield ServerSentEvent(data=json.dumps(payload, allow_nan=False), event="job", id=str(c.id))
             if c.sweep_id is not None:

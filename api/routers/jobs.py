@@ -371,13 +371,10 @@ async def job_events(
     if status is None:
         raise _not_found(job_id)
 
-    async def still_allowed() -> bool:  # the key may be revoked (or the job deleted) while streaming
-        return (await run_in_threadpool(_poll_events, job_id, MAX_INT64, project, key_id))[1] is not None
-
     async def stream() -> Any:
         # pushed by the process's change reader (api.changes): no query per client per tick
         async for c in follow(request.app.state.changes, project_id=project, after=start, job_id=job_id,
-                              is_disconnected=request.is_disconnected, still_allowed=still_allowed):
+                              is_disconnected=request.is_disconnected, key_id=key_id):
             yield ServerSentEvent(data=json.dumps(c.data, allow_nan=False), event=c.kind, id=str(c.id))
 
     return EventSourceResponse(stream(), ping=15)

@@ -1,0 +1,137 @@
+"""The project's event stream and change notices, against a real API process (PostgreSQL,
+Redis): an epoch committed by another process reaches an open stream through a Redis notice
+(well under the reader's 5 s fallback look), streams resume with Last-Event-ID, and a job's own
+stream is fed the same way."""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+from typing import Any
+
+import httpx
+
+from .helpers import note_spec
+
+
+class Stream:
+    """An SSE stream read on a thread: (id, event, data, arrival time) tuples in a queue."""
+
+    def __init__(self, url: str, headers: dict[str, str] | None = None) -> None:
+        self.events: queue.Queue[tuple[int, str, dict[str, Any], float]] = queue.Queue()
+        self.opened = threading.Event()
+        self._stop = False
+        self._thread = threading.Thread(target=self._read, args=(url, headers or {}), daemon=True)
+        self._thread.start()
+        assert self.opened.wait(15), "the stream did not open"
+
+    def _read(self, url: str, headers: dict[str, str]) -> None:
+        with httpx.Client(timeout=httpx.Timeout(5, read=60)) as c, c.stream("GET", url, headers=headers) as r:
+            assert r.status_code == 200
+            self.opened.set()
+            ev: dict[str, str] = {}
+            for line in r.iter_lines():
+                if self._stop:
+                    return
+                if not line:
+                    if "data" in ev:
+                        self.events.put((int(ev.get("id", 0)), ev.get("event", "message"), json.loads(ev["data"]),
+                                         time.monotonic()))
+                    ev = {}
+                elif not line.startswith(":"):
+                    k, _, v = line.partition(":")
+                    ev[k] = v[1:] if v.startswith(" ") else v
+
+    def next(self, pred: Any, timeout: float = 15.0) -> tuple[int, str, dict[str, Any], float]:
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            assert left > 0, "no matching event in time"
+            item = self.events.get(timeout=left)
+            if pred(item):
+                return item
+
+    def close(self) -> None:
+        self._stop = True
+
+
+def test_a_committed_write_publishes_a_notice_and_a_rollback_does_not(inproc_env, redis_client):
+    from store import notices, repo
+    from store.db import get_engine, session_scope
+    from store.settings import get_settings
+
+    get_engine()  # its listeners publish
+    pubsub = redis_client.pubsub()
+    pubsub.subscribe(notices.channel(get_settings()))
+    assert pubsub.get_message(timeout=5)["type"] == "subscribe"
+    with session_scope() as s:
+        job = repo.create_job(s, spec=note_spec(2), queue="nowhere")
+    assert pubsub.get_message(timeout=5)["type"] == "message"
+    try:
+        with session_scope() as s:
+            repo.record_progress(s, job.id, [{"epoch": 1, "loss": 0.5}])
+            raise RuntimeError("roll it back")
+    except RuntimeError:
+        pass
+    with session_scope(write=False) as s:
+        assert repo.metrics(s, job.id) == []
+    assert pubsub.get_message(timeout=1) is None  # nothing committed, nothing said
+    with session_scope(write=False) as s:
+        repo.metrics(s, job.id)  # a read says nothing either
+    assert pubsub.get_message(timeout=1) is None
+    pubsub.close()
+
+
+def test_epochs_a_worker_commits_reach_open_streams_within_a_second(client, api_url, inproc_env):
+    """The worker process commits epochs; its notices wake the API process, which pushes them to
+    every open stream: each arrives well under the API's 5 s fallback look."""
+    from sqlalchemy import text
+
+    from store.db import get_engine
+
+    project = Stream(f"{api_url}/v1/events")
+    job = client.submit(note_spec(6, name="stream-latency", callbacks={}))
+    first = project.next(lambda e: e[1] == "job" and e[2]["job_id"] == job["id"])
+    assert first[2]["kind"] == "state" and first[2]["data"]["status"] == "queued"
+    own = Stream(f"{api_url}/v1/jobs/{job['id']}/events")
+    arrivals: dict[int, float] = {}
+    while len(arrivals) < 6:
+        ev = own.next(lambda e: e[1] == "epoch", timeout=120)
+        arrivals[ev[2]["epoch"]] = time.time()
+    project_epochs = [project.next(lambda e: e[2].get("kind") == "epoch" and e[2]["job_id"] == job["id"])
+                      for _ in range(6)]
+    assert [e[2]["data"]["epoch"] for e in project_epochs] == [1, 2, 3, 4, 5, 6]
+    with get_engine().connect() as c:
+        committed = dict(c.execute(text("SELECT epoch, extract(epoch FROM created_at) FROM job_metrics "
+                                        "WHERE job_id = :j"), {"j": job["id"]}).all())
+    # created_at is stamped just before the worker's commit (the same machine's clock)
+    latencies = [arrivals[e] - float(committed[e]) for e in arrivals]
+    assert max(latencies) < 1.0, latencies
+    project.close()
+    own.close()
+
+    # resume: from the first event's id, the stream replays what came after it, in order
+    resumed = Stream(f"{api_url}/v1/events", headers={"Last-Event-ID": str(first[0])})
+    replay = [resumed.next(lambda e: e[2].get("job_id") == job["id"] and e[2]["kind"] == "epoch") for _ in range(6)]
+    assert [e[2]["data"]["epoch"] for e in replay] == [1, 2, 3, 4, 5, 6]
+    assert [e[0] for e in replay] == sorted(e[0] for e in replay) and replay[0][0] > first[0]
+    resumed.close()
+    with httpx.Client(base_url=api_url) as api:
+        assert api.get("/v1/events", headers={"Last-Event-ID": "x"}).status_code == 400
+
+
+def test_a_sweep_trials_change_is_also_a_sweep_event(api_url, inproc_env):
+    from .test_sweeps import base
+
+    with httpx.Client(base_url=api_url) as api:
+        stream = Stream(f"{api_url}/v1/events")
+        sweep = api.post("/v1/sweeps", json={
+            "name": "stream-sweep", "base": base(), "method": "grid", "max_concurrent": 1,
+            "parameters": {"model.layers[0].units": {"values": [8, 16]}}, "objective": {"metric": "val_accuracy"},
+        }).json()
+        ev = stream.next(lambda e: e[1] == "sweep" and e[2]["sweep_id"] == sweep["id"])
+        assert ev[2]["job_id"] == sweep["trials"][0]["job_id"]
+        api.post(f"/v1/sweeps/{sweep['id']}/cancel")
+        stream.close()
