@@ -10,7 +10,8 @@ from typing import Any
 
 from api.errors import SpecProblem, error
 
-LABEL_FILTER = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._/-]{0,62})=(.{0,200})$", re.S)
+#: ``key=value``: the pattern of a ``label`` query parameter (documented, and split by it)
+LABEL_FILTER = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._/-]{0,62})=([^\x00]{0,200})$")
 ID = re.compile(r"^[0-9a-f]{32}$")
 
 

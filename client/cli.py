@@ -508,7 +508,7 @@ def serve(
             problem = f"port {port} is in use on {host}; use --port to pick another"
         _stop_all(procs)
         raise _fail(f"trainyard: the service did not start: {problem}", 1)
-    typer.echo(f"Trainyard is running at {base}  (API docs: {base}/docs)")
+    typer.echo(f"Trainyard is running at {base}  (dashboard: {base}/ui, API docs: {base}/docs)")
     typer.echo(f"data: {data_dir}  worker log: {log_dir / 'worker.log'}  - press Ctrl-C to stop")
     if auth:
         typer.echo(f"API keys required: TRAINYARD_DATABASE_URL={env['TRAINYARD_DATABASE_URL']} "

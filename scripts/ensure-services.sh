@@ -22,6 +22,17 @@ if ! redis_up; then
   fi
   for _ in $(seq 1 30); do redis_up && break; sleep 1; done
 fi
+# The dashboard's browser tests drive Debian's chromium (Playwright's own browser download cannot
+# work offline); under CI=true they fail rather than skip without it.
+if [ ! -x /usr/bin/chromium ]; then
+  echo "ensure-services: installing chromium (browser tests)"
+  if command -v apt-get >/dev/null 2>&1; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/tmp/ensure-chromium.log 2>&1 \
+      || { echo "ensure-services: chromium install failed:"; tail -n 20 /tmp/ensure-chromium.log; }
+  fi
+fi
+[ -x /usr/bin/chromium ] && echo "ensure-services: chromium $(/usr/bin/chromium --version 2>/dev/null | head -n1)" \
+  || echo "ensure-services: chromium NOT installed (the browser tests will fail under CI)"
 pg_up && echo "ensure-services: PostgreSQL up" || echo "ensure-services: PostgreSQL NOT reachable (its tests will fail)"
 redis_up && echo "ensure-services: Redis up" || echo "ensure-services: Redis NOT reachable (its tests will fail)"
 exit 0

@@ -33,9 +33,18 @@ from training import SpecError
 router = APIRouter(tags=["dashboards"])
 
 _ANNOTATION_EXAMPLE = {"labels": {"team": "vision", "stage": "baseline"}, "notes": "first try with adam"}
+#: the PATCH body as documented (the route reads a plain object and checks it with
+#: api.annotations, whose 422s name label keys as JSON paths)
+_PATCH_BODY = {"requestBody": {"required": False, "content": {"application/json": {
+    "schema": Annotations.model_json_schema(ref_template="#/components/schemas/{model}"),
+    "example": _ANNOTATION_EXAMPLE}}}}
 
 
-def _annotate(session: Any, model: Any, object_id: str, project: str, body: dict[str, Any]) -> bool:
+def _annotate(session: Any, model: Any, object_id: str, project: str, body: Any) -> bool:
+    body = {} if body is None else body
+    if not isinstance(body, dict):
+        raise SpecProblem([{"loc": [], "path": "", "msg": f"the body must be a JSON object with labels and/or notes, "
+                            f"got {type(body).__name__}", "type": "dict_type"}])
     a = check_annotations(body)
     unknown = sorted(set(body) - {"labels", "notes"})
     if unknown:
@@ -45,10 +54,10 @@ def _annotate(session: Any, model: Any, object_id: str, project: str, body: dict
                          set_notes="notes" in body)
 
 
-@router.patch("/jobs/{job_id}", response_model=JobRead, tags=["jobs"],
+@router.patch("/jobs/{job_id}", response_model=JobRead, tags=["jobs"], openapi_extra=_PATCH_BODY,
               responses={404: {"description": "no such job"}, 422: {"model": ErrorResponse}})
 def patch_job(job_id: str, session: SessionDep, project: ProjectDep,
-              body: Annotated[dict[str, Any], Body(examples=[_ANNOTATION_EXAMPLE])]) -> JobRead:
+              body: Annotated[Any, Body()] = None) -> JobRead:
     """Set a job's ``labels`` (replaced whole) and/or ``notes`` (``""`` or null clears them).
     Nothing else of a job can be changed."""
     if not _annotate(session, Job, job_id, project, body):
@@ -59,10 +68,10 @@ def patch_job(job_id: str, session: SessionDep, project: ProjectDep,
     return job_read(job)
 
 
-@router.patch("/sweeps/{sweep_id}", response_model=SweepRead, tags=["sweeps"],
+@router.patch("/sweeps/{sweep_id}", response_model=SweepRead, tags=["sweeps"], openapi_extra=_PATCH_BODY,
               responses={404: {"description": "no such sweep"}, 422: {"model": ErrorResponse}})
 def patch_sweep(sweep_id: str, session: SessionDep, project: ProjectDep,
-                body: Annotated[dict[str, Any], Body(examples=[_ANNOTATION_EXAMPLE])]) -> SweepRead:
+                body: Annotated[Any, Body()] = None) -> SweepRead:
     """Set a sweep's ``labels`` (replaced whole) and/or ``notes``."""
     if not _annotate(session, Sweep, sweep_id, project, body):
         raise HTTPException(status_code=404, detail=f"no sweep {sweep_id!r}")
@@ -148,4 +157,3 @@ async def project_events(
     return EventSourceResponse(stream(), ping=15)
 
 
-__all__ = ["router", "Annotations"]

@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Header, HTTPException, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
+from pydantic import StringConstraints
 from sqlalchemy.exc import IntegrityError
 from sse_starlette.sse import EventSourceResponse, ServerSentEvent
 
@@ -17,9 +18,9 @@ from api.annotations import split_annotations
 from api.auth import admit, authenticate, needs_touch, touch
 from api.changes import follow
 from api.deps import DispatcherDep, PollCallerDep, ProjectDep, ReadSessionDep, SessionDep, SettingsDep
-from api.errors import SpecProblem, error
+from api.errors import SpecProblem
 from api.limits import check_job_slots, slots_full
-from api.listing import ID, decode_cursor, encode_cursor, parse_label_filters
+from api.listing import ID, LABEL_FILTER, decode_cursor, encode_cursor, parse_label_filters
 from api.schemas.common import ErrorItem, ErrorResponse, IsoDatetime
 from api.schemas.jobs import (
     BatchCreate,
@@ -209,9 +210,11 @@ def list_jobs(
     status: Annotated[list[JobStatus] | None, Query(description="repeat to give several")] = None,
     name: Annotated[str | None, Query(pattern=r"^[^\x00]*$", description="exact name")] = None,
     name_prefix: Annotated[str | None, Query(max_length=200, pattern=r"^[^\x00]*$", description="names starting so")] = None,
-    label: Annotated[list[str] | None, Query(description="key=value; repeat to require several labels")] = None,
+    label: Annotated[list[Annotated[str, StringConstraints(pattern=LABEL_FILTER.pattern)]] | None,
+                     Query(description="key=value; repeat to require several labels")] = None,
     stop_reason: Annotated[list[str] | None, Query(max_length=32, description="repeat to give several")] = None,
-    id: Annotated[list[str] | None, Query(max_length=500, description="only these job ids; repeat (up to 500)")] = None,  # noqa: A002
+    id: Annotated[list[Annotated[str, StringConstraints(pattern=ID.pattern)]] | None,  # noqa: A002
+                  Query(max_length=500, description="only these job ids; repeat (up to 500)")] = None,
     created_after: IsoDatetime | None = None,
     created_before: IsoDatetime | None = None,
     updated_after: Annotated[IsoDatetime | None, Query(description="changed after this time")] = None,
@@ -227,10 +230,6 @@ def list_jobs(
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> JobList:
     """Jobs, filtered, in ``order_by`` order, with cursor pagination."""
-    bad_ids = [error(["query", "id", i], "a job id is 32 lowercase hex digits", "string_pattern_mismatch")
-               for i, v in enumerate(id or ()) if not ID.match(v)]
-    if bad_ids:
-        raise SpecProblem(bad_ids)
     flt = repo.JobFilter(
         status=status or (), name=name, name_prefix=name_prefix, created_after=created_after,
         created_before=created_before, updated_after=updated_after, sweep_id=sweep_id, stop_reason=stop_reason or (),

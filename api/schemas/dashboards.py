@@ -12,7 +12,7 @@ MAX_LABELS = 50
 #: a label key: letters, digits and ``._-/``, starting with a letter or digit (like Kubernetes')
 LabelKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$")]
 LabelValue = Annotated[str, StringConstraints(max_length=200, pattern=r"^[^\x00]*$")]
-Labels = Annotated[dict[LabelKey, LabelValue], Field(max_length=MAX_LABELS, description=(
+Labels = Annotated[dict[LabelKey, LabelValue], Field(max_length=MAX_LABELS, json_schema_extra={"additionalProperties": False}, description=(
     f"string -> string, at most {MAX_LABELS}; keys: 1-63 letters, digits or ._-/ starting with a "
     "letter or digit; values: up to 200 characters"))]
 Notes = Annotated[str, StringConstraints(max_length=10_000, pattern=r"^[^\x00]*$")]

@@ -47,7 +47,10 @@ def _app() -> Any:
 # lifespan (its outbox relay thread) at collection, before ``inproc_env`` points it at the test
 # database. Requests still go to the app in-process (schemathesis' ASGI transport).
 APP = _app()
-schema = schemathesis.openapi.from_dict(APP.openapi())
+#: GET /v1/events is an endless stream (a project's events, for as long as the client stays): a
+#: request to it never completes, so it is left out here and tested with a real HTTP client in
+#: test_dashboards_stream.py (and its 400 for a bad Last-Event-ID there too).
+schema = schemathesis.openapi.from_dict(APP.openapi()).exclude(path="/v1/events")
 schema.app = APP
 
 
@@ -65,7 +68,8 @@ def api_key(inproc_env: dict[str, str]) -> Iterator[str]:
 #: checks against its dataset, a schedule's, an uploaded file's contents): a schema-valid request
 #: may be refused, with a 422 that names the JSON path at fault. For these, Schemathesis'
 #: ``positive_data_acceptance`` is replaced by :func:`valid_or_explained`.
-SEMANTIC_422 = {"POST /v1/jobs", "POST /v1/schedules/preview", "POST /v1/datasets", "POST /v1/sweeps"}
+SEMANTIC_422 = {"POST /v1/jobs", "POST /v1/schedules/preview", "POST /v1/datasets", "POST /v1/sweeps",
+                "POST /v1/jobs/validate", "GET /v1/jobs"}  # GET /v1/jobs: a cursor must come from the same order
 
 
 def valid_or_explained(ctx: Any, response: Any, case: Any) -> bool | None:

@@ -1,0 +1,329 @@
+"""Benchmark: the dashboards' API (issue 11). PostgreSQL and Redis must be up.
+
+Usage (repo root, in the venv)::
+
+    python bench/dashboards.py            # ~1-2 min on a 2-core box
+    python bench/dashboards.py --quick    # fewer clients and rows
+
+It makes a fresh PostgreSQL database (``trainyard_bench_dash_<run>``, schema by Alembic) and a
+unique Redis key prefix, builds the app in this process, and drops both at the end.
+
+1. Live streams. A writer (its own engine, like a worker process: its commits publish Redis change
+   notices) commits an epoch of one running job every 0.2 s. 1 client, then N clients, follow the
+   job (``GET /v1/jobs/{id}/events`` over real HTTP, uvicorn on loopback). Counted: the API's
+   database queries during the window (every statement its engine runs), and each epoch's delay
+   from the writer's commit to its arrival at each client. Baseline: the same window with one
+   client (target: N clients <= 2x one client's queries; each epoch within 1 s).
+2. The jobs list page with 10,000 jobs: the server time of ``GET /ui`` and of the first page it
+   loads (``GET /v1/jobs``, 25 rows) in each sort order and with a label filter, in-process (ASGI,
+   no network). Baseline: ``GET /healthz`` through the same app. Target: <= 300 ms.
+3. Bulk metrics: 1,000 jobs x 100 epochs in one ``POST /v1/metrics/bulk``, p50/p95 server time
+   (all keys; one key; max_points 50). Baseline: the same curves through 1,000 single
+   ``GET /v1/jobs/{id}/metrics`` requests. Target: p95 <= 200 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PG_ADMIN = os.environ.get("TRAINYARD_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+REDIS = os.environ.get("TRAINYARD_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+RUN = uuid.uuid4().hex[:8]
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def setup() -> tuple[str, Any]:
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    admin = create_engine(make_url(PG_ADMIN), isolation_level="AUTOCOMMIT")
+    name = f"trainyard_bench_dash_{RUN}"
+    with admin.connect() as c:
+        c.execute(text(f'CREATE DATABASE "{name}"'))
+    url = make_url(PG_ADMIN).set(database=name).render_as_string(hide_password=False)
+    os.environ.update({
+        "TRAINYARD_DATABASE_URL": url, "TRAINYARD_BROKER_URL": REDIS, "TRAINYARD_QUEUE_PREFIX": f"tyd-{RUN}-",
+        "TRAINYARD_AUTH": "off", "TRAINYARD_GC_FREEZE": "0", "TRAINYARD_DATA_DIR": f"/tmp/tyd-{RUN}",
+        "TRAINYARD_REQUESTS_PER_MINUTE": "0",
+    })
+    from store.migrate import upgrade
+
+    upgrade(url)
+    return name, admin
+
+
+def teardown(name: str, admin: Any) -> None:
+    import redis
+    from sqlalchemy import text
+
+    from store.db import reset_caches
+
+    reset_caches()
+    with admin.connect() as c:
+        c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    r = redis.Redis.from_url(REDIS)
+    for key in r.scan_iter(match=f"tyd-{RUN}-*"):
+        r.delete(key)
+
+
+def make_jobs(n: int, epochs: int = 0, labelled_every: int = 10) -> list[str]:
+    """``n`` finished jobs with best values (and ``epochs`` metric rows each), inserted in bulk."""
+    import random
+
+    from sqlalchemy import insert, update
+
+    from store import repo
+    from store.db import session_scope
+    from store.models import Job, JobMetric
+
+    spec = {"name": "bench", "epochs": max(1, epochs), "data": {"dataset": "digits"}}
+    ids: list[str] = []
+    rng = random.Random(0)
+    for start in range(0, n, 1000):
+        k = min(1000, n - start)
+        with session_scope() as s:
+            jobs = repo.create_jobs(s, [(spec, "cpu", None)] * k,
+                                    labels={"team": "vision"} if (start // 1000) % labelled_every == 0 else None)
+            ids += [j.id for j in jobs]
+            for j in jobs:
+                v = rng.random()
+                s.execute(update(Job).where(Job.id == j.id).values(
+                    status="succeeded", stop_reason="completed", best_monitor="val_loss", best_value=repr(v),
+                    best_number=v, best_epoch=1, epoch=max(1, epochs)))
+            if epochs:
+                now = repo.utcnow()
+                rows = [{"job_id": j.id, "epoch": e, "created_at": now,
+                         "values": {"epoch": e, "loss": 1 / e, "val_loss": 1.2 / e, "accuracy": 0.5 + e / 250,
+                                    "val_accuracy": 0.5 + e / 260, "lr": 0.001, "seconds": 0.01}}
+                        for j in jobs for e in range(1, epochs + 1)]
+                s.execute(insert(JobMetric), rows)
+    return ids
+
+
+# --------------------------------------------------------------------------- 1. live streams
+
+
+class Counter:
+    def __init__(self, engine: Any) -> None:
+        from sqlalchemy import event
+
+        self.n = 0
+        event.listen(engine, "before_cursor_execute", self._count)
+
+    def _count(self, *_: Any) -> None:
+        self.n += 1
+
+
+def serve(app: Any, port: int) -> Any:
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    threading.Thread(target=server.run, daemon=True).start()
+    while not server.started:
+        time.sleep(0.05)
+    return server
+
+
+async def follow(url: str, arrivals: dict[int, float], ready: asyncio.Event, stop: asyncio.Event) -> None:
+    import httpx
+
+    async with httpx.AsyncClient(timeout=httpx.Timeout(10, read=120)) as c, c.stream("GET", url) as r:
+        ready.set()
+        event = None
+        async for line in r.aiter_lines():
+            if line.startswith("event:"):
+                event = line[6:].strip()
+            elif line.startswith("data:") and event == "epoch":
+                arrivals[json.loads(line[5:])["epoch"]] = time.monotonic()
+            if stop.is_set():
+                return
+
+
+def stream_window(port: int, job_id: str, clients: int, seconds: float, counter: Counter, start_epoch: int,
+                  writer_engine: Any) -> dict[str, Any]:
+    from sqlalchemy.orm import Session
+
+    from store import repo
+
+    async def run() -> dict[str, Any]:
+        stop = asyncio.Event()
+        arrivals: list[dict[int, float]] = [{} for _ in range(clients)]
+        readies = [asyncio.Event() for _ in range(clients)]
+        tasks = [asyncio.create_task(follow(f"http://127.0.0.1:{port}/v1/jobs/{job_id}/events?after=999999999999",
+                                            arrivals[i], readies[i], stop)) for i in range(clients)]
+        await asyncio.gather(*(r.wait() for r in readies))
+        await asyncio.sleep(1.0)  # connected and idle
+        committed: dict[int, float] = {}
+        before = counter.n
+        t0 = time.monotonic()
+        epoch = start_epoch
+        while time.monotonic() - t0 < seconds:
+            epoch += 1
+
+            def write(e: int = epoch) -> None:
+                with Session(writer_engine) as s, s.begin():
+                    repo.record_progress(s, job_id, [{"epoch": e, "loss": 1 / e}])
+
+            await asyncio.to_thread(write)
+            committed[epoch] = time.monotonic()
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(1.5)  # the last epochs arrive
+        queries = counter.n - before
+        stop.set()
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        delays = [a[e] - committed[e] for a in arrivals for e in committed if e in a]
+        missing = sum(1 for a in arrivals for e in committed if e not in a)
+        return {"clients": clients, "epochs": len(committed), "queries": queries,
+                "delay_p50_ms": 1000 * pct(delays, 0.5), "delay_p99_ms": 1000 * pct(delays, 0.99),
+                "delay_max_ms": 1000 * max(delays), "missed": missing, "last_epoch": epoch}
+
+    return asyncio.run(run())
+
+
+def bench_streams(clients: int, seconds: float) -> dict[str, Any]:
+    from api.app import create_app
+    from store import notices
+    from store.db import get_engine, make_engine
+    from store.settings import get_settings
+
+    job_id = make_jobs(1)[0]
+    writer = make_engine(os.environ["TRAINYARD_DATABASE_URL"])
+    notices.install(writer, get_settings())  # like a worker process's engine
+    app = create_app()
+    counter = Counter(get_engine())
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = serve(app, port)
+    try:
+        one = stream_window(port, job_id, 1, seconds, counter, 0, writer)
+        many = stream_window(port, job_id, clients, seconds, counter, one["last_epoch"], writer)
+    finally:
+        server.should_exit = True
+        time.sleep(0.5)
+    polled = clients * seconds / 0.25  # the replaced design: every client queried 4 times a second
+    return {"one": one, "many": many, "ratio": many["queries"] / max(1, one["queries"]),
+            "per_client_polling_queries": polled}
+
+
+# --------------------------------------------------------------------------- 2-3. in-process timings
+
+
+async def timed(client: Any, method: str, path: str, n: int, **kw: Any) -> list[float]:
+    out = []
+    for i in range(n + 3):
+        t = time.perf_counter()
+        r = await client.request(method, path, **kw)
+        dt = time.perf_counter() - t
+        assert r.status_code == 200, (path, r.status_code, r.text[:300])
+        if i >= 3:  # warm-up
+            out.append(dt * 1000)
+    return out
+
+
+def bench_list(n_jobs: int, rounds: int) -> dict[str, Any]:
+    import httpx
+
+    from api.app import create_app
+
+    make_jobs(n_jobs)
+    app = create_app()
+
+    async def run() -> dict[str, Any]:
+        res: dict[str, Any] = {}
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://bench") as c:
+            res["healthz (baseline)"] = await timed(c, "GET", "/healthz", rounds)
+            res["GET /ui (page)"] = await timed(c, "GET", "/ui", rounds)
+            for order in ("created", "updated", "best"):
+                res[f"first page, order_by={order}"] = await timed(c, "GET", "/v1/jobs", rounds,
+                                                                   params={"limit": 25, "order_by": order})
+            res["first page, label=team=vision, order_by=best"] = await timed(
+                c, "GET", "/v1/jobs", rounds, params={"limit": 25, "label": "team=vision", "order_by": "best"})
+            page = (await c.get("/v1/jobs", params={"limit": 25, "order_by": "best"})).json()
+            res["second page, order_by=best (cursor)"] = await timed(
+                c, "GET", "/v1/jobs", rounds, params={"limit": 25, "order_by": "best", "cursor": page["next_cursor"]})
+        return res
+
+    return {k: {"p50_ms": pct(v, 0.5), "p95_ms": pct(v, 0.95)} for k, v in asyncio.run(run()).items()}
+
+
+def bench_bulk(n_jobs: int, epochs: int, rounds: int) -> dict[str, Any]:
+    import httpx
+
+    from api.app import create_app
+
+    ids = make_jobs(n_jobs, epochs)
+    app = create_app()
+    body = {"jobs": [{"id": i} for i in ids]}
+
+    async def run() -> dict[str, Any]:
+        res: dict[str, Any] = {}
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://bench", timeout=60) as c:
+            r = await c.post("/v1/metrics/bulk", json=body)
+            got = r.json()
+            assert len(got["jobs"]) == n_jobs and all(len(v["epochs"]) == epochs for v in got["jobs"].values())
+            res["bulk, all keys"] = await timed(c, "POST", "/v1/metrics/bulk", rounds, json=body)
+            res["bulk, keys=[val_loss]"] = await timed(c, "POST", "/v1/metrics/bulk", rounds,
+                                                        json={**body, "keys": ["val_loss"]})
+            res["bulk, max_points=50"] = await timed(c, "POST", "/v1/metrics/bulk", rounds,
+                                                      json={**body, "max_points": 50})
+            t = time.perf_counter()
+            for i in ids:
+                assert (await c.get(f"/v1/jobs/{i}/metrics")).status_code == 200
+            res["baseline: 1,000 single /metrics requests (one round)"] = [(time.perf_counter() - t) * 1000]
+        return res
+
+    return {k: {"p50_ms": pct(v, 0.5), "p95_ms": pct(v, 0.95)} for k, v in asyncio.run(run()).items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    clients, seconds = (30, 4.0) if args.quick else (100, 8.0)
+    name, admin = setup()
+    try:
+        out: dict[str, Any] = {}
+        out["streams"] = bench_streams(clients, seconds)
+        s = out["streams"]
+        print(f"1. streams: 1 client {s['one']['queries']} queries, {clients} clients {s['many']['queries']} queries "
+              f"(x{s['ratio']:.2f}; per-client 0.25 s polling would be ~{s['per_client_polling_queries']:.0f}); "
+              f"epoch delay p50 {s['many']['delay_p50_ms']:.0f} ms, p99 {s['many']['delay_p99_ms']:.0f} ms, "
+              f"max {s['many']['delay_max_ms']:.0f} ms, missed {s['many']['missed']}", flush=True)
+        out["list"] = bench_list(2000 if args.quick else 10_000, 20 if args.quick else 50)
+        base = out["list"]["healthz (baseline)"]["p50_ms"]
+        for k, v in out["list"].items():
+            print(f"2. {k}: p50 {v['p50_ms']:.1f} ms, p95 {v['p95_ms']:.1f} ms (x{v['p50_ms'] / base:.1f} healthz)", flush=True)
+        out["bulk"] = bench_bulk(1000, 100, 10 if args.quick else 30)
+        for k, v in out["bulk"].items():
+            print(f"3. {k}: p50 {v['p50_ms']:.1f} ms, p95 {v['p95_ms']:.1f} ms", flush=True)
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(out, indent=2))
+    finally:
+        teardown(name, admin)
+
+
+if __name__ == "__main__":
+    main()

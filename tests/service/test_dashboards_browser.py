@@ -1,0 +1,255 @@
+"""The dashboard in a real browser (Debian's chromium driven by Playwright) against a real
+``trainyard serve`` (API + worker, SQLite, the embedded broker): pages load without console
+errors or requests to another host, lists and curves update live, compare, sweeps, the new-job
+form. Each page's screenshot is written to ``test-artifacts/screenshots`` (and, with
+``TRAINYARD_UPDATE_DOCS_SCREENSHOTS=1``, to ``docs/``)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+
+from client import Client
+
+from .helpers import ROOT, free_port, note_spec, stop, wait_http, wait_status
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+ARTIFACTS = ROOT / "test-artifacts" / "screenshots"
+
+if not Path(CHROMIUM).exists():
+    if os.environ.get("CI") == "true":  # CI must run these: scripts/ensure-services.sh installs chromium
+        raise RuntimeError(f"{CHROMIUM} is missing; apt-get install -y chromium")
+    pytest.skip(f"{CHROMIUM} is missing (apt-get install -y chromium)", allow_module_level=True)
+
+from playwright.sync_api import Page, sync_playwright  # noqa: E402
+
+
+def quick(epochs: int, **over: Any) -> dict[str, Any]:
+    spec = note_spec(epochs, device="cpu", callbacks={}, **over)
+    spec["optimizer"] = {"name": "adam", "learning_rate": 0.005}
+    return spec
+
+
+@pytest.fixture(scope="module")
+def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``trainyard serve`` on a free port, in embedded mode (no keys)."""
+    port = free_port()
+    tmp = tmp_path_factory.mktemp("serve")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINYARD_")}
+    env["PYTHONPATH"] = str(ROOT)
+    log = (tmp / "serve.log").open("wb")
+    proc = subprocess.Popen([sys.executable, "-m", "client.cli", "serve", "--port", str(port), "--data-dir",
+                             str(tmp / "data")], cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/healthz", proc, timeout=120)
+        yield url
+    finally:
+        stop(proc)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+class Watched:
+    """A page whose console errors, uncaught exceptions and requests to other hosts are kept."""
+
+    def __init__(self, browser: Any, base: str, width: int = 1280) -> None:
+        self.base = base
+        self.context = browser.new_context(viewport={"width": width, "height": 900})
+        self.page: Page = self.context.new_page()
+        self.errors: list[str] = []
+        self.foreign: list[str] = []
+        host = urlsplit(base).netloc
+        self.page.on("console", lambda m: self.errors.append(f"console: {m.text}") if m.type == "error" else None)
+        self.page.on("pageerror", lambda e: self.errors.append(f"pageerror: {e}"))
+        self.page.on("request", lambda r: self.foreign.append(r.url)
+                     if urlsplit(r.url).scheme in ("http", "https", "ws", "wss") and urlsplit(r.url).netloc != host else None)
+
+    def goto(self, path: str) -> Page:
+        self.page.goto(self.base + path, wait_until="networkidle" if "/events" not in path else "load")
+        return self.page
+
+    def shot(self, name: str) -> Path:
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        out = ARTIFACTS / f"{name}.png"
+        self.page.screenshot(path=str(out), full_page=False)
+        if os.environ.get("TRAINYARD_UPDATE_DOCS_SCREENSHOTS") == "1":
+            (ROOT / "docs" / "screenshots").mkdir(parents=True, exist_ok=True)
+            shutil.copy(out, ROOT / "docs" / "screenshots" / out.name)
+        return out
+
+    def clean(self) -> None:
+        assert self.errors == [], self.errors
+        assert self.foreign == [], f"requests to other hosts: {self.foreign}"
+
+    def close(self) -> None:
+        self.context.close()
+
+
+@pytest.fixture()
+def watched(browser: Any, serve: str) -> Iterator[Watched]:
+    w = Watched(browser, serve)
+    yield w
+    w.close()
+
+
+@pytest.fixture(scope="module")
+def finished(serve: str) -> list[dict[str, Any]]:
+    """Two finished jobs that differ in a few spec fields."""
+    with Client(serve) as c:
+        a = c.submit({**quick(4, name="baseline"), "labels": {"team": "vision", "stage": "baseline"}})
+        wider = quick(6, name="wider")
+        wider["model"]["layers"][0]["units"] = 128
+        wider["optimizer"]["learning_rate"] = 0.002
+        b = c.submit({**wider, "labels": {"team": "vision"}})
+        return [wait_status(c, j["id"], ("succeeded", "failed", "cancelled"), timeout=240) for j in (a, b)]
+
+
+@pytest.fixture(scope="module")
+def sweep(serve: str) -> dict[str, Any]:
+    with Client(serve) as c:
+        s = c.create_sweep({
+            "name": "units-and-lr", "base": quick(9), "method": "grid", "max_concurrent": 2,
+            "parameters": {"model.layers[0].units": {"values": [16, 64]},
+                           "optimizer.learning_rate": {"values": [0.001, 0.01]}},
+            "objective": {"metric": "val_accuracy"},
+            "early_termination": {"type": "asha", "min_epochs": 1, "reduction_factor": 3, "pause": False},
+        })
+        return c.wait_sweep(s["id"], timeout=400)
+
+
+def test_every_page_loads_clean_offline_and_is_screenshotted(watched, finished, sweep):
+    a, b = finished
+    pages = {
+        "jobs": "/ui", "job": f"/ui/jobs/{b['id']}", "compare": f"/ui/compare?ids={a['id']},{b['id']}",
+        "sweeps": "/ui/sweeps", "sweep": f"/ui/sweeps/{sweep['id']}", "new-job": "/ui/new", "api-docs": "/docs",
+    }
+    for name, path in pages.items():
+        page = watched.goto(path)
+        if name == "api-docs":
+            page.wait_for_selector(".opblock-tag", timeout=20_000)  # Swagger UI rendered the document
+        else:
+            page.wait_for_selector("main h1", timeout=10_000)
+        if name in ("job", "compare", "sweep", "new-job"):
+            page.wait_for_selector(".js-plotly-plot", timeout=20_000)
+        if name == "jobs":
+            page.wait_for_selector(f"tr[data-id='{b['id']}']")
+        page.wait_for_timeout(300)
+        assert watched.shot(name).stat().st_size > 10_000
+    watched.clean()
+
+
+def test_narrow_screen_and_keyboard(browser, serve, finished):
+    w = Watched(browser, serve, width=390)
+    try:
+        page = w.goto("/ui")
+        page.wait_for_selector(f"tr[data-id='{finished[0]['id']}']")
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390 + 1  # no sideways page scroll
+        page.keyboard.press("Tab")  # the skip link first, then the navigation
+        assert page.evaluate("document.activeElement.textContent") == "Skip to content"
+        page.keyboard.press("Tab")
+        assert page.evaluate("document.activeElement.textContent") == "Trainyard"
+        w.shot("jobs-narrow")
+        w.clean()
+    finally:
+        w.close()
+
+
+def test_a_submitted_job_appears_without_reload_and_its_chart_grows(watched, serve):
+    page = watched.goto("/ui")
+    page.wait_for_selector("#live.on", timeout=10_000)
+    with Client(serve) as c:
+        job = c.submit(quick(40, name="live-one"))
+        row = page.wait_for_selector(f"tr[data-id='{job['id']}']", timeout=10_000)  # no reload
+        assert "live-one" in row.inner_text()
+        page.goto(f"{serve}/ui/jobs/{job['id']}")
+        page.wait_for_selector("#chart-loss", timeout=60_000)
+        seen: list[int] = []
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            n = int(page.get_attribute("#chart-loss", "data-points") or 0)
+            if not seen or n != seen[-1]:
+                seen.append(n)
+            if n >= 40 or len(set(seen)) >= 3:
+                break
+            time.sleep(0.2)
+        assert len(set(seen)) >= 3 and seen == sorted(seen), seen  # grew, on the open page
+        traces = page.evaluate("document.getElementById('chart-loss').data.map(t => t.name)")
+        assert traces == ["loss", "val_loss"]
+        assert page.evaluate("document.getElementById('chart-lr').layout.yaxis.type") == "log"
+        page.uncheck("#lrlog")
+        assert page.evaluate("document.getElementById('chart-lr').layout.yaxis.type") == "linear"
+        c.cancel(job["id"])
+    watched.clean()
+
+
+def test_compare_two_jobs(watched, finished):
+    a, b = finished
+    page = watched.goto(f"/ui/compare?ids={a['id']},{b['id']}")
+    page.wait_for_selector("#chart-loss")
+    fields = page.eval_on_selector_all("#diff tbody th", "els => els.map(e => e.textContent)")
+    assert {"epochs", "name", "model.layers[0].units", "optimizer.learning_rate"} <= set(fields)
+    assert "data.batch_size" not in fields  # the same in both: left out
+    traces = page.evaluate("document.getElementById('chart-loss').data.map(t => t.x.length)")
+    assert traces == [a["progress"]["epoch"], b["progress"]["epoch"]]
+    watched.clean()
+
+
+def test_a_sweep_page_draws_every_trial(watched, sweep):
+    page = watched.goto(f"/ui/sweeps/{sweep['id']}")
+    page.wait_for_selector("#intermediate .js-plotly-plot, #intermediate.js-plotly-plot")
+    lines = page.evaluate("document.getElementById('intermediate').data.filter(t => t.mode === 'lines').map(t => t.name)")
+    assert sorted(lines) == sorted(f"#{t['number']}" for t in sweep["trials"])
+    assert len(lines) == 4
+    history = page.evaluate("document.getElementById('history').data[0].x.length")
+    scored = [t for t in sweep["trials"] if isinstance(t["value"], float | int)]
+    assert history == len(scored)
+    dims = page.evaluate("document.getElementById('parallel').data[0].dimensions.map(d => d.label)")
+    assert dims[-1] == "val_accuracy" and len(dims) == 3
+    assert page.locator("#board tbody tr").count() == len(sweep["leaderboard"])
+    pruned = [t for t in sweep["trials"] if t["stop_reason"] == "pruned"]
+    marks = page.evaluate("document.getElementById('intermediate').data.filter(t => t.mode === 'markers').length")
+    assert marks == len(pruned)
+    watched.clean()
+
+
+def test_new_job_form_shows_the_path_of_an_invalid_spec_and_submits_a_valid_one(watched, serve):
+    page = watched.goto("/ui/new")
+    page.wait_for_selector("#implied:has-text('Valid')", timeout=20_000)
+    assert "parameters" in page.inner_text("#implied")
+    page.fill("#f-epochs", "-2")
+    page.wait_for_selector("#f-epochs[aria-invalid='true']", timeout=10_000)
+    assert "epochs" in page.inner_text("#f-epochs-err")
+    page.fill("#f-epochs", "3")
+    page.wait_for_selector("#implied:has-text('Valid')", timeout=10_000)
+    # an error deeper than the form's fields is shown under the editor with its JSON path
+    text = page.input_value("#editor").replace('"units": 10', '"units": -10')
+    page.fill("#editor", text)
+    page.wait_for_selector("#errors li", timeout=10_000)
+    assert "model.layers[1].units" in page.inner_text("#errors")
+    page.fill("#editor", text.replace('"units": -10', '"units": 10'))
+    page.wait_for_selector("#implied:has-text('Valid')", timeout=10_000)
+    assert page.evaluate("document.getElementById('schedule').data[0].y.length") > 0
+    page.click("#submit")
+    page.wait_for_url("**/ui/jobs/*", timeout=10_000)
+    job_id = page.url.rsplit("/", 1)[1]
+    with Client(serve) as c:
+        assert c.job(job_id)["spec"]["epochs"] == 3
+    watched.clean()
