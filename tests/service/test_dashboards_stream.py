@@ -135,3 +135,47 @@ def test_a_sweep_trials_change_is_also_a_sweep_event(api_url, inproc_env):
         assert ev[2]["job_id"] == sweep["trials"][0]["job_id"]
         api.post(f"/v1/sweeps/{sweep['id']}/cancel")
         stream.close()
+
+
+def test_the_change_reader_delivers_an_event_whose_commit_came_after_a_later_id(inproc_env):
+    """Event ids are handed out at INSERT, not COMMIT: a transaction that commits after a later
+    id's is still delivered (once), by the reader's look back over recent ids."""
+    import asyncio
+
+    from api.changes import ChangeHub
+    from store import repo
+    from store.db import session_scope
+    from store.settings import get_settings
+
+    with session_scope() as s:
+        first, second = (repo.create_job(s, spec=note_spec(2), queue="nowhere") for _ in range(2))
+
+    async def run() -> list[tuple[str, int]]:
+        hub = ChangeHub(get_settings(), fallback_s=0.1)
+        hub.start()
+        sub = await hub.subscribe("default")
+        got = []
+
+        async def mine() -> Any:
+            while True:
+                c = await asyncio.wait_for(sub.queue.get(), 5)
+                if c.job_id in (first.id, second.id):
+                    return c
+
+        slow = session_scope()
+        s1 = slow.__enter__()
+        repo.record_progress(s1, first.id, [{"epoch": 1, "loss": 1.0}])  # takes the smaller id, commits last
+        s1.flush()
+        with session_scope() as s2:
+            repo.record_progress(s2, second.id, [{"epoch": 1, "loss": 0.5}])
+        got.append(await mine())
+        slow.__exit__(None, None, None)  # commit
+        got.append(await mine())
+        await asyncio.sleep(0.5)
+        assert all(c.job_id not in (first.id, second.id) for c in list(sub.queue._queue))  # each once
+        hub.unsubscribe(sub)
+        await hub.stop()
+        assert got[0].id > got[1].id
+        return [(c.job_id, c.kind) for c in got]
+
+    assert asyncio.run(run()) == [(second.id, "epoch"), (first.id, "epoch")]

@@ -63,6 +63,7 @@ const TY = (() => {
   // The project's event stream (cookie-authenticated; EventSource reconnects with Last-Event-ID).
   function events(handlers, path = "/v1/events") {
     const live = document.getElementById("live");
+    live.hidden = false;
     const src = new EventSource(path);
     src.onopen = () => { live.textContent = "live"; live.classList.add("on"); };
     src.onerror = () => { live.textContent = "reconnecting"; live.classList.remove("on"); };
@@ -73,10 +74,11 @@ const TY = (() => {
   function debounce(fn, ms) { let t; return (...a) => { clearTimeout(t); t = setTimeout(() => fn(...a), ms); }; }
 
   const COLORS = ["#1f4e8c", "#c2410c", "#15803d", "#7e22ce", "#b91c1c", "#0e7490", "#a16207", "#be185d", "#4d7c0f", "#334155"];
-  const BASE_LAYOUT = { margin: { l: 56, r: 16, t: 36, b: 44 }, font: { family: "system-ui, sans-serif", size: 12, color: "#17202b" },
-                        paper_bgcolor: "#fff", plot_bgcolor: "#fff", legend: { orientation: "h", y: -0.2 } };
+  const BASE_LAYOUT = { margin: { l: 56, r: 16, t: 56, b: 44 }, title: { x: 0.02, xanchor: "left" }, font: { family: "system-ui, sans-serif", size: 12, color: "#17202b" },
+                        paper_bgcolor: "#fff", plot_bgcolor: "#fff",
+                        legend: { orientation: "h", x: 1, xanchor: "right", y: 1.02, yanchor: "bottom" } };
   function plot(el, traces, layout = {}) {
-    return Plotly.react(el, traces, { ...BASE_LAYOUT, ...layout,
+    return Plotly.react(el, traces, { ...BASE_LAYOUT, ...layout, title: { ...BASE_LAYOUT.title, ...(layout.title || {}) },
       xaxis: { gridcolor: "#e5e8ee", ...(layout.xaxis || {}) }, yaxis: { gridcolor: "#e5e8ee", ...(layout.yaxis || {}) } },
       { responsive: true, displaylogo: false });
   }

@@ -54,7 +54,8 @@
         if (v === "" && (path[0] === "labels" || path[0] === "notes")) v = undefined;
         set(spec, path, v);
         if (path[0] === "labels" && spec.labels && !Object.keys(spec.labels).length) delete spec.labels;
-        editor.value = JSON.stringify(spec, null, 2); validateSoon();
+        editor.value = JSON.stringify(spec, null, 2);
+        document.getElementById("implied").dataset.state = "pending"; validateSoon();
       });
       fieldset.append(h("label", { for: id }, label, input, err));
       inputs.set(pathText(path), [input, err, path]);
@@ -92,16 +93,16 @@
   async function validate() {
     const spec = parse();
     const implied = document.getElementById("implied");
-    if (!spec) { showErrors([{ path: "", msg: "the JSON does not parse" }]); implied.textContent = ""; lastValid = null; return; }
+    if (!spec) { showErrors([{ path: "", msg: "the JSON does not parse" }]); implied.textContent = ""; implied.dataset.state = "invalid"; lastValid = null; return; }
     syncForm(spec);
     try {
       const dry = await api("/v1/jobs/validate", { method: "POST", body: spec });
-      showErrors([]); lastValid = dry;
+      showErrors([]); lastValid = dry; implied.dataset.state = "valid";
       implied.textContent = `Valid. ${dry.parameters != null ? dry.parameters.toLocaleString() + " parameters" : ""}` +
         `${dry.steps_per_epoch != null ? `, ${dry.steps_per_epoch} steps per epoch` : ""}; queue ${dry.queue}.`;
       preview(dry);
     } catch (e) {
-      lastValid = null; implied.textContent = "Not valid yet.";
+      lastValid = null; implied.textContent = "Not valid yet."; implied.dataset.state = "invalid";
       if (e.status === 422 && Array.isArray(e.body?.detail)) showErrors(e.body.detail); else showErrors([{ path: "", msg: e.message }]);
     }
   }
@@ -118,7 +119,7 @@
     } catch (e) { /* a rate the preview cannot draw (e.g. "find"): the spec's own errors say why */ }
   }
 
-  editor.addEventListener("input", validateSoon);
+  editor.addEventListener("input", () => { document.getElementById("implied").dataset.state = "pending"; validateSoon(); });
   document.getElementById("form").addEventListener("submit", async (e) => {
     e.preventDefault();
     const spec = parse(); if (!spec) return;

@@ -46,7 +46,7 @@
     const par = document.getElementById("parallel");
     plot(par, [{ type: "parcoords", dimensions: [...dims, { label: metric, values: obj }],
                  line: { color: obj, colorscale: "Viridis", reversescale: s.objective.mode === "min", showscale: true } }],
-         { title: { text: `${scored.length} scored trials` } });
+         { margin: { l: 70, r: 40, t: 70, b: 30 } });
     par.dataset.trials = String(scored.length);
 
     // optimization history: each trial's value by trial number, and the best so far
