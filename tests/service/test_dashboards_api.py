@@ -210,6 +210,19 @@ def test_bulk_metrics_many_jobs_since_keys_and_downsampling(app_client):
     assert [e["val_loss"] for e in curve["epochs"]] == [own[k]["val_loss"] for k in (1, 4, 7)]
 
 
+def test_bulk_downsampling_keeps_the_rows_the_single_route_keeps(app_client):
+    job = _submit(app_client, name=f"ds-{_tag()}")["id"]
+    _record_epochs(job, 37)
+    for max_points in (1, 2, 3, 4, 5, 7, 10, 13, 19, 36, 37, 50):
+        for since in (0, 5):
+            single = app_client.get(f"/v1/jobs/{job}/metrics", params={"max_points": max_points,
+                                                                       "since_epoch": since}).json()
+            bulk = app_client.post("/v1/metrics/bulk", json={"jobs": [{"id": job, "since_epoch": since}],
+                                                             "max_points": max_points}).json()["jobs"][job]
+            assert [e["epoch"] for e in bulk["epochs"]] == [e["epoch"] for e in single["epochs"]], (max_points, since)
+            assert bulk["epochs"] == single["epochs"] and bulk["total"] == single["total"]
+
+
 def test_bulk_metrics_limits(app_client):
     r = app_client.post("/v1/metrics/bulk", json={"jobs": [{"id": f"{i:032x}"} for i in range(1001)]})
     assert r.status_code == 422 and r.json()["detail"][0]["path"] == "jobs"
