@@ -66,13 +66,15 @@ async def poll_caller(
 
 def operations_of(app: Any, path: str) -> dict[str, dict[str, Any]] | None:
     """The OpenAPI operations (by upper-case method) of the documented path that ``path``
-    matches, or None; the first match wins, as in routing. The table is built once per app."""
+    matches, or None; a literal path wins over a templated one that also matches, as in
+    routing. The table is built once per app."""
     table = getattr(app.state, "operation_table", None)
     if table is None:
         table = [
             (re.compile("^" + re.sub(r"\\\{[^}]+\\\}", "[^/]+", re.escape(p)) + "$"),
              {m.upper(): op for m, op in ops.items()})
-            for p, ops in app.openapi()["paths"].items()
+            # literal paths first (/v1/jobs/validate before /v1/jobs/{job_id}), as routing resolves them
+            for p, ops in sorted(app.openapi()["paths"].items(), key=lambda item: item[0].count("{"))
         ]
         app.state.operation_table = table
     return next((ops for pattern, ops in table if pattern.match(path)), None)

@@ -29,7 +29,7 @@ class Annotations(BaseModel):
 class BulkJob(BaseModel):
     model_config = ConfigDict(extra="forbid")
     id: str = Field(pattern="^[0-9a-f]{32}$")
-    since_epoch: int = Field(0, ge=0, le=2**31 - 1, description="only epochs after this one")
+    since_epoch: int = Field(0, ge=0, le=2**31 - 1, strict=True, description="only epochs after this one")
 
 
 MetricKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:/-]{1,100}$")]
@@ -40,7 +40,8 @@ class BulkMetricsQuery(BaseModel):
     jobs: list[BulkJob] = Field(min_length=1, max_length=1000, description="up to 1,000 jobs, each with its own since_epoch")
     keys: list[MetricKey] | None = Field(
         None, max_length=100, description="only these metrics (epoch is always included); default: all")
-    max_points: int | None = Field(None, ge=1, le=100_000, description="downsample each curve evenly (keeps the first and last)")
+    max_points: int | None = Field(None, ge=1, le=100_000, strict=True,
+                                   description="downsample each curve evenly (keeps the first and last)")
 
 
 class BulkCurve(BaseModel):
