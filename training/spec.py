@@ -560,6 +560,7 @@ class RAdam(_AdamLike):
     FORMULA_TEXT: ClassVar[dict[str, str]] = {"torch": "torch.optim.RAdam; weight_decay adds wd*w to g (coupled L2)."}
     name: Literal["radam"]
     formulas: Literal["torch"] = Field("torch", description="torch only: Keras has no RAdam")
+    weight_decay: float | None = Field(None, ge=0, description="coupled L2, as torch's RAdam")
     epsilon: float = Field(1e-8, gt=0, description="torch default")
 
 

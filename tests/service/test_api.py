@@ -291,6 +291,11 @@ def test_catalog_has_what_a_form_needs(app_client):
     adam = next(o for o in cat["optimizers"] if o["name"] == "adam")
     params = {p["name"]: p for p in adam["parameters"]}
     assert params["beta_1"]["default"] == 0.9 and params["epsilon"]["default"] == 1e-7
+    # the formulas switch and what each choice computes (Keras' epsilon on the uncorrected sqrt(v))
+    assert params["formulas"]["default"] == "keras" and params["formulas"]["schema"]["enum"] == ["keras", "torch"]
+    assert "uncorrected sqrt(v)" in adam["formulas"]["keras"] and adam["formulas"]["torch"].startswith("torch.optim.Adam")
+    radam = next(o for o in cat["optimizers"] if o["name"] == "radam")
+    assert list(radam["formulas"]) == ["torch"]
     cr = next(s for s in cat["schedules"] if s["name"] == "cosine_restarts")
     assert {"initial_learning_rate", "first_decay_steps", "t_mul", "m_mul", "alpha", "warmup_steps"} <= {
         p["name"] for p in cr["parameters"]}

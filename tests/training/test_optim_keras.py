@@ -301,6 +301,59 @@ def test_keras_and_torch_formulas_really_differ():
         assert max(rel(a.numpy(), b.numpy()) for a, b in zip(keras_w.values(), torch_w.values(), strict=True)) > 100 * TOL
 
 
+
+# --------------------------------------------------------------------------- the switch in the spec
+
+
+def optimizer_of(opt: dict[str, Any]) -> dict[str, Any]:
+    return validate_spec(spec_with(opt)).model_dump(mode="json")["optimizer"]
+
+
+@pytest.mark.parametrize(
+    "opt,expected",
+    [
+        ({"name": "adam"}, {"formulas": "keras", "epsilon": 1e-7, "learning_rate": 0.001}),
+        ({"name": "adam", "eps": 1e-6}, {"formulas": "torch", "epsilon": 1e-6}),  # torch's names: torch's formulas
+        ({"name": "adam", "betas": [0.9, 0.99], "formulas": "keras"}, {"formulas": "keras", "beta_2": 0.99, "epsilon": 1e-7}),
+        ({"name": "rmsprop", "alpha": 0.95}, {"formulas": "torch", "rho": 0.95, "epsilon": 1e-8, "learning_rate": 0.01}),
+        ({"name": "rmsprop", "formulas": "torch"}, {"rho": 0.99, "epsilon": 1e-8}),  # torch's defaults
+        ({"name": "adagrad", "formulas": "torch"}, {"initial_accumulator_value": 0.0, "epsilon": 1e-10, "learning_rate": 0.01}),
+        ({"name": "adagrad"}, {"formulas": "keras", "initial_accumulator_value": 0.1, "epsilon": 1e-7}),
+        ({"name": "adamw", "formulas": "torch"}, {"weight_decay": 0.01, "epsilon": 1e-8}),
+        ({"name": "sgd", "formulas": "torch", "learning_rate": 0.1}, {"learning_rate": 0.1, "momentum": 0.0}),
+        ({"name": "radam"}, {"formulas": "torch", "epsilon": 1e-8}),
+    ],
+)
+def test_formulas_switch_and_its_defaults_are_recorded(opt, expected):
+    got = optimizer_of(opt)
+    assert {k: got[k] for k in expected} == expected
+
+
+@pytest.mark.parametrize(
+    "opt,path,words",
+    [
+        ({"name": "radam", "formulas": "keras"}, "optimizer.formulas", "'torch'"),
+        ({"name": "adam", "formulas": "tf"}, "optimizer.formulas", "'keras' or 'torch'"),
+        ({"name": "sgd", "clipnorm": 1.0, "clipvalue": 0.5}, "optimizer", "one of clipnorm, clipvalue, global_clipnorm"),
+        ({"name": "adam", "global_clipnorm": 1.0, "clipvalue": 0.5}, "optimizer", "global_clipnorm"),
+    ],
+)
+def test_bad_formulas_or_two_clips_are_refused_where_they_are(opt, path, words):
+    with pytest.raises(training.SpecError) as err:
+        validate_spec(spec_with(opt))
+    assert [(e["path"], words in e["msg"]) for e in err.value.errors] == [(path, True)]
+
+
+def test_every_optimizer_has_formula_text_for_each_choice_it_accepts():
+    from training import spec as S
+    from training.optim import OPTIMIZERS
+
+    for model in (S.SGD, S.Adam, S.AdamW, S.Nadam, S.RAdam, S.Adamax, S.RMSprop, S.Adagrad):
+        name = model.model_fields["name"].annotation.__args__[0]
+        accepted = set(model.model_fields["formulas"].annotation.__args__)
+        assert set(model.FORMULA_TEXT) == accepted == set(OPTIMIZERS[name].build), name
+
+
 def main() -> None:  # pragma: no cover - the report table
     rows = []
     for family, cases, ref in (("keras", KERAS_CASES, keras_side), ("torch", TORCH_CASES, torch_side)):
