@@ -355,6 +355,7 @@ def test_every_optimizer_has_formula_text_for_each_choice_it_accepts():
 
 
 def main() -> None:  # pragma: no cover - the report table
+    torch.set_num_threads(1)
     rows = []
     for family, cases, ref in (("keras", KERAS_CASES, keras_side), ("torch", TORCH_CASES, torch_side)):
         for case_id, opt in cases:
