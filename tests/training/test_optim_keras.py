@@ -20,6 +20,7 @@ import sys
 from typing import Any
 
 os.environ["KERAS_BACKEND"] = "torch"  # before keras is imported: no TensorFlow
+os.environ.setdefault("KERAS_TORCH_DEVICE", "cpu")  # the engine runs these specs on the CPU too
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -29,6 +30,8 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 import training  # noqa: E402
+
+assert keras.backend.backend() == "torch", "keras was imported with another backend before this module"
 from training.engine import _Run  # noqa: E402
 from training.spec import validate_spec  # noqa: E402
 
