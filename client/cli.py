@@ -373,8 +373,8 @@ def _celery_worker_argv(queues: list[str], concurrency: int, pool: str | None, l
 @app.command()
 def migrate() -> None:
     """Bring the database ($TRAINYARD_DATABASE_URL) to the newest schema (Alembic head)."""
+    from config.settings import get_settings
     from store.migrate import upgrade
-    from store.settings import get_settings
 
     url = get_settings().database_url
     upgrade(url)
@@ -397,7 +397,7 @@ def api(
 ) -> None:
     """Run the HTTP API (uvicorn) against $TRAINYARD_DATABASE_URL and $TRAINYARD_BROKER_URL.
     Every /v1 request needs an API key ('trainyard keys create') unless TRAINYARD_AUTH=off."""
-    from store.settings import get_settings
+    from config.settings import get_settings
 
     if get_settings().auth == "off":
         typer.echo("trainyard: TRAINYARD_AUTH=off: no API keys; every caller is in the default project", err=True)

@@ -365,7 +365,7 @@ def test_upload_size_limit(inproc_env):
     from fastapi.testclient import TestClient
 
     from api.app import create_app
-    from store.settings import get_settings
+    from config.settings import get_settings
 
     small = create_app(replace(get_settings(), max_upload_bytes=1000))
     with TestClient(small) as c:
@@ -396,9 +396,9 @@ def test_broker_down_still_accepts_the_job_and_keeps_it_in_the_outbox(inproc_env
     from fastapi.testclient import TestClient
 
     from api.app import create_app
+    from config.settings import get_settings
     from store.db import session_scope
     from store.models import Outbox
-    from store.settings import get_settings
 
     down = create_app(replace(get_settings(), broker_url="redis://127.0.0.1:1/0"))
     with TestClient(down) as c:

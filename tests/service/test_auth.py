@@ -31,7 +31,7 @@ def keyed_app(inproc_env: dict[str, str]) -> Iterator[Any]:
     from fastapi.testclient import TestClient
 
     from api.app import create_app
-    from store.settings import get_settings
+    from config.settings import get_settings
 
     app = create_app(dataclasses.replace(get_settings(), auth="required"))
     with TestClient(app) as c:
@@ -260,7 +260,7 @@ def test_without_auth_every_caller_is_in_the_default_project(app_client):
 
 
 def test_settings_default_to_required_keys():
-    from store.settings import settings_from_env
+    from config.settings import settings_from_env
 
     assert settings_from_env({}).auth == "required"
     assert settings_from_env({"TRAINYARD_AUTH": "off"}).auth == "off"

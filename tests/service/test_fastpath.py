@@ -65,7 +65,7 @@ def pair(inproc_env: dict[str, str]) -> Iterator[tuple[Any, Any, Any]]:
 
     from api.app import create_app
     from api.fastpath import PollFastPath
-    from store.settings import get_settings
+    from config.settings import get_settings
 
     settings = dataclasses.replace(get_settings(), auth="required")
     fast_app = create_app(settings)

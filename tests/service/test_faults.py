@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
+from config.settings import get_settings, settings_from_env
 from store.migrate import upgrade
-from store.settings import get_settings, settings_from_env
 
 from .test_faults_kit import (
     PrivatePostgres,

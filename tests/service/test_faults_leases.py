@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 from sqlalchemy import func, inspect, select, text, update
 
+from config.settings import get_settings, settings_from_env
 from store import leases, outbox, repo
 from store.db import make_engine, session_scope
 from store.models import Checkpoint, Job, JobMetric, Outbox
-from store.settings import get_settings, settings_from_env
 from training import BaseReporter, fit, validate_spec
 from worker.reporter import DbReporter
 from worker.runner import run_job

@@ -27,7 +27,7 @@ def make_app(inproc_env: dict[str, str]) -> Iterator[Any]:
     from fastapi.testclient import TestClient
 
     from api.app import create_app
-    from store.settings import get_settings
+    from config.settings import get_settings
 
     clients: list[Any] = []
 
