@@ -1,54 +1,95 @@
-"""Service settings, read from the environment once per process through :func:`get_settings`."""
+"""Service settings: one pydantic-settings class, read from ``TRAINYARD_*`` environment variables
+(and a ``.env`` file in the working directory) once per process through :func:`get_settings`.
+
+Each knob has exactly one default, here. A bad value raises :class:`SettingsError`, whose message
+names the variable, the value given and what is allowed; ``trainyard api``/``worker``/``serve``
+print it and stop before starting anything.
+"""
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
+import contextvars
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
+from typing import Any, Literal
 
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+
+ENV_PREFIX = "TRAINYARD_"
 DEFAULT_DATA_DIR = "./trainyard-data"
 
 
-@dataclass(frozen=True)
-class Settings:
+def _env(name: str) -> Any:
+    """The variable of a knob whose name differs from its field (kept for compatibility)."""
+    return Field(validation_alias=ENV_PREFIX + name)
+
+
+class Settings(BaseSettings):
     """Everything the API and the worker need to find the database, the broker and the files.
 
     ``queue_prefix`` namespaces the Celery queues (``<prefix>gpu``, ``<prefix>cpu``) and, on
     Redis, every key the broker writes, so several deployments (or test runs) can share one
-    Redis without seeing each other's jobs.
+    Redis without seeing each other's jobs. Every field is read from ``TRAINYARD_<FIELD>``
+    unless its ``validation_alias`` names another variable.
     """
 
-    database_url: str
-    broker_url: str
-    data_dir: Path
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_file=".env", env_file_encoding="utf-8", extra="ignore", frozen=True,
+        env_ignore_empty=True, populate_by_name=True, validate_default=True,
+    )
+
+    # Where things are. Empty URLs mean SQLite and the embedded broker under data_dir.
+    data_dir: Path = Path(DEFAULT_DATA_DIR)
+    database_url: str = ""
+    broker_url: str = ""
     queue_prefix: str = ""
-    auto_queue: str = "gpu"  # where device "auto" jobs go
-    max_upload_bytes: int = 100 * 2**20
-    visibility_timeout_s: int = 7 * 24 * 3600  # longer than the longest job (Redis redelivery)
-    flush_interval_s: float = 0.5  # worker: metric batches, heartbeats and cancel polls
-    snapshot_interval_s: float = 60.0  # worker: how often a resume snapshot is written
-    heartbeat_stale_s: float = 300.0  # a running job whose heartbeat is older may be taken over
+    auto_queue: Literal["gpu", "cpu"] = "gpu"  # where device "auto" jobs go
+    max_upload_bytes: int = Field(100 * 2**20, ge=1)
+    # Redis redelivery of unacknowledged messages: longer than the longest job.
+    visibility_timeout_s: int = Field(7 * 24 * 3600, ge=1, validation_alias="TRAINYARD_VISIBILITY_TIMEOUT")
+    # Worker: metric batches, heartbeats and cancel polls at most this often.
+    flush_interval_s: float = Field(0.5, gt=0, validation_alias="TRAINYARD_FLUSH_INTERVAL")
+    # Worker: how often a resume snapshot is written (0: every epoch).
+    snapshot_interval_s: float = Field(60.0, ge=0, validation_alias="TRAINYARD_SNAPSHOT_INTERVAL")
+    # The lease: a running job whose heartbeat is older may be taken over (RELIABILITY.md).
+    heartbeat_stale_s: float = Field(300.0, gt=0, validation_alias="TRAINYARD_HEARTBEAT_STALE")
     # Security (see README "Security"): "required" makes every /v1 request carry an API key;
     # "off" puts every caller in the default project (embedded mode on 127.0.0.1).
-    auth: str = "required"
+    auth: Literal["required", "off"] = "required"
     # Limits; a project's own max_concurrent_jobs / requests_per_minute override the last two.
-    max_body_bytes: int = 16 * 2**20  # JSON bodies (uploads have max_upload_bytes)
-    max_json_depth: int = 64
-    max_epochs: int = 100_000
-    max_layers: int = 200
-    max_parameters: int = 100_000_000
-    max_batch_size: int = 65_536
-    max_dataset_bytes: int = 2**30  # an uploaded dataset's arrays, uncompressed
-    max_concurrent_jobs: int = 1000  # queued + running, per project
-    requests_per_minute: int = 6000  # per project, per API process (0: unlimited)
+    max_body_bytes: int = Field(16 * 2**20, ge=1)  # JSON bodies (uploads have max_upload_bytes)
+    max_json_depth: int = Field(64, ge=1)
+    max_epochs: int = Field(100_000, ge=1)
+    max_layers: int = Field(200, ge=1)
+    max_parameters: int = Field(100_000_000, ge=1)
+    max_batch_size: int = Field(65_536, ge=1)
+    max_dataset_bytes: int = Field(2**30, ge=1)  # an uploaded dataset's arrays, uncompressed
+    max_concurrent_jobs: int = Field(1000, ge=0)  # queued + running, per project
+    requests_per_minute: int = Field(6000, ge=0)  # per project, per API process (0: unlimited)
     # API process: after start-up, move every object into the garbage collector's permanent
     # generation (gc.freeze), so a full collection no longer walks the ~110k objects of the
-    # imported libraries: that walk took ~70 ms, a stall of every request in flight. On for the
-    # served API (TRAINYARD_GC_FREEZE=0 turns it off); off for apps built in-process (tests).
-    gc_freeze: bool = False
+    # imported libraries: that walk took ~70 ms, a stall of every request in flight
+    # (TRAINYARD_GC_FREEZE=0 turns it off; the tests' in-process apps do).
+    gc_freeze: bool = True
     # Worker: the nice value it trains at (worker.app.lower_priority; 0 = the caller's own).
-    worker_nice: int = 10
+    worker_nice: int = Field(10, ge=0, le=19)
+
+    @field_validator("data_dir", mode="after")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.resolve()
+
+    @model_validator(mode="after")
+    def _embedded_defaults(self) -> Settings:
+        # the database and the broker default to SQLite files under data_dir (frozen: set once here)
+        if not self.database_url:
+            object.__setattr__(self, "database_url", default_database_url(self.data_dir))
+        if not self.broker_url:
+            object.__setattr__(self, "broker_url", default_broker_url(self.data_dir))
+        return self
 
     @property
     def datasets_dir(self) -> Path:
@@ -67,6 +108,75 @@ class Settings:
             return self.queue_name("gpu")
         return self.queue_name(self.auto_queue)
 
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with ``changes`` (field names), validated like the environment's values."""
+        return type(self).model_validate({**self.model_dump(), **changes})
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        given = _GIVEN_ENV.get()
+        if given is not None:  # settings_from_env(env): exactly these variables
+            return init_settings, _MappingSource(settings_cls, given)
+        return init_settings, env_settings, dotenv_settings
+
+
+class SettingsError(ValueError):
+    """A ``TRAINYARD_*`` value that is not allowed; the message names each variable at fault."""
+
+
+class _MappingSource(EnvSettingsSource):
+    """Environment variables from a mapping instead of ``os.environ``."""
+
+    def __init__(self, settings_cls: type[BaseSettings], env: Mapping[str, str]) -> None:
+        self._given = env
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return {k.lower(): v for k, v in self._given.items() if v != ""}
+
+
+_GIVEN_ENV: contextvars.ContextVar[Mapping[str, str] | None] = contextvars.ContextVar("trainyard_env", default=None)
+
+
+def variable_name(field: str) -> str:
+    """The environment variable that sets ``field``."""
+    alias = Settings.model_fields[field].validation_alias
+    return alias if isinstance(alias, str) else ENV_PREFIX + field.upper()
+
+
+def _explain(exc: ValidationError) -> SettingsError:
+    by_alias = {variable_name(f): f for f in Settings.model_fields}
+    lines = []
+    for err in exc.errors():
+        key = str(err["loc"][0]) if err["loc"] else ""
+        var = key if key in by_alias else variable_name(key) if key in Settings.model_fields else key
+        lines.append(f"{var}={err.get('input')!r} is not allowed: {err['msg']}")
+    return SettingsError("bad setting: " + "; ".join(lines))
+
+
+@contextmanager
+def _given(env: Mapping[str, str] | None) -> Iterator[None]:
+    token = _GIVEN_ENV.set(env)
+    try:
+        yield
+    finally:
+        _GIVEN_ENV.reset(token)
+
+
+def settings_from_env(env: Mapping[str, str] | None = None) -> Settings:
+    """Settings from ``env`` (only those variables) or, by default, from ``os.environ`` and a
+    ``.env`` file; defaults: SQLite and the embedded SQLAlchemy broker under ``./trainyard-data``.
+    Raises :class:`SettingsError` naming each bad variable."""
+    try:
+        with _given(env):
+            return Settings()
+    except ValidationError as exc:
+        raise _explain(exc) from None
+
 
 def default_database_url(data_dir: Path) -> str:
     return f"sqlite:///{(data_dir / 'trainyard.db').resolve()}"
@@ -74,46 +184,6 @@ def default_database_url(data_dir: Path) -> str:
 
 def default_broker_url(data_dir: Path) -> str:
     return f"sqla+sqlite:///{(data_dir / 'broker.sqlite').resolve()}"
-
-
-def settings_from_env(env: os._Environ[str] | dict[str, str] | None = None) -> Settings:
-    """Build settings from ``TRAINYARD_*`` variables (defaults: SQLite and the embedded
-    SQLAlchemy broker under ``./trainyard-data``)."""
-    e = os.environ if env is None else env
-    data_dir = Path(e.get("TRAINYARD_DATA_DIR") or DEFAULT_DATA_DIR).resolve()
-    auto_queue = e.get("TRAINYARD_AUTO_QUEUE", "gpu")
-    if auto_queue not in ("gpu", "cpu"):
-        raise ValueError(f"TRAINYARD_AUTO_QUEUE must be 'gpu' or 'cpu', got {auto_queue!r}")
-    return Settings(
-        database_url=e.get("TRAINYARD_DATABASE_URL") or default_database_url(data_dir),
-        broker_url=e.get("TRAINYARD_BROKER_URL") or default_broker_url(data_dir),
-        data_dir=data_dir,
-        queue_prefix=e.get("TRAINYARD_QUEUE_PREFIX", ""),
-        auto_queue=auto_queue,
-        max_upload_bytes=int(e.get("TRAINYARD_MAX_UPLOAD_BYTES", 100 * 2**20)),
-        visibility_timeout_s=int(e.get("TRAINYARD_VISIBILITY_TIMEOUT", 7 * 24 * 3600)),
-        flush_interval_s=float(e.get("TRAINYARD_FLUSH_INTERVAL", 0.5)),
-        snapshot_interval_s=float(e.get("TRAINYARD_SNAPSHOT_INTERVAL", 60.0)),
-        heartbeat_stale_s=float(e.get("TRAINYARD_HEARTBEAT_STALE", 300.0)),
-        auth=_auth_mode(e.get("TRAINYARD_AUTH") or "required"),
-        max_body_bytes=int(e.get("TRAINYARD_MAX_BODY_BYTES", 16 * 2**20)),
-        max_json_depth=int(e.get("TRAINYARD_MAX_JSON_DEPTH", 64)),
-        max_epochs=int(e.get("TRAINYARD_MAX_EPOCHS", 100_000)),
-        max_layers=int(e.get("TRAINYARD_MAX_LAYERS", 200)),
-        max_parameters=int(e.get("TRAINYARD_MAX_PARAMETERS", 100_000_000)),
-        max_batch_size=int(e.get("TRAINYARD_MAX_BATCH_SIZE", 65_536)),
-        max_dataset_bytes=int(e.get("TRAINYARD_MAX_DATASET_BYTES", 2**30)),
-        max_concurrent_jobs=int(e.get("TRAINYARD_MAX_CONCURRENT_JOBS", 1000)),
-        requests_per_minute=int(e.get("TRAINYARD_REQUESTS_PER_MINUTE", 6000)),
-        worker_nice=int(e.get("TRAINYARD_WORKER_NICE") or 10),
-        gc_freeze=(e.get("TRAINYARD_GC_FREEZE") or "1").strip().lower() not in ("0", "false", "no", "off"),
-    )
-
-
-def _auth_mode(value: str) -> str:
-    if value not in ("required", "off"):
-        raise ValueError(f"TRAINYARD_AUTH must be 'required' or 'off', got {value!r}")
-    return value
 
 
 @lru_cache(maxsize=1)

@@ -5,7 +5,6 @@ so routes added later are covered)."""
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import io
 import re
@@ -33,7 +32,7 @@ def keyed_app(inproc_env: dict[str, str]) -> Iterator[Any]:
     from api.app import create_app
     from config.settings import get_settings
 
-    app = create_app(dataclasses.replace(get_settings(), auth="required"))
+    app = create_app(get_settings().replace(auth="required"))
     with TestClient(app) as c:
         yield c
 

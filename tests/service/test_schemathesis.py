@@ -39,7 +39,7 @@ def _app() -> Any:
     return create_app(Settings(
         database_url="(from TRAINYARD_DATABASE_URL, set by inproc_env)", broker_url=REDIS_URL,
         data_dir=Path(tempfile.mkdtemp(prefix="trainyard-schemathesis-")), queue_prefix=f"ty-{RUN_ID}-inproc-",
-        auth="required", requests_per_minute=0, max_concurrent_jobs=0,
+        auth="required", requests_per_minute=0, max_concurrent_jobs=0, gc_freeze=False,
     ))
 
 
