@@ -42,6 +42,7 @@ def test_create_stores_effective_spec_and_enqueues_job_id(app_client, redis_clie
     assert job["status"] == "queued" and job["progress"] == {"epoch": 0, "epochs": 3}
     # effective defaults are stored with the job
     assert job["spec"]["optimizer"]["beta_2"] == 0.999 and job["spec"]["optimizer"]["epsilon"] == 1e-7
+    assert job["spec"]["optimizer"]["formulas"] == "keras"  # whose update rule runs (issue 15)
     assert job["spec"]["optimizer"]["learning_rate"]["t_mul"] == 2.0
     assert job["queue"].endswith("gpu")  # device auto -> gpu queue
     assert queue_len(redis_client, inproc_env) == before + 1
