@@ -218,7 +218,10 @@ def _record_result(job_id: str, reporter: DbReporter, result: Any, attempt: int)
             s, job_id, status=status, stop_reason=stop_reason, error=error,
             best=(result.monitor, result.best_value, result.best_epoch) if result.monitor else None,
             steps=result.steps, epochs_run=result.epochs_run, run_seconds=result.seconds,
-            info=json_safe({**(result.info or {}), "stopped_epoch": result.stopped_epoch, "attempt": attempt}),
+            # the engine's info repeats the spec (with a "find" rate replaced by the finder's
+            # suggestion, which info.lr_find holds): the job already serves its spec once
+            info=json_safe({**{k: v for k, v in (result.info or {}).items() if k != "spec"},
+                            "stopped_epoch": result.stopped_epoch, "attempt": attempt}),
         )
 
     _write(reporter, finish, "finish")
