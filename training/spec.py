@@ -247,7 +247,7 @@ class ModelSpec(StrictModel):
     @model_validator(mode="before")
     @classmethod
     def _keras_names(cls, data: Any) -> Any:
-        """Layer ``type``\ s given as Keras class names become the type they stand for."""
+        """Layer types given as Keras class names become the type they stand for."""
         if isinstance(data, Mapping) and isinstance(data.get("layers"), list):
             layers = [
                 {**layer, "type": canonical_layer_type(layer["type"])}
