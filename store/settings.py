@@ -8,6 +8,10 @@ from functools import lru_cache
 from pathlib import Path
 
 DEFAULT_DATA_DIR = "./trainyard-data"
+#: The broker queues: ``gpu`` and ``cpu`` carry jobs that asked for a device; ``any`` carries
+#: ``"device": "auto"`` jobs and every worker listens on it, whatever its other queues, so an
+#: auto job runs on the first free worker (a CUDA one if that worker has a GPU, else the CPU).
+BASE_QUEUES = ("gpu", "cpu", "any")
 
 
 @dataclass(frozen=True)
@@ -23,7 +27,7 @@ class Settings:
     broker_url: str
     data_dir: Path
     queue_prefix: str = ""
-    auto_queue: str = "gpu"  # where device "auto" jobs go
+    auto_queue: str = "any"  # where device "auto" jobs go: any (every worker listens), gpu or cpu
     max_upload_bytes: int = 100 * 2**20
     visibility_timeout_s: int = 7 * 24 * 3600  # longer than the longest job (Redis redelivery)
     flush_interval_s: float = 0.5  # worker: metric batches, heartbeats and cancel polls
@@ -55,12 +59,16 @@ class Settings:
         return self.data_dir / "datasets"
 
     def queue_name(self, base: str) -> str:
-        """The broker queue that carries ``base`` ("gpu" or "cpu") jobs."""
+        """The broker queue that carries ``base`` ("gpu", "cpu" or "any") jobs."""
         return f"{self.queue_prefix}{base}"
+
+    def queue_names(self) -> list[str]:
+        """Every broker queue (:data:`BASE_QUEUES`, prefixed)."""
+        return [self.queue_name(q) for q in BASE_QUEUES]
 
     def queue_for_device(self, device: str) -> str:
         """Jobs asking for ``cpu`` go to the cpu queue, ``cuda*`` to the gpu queue, ``auto`` to
-        ``auto_queue`` (gpu unless configured)."""
+        ``auto_queue`` (``any``, which every worker takes, unless configured)."""
         if device == "cpu":
             return self.queue_name("cpu")
         if device.startswith("cuda"):
@@ -81,9 +89,9 @@ def settings_from_env(env: os._Environ[str] | dict[str, str] | None = None) -> S
     SQLAlchemy broker under ``./trainyard-data``)."""
     e = os.environ if env is None else env
     data_dir = Path(e.get("TRAINYARD_DATA_DIR") or DEFAULT_DATA_DIR).resolve()
-    auto_queue = e.get("TRAINYARD_AUTO_QUEUE", "gpu")
-    if auto_queue not in ("gpu", "cpu"):
-        raise ValueError(f"TRAINYARD_AUTO_QUEUE must be 'gpu' or 'cpu', got {auto_queue!r}")
+    auto_queue = e.get("TRAINYARD_AUTO_QUEUE", "any")
+    if auto_queue not in BASE_QUEUES:
+        raise ValueError(f"TRAINYARD_AUTO_QUEUE must be 'any', 'gpu' or 'cpu', got {auto_queue!r}")
     return Settings(
         database_url=e.get("TRAINYARD_DATABASE_URL") or default_database_url(data_dir),
         broker_url=e.get("TRAINYARD_BROKER_URL") or default_broker_url(data_dir),

@@ -93,6 +93,7 @@ def run_job(job_id: str, settings: Settings | None = None) -> str:
     after the job is recorded as failed."""
     settings = settings or get_settings()
     if SHUTDOWN.is_set():  # a message that arrives while this worker shuts down goes back untouched
+        log.info("job %s arrived while this worker shuts down; handed back to the broker", job_id)
         return "requeued"
     try:
         claimed = leases.retry_transient(lambda: _claim(job_id, settings), deadline_s=30.0, what=f"claim {job_id}")
