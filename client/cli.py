@@ -9,6 +9,7 @@ stays light. What they print is shaped in :mod:`client.views`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -16,14 +17,13 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
 import click
 import typer
 from typer.core import TyperGroup
-
-from rich.table import Column
 
 from client import views
 from client.api import TERMINAL, Client, TrainyardError, format_detail
@@ -52,6 +52,19 @@ def _console() -> Any:
     from rich.console import Console
 
     return Console()
+
+
+@contextlib.contextmanager
+def _live(renderable: Any, refresh_per_second: float) -> Iterator[Any]:
+    """A rich live display that leaves its last frame and a newline behind (rich ends one on a
+    terminal with a newline, but not one written to a pipe or a file)."""
+    from rich.live import Live
+
+    console = _console()
+    with Live(renderable, console=console, refresh_per_second=refresh_per_second) as live:
+        yield live
+    if not console.is_terminal:
+        console.line()
 
 
 def _fail(msg: str, code: int = 1) -> typer.Exit:
@@ -131,9 +144,10 @@ def _wait_with_progress(c: Client, jobs: list[tuple[str, str]]) -> dict[str, dic
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     done: dict[str, dict[str, Any]] = {}
+    console = _console()
     with Progress(
         TextColumn("{task.fields[job]}"), BarColumn(bar_width=20), MofNCompleteColumn(),
-        TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=_console(),
+        TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=console,
     ) as progress:
         tasks = {j: progress.add_task("", total=None, job=where, status="queued") for where, j in jobs}
         while len(done) < len(jobs):
@@ -152,6 +166,8 @@ def _wait_with_progress(c: Client, jobs: list[tuple[str, str]]) -> dict[str, dic
                     done[j] = job
             if len(done) < len(jobs):
                 time.sleep(0.5)
+    if not console.is_terminal:
+        console.line()  # as _live: rich leaves a piped display without its newline
     return {j: done[j] for _, j in jobs}
 
 
@@ -174,7 +190,7 @@ def jobs(
         return
     # 80 columns: the id whole; the best value without its monitor and no creation time (ids
     # sort by it; 'trainyard show ID' has both); the name last, wrapped when long
-    t = views.table("id", Column("status", min_width=len("early_stopping"), overflow="fold"), "epoch", "best", "name")
+    t = views.table("id", "status", "epoch", "best", "name")
     for j in page["jobs"]:
         t.add_row(j["id"], views.short_status(j), f"{j['progress']['epoch']}/{j['progress']['epochs']}",
                   _fmt((j.get("best") or {}).get("value")), j["name"])
@@ -220,7 +236,6 @@ def watch(
     Shows the last --rows epochs (and says so when there are more); an lr_find job ends with the
     suggested rate and the curve. Exit status 0 only if the job succeeded."""
     from rich.console import Group
-    from rich.live import Live
     from rich.text import Text
 
     cols: list[str] = []
@@ -239,7 +254,7 @@ def watch(
 
     try:
         with _client(url) as c:
-            with Live(render(), console=_console(), refresh_per_second=4) as live:
+            with _live(render(), 4) as live:
                 for ev in c.events(job_id):
                     if ev.get("event") == "epoch":
                         data = ev["data"]
@@ -323,9 +338,7 @@ def sweep_start(
         typer.echo(f"{sw['id']}  {file}  ({sw['method']}, up to {sw['max_trials']} trials)")
         if not wait:
             raise typer.Exit(0)
-        from rich.live import Live
-
-        with Live(views.leaderboard(sw), console=_console(), refresh_per_second=2) as live:
+        with _live(views.leaderboard(sw), 2) as live:
             while sw["status"] == "running":
                 time.sleep(1.0)
                 try:
@@ -436,11 +449,11 @@ def datasets_list(as_json: Annotated[bool, typer.Option("--json")] = False, url:
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
-    t = views.table("id", "name", "task", "samples", "shape", "created")
+    # 80 columns: the id whole; the task as its classes or targets; no creation time (ids sort by it)
+    t = views.table("id", "name", "samples", "shape", "task")
     for d in rows:
-        task = d["task"] + (f" ({d['n_classes']})" if d["task"] == "classification" else "")
-        t.add_row(d["id"], d["name"], task, str(d["n_samples"]), "x".join(str(v) for v in d["input_shape"]),
-                  views.when(d["created_at"]))
+        task = f"{d['n_classes']} classes" if d["task"] == "classification" else f"{d['n_targets']} targets"
+        t.add_row(d["id"], d["name"], str(d["n_samples"]), "x".join(str(v) for v in d["input_shape"]), task)
     _console().print(t)
 
 
@@ -729,8 +742,7 @@ def keys_list(
         typer.echo(json.dumps(rows, indent=2, default=lambda d: d.isoformat()))
         return
     # 80 columns: the id and the prefix whole (revoke takes either), the three times stacked
-    t = views.table("id", "prefix", "project / name", Column("created / used / revoked", min_width=16, overflow="fold"),
-                    ids=("id", "prefix"))
+    t = views.table("id", "prefix", "project / name", "created / used / revoked", ids=("id", "prefix"))
     for r in rows:
         t.add_row(r["id"], r["prefix"], f"{r['project']}\n{r['name'] or '-'}",
                   "\n".join(_when(r[k])[:16] for k in ("created_at", "last_used_at", "revoked_at")))

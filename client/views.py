@@ -7,6 +7,7 @@ of it is accepted too); other columns wrap (never end in "…") and are kept sho
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -50,7 +51,8 @@ def short_status(row: dict[str, Any]) -> str:
     succeeded job that stopped early or was pruned says 'early_stopping' or 'pruned'), else
     the status."""
     reason = row.get("stop_reason")
-    return reason if row["status"] == "succeeded" and reason and reason != "completed" else row["status"]
+    # spaces, not underscores: a narrow column wraps 'early stopping' between the words
+    return reason.replace("_", " ") if row["status"] == "succeeded" and reason and reason != "completed" else row["status"]
 
 
 def is_lr_find(job: dict[str, Any]) -> bool:
@@ -202,5 +204,6 @@ def sweep_lines(sweep: dict[str, Any]) -> list[str]:
     ]
     if best:
         lines += [f"best        trial {best['number']}: {sweep['objective']['metric']} = {fmt(best['value'], 6)}",
-                  f"best job    {best['job_id']}", f"best params {best['params']}"]
+                  f"best job    {best['job_id']}", "best params"]
+        lines += [f"  {k} = {json.dumps(v)}" for k, v in best["params"].items()]
     return lines
