@@ -20,6 +20,10 @@ from store.db import session_scope
 FULL_ID = re.compile(r"^[0-9a-f]{32}$")
 PREFIX = re.compile(r"^[0-9a-f]{4,31}$")
 MAX_CANDIDATES = 10
+#: the OpenAPI entry of the 409 every route that takes an id may answer
+AMBIGUOUS: dict[int | str, dict[str, str]] = {
+    409: {"description": "the id is a prefix of several ids (the detail lists them)"},
+}
 
 
 def is_prefix(given: str) -> bool:

@@ -17,7 +17,7 @@ from sse_starlette.sse import EventSourceResponse, ServerSentEvent
 from api.auth import admit, authenticate, needs_touch, touch
 from api.deps import DispatcherDep, PollCallerDep, ProjectDep, ReadSessionDep, SessionDep, SettingsDep
 from api.errors import SpecProblem
-from api.ids import is_prefix, resolve_id, resolve_id_async
+from api.ids import AMBIGUOUS, is_prefix, resolve_id, resolve_id_async
 from api.limits import check_job_slots, slots_full
 from api.schemas.common import ErrorItem, ErrorResponse, IsoDatetime
 from api.schemas.jobs import (
@@ -280,7 +280,7 @@ def _json(body: bytes) -> Response:
     return Response(content=body, media_type="application/json")
 
 
-@poll_router.get("/{job_id}", response_model=JobRead, responses={404: {"description": "no such job"}})
+@poll_router.get("/{job_id}", response_model=JobRead, responses={404: {"description": "no such job"}, **AMBIGUOUS})
 async def get_job(job_id: str, request: Request, caller: PollCallerDep) -> Response:
     """The job, its progress, best value, spec (with effective defaults) and what the engine reported.
     (Served by :mod:`store.fastread` on :mod:`store.pollread`'s connections: one query, the stored
@@ -295,7 +295,8 @@ async def get_job(job_id: str, request: Request, caller: PollCallerDep) -> Respo
     return _json(body)
 
 
-@poll_router.get("/{job_id}/metrics", response_model=MetricsRead, responses={404: {"description": "no such job"}})
+@poll_router.get("/{job_id}/metrics", response_model=MetricsRead,
+                 responses={404: {"description": "no such job"}, **AMBIGUOUS})
 async def get_metrics(
     job_id: str,
     request: Request,
@@ -336,7 +337,7 @@ def _poll_events(
     response_class=EventSourceResponse,
     responses={200: {"content": {"text/event-stream": {}}, "description": "events 'state' and 'epoch'"},
                400: {"model": ErrorResponse, "description": "Last-Event-ID is not an event id"},
-               404: {"description": "no such job"}},
+               404: {"description": "no such job"}, **AMBIGUOUS},
 )
 async def job_events(
     job_id: str,
@@ -392,7 +393,8 @@ async def job_events(
     "/{job_id}/cancel",
     response_model=JobRead,
     responses={404: {"description": "no such job"},
-               409: {"description": "the job already ended (succeeded, failed or cancelled)"}},
+               409: {"description": "the job already ended (succeeded, failed or cancelled), or the id is a prefix "
+                                    "of several ids (the detail lists them)"}},
 )
 def cancel_job(job_id: str, session: SessionDep, project: ProjectDep) -> JobRead:
     """A queued job is cancelled at once and never starts; a running one stops within about a
@@ -415,7 +417,8 @@ def cancel_job(job_id: str, session: SessionDep, project: ProjectDep) -> JobRead
     return job_read(job)
 
 
-@router.get("/{job_id}/checkpoints", response_model=CheckpointList, responses={404: {"description": "no such job"}})
+@router.get("/{job_id}/checkpoints", response_model=CheckpointList,
+            responses={404: {"description": "no such job"}, **AMBIGUOUS})
 def list_checkpoints(job_id: str, session: ReadSessionDep, project: ProjectDep) -> CheckpointList:
     job_id = _full_id(session, job_id, project)
     rows = repo.list_checkpoints(session, job_id, project)
@@ -431,6 +434,7 @@ def list_checkpoints(job_id: str, session: ReadSessionDep, project: ProjectDep) 
         200: {"content": {"application/octet-stream": {}},
               "description": "safetensors file; its sha256 (hex) in X-Checkpoint-SHA256 and ETag"},
         404: {"description": "no such job, or no checkpoint yet"},
+        **AMBIGUOUS,
         500: {"model": ErrorResponse, "description": "the stored checkpoint is corrupt (its bytes no longer match "
                                                      "their sha256, or are not a safetensors file); never served"},
     },

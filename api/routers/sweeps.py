@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from api.deps import DispatcherDep, ProjectDep, ReadSessionDep, SessionDep, SettingsDep
 from api.errors import SpecProblem
-from api.ids import resolve_id
+from api.ids import AMBIGUOUS, resolve_id
 from api.schemas.common import ErrorResponse
 from api.schemas.sweeps import (
     SWEEP_EXAMPLE,
@@ -314,7 +314,7 @@ def list_sweeps(
     )
 
 
-@router.get("/{sweep_id}", response_model=SweepRead, responses={404: {"description": "no such sweep"}})
+@router.get("/{sweep_id}", response_model=SweepRead, responses={404: {"description": "no such sweep"}, **AMBIGUOUS})
 def get_sweep(sweep_id: str, session: ReadSessionDep, project: ProjectDep) -> SweepRead:
     """Status, counts, every trial (parameters, status, stop reason, objective, epochs run), the
     best trial and the leaderboard (best objective first)."""
@@ -327,7 +327,8 @@ def get_sweep(sweep_id: str, session: ReadSessionDep, project: ProjectDep) -> Sw
 @router.post(
     "/{sweep_id}/cancel",
     response_model=SweepRead,
-    responses={404: {"description": "no such sweep"}, 409: {"description": "the sweep already ended"}},
+    responses={404: {"description": "no such sweep"},
+               409: {"description": "the sweep already ended, or the id is a prefix of several ids (listed)"}},
 )
 def cancel_sweep(sweep_id: str, session: SessionDep, project: ProjectDep) -> SweepRead:
     """Stop a sweep: no new trials; queued trials are cancelled at once, running ones within about
