@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 
 from api.dispatch import Dispatcher
+from config.settings import settings_from_env
 from store import repo
 from store.db import session_scope
-from store.settings import settings_from_env
 from training import validate_spec
 
 from .conftest import RUN_ID, cli
