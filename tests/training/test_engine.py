@@ -652,3 +652,19 @@ def test_best_checkpoint_is_the_best_epoch_when_every_epoch_is_saved():
     # without a reporter the same best is serialized at the end
     res2 = training.fit(spec)
     assert res2.best_checkpoint_sha256 == res.best_checkpoint_sha256
+
+
+@pytest.mark.parametrize("callbacks, monitor, pick", [
+    # early stopping without a model_checkpoint: the best weights follow its monitor (README)
+    ({"early_stopping": {"monitor": "val_accuracy", "patience": 100}}, "val_accuracy", max),
+    ({}, "val_loss", min),  # no callbacks: val_loss
+])
+def test_without_model_checkpoint_the_best_weights_follow_the_documented_monitor(callbacks, monitor, pick):
+    spec = base_spec(epochs=10, optimizer={"name": "adam", "learning_rate": 0.05}, callbacks=callbacks)
+    rec = Recorder()
+    r = training.fit(spec, reporter=rec)
+    values = [h[monitor] for h in r.history]
+    best = values.index(pick(values))  # the first epoch that reached the best value (strict improvements)
+    assert r.monitor == monitor and r.best_epoch == best + 1 and r.best_value == values[best]
+    assert rec.checkpoints and rec.checkpoints[-1].monitor == monitor and rec.checkpoints[-1].epoch == best + 1
+    assert r.best_checkpoint == rec.checkpoints[-1].data
