@@ -195,3 +195,12 @@ def test_every_readme_example_runs_as_written(served):
                 header = int.from_bytes(data[:8], "little")
                 assert json.loads(data[8 : 8 + header]), "not a safetensors file"
     assert ran >= 25 and set(ids) == {"JOB_ID", "SWEEP_ID"}, (ran, ids)
+
+
+def test_quick_json_is_the_source_note_spec_with_10_epochs_as_the_readme_says():
+    note = json.loads((ROOT / "examples" / "source-note.json").read_text())
+    quick = json.loads((ROOT / "examples" / "quick.json").read_text())
+    assert note["epochs"] == 100 and quick["epochs"] == 10
+    assert "`examples/quick.json` is the same spec with 10 epochs instead of 100" in " ".join(README.read_text().split())
+    assert {k: v for k, v in quick.items() if k not in ("epochs", "name")} == {
+        k: v for k, v in note.items() if k not in ("epochs", "name")}
