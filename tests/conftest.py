@@ -47,7 +47,7 @@ def forbidden_skip(report: Any) -> str | None:
     if any(pattern.search(reason) for pattern, _ in ALLOWED_SKIPS):
         return None
     return (f"skipped under CI=true for a reason not on the allow-list of tests/conftest.py: {reason}\n"
-            "(install what is missing, e.g. scripts/ensure-services.sh does with CI=true, or fix the test)")
+            "(install what is missing, or fix the test)")
 
 
 def _fail_forbidden_skip(report: Any) -> Any:
