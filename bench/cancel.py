@@ -143,7 +143,7 @@ def bench_service(rounds: int, engine_median: float) -> dict[str, Any]:
 
     from client import Client
     from store.migrate import upgrade
-    from store.settings import settings_from_env
+    from config.settings import settings_from_env
     from tests.service.helpers import stop, wait_http
     from tests.service.test_faults_kit import Probe, free_port, service_env, start_worker, wait_until
 
