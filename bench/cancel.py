@@ -142,8 +142,8 @@ def bench_service(rounds: int, engine_median: float) -> dict[str, Any]:
     from sqlalchemy.engine import make_url
 
     from client import Client
-    from store.migrate import upgrade
     from config.settings import settings_from_env
+    from store.migrate import upgrade
     from tests.service.helpers import stop, wait_http
     from tests.service.test_faults_kit import Probe, free_port, service_env, start_worker, wait_until
 
