@@ -21,10 +21,10 @@ from typing import Any
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import func, select
 
+from config.settings import Settings
 from store import notices
 from store.db import session_scope
 from store.models import TERMINAL_STATUSES, Job, JobEvent
-from store.settings import Settings
 
 log = logging.getLogger("trainyard.changes")
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 
-from store.settings import Settings
+from config.settings import Settings
 
 COOKIE = "trainyard_session"
 CSRF_HEADER = "x-csrf-token"

@@ -199,14 +199,12 @@ def stream_window(port: int, job_id: str, clients: int, seconds: float, counter:
 
 
 def bench_streams(clients: int, seconds: float) -> dict[str, Any]:
-    from api.app import create_app
-    from store import notices
-    from store.db import get_engine, make_engine
-    from store.settings import get_settings
-
     from sqlalchemy import update
 
-    from store.db import session_scope
+    from api.app import create_app
+    from config.settings import get_settings
+    from store import notices
+    from store.db import get_engine, make_engine, session_scope
     from store.models import Job
 
     job_id = make_jobs(1)[0]

@@ -16,7 +16,7 @@ from typing import Any
 
 from sqlalchemy import Engine, event
 
-from store.settings import Settings
+from config.settings import Settings
 
 log = logging.getLogger("trainyard.notices")
 

@@ -15,6 +15,7 @@ from api.auth import authenticate
 from api.changes import change_payload, follow
 from api.deps import ProjectDep, ReadSessionDep, SessionDep, SettingsDep
 from api.errors import SpecProblem
+from api.ids import AMBIGUOUS, resolve_id
 from api.routers.jobs import LAST_EVENT_ID, MAX_INT64, SPEC_EXAMPLE
 from api.routers.sweeps import sweep_read
 from api.schemas.common import ErrorResponse
@@ -55,11 +56,12 @@ def _annotate(session: Any, model: Any, object_id: str, project: str, body: Any)
 
 
 @router.patch("/jobs/{job_id}", response_model=JobRead, tags=["jobs"], openapi_extra=_PATCH_BODY,
-              responses={404: {"description": "no such job"}, 422: {"model": ErrorResponse}})
+              responses={404: {"description": "no such job"}, 422: {"model": ErrorResponse}, **AMBIGUOUS})
 def patch_job(job_id: str, session: SessionDep, project: ProjectDep,
               body: Annotated[Any, Body()] = None) -> JobRead:
     """Set a job's ``labels`` (replaced whole) and/or ``notes`` (``""`` or null clears them).
     Nothing else of a job can be changed."""
+    job_id = resolve_id(session, Job, job_id, project, "job")
     if not _annotate(session, Job, job_id, project, body):
         raise HTTPException(status_code=404, detail=f"no job {job_id!r}")
     session.commit()
@@ -69,10 +71,11 @@ def patch_job(job_id: str, session: SessionDep, project: ProjectDep,
 
 
 @router.patch("/sweeps/{sweep_id}", response_model=SweepRead, tags=["sweeps"], openapi_extra=_PATCH_BODY,
-              responses={404: {"description": "no such sweep"}, 422: {"model": ErrorResponse}})
+              responses={404: {"description": "no such sweep"}, 422: {"model": ErrorResponse}, **AMBIGUOUS})
 def patch_sweep(sweep_id: str, session: SessionDep, project: ProjectDep,
                 body: Annotated[Any, Body()] = None) -> SweepRead:
     """Set a sweep's ``labels`` (replaced whole) and/or ``notes``."""
+    sweep_id = resolve_id(session, Sweep, sweep_id, project, "sweep")
     if not _annotate(session, Sweep, sweep_id, project, body):
         raise HTTPException(status_code=404, detail=f"no sweep {sweep_id!r}")
     session.commit()

@@ -4,7 +4,6 @@ and /docs without a CDN. (The event streams fed by change notices: test_dashboar
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import uuid
 from collections.abc import Iterator
@@ -272,9 +271,9 @@ def keyed(inproc_env: dict[str, str]) -> Iterator[Any]:
     from fastapi.testclient import TestClient
 
     from api.app import create_app
-    from store.settings import get_settings
+    from config.settings import get_settings
 
-    app = create_app(dataclasses.replace(get_settings(), auth="required", cors_origins="http://dash.example"))
+    app = create_app(get_settings().replace(auth="required", cors_origins="http://dash.example"))
     with TestClient(app, base_url="http://testserver") as c:
         yield c
 

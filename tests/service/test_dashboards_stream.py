@@ -58,9 +58,9 @@ class Stream:
 
 
 def test_a_committed_write_publishes_a_notice_and_a_rollback_does_not(inproc_env, redis_client):
+    from config.settings import get_settings
     from store import notices, repo
     from store.db import get_engine, session_scope
-    from store.settings import get_settings
 
     get_engine()  # its listeners publish
     pubsub = redis_client.pubsub()
@@ -143,9 +143,9 @@ def test_the_change_reader_delivers_an_event_whose_commit_came_after_a_later_id(
     import asyncio
 
     from api.changes import ChangeHub
+    from config.settings import get_settings
     from store import repo
     from store.db import session_scope
-    from store.settings import get_settings
 
     with session_scope() as s:
         first, second = (repo.create_job(s, spec=note_spec(2), queue="nowhere") for _ in range(2))
