@@ -21,7 +21,14 @@ from api.deps import DispatcherDep, PollCallerDep, ProjectDep, ReadSessionDep, S
 from api.errors import SpecProblem
 from api.ids import AMBIGUOUS, is_prefix, resolve_id, resolve_id_async
 from api.limits import check_job_slots, slots_full
-from api.listing import ID, LABEL_FILTER, decode_cursor, encode_cursor, parse_label_filters
+from api.listing import (
+    ID,
+    LABEL_FILTER,
+    STOP_REASON_FILTERS,
+    decode_cursor,
+    encode_cursor,
+    parse_label_filters,
+)
 from api.schemas.common import ErrorItem, ErrorResponse, IsoDatetime
 from api.schemas.jobs import (
     BatchCreate,
@@ -230,7 +237,8 @@ def list_jobs(
     name_prefix: Annotated[str | None, Query(max_length=200, pattern=r"^[^\x00]*$", description="names starting so")] = None,
     label: Annotated[list[Annotated[str, StringConstraints(pattern=LABEL_FILTER.pattern)]] | None,
                      Query(description="key=value; repeat to require several labels")] = None,
-    stop_reason: Annotated[list[str] | None, Query(max_length=32, description="repeat to give several")] = None,
+    stop_reason: Annotated[list[Literal[STOP_REASON_FILTERS]] | None,  # type: ignore[valid-type]
+                           Query(description="repeat to give several")] = None,
     id: Annotated[list[Annotated[str, StringConstraints(pattern=ID.pattern)]] | None,  # noqa: A002
                   Query(max_length=500, description="only these job ids; repeat (up to 500)")] = None,
     created_after: IsoDatetime | None = None,

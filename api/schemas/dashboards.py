@@ -39,7 +39,7 @@ class BulkMetricsQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
     jobs: list[BulkJob] = Field(min_length=1, max_length=1000, description="up to 1,000 jobs, each with its own since_epoch")
     keys: list[MetricKey] | None = Field(
-        None, max_length=100, description="only these metrics (epoch is always included); default: all")
+        None, max_length=40, description="only these metrics, up to 40 (epoch is always included); default: all")
     max_points: int | None = Field(None, ge=1, le=100_000, strict=True,
                                    description="downsample each curve evenly (keeps the first and last)")
 
