@@ -403,7 +403,7 @@ def api(
         typer.echo("trainyard: TRAINYARD_AUTH=off: no API keys; every caller is in the default project", err=True)
     else:
         typer.echo("trainyard: API keys required (create one with 'trainyard keys create --project NAME')", err=True)
-    argv = _python("-m", "uvicorn", "api.app:create_app", "--factory", "--host", host, "--port", str(port),
+    argv = _python("-m", "api.server", "--host", host, "--port", str(port),  # uvicorn, bounded heads
                    "--workers", str(workers), "--no-access-log")
     os.execv(argv[0], argv)
 
@@ -495,8 +495,7 @@ def serve(
             env=env, stdout=worker_log, stderr=subprocess.STDOUT, start_new_session=True,
         ),
         "api": subprocess.Popen(
-            _python("-m", "uvicorn", "api.app:create_app", "--factory", "--host", host, "--port", str(port),
-                    "--log-level", "warning"),
+            _python("-m", "api.server", "--host", host, "--port", str(port), "--log-level", "warning"),
             env={**env, "TRAINYARD_INSTANCE_TOKEN": token}, start_new_session=True,
         ),
     }

@@ -35,6 +35,8 @@ class Settings:
     # Limits; a project's own max_concurrent_jobs / requests_per_minute override the last two.
     max_body_bytes: int = 16 * 2**20  # JSON bodies (uploads have max_upload_bytes)
     max_json_depth: int = 64
+    max_header_bytes: int = 32 * 2**10  # request line + headers (431 past it; api/server.py)
+    header_timeout_s: float = 10.0  # a request's line + headers must arrive within this (408; 0: none)
     max_epochs: int = 100_000
     max_layers: int = 200
     max_parameters: int = 100_000_000
@@ -98,6 +100,8 @@ def settings_from_env(env: os._Environ[str] | dict[str, str] | None = None) -> S
         auth=_auth_mode(e.get("TRAINYARD_AUTH") or "required"),
         max_body_bytes=int(e.get("TRAINYARD_MAX_BODY_BYTES", 16 * 2**20)),
         max_json_depth=int(e.get("TRAINYARD_MAX_JSON_DEPTH", 64)),
+        max_header_bytes=int(e.get("TRAINYARD_MAX_HEADER_BYTES", 32 * 2**10)),
+        header_timeout_s=float(e.get("TRAINYARD_HEADER_TIMEOUT", 10.0)),
         max_epochs=int(e.get("TRAINYARD_MAX_EPOCHS", 100_000)),
         max_layers=int(e.get("TRAINYARD_MAX_LAYERS", 200)),
         max_parameters=int(e.get("TRAINYARD_MAX_PARAMETERS", 100_000_000)),
