@@ -54,11 +54,76 @@ def json_too_deep(body: bytes, max_depth: int) -> bool:
     return bool(steps.size) and int(np.cumsum(steps, dtype=np.int64).max()) > max_depth
 
 
+_ESCAPES = re.compile(rb"\\(?:\\|u[dD][89a-fA-F][0-9a-fA-F]{2})")  # an escaped backslash, or \uD800-\uDFFF
+_LOW = re.compile(rb"\\u[dD][c-fC-F][0-9a-fA-F]{2}")
+
+
+def lone_surrogate(body: bytes) -> list[Any] | None:
+    """The location (keys and indexes) of the first JSON string, key or value, that holds a lone
+    UTF-16 surrogate escape (``"\udc00"``: valid JSON text, but no UTF-8 encoder, PostgreSQL
+    included, can write it); None when there is none. Linear; a body without such an escape
+    costs one search."""
+    if not re.search(rb"\\u[dD][89a-fA-F]", body):
+        return None
+    paired_low_at = -1
+    lone = False
+    for m in _ESCAPES.finditer(body):
+        tok = m.group()
+        if len(tok) == 2:  # an escaped backslash: whatever follows is literal text
+            continue
+        if int(tok[2:], 16) < 0xDC00:  # a high surrogate must be followed at once by a low one
+            if _LOW.match(body, m.end()):
+                paired_low_at = m.end()
+                continue
+            lone = True
+            break
+        if m.start() != paired_low_at:
+            lone = True
+            break
+    if not lone:
+        return None
+    import json
+
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None  # not JSON: the app says so
+    return _surrogate_loc(data, [])
+
+
+def _has_surrogate(text: str) -> bool:
+    return any("\ud800" <= c <= "\udfff" for c in text)
+
+
+def _printable(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _surrogate_loc(value: Any, loc: list[Any]) -> list[Any] | None:
+    if isinstance(value, str):
+        return loc if _has_surrogate(value) else None
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if _has_surrogate(k):
+                return [*loc, _printable(k)]
+            found = _surrogate_loc(v, [*loc, k])
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            found = _surrogate_loc(v, [*loc, i])
+            if found is not None:
+                return found
+    return None
+
+
 class BodyLimitMiddleware:
     """413 for a body over the limit, decided from Content-Length when there is one and else by
     counting bytes as they arrive (never reading more than the limit). JSON bodies (they are read
     whole by the app anyway) are also refused with a 422 when nested deeper than
-    ``max_json_depth``, before anything parses them."""
+    ``max_json_depth``, before anything parses them, and when a string holds a lone UTF-16
+    surrogate (:func:`lone_surrogate`; it used to be a 500 wherever it reached the database or an
+    error message)."""
 
     def __init__(self, app: ASGIApp, settings: Settings) -> None:
         self.app = app
@@ -98,6 +163,16 @@ class BodyLimitMiddleware:
                     "loc": ["body"], "path": "", "type": "json_invalid",
                     "msg": "the request body is not valid JSON: it is not UTF-8 text",
                 }])
+                return
+            bad = lone_surrogate(body)
+            if bad is not None:
+                from training.spec import json_path
+
+                await _respond(send, 422, [{
+                    "loc": ["body", *bad], "path": json_path(bad), "type": "string_unicode",
+                    "msg": "text must be valid Unicode: this string holds a lone UTF-16 surrogate escape "
+                           "(\\ud800-\\udfff); a high surrogate must be followed by a low one",
+                }], close=False)
                 return
             if json_too_deep(body, self.settings.max_json_depth):
                 await _respond(send, 422, [{
@@ -163,11 +238,12 @@ def _replay(body: bytes) -> Receive:
     return receive
 
 
-async def _respond(send: Send, status: int, detail: Any) -> None:
+async def _respond(send: Send, status: int, detail: Any, *, close: bool = True) -> None:
+    """An error answer; ``close=False`` once the whole body was read (the connection stays usable)."""
     _, body = _error_body(status, detail)
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close")]})
+                "headers": headers + ([(b"connection", b"close")] if close else [])})
     await send({"type": "http.response.body", "body": body})
 
 

@@ -139,3 +139,69 @@ def test_the_largest_learning_rate_is_accepted_and_one_beyond_is_not(http: httpx
     r = http.post("/v1/jobs", json=note_spec(1, optimizer={"name": "adam", "learning_rate": MAX_LEARNING_RATE * 1.5}))
     assert r.status_code == 422 and paths(r) == ["optimizer.learning_rate"]
     assert "1e+10" in r.json()["detail"][0]["msg"] or "10000000000" in r.json()["detail"][0]["msg"]
+
+
+# --------------------------------------------------------------------------- medium 7: 500s that are 4xx
+
+
+@pytest.mark.parametrize("round_", range(3))
+def test_one_idempotency_key_with_two_bodies_at_once_is_never_a_500(http: httpx.Client, api_url: str, round_: int) -> None:
+    key = f"race-{round_}-{time.time_ns()}"
+    bodies = [note_spec(1, name="race-a"), note_spec(1, name="race-b")]
+
+    def submit(i: int) -> tuple[int, str | None]:
+        with httpx.Client(base_url=api_url, timeout=60) as c:
+            r = c.post("/v1/jobs", json=bodies[i % 2], headers={"Idempotency-Key": key})
+            return r.status_code, (r.json().get("id") if r.status_code in (200, 201) else None)
+
+    with cf.ThreadPoolExecutor(40) as pool:
+        results = list(pool.map(submit, range(40)))
+    codes = [c for c, _ in results]
+    assert set(codes) <= {200, 201, 409}, codes
+    assert codes.count(201) == 1
+    ids = {i for _, i in results if i}
+    assert len(ids) == 1
+    http.post(f"/v1/jobs/{ids.pop()}/cancel")
+
+
+_LONE = '"\\udc00"'  # JSON text of a string holding a lone low surrogate
+
+
+@pytest.mark.parametrize(("route", "raw", "path"), [
+    ("/v1/jobs", '{@: 1}'.replace("@", _LONE), "\\udc00"),
+    ("/v1/jobs", '{"name": "x", "data": {"dataset": "digits", @: [1]}}'.replace("@", _LONE), "data.\\udc00"),
+    ("/v1/jobs", '{"name": @}'.replace("@", _LONE), "name"),
+    ("/v1/jobs", '{"name": "\\ud800x"}', "name"),  # a high surrogate without its low half
+    ("/v1/jobs/batch", '{"specs": [{"name": "ok"}, {@: 1}]}'.replace("@", _LONE), "specs[1].\\udc00"),
+    ("/v1/sweeps", '{"name": "s", "base": {}, "method": "grid", "parameters": {@: {"values": [1]}}, '
+                   '"objective": {"metric": "val_loss"}}'.replace("@", _LONE), "parameters.\\udc00"),
+    ("/v1/schedules/preview", '{"learning_rate": {@: 1}, "steps": 3}'.replace("@", _LONE), "learning_rate.\\udc00"),
+])
+def test_a_lone_surrogate_anywhere_is_a_422_and_the_connection_stays_usable(
+    http: httpx.Client, route: str, raw: str, path: str
+) -> None:
+    r = http.post(route, content=raw.encode(), headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    detail = r.json()["detail"]
+    assert [d["path"] for d in detail] == [path] and detail[0]["type"] == "string_unicode"
+    assert r.headers.get("connection", "").lower() != "close"
+    assert http.get("/healthz").status_code == 200  # the same kept-alive connection
+
+
+def test_a_surrogate_pair_is_ordinary_text(http: httpx.Client) -> None:
+    r = http.post("/v1/jobs", content=b'{"\\ud83d\\ude00": 1}', headers={"content-type": "application/json"})
+    assert r.status_code == 422  # an unknown field (the emoji), not a Unicode error
+    assert "\U0001f600" in paths(r) and "string_unicode" not in {d["type"] for d in r.json()["detail"]}
+    r = http.post("/v1/jobs", content=b'{"\\\\udc00": 1}', headers={"content-type": "application/json"})
+    assert "\\udc00" in paths(r)  # an escaped backslash, then text: an unknown field named so
+    assert "string_unicode" not in {d["type"] for d in r.json()["detail"]}
+
+
+def test_the_error_handlers_render_any_string() -> None:
+    import asyncio
+
+    from api.errors import SpecProblem, error, spec_problem_handler
+
+    problem = SpecProblem([error(["a\udc00"], "bad \udc00")])
+    response = asyncio.run(spec_problem_handler(None, problem))  # type: ignore[arg-type]
+    assert response.status_code == 422 and b"\\udc00" in response.body
