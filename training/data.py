@@ -787,7 +787,7 @@ def info_from_arrays(name: str, x: np.ndarray, y: np.ndarray) -> DatasetInfo:
     if integer_dtype and y.ndim == 2 and y.shape[1] == 1:
         y = y[:, 0]
     if integer_dtype and y.ndim == 1:
-        labels = np.unique(y.astype(np.int64))
+        labels = np.unique(y)  # in y's own dtype: a cast to int64 would wrap uint64 labels
         k = int(labels[-1]) + 1
         if labels[0] != 0 or len(labels) != k or k < 2:
             shown = ", ".join(str(v) for v in labels[:10]) + (", ..." if len(labels) > 10 else "")

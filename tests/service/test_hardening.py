@@ -205,3 +205,94 @@ def test_the_error_handlers_render_any_string() -> None:
     problem = SpecProblem([error(["a\udc00"], "bad \udc00")])
     response = asyncio.run(spec_problem_handler(None, problem))  # type: ignore[arg-type]
     assert response.status_code == 422 and b"\\udc00" in response.body
+
+
+# --------------------------------------------------------------------------- uploads
+
+
+def _npz_bytes(**arrays: Any) -> bytes:
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def _huge_header_npz() -> bytes:
+    """An archive whose y.npy header declares shape (10**9, 4) of float64 over a few bytes."""
+    import io
+    import zipfile
+
+    import numpy as np
+    from numpy.lib import format as npy
+
+    member = io.BytesIO()
+    npy.write_array_header_1_0(member, {"descr": "<f8", "fortran_order": False, "shape": (10**9, 4)})
+    member.write(b"\0" * 16)
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as zf:
+        zf.writestr("x.npy", _npy(np.zeros((10**9 // 10**9, 2))))
+        zf.writestr("y.npy", member.getvalue())
+    return out.getvalue()
+
+
+def _npy(a: Any) -> bytes:
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
+
+
+def _upload(http: httpx.Client, filename: str, content: bytes, **form: str) -> httpx.Response:
+    return http.post("/v1/datasets", files={"file": (filename, content)}, data=form)
+
+
+def test_an_npz_header_declaring_a_huge_shape_is_refused_before_allocating(http: httpx.Client) -> None:
+    r = _upload(http, "huge.npz", _huge_header_npz())
+    assert r.status_code == 422, r.text
+    assert paths(r) == ["file"] and "[1000000000, 4]" in r.json()["detail"][0]["msg"]
+
+
+def test_a_long_upload_filename_is_a_422_and_a_200_character_one_is_stored(http: httpx.Client) -> None:
+    import numpy as np
+
+    data = _npz_bytes(x=np.zeros((20, 2), np.float32), y=np.arange(20) % 2)
+    r = _upload(http, "a" * 252 + ".npz", data)  # 256 characters
+    assert r.status_code == 422 and paths(r) == ["file"], r.text
+    r = _upload(http, "b" * 250 + ".npz", data)  # 254: stored, its name cut to 200 characters
+    assert r.status_code == 201, r.text
+    assert r.json()["name"] == ("b" * 250 + ".npz")[:200] and r.json()["filename"] == "b" * 250 + ".npz"
+
+
+def test_csv_target_superscript_digit_is_a_422_naming_target(http: httpx.Client) -> None:
+    r = _upload(http, "t.csv", b"a,b\n1,0\n2,1\n3,0\n4,1\n", target="\u00b2")
+    assert r.status_code == 422, r.text
+    assert paths(r) == ["target"]
+    r = _upload(http, "t.csv", b"a,b\n1,0\n2,1\n3,0\n4,1\n", target="9" * 5000)  # > 4300 digits
+    assert r.status_code == 422 and paths(r) == ["target"], r.text
+
+
+def test_target_with_an_npz_is_an_error_and_dot_csv_is_a_csv(http: httpx.Client) -> None:
+    import numpy as np
+
+    data = _npz_bytes(x=np.zeros((20, 2), np.float32), y=np.arange(20) % 2)
+    r = _upload(http, "d.npz", data, target="0")
+    assert r.status_code == 422 and paths(r) == ["target"], r.text
+    r = _upload(http, ".csv", b"a,b\n1,0\n2,1\n3,0\n4,1\n")
+    assert r.status_code == 201, r.text
+    assert r.json()["format"] == "csv"
+
+
+def test_uint64_labels_are_reported_as_they_are(http: httpx.Client) -> None:
+    import numpy as np
+
+    y = np.array([0, 2**64 - 1] * 10, dtype=np.uint64)
+    r = _upload(http, "u.npz", _npz_bytes(x=np.zeros((20, 2), np.float32), y=y))
+    assert r.status_code == 422, r.text
+    msg = r.json()["detail"][0]["msg"]
+    assert "label(s): 0, 18446744073709551615." in msg
