@@ -571,6 +571,35 @@ keys_app = typer.Typer(help="Create, list and revoke API keys (talks to $TRAINYA
 app.add_typer(keys_app, name="keys")
 
 
+def _require_database() -> None:
+    """The admin commands work on the API's own database: name it clearly when it is missing or
+    empty, rather than create an empty SQLite file and fail with "no such table"."""
+    from sqlalchemy import inspect
+    from sqlalchemy.engine import make_url
+
+    from store.db import get_engine
+    from store.settings import get_settings
+
+    if "--help" in sys.argv[1:]:
+        return
+    url = get_settings().database_url
+    parsed = make_url(url)
+    unset = "" if os.environ.get("TRAINYARD_DATABASE_URL") else " (TRAINYARD_DATABASE_URL is not set)"
+    if parsed.get_backend_name() == "sqlite" and parsed.database and not Path(parsed.database).exists():
+        raise _fail(f"trainyard: no database at {parsed.database}{unset}; set TRAINYARD_DATABASE_URL to the API's "
+                    "database (or create this one with 'trainyard migrate')", 2)
+    try:
+        has_schema = inspect(get_engine()).has_table("api_keys")
+    except Exception as exc:  # noqa: BLE001 - any connection failure is reported as such
+        raise _fail(f"trainyard: cannot open the database {_redact(url)}{unset}: {exc}", 2) from None
+    if not has_schema:
+        raise _fail(f"trainyard: the database {_redact(url)} has no Trainyard tables{unset}; "
+                    "run 'trainyard migrate' or point TRAINYARD_DATABASE_URL at the API's database", 2)
+
+
+keys_app.callback()(_require_database)
+
+
 def _when(dt: Any) -> str:
     return dt.strftime("%Y-%m-%d %H:%M:%S") if dt is not None else "-"
 
@@ -645,6 +674,7 @@ def keys_revoke(
 projects_app = typer.Typer(help="Per-project limits (talks to $TRAINYARD_DATABASE_URL directly).",
                            no_args_is_help=True)
 app.add_typer(projects_app, name="projects")
+projects_app.callback()(_require_database)
 
 
 @projects_app.command("set-limits")
@@ -653,19 +683,22 @@ def projects_set_limits(
     max_concurrent_jobs: Annotated[int | None, typer.Option(min=0, help="queued + running jobs; 0: unlimited")] = None,
     requests_per_minute: Annotated[int | None, typer.Option(min=0, help="0: unlimited")] = None,
 ) -> None:
-    """Set a project's own limits; an option left out means the service's default
-    (TRAINYARD_MAX_CONCURRENT_JOBS, TRAINYARD_REQUESTS_PER_MINUTE)."""
+    """Set a project's own limits; an option left out keeps its value, and with no option at all
+    both go back to the service's defaults (TRAINYARD_MAX_CONCURRENT_JOBS, TRAINYARD_REQUESTS_PER_MINUTE)."""
     from store import auth
     from store.db import session_scope
 
+    given = {k: v for k, v in (("max_concurrent_jobs", max_concurrent_jobs),
+                               ("requests_per_minute", requests_per_minute)) if v is not None}
     try:
         with session_scope(write=True) as session:
-            pid = auth.ensure_project(session, project).id
-            auth.set_project_limits(session, pid, max_concurrent_jobs=max_concurrent_jobs,
-                                    requests_per_minute=requests_per_minute)
+            row = auth.ensure_project(session, project)
+            # no option at all: both back to the defaults; otherwise only the options given change
+            auth.set_project_limits(session, row.id, **(given or {"max_concurrent_jobs": None, "requests_per_minute": None}))
+            session.refresh(row)
+            shown = {"max_concurrent_jobs": row.max_concurrent_jobs, "requests_per_minute": row.requests_per_minute}
     except ValueError as exc:
         raise _fail(f"trainyard: {exc}", 2) from None
-    shown = {"max_concurrent_jobs": max_concurrent_jobs, "requests_per_minute": requests_per_minute}
     typer.echo(f"{project}: " + ", ".join(f"{k}={'default' if v is None else v}" for k, v in shown.items()))
 
 

@@ -296,3 +296,41 @@ def test_uint64_labels_are_reported_as_they_are(http: httpx.Client) -> None:
     assert r.status_code == 422, r.text
     msg = r.json()["detail"][0]["msg"]
     assert "label(s): 0, 18446744073709551615." in msg
+
+
+# --------------------------------------------------------------------------- low: the admin CLI
+
+
+def test_keys_revoke_without_a_database_url_says_so_and_creates_nothing(tmp_path: Any) -> None:
+    import os
+    import subprocess
+
+    from .conftest import cli
+    from .helpers import ROOT
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINYARD_")}
+    env["PYTHONPATH"] = str(ROOT)
+    out = subprocess.run(cli("keys", "revoke", "abc"), env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, out
+    assert "TRAINYARD_DATABASE_URL is not set" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "trainyard-data").exists()
+
+
+def test_set_limits_changes_only_the_limits_given(service_env: dict[str, str], migrated: None) -> None:
+    import subprocess
+
+    from .conftest import cli
+    from .helpers import ROOT
+
+    project = f"limits-{time.time_ns()}"
+
+    def run(*args: str) -> str:
+        out = subprocess.run(cli("projects", "set-limits", project, *args), env=service_env, cwd=ROOT,
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    assert "max_concurrent_jobs=5" in run("--max-concurrent-jobs", "5")
+    shown = run("--requests-per-minute", "7")
+    assert "max_concurrent_jobs=5" in shown and "requests_per_minute=7" in shown
+    assert "max_concurrent_jobs=default, requests_per_minute=default" in run()
