@@ -65,3 +65,14 @@ async def request_validation_handler(_request: Request, exc: RequestValidationEr
 
 async def spec_problem_handler(_request: Request, exc: SpecProblem) -> JSONResponse:
     return SafeJSONResponse({"detail": exc.errors}, status_code=exc.status_code)
+
+
+async def database_unavailable_handler(_request: Request, exc: Exception) -> JSONResponse:
+    """A database that cannot be reached (SQLAlchemy's OperationalError / InterfaceError) is a
+    503 with Retry-After, in JSON like every other error (it was a plain-text 500). The error's
+    text (host, port, database) is logged, not sent."""
+    import logging
+
+    logging.getLogger("trainyard.api").warning("database unavailable: %s: %s", type(exc).__name__, exc)
+    return SafeJSONResponse({"detail": "the database is unavailable; retry later"}, status_code=503,
+                            headers={"Retry-After": "5"})

@@ -334,3 +334,41 @@ def test_set_limits_changes_only_the_limits_given(service_env: dict[str, str], m
     shown = run("--requests-per-minute", "7")
     assert "max_concurrent_jobs=5" in shown and "requests_per_minute=7" in shown
     assert "max_concurrent_jobs=default, requests_per_minute=default" in run()
+
+
+# --------------------------------------------------------------------------- low: database down
+
+
+@pytest.fixture(scope="module")
+def api_without_database(service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """``trainyard api`` (keys required) whose PostgreSQL does not answer (nothing listens on the port)."""
+    import subprocess
+
+    from .conftest import cli
+    from .helpers import ROOT, free_port, stop, wait_http
+
+    port = free_port()
+    env = {**service_env, "TRAINYARD_AUTH": "required",
+           "TRAINYARD_DATABASE_URL": f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/secretdbname"}
+    log = tmp_path_factory.mktemp("logs") / "api-nodb.log"
+    with log.open("wb") as f:
+        proc = subprocess.Popen(cli("api", "--port", str(port)), env=env, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/healthz", proc)
+        yield url
+    finally:
+        stop(proc)
+
+
+def test_database_down_is_a_503_json_and_readyz_reveals_nothing(api_without_database: str) -> None:
+    key = {"Authorization": "Bearer ty_" + "a" * 43}
+    with httpx.Client(base_url=api_without_database, timeout=30) as c:
+        for method, path in (("GET", "/v1/jobs"), ("POST", "/v1/jobs"), ("GET", "/v1/datasets")):
+            r = c.request(method, path, headers=key, json=note_spec(1) if method == "POST" else None)
+            assert r.status_code == 503, (path, r.status_code, r.text)
+            assert r.headers["content-type"].startswith("application/json") and "Retry-After" in r.headers
+            assert "unavailable" in r.json()["detail"]
+        r = c.get("/readyz")
+        assert r.status_code == 503 and r.json()["database"].startswith("error: OperationalError")
+        assert "secretdbname" not in r.text and "127.0.0.1" not in r.text
