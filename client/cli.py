@@ -433,8 +433,17 @@ def worker(
     raise typer.Exit(_supervise({f"gpu{i}": p for i, p in enumerate(procs)}))
 
 
-def _supervise(procs: dict[str, subprocess.Popen[Any]], grace: float = 30.0) -> int:
-    """Wait for children; on SIGINT/SIGTERM (or one child dying) stop them all, SIGTERM first."""
+#: a child given a restart recipe is restarted at most this many times a minute, then all stop
+RESTARTS_PER_MINUTE = 5
+
+
+def _supervise(procs: dict[str, subprocess.Popen[Any]], grace: float = 30.0,
+               restart: dict[str, Any] | None = None) -> int:
+    """Wait for children; on SIGINT/SIGTERM (or one child dying) stop them all, SIGTERM first.
+    A child named in ``restart`` (name -> a function starting a new one) is started again when it
+    dies (a worker killed by the OOM killer, say), up to RESTARTS_PER_MINUTE times a minute."""
+    restart = restart or {}
+    restarts: list[float] = []
     stop = {"flag": False}
 
     def handler(_signum: int, _frame: Any) -> None:
@@ -445,6 +454,14 @@ def _supervise(procs: dict[str, subprocess.Popen[Any]], grace: float = 30.0) -> 
     try:
         while not stop["flag"]:
             dead = [n for n, p in procs.items() if p.poll() is not None]
+            now = time.monotonic()
+            restarts = [t for t in restarts if now - t < 60]
+            if dead and all(n in restart for n in dead) and len(restarts) + len(dead) <= RESTARTS_PER_MINUTE:
+                for n in dead:
+                    typer.echo(f"trainyard: {n} exited with status {procs[n].returncode}; starting a new one", err=True)
+                    procs[n] = restart[n]()
+                    restarts.append(now)
+                continue
             if dead:
                 typer.echo(f"trainyard: {', '.join(dead)} exited; stopping", err=True)
                 code = 1
@@ -489,11 +506,15 @@ def serve(
     log_dir.mkdir(exist_ok=True)
     worker_log = (log_dir / "worker.log").open("ab")
     token = secrets.token_hex(16)
-    procs = {
-        "worker": subprocess.Popen(
+
+    def start_worker() -> subprocess.Popen[Any]:
+        return subprocess.Popen(
             _celery_worker_argv([prefix + "gpu", prefix + "cpu"], 1, "solo", "INFO", "trainyard-serve@%h"),
             env=env, stdout=worker_log, stderr=subprocess.STDOUT, start_new_session=True,
-        ),
+        )
+
+    procs = {
+        "worker": start_worker(),
         "api": subprocess.Popen(
             _python("-m", "api.server", "--host", host, "--port", str(port), "--log-level", "warning"),
             env={**env, "TRAINYARD_INSTANCE_TOKEN": token}, start_new_session=True,
@@ -515,7 +536,7 @@ def serve(
     else:
         typer.echo(f"no API keys (embedded mode on {host}): every caller is in the default project; "
                    "--auth requires keys")
-    raise typer.Exit(_supervise(procs))
+    raise typer.Exit(_supervise(procs, restart={"worker": start_worker}))
 
 
 def _port_free(host: str, port: int) -> bool:

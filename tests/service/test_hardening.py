@@ -372,3 +372,48 @@ def test_database_down_is_a_503_json_and_readyz_reveals_nothing(api_without_data
         r = c.get("/readyz")
         assert r.status_code == 503 and r.json()["database"].startswith("error: OperationalError")
         assert "secretdbname" not in r.text and "127.0.0.1" not in r.text
+
+
+# --------------------------------------------------------------------------- low: serve restarts its worker
+
+
+def test_a_worker_killed_inside_serve_is_restarted(tmp_path: Any) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from client import Client
+
+    from .helpers import ROOT, free_port, wait_status
+
+    def worker_pids(parent: int) -> list[int]:
+        pids = subprocess.run(["pgrep", "-P", str(parent)], capture_output=True, text=True).stdout.split()
+        return [int(p) for p in pids if "celery" in open(f"/proc/{p}/cmdline", "rb").read().decode(errors="replace")]
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINYARD_")}
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.Popen([sys.executable, "-m", "client.cli", "serve", "--port", str(port), "--data-dir",
+                             str(tmp_path / "data")], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert "is running" in proc.stdout.readline()  # type: ignore[union-attr]
+        (first,) = worker_pids(proc.pid)
+        os.kill(first, signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and worker_pids(proc.pid) in ([], [first]):
+            time.sleep(0.2)
+        assert proc.poll() is None, "serve stopped when its worker died"
+        (second,) = worker_pids(proc.pid)
+        assert second != first
+        with Client(f"http://127.0.0.1:{port}") as c:
+            job = c.submit(note_spec(2))
+            assert wait_status(c, job["id"], ("succeeded", "failed"), timeout=180)["status"] == "succeeded"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+        assert "worker exited with status -9; starting a new one" in proc.stderr.read()  # type: ignore[union-attr]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
