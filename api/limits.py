@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -117,6 +118,23 @@ def _surrogate_loc(value: Any, loc: list[Any]) -> list[Any] | None:
     return None
 
 
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+#: an integer literal (not a float's fraction or exponent) of more digits than Python converts
+_LONG_INT = re.compile(rb"(?<![.eE0-9])(?<![eE][+-])[0-9]{%d,}(?![0-9.eE])" % (sys.get_int_max_str_digits() + 1))
+
+
+def long_integer(body: bytes) -> tuple[int, int] | None:
+    """(character offset, digits) of an integer literal longer than Python's int conversion limit
+    (4300 digits: ``json.loads`` raises, and FastAPI answered 400 "error parsing the body");
+    digits inside strings do not count. None when there is none; one search for most bodies."""
+    limit = sys.get_int_max_str_digits()
+    if limit <= 0 or not re.search(rb"[0-9]{%d}" % (limit + 1), body):
+        return None
+    text = _STRING.sub(lambda m: b" " * len(m.group()), body)  # same offsets, no string contents
+    m = _LONG_INT.search(text)
+    return (m.start(), m.end() - m.start()) if m else None
+
+
 class BodyLimitMiddleware:
     """413 for a body over the limit, decided from Content-Length when there is one and else by
     counting bytes as they arrive (never reading more than the limit). JSON bodies (they are read
@@ -172,6 +190,14 @@ class BodyLimitMiddleware:
                     "loc": ["body", *bad], "path": json_path(bad), "type": "string_unicode",
                     "msg": "text must be valid Unicode: this string holds a lone UTF-16 surrogate escape "
                            "(\\ud800-\\udfff); a high surrogate must be followed by a low one",
+                }], close=False)
+                return
+            too_long = long_integer(body)
+            if too_long is not None:
+                await _respond(send, 422, [{
+                    "loc": ["body"], "path": "", "type": "int_too_long",
+                    "msg": f"an integer in the request body has {too_long[1]} digits (at character {too_long[0]}); "
+                           f"at most {sys.get_int_max_str_digits()} are allowed: send it as a float or a string",
                 }], close=False)
                 return
             if json_too_deep(body, self.settings.max_json_depth):

@@ -417,3 +417,12 @@ def test_a_worker_killed_inside_serve_is_restarted(tmp_path: Any) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_an_integer_literal_over_4300_digits_is_a_422(http: httpx.Client) -> None:
+    r = http.post("/v1/jobs", content=b'{"epochs": ' + b"9" * 5000 + b"}", headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"][0]["type"] == "int_too_long" and "5000 digits" in r.json()["detail"][0]["msg"]
+    # the same digits in a string, or as a float, are ordinary (spec) errors
+    r = http.post("/v1/jobs", content=b'{"name": "' + b"9" * 5000 + b'"}', headers={"content-type": "application/json"})
+    assert r.status_code == 422 and "int_too_long" not in {d["type"] for d in r.json()["detail"]}
