@@ -87,7 +87,7 @@ def upload_dataset(
         if ext == ".npz":
             _check_npz_size(tmp_path, filename, settings.max_dataset_bytes)
         try:
-            x, y = read_array_file(str(tmp_path), tgt if ext == ".csv" else None)
+            x, y = read_array_file(str(tmp_path), tgt if ext == ".csv" else None, max_bytes=settings.max_dataset_bytes)
         except DataError as exc:
             field = "target" if exc.field == "target" else "file"
             raise SpecProblem([error([field], str(exc).replace(str(tmp_path), filename))]) from None
