@@ -17,10 +17,8 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from fastapi import HTTPException
-from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from store.models import Job, Project
 from store.settings import Settings
 
 Scope = MutableMapping[str, Any]
@@ -323,18 +321,12 @@ JOBS_RETRY_AFTER_S = 30
 
 def check_job_slots(session: Session, project_id: str, adding: int, settings: Settings) -> None:
     """429 (Retry-After) unless the project's queued + running jobs plus ``adding`` fit its
-    limit (its own ``max_concurrent_jobs``, else the service's). Locks the project's row until
-    the caller's transaction ends, so concurrent submissions cannot both squeeze in."""
-    own = session.execute(
-        select(Project.max_concurrent_jobs).where(Project.id == project_id).with_for_update()
-    ).first()
-    limit = own[0] if own is not None and own[0] is not None else settings.max_concurrent_jobs
-    if limit <= 0:
-        return
-    active = session.scalar(
-        select(func.count()).select_from(Job).where(Job.project_id == project_id, Job.status.in_(("queued", "running")))
-    ) or 0
-    if active + adding > limit:
+    limit (:func:`store.repo.project_job_slots`, which locks the project's row until the
+    caller's transaction ends)."""
+    from store.repo import project_job_slots
+
+    active, limit = project_job_slots(session, project_id, settings.max_concurrent_jobs)
+    if limit > 0 and active + adding > limit:
         raise slots_full(active, limit, adding)
 
 

@@ -23,6 +23,7 @@ from store.models import (
     JobEvent,
     JobMetric,
     Outbox,
+    Project,
     Snapshot,
 )
 
@@ -110,6 +111,22 @@ def get_job(session: Session, job_id: str, project_id: str | None = None) -> Job
     if project_id is None:
         return session.get(Job, job_id)
     return session.scalars(select(Job).where(Job.id == job_id, Job.project_id == project_id)).one_or_none()
+
+
+def project_job_slots(session: Session, project_id: str, default_limit: int) -> tuple[int, int]:
+    """``(active, limit)`` of a project: its queued + running jobs, and its own
+    ``max_concurrent_jobs`` else ``default_limit`` (<= 0: no limit). Locks the project's row until
+    the caller's transaction ends, so concurrent submissions (and sweeps) cannot both squeeze in."""
+    own = session.execute(
+        select(Project.max_concurrent_jobs).where(Project.id == project_id).with_for_update()
+    ).first()
+    limit = own[0] if own is not None and own[0] is not None else default_limit
+    if limit <= 0:
+        return 0, limit
+    active = session.scalar(
+        select(func.count()).select_from(Job).where(Job.project_id == project_id, Job.status.in_(("queued", "running")))
+    ) or 0
+    return int(active), int(limit)
 
 
 def get_job_by_idempotency_key(session: Session, key: str, project_id: str = DEFAULT_PROJECT) -> Job | None:
