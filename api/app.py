@@ -22,7 +22,7 @@ from api.errors import (
     spec_problem_handler,
 )
 from api.fastpath import PollFastPath, PollStats
-from api.limits import BodyLimitMiddleware, RateLimiter
+from api.limits import BodyLimitMiddleware, RateLimiter, StreamSlots
 from api.prom import make_registry
 from api.routers import catalog, datasets, health, jobs, schedules, sweeps
 from api.schemas.common import ErrorResponse
@@ -94,6 +94,7 @@ def create_app(settings: Settings | None = None, *, poll_fast_path: bool = True)
     for unavailable in (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError):
         app.add_exception_handler(unavailable, database_unavailable_handler)
     app.state.rate_limiter = RateLimiter()
+    app.state.stream_slots = StreamSlots(settings.max_event_streams)
     app.add_middleware(BodyLimitMiddleware, settings=settings)  # type: ignore[arg-type]
     if poll_fast_path:  # added last: the outermost of ours, so a served poll skips the rest
         app.add_middleware(PollFastPath, settings=settings, rate_limiter=app.state.rate_limiter,  # type: ignore[arg-type]

@@ -371,3 +371,37 @@ class RateLimiter:
         wait = self.acquire(key, per_minute)
         if wait > 0:
             raise too_many_requests(f"rate limit of {per_minute} requests per minute exceeded; retry later", wait)
+
+
+# --------------------------------------------------------------------------- open event streams
+
+
+class StreamSlots:
+    """Open event streams per project in this API process: each polls the database, so a caller
+    holding hundreds of them loaded every other request (issue 18: 200 streams took GET /v1/jobs
+    from 14 ms to 1.4 s). ``open`` answers 429 past ``per_project``; ``close`` frees the slot."""
+
+    def __init__(self, per_project: int) -> None:
+        self.per_project = per_project
+        self._open: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def open(self, project_id: str) -> None:
+        with self._lock:
+            n = self._open.get(project_id, 0)
+            if 0 < self.per_project <= n:
+                raise too_many_requests(
+                    f"this project already has {n} open event streams on this server, the most allowed; close one "
+                    "(or poll GET /v1/jobs/{id}?wait=...) and retry", 5)
+            self._open[project_id] = n + 1
+
+    def close(self, project_id: str) -> None:
+        with self._lock:
+            n = self._open.get(project_id, 0) - 1
+            if n > 0:
+                self._open[project_id] = n
+            else:
+                self._open.pop(project_id, None)
+
+    def count(self, project_id: str) -> int:
+        return self._open.get(project_id, 0)

@@ -44,6 +44,7 @@ class Settings:
     max_dataset_bytes: int = 2**30  # an uploaded dataset's arrays, uncompressed
     max_concurrent_jobs: int = 1000  # queued + running, per project
     requests_per_minute: int = 6000  # per project, per API process (0: unlimited)
+    max_event_streams: int = 32  # open /events streams per project, per API process (0: unlimited)
     # API process: after start-up, move every object into the garbage collector's permanent
     # generation (gc.freeze), so a full collection no longer walks the ~110k objects of the
     # imported libraries: that walk took ~70 ms, a stall of every request in flight. On for the
@@ -109,6 +110,7 @@ def settings_from_env(env: os._Environ[str] | dict[str, str] | None = None) -> S
         max_dataset_bytes=int(e.get("TRAINYARD_MAX_DATASET_BYTES", 2**30)),
         max_concurrent_jobs=int(e.get("TRAINYARD_MAX_CONCURRENT_JOBS", 1000)),
         requests_per_minute=int(e.get("TRAINYARD_REQUESTS_PER_MINUTE", 6000)),
+        max_event_streams=int(e.get("TRAINYARD_MAX_EVENT_STREAMS", 32)),
         worker_nice=int(e.get("TRAINYARD_WORKER_NICE") or 10),
         gc_freeze=(e.get("TRAINYARD_GC_FREEZE") or "1").strip().lower() not in ("0", "false", "no", "off"),
     )

@@ -341,11 +341,25 @@ async def job_events(
         if not 0 <= start <= MAX_INT64:
             raise HTTPException(status_code=400, detail="Last-Event-ID must be an event id (an integer)") from None
     key_id = authenticate(request).key_id
-    first, status = await run_in_threadpool(_poll_events, job_id, start, project, key_id)
+    slots = request.app.state.stream_slots
+    slots.open(project)  # 429 past the project's open streams (api.limits.StreamSlots)
+    try:
+        first, status = await run_in_threadpool(_poll_events, job_id, start, project, key_id)
+    except BaseException:
+        slots.close(project)
+        raise
     if status is None:
+        slots.close(project)
         raise _not_found(job_id)
 
     async def stream() -> Any:
+        try:
+            async for item in _events(first, status):
+                yield item
+        finally:
+            slots.close(project)
+
+    async def _events(first: Any, status: str | None) -> Any:
         events, last = first, start
         st: str | None = status
         while True:

@@ -14,17 +14,18 @@ import httpx
 import pytest
 
 from .conftest import cli
-from .helpers import ROOT, free_port, stop, wait_http
+from .helpers import ROOT, free_port, long_spec, stop, wait_http
 
 HEAD_TIMEOUT_S = 1.5
 
 
 @pytest.fixture(scope="module")
 def guarded_api(service_env: dict[str, str], migrated: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """``trainyard api`` with a short head deadline (the default is 10 s)."""
+    """``trainyard api`` with a short head deadline (the default is 10 s) and at most two open
+    event streams per project (the default is 32)."""
     port = free_port()
     log = tmp_path_factory.mktemp("logs") / "api-guarded.log"
-    env = {**service_env, "TRAINYARD_HEADER_TIMEOUT": str(HEAD_TIMEOUT_S)}
+    env = {**service_env, "TRAINYARD_HEADER_TIMEOUT": str(HEAD_TIMEOUT_S), "TRAINYARD_MAX_EVENT_STREAMS": "2"}
     with log.open("wb") as f:
         proc = subprocess.Popen(cli("api", "--port", str(port)), env=env, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -128,6 +129,8 @@ def test_a_kept_alive_connection_trickling_its_next_head_is_closed(guarded_api: 
             try:
                 s.sendall(b"X-A: b\r\n")  # a header line every 0.2 s, never the end of the head
             except (BrokenPipeError, ConnectionResetError):
+                s.settimeout(1)  # closed after its answer: read what arrived
+                trickled = s.recv(65536)
                 break
             s.settimeout(0.2)
             try:
@@ -136,7 +139,7 @@ def test_a_kept_alive_connection_trickling_its_next_head_is_closed(guarded_api: 
             except TimeoutError:
                 continue
         assert trickled is not None and trickled.startswith(b"HTTP/1.1 408 "), trickled
-        assert time.monotonic() - t0 < HEAD_TIMEOUT_S + 2
+        assert time.monotonic() - t0 < HEAD_TIMEOUT_S + 3
 
 
 def test_a_slow_body_after_a_complete_head_is_not_cut_by_the_head_deadline(guarded_api: str) -> None:
@@ -149,3 +152,26 @@ def test_a_slow_body_after_a_complete_head_is_not_cut_by_the_head_deadline(guard
         s.sendall(body)
         raw = _read_response(s, 3)
     assert raw.startswith(b"HTTP/1.1 200 "), raw[:300]
+
+
+def test_open_event_streams_are_capped_per_project(guarded_api: str) -> None:
+    with httpx.Client(base_url=guarded_api, timeout=30) as c:
+        job = c.post("/v1/jobs", json=long_spec()).json()
+        url = f"/v1/jobs/{job['id']}/events"
+        try:
+            with httpx.stream("GET", guarded_api + url, timeout=30) as one, \
+                    httpx.stream("GET", guarded_api + url, timeout=30) as two:
+                assert one.status_code == two.status_code == 200
+                third = c.get(url)
+                assert third.status_code == 429 and "Retry-After" in third.headers, third.text
+                assert "2 open event streams" in third.json()["detail"]
+            # both closed: the slots are free again (the server notices the disconnect)
+            deadline = time.monotonic() + 10
+            while True:
+                with httpx.stream("GET", guarded_api + url, timeout=30) as again:
+                    if again.status_code == 200:
+                        break
+                assert time.monotonic() < deadline, "the closed streams' slots were never freed"
+                time.sleep(0.3)
+        finally:
+            c.post(f"/v1/jobs/{job['id']}/cancel")
