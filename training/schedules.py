@@ -370,3 +370,24 @@ def preview_schedule(
         if time.monotonic() > deadline and len(out) < steps:
             raise ScheduleError(f"the preview took longer than {time_limit_s:g} s; ask for fewer steps")
     return out
+
+
+def preview_json(
+    learning_rate: Any, steps: int, steps_per_epoch: int | None, time_limit_s: float | None
+) -> tuple[str, Any, Any]:
+    """:func:`preview_schedule` for a worker process: plain values that pickle (exceptions with
+    extra attributes do not): ``("ok", b'{"lr": [...]}', None)``, ``("schedule_error", msg,
+    field)`` or ``("spec_error", errors, None)``. The JSON is built here too (200,000 floats)."""
+    import json
+
+    from training.spec import SpecError
+
+    try:
+        lr = preview_schedule(learning_rate, steps, steps_per_epoch=steps_per_epoch, time_limit_s=time_limit_s)
+    except SpecError as exc:
+        return "spec_error", exc.errors, None
+    except ScheduleError as exc:
+        return "schedule_error", str(exc), exc.field
+    if not all(math.isfinite(v) for v in lr):
+        return "schedule_error", "this schedule gives non-finite learning rates", None
+    return "ok", json.dumps({"lr": lr}).encode(), None
