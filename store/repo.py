@@ -559,6 +559,29 @@ def best_checkpoint(session: Session, job_id: str, project_id: str | None = None
     return session.scalars(q).first()
 
 
+def best_checkpoint_meta(session: Session, job_id: str, project_id: str | None = None) -> Checkpoint | None:
+    """The job's best checkpoint that has bytes, without loading them (see :func:`checkpoint_chunks`)."""
+    q = (
+        select(Checkpoint)
+        .options(defer(Checkpoint.data))
+        .where(Checkpoint.job_id == job_id, Checkpoint.is_best.is_(True), Checkpoint.data.is_not(None))
+        .order_by(Checkpoint.id.desc())
+        .limit(1)
+    )
+    if project_id is not None:
+        q = q.join(Job, Job.id == Checkpoint.job_id).where(Job.project_id == project_id)
+    return session.scalars(q).first()
+
+
+def checkpoint_chunk(session: Session, checkpoint_id: int, offset: int, size: int) -> bytes:
+    """``size`` bytes of a checkpoint's data from ``offset`` (fewer at its end), read by the
+    database (``substr``), so a download never holds the whole blob."""
+    chunk = session.scalar(
+        select(func.substr(Checkpoint.data, offset + 1, size)).where(Checkpoint.id == checkpoint_id)
+    )
+    return bytes(chunk or b"")
+
+
 def save_snapshot(session: Session, job_id: str, *, epoch: int, step: int, data: bytes, sha256: str) -> None:
     """Keep only the newest training-state snapshot of a job."""
     session.execute(delete(Snapshot).where(Snapshot.job_id == job_id))

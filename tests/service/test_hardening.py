@@ -426,3 +426,31 @@ def test_an_integer_literal_over_4300_digits_is_a_422(http: httpx.Client) -> Non
     # the same digits in a string, or as a float, are ordinary (spec) errors
     r = http.post("/v1/jobs", content=b'{"name": "' + b"9" * 5000 + b'"}', headers={"content-type": "application/json"})
     assert r.status_code == 422 and "int_too_long" not in {d["type"] for d in r.json()["detail"]}
+
+
+# --------------------------------------------------------------------------- medium 6: checkpoints stream
+
+
+def test_a_checkpoint_larger_than_a_chunk_streams_intact(http: httpx.Client, inproc_env: dict[str, str]) -> None:
+    import hashlib
+    import json as _json
+
+    import numpy as np
+    from safetensors.numpy import save
+
+    from store import repo
+    from store.db import session_scope
+
+    weights = save({"w": np.random.default_rng(0).standard_normal(900_000).astype(np.float32)})  # 3.6 MB: 4 chunks
+    r = http.post("/v1/jobs", json=note_spec(1, name="stream-ck"))
+    assert r.status_code == 201
+    job_id = r.json()["id"]
+    http.post(f"/v1/jobs/{job_id}/cancel")
+    with session_scope() as s:  # the session's database (inproc_env), which the API process serves
+        repo.add_checkpoint(s, job_id, epoch=1, step=1, monitor="val_loss", value=1.0, data=weights,
+                            sha256=repo.sha256_hex(weights), is_best=True)
+    got = http.get(f"/v1/jobs/{job_id}/checkpoints/best")
+    assert got.status_code == 200, got.text[:300]
+    assert got.content == weights and got.headers["content-length"] == str(len(weights))
+    assert got.headers["x-checkpoint-sha256"] == hashlib.sha256(weights).hexdigest()
+    assert _json.loads(weights[8:8 + int.from_bytes(weights[:8], "little")])["w"]["shape"] == [900_000]
