@@ -613,6 +613,32 @@ def get_dataset(session: Session, dataset_id: str, project_id: str | None = None
     ).one_or_none()
 
 
+def project_dataset_bytes(session: Session, project_id: str) -> int:
+    """The uploaded bytes of the project's stored datasets (its dataset quota counts these)."""
+    return int(session.scalar(select(func.coalesce(func.sum(Dataset.size), 0)).where(Dataset.project_id == project_id))
+               or 0)
+
+
+def dataset_users(session: Session, dataset_id: str, project_id: str) -> list[str]:
+    """Ids of the project's unfinished jobs (queued, running, paused) and running sweeps whose spec
+    names the dataset: deleting it would fail them."""
+    from store.models import Sweep
+
+    jobs = session.scalars(
+        select(Job.id).where(Job.project_id == project_id, Job.status.in_(("queued", "running", "paused")),
+                             Job.spec["data"]["dataset"].as_string() == dataset_id).limit(20)
+    ).all()
+    sweeps = session.scalars(
+        select(Sweep.id).where(Sweep.project_id == project_id, Sweep.status == "running",
+                               Sweep.config["base"]["data"]["dataset"].as_string() == dataset_id).limit(20)
+    ).all()
+    return [*jobs, *sweeps]
+
+
+def delete_dataset(session: Session, dataset_id: str) -> None:
+    session.execute(delete(Dataset).where(Dataset.id == dataset_id))
+
+
 def list_datasets(session: Session, limit: int = 1000, project_id: str | None = None) -> list[Dataset]:
     q = select(Dataset)
     if project_id is not None:

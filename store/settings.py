@@ -42,6 +42,7 @@ class Settings:
     max_parameters: int = 100_000_000
     max_batch_size: int = 65_536
     max_dataset_bytes: int = 2**30  # an uploaded dataset's arrays, uncompressed
+    max_project_dataset_bytes: int = 10 * 2**30  # uploaded bytes of a project's stored datasets (0: none)
     max_concurrent_jobs: int = 1000  # queued + running, per project
     requests_per_minute: int = 6000  # per project, per API process (0: unlimited)
     max_event_streams: int = 32  # open /events streams per project, per API process (0: unlimited)
@@ -108,6 +109,7 @@ def settings_from_env(env: os._Environ[str] | dict[str, str] | None = None) -> S
         max_parameters=int(e.get("TRAINYARD_MAX_PARAMETERS", 100_000_000)),
         max_batch_size=int(e.get("TRAINYARD_MAX_BATCH_SIZE", 65_536)),
         max_dataset_bytes=int(e.get("TRAINYARD_MAX_DATASET_BYTES", 2**30)),
+        max_project_dataset_bytes=int(e.get("TRAINYARD_MAX_PROJECT_DATASET_BYTES", 10 * 2**30)),
         max_concurrent_jobs=int(e.get("TRAINYARD_MAX_CONCURRENT_JOBS", 1000)),
         requests_per_minute=int(e.get("TRAINYARD_REQUESTS_PER_MINUTE", 6000)),
         max_event_streams=int(e.get("TRAINYARD_MAX_EVENT_STREAMS", 32)),

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, File, Form, HTTPException, Request, UploadFile
+from fastapi import APIRouter, File, Form, HTTPException, Request, Response, UploadFile
 
 from api.deps import ProjectDep, ReadSessionDep, SessionDep, SettingsDep
 from api.errors import SpecProblem, error
@@ -79,6 +79,14 @@ def upload_dataset(
             tmp.close()
             tmp_path.unlink(missing_ok=True)
             raise
+    quota = settings.max_project_dataset_bytes
+    if quota > 0:
+        used = repo.project_dataset_bytes(session, project)
+        if used + size > quota:
+            tmp_path.unlink(missing_ok=True)
+            raise SpecProblem([error(["file"], f"the project's datasets take {used} bytes and this upload {size}; "
+                                     f"a project may store at most {quota} (delete some with DELETE "
+                                     "/v1/datasets/{id})", "limit_exceeded")])
     stored = ""
     try:
         # a column index is ASCII digits ("²" is a digit to str.isdigit, and int() refuses it)
@@ -171,3 +179,23 @@ def _check_npz_size(path: Path, filename: str, limit: int) -> None:
 def list_datasets(session: ReadSessionDep, project: ProjectDep) -> DatasetList:
     """The project's stored datasets, newest first."""
     return DatasetList(datasets=[dataset_read(d) for d in repo.list_datasets(session, project_id=project)])
+
+
+@router.delete("/{dataset_id}", status_code=204, response_class=Response,
+               responses={404: {"description": "no such dataset"},
+                          409: {"description": "unfinished jobs or running sweeps use the dataset"}})
+def delete_dataset(dataset_id: str, session: SessionDep, settings: SettingsDep, project: ProjectDep) -> Response:
+    """Delete a stored dataset and its file. Refused (409) while a queued, running or paused job,
+    or a running sweep, of the project names it; finished jobs keep their results."""
+    ds = repo.get_dataset(session, dataset_id, project)
+    if ds is None:
+        raise HTTPException(status_code=404, detail=f"no dataset {dataset_id!r}")
+    users = repo.dataset_users(session, dataset_id, project)
+    if users:
+        raise HTTPException(status_code=409, detail=f"dataset {dataset_id} is used by unfinished jobs or running "
+                                                    f"sweeps: {', '.join(users)}; cancel them first")
+    stored = ds.file
+    repo.delete_dataset(session, dataset_id)
+    session.commit()
+    (settings.datasets_dir / stored).unlink(missing_ok=True)
+    return Response(status_code=204)

@@ -84,3 +84,56 @@ def test_sweeps_never_put_more_jobs_in_flight_than_the_project_allows(keyed_app:
         assert store_sweeps.advance_sweep(s, first["id"], get_settings()) == []
     assert _active(project_id) == 5
     keyed_app.post(f"/v1/sweeps/{first['id']}/cancel", headers=key)
+
+
+def _npz(n: int = 40) -> bytes:
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.savez(buf, x=np.zeros((n, 3), np.float32), y=np.arange(n) % 2)
+    return buf.getvalue()
+
+
+def _spec_on(dataset: str) -> dict[str, Any]:
+    spec = note_spec(1, name="uses-upload", callbacks={})
+    spec["data"] = {"dataset": dataset, "validation_split": 0.2, "batch_size": 8}
+    spec["model"] = {"layers": [{"type": "dense", "units": 2}]}
+    return spec
+
+
+def test_a_dataset_is_deleted_unless_an_unfinished_job_uses_it(keyed_app: Any) -> None:
+    _, key = _project_with_limit(100)
+    ds = keyed_app.post("/v1/datasets", files={"file": ("d.npz", _npz())}, headers=key).json()
+    job = keyed_app.post("/v1/jobs", json=_spec_on(ds["id"]), headers=key)
+    assert job.status_code == 201, job.text
+    r = keyed_app.delete(f"/v1/datasets/{ds['id']}", headers=key)
+    assert r.status_code == 409 and job.json()["id"] in r.json()["detail"]
+    keyed_app.post(f"/v1/jobs/{job.json()['id']}/cancel", headers=key)
+    assert keyed_app.delete(f"/v1/datasets/{ds['id']}", headers=key).status_code == 204
+    assert ds["id"] not in {d["id"] for d in keyed_app.get("/v1/datasets", headers=key).json()["datasets"]}
+    assert keyed_app.delete(f"/v1/datasets/{ds['id']}", headers=key).status_code == 404
+    r = keyed_app.post("/v1/jobs", json=_spec_on(ds["id"]), headers=key)
+    assert r.status_code == 422 and "unknown dataset" in r.text
+    _, other = _project_with_limit(100)  # another project's dataset is a 404, not deleted
+    theirs = keyed_app.post("/v1/datasets", files={"file": ("d.npz", _npz())}, headers=other).json()
+    assert keyed_app.delete(f"/v1/datasets/{theirs['id']}", headers=key).status_code == 404
+
+
+def test_a_project_s_datasets_have_a_quota(inproc_env: dict[str, str]) -> None:
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from store.settings import get_settings
+
+    one = len(_npz())
+    settings = dataclasses.replace(get_settings(), auth="required", max_project_dataset_bytes=2 * one + 10)
+    with TestClient(create_app(settings)) as app:
+        _, key = _project_with_limit(100)
+        ids = [app.post("/v1/datasets", files={"file": ("d.npz", _npz())}, headers=key).json()["id"] for _ in range(2)]
+        r = app.post("/v1/datasets", files={"file": ("d.npz", _npz())}, headers=key)
+        assert r.status_code == 422 and r.json()["detail"][0]["path"] == "file", r.text
+        assert "at most" in r.json()["detail"][0]["msg"]
+        assert app.delete(f"/v1/datasets/{ids[0]}", headers=key).status_code == 204
+        assert app.post("/v1/datasets", files={"file": ("d.npz", _npz())}, headers=key).status_code == 201
