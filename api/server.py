@@ -38,6 +38,10 @@ def _response(status: int, reason: str, detail: str) -> bytes:
             f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode("ascii") + body
 
 
+class _HeadRefused(Exception):
+    """Raised from a parser callback to stop parsing a refused head."""
+
+
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with a size cap and a deadline on each request head."""
 
@@ -49,6 +53,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._in_head = True  # awaiting (the rest of) a request line and headers
         self._head_bytes = 0
         self._head_begun = False  # the parser has seen the first byte of this head
+        self._refused = False  # a 431/408 went out; the connection is closing
         self._head_timer: asyncio.TimerHandle | None = None
 
     # a head starts at the connection and at the first byte of each further request
@@ -63,10 +68,20 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_begun = True
 
     def on_headers_complete(self) -> None:
+        # a head that arrived in one read is only seen here, whole: measure what it parsed to
+        size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
+        if size > self.max_head_bytes:
+            self._refuse(431, "Request Header Fields Too Large",
+                         f"the request line and headers are larger than the limit of {self.max_head_bytes} bytes")
+            raise _HeadRefused  # stops the parser (uvicorn's data_received catches it as a parser error)
         self._in_head = False
         self._head_bytes = 0
         self._cancel_head_timer()
         super().on_headers_complete()
+
+    def send_400_response(self, msg: str) -> None:
+        if not self._refused:  # after a 431/408 the connection is closing: nothing more to say
+            super().send_400_response(msg)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
@@ -108,6 +123,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def _refuse(self, status: int, reason: str, detail: str) -> None:
         self.logger.warning("refused a request head: %s", detail)
+        self._refused = True
         self._in_head = False
         self._cancel_head_timer()
         self.transport.write(_response(status, reason, detail))
