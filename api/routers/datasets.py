@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, File, Form, HTTPException, Request, Response, UploadFile
+from fastapi import APIRouter, File, Form, HTTPException, Request, UploadFile
 
 from api.deps import ProjectDep, ReadSessionDep, SessionDep, SettingsDep
 from api.errors import SpecProblem, error
@@ -171,8 +171,8 @@ def _check_npz_size(path: Path, filename: str, limit: int) -> None:
                                                  + (f"the member holds only {info.file_size} bytes"
                                                     if declared <= limit else f"this server allows at most {limit}"),
                                                  "limit_exceeded" if declared > limit else "value_error")])
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
-        return  # not a zip archive: the reader below says so
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, zlib.error):
+        return  # not a zip archive, or a corrupt one: the reader below says so
 
 
 @router.get("", response_model=DatasetList)
@@ -181,12 +181,13 @@ def list_datasets(session: ReadSessionDep, project: ProjectDep) -> DatasetList:
     return DatasetList(datasets=[dataset_read(d) for d in repo.list_datasets(session, project_id=project)])
 
 
-@router.delete("/{dataset_id}", status_code=204, response_class=Response,
+@router.delete("/{dataset_id}", response_model=DatasetRead,
                responses={404: {"description": "no such dataset"},
                           409: {"description": "unfinished jobs or running sweeps use the dataset"}})
-def delete_dataset(dataset_id: str, session: SessionDep, settings: SettingsDep, project: ProjectDep) -> Response:
-    """Delete a stored dataset and its file. Refused (409) while a queued, running or paused job,
-    or a running sweep, of the project names it; finished jobs keep their results."""
+def delete_dataset(dataset_id: str, session: SessionDep, settings: SettingsDep, project: ProjectDep) -> DatasetRead:
+    """Delete a stored dataset and its file; answers what was deleted. Refused (409) while a
+    queued, running or paused job, or a running sweep, of the project names it; finished jobs
+    keep their results."""
     ds = repo.get_dataset(session, dataset_id, project)
     if ds is None:
         raise HTTPException(status_code=404, detail=f"no dataset {dataset_id!r}")
@@ -194,8 +195,8 @@ def delete_dataset(dataset_id: str, session: SessionDep, settings: SettingsDep, 
     if users:
         raise HTTPException(status_code=409, detail=f"dataset {dataset_id} is used by unfinished jobs or running "
                                                     f"sweeps: {', '.join(users)}; cancel them first")
-    stored = ds.file
+    gone = dataset_read(ds)
     repo.delete_dataset(session, dataset_id)
     session.commit()
-    (settings.datasets_dir / stored).unlink(missing_ok=True)
-    return Response(status_code=204)
+    (settings.datasets_dir / ds.file).unlink(missing_ok=True)
+    return gone
