@@ -17,8 +17,8 @@ from typing import Any
 
 import redis  # imported with the app, not on a first scrape (api.app freezes the GC after start-up)
 
+from config.settings import Settings
 from store.broker import RUN_JOB_TASK, celery_config
-from store.settings import Settings
 
 log = logging.getLogger("trainyard.api")
 
@@ -132,7 +132,7 @@ class Dispatcher:
         from store.leases import Maintenance
 
         if self._maintenance is None:
-            queues = [self.settings.queue_name("gpu"), self.settings.queue_name("cpu")]
+            queues = self.settings.queue_names()
             self._maintenance = Maintenance(
                 self.send, self.settings.heartbeat_stale_s, queues=queues, sent_job_ids=self.take_sent,
                 resend_after_s=self.resend_after_s, on_reconcile=self.resend_lost_messages, name="trainyard-api-outbox",
@@ -156,8 +156,7 @@ class Dispatcher:
         client = self._redis
         prefix = self.settings.queue_prefix
         out = {}
-        for base in ("gpu", "cpu"):
-            q = self.settings.queue_name(base)
+        for q in self.settings.queue_names():
             out[q] = int(client.llen(prefix + q))
         return out
 

@@ -29,7 +29,7 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from store.settings import get_settings
+from config.settings import get_settings
 
 
 def _response(status: int, reason: str, detail: str) -> bytes:

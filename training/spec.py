@@ -247,18 +247,60 @@ Layer = Annotated[
 ]
 LAYER_TYPES = ("dense", "conv2d", "max_pool2d", "avg_pool2d", "flatten", "reshape", "dropout", "batch_norm", "layer_norm", "activation")
 
+#: Keras' layer class names, accepted as ``type`` and stored as the type they stand for. Lookups
+#: ignore case and underscores, so Keras' config names (``max_pooling2d``,
+#: ``batch_normalization``) match too, as do the canonical names themselves.
+LAYER_ALIASES: dict[str, str] = {
+    "Dense": "dense",
+    "Conv2D": "conv2d", "Convolution2D": "conv2d",
+    "MaxPooling2D": "max_pool2d", "MaxPool2D": "max_pool2d",
+    "AveragePooling2D": "avg_pool2d", "AvgPool2D": "avg_pool2d",
+    "Flatten": "flatten",
+    "Reshape": "reshape",
+    "Dropout": "dropout",
+    "BatchNormalization": "batch_norm",
+    "LayerNormalization": "layer_norm",
+    "Activation": "activation",
+}
+
+
+def _alias_key(name: str) -> str:
+    return name.replace("_", "").lower()
+
+
+_LAYER_LOOKUP = {_alias_key(k): v for k, v in LAYER_ALIASES.items()} | {_alias_key(t): t for t in LAYER_TYPES}
+
+
+def canonical_layer_type(name: str) -> str:
+    """The layer type ``name`` stands for (a Keras class name, any case); ``name`` itself if none."""
+    return _LAYER_LOOKUP.get(_alias_key(name), name)
+
 
 class ModelSpec(StrictModel):
     kernel_initializer: Initializer = Field(default_factory=lambda: Initializer(name="glorot_uniform"))
     bias_initializer: Initializer = Field(default_factory=lambda: Initializer(name="zeros"))
-    layers: list[Layer] = Field(min_length=1, max_length=200)
+    layers: list[Layer] = Field(min_length=1, max_length=200, description="`type` also takes Keras class names: "
+                                + ", ".join(f"{k}->{v}" for k, v in LAYER_ALIASES.items()))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _keras_names(cls, data: Any) -> Any:
+        """Layer types given as Keras class names become the type they stand for."""
+        if isinstance(data, Mapping) and isinstance(data.get("layers"), list):
+            layers = [
+                {**layer, "type": canonical_layer_type(layer["type"])}
+                if isinstance(layer, Mapping) and isinstance(layer.get("type"), str) else layer
+                for layer in data["layers"]
+            ]
+            return {**data, "layers": layers}
+        return data
 
 
 # --------------------------------------------------------------------------- data
 
 
 class DataSpec(StrictModel):
-    dataset: str = Field(min_length=1, max_length=200, description="built-in name, or a stored dataset id")
+    dataset: str = Field(min_length=1, max_length=200, description="built-in name, or a stored dataset's id or name")
     path: str | None = Field(None, description="server-side .npz (x, y) or .csv file; set by the service")
     target: str | int | None = Field(None, description="csv target column (name or index); default last")
     layout: Literal["flat", "image"] = Field("flat", description="digits only: image = 1x8x8")
@@ -761,7 +803,7 @@ def semantic_errors(spec: JobSpec, datasets: DatasetResolver | None = None) -> l
             _issue(
                 errors, ("data", "dataset"),
                 f"unknown dataset {ds.dataset!r}; built-ins: {', '.join(data_mod.BUILTIN_DATASETS)}"
-                + (", or the id of a stored dataset" if datasets else ""),
+                + (", or the id or name of a stored dataset" if datasets else ""),
             )
         else:
             info = resolved
@@ -778,12 +820,17 @@ def semantic_errors(spec: JobSpec, datasets: DatasetResolver | None = None) -> l
         n_val = int(round(info.n_samples * ds.validation_split))
         if info.n_samples - n_val < 2:
             _issue(errors, ("data", "validation_split"), "fewer than 2 training samples remain after the split")
+        layout: list[dict[str, Any]] = []
+        _check_channels_last(spec, layout)
+        errors += layout
         try:
-            shapes = infer_shapes(spec.model, info.input_shape)
+            # after a channels-last reshape the shapes that follow would only mislead
+            shapes = infer_shapes(spec.model, info.input_shape) if not layout else None
         except ShapeError as exc:
             _issue(errors, ("model", "layers", exc.index, *exc.field), str(exc))
         else:
-            _check_head(spec, info, shapes[-1], errors)
+            if shapes is not None:
+                _check_head(spec, info, shapes[-1], errors)
         _check_schedule(spec, info, errors)
 
     _check_monitors(spec, errors)
@@ -809,6 +856,32 @@ def _check_schedule(spec: JobSpec, info: Any, errors: list[dict[str, Any]]) -> N
     except ScheduleError as exc:
         loc = ("optimizer", "learning_rate", *((exc.field,) if exc.field else ()))
         _issue(errors, loc, f"{exc} (this job runs {steps} steps, {per_epoch} per epoch)", "schedule_error")
+
+
+#: layers that take (C, H, W) input, and layers that pass a shape through unchanged
+_SPATIAL = (Conv2D, MaxPool2D, AvgPool2D)
+_ELEMENTWISE = (Dropout, ActivationLayer, BatchNorm)
+
+
+def _check_channels_last(spec: JobSpec, errors: list[dict[str, Any]]) -> None:
+    """A reshape to Keras' (height, width, channels) feeding a convolution or pooling layer, which
+    read channels first: [8, 8, 1] would train on 8 channels of 8x1 images. Refused, with the fix."""
+    layers = spec.model.layers
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, Reshape) or len(layer.target_shape) != 3:
+            continue
+        h, w, c = layer.target_shape
+        if c not in (1, 3) or h in (1, 3):
+            continue
+        nxt = next((j for j in range(i + 1, len(layers)) if not isinstance(layers[j], _ELEMENTWISE)), None)
+        if nxt is None or not isinstance(layers[nxt], _SPATIAL):
+            continue
+        _issue(
+            errors, ("model", "layers", i, "target_shape"),
+            f"target_shape {[h, w, c]} looks channels-last (Keras' height, width, channels), but layer {nxt} "
+            f"({layers[nxt].type}) reads channels-first input (channels, height, width), as PyTorch does; "
+            f"use {[c, h, w]}",
+        )
 
 
 def _check_head(spec: JobSpec, info: Any, out_shape: tuple[int, ...], errors: list[dict[str, Any]]) -> None:

@@ -17,9 +17,9 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+from config.settings import Settings
 from store import leases
 from store.broker import RUN_JOB_TASK
-from store.settings import Settings
 
 log = logging.getLogger("trainyard.worker")
 
@@ -37,7 +37,7 @@ def _sender(app: Any) -> Any:
 
 
 def _queues(settings: Settings) -> list[str]:
-    return [settings.queue_name("gpu"), settings.queue_name("cpu")]
+    return settings.queue_names()
 
 
 def requeue_lost_jobs(app: Any, settings: Settings) -> list[str]:

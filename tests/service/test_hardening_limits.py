@@ -5,7 +5,6 @@ consumes its queue, so queued trials stay queued)."""
 from __future__ import annotations
 
 import copy
-import dataclasses
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -20,9 +19,9 @@ def keyed_app(inproc_env: dict[str, str]) -> Iterator[Any]:
     from fastapi.testclient import TestClient
 
     from api.app import create_app
-    from store.settings import get_settings
+    from config.settings import get_settings
 
-    with TestClient(create_app(dataclasses.replace(get_settings(), auth="required"))) as c:
+    with TestClient(create_app(get_settings().replace(auth="required"))) as c:
         yield c
 
 
@@ -57,9 +56,9 @@ def _active(project_id: str) -> int:
 
 
 def test_sweeps_never_put_more_jobs_in_flight_than_the_project_allows(keyed_app: Any) -> None:
+    from config.settings import get_settings
     from store import sweeps as store_sweeps
     from store.db import session_scope
-    from store.settings import get_settings
 
     project_id, key = _project_with_limit(5)
     r = keyed_app.post("/v1/sweeps", json=_sweep_body(), headers=key)
@@ -126,10 +125,10 @@ def test_a_project_s_datasets_have_a_quota(inproc_env: dict[str, str]) -> None:
     from fastapi.testclient import TestClient
 
     from api.app import create_app
-    from store.settings import get_settings
+    from config.settings import get_settings
 
     one = len(_npz())
-    settings = dataclasses.replace(get_settings(), auth="required", max_project_dataset_bytes=2 * one + 10)
+    settings = get_settings().replace(auth="required", max_project_dataset_bytes=2 * one + 10)
     with TestClient(create_app(settings)) as app:
         _, key = _project_with_limit(100)
         ids = [app.post("/v1/datasets", files={"file": ("d.npz", _npz())}, headers=key).json()["id"] for _ in range(2)]
