@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import sqlalchemy.exc
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
@@ -16,9 +17,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from api.changes import ChangeHub
 from api.deps import current_project, known_query_parameters, operations_of
 from api.dispatch import Dispatcher
-from api.errors import SpecProblem, request_validation_handler, spec_problem_handler
+from api.errors import (
+    SpecProblem,
+    database_unavailable_handler,
+    request_validation_handler,
+    spec_problem_handler,
+)
 from api.fastpath import PollFastPath, PollStats
-from api.limits import BodyLimitMiddleware, RateLimiter
+from api.limits import BodyLimitMiddleware, RateLimiter, StreamSlots
 from api.prom import make_registry
 from api.routers import catalog, dashboards, datasets, health, jobs, schedules, sweeps
 from api.schemas.common import ErrorResponse
@@ -93,7 +99,10 @@ def create_app(settings: Settings | None = None, *, poll_fast_path: bool = True)
     app.add_exception_handler(RequestValidationError, request_validation_handler)  # type: ignore[arg-type]
     app.add_exception_handler(SpecProblem, spec_problem_handler)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _http_exception)  # type: ignore[arg-type]
+    for unavailable in (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError):
+        app.add_exception_handler(unavailable, database_unavailable_handler)
     app.state.rate_limiter = RateLimiter()
+    app.state.stream_slots = StreamSlots(settings.max_event_streams)
     app.add_middleware(BodyLimitMiddleware, settings=settings)  # type: ignore[arg-type]
     origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
     if origins:  # browsers on these origins may call the API (with a bearer key; cookies stay same-site)

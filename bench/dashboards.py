@@ -60,7 +60,7 @@ def setup() -> tuple[str, Any]:
     os.environ.update({
         "TRAINYARD_DATABASE_URL": url, "TRAINYARD_BROKER_URL": REDIS, "TRAINYARD_QUEUE_PREFIX": f"tyd-{RUN}-",
         "TRAINYARD_AUTH": "off", "TRAINYARD_GC_FREEZE": "0", "TRAINYARD_DATA_DIR": f"/tmp/tyd-{RUN}",
-        "TRAINYARD_REQUESTS_PER_MINUTE": "0",
+        "TRAINYARD_REQUESTS_PER_MINUTE": "0", "TRAINYARD_MAX_EVENT_STREAMS": "0",  # 100 streams of one project
     })
     from store.migrate import upgrade
 

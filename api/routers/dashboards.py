@@ -12,7 +12,7 @@ from sse_starlette.sse import EventSourceResponse, ServerSentEvent
 
 from api.annotations import check_annotations, split_annotations
 from api.auth import authenticate
-from api.changes import change_payload, follow
+from api.changes import change_payload, follow, latest_event_id
 from api.deps import ProjectDep, ReadSessionDep, SessionDep, SettingsDep
 from api.errors import SpecProblem
 from api.ids import AMBIGUOUS, resolve_id
@@ -144,18 +144,22 @@ async def project_events(
     hub = request.app.state.changes
     key_id = authenticate(request).key_id
     if start is None:
-        from api.changes import latest_event_id
-
         start = await run_in_threadpool(latest_event_id)
 
+    slots = request.app.state.stream_slots
+    slots.open(project)  # 429 past the project's open streams (api.limits.StreamSlots)
+
     async def stream() -> Any:
-        async for c in follow(hub, project_id=project, after=start, is_disconnected=request.is_disconnected,
-                              key_id=key_id):
-            payload = change_payload(c)
-            yield ServerSentEvent(data=json.dumps(payload, allow_nan=False), event="job", id=str(c.id))
-            if c.sweep_id is not None:
-                yield ServerSentEvent(data=json.dumps({"sweep_id": c.sweep_id, "job_id": c.job_id}), event="sweep",
-                                      id=str(c.id))
+        try:
+            async for c in follow(hub, project_id=project, after=start, is_disconnected=request.is_disconnected,
+                                  key_id=key_id):
+                payload = change_payload(c)
+                yield ServerSentEvent(data=json.dumps(payload, allow_nan=False), event="job", id=str(c.id))
+                if c.sweep_id is not None:
+                    yield ServerSentEvent(data=json.dumps({"sweep_id": c.sweep_id, "job_id": c.job_id}),
+                                          event="sweep", id=str(c.id))
+        finally:
+            slots.close(project)
 
     return EventSourceResponse(stream(), ping=15)
 
