@@ -4,9 +4,20 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 
 from api.schemas.common import MetricValue
+
+
+def _not_a_boolean(value: Any) -> Any:
+    # JSON Schema's integer takes 5 and 5.0 but never true/false; pydantic would read true as 1
+    if isinstance(value, bool):
+        raise ValueError("expected an integer, not a boolean")
+    return value
+
+
+#: an integer as JSON Schema means it (5.0 is one, true is not)
+WholeNumber = Annotated[int, BeforeValidator(_not_a_boolean)]
 
 MAX_LABELS = 50
 #: a label key: letters, digits and ``._-/``, starting with a letter or digit (like Kubernetes')
@@ -29,7 +40,7 @@ class Annotations(BaseModel):
 class BulkJob(BaseModel):
     model_config = ConfigDict(extra="forbid")
     id: str = Field(pattern="^[0-9a-f]{32}$")
-    since_epoch: int = Field(0, ge=0, le=2**31 - 1, strict=True, description="only epochs after this one")
+    since_epoch: WholeNumber = Field(0, ge=0, le=2**31 - 1, description="only epochs after this one")
 
 
 MetricKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:/-]{1,100}$")]
@@ -40,7 +51,7 @@ class BulkMetricsQuery(BaseModel):
     jobs: list[BulkJob] = Field(min_length=1, max_length=1000, description="up to 1,000 jobs, each with its own since_epoch")
     keys: list[MetricKey] | None = Field(
         None, max_length=40, description="only these metrics, up to 40 (epoch is always included); default: all")
-    max_points: int | None = Field(None, ge=1, le=100_000, strict=True,
+    max_points: WholeNumber | None = Field(None, ge=1, le=100_000,
                                    description="downsample each curve evenly (keeps the first and last)")
 
 
