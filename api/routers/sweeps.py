@@ -207,7 +207,7 @@ def check_sweep(body: Any, session: Any, project: str, settings: Settings) -> di
         name=req.name, objective={"metric": metric, "mode": mode}, max_trials=max_trials,
         max_concurrent=req.max_concurrent, early_termination=et,
         seed=req.seed if req.seed is not None else secrets.randbelow(2**32),
-        n_startup_trials=req.n_startup_trials,
+        n_startup_trials=req.n_startup_trials, priority=req.priority,
     )
     return config
 
@@ -290,6 +290,7 @@ def create_sweep(
         session, project_id=project, name=config["name"], method=config["method"], config=config,
         objective_metric=config["objective"]["metric"], objective_mode=config["objective"]["mode"],
         max_trials=config["max_trials"], max_concurrent=config["max_concurrent"],
+        priority=config.get("priority", 0),
     )
     jobs = store_sweeps.advance_sweep(session, sweep.id, settings)
     session.commit()

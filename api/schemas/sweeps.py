@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_val
 
 from api.schemas.common import MetricValue
 from api.schemas.jobs import JobStatus
+from store.scheduling import PRIORITY_MAX, PRIORITY_MIN
 
 SweepStatus = Literal["running", "succeeded", "failed", "cancelled"]
 
@@ -99,6 +100,8 @@ class SweepCreate(_Strict):
     early_termination: EarlyTermination | None = None
     seed: int | None = Field(None, ge=0, le=2**32 - 1, description="the sampler's seed (default: random, then stored)")
     n_startup_trials: int | None = Field(None, ge=1, le=1000, description="tpe: random trials before TPE models (default 10)")
+    priority: int = Field(0, ge=PRIORITY_MIN, le=PRIORITY_MAX,
+                          description="of every trial: higher starts first among queued jobs of its queue")
 
 
 SWEEP_EXAMPLE: dict[str, Any] = {
