@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from api.schemas.jobs import Best, CheckpointRead, JobRead, JobSummary, Progress
-from api.schemas.misc import DatasetRead
 from sqlalchemy.orm import object_session
 
+from api.schemas.jobs import Best, CheckpointRead, JobRead, JobSummary, Progress
+from api.schemas.misc import DatasetRead
 from store import scheduling
 from store.floats import from_text
 from store.models import Checkpoint, Dataset, Job

@@ -80,9 +80,12 @@ class Client:
         """Change a queued job's priority (409 once it started)."""
         return self._json("PATCH", f"/v1/jobs/{job_id}", json={"priority": priority})  # type: ignore[no-any-return]
 
-    def submit_batch(self, specs: list[dict[str, Any]]) -> dict[str, Any]:
+    def submit_batch(self, specs: list[dict[str, Any]], *, priority: int | None = None) -> dict[str, Any]:
         """Submit up to 1000 specs; a result (id or errors) per item."""
-        return self._json("POST", "/v1/jobs/batch", json={"jobs": specs})  # type: ignore[no-any-return]
+        body: dict[str, Any] = {"jobs": specs}
+        if priority is not None:
+            body["priority"] = priority
+        return self._json("POST", "/v1/jobs/batch", json=body)  # type: ignore[no-any-return]
 
     def jobs(self, *, status: list[str] | None = None, name: str | None = None, limit: int = 50,
              cursor: str | None = None, sweep_id: str | None = None) -> dict[str, Any]:

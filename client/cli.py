@@ -98,6 +98,7 @@ def submit(
     files: Annotated[list[Path], typer.Argument(help="JSON spec files (a spec, a list of specs, or {'jobs': [...]})")],
     wait: Annotated[bool, typer.Option("--wait", help="follow the jobs with progress bars until they end")] = False,
     idempotency_key: Annotated[str | None, typer.Option(help="single spec only: submit at most once per key")] = None,
+    priority: Annotated[int | None, typer.Option(help="higher starts first among queued jobs of a queue [default: 0]")] = None,
     url: UrlOpt = None,
 ) -> None:
     """Submit job specs. Exit status: 0 when all were accepted (and, with --wait, succeeded)."""
@@ -109,12 +110,12 @@ def submit(
     with _client(url) as c:
         try:
             if len(specs) == 1:
-                job = c.submit(specs[0][1], idempotency_key=idempotency_key)
+                job = c.submit(specs[0][1], idempotency_key=idempotency_key, priority=priority)
                 ids.append((specs[0][0], job["id"]))
             else:
                 for start in range(0, len(specs), 1000):
                     chunk = specs[start : start + 1000]
-                    res = c.submit_batch([s for _, s in chunk])
+                    res = c.submit_batch([s for _, s in chunk], priority=priority)
                     for item in res["results"]:
                         where = chunk[item["index"]][0]
                         if item["id"]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session
 
-from store.models import Job, Project
+from store.models import Job, Project, Sweep
 
 #: the range PATCH and create accept (higher runs first)
 PRIORITY_MIN, PRIORITY_MAX = -1000, 1000
@@ -63,6 +63,15 @@ def set_priority(session: Session, job_id: str, priority: int) -> bool:
         .execution_options(synchronize_session=False)
     )
     return res.rowcount == 1  # type: ignore[attr-defined]
+
+
+def set_sweep_priority(session: Session, sweep: Sweep, priority: int) -> None:
+    """A sweep's priority: its queued trials now, its next trials when they are created."""
+    sweep.priority = priority
+    session.execute(
+        update(Job).where(Job.sweep_id == sweep.id, Job.status == "queued").values(priority=priority)
+        .execution_options(synchronize_session=False)
+    )
 
 
 def queued_by_project(session: Session) -> list[tuple[str, str, int]]:

@@ -70,7 +70,7 @@ def _claim(job_id: str, settings: Settings, by_priority: bool = False) -> tuple[
         if job is None:
             return None
         attempt = job.attempts
-        snapshot = repo.get_snapshot(s, job_id) if attempt > 1 else None
+        snapshot = repo.get_snapshot(s, job.id) if attempt > 1 else None
         if snapshot is not None:
             s.expunge(snapshot)
         return job.lease_token, attempt, dict(job.spec), snapshot, job.sweep_id, job.epochs, job.id

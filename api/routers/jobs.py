@@ -22,11 +22,11 @@ from api.limits import check_job_slots, slots_full
 from api.schemas.common import ErrorItem, ErrorResponse, IsoDatetime
 from api.schemas.jobs import (
     BatchCreate,
-    JobPatch,
     BatchItem,
     BatchResult,
     CheckpointList,
     JobList,
+    JobPatch,
     JobRead,
     JobStatus,
     MetricsRead,

@@ -26,6 +26,7 @@ from api.schemas.sweeps import (
     SweepCounts,
     SweepCreate,
     SweepList,
+    SweepPatch,
     SweepRead,
     SweepStatus,
     SweepSummary,
@@ -34,7 +35,7 @@ from api.schemas.sweeps import (
 )
 from api.validation import check_job_spec, nul_errors
 from config.settings import Settings
-from store import repo
+from store import repo, scheduling
 from store import sweeps as store_sweeps
 from store.db import session_scope
 from store.floats import from_text
@@ -242,7 +243,7 @@ def _summary_fields(s: Sweep) -> dict[str, Any]:
         id=s.id, name=s.name, status=s.status, method=s.method,
         objective=ObjectiveRead(metric=s.objective_metric, mode=s.objective_mode),  # type: ignore[arg-type]
         max_trials=s.max_trials, max_concurrent=s.max_concurrent, trials_created=s.trials_created,
-        best_job_id=s.best_job_id, best_value=from_text(s.best_value), stop_reason=s.stop_reason, error=s.error,
+        priority=s.priority, best_job_id=s.best_job_id, best_value=from_text(s.best_value), stop_reason=s.stop_reason, error=s.error,
         created_at=as_utc(s.created_at), updated_at=as_utc(s.updated_at), finished_at=as_utc(s.finished_at),
     )
 
@@ -322,6 +323,26 @@ def get_sweep(sweep_id: str, session: ReadSessionDep, project: ProjectDep) -> Sw
     sweep = store_sweeps.get_sweep(session, resolve_id(session, Sweep, sweep_id, project, "sweep"), project)
     if sweep is None:
         raise _not_found(sweep_id)
+    return sweep_read(session, sweep)
+
+
+@router.patch(
+    "/{sweep_id}",
+    response_model=SweepRead,
+    responses={404: {"description": "no such sweep"}, 409: {"description": "the sweep already ended"},
+               422: {"model": ErrorResponse, "description": "invalid body; each error names its JSON path"}},
+)
+def patch_sweep(sweep_id: str, body: SweepPatch, session: SessionDep, project: ProjectDep) -> SweepRead:
+    """Change a running sweep's ``priority``: its queued trials and the trials it creates from now on."""
+    sweep_id = resolve_id(session, Sweep, sweep_id, project, "sweep")
+    sweep = store_sweeps.get_sweep(session, sweep_id, project, lock=True)
+    if sweep is None:
+        raise _not_found(sweep_id)
+    if sweep.status != "running":
+        raise HTTPException(status_code=409, detail=f"sweep {sweep_id} already ended: {sweep.status}")
+    scheduling.set_sweep_priority(session, sweep, body.priority)
+    session.commit()
+    session.expire_all()
     return sweep_read(session, sweep)
 
 

@@ -127,6 +127,11 @@ SWEEP_EXAMPLE: dict[str, Any] = {
 }
 
 
+class SweepPatch(_Strict):
+    priority: int = Field(ge=PRIORITY_MIN, le=PRIORITY_MAX,
+                          description="of its queued trials and of the trials it creates from now on")
+
+
 class TrialRead(BaseModel):
     job_id: str
     number: int = Field(description="0-based, in creation order")
@@ -164,6 +169,7 @@ class SweepSummary(BaseModel):
     max_trials: int
     max_concurrent: int
     trials_created: int
+    priority: int = Field(0, description="of its trials: higher starts first among queued jobs of a queue")
     best_job_id: str | None = None
     best_value: MetricValue = None
     stop_reason: str | None = None

@@ -85,3 +85,32 @@ def test_priority_is_validated(prio_stack: str) -> None:
             assert r.status_code == 422 and "colour" in r.text
         finally:
             c.cancel(job["id"])
+
+
+def test_a_sweep_gives_its_priority_to_its_trials_and_patch_changes_the_queued_ones(prio_stack: str) -> None:
+    with Client(prio_stack) as c:
+        blocker = c.submit(long_spec(name="prio-sweep-blocker", device="cpu"))
+        wait_status(c, blocker["id"], ("running",))
+        try:
+            sweep = c.create_sweep({
+                "name": "prio-sweep", "base": note_spec(2, device="cpu", callbacks={}), "method": "grid",
+                "parameters": {"model.layers[0].units": {"values": [8, 16, 32]}},
+                "objective": {"metric": "val_loss"}, "max_concurrent": 2, "priority": 7,
+            })
+            assert sweep["priority"] == 7
+            trials = [t["job_id"] for t in sweep["trials"]]
+            assert len(trials) == 2 and all(c.job(t)["priority"] == 7 for t in trials)
+            low = c.submit(note_spec(2, name="prio-vs-sweep", device="cpu", callbacks={}), priority=3)
+            assert c.job(low["id"])["queue_position"] == 3  # behind both trials
+            r = httpx.patch(f"{prio_stack}/v1/sweeps/{sweep['id']}", json={"priority": 1})
+            assert r.status_code == 200 and r.json()["priority"] == 1
+            assert all(c.job(t)["priority"] == 1 for t in trials)
+            assert c.job(low["id"])["queue_position"] == 1  # now ahead of them
+            r = httpx.patch(f"{prio_stack}/v1/sweeps/{sweep['id']}", json={"priority": 1001})
+            assert r.status_code == 422 and "priority" in r.text
+            c.cancel(low["id"])
+        finally:
+            c.cancel_sweep(sweep["id"])
+            c.cancel(blocker["id"])
+        r = httpx.patch(f"{prio_stack}/v1/sweeps/{sweep['id']}", json={"priority": 2})
+        assert r.status_code == 409 and "already ended" in r.text
