@@ -125,9 +125,9 @@ def create_celery(settings: Settings | None = None) -> Celery:
 
     def _on_ready(**_: Any) -> None:
         from worker.recovery import start_reaper
+        from worker.sweeps import start_sweep_keeper
 
         log_devices()
-        from worker.sweeps import start_sweep_keeper
 
         start_reaper(app, settings)
         start_sweep_keeper(settings, _send_jobs)  # advances sweeps whose last trial ended without a worker
