@@ -27,7 +27,18 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from training.schedules import FLOAT32_MAX, MAX_LEARNING_RATE
+
 SPEC_VERSION = 1
+
+#: Bounds on a schedule's lists and step counts, so a schedule stays cheap to evaluate and to store.
+MAX_MILESTONES = 1000
+MAX_SCHEDULE_STEPS = 10**12
+ScheduleSteps = Annotated[int, Field(ge=0, le=MAX_SCHEDULE_STEPS)]
+#: a learning rate as a number, or a schedule's rate parameter (every value a schedule gives is
+#: bounded the same way: training.schedules)
+Rate = Annotated[float, Field(gt=0, le=MAX_LEARNING_RATE)]
+RateOrZero = Annotated[float, Field(ge=0, le=MAX_LEARNING_RATE)]
 
 ACTIVATIONS = (
     "linear", "relu", "leaky_relu", "elu", "selu", "gelu", "silu", "swish",
@@ -81,6 +92,16 @@ class StrictModel(BaseModel):
                 )
         return data
 
+    @field_validator("*", mode="after")
+    @classmethod
+    def _float32(cls, value: Any) -> Any:
+        if isinstance(value, float) and abs(value) > FLOAT32_MAX:
+            raise PydanticCustomError(
+                "float32_range", "{value} is out of range: numbers in a spec must be at most {limit} in absolute "
+                "value (float32, what the engine computes in)", {"value": repr(value), "limit": f"{FLOAT32_MAX:.8g}"},
+            )
+        return value
+
 
 # --------------------------------------------------------------------------- small parts
 
@@ -100,6 +121,23 @@ class Initializer(StrictModel):
     @classmethod
     def _from_name(cls, data: Any) -> Any:
         return {"name": data} if isinstance(data, str) else data
+
+    @model_validator(mode="after")
+    def _ranges(self) -> Initializer:
+        """What torch's in-place initializers refuse (caught here, not in the worker)."""
+        if self.name == "uniform":
+            lo = -0.05 if self.minval is None else self.minval  # Keras RandomUniform defaults
+            hi = 0.05 if self.maxval is None else self.maxval
+            if lo > hi:
+                raise ValueError(f"minval ({lo}) must be at most maxval ({hi})")
+            if hi - lo > FLOAT32_MAX:
+                raise ValueError(f"maxval - minval must be at most {FLOAT32_MAX:.8g} (float32)")
+        if self.name == "truncated_normal":
+            mean = self.mean or 0.0
+            sd = 0.05 if self.stddev is None else self.stddev
+            if abs(mean) + 2 * sd > FLOAT32_MAX:
+                raise ValueError(f"mean ± 2 * stddev (the truncation bounds) must be within ±{FLOAT32_MAX:.8g} (float32)")
+        return self
 
 
 class Regularizer(StrictModel):
@@ -316,35 +354,35 @@ class Metric(StrictModel):
 
 
 class _Warmup(StrictModel):
-    warmup_steps: int = Field(0, ge=0)
-    warmup_start_lr: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0, le=MAX_SCHEDULE_STEPS)
+    warmup_start_lr: RateOrZero = 0.0
 
 
 class Constant(_Warmup):
     schedule: Literal["constant"]
-    initial_learning_rate: float = Field(gt=0)
+    initial_learning_rate: Rate
 
 
 class Exponential(_Warmup):
     schedule: Literal["exponential"]
-    initial_learning_rate: float = Field(gt=0)
-    decay_steps: int = Field(ge=1)
+    initial_learning_rate: Rate
+    decay_steps: int = Field(ge=1, le=MAX_SCHEDULE_STEPS)
     decay_rate: float = Field(gt=0)
     staircase: bool = False
 
 
 class StepDecay(_Warmup):
     schedule: Literal["step"]
-    initial_learning_rate: float = Field(gt=0)
-    step_size: int = Field(ge=1)
+    initial_learning_rate: Rate
+    step_size: int = Field(ge=1, le=MAX_SCHEDULE_STEPS)
     gamma: float = Field(0.1, gt=0)
     unit: Literal["epoch", "step"] = "epoch"
 
 
 class MultiStep(_Warmup):
     schedule: Literal["multistep"]
-    initial_learning_rate: float = Field(gt=0)
-    milestones: list[int] = Field(min_length=1)
+    initial_learning_rate: Rate
+    milestones: list[ScheduleSteps] = Field(min_length=1, max_length=MAX_MILESTONES)
     gamma: float = Field(0.1, gt=0)
     unit: Literal["epoch", "step"] = "epoch"
 
@@ -358,20 +396,20 @@ class MultiStep(_Warmup):
 
 class Polynomial(_Warmup):
     schedule: Literal["polynomial"]
-    initial_learning_rate: float = Field(gt=0)
-    decay_steps: int = Field(ge=1)
-    end_learning_rate: float = Field(1e-4, ge=0)
+    initial_learning_rate: Rate
+    decay_steps: int = Field(ge=1, le=MAX_SCHEDULE_STEPS)
+    end_learning_rate: RateOrZero = 1e-4
     power: float = Field(1.0, gt=0)
     cycle: bool = False
 
 
 class Cosine(_Warmup):
     schedule: Literal["cosine"]
-    initial_learning_rate: float = Field(ge=0, description="> 0 unless warmup_target is given (then the warm-up start)")
-    decay_steps: int = Field(ge=1)
+    initial_learning_rate: float = Field(ge=0, le=MAX_LEARNING_RATE, description="> 0 unless warmup_target is given (then the warm-up start)")
+    decay_steps: int = Field(ge=1, le=MAX_SCHEDULE_STEPS)
     alpha: float = Field(0.0, ge=0, le=1)
     warmup_target: float | None = Field(
-        None, gt=0, description="Keras CosineDecay: warm up from initial_learning_rate to this, then decay from it"
+        None, gt=0, le=MAX_LEARNING_RATE, description="Keras CosineDecay: warm up from initial_learning_rate to this, then decay from it"
     )
 
     @model_validator(mode="after")
@@ -385,8 +423,8 @@ class Cosine(_Warmup):
 
 class CosineRestarts(_Warmup):
     schedule: Literal["cosine_restarts"]
-    initial_learning_rate: float = Field(gt=0)
-    first_decay_steps: int = Field(ge=1)
+    initial_learning_rate: Rate
+    first_decay_steps: int = Field(ge=1, le=MAX_SCHEDULE_STEPS)
     t_mul: float = Field(2.0, gt=0)
     m_mul: float = Field(1.0, gt=0)
     alpha: float = Field(0.0, ge=0, le=1)
@@ -394,8 +432,8 @@ class CosineRestarts(_Warmup):
 
 class OneCycle(_Warmup):
     schedule: Literal["one_cycle"]
-    max_lr: float = Field(gt=0)
-    total_steps: int | None = Field(None, ge=2, description="default: epochs * steps per epoch")
+    max_lr: Rate
+    total_steps: int | None = Field(None, ge=2, le=MAX_SCHEDULE_STEPS, description="default: epochs * steps per epoch")
     pct_start: float = Field(0.3, gt=0, lt=1)
     anneal_strategy: Literal["cos", "linear"] = "cos"
     div_factor: float = Field(25.0, gt=0)
@@ -405,14 +443,14 @@ class OneCycle(_Warmup):
 
 class ReduceOnPlateau(_Warmup):
     schedule: Literal["reduce_on_plateau"]
-    initial_learning_rate: float = Field(gt=0)
+    initial_learning_rate: Rate
     monitor: str = "val_loss"
     factor: float = Field(0.1, gt=0, lt=1)
     patience: int = Field(10, ge=0)
     mode: Literal["auto", "min", "max"] = "auto"
     min_delta: float = Field(1e-4, ge=0)
     cooldown: int = Field(0, ge=0)
-    min_lr: float = Field(0.0, ge=0)
+    min_lr: float = Field(0.0, ge=0, le=MAX_LEARNING_RATE)
 
 
 Schedule = Annotated[
@@ -437,14 +475,14 @@ def _optimizer_lr_kind(v: Any) -> str:
 
 
 LearningRate = Annotated[
-    Annotated[float, Tag(_LR_TAGS[0]), Field(gt=0, allow_inf_nan=False, strict=True)] | Annotated[Schedule, Tag(_LR_TAGS[1])],
+    Annotated[float, Tag(_LR_TAGS[0]), Field(gt=0, le=MAX_LEARNING_RATE, allow_inf_nan=False, strict=True)] | Annotated[Schedule, Tag(_LR_TAGS[1])],
     Discriminator(_lr_kind),
 ]
 _LR_ADAPTER: TypeAdapter[Any] = TypeAdapter(LearningRate)
 
 #: An optimizer's learning rate: a number, a schedule object, or "find" (the LR finder's suggestion).
 OptimizerLearningRate = Annotated[
-    Annotated[float, Tag(_LR_TAGS[0]), Field(gt=0, allow_inf_nan=False, strict=True)]
+    Annotated[float, Tag(_LR_TAGS[0]), Field(gt=0, le=MAX_LEARNING_RATE, allow_inf_nan=False, strict=True)]
     | Annotated[Schedule, Tag(_LR_TAGS[1])]
     | Annotated[Literal["find"], Tag(_LR_TAGS[2])],
     Discriminator(_optimizer_lr_kind),
@@ -463,21 +501,39 @@ def parse_learning_rate(value: Any) -> Any:
 
 _TORCH_NAMES = ("betas", "eps", "alpha")
 
+#: The ``formulas`` switch of every optimizer: whose update rule a Keras-named optimizer computes.
+FORMULAS = ("keras", "torch")
+_FORMULAS_DESCRIPTION = (
+    'whose update rule: "keras" (default) computes Keras 3\'s formulas (epsilon placement, decoupled '
+    'weight_decay, Nadam\'s momentum schedule...); "torch" runs torch.optim\'s own optimizer with '
+    "torch's defaults for the fields not given. Defaults to \"torch\" when torch's argument names "
+    "(betas, eps, alpha) are used. The effective value is stored with the job."
+)
+_WD_KERAS = "weight_decay (Keras 3, decoupled, before the update): w *= 1 - weight_decay * lr."
+
 
 class _Optimizer(StrictModel):
     extra_aliases: ClassVar[tuple[str, ...]] = ("lr", "betas", "eps")
+    #: the update each choice of ``formulas`` computes (t counts updates from 1); shown in the catalog
+    FORMULA_TEXT: ClassVar[dict[str, str]] = {}
+    #: torch.optim's defaults, used for the fields a ``formulas: "torch"`` spec leaves out
+    TORCH_DEFAULTS: ClassVar[dict[str, Any]] = {}
+    formulas: Literal[FORMULAS] = Field("keras", description=_FORMULAS_DESCRIPTION)  # type: ignore[valid-type]
     learning_rate: OptimizerLearningRate = Field(
         0.001, description='a number, a schedule object, or "find": run the LR range test (options in lr_find) and train with its suggestion'
     )
-    weight_decay: float | None = Field(None, ge=0)
-    clipnorm: float | None = Field(None, gt=0, description="clip each gradient tensor to this norm (Keras)")
+    weight_decay: float | None = Field(
+        None, ge=0, description='decoupled as in Keras 3 (w *= 1 - weight_decay * lr before each update); coupled L2 (torch) with formulas "torch", except adamw'
+    )
+    clipnorm: float | None = Field(None, gt=0, description="clip each gradient tensor to this norm (Keras); one of clipnorm, clipvalue, global_clipnorm")
     clipvalue: float | None = Field(None, gt=0, description="clip each gradient element to [-v, v]")
-    global_clipnorm: float | None = Field(None, gt=0, description="clip all gradients to this global norm")
+    global_clipnorm: float | None = Field(None, gt=0, description="clip all gradients together to this global norm")
 
     @model_validator(mode="before")
     @classmethod
     def _aliases(cls, data: Any) -> Any:
-        """Accept PyTorch's names; the epsilon default follows the name family used."""
+        """Accept PyTorch's names; with them (or ``formulas: "torch"``) torch's formulas and
+        defaults apply to whatever the spec leaves out."""
         if not isinstance(data, Mapping):
             return data
         data = dict(data)
@@ -485,7 +541,8 @@ class _Optimizer(StrictModel):
             if "learning_rate" in data:
                 raise PydanticCustomError("alias_conflict", "give learning_rate or its alias lr, not both", {})
             data["learning_rate"] = data.pop("lr")
-        torch_family = any(k in data for k in _TORCH_NAMES)
+        if any(k in data for k in _TORCH_NAMES):
+            data.setdefault("formulas", "torch")
         if "betas" in data:
             betas = data.pop("betas")
             if not (isinstance(betas, list | tuple) and len(betas) == 2):
@@ -496,14 +553,16 @@ class _Optimizer(StrictModel):
             data.setdefault("epsilon", data.pop("eps"))
         if "alpha" in data and "rho" in cls.model_fields:
             data.setdefault("rho", data.pop("alpha"))
-        if torch_family and "epsilon" in cls.model_fields and "epsilon" not in data:
-            data["epsilon"] = 1e-8
+        if data.get("formulas") == "torch":
+            for key, value in cls.TORCH_DEFAULTS.items():
+                data.setdefault(key, value)
         return data
 
     @model_validator(mode="after")
-    def _clip_conflict(self) -> _Optimizer:
-        if self.clipnorm is not None and self.global_clipnorm is not None:
-            raise ValueError("give clipnorm or global_clipnorm, not both (as in Keras)")
+    def _one_clip(self) -> _Optimizer:
+        given = [k for k in ("clipnorm", "clipvalue", "global_clipnorm") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one of clipnorm, clipvalue, global_clipnorm, not {' and '.join(given)} (as in Keras 3)")
         return self
 
 
@@ -511,6 +570,11 @@ class SGD(_Optimizer):
     """Keras SGD: velocity = momentum * velocity - lr * g; w += velocity (nesterov: w += momentum *
     velocity - lr * g). Same as torch SGD for a constant learning rate."""
 
+    FORMULA_TEXT: ClassVar[dict[str, str]] = {
+        "keras": "v = momentum*v - lr*g; w += v (nesterov: w += momentum*v - lr*g). " + _WD_KERAS,
+        "torch": "torch.optim.SGD: b = momentum*b + g; w -= lr*b (nesterov: w -= lr*(g + momentum*b)); weight_decay adds wd*w to g.",
+    }
+    TORCH_DEFAULTS: ClassVar[dict[str, Any]] = {"learning_rate": 0.001}
     name: Literal["sgd"]
     learning_rate: OptimizerLearningRate = Field(
         0.01, description='a number, a schedule object, or "find": run the LR range test (options in lr_find) and train with its suggestion'
@@ -522,47 +586,105 @@ class SGD(_Optimizer):
 class _AdamLike(_Optimizer):
     beta_1: float = Field(0.9, ge=0, lt=1)
     beta_2: float = Field(0.999, ge=0, lt=1)
-    epsilon: float = Field(1e-7, gt=0, description="Keras default 1e-7; 1e-8 when the spec uses torch names")
+    epsilon: float = Field(1e-7, gt=0, description='Keras default 1e-7; 1e-8 with formulas "torch" (or torch names)')
+
+
+_ADAM_KERAS = (
+    "m = b1*m + (1-b1)*g; v = b2*v + (1-b2)*g^2 (amsgrad: v = max(v_hat, v)); "
+    "w -= lr*sqrt(1-b2^t)/(1-b1^t) * m / (sqrt(v) + epsilon): epsilon on the uncorrected sqrt(v). "
+)
 
 
 class Adam(_AdamLike):
-    """weight_decay is coupled L2 (added to the gradient), as in torch Adam."""
+    """Keras 3 Adam: epsilon added to the uncorrected sqrt(v); weight_decay decoupled."""
 
+    FORMULA_TEXT: ClassVar[dict[str, str]] = {
+        "keras": _ADAM_KERAS + _WD_KERAS,
+        "torch": "torch.optim.Adam: w -= lr/(1-b1^t) * m / (sqrt(v/(1-b2^t)) + eps); weight_decay adds wd*w to g (coupled L2).",
+    }
+    TORCH_DEFAULTS: ClassVar[dict[str, Any]] = {"epsilon": 1e-8}
     name: Literal["adam"]
     amsgrad: bool = False
 
 
 class AdamW(_AdamLike):
-    """Decoupled weight decay (Loshchilov & Hutter), default 0.004 as in Keras."""
+    """Keras 3 AdamW: Adam with weight_decay 0.004 (decoupled)."""
 
+    FORMULA_TEXT: ClassVar[dict[str, str]] = {
+        "keras": _ADAM_KERAS + _WD_KERAS,
+        "torch": "torch.optim.AdamW: w *= 1 - lr*wd; w -= lr/(1-b1^t) * m / (sqrt(v/(1-b2^t)) + eps).",
+    }
+    TORCH_DEFAULTS: ClassVar[dict[str, Any]] = {"epsilon": 1e-8, "weight_decay": 0.01}
     name: Literal["adamw"]
     amsgrad: bool = False
-    weight_decay: float | None = Field(0.004, ge=0)
+    weight_decay: float | None = Field(0.004, ge=0, description="decoupled: w *= 1 - weight_decay * lr before each update (Keras default 0.004; torch 0.01)")
 
 
 class Nadam(_AdamLike):
+    """Keras 3 Nadam: momentum schedule u_t = beta_1 * (1 - 0.5 * 0.96**t)."""
+
+    FORMULA_TEXT: ClassVar[dict[str, str]] = {
+        "keras": (
+            "u_t = b1*(1 - 0.5*0.96^t); P_t = u_1*...*u_t; m = b1*m + (1-b1)*g; v = b2*v + (1-b2)*g^2; "
+            "w -= lr * (u_{t+1}*m/(1-P_{t+1}) + (1-u_t)*g/(1-P_t)) / (sqrt(v/(1-b2^t)) + epsilon). " + _WD_KERAS
+        ),
+        "torch": "torch.optim.NAdam (momentum_decay 0.004): as keras with u_t = b1*(1 - 0.5*0.96^(0.004*t)); weight_decay adds wd*w to g.",
+    }
+    TORCH_DEFAULTS: ClassVar[dict[str, Any]] = {"learning_rate": 0.002, "epsilon": 1e-8}
     name: Literal["nadam"]
 
 
 class RAdam(_AdamLike):
+    """Rectified Adam (torch.optim.RAdam; Keras has none, so formulas is always "torch")."""
+
+    FORMULA_TEXT: ClassVar[dict[str, str]] = {"torch": "torch.optim.RAdam; weight_decay adds wd*w to g (coupled L2)."}
     name: Literal["radam"]
+    formulas: Literal["torch"] = Field("torch", description="torch only: Keras has no RAdam")
+    weight_decay: float | None = Field(None, ge=0, description="coupled L2, as torch's RAdam")
     epsilon: float = Field(1e-8, gt=0, description="torch default")
 
 
 class Adamax(_AdamLike):
+    """Keras 3 Adamax: epsilon added to u outside the max."""
+
+    FORMULA_TEXT: ClassVar[dict[str, str]] = {
+        "keras": "m = b1*m + (1-b1)*g; u = max(b2*u, |g|); w -= lr*m / ((1-b1^t)*(u + epsilon)). " + _WD_KERAS,
+        "torch": "torch.optim.Adamax: u = max(b2*u, |g| + eps); w -= lr/(1-b1^t) * m/u; weight_decay adds wd*w to g.",
+    }
+    TORCH_DEFAULTS: ClassVar[dict[str, Any]] = {"learning_rate": 0.002, "epsilon": 1e-8}
     name: Literal["adamax"]
 
 
 class RMSprop(_Optimizer):
+    """Keras 3 RMSprop: epsilon inside the square root; the momentum buffer carries lr."""
+
+    FORMULA_TEXT: ClassVar[dict[str, str]] = {
+        "keras": (
+            "v = rho*v + (1-rho)*g^2; d = v + epsilon (centered: a = rho*a + (1-rho)*g, d = v - a^2 + epsilon); "
+            "inc = lr*g/sqrt(d); w -= inc (momentum: b = momentum*b + inc; w -= b). " + _WD_KERAS
+        ),
+        "torch": (
+            "torch.optim.RMSprop: d = sqrt(v) + eps (centered: sqrt(v - a^2) + eps); w -= lr*g/d "
+            "(momentum: b = momentum*b + g/d; w -= lr*b); weight_decay adds wd*w to g."
+        ),
+    }
+    TORCH_DEFAULTS: ClassVar[dict[str, Any]] = {"learning_rate": 0.01, "rho": 0.99, "epsilon": 1e-8}
     extra_aliases: ClassVar[tuple[str, ...]] = ("lr", "eps", "alpha")
     name: Literal["rmsprop"]
-    rho: float = Field(0.9, ge=0, lt=1, description="Keras rho (torch: alpha)")
+    rho: float = Field(0.9, ge=0, lt=1, description="Keras rho (torch: alpha, default 0.99)")
     momentum: float = Field(0.0, ge=0, lt=1)
     epsilon: float = Field(1e-7, gt=0)
     centered: bool = False
 
 
 class Adagrad(_Optimizer):
+    """Keras 3 Adagrad: epsilon inside the square root, accumulator starts at 0.1."""
+
+    FORMULA_TEXT: ClassVar[dict[str, str]] = {
+        "keras": "acc += g^2; w -= lr*g / sqrt(acc + epsilon). " + _WD_KERAS,
+        "torch": "torch.optim.Adagrad: acc += g^2; w -= lr*g / (sqrt(acc) + eps); weight_decay adds wd*w to g.",
+    }
+    TORCH_DEFAULTS: ClassVar[dict[str, Any]] = {"learning_rate": 0.01, "epsilon": 1e-10, "initial_accumulator_value": 0.0}
     name: Literal["adagrad"]
     initial_accumulator_value: float = Field(0.1, ge=0)
     epsilon: float = Field(1e-7, gt=0)
@@ -611,7 +733,7 @@ class ReduceLROnPlateauSpec(StrictModel):
     mode: Literal["auto", "min", "max"] = "auto"
     min_delta: float = Field(1e-4, ge=0)
     cooldown: int = Field(0, ge=0)
-    min_lr: float = Field(0.0, ge=0)
+    min_lr: float = Field(0.0, ge=0, le=MAX_LEARNING_RATE)
     verbose: int = Field(0, ge=0, le=2, description="accepted for Keras compatibility; ignored")
 
 
@@ -625,8 +747,8 @@ class CallbacksSpec(StrictModel):
 class LRFindSpec(StrictModel):
     """LR range test (Smith 2015): exponential ramp from min_lr to max_lr over steps."""
 
-    min_lr: float = Field(1e-7, gt=0)
-    max_lr: float = Field(10.0, gt=0)
+    min_lr: float = Field(1e-7, gt=0, le=MAX_LEARNING_RATE)
+    max_lr: float = Field(10.0, gt=0, le=MAX_LEARNING_RATE)
     steps: int = Field(100, ge=5, le=100_000)
     stop_factor: float = Field(4.0, gt=1, description="stop when the smoothed loss exceeds this times its best")
     smoothing: float = Field(0.98, ge=0, lt=1)
@@ -793,9 +915,31 @@ def semantic_errors(spec: JobSpec, datasets: DatasetResolver | None = None) -> l
         else:
             if shapes is not None:
                 _check_head(spec, info, shapes[-1], errors)
+        _check_schedule(spec, info, errors)
 
     _check_monitors(spec, errors)
     return errors
+
+
+def _check_schedule(spec: JobSpec, info: Any, errors: list[dict[str, Any]]) -> None:
+    """The learning-rate schedule must give a finite float32 rate at every step the job runs (the
+    engine's own step count: ``ceil(n_train / batch_size)`` steps an epoch)."""
+    from training.schedules import ScheduleError, check_schedule
+
+    lr = spec.optimizer.learning_rate
+    if spec.kind != "train" or not isinstance(lr, BaseModel):
+        return
+    n_train = info.n_samples - int(round(info.n_samples * spec.data.validation_split))
+    if n_train < 1:
+        return  # reported by the split check
+    per_epoch = -(-n_train // min(spec.data.batch_size, n_train))
+    total = spec.epochs * per_epoch
+    steps = total if spec.max_steps is None else min(total, spec.max_steps)
+    try:
+        check_schedule(lr, steps=steps, steps_per_epoch=per_epoch, total_steps=total)
+    except ScheduleError as exc:
+        loc = ("optimizer", "learning_rate", *((exc.field,) if exc.field else ()))
+        _issue(errors, loc, f"{exc} (this job runs {steps} steps, {per_epoch} per epoch)", "schedule_error")
 
 
 #: layers that take (C, H, W) input, and layers that pass a shape through unchanged
