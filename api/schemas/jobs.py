@@ -5,7 +5,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.schemas.common import ErrorItem, MetricValue
+from api.schemas.common import ErrorItem, JsonInt, MetricValue
 from store.scheduling import PRIORITY_MAX, PRIORITY_MIN
 
 JobStatus = Literal["queued", "running", "paused", "succeeded", "failed", "cancelled"]
@@ -62,12 +62,12 @@ class JobList(BaseModel):
 class BatchCreate(BaseModel):
     # list[Any]: an item that is not an object gets its own "invalid" result (the others are stored)
     jobs: list[Any] = Field(min_length=1, max_length=1000, description="job specs (JSON objects)")
-    priority: int = Field(0, ge=PRIORITY_MIN, le=PRIORITY_MAX, description="of every job of the batch")
+    priority: JsonInt = Field(0, ge=PRIORITY_MIN, le=PRIORITY_MAX, description="of every job of the batch")
 
 
 class JobPatch(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    priority: int = Field(ge=PRIORITY_MIN, le=PRIORITY_MAX,
+    priority: JsonInt = Field(ge=PRIORITY_MIN, le=PRIORITY_MAX,
                           description="higher starts first among the queued jobs of its queue; only while queued")
 
 

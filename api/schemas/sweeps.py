@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
-from api.schemas.common import MetricValue
+from api.schemas.common import JsonInt, MetricValue
 from api.schemas.jobs import JobStatus
 from store.scheduling import PRIORITY_MAX, PRIORITY_MIN
 
@@ -100,7 +100,7 @@ class SweepCreate(_Strict):
     early_termination: EarlyTermination | None = None
     seed: int | None = Field(None, ge=0, le=2**32 - 1, description="the sampler's seed (default: random, then stored)")
     n_startup_trials: int | None = Field(None, ge=1, le=1000, description="tpe: random trials before TPE models (default 10)")
-    priority: int = Field(0, ge=PRIORITY_MIN, le=PRIORITY_MAX,
+    priority: JsonInt = Field(0, ge=PRIORITY_MIN, le=PRIORITY_MAX,
                           description="of every trial: higher starts first among queued jobs of its queue")
 
 
@@ -128,7 +128,7 @@ SWEEP_EXAMPLE: dict[str, Any] = {
 
 
 class SweepPatch(_Strict):
-    priority: int = Field(ge=PRIORITY_MIN, le=PRIORITY_MAX,
+    priority: JsonInt = Field(ge=PRIORITY_MIN, le=PRIORITY_MAX,
                           description="of its queued trials and of the trials it creates from now on")
 
 

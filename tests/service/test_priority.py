@@ -83,6 +83,12 @@ def test_priority_is_validated(prio_stack: str) -> None:
             assert r.status_code == 422 and "priority" in r.text
             r = httpx.patch(f"{prio_stack}/v1/jobs/{job['id']}", json={"priority": 1, "colour": "red"})
             assert r.status_code == 422 and "colour" in r.text
+            r = httpx.post(f"{prio_stack}/v1/jobs/batch", json={"jobs": [note_spec(1, device="cpu")], "priority": True})
+            assert r.status_code == 422 and "priority" in r.text
+            batch = c.submit_batch([long_spec(name="prio-batch", device="cpu")], priority=4)
+            batch_job = batch["results"][0]["id"]
+            assert c.job(batch_job)["priority"] == 4
+            c.cancel(batch_job)
         finally:
             c.cancel(job["id"])
 
