@@ -144,8 +144,28 @@ class _FusedOptimizer:
         raise NotImplementedError
 
 
+def _coupled_decay(grads: list[Tensor], params: list[Tensor], wd: Tensor | None) -> list[Tensor]:
+    """Coupled L2 weight decay (torch's form): ``g + wd * p``."""
+    if wd is None:
+        return grads
+    return [g + p * _bcast(wd, p) for g, p in zip(grads, params, strict=True)]
+
+
+def _decoupled_decay(params: list[Tensor], wd: list[float], lrs: list[float]) -> None:
+    """Keras 3's weight decay, before the update: ``w *= 1 - wd * lr`` with float32 scalars."""
+    if not any(wd):
+        return
+    ft = np.float32
+    decay = _col([float(1 - ft(w) * ft(lr)) for w, lr in zip(wd, lrs, strict=True)], params[0])
+    for p in params:
+        p.mul_(_bcast(decay, p))
+
+
 class _FusedKerasSGD(_FusedOptimizer):
-    """The engine's ``KerasSGD`` (velocity carries ``-lr * g``), weight_decay 0."""
+    """The engine's ``KerasSGD`` (velocity carries ``-lr * g``); weight decay coupled (added to
+    the gradient) or decoupled (Keras 3: ``w *= 1 - wd*lr`` first), as the engine's class does."""
+
+    decoupled = False
 
     def __init__(self, params: list[Tensor], groups: list[dict[str, Any]]) -> None:
         super().__init__(params, groups)
@@ -155,9 +175,16 @@ class _FusedKerasSGD(_FusedOptimizer):
         self.momentum = self._hyper("momentum")
         self.nesterov = bool(self.groups[0]["nesterov"])
         self.any_momentum = any(g["momentum"] != 0 for g in self.groups)
+        self.wd = [float(g.get("weight_decay") or 0.0) for g in self.groups]
+        self.wd_t = _col(self.wd, self.params[0]) if any(self.wd) else None
 
     @torch.no_grad()
     def step(self, grads: list[Tensor], lrs: list[float]) -> None:
+        self.t = [t + 1 for t in self.t]
+        if self.decoupled:
+            _decoupled_decay(self.params, self.wd, lrs)
+        else:
+            grads = _coupled_decay(grads, self.params, self.wd_t)
         neg_lr = -_col(lrs, self.params[0])
         if not self.any_momentum:
             for p, g in zip(self.params, grads, strict=True):
@@ -167,14 +194,21 @@ class _FusedKerasSGD(_FusedOptimizer):
         for p, g, v in zip(self.params, grads, vel, strict=True):
             m, nl = _bcast(self.momentum, p), _bcast(neg_lr, p)
             v.mul_(m).add_(g * nl)
-            if self.nesterov:
-                p.add_(v * m).add_(g * nl)
+            if self.nesterov:  # in the engine class's order
+                if self.decoupled:
+                    p.add_(g * nl).add_(v * m)
+                else:
+                    p.add_(v * m).add_(g * nl)
             else:
                 p.add_(v)
 
 
+class _FusedKerasSGDDecoupled(_FusedKerasSGD):
+    decoupled = True
+
+
 class _FusedTorchAdam(_FusedOptimizer):
-    """``torch.optim.Adam`` (weight_decay 0, no amsgrad): ``p -= lr/(1-b1**t) * m /
+    """``torch.optim.Adam`` (no amsgrad; weight decay coupled as torch's): ``p -= lr/(1-b1**t) * m /
     (sqrt(v)/sqrt(1-b2**t) + eps)``, the bias corrections in double as torch computes them."""
 
     def __init__(self, params: list[Tensor], groups: list[dict[str, Any]]) -> None:
@@ -189,10 +223,13 @@ class _FusedTorchAdam(_FusedOptimizer):
         self.b2_t = _col(b2, self.params[0])
         self.one_minus_b2 = _col([1 - b for b in b2], self.params[0])
         self.eps = _col([g["eps"] for g in self.groups], self.params[0])
+        wd = [float(g.get("weight_decay") or 0.0) for g in self.groups]
+        self.wd_t = _col(wd, self.params[0]) if any(wd) else None
 
     @torch.no_grad()
     def step(self, grads: list[Tensor], lrs: list[float]) -> None:
         self.t = [t + 1 for t in self.t]
+        grads = _coupled_decay(grads, self.params, self.wd_t)
         like = self.params[0]
         step_size = _col([-lr / (1 - b1**t) for lr, b1, t in zip(lrs, self.b1, self.t, strict=True)], like)
         bc2_sqrt = _col([math.sqrt(1 - b2**t) for b2, t in zip(self.b2, self.t, strict=True)], like)
@@ -229,10 +266,7 @@ class _FusedKerasAdam(_FusedOptimizer):
         ft = np.float32
         like = self.params[0]
         lr32 = [ft(lr) for lr in lrs]
-        if any(self.wd):
-            decay = _col([float(1 - ft(wd) * lr) for wd, lr in zip(self.wd, lr32, strict=True)], like)
-            for p in self.params:
-                p.mul_(_bcast(decay, p))
+        _decoupled_decay(self.params, self.wd, lrs)
         alpha = _col(
             [float(lr * np.sqrt(1 - ft(b2) ** ft(t)) / (1 - ft(b1) ** ft(t)))
              for lr, b1, b2, t in zip(lr32, self.b1, self.b2, self.t, strict=True)],
@@ -250,9 +284,10 @@ def _fused_optimizer_for(opt: torch.optim.Optimizer, spec: JobSpec) -> type[_Fus
     pack then falls back to solo runs)."""
     name = type(opt).__name__
     group = opt.param_groups[0]
-    if name == "KerasSGD" and not group.get("weight_decay"):
-        return _FusedKerasSGD
-    if type(opt) is torch.optim.Adam and not group.get("weight_decay") and not group.get("amsgrad"):
+    if name == "KerasSGD":
+        # Keras 3's form (a ``_update`` method, decoupled decay) or the older coupled one
+        return _FusedKerasSGDDecoupled if hasattr(opt, "_update") else _FusedKerasSGD
+    if type(opt) is torch.optim.Adam and not group.get("amsgrad") and not group.get("maximize"):
         return _FusedTorchAdam
     if name == "KerasAdam" and not group.get("amsgrad"):
         return _FusedKerasAdam

@@ -112,6 +112,15 @@ KNOBS: dict[str, list[dict[str, Any]]] = {
         {"optimizer": {"name": "sgd", "learning_rate": 0.05, "momentum": 0.9, "nesterov": True}},
         {"optimizer": {"name": "sgd", "learning_rate": 0.01, "momentum": 0.8, "nesterov": True}},
     ],
+    "weight_decay": [
+        {"optimizer": {"name": "sgd", "learning_rate": 0.05, "momentum": 0.9, "weight_decay": 0.01}},
+        {"optimizer": {"name": "sgd", "learning_rate": 0.05, "momentum": 0.9, "weight_decay": 0.001}},
+        {"optimizer": {"name": "sgd", "learning_rate": 0.05, "momentum": 0.9}},
+    ],
+    "adam_weight_decay": [
+        {"optimizer": {"name": "adam", "learning_rate": 0.003, "weight_decay": 0.01}},
+        {"optimizer": {"name": "adam", "learning_rate": 0.003}},
+    ],
     # schedules (per step), warm-up, restarts, plateau
     "schedules": [
         {"optimizer": {"name": "adam", "learning_rate": {"schedule": "exponential", "initial_learning_rate": 0.01,
