@@ -306,12 +306,16 @@ class _Pack:
         lead = members[0]
         self.device = lead.device
         self.names = [n for n, p in lead.model.named_parameters() if p.requires_grad]
-        self.params = [torch.stack([m.model.get_parameter(n).detach() for m in members]).contiguous() for n in self.names]
+        stacked = [torch.stack([m.model.get_parameter(n).detach() for m in members]) for n in self.names]
+        self.shapes = [t.shape[1:] for t in stacked]
+        # every weight of a trial in one row: the optimizer updates one (trials, parameters) tensor
+        self.flat = torch.cat([t.flatten(1) for t in stacked], 1).contiguous()
+        self.params = self.views(self.flat)
         self.x = torch.stack([m.x_train for m in members])
         self.y = torch.stack([m.y_train for m in members])
         self.same_target = lead.t_train is lead.y_train
         self.t = self.y if self.same_target else torch.stack([m.t_train for m in members])
-        self.opt = opt_cls(self.params, [m.optimizer.param_groups[0] for m in members])
+        self.opt = opt_cls([self.flat], [m.optimizer.param_groups[0] for m in members])
         self.modules = list(lead.model.named_children())
         # kernel/bias penalties per parameter: (l1, l2) columns over trials
         self.reg: list[tuple[int, Tensor | None, Tensor | None]] = []
@@ -362,15 +366,25 @@ class _Pack:
             self.live = []
             return
         idx = torch.tensor(keep_list, device=self.device, dtype=torch.long)
-        self.params = [p.detach().index_select(0, idx).contiguous() for p in self.params]
+        self.flat = self.flat.detach().index_select(0, idx).contiguous()
+        self.params = self.views(self.flat)
         self.x, self.y = self.x.index_select(0, idx), self.y.index_select(0, idx)
         self.t = self.y if self.same_target else self.t.index_select(0, idx)
-        self.opt.keep(idx, keep_list, self.params)
+        self.opt.keep(idx, keep_list, [self.flat])
         self.live = [self.live[i] for i in keep_list]
         remap = {old: new for new, old in enumerate(keep_list)}
         self.loss_groups = [[remap[k] for k in g if k in remap] for g in self.loss_groups]
         self.loss_groups = [g for g in self.loss_groups if g]
         self._build_hyper()
+
+    def views(self, flat: Tensor) -> list[Tensor]:
+        """Each parameter, stacked over trials, as a view of the flat tensor."""
+        out, start = [], 0
+        for shape in self.shapes:
+            n = math.prod(shape)
+            out.append(flat[:, start : start + n].view(flat.shape[0], *shape))
+            start += n
+        return out
 
     def sync(self, slot: int) -> None:
         """Copy slot's fused weights into its member's own model."""
@@ -482,7 +496,8 @@ def _epoch(pack: _Pack, finished: list[int]) -> None:
         for s, i in enumerate(pack.live):
             if not lr_constant[s]:
                 lrs[s] = members[i]._current_lr(members[i].step)
-        params = [p.requires_grad_() for p in pack.params]
+        flat = pack.flat.requires_grad_()
+        params = pack.views(flat)
         out, penalty = pack.forward(params, xb)
         losses = pack.losses(out, tb)
         if penalty is not None:
@@ -506,16 +521,16 @@ def _epoch(pack: _Pack, finished: list[int]) -> None:
                 losses = losses.index_select(0, sel)
                 out = out.index_select(0, sel)
                 yb, tb = yb.index_select(0, sel), tb.index_select(0, sel)
-                params = [p.requires_grad_() for p in pack.params]
+                flat = pack.flat.requires_grad_()
+                params = pack.views(flat)
                 # recompute on the compacted pack (the dropped slots must not be updated)
                 out, penalty = pack.forward(params, xb.index_select(0, sel))
                 losses = pack.losses(out, tb)
                 if penalty is not None:
                     losses = losses + penalty
-        grads = torch.autograd.grad(losses.sum(), params)
-        for p in params:
-            p.requires_grad_(False)
-        pack.opt.step(list(grads), lrs)
+        (grad,) = torch.autograd.grad(losses.sum(), flat)
+        flat.requires_grad_(False)
+        pack.opt.step([grad], lrs)
         for i in pack.live:
             members[i].step += 1
         seen += m_count
