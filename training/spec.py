@@ -463,21 +463,39 @@ def parse_learning_rate(value: Any) -> Any:
 
 _TORCH_NAMES = ("betas", "eps", "alpha")
 
+#: The ``formulas`` switch of every optimizer: whose update rule a Keras-named optimizer computes.
+FORMULAS = ("keras", "torch")
+_FORMULAS_DESCRIPTION = (
+    'whose update rule: "keras" (default) computes Keras 3\'s formulas (epsilon placement, decoupled '
+    'weight_decay, Nadam\'s momentum schedule...); "torch" runs torch.optim\'s own optimizer with '
+    "torch's defaults for the fields not given. Defaults to \"torch\" when torch's argument names "
+    "(betas, eps, alpha) are used. The effective value is stored with the job."
+)
+_WD_KERAS = "weight_decay (Keras 3, decoupled, before the update): w *= 1 - weight_decay * lr."
+
 
 class _Optimizer(StrictModel):
     extra_aliases: ClassVar[tuple[str, ...]] = ("lr", "betas", "eps")
+    #: the update each choice of ``formulas`` computes (t counts updates from 1); shown in the catalog
+    FORMULA_TEXT: ClassVar[dict[str, str]] = {}
+    #: torch.optim's defaults, used for the fields a ``formulas: "torch"`` spec leaves out
+    TORCH_DEFAULTS: ClassVar[dict[str, Any]] = {}
+    formulas: Literal[FORMULAS] = Field("keras", description=_FORMULAS_DESCRIPTION)  # type: ignore[valid-type]
     learning_rate: OptimizerLearningRate = Field(
         0.001, description='a number, a schedule object, or "find": run the LR range test (options in lr_find) and train with its suggestion'
     )
-    weight_decay: float | None = Field(None, ge=0)
-    clipnorm: float | None = Field(None, gt=0, description="clip each gradient tensor to this norm (Keras)")
+    weight_decay: float | None = Field(
+        None, ge=0, description='decoupled as in Keras 3 (w *= 1 - weight_decay * lr before each update); coupled L2 (torch) with formulas "torch", except adamw'
+    )
+    clipnorm: float | None = Field(None, gt=0, description="clip each gradient tensor to this norm (Keras); one of clipnorm, clipvalue, global_clipnorm")
     clipvalue: float | None = Field(None, gt=0, description="clip each gradient element to [-v, v]")
-    global_clipnorm: float | None = Field(None, gt=0, description="clip all gradients to this global norm")
+    global_clipnorm: float | None = Field(None, gt=0, description="clip all gradients together to this global norm")
 
     @model_validator(mode="before")
     @classmethod
     def _aliases(cls, data: Any) -> Any:
-        """Accept PyTorch's names; the epsilon default follows the name family used."""
+        """Accept PyTorch's names; with them (or ``formulas: "torch"``) torch's formulas and
+        defaults apply to whatever the spec leaves out."""
         if not isinstance(data, Mapping):
             return data
         data = dict(data)
@@ -485,7 +503,8 @@ class _Optimizer(StrictModel):
             if "learning_rate" in data:
                 raise PydanticCustomError("alias_conflict", "give learning_rate or its alias lr, not both", {})
             data["learning_rate"] = data.pop("lr")
-        torch_family = any(k in data for k in _TORCH_NAMES)
+        if any(k in data for k in _TORCH_NAMES):
+            data.setdefault("formulas", "torch")
         if "betas" in data:
             betas = data.pop("betas")
             if not (isinstance(betas, list | tuple) and len(betas) == 2):
@@ -496,14 +515,16 @@ class _Optimizer(StrictModel):
             data.setdefault("epsilon", data.pop("eps"))
         if "alpha" in data and "rho" in cls.model_fields:
             data.setdefault("rho", data.pop("alpha"))
-        if torch_family and "epsilon" in cls.model_fields and "epsilon" not in data:
-            data["epsilon"] = 1e-8
+        if data.get("formulas") == "torch":
+            for key, value in cls.TORCH_DEFAULTS.items():
+                data.setdefault(key, value)
         return data
 
     @model_validator(mode="after")
-    def _clip_conflict(self) -> _Optimizer:
-        if self.clipnorm is not None and self.global_clipnorm is not None:
-            raise ValueError("give clipnorm or global_clipnorm, not both (as in Keras)")
+    def _one_clip(self) -> _Optimizer:
+        given = [k for k in ("clipnorm", "clipvalue", "global_clipnorm") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one of clipnorm, clipvalue, global_clipnorm, not {' and '.join(given)} (as in Keras 3)")
         return self
 
 
@@ -511,6 +532,11 @@ class SGD(_Optimizer):
     """Keras SGD: velocity = momentum * velocity - lr * g; w += velocity (nesterov: w += momentum *
     velocity - lr * g). Same as torch SGD for a constant learning rate."""
 
+    FORMULA_TEXT: ClassVar[dict[str, str]] = {
+        "keras": "v = momentum*v - lr*g; w += v (nesterov: w += momentum*v - lr*g). " + _WD_KERAS,
+        "torch": "torch.optim.SGD: b = momentum*b + g; w -= lr*b (nesterov: w -= lr*(g + momentum*b)); weight_decay adds wd*w to g.",
+    }
+    TORCH_DEFAULTS: ClassVar[dict[str, Any]] = {"learning_rate": 0.001}
     name: Literal["sgd"]
     learning_rate: OptimizerLearningRate = Field(
         0.01, description='a number, a schedule object, or "find": run the LR range test (options in lr_find) and train with its suggestion'
@@ -522,47 +548,105 @@ class SGD(_Optimizer):
 class _AdamLike(_Optimizer):
     beta_1: float = Field(0.9, ge=0, lt=1)
     beta_2: float = Field(0.999, ge=0, lt=1)
-    epsilon: float = Field(1e-7, gt=0, description="Keras default 1e-7; 1e-8 when the spec uses torch names")
+    epsilon: float = Field(1e-7, gt=0, description='Keras default 1e-7; 1e-8 with formulas "torch" (or torch names)')
+
+
+_ADAM_KERAS = (
+    "m = b1*m + (1-b1)*g; v = b2*v + (1-b2)*g^2 (amsgrad: v = max(v_hat, v)); "
+    "w -= lr*sqrt(1-b2^t)/(1-b1^t) * m / (sqrt(v) + epsilon): epsilon on the uncorrected sqrt(v). "
+)
 
 
 class Adam(_AdamLike):
-    """weight_decay is coupled L2 (added to the gradient), as in torch Adam."""
+    """Keras 3 Adam: epsilon added to the uncorrected sqrt(v); weight_decay decoupled."""
 
+    FORMULA_TEXT: ClassVar[dict[str, str]] = {
+        "keras": _ADAM_KERAS + _WD_KERAS,
+        "torch": "torch.optim.Adam: w -= lr/(1-b1^t) * m / (sqrt(v/(1-b2^t)) + eps); weight_decay adds wd*w to g (coupled L2).",
+    }
+    TORCH_DEFAULTS: ClassVar[dict[str, Any]] = {"epsilon": 1e-8}
     name: Literal["adam"]
     amsgrad: bool = False
 
 
 class AdamW(_AdamLike):
-    """Decoupled weight decay (Loshchilov & Hutter), default 0.004 as in Keras."""
+    """Keras 3 AdamW: Adam with weight_decay 0.004 (decoupled)."""
 
+    FORMULA_TEXT: ClassVar[dict[str, str]] = {
+        "keras": _ADAM_KERAS + _WD_KERAS,
+        "torch": "torch.optim.AdamW: w *= 1 - lr*wd; w -= lr/(1-b1^t) * m / (sqrt(v/(1-b2^t)) + eps).",
+    }
+    TORCH_DEFAULTS: ClassVar[dict[str, Any]] = {"epsilon": 1e-8, "weight_decay": 0.01}
     name: Literal["adamw"]
     amsgrad: bool = False
-    weight_decay: float | None = Field(0.004, ge=0)
+    weight_decay: float | None = Field(0.004, ge=0, description="decoupled: w *= 1 - weight_decay * lr before each update (Keras default 0.004; torch 0.01)")
 
 
 class Nadam(_AdamLike):
+    """Keras 3 Nadam: momentum schedule u_t = beta_1 * (1 - 0.5 * 0.96**t)."""
+
+    FORMULA_TEXT: ClassVar[dict[str, str]] = {
+        "keras": (
+            "u_t = b1*(1 - 0.5*0.96^t); P_t = u_1*...*u_t; m = b1*m + (1-b1)*g; v = b2*v + (1-b2)*g^2; "
+            "w -= lr * (u_{t+1}*m/(1-P_{t+1}) + (1-u_t)*g/(1-P_t)) / (sqrt(v/(1-b2^t)) + epsilon). " + _WD_KERAS
+        ),
+        "torch": "torch.optim.NAdam (momentum_decay 0.004): as keras with u_t = b1*(1 - 0.5*0.96^(0.004*t)); weight_decay adds wd*w to g.",
+    }
+    TORCH_DEFAULTS: ClassVar[dict[str, Any]] = {"learning_rate": 0.002, "epsilon": 1e-8}
     name: Literal["nadam"]
 
 
 class RAdam(_AdamLike):
+    """Rectified Adam (torch.optim.RAdam; Keras has none, so formulas is always "torch")."""
+
+    FORMULA_TEXT: ClassVar[dict[str, str]] = {"torch": "torch.optim.RAdam; weight_decay adds wd*w to g (coupled L2)."}
     name: Literal["radam"]
+    formulas: Literal["torch"] = Field("torch", description="torch only: Keras has no RAdam")
+    weight_decay: float | None = Field(None, ge=0, description="coupled L2, as torch's RAdam")
     epsilon: float = Field(1e-8, gt=0, description="torch default")
 
 
 class Adamax(_AdamLike):
+    """Keras 3 Adamax: epsilon added to u outside the max."""
+
+    FORMULA_TEXT: ClassVar[dict[str, str]] = {
+        "keras": "m = b1*m + (1-b1)*g; u = max(b2*u, |g|); w -= lr*m / ((1-b1^t)*(u + epsilon)). " + _WD_KERAS,
+        "torch": "torch.optim.Adamax: u = max(b2*u, |g| + eps); w -= lr/(1-b1^t) * m/u; weight_decay adds wd*w to g.",
+    }
+    TORCH_DEFAULTS: ClassVar[dict[str, Any]] = {"learning_rate": 0.002, "epsilon": 1e-8}
     name: Literal["adamax"]
 
 
 class RMSprop(_Optimizer):
+    """Keras 3 RMSprop: epsilon inside the square root; the momentum buffer carries lr."""
+
+    FORMULA_TEXT: ClassVar[dict[str, str]] = {
+        "keras": (
+            "v = rho*v + (1-rho)*g^2; d = v + epsilon (centered: a = rho*a + (1-rho)*g, d = v - a^2 + epsilon); "
+            "inc = lr*g/sqrt(d); w -= inc (momentum: b = momentum*b + inc; w -= b). " + _WD_KERAS
+        ),
+        "torch": (
+            "torch.optim.RMSprop: d = sqrt(v) + eps (centered: sqrt(v - a^2) + eps); w -= lr*g/d "
+            "(momentum: b = momentum*b + g/d; w -= lr*b); weight_decay adds wd*w to g."
+        ),
+    }
+    TORCH_DEFAULTS: ClassVar[dict[str, Any]] = {"learning_rate": 0.01, "rho": 0.99, "epsilon": 1e-8}
     extra_aliases: ClassVar[tuple[str, ...]] = ("lr", "eps", "alpha")
     name: Literal["rmsprop"]
-    rho: float = Field(0.9, ge=0, lt=1, description="Keras rho (torch: alpha)")
+    rho: float = Field(0.9, ge=0, lt=1, description="Keras rho (torch: alpha, default 0.99)")
     momentum: float = Field(0.0, ge=0, lt=1)
     epsilon: float = Field(1e-7, gt=0)
     centered: bool = False
 
 
 class Adagrad(_Optimizer):
+    """Keras 3 Adagrad: epsilon inside the square root, accumulator starts at 0.1."""
+
+    FORMULA_TEXT: ClassVar[dict[str, str]] = {
+        "keras": "acc += g^2; w -= lr*g / sqrt(acc + epsilon). " + _WD_KERAS,
+        "torch": "torch.optim.Adagrad: acc += g^2; w -= lr*g / (sqrt(acc) + eps); weight_decay adds wd*w to g.",
+    }
+    TORCH_DEFAULTS: ClassVar[dict[str, Any]] = {"learning_rate": 0.01, "epsilon": 1e-10, "initial_accumulator_value": 0.0}
     name: Literal["adagrad"]
     initial_accumulator_value: float = Field(0.1, ge=0)
     epsilon: float = Field(1e-7, gt=0)

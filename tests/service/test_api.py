@@ -42,6 +42,7 @@ def test_create_stores_effective_spec_and_enqueues_job_id(app_client, redis_clie
     assert job["status"] == "queued" and job["progress"] == {"epoch": 0, "epochs": 3}
     # effective defaults are stored with the job
     assert job["spec"]["optimizer"]["beta_2"] == 0.999 and job["spec"]["optimizer"]["epsilon"] == 1e-7
+    assert job["spec"]["optimizer"]["formulas"] == "keras"  # whose update rule runs (issue 15)
     assert job["spec"]["optimizer"]["learning_rate"]["t_mul"] == 2.0
     assert job["queue"].endswith("any")  # device auto -> the queue every worker takes
     assert queue_len(redis_client, inproc_env) == before + 1
@@ -291,6 +292,11 @@ def test_catalog_has_what_a_form_needs(app_client):
     adam = next(o for o in cat["optimizers"] if o["name"] == "adam")
     params = {p["name"]: p for p in adam["parameters"]}
     assert params["beta_1"]["default"] == 0.9 and params["epsilon"]["default"] == 1e-7
+    # the formulas switch and what each choice computes (Keras' epsilon on the uncorrected sqrt(v))
+    assert params["formulas"]["default"] == "keras" and params["formulas"]["schema"]["enum"] == ["keras", "torch"]
+    assert "uncorrected sqrt(v)" in adam["formulas"]["keras"] and adam["formulas"]["torch"].startswith("torch.optim.Adam")
+    radam = next(o for o in cat["optimizers"] if o["name"] == "radam")
+    assert list(radam["formulas"]) == ["torch"]
     cr = next(s for s in cat["schedules"] if s["name"] == "cosine_restarts")
     assert {"initial_learning_rate", "first_decay_steps", "t_mul", "m_mul", "alpha", "warmup_steps"} <= {
         p["name"] for p in cr["parameters"]}

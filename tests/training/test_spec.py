@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jsonschema
 import pytest
 
 from training import SpecError, json_schema, validate_spec
@@ -395,7 +396,6 @@ def test_import_and_validate_do_not_import_torch():
 
 
 def test_json_schema_is_valid_and_accepts_the_example():
-    jsonschema = pytest.importorskip("jsonschema")
     schema = json_schema()
     json.dumps(schema)  # plain JSON
     jsonschema.Draft202012Validator.check_schema(schema)
