@@ -121,6 +121,14 @@ KNOBS: dict[str, list[dict[str, Any]]] = {
         {"optimizer": {"name": "adam", "learning_rate": 0.003, "weight_decay": 0.01}},
         {"optimizer": {"name": "adam", "learning_rate": 0.003}},
     ],
+    "adamw": [
+        {"optimizer": {"name": "adamw", "learning_rate": 0.003, "weight_decay": 0.01}},
+        {"optimizer": {"name": "adamw", "learning_rate": 0.01, "weight_decay": 0.004, "beta_2": 0.99}},
+    ],
+    "adam_torch_formulas": [
+        {"optimizer": {"name": "adam", "formulas": "torch", "learning_rate": 0.003, "weight_decay": 0.01}},
+        {"optimizer": {"name": "adam", "formulas": "torch", "learning_rate": 0.01, "eps": 1e-6}},
+    ],
     # schedules (per step), warm-up, restarts, plateau
     "schedules": [
         {"optimizer": {"name": "adam", "learning_rate": {"schedule": "exponential", "initial_learning_rate": 0.01,
