@@ -279,6 +279,91 @@ class _FusedKerasAdam(_FusedOptimizer):
             p.sub_(m * _bcast(alpha, p) / v.sqrt().add_(_bcast(self.eps, p)))
 
 
+class _FusedKerasRMSprop(_FusedOptimizer):
+    """The engine's ``KerasRMSprop`` (not centered): ``v = rho*v + (1-rho)*g²``,
+    ``inc = lr*g / sqrt(v + eps)``; with momentum ``b = momentum*b + inc; w -= b``, else ``w -= inc``."""
+
+    def __init__(self, params: list[Tensor], groups: list[dict[str, Any]]) -> None:
+        super().__init__(params, groups)
+        self._compacted()
+
+    def _compacted(self) -> None:
+        like = self.params[0]
+        self.wd = [float(g["weight_decay"] or 0.0) for g in self.groups]
+        self.rho, self.one_minus_rho = self._hyper("rho"), _col([1 - g["rho"] for g in self.groups], like)
+        self.eps, self.momentum = self._hyper("epsilon"), self._hyper("momentum")
+        self.any_momentum = any(g["momentum"] > 0 for g in self.groups)
+
+    @torch.no_grad()
+    def step(self, grads: list[Tensor], lrs: list[float]) -> None:
+        self.t = [t + 1 for t in self.t]
+        _decoupled_decay(self.params, self.wd, lrs)
+        lr = _col(lrs, self.params[0])
+        buffers = self._slots("momentum") if self.any_momentum else [None] * len(self.params)
+        for p, g, v, b in zip(self.params, grads, self._slots("velocity"), buffers, strict=True):
+            v.mul_(_bcast(self.rho, p)).add_(g * g * _bcast(self.one_minus_rho, p))
+            inc = g * _bcast(lr, p) / (v + _bcast(self.eps, p)).sqrt_()
+            if b is not None:
+                b.mul_(_bcast(self.momentum, p)).add_(inc)
+                p.sub_(b)
+            else:
+                p.sub_(inc)
+
+
+class _FusedKerasAdagrad(_FusedOptimizer):
+    """The engine's ``KerasAdagrad``: ``acc += g²; w -= lr*g / sqrt(acc + eps)``, ``acc`` starting
+    at each trial's ``initial_accumulator_value``."""
+
+    def __init__(self, params: list[Tensor], groups: list[dict[str, Any]]) -> None:
+        super().__init__(params, groups)
+        p = params[0]
+        self.state["accumulator"] = [torch.ones_like(p) * _bcast(self._hyper("initial_accumulator_value"), p)]
+        self._compacted()
+
+    def _compacted(self) -> None:
+        self.wd = [float(g["weight_decay"] or 0.0) for g in self.groups]
+        self.eps = self._hyper("epsilon")
+
+    @torch.no_grad()
+    def step(self, grads: list[Tensor], lrs: list[float]) -> None:
+        self.t = [t + 1 for t in self.t]
+        _decoupled_decay(self.params, self.wd, lrs)
+        lr = _col(lrs, self.params[0])
+        for p, g, acc in zip(self.params, grads, self.state["accumulator"], strict=True):
+            acc.add_(g * g)
+            p.sub_(g * _bcast(lr, p) / (acc + _bcast(self.eps, p)).sqrt_())
+
+
+class _FusedKerasAdamax(_FusedOptimizer):
+    """The engine's ``KerasAdamax``: ``m = b1*m + (1-b1)*g; u = max(b2*u, |g|);
+    w -= lr*m / ((u + eps) * (1 - b1**t))`` (``b1**t`` in float32 as Keras)."""
+
+    def __init__(self, params: list[Tensor], groups: list[dict[str, Any]]) -> None:
+        super().__init__(params, groups)
+        self._compacted()
+
+    def _compacted(self) -> None:
+        like = self.params[0]
+        self.wd = [float(g["weight_decay"] or 0.0) for g in self.groups]
+        self.b1 = [g["beta_1"] for g in self.groups]
+        self.b1_t, self.b2_t = self._hyper("beta_1"), self._hyper("beta_2")
+        self.one_minus_b1 = _col([1 - b for b in self.b1], like)
+        self.eps = self._hyper("epsilon")
+
+    @torch.no_grad()
+    def step(self, grads: list[Tensor], lrs: list[float]) -> None:
+        self.t = [t + 1 for t in self.t]
+        _decoupled_decay(self.params, self.wd, lrs)
+        ft = np.float32
+        like = self.params[0]
+        lr = _col(lrs, like)
+        corr = _col([float(1 - ft(b1) ** ft(t)) for b1, t in zip(self.b1, self.t, strict=True)], like)
+        for p, g, m, u in zip(self.params, grads, self._slots("m"), self._slots("u"), strict=True):
+            m.mul_(_bcast(self.b1_t, p)).add_(g * _bcast(self.one_minus_b1, p))
+            u.copy_(torch.maximum(u * _bcast(self.b2_t, p), g.abs()))
+            p.sub_(m * _bcast(lr, p) / ((u + _bcast(self.eps, p)) * _bcast(corr, p)))
+
+
 def _fused_optimizer_for(opt: torch.optim.Optimizer, spec: JobSpec) -> type[_FusedOptimizer] | None:
     """The fused form of the engine's optimizer for this spec, or None when there is none (the
     pack then falls back to solo runs)."""
@@ -291,6 +376,12 @@ def _fused_optimizer_for(opt: torch.optim.Optimizer, spec: JobSpec) -> type[_Fus
         return _FusedTorchAdam
     if name == "KerasAdam" and not group.get("amsgrad"):
         return _FusedKerasAdam
+    if name == "KerasRMSprop" and not group.get("centered"):
+        return _FusedKerasRMSprop
+    if name == "KerasAdagrad":
+        return _FusedKerasAdagrad
+    if name == "KerasAdamax":
+        return _FusedKerasAdamax
     return None
 
 

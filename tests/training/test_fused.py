@@ -129,6 +129,18 @@ KNOBS: dict[str, list[dict[str, Any]]] = {
         {"optimizer": {"name": "adam", "formulas": "torch", "learning_rate": 0.003, "weight_decay": 0.01}},
         {"optimizer": {"name": "adam", "formulas": "torch", "learning_rate": 0.01, "eps": 1e-6}},
     ],
+    "rmsprop": [
+        {"optimizer": {"name": "rmsprop", "learning_rate": 0.001, "rho": 0.8}},
+        {"optimizer": {"name": "rmsprop", "learning_rate": 0.003, "momentum": 0.5, "epsilon": 1e-5}},
+    ],
+    "adagrad": [
+        {"optimizer": {"name": "adagrad", "learning_rate": 0.05, "initial_accumulator_value": 0.2}},
+        {"optimizer": {"name": "adagrad", "learning_rate": 0.1, "weight_decay": 0.01}},
+    ],
+    "adamax": [
+        {"optimizer": {"name": "adamax", "learning_rate": 0.003, "beta_1": 0.8}},
+        {"optimizer": {"name": "adamax", "learning_rate": 0.01, "beta_2": 0.99}},
+    ],
     # schedules (per step), warm-up, restarts, plateau
     "schedules": [
         {"optimizer": {"name": "adam", "learning_rate": {"schedule": "exponential", "initial_learning_rate": 0.01,
@@ -299,7 +311,9 @@ def test_what_cannot_be_fused_says_why(change: dict[str, Any], reason: str) -> N
 
 
 def test_unsupported_pack_falls_back_to_solo_runs() -> None:
-    specs = [trial(1, epochs=2), trial(2, epochs=2, optimizer={"name": "rmsprop", "learning_rate": 0.001})]
+    # nadam has no fused form yet: the pack falls back
+    specs = [trial(1, epochs=2, optimizer={"name": "nadam", "learning_rate": 0.001}),
+             trial(2, epochs=2, optimizer={"name": "nadam", "learning_rate": 0.003})]
     results = fit_fused(specs)
     for spec, r in zip(specs, results, strict=True):
         assert r.info["pack"]["fused"] is False and r.info["pack"]["fallback"]
