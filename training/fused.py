@@ -21,8 +21,13 @@ trial's gradient is exactly its own). Everything a trial owns stays its own:
   tensors are compacted; the others go on.
 
 What is fused exactly (same numbers as the solo run up to float32 rounding of the batched
-kernels) is listed by :func:`why_not_fused`; anything else falls back to solo ``fit`` runs, one
-after another, so a fused trial never computes something different from its solo run.
+kernels): dense/dropout/activation models in fp32 (:func:`why_not_fused`), and the optimizers
+:func:`_fused_optimizer_for` maps from the engine's own classes (Keras SGD, Adam/AdamW, RMSprop
+without ``centered``, Adagrad, Adamax; torch's Adam). Anything else (gradient clipping, Nadam,
+RAdam, amsgrad, ...) falls back to solo ``fit`` runs, one after another, so a fused trial never
+computes something different from its solo run. The optimizer formulas are written a second time
+here with per-trial tensors, op for op in the order of ``training.optim``; the tests hold each
+against the engine's class.
 Dropout is fused with each trial's own rate, but its masks are drawn for the pack (not from each
 trial's own RNG stream): with dropout on, a fused trial is statistically, not bitwise, the solo run.
 Snapshots (resume of a pack) are not taken in fused mode.
