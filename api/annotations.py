@@ -36,3 +36,15 @@ def split_annotations(body: Any) -> tuple[Any, Annotations]:
     if not isinstance(body, dict) or not any(k in body for k in FIELDS):
         return body, Annotations()
     return {k: v for k, v in body.items() if k not in FIELDS}, check_annotations(body)
+
+
+def annotate(session: Any, model: Any, object_id: str, project: str, body: Any) -> None:
+    """Apply the ``labels`` and ``notes`` a PATCH body gave (a pydantic model; fields it left out
+    stay as they are). One home for the rule, shared by the job and sweep routes."""
+    from store import repo
+
+    given = body.model_fields_set
+    if "labels" in given or "notes" in given:
+        repo.annotate(session, model, object_id, project,
+                      labels=(body.labels or {}) if "labels" in given else None,
+                      notes=body.notes or None, set_notes="notes" in given)

@@ -27,8 +27,8 @@ _COLUMNS = (
     ("spec", "json"), ("idempotency_key", "varchar"), ("idempotency_hash", "varchar"), ("epoch", "integer"),
     ("epochs", "integer"), ("attempts", "integer"), ("max_attempts", "integer"), ("lease_token", "integer"),
     ("cancel_requested", "boolean"), ("created_at", "timestamptz"), ("updated_at", "timestamptz"),
-    ("sweep_id", "varchar"), ("trial_number", "integer"), ("trial_params", "json"), ("labels", "json"),
-    ("notes", "text"),
+    ("sweep_id", "varchar"), ("trial_number", "integer"), ("trial_params", "json"), ("priority", "integer"),
+    ("labels", "json"), ("notes", "text"),
 )
 _NAMES = ", ".join(c for c, _ in _COLUMNS)
 _QUEUED_EVENT = json.dumps({"status": "queued"})
@@ -54,6 +54,7 @@ def insert_queued_jobs(
     idempotency_hash: str | None = None,
     max_active: int = 0,
     max_attempts: int = 3,
+    priority: int = 0,
     labels: dict[str, str] | None = None,
     notes: str | None = None,
 ) -> list[Job]:
@@ -75,7 +76,7 @@ def insert_queued_jobs(
             spec=spec, idempotency_key=key, idempotency_hash=idempotency_hash if key else None, epoch=0,
             epochs=int(spec.get("epochs") or 1), attempts=0, max_attempts=max_attempts, lease_token=0,
             cancel_requested=False, created_at=now, updated_at=now, sweep_id=None, trial_number=None,
-            trial_params=None, labels=dict(labels or {}), notes=notes,
+            trial_params=None, priority=priority, labels=dict(labels or {}), notes=notes,
         )
         for spec, queue, key in items
     ]

@@ -10,80 +10,20 @@ from fastapi import APIRouter, Body, Header, HTTPException, Query, Request, Resp
 from fastapi.concurrency import run_in_threadpool
 from sse_starlette.sse import EventSourceResponse, ServerSentEvent
 
-from api.annotations import check_annotations, split_annotations
+from api.annotations import split_annotations
 from api.auth import authenticate
 from api.changes import change_payload, follow, latest_event_id
-from api.deps import ProjectDep, ReadSessionDep, SessionDep, SettingsDep
+from api.deps import ProjectDep, ReadSessionDep, SettingsDep
 from api.errors import SpecProblem
-from api.ids import AMBIGUOUS, resolve_id
 from api.routers.jobs import LAST_EVENT_ID, MAX_INT64, SPEC_EXAMPLE
-from api.routers.sweeps import sweep_read
 from api.schemas.common import ErrorResponse
-from api.schemas.dashboards import Annotations, BulkMetrics, BulkMetricsQuery, DryRun
-from api.schemas.jobs import JobRead
-from api.schemas.sweeps import SweepRead
+from api.schemas.dashboards import BulkMetrics, BulkMetricsQuery, DryRun
 from api.validation import check_job_spec, dataset_resolver
-from api.views import job_read
-from store import repo
-from store import sweeps as store_sweeps
 from store.bulkread import bulk_metrics_json
 from store.db import get_engine
-from store.models import Job, Sweep
 from training import SpecError
 
 router = APIRouter(tags=["dashboards"])
-
-_ANNOTATION_EXAMPLE = {"labels": {"team": "vision", "stage": "baseline"}, "notes": "first try with adam"}
-#: the PATCH body as documented (the route reads a plain object and checks it with
-#: api.annotations, whose 422s name label keys as JSON paths)
-_PATCH_BODY = {"requestBody": {"required": False, "content": {"application/json": {
-    "schema": Annotations.model_json_schema(ref_template="#/components/schemas/{model}"),
-    "example": _ANNOTATION_EXAMPLE}}}}
-
-
-def _annotate(session: Any, model: Any, object_id: str, project: str, body: Any) -> bool:
-    body = {} if body is None else body
-    if not isinstance(body, dict):
-        raise SpecProblem([{"loc": [], "path": "", "msg": f"the body must be a JSON object with labels and/or notes, "
-                            f"got {type(body).__name__}", "type": "dict_type"}])
-    a = check_annotations(body)
-    unknown = sorted(set(body) - {"labels", "notes"})
-    if unknown:
-        raise SpecProblem([{"loc": [k], "path": k, "msg": f"unknown field {k!r}; allowed: labels, notes",
-                            "type": "extra_forbidden"} for k in unknown])
-    return repo.annotate(session, model, object_id, project, labels=a.labels, notes=a.notes or None,
-                         set_notes="notes" in body)
-
-
-@router.patch("/jobs/{job_id}", response_model=JobRead, tags=["jobs"], openapi_extra=_PATCH_BODY,
-              responses={404: {"description": "no such job"}, 422: {"model": ErrorResponse}, **AMBIGUOUS})
-def patch_job(job_id: str, session: SessionDep, project: ProjectDep,
-              body: Annotated[Any, Body()] = None) -> JobRead:
-    """Set a job's ``labels`` (replaced whole) and/or ``notes`` (``""`` or null clears them).
-    Nothing else of a job can be changed."""
-    job_id = resolve_id(session, Job, job_id, project, "job")
-    if not _annotate(session, Job, job_id, project, body):
-        raise HTTPException(status_code=404, detail=f"no job {job_id!r}")
-    session.commit()
-    job = repo.get_job(session, job_id, project)
-    assert job is not None
-    return job_read(job)
-
-
-@router.patch("/sweeps/{sweep_id}", response_model=SweepRead, tags=["sweeps"], openapi_extra=_PATCH_BODY,
-              responses={404: {"description": "no such sweep"}, 422: {"model": ErrorResponse}, **AMBIGUOUS})
-def patch_sweep(sweep_id: str, session: SessionDep, project: ProjectDep,
-                body: Annotated[Any, Body()] = None) -> SweepRead:
-    """Set a sweep's ``labels`` (replaced whole) and/or ``notes``."""
-    sweep_id = resolve_id(session, Sweep, sweep_id, project, "sweep")
-    if not _annotate(session, Sweep, sweep_id, project, body):
-        raise HTTPException(status_code=404, detail=f"no sweep {sweep_id!r}")
-    session.commit()
-    sweep = store_sweeps.get_sweep(session, sweep_id, project)
-    assert sweep is not None
-    session.refresh(sweep)
-    return sweep_read(session, sweep)
-
 
 @router.post("/metrics/bulk", response_model=BulkMetrics, tags=["jobs"],
              responses={422: {"model": ErrorResponse}})

@@ -16,7 +16,7 @@ from pydantic import StringConstraints
 from sqlalchemy.exc import IntegrityError
 from sse_starlette.sse import EventSourceResponse, ServerSentEvent
 
-from api.annotations import split_annotations
+from api.annotations import annotate, split_annotations
 from api.auth import admit, authenticate, needs_touch, touch
 from api.changes import follow
 from api.deps import DispatcherDep, PollCallerDep, ProjectDep, ReadSessionDep, SessionDep, SettingsDep
@@ -38,6 +38,7 @@ from api.schemas.jobs import (
     BatchResult,
     CheckpointList,
     JobList,
+    JobPatch,
     JobRead,
     JobStatus,
     MetricsRead,
@@ -45,7 +46,7 @@ from api.schemas.jobs import (
 from api.validation import check_job_spec, dataset_resolver
 from api.views import checkpoint_read, job_read, job_summary
 from store import auth as keys
-from store import fastread, repo, submit
+from store import fastread, repo, scheduling, submit
 from store.db import get_engine, session_scope
 from store.models import TERMINAL_STATUSES, Job
 from store.pollread import get_reader
@@ -53,6 +54,12 @@ from store.repo import as_utc
 from training import SpecError
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+PriorityQuery = Annotated[int, Query(
+    ge=scheduling.PRIORITY_MIN, le=scheduling.PRIORITY_MAX,
+    description="higher starts first among queued jobs of its queue (then the oldest); changeable by PATCH "
+                "while queued",
+)]
 
 #: Bounds of integer parameters compared with database columns (INTEGER epochs, BIGINT event ids):
 #: a larger number is a 422, not a database overflow (500).
@@ -161,6 +168,7 @@ def create_job(
     response: Response,
     spec: Annotated[dict[str, Any], Body(examples=[SPEC_EXAMPLE])],
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=200)] = None,
+    priority: PriorityQuery = 0,
 ) -> JobRead:
     """Validate, store and enqueue a job. The same Idempotency-Key with the same body again returns
     the same job (200); with a different body it is a 409. ``labels`` (string -> string) and
@@ -177,7 +185,7 @@ def create_job(
     except SpecError as exc:
         raise SpecProblem(exc.errors) from None
     try:
-        job = _insert_one(session, settings, project, valid, idempotency_key, body_hash, annotations)
+        job = _insert_one(session, settings, project, valid, idempotency_key, body_hash, annotations, priority)
     except IntegrityError:
         session.rollback()
         existing = repo.get_job_by_idempotency_key(session, idempotency_key, project) if idempotency_key else None
@@ -192,6 +200,7 @@ def create_job(
 def _insert_one(
     session: Any, settings: Any, project: str, valid: Any, idempotency_key: str | None, body_hash: str | None,
     annotations: Any,
+    priority: int = 0,
 ) -> Any:
     """Store one queued job with its event and outbox row, within the project's concurrent-jobs
     limit (429 otherwise). On PostgreSQL one pipelined transaction does it all (store.submit: the
@@ -201,7 +210,7 @@ def _insert_one(
         try:
             return submit.insert_queued_jobs(
                 engine, [(valid.spec, valid.queue, idempotency_key)], project_id=project,
-                idempotency_hash=body_hash, max_active=settings.max_concurrent_jobs,
+                idempotency_hash=body_hash, max_active=settings.max_concurrent_jobs, priority=priority,
                 labels=annotations.labels, notes=annotations.notes,
             )[0]
         except submit.SlotsFull as full:
@@ -209,7 +218,7 @@ def _insert_one(
     check_job_slots(session, project, 1, settings)
     job = repo.create_job(
         session, spec=valid.spec, queue=valid.queue, idempotency_key=idempotency_key, idempotency_hash=body_hash,
-        project_id=project, labels=annotations.labels, notes=annotations.notes,
+        project_id=project, priority=priority, labels=annotations.labels, notes=annotations.notes,
     )
     session.commit()
     return job
@@ -243,7 +252,8 @@ def create_batch(
     if valid_items:
         check_job_slots(session, project, len(valid_items), settings)
     jobs = (
-        repo.create_jobs(session, [(v.spec, v.queue, None) for _, v in valid_items], project_id=project)
+        repo.create_jobs(session, [(v.spec, v.queue, None) for _, v in valid_items], project_id=project,
+                         priority=body.priority)
         if valid_items else []
     )
     session.commit()
@@ -469,6 +479,32 @@ def cancel_job(job_id: str, session: SessionDep, project: ProjectDep) -> JobRead
         raise _not_found(job_id)
     if status in ("succeeded", "failed"):
         raise HTTPException(status_code=409, detail=f"job {job_id} already ended: {status}")
+    session.commit()
+    job = repo.get_job(session, job_id)
+    assert job is not None
+    return job_read(job)
+
+
+@router.patch(
+    "/{job_id}",
+    response_model=JobRead,
+    responses={404: {"description": "no such job"},
+               409: {"description": "the job is no longer queued (its priority no longer matters)"},
+               422: {"model": ErrorResponse, "description": "invalid body; each error names its JSON path"}},
+)
+def patch_job(job_id: str, body: JobPatch, session: SessionDep, project: ProjectDep) -> JobRead:
+    """Change a queued job's ``priority`` (it moves in the queue at once: the next free worker
+    of its queue claims the highest-priority queued job; a job that already started is a 409),
+    and/or its ``labels`` (replaced whole) and ``notes`` (any time)."""
+    job_id = _full_id(session, job_id, project)
+    status = session.scalar(repo.select_job_status(job_id, project))
+    if status is None:
+        raise _not_found(job_id)
+    if body.priority is not None and not scheduling.set_priority(session, job_id, body.priority):
+        session.rollback()
+        raise HTTPException(status_code=409, detail=f"job {job_id} is {status}, not queued: its priority can "
+                                                    "only change while it waits in the queue")
+    annotate(session, Job, job_id, project, body)
     session.commit()
     job = repo.get_job(session, job_id)
     assert job is not None

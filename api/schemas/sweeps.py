@@ -7,9 +7,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
-from api.schemas.common import MetricValue
+from api.schemas.common import JsonInt, MetricValue
 from api.schemas.dashboards import Labels, Notes
 from api.schemas.jobs import JobStatus
+from store.scheduling import PRIORITY_MAX, PRIORITY_MIN
 
 SweepStatus = Literal["running", "succeeded", "failed", "cancelled"]
 
@@ -100,6 +101,8 @@ class SweepCreate(_Strict):
     early_termination: EarlyTermination | None = None
     seed: int | None = Field(None, ge=0, le=2**32 - 1, description="the sampler's seed (default: random, then stored)")
     n_startup_trials: int | None = Field(None, ge=1, le=1000, description="tpe: random trials before TPE models (default 10)")
+    priority: JsonInt = Field(0, ge=PRIORITY_MIN, le=PRIORITY_MAX,
+                          description="of every trial: higher starts first among queued jobs of its queue")
     labels: Labels | None = Field(None, description="the sweep's labels (string -> string)")
     notes: Notes | None = Field(None, description="free text")
 
@@ -125,6 +128,14 @@ SWEEP_EXAMPLE: dict[str, Any] = {
     "max_concurrent": 4,
     "early_termination": {"type": "asha", "min_epochs": 3, "reduction_factor": 3},
 }
+
+
+class SweepPatch(_Strict):
+    priority: JsonInt | None = Field(None, ge=PRIORITY_MIN, le=PRIORITY_MAX,
+                                     description="of its queued trials and of the trials it creates from now on; "
+                                                 "only while it runs")
+    labels: Labels | None = Field(None, description="replaces the sweep's labels (any time)")
+    notes: Notes | None = Field(None, description='replaces the sweep\'s notes (any time; "" or null clears them)')
 
 
 class TrialRead(BaseModel):
@@ -164,6 +175,7 @@ class SweepSummary(BaseModel):
     max_trials: int
     max_concurrent: int
     trials_created: int
+    priority: int = Field(0, description="of its trials: higher starts first among queued jobs of a queue")
     best_job_id: str | None = None
     best_value: MetricValue = None
     stop_reason: str | None = None
