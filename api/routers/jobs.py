@@ -492,10 +492,11 @@ def cancel_job(job_id: str, session: SessionDep, project: ProjectDep) -> JobRead
                409: {"description": "the job is no longer queued (its priority no longer matters)"},
                422: {"model": ErrorResponse, "description": "invalid body; each error names its JSON path"}},
 )
-def patch_job(job_id: str, body: JobPatch, session: SessionDep, project: ProjectDep) -> JobRead:
+def patch_job(job_id: str, session: SessionDep, project: ProjectDep, body: JobPatch | None = None) -> JobRead:
     """Change a queued job's ``priority`` (it moves in the queue at once: the next free worker
     of its queue claims the highest-priority queued job; a job that already started is a 409),
     and/or its ``labels`` (replaced whole) and ``notes`` (any time)."""
+    body = body or JobPatch()  # no body: nothing to change (the job's existence is still checked)
     job_id = _full_id(session, job_id, project)
     status = session.scalar(repo.select_job_status(job_id, project))
     if status is None:

@@ -340,9 +340,10 @@ def get_sweep(sweep_id: str, session: ReadSessionDep, project: ProjectDep) -> Sw
     responses={404: {"description": "no such sweep"}, 409: {"description": "the sweep already ended"},
                422: {"model": ErrorResponse, "description": "invalid body; each error names its JSON path"}},
 )
-def patch_sweep(sweep_id: str, body: SweepPatch, session: SessionDep, project: ProjectDep) -> SweepRead:
+def patch_sweep(sweep_id: str, session: SessionDep, project: ProjectDep, body: SweepPatch | None = None) -> SweepRead:
     """Change a running sweep's ``priority`` (its queued trials and the trials it creates from now
     on; an ended sweep is a 409), and/or its ``labels`` and ``notes`` (any time)."""
+    body = body or SweepPatch()  # no body: nothing to change (the sweep's existence is still checked)
     sweep_id = resolve_id(session, Sweep, sweep_id, project, "sweep")
     sweep = store_sweeps.get_sweep(session, sweep_id, project, lock=True)
     if sweep is None:
