@@ -40,7 +40,7 @@ class Annotations(BaseModel):
 class BulkJob(BaseModel):
     model_config = ConfigDict(extra="forbid")
     id: str = Field(pattern="^[0-9a-f]{32}$")
-    since_epoch: WholeNumber = Field(0, ge=0, le=2**31 - 1, description="only epochs after this one")
+    since_epoch: Annotated[WholeNumber, Field(ge=0, le=2**31 - 1, json_schema_extra={"minimum": 0, "maximum": 2**31 - 1})] = Field(0, description="only epochs after this one")
 
 
 MetricKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:/-]{1,100}$")]
@@ -51,7 +51,7 @@ class BulkMetricsQuery(BaseModel):
     jobs: list[BulkJob] = Field(min_length=1, max_length=1000, description="up to 1,000 jobs, each with its own since_epoch")
     keys: list[MetricKey] | None = Field(
         None, max_length=40, description="only these metrics, up to 40 (epoch is always included); default: all")
-    max_points: WholeNumber | None = Field(None, ge=1, le=100_000,
+    max_points: Annotated[WholeNumber, Field(ge=1, le=100_000, json_schema_extra={"minimum": 1, "maximum": 100_000})] | None = Field(None,
                                    description="downsample each curve evenly (keeps the first and last)")
 
 

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -70,7 +70,8 @@ class BatchCreate(BaseModel):
 
 class JobPatch(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    priority: JsonInt | None = Field(None, ge=PRIORITY_MIN, le=PRIORITY_MAX,
+    priority: Annotated[JsonInt, Field(ge=PRIORITY_MIN, le=PRIORITY_MAX,
+                                        json_schema_extra={"minimum": PRIORITY_MIN, "maximum": PRIORITY_MAX})] | None = Field(None,
                                      description="higher starts first among the queued jobs of its queue; only while queued")
     labels: Labels | None = Field(None, description="replaces the job's labels (any time)")
     notes: Notes | None = Field(None, description='replaces the job\'s notes (any time; "" or null clears them)')

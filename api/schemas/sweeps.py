@@ -131,7 +131,8 @@ SWEEP_EXAMPLE: dict[str, Any] = {
 
 
 class SweepPatch(_Strict):
-    priority: JsonInt | None = Field(None, ge=PRIORITY_MIN, le=PRIORITY_MAX,
+    priority: Annotated[JsonInt, Field(ge=PRIORITY_MIN, le=PRIORITY_MAX,
+                                        json_schema_extra={"minimum": PRIORITY_MIN, "maximum": PRIORITY_MAX})] | None = Field(None,
                                      description="of its queued trials and of the trials it creates from now on; "
                                                  "only while it runs")
     labels: Labels | None = Field(None, description="replaces the sweep's labels (any time)")
