@@ -18,8 +18,10 @@ from api.errors import SpecProblem, request_validation_handler, spec_problem_han
 from api.fastpath import PollFastPath, PollStats
 from api.limits import BodyLimitMiddleware, RateLimiter
 from api.prom import make_registry
+from api.request_ids import RequestIds
 from api.routers import catalog, datasets, health, jobs, schedules, sweeps
 from api.schemas.common import ErrorResponse
+from config.logs import configure_logging
 from config.settings import Settings, get_settings
 from store.pollread import close_readers
 
@@ -77,6 +79,7 @@ def create_app(settings: Settings | None = None, *, poll_fast_path: bool = True)
     """Build the app (nothing is built at import time). ``poll_fast_path=False`` leaves out
     :mod:`api.fastpath` (the tests compare the two)."""
     settings = settings or get_settings()
+    configure_logging(settings, "api")
     app = FastAPI(title="Trainyard", version="1.0", description=DESCRIPTION, lifespan=_lifespan)
     app.state.settings = settings
     app.state.dispatcher = Dispatcher(settings)
@@ -90,6 +93,7 @@ def create_app(settings: Settings | None = None, *, poll_fast_path: bool = True)
     if poll_fast_path:  # added last: the outermost of ours, so a served poll skips the rest
         app.add_middleware(PollFastPath, settings=settings, rate_limiter=app.state.rate_limiter,  # type: ignore[arg-type]
                            stats=app.state.poll_stats)
+    app.add_middleware(RequestIds)  # outermost: every response, fast path included, echoes the id
     # every /v1 route needs the caller's project: the key check (401) and rate limit (429) run first
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(current_project), Depends(known_query_parameters)],
                    responses=AUTH_RESPONSES)

@@ -407,10 +407,15 @@ def api(
 ) -> None:
     """Run the HTTP API (uvicorn) against $TRAINYARD_DATABASE_URL and $TRAINYARD_BROKER_URL.
     Every /v1 request needs an API key ('trainyard keys create') unless TRAINYARD_AUTH=off."""
-    if _settings().auth == "off":
-        typer.echo("trainyard: TRAINYARD_AUTH=off: no API keys; every caller is in the default project", err=True)
-    else:
-        typer.echo("trainyard: API keys required (create one with 'trainyard keys create --project NAME')", err=True)
+    import logging
+
+    from config.logs import configure_logging
+
+    settings = _settings()
+    configure_logging(settings, "api")  # the banner in the API's own format (text or JSON lines)
+    logging.getLogger("trainyard.api").warning(
+        "TRAINYARD_AUTH=off: no API keys; every caller is in the default project" if settings.auth == "off" else
+        "API keys required (create one with 'trainyard keys create --project NAME')")
     argv = _python("-m", "uvicorn", "api.app:create_app", "--factory", "--host", host, "--port", str(port),
                    "--workers", str(workers), "--no-access-log")
     os.execv(argv[0], argv)
@@ -422,11 +427,12 @@ def worker(
     concurrency: Annotated[int, typer.Option(help="jobs at a time per process (keep 1 per GPU)")] = 1,
     gpus: Annotated[str | None, typer.Option(help="e.g. 0,1: one worker process per GPU (CUDA_VISIBLE_DEVICES)")] = None,
     pool: Annotated[str | None, typer.Option(help="celery pool [default: solo for 1, else prefork]")] = None,
-    loglevel: Annotated[str, typer.Option()] = "INFO",
+    loglevel: Annotated[str | None, typer.Option(help="[default: $TRAINYARD_LOG_LEVEL, INFO]")] = None,
     name: Annotated[str, typer.Option(help="worker name prefix")] = "trainyard",
 ) -> None:
     """Run a Celery worker for the given queues (names get $TRAINYARD_QUEUE_PREFIX)."""
-    prefix = _settings().queue_prefix
+    settings = _settings()
+    prefix, loglevel = settings.queue_prefix, loglevel or settings.log_level
     qs = [prefix + q.strip() for q in queues.split(",") if q.strip()]
     bad = [q for q in queues.split(",") if q.strip() not in ("gpu", "cpu")]
     if bad:

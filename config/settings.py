@@ -76,11 +76,21 @@ class Settings(BaseSettings):
     gc_freeze: bool = True
     # Worker: the nice value it trains at (worker.app.lower_priority; 0 = the caller's own).
     worker_nice: int = Field(10, ge=0, le=19)
+    # Logging (config.logs): "text" for a terminal, "json" for one JSON object per line; the API's
+    # one line per request (trainyard.access) only when access_log is on.
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    access_log: bool = False
 
     @field_validator("data_dir", mode="after")
     @classmethod
     def _absolute(cls, value: Path) -> Path:
         return value.resolve()
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _embedded_defaults(self) -> Settings:

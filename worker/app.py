@@ -10,7 +10,14 @@ from typing import Any
 
 from celery import Celery
 from celery.exceptions import Reject
-from celery.signals import worker_init, worker_process_init, worker_ready, worker_shutting_down
+from celery.signals import (
+    celeryd_init,
+    setup_logging,
+    worker_init,
+    worker_process_init,
+    worker_ready,
+    worker_shutting_down,
+)
 
 from config.settings import Settings, get_settings
 from store.broker import RUN_JOB_TASK, SQLA_POLLING_INTERVAL_S, celery_config
@@ -85,14 +92,16 @@ def create_celery(settings: Settings | None = None) -> Celery:
 
     @app.task(name=RUN_JOB_TASK, ignore_result=True, acks_late=True)
     def run_job(job_id: str) -> str:
+        from config.logs import job_context
         from worker.runner import run_job as run
         from worker.sweeps import after_job
 
-        try:
-            outcome = run(job_id, settings)
-        finally:
-            # a trial of a sweep that ended (however) advances its sweep; a no-op for other jobs
-            after_job(job_id, settings, _send_jobs)
+        with job_context(job_id):
+            try:
+                outcome = run(job_id, settings)
+            finally:
+                # a trial of a sweep that ended (however) advances its sweep; a no-op for other jobs
+                after_job(job_id, settings, _send_jobs)
         if outcome == "requeued":
             # shutting down (the job resumes on the next worker), or no database to claim it
             raise Reject("the job could not run here now; handing the message back", requeue=True)
@@ -111,6 +120,18 @@ def create_celery(settings: Settings | None = None) -> Celery:
         start_reaper(app, settings)
         start_sweep_keeper(settings, _send_jobs)  # advances sweeps whose last trial ended without a worker
 
+    def _on_setup_logging(loglevel: Any = None, **_: Any) -> None:
+        # connected, so Celery leaves logging to us: the one configuration of config.logs
+        from config.logs import configure_logging
+
+        configure_logging(settings, "worker", loglevel)
+
+    def _on_celeryd_init(instance: Any = None, **_: Any) -> None:
+        if settings.log_format == "json" and instance is not None:
+            instance.quiet = True  # no start-up banner: every line of the output is a JSON object
+
+    setup_logging.connect(_on_setup_logging, weak=False)
+    celeryd_init.connect(_on_celeryd_init, weak=False)
     worker_ready.connect(_on_ready, weak=False)
     worker_shutting_down.connect(_on_shutdown, weak=False)
     worker_init.connect(_on_worker_init, weak=False)

@@ -9,6 +9,7 @@ import threading
 import time
 from typing import Any
 
+from config.logs import in_current_context
 from config.settings import Settings
 from store import leases, repo
 from store.db import session_scope
@@ -124,7 +125,7 @@ class DbReporter(BaseReporter):
                     return
                 time.sleep(self.heartbeat_every_s)
 
-        self._beat_thread = threading.Thread(target=beat, name=f"trainyard-heartbeat-{self.job_id[:8]}", daemon=True)
+        self._beat_thread = in_current_context(beat, name=f"trainyard-heartbeat-{self.job_id[:8]}", daemon=True)
         self._beat_thread.start()
 
     def stop_heartbeat(self) -> None:

@@ -9,6 +9,7 @@ import socket
 import traceback
 from typing import Any
 
+from config.logs import job_context, set_attempt
 from config.settings import Settings, get_settings
 from store import leases, outbox, repo
 from store.db import session_scope
@@ -91,7 +92,13 @@ def run_job(job_id: str, settings: Settings | None = None) -> str:
     this worker is shutting down or the database could not be reached to claim it (the task then
     hands the message back to the broker). Exceptions other than the engine's own are re-raised
     after the job is recorded as failed."""
-    settings = settings or get_settings()
+    with job_context(job_id):
+        outcome = _run_job(job_id, settings or get_settings())
+        log.info("job %s: %s", job_id, outcome)
+        return outcome
+
+
+def _run_job(job_id: str, settings: Settings) -> str:
     if SHUTDOWN.is_set():  # a message that arrives while this worker shuts down goes back untouched
         return "requeued"
     try:
@@ -105,6 +112,8 @@ def run_job(job_id: str, settings: Settings | None = None) -> str:
         log.info("job %s is not claimable (already handled or cancelled); skipping", job_id)
         return "skipped"
     token, attempt, spec_dict, snapshot, sweep_id, epochs = claimed
+    set_attempt(attempt)  # every line from here on carries it
+    log.info("job %s: claimed, attempt %d%s", job_id, attempt, " (resuming from its snapshot)" if snapshot is not None else "")
     if os.environ.get(FAULT_ENV) == "1" and spec_dict.get("name") == FAULT_KILL_NAME:
         os.kill(os.getpid(), signal.SIGKILL)
 
