@@ -55,7 +55,10 @@ class Settings(BaseSettings):
     # Worker: how often a resume snapshot is written (0: every epoch).
     snapshot_interval_s: float = Field(60.0, ge=0, validation_alias="TRAINYARD_SNAPSHOT_INTERVAL")
     # The lease: a running job whose heartbeat is older may be taken over (RELIABILITY.md).
-    heartbeat_stale_s: float = Field(300.0, gt=0, validation_alias="TRAINYARD_HEARTBEAT_STALE")
+    heartbeat_stale_s: float = Field(60.0, gt=0, validation_alias="TRAINYARD_HEARTBEAT_STALE")
+    # A running job whose training made no step for this long ends its attempt (stop reason
+    # "stalled") and is requeued like a lost worker's; a spec's stall_timeout_s overrides it; 0: never.
+    stall_timeout_s: float = Field(900.0, ge=0)
     # Security (see README "Security"): "required" makes every /v1 request carry an API key;
     # "off" puts every caller in the default project (embedded mode on 127.0.0.1).
     auth: Literal["required", "off"] = "required"

@@ -587,21 +587,28 @@ def select_job_status(job_id: str, project_id: str | None = None) -> Any:
     return q if project_id is None else q.where(Job.project_id == project_id)
 
 
-def requeue_job(session: Session, job_id: str, reason: str, stale_after_s: float | None = None) -> bool:
-    """running -> queued: its worker is shutting down (the broker message is requeued) or was
-    lost (heartbeat older than ``stale_after_s``; the caller sends a new message). The next claim
-    resumes from the latest snapshot."""
+def requeue_job(session: Session, job_id: str, reason: str, stale_after_s: float | None = None,
+                cond: Sequence[Any] = (), stop_reason: str | None = None, detail: str | None = None) -> bool:
+    """running -> queued: its worker is shutting down (the broker message is requeued), was lost
+    (heartbeat older than ``stale_after_s``, or the extra conditions ``cond``; the caller sends a
+    new message) or stalled. The event records ``reason`` (and the attempt's ``stop_reason`` and a
+    ``detail``, if given). The next claim resumes from the latest snapshot."""
     now = utcnow()
-    cond = [Job.id == job_id, Job.status == "running"]
+    where = [Job.id == job_id, Job.status == "running", *cond]
     if stale_after_s is not None:
-        cond.append(Job.heartbeat_at < now - timedelta(seconds=stale_after_s))
+        where.append(Job.heartbeat_at < now - timedelta(seconds=stale_after_s))
     res = session.execute(
         update(Job)
-        .where(*cond)
+        .where(*where)
         .values(status="queued", updated_at=now)
         .execution_options(synchronize_session=False)
     )
     if res.rowcount != 1:  # type: ignore[attr-defined]
         return False
-    add_event(session, job_id, "state", {"status": "queued", "reason": reason}, now)
+    event: dict[str, Any] = {"status": "queued", "reason": reason}
+    if stop_reason is not None:
+        event["stop_reason"] = stop_reason
+    if detail is not None:
+        event["detail"] = detail
+    add_event(session, job_id, "state", event, now)
     return True

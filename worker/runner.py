@@ -53,6 +53,24 @@ def _resolve_dataset(spec: dict[str, Any], settings: Settings) -> dict[str, Any]
 #: its worker process (SIGKILL) right after each claim, like a job that crashes native code.
 FAULT_ENV = "TRAINYARD_TEST_FAULTS"
 FAULT_KILL_NAME = "test-fault-kill-worker"
+#: ... and a job named FAULT_STALL_NAME hangs its training thread after its first epoch, on its
+#: first attempt, for FAULT_STALL_S (like a step stuck in native code), then carries on.
+FAULT_STALL_NAME = "test-fault-stall-worker"
+FAULT_STALL_S = 10.0
+
+
+def _hang_after_first_epoch(reporter: DbReporter) -> None:
+    import time
+
+    on_epoch = reporter.on_epoch
+
+    def hanging(metrics: dict[str, float]) -> None:
+        on_epoch(metrics)
+        if reporter.epochs_seen == 1:
+            reporter.flush(force=True)  # epoch 1 is written: its event tells when the hang began
+            time.sleep(FAULT_STALL_S)
+
+    reporter.on_epoch = hanging  # type: ignore[method-assign]
 
 
 def _claim(job_id: str, settings: Settings) -> tuple[int, int, dict[str, Any], Any, str | None, int] | None:
@@ -85,20 +103,22 @@ def _verified_snapshot(job_id: str, snapshot: Any) -> bytes:
     return bytes(snapshot.data)
 
 
-def run_job(job_id: str, settings: Settings | None = None) -> str:
+def run_job(job_id: str, settings: Settings | None = None, send: outbox.Send | None = None) -> str:
     """Claim ``job_id`` (compare-and-set; safe if delivered twice), train it, record the result.
     Returns the job's final status, ``"skipped"`` if it was not claimable, ``"lease_lost"`` if
     another claim took the job over while it ran (nothing more is written), or ``"requeued"`` if
     this worker is shutting down or the database could not be reached to claim it (the task then
-    hands the message back to the broker). Exceptions other than the engine's own are re-raised
-    after the job is recorded as failed."""
+    hands the message back to the broker), or ``"stalled"`` if its training made no step for its
+    stall timeout (the attempt was ended and the job requeued; ``send`` sends its message now,
+    else the outbox relay does). Exceptions other than the engine's own are re-raised after the
+    job is recorded as failed."""
     with job_context(job_id):
-        outcome = _run_job(job_id, settings or get_settings())
+        outcome = _run_job(job_id, settings or get_settings(), send)
         log.info("job %s: %s", job_id, outcome)
         return outcome
 
 
-def _run_job(job_id: str, settings: Settings) -> str:
+def _run_job(job_id: str, settings: Settings, send: outbox.Send | None) -> str:
     if SHUTDOWN.is_set():  # a message that arrives while this worker shuts down goes back untouched
         return "requeued"
     try:
@@ -120,11 +140,18 @@ def _run_job(job_id: str, settings: Settings) -> str:
     from worker.sweeps import make_reporter
 
     # a sweep trial's reporter also asks its pruner (the claimed row says whether it is one)
-    reporter = make_reporter(job_id, settings, sweep_id=sweep_id, epochs=epochs, lease_token=token)
+    reporter = make_reporter(job_id, settings, sweep_id=sweep_id, epochs=epochs, lease_token=token,
+                             stall_timeout_s=spec_dict.get("stall_timeout_s") or settings.stall_timeout_s, send=send)
+    if os.environ.get(FAULT_ENV) == "1" and spec_dict.get("name") == FAULT_STALL_NAME and attempt == 1:
+        _hang_after_first_epoch(reporter)
     reporter.start_heartbeat()
     try:
         return _run_claimed(job_id, settings, reporter, spec_dict, snapshot, attempt)
     except leases.LeaseLost:
+        if reporter.stalled:
+            log.warning("job %s: attempt %d stalled and was ended; its training thread came back and stopped",
+                        job_id, attempt)
+            return "stalled"
         log.warning("job %s: attempt %d lost its lease (another attempt owns the job); stopped, nothing recorded",
                     job_id, attempt)
         return "lease_lost"

@@ -289,11 +289,11 @@ def test_a_sweep_whose_last_trial_ended_without_a_worker_is_advanced(inproc_env:
     workers' sweep keeper advances it (here called directly, with no worker and no broker)."""
     from api.routers.sweeps import check_sweep
     from config.settings import get_settings
+    from orchestration.sweeps import advance_stalled
     from store import repo
     from store import sweeps as store_sweeps
     from store.db import session_scope
     from store.models import DEFAULT_PROJECT
-    from worker.sweeps import advance_stalled
 
     settings = get_settings()
     body = {"name": "stalled", "base": base(), "method": "random", "seed": 5, "objective": {"metric": "val_loss"},
