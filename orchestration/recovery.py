@@ -16,10 +16,10 @@ from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from store import outbox, repo
+from store import lifecycle, outbox, repo
 from store.db import session_scope
 from store.models import Job
 
@@ -61,13 +61,9 @@ def worker_host_pid(worker: str | None) -> tuple[str, int] | None:
 
 def _fail_attempts_used(session: Session, job_id: str, cond: list[Any], stop_reason: str, error: str) -> bool:
     now = repo.utcnow()
-    res = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status == "running", Job.attempts >= Job.max_attempts, *cond)
-        .values(status="failed", stop_reason=stop_reason, error=error, finished_at=now, updated_at=now)
-        .execution_options(synchronize_session=False)
-    )
-    if res.rowcount != 1:  # type: ignore[attr-defined]
+    if not lifecycle.move(session, job_id, (lifecycle.RUNNING,), lifecycle.FAILED,
+                          where=(Job.attempts >= Job.max_attempts, *cond),
+                          values=dict(stop_reason=stop_reason, error=error, finished_at=now, updated_at=now)):
         return False
     repo.add_event(session, job_id, "state", {"status": "failed", "stop_reason": stop_reason, "error": error}, now)
     return True

@@ -12,6 +12,7 @@ from typing import Any, overload
 from sqlalchemy import case, delete, func, select, update
 from sqlalchemy.orm import Session, defer
 
+from store import lifecycle
 from store.floats import encode_metrics, to_text
 from store.ids import new_id
 from store.models import (
@@ -170,13 +171,8 @@ def request_cancel(session: Session, job_id: str) -> str | None:
     fails, so it never starts); a running one is flagged and its worker stops it. Returns the status the
     job is now in, or None if it does not exist."""
     now = utcnow()
-    res = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status.in_(("queued", "paused")))
-        .values(status="cancelled", stop_reason="cancelled", cancel_requested=True, finished_at=now, updated_at=now)
-        .execution_options(synchronize_session=False)
-    )
-    if res.rowcount == 1:  # type: ignore[attr-defined]
+    if lifecycle.move(session, job_id, (lifecycle.QUEUED, lifecycle.PAUSED), lifecycle.CANCELLED,
+                      values=dict(stop_reason="cancelled", cancel_requested=True, finished_at=now, updated_at=now)):
         add_event(session, job_id, "state", {"status": "cancelled", "stop_reason": "cancelled"}, now)
         return "cancelled"
     session.execute(
@@ -196,29 +192,15 @@ def claim_job(session: Session, job_id: str, worker: str, stale_after_s: float) 
     ``max_attempts`` claims is not taken over (the reconciler fails it)."""
     now = utcnow()
     values = dict(
-        status="running", attempts=Job.attempts + 1, lease_token=Job.lease_token + 1, heartbeat_at=now,
-        worker=worker, updated_at=now,
+        attempts=Job.attempts + 1, lease_token=Job.lease_token + 1, heartbeat_at=now, worker=worker, updated_at=now,
     )
-    res = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status == "queued")
-        .values(started_at=now, **values)
-        .execution_options(synchronize_session=False)
-    )
-    if res.rowcount != 1:  # type: ignore[attr-defined]
-        res = session.execute(
-            update(Job)
-            .where(
-                Job.id == job_id,
-                Job.status == "running",
-                Job.cancel_requested.is_(False),
-                Job.heartbeat_at < now - timedelta(seconds=stale_after_s),
-                Job.attempts < Job.max_attempts,
-            )
-            .values(**values)
-            .execution_options(synchronize_session=False)
-        )
-        if res.rowcount != 1:  # type: ignore[attr-defined]
+    if not lifecycle.move(session, job_id, (lifecycle.QUEUED,), lifecycle.RUNNING, values={"started_at": now, **values}):
+        taken_over = lifecycle.move(session, job_id, (lifecycle.RUNNING,), lifecycle.RUNNING, values=values, where=(
+            Job.cancel_requested.is_(False),
+            Job.heartbeat_at < now - timedelta(seconds=stale_after_s),
+            Job.attempts < Job.max_attempts,
+        ))
+        if not taken_over:
             return None
     job = session.get(Job, job_id, populate_existing=True)
     add_event(session, job_id, "state", {"status": "running", "attempt": job.attempts if job else None}, now)
@@ -301,7 +283,7 @@ def finish_job(
     assert status in TERMINAL_STATUSES
     now = utcnow()
     values: dict[str, Any] = dict(
-        status=status, stop_reason=stop_reason, error=error, finished_at=now, updated_at=now, heartbeat_at=now
+        stop_reason=stop_reason, error=error, finished_at=now, updated_at=now, heartbeat_at=now
     )
     if best is not None:
         values.update(best_monitor=best[0], best_value=to_text(best[1]), best_epoch=best[2])
@@ -315,13 +297,7 @@ def finish_job(
         values["run_seconds"] = func.coalesce(Job.run_seconds, 0.0) + run_seconds
     if info is not None:
         values["info"] = info
-    res = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status == "running")
-        .values(**values)
-        .execution_options(synchronize_session=False)
-    )
-    if res.rowcount != 1:  # type: ignore[attr-defined]
+    if not lifecycle.move(session, job_id, (lifecycle.RUNNING,), status, values=values):
         return False
     event: dict[str, Any] = {"status": status, "stop_reason": stop_reason}
     if error:
@@ -339,15 +315,12 @@ def pause_job(
     (:func:`end_paused_job`). False if the job is no longer running or a cancel was requested
     (the worker then ends it ``cancelled``: a cancel never leaves a paused trial behind)."""
     now = utcnow()
-    res = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status == "running", Job.cancel_requested.is_(False))
-        .values(status="paused", stop_reason="paused", steps=steps, epoch=epochs_run, updated_at=now, heartbeat_at=now,
-                **({} if best is None else dict(best_monitor=best[0], best_value=to_text(best[1]), best_epoch=best[2])),
-                **({} if run_seconds is None else {"run_seconds": func.coalesce(Job.run_seconds, 0.0) + run_seconds}))
-        .execution_options(synchronize_session=False)
-    )
-    if res.rowcount != 1:  # type: ignore[attr-defined]
+    moved = lifecycle.move(
+        session, job_id, (lifecycle.RUNNING,), lifecycle.PAUSED, where=(Job.cancel_requested.is_(False),),
+        values=dict(stop_reason="paused", steps=steps, epoch=epochs_run, updated_at=now, heartbeat_at=now,
+                    **({} if best is None else dict(best_monitor=best[0], best_value=to_text(best[1]), best_epoch=best[2])),
+                    **({} if run_seconds is None else {"run_seconds": func.coalesce(Job.run_seconds, 0.0) + run_seconds})))
+    if not moved:
         return False
     add_event(session, job_id, "state", {"status": "paused", "epoch": epochs_run}, now)
     return True
@@ -358,13 +331,8 @@ def promote_job(session: Session, job_id: str) -> bool:
     of the epoch it paused at. A promotion is a new run with its own attempt (``max_attempts``
     grows by one, so a promoted trial whose worker is lost is still retried)."""
     now = utcnow()
-    res = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status == "paused", Job.cancel_requested.is_(False))
-        .values(status="queued", stop_reason=None, max_attempts=Job.max_attempts + 1, updated_at=now)
-        .execution_options(synchronize_session=False)
-    )
-    if res.rowcount != 1:  # type: ignore[attr-defined]
+    if not lifecycle.move(session, job_id, (lifecycle.PAUSED,), lifecycle.QUEUED, where=(Job.cancel_requested.is_(False),),
+                          values=dict(stop_reason=None, max_attempts=Job.max_attempts + 1, updated_at=now)):
         return False
     add_event(session, job_id, "state", {"status": "queued", "reason": "promoted"}, now)
     return True
@@ -376,13 +344,8 @@ def end_paused_job(session: Session, job_id: str, stop_reason: str = "pruned", s
     when its sweep failed."""
     assert status in TERMINAL_STATUSES
     now = utcnow()
-    res = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status == "paused")
-        .values(status=status, stop_reason=stop_reason, finished_at=now, updated_at=now)
-        .execution_options(synchronize_session=False)
-    )
-    if res.rowcount != 1:  # type: ignore[attr-defined]
+    if not lifecycle.move(session, job_id, (lifecycle.PAUSED,), status,
+                          values=dict(stop_reason=stop_reason, finished_at=now, updated_at=now)):
         return False
     add_event(session, job_id, "state", {"status": status, "stop_reason": stop_reason}, now)
     return True
@@ -391,13 +354,8 @@ def end_paused_job(session: Session, job_id: str, stop_reason: str = "pruned", s
 def fail_unstarted_job(session: Session, job_id: str, error: str) -> None:
     """Mark a queued job failed (it could not be enqueued, or its spec no longer resolves)."""
     now = utcnow()
-    res = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status == "queued")
-        .values(status="failed", error=error, finished_at=now, updated_at=now)
-        .execution_options(synchronize_session=False)
-    )
-    if res.rowcount == 1:  # type: ignore[attr-defined]
+    if lifecycle.move(session, job_id, (lifecycle.QUEUED,), lifecycle.FAILED,
+                      values=dict(error=error, finished_at=now, updated_at=now)):
         add_event(session, job_id, "state", {"status": "failed", "error": error}, now)
 
 
@@ -594,16 +552,11 @@ def requeue_job(session: Session, job_id: str, reason: str, stale_after_s: float
     new message) or stalled. The event records ``reason`` (and the attempt's ``stop_reason`` and a
     ``detail``, if given). The next claim resumes from the latest snapshot."""
     now = utcnow()
-    where = [Job.id == job_id, Job.status == "running", *cond]
+    where = list(cond)
     if stale_after_s is not None:
         where.append(Job.heartbeat_at < now - timedelta(seconds=stale_after_s))
-    res = session.execute(
-        update(Job)
-        .where(*where)
-        .values(status="queued", updated_at=now)
-        .execution_options(synchronize_session=False)
-    )
-    if res.rowcount != 1:  # type: ignore[attr-defined]
+    if not lifecycle.move(session, job_id, (lifecycle.RUNNING,), lifecycle.QUEUED, where=where,
+                          values=dict(updated_at=now)):
         return False
     event: dict[str, Any] = {"status": "queued", "reason": reason}
     if stop_reason is not None:
