@@ -7,8 +7,13 @@ worker to do it."""
 from __future__ import annotations
 
 import logging
+from functools import partial
+from typing import Any
+
+from sqlalchemy.orm import Session
 
 from config.settings import Settings
+from orchestration.admission import admit_trial_spec, dataset_resolver
 from store import sweeps as store_sweeps
 from store.db import session_scope
 from store.models import TERMINAL_STATUSES
@@ -17,12 +22,23 @@ from store.outbox import Send
 log = logging.getLogger("trainyard.sweeps")
 
 
+def advance_sweep(session: Session, sweep_id: str, settings: Settings) -> list[tuple[str, str]]:
+    """:func:`store.sweeps.advance_sweep` with the trials admitted like any job
+    (:func:`orchestration.admission.admit_trial_spec`, the sweep's project's datasets)."""
+
+    def admitter(s: Session, sweep: Any) -> Any:
+        resolver = dataset_resolver(s, sweep.project_id)
+        return partial(admit_trial_spec, metric=sweep.objective_metric, resolver=resolver, settings=settings)
+
+    return store_sweeps.advance_sweep(session, sweep_id, settings, admitter)
+
+
 def advance(sweep_id: str, settings: Settings, send: Send) -> list[tuple[str, str]]:
     """Advance the sweep in one transaction, then send the new trials' messages. A failure is
     recorded on the sweep (which ends ``failed`` if no trial is left to retry it)."""
     try:
         with session_scope() as s:
-            jobs = store_sweeps.advance_sweep(s, sweep_id, settings)
+            jobs = advance_sweep(s, sweep_id, settings)
     except Exception as exc:  # noqa: BLE001 - recorded on the sweep; the worker carries on
         log.exception("sweep %s: advancing failed", sweep_id)
         try:

@@ -21,7 +21,7 @@ from config.settings import Settings
 from store import repo
 from store.floats import decode_float, to_text
 from store.ids import new_id
-from store.models import TERMINAL_STATUSES, Dataset, Job, JobMetric, Sweep
+from store.models import TERMINAL_STATUSES, Job, JobMetric, Sweep
 from training.sweep_space import TrialRecord, objective_value, pauses, should_prune, suggest, with_params
 
 log = logging.getLogger("trainyard.sweeps")
@@ -162,64 +162,9 @@ def leaderboard(views: Sequence[TrialView], mode: str) -> list[TrialView]:
 # --------------------------------------------------------------------------- trial specs
 
 
-@dataclass(frozen=True)
-class TrialSpec:
-    spec: dict[str, Any] | None  # effective spec, JSON-ready; None when invalid
-    queue: str | None
-    errors: list[dict[str, Any]] | None = None
-
-
-def dataset_resolver(session: Session, project_id: str) -> Callable[[str], Any]:
-    """Map one of the project's stored dataset ids to its DatasetInfo (None if there is none)."""
-    from training.data import DatasetInfo
-
-    def resolve(dataset_id: str) -> Any:
-        if len(dataset_id) != 32:
-            return None
-        ds = session.get(Dataset, dataset_id)
-        if ds is None or ds.project_id != project_id:
-            return None
-        return DatasetInfo(
-            name=ds.id, task=ds.task, input_shape=tuple(ds.input_shape), n_classes=ds.n_classes,  # type: ignore[arg-type]
-            n_targets=ds.n_targets, n_samples=ds.n_samples,
-        )
-
-    return resolve
-
-
-def objective_problem(spec: Any, metric: str) -> str | None:
-    """Why ``metric`` cannot be a sweep objective for the validated ``spec`` (None if it can)."""
-    names = ["loss", *spec.metric_names()]
-    has_val = spec.data.validation_split > 0
-    known = names + ([f"val_{n}" for n in names] if has_val else [])
-    if metric in known:
-        return None
-    hint = ""
-    if metric.startswith("val_") and not has_val:
-        hint = " (data.validation_split is 0, so no val_* metric exists)"
-    elif metric.removeprefix("val_") not in names:
-        hint = " (add it to the spec's metrics)"
-    return f"the trials do not report {metric!r}{hint}; available: {', '.join(known)}"
-
-
-def make_trial_spec(
-    base: dict[str, Any], params: dict[str, Any], *, metric: str, resolver: Callable[[str], Any], settings: Settings
-) -> TrialSpec:
-    """The trial's spec: ``base`` with ``params`` set, validated like any job (plus: it reports the
-    objective metric). Invalid: ``errors`` with JSON paths into the trial spec."""
-    from training import SpecError, validate_spec
-
-    try:
-        raw = with_params(base, params)
-        valid = validate_spec(raw, datasets=resolver)
-    except SpecError as exc:
-        return TrialSpec(None, None, exc.errors)
-    except ValueError as exc:  # PathError
-        return TrialSpec(None, None, [{"loc": [], "path": "", "msg": str(exc), "type": "value_error"}])
-    problem = objective_problem(valid, metric)
-    if problem:
-        return TrialSpec(None, None, [{"loc": ["objective", "metric"], "path": "objective.metric", "msg": problem, "type": "value_error"}])
-    return TrialSpec(valid.model_dump(mode="json"), settings.queue_for_device(valid.device))
+#: ``admit(base, params) -> TrialSpec-like`` (``spec``, ``queue``, ``errors``): how a sampled
+#: trial spec is admitted, given by the decision layer (orchestration.admission.admit_trial_spec)
+TrialAdmitter = Callable[[dict[str, Any], dict[str, Any]], Any]
 
 
 # --------------------------------------------------------------------------- advancing
@@ -236,18 +181,19 @@ def _summarize_errors(errors: list[dict[str, Any]]) -> str:
     return "invalid trial spec: " + "; ".join(f"{e.get('path') or '<root>'}: {e.get('msg')}" for e in errors)
 
 
-def advance_sweep(session: Session, sweep_id: str, settings: Settings) -> list[tuple[str, str]]:
+def advance_sweep(session: Session, sweep_id: str, settings: Settings,
+                  admitter: Callable[[Session, Sweep], TrialAdmitter]) -> list[tuple[str, str]]:
     """Bring a running sweep up to date under its row lock: record its best trial, create new
     trials (parameters from the sweep's Optuna sampler told every stored trial) while fewer than
     ``max_concurrent`` are unfinished and fewer than ``max_trials`` exist, and end the sweep
     (``succeeded``; ``failed`` if no trial succeeded) once every trial is finished and no more may
-    be made. A sampled spec that fails validation becomes a failed trial (it counts toward
-    ``max_trials``). Returns ``(job_id, queue)`` of the new trials: send them after the commit."""
+    be made. A sampled spec is admitted by ``admitter(session, sweep)``; one that is not becomes a
+    failed trial (it counts toward ``max_trials``). Returns ``(job_id, queue)`` of the new trials: send them after the commit."""
     sweep = get_sweep(session, sweep_id, lock=True)
     if sweep is None or sweep.status != "running":
         return []
     config = sweep.config
-    resolver = dataset_resolver(session, sweep.project_id)
+    admit = admitter(session, sweep)
     created: list[tuple[str, str]] = []
     views = trial_views(session, sweep)
     if pauses(config):
@@ -267,9 +213,7 @@ def advance_sweep(session: Session, sweep_id: str, settings: Settings) -> list[t
         new_jobs: list[Job] = []
         for i, params in enumerate(proposals):
             number = start + i
-            ts = make_trial_spec(
-                config["base"], params, metric=sweep.objective_metric, resolver=resolver, settings=settings
-            )
+            ts = admit(config["base"], params)
             spec = {**(ts.spec or _raw_trial_spec(config["base"], params)), "name": f"{sweep.name[:180]}-{number}"}
             queue = ts.queue or settings.queue_for_device(str(config["base"].get("device", "auto")))
             job = repo.create_jobs(

@@ -29,8 +29,8 @@ from api.schemas.jobs import (
     JobStatus,
     MetricsRead,
 )
-from api.validation import check_job_spec, dataset_resolver
 from api.views import checkpoint_read, job_read, job_summary
+from orchestration.admission import check_job_spec, dataset_resolver
 from store import auth as keys
 from store import fastread, repo, submit
 from store.db import get_engine, session_scope

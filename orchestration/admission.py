@@ -1,14 +1,18 @@
-"""Validating job specs at the API: the engine's validator plus the service's own rules."""
+"""Spec admission, the one place where a job spec is admitted, for jobs, batches and sweep
+trials alike: the engine's validator (``training.validate_spec``), the service's own rules (no
+NUL characters, no ``data.path``), its limits (epochs, layers, batch size, dataset size, parameter
+count) and the resolution of stored datasets (a project's own only). A sweep trial must also
+report the sweep's objective metric."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy.orm import Session
 
-from api.limits import spec_limit_errors
 from config.settings import Settings
 from store import repo
 from training import SpecError, validate_spec
@@ -100,3 +104,81 @@ def check_job_spec(raw: Any, resolver: Callable[[str], DatasetInfo | None], sett
     if errors:
         raise SpecError(errors)
     return ValidSpec(spec=spec.model_dump(mode="json"), queue=settings.queue_for_device(spec.device))
+
+
+def spec_limit_errors(spec: Any, info: Any, settings: Settings) -> list[dict[str, Any]]:
+    """What a valid spec asks for beyond the service's limits, as spec errors with JSON paths.
+    The parameter count comes from the layer shapes alone (nothing is allocated)."""
+    from training.shapes import ShapeError, count_parameters
+    from training.spec import json_path
+
+    errors: list[dict[str, Any]] = []
+
+    def add(loc: list[Any], msg: str) -> None:
+        errors.append({"loc": loc, "path": json_path(loc), "msg": msg, "type": "limit_exceeded"})
+
+    if spec.epochs > settings.max_epochs:
+        add(["epochs"], f"epochs is {spec.epochs}; this server allows at most {settings.max_epochs}")
+    if len(spec.model.layers) > settings.max_layers:
+        add(["model", "layers"], f"the model has {len(spec.model.layers)} layers; this server allows at most "
+                                 f"{settings.max_layers}")
+    if spec.data.batch_size > settings.max_batch_size:
+        add(["data", "batch_size"], f"batch_size is {spec.data.batch_size}; this server allows at most "
+                                    f"{settings.max_batch_size}")
+    if info is not None:
+        per_sample = math.prod(int(d) for d in info.input_shape)
+        nbytes = 4 * per_sample * int(info.n_samples)
+        if nbytes > settings.max_dataset_bytes:
+            add(["data"], f"the dataset is {info.n_samples} samples of shape {list(info.input_shape)} "
+                          f"({nbytes} bytes as float32); this server allows at most {settings.max_dataset_bytes}")
+        try:
+            n_params = count_parameters(spec.model, tuple(info.input_shape))
+        except ShapeError:
+            n_params = 0  # shape errors were reported by the spec's own validation
+        if n_params > settings.max_parameters:
+            add(["model"], f"the model has {n_params} parameters; this server allows at most {settings.max_parameters}")
+    return errors
+
+
+def objective_problem(spec: Any, metric: str) -> str | None:
+    """Why ``metric`` cannot be a sweep objective for the validated ``spec`` (None if it can)."""
+    names = ["loss", *spec.metric_names()]
+    has_val = spec.data.validation_split > 0
+    known = names + ([f"val_{n}" for n in names] if has_val else [])
+    if metric in known:
+        return None
+    hint = ""
+    if metric.startswith("val_") and not has_val:
+        hint = " (data.validation_split is 0, so no val_* metric exists)"
+    elif metric.removeprefix("val_") not in names:
+        hint = " (add it to the spec's metrics)"
+    return f"the trials do not report {metric!r}{hint}; available: {', '.join(known)}"
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    spec: dict[str, Any] | None  # effective spec, JSON-ready; None when invalid
+    queue: str | None
+    errors: list[dict[str, Any]] | None = None
+
+
+def admit_trial_spec(
+    base: dict[str, Any], params: dict[str, Any], *, metric: str, resolver: Callable[[str], DatasetInfo | None],
+    settings: Settings,
+) -> TrialSpec:
+    """A sweep trial's spec: ``base`` with ``params`` set, admitted like any job (limits
+    included, :func:`check_job_spec`), and it must report the objective ``metric``. Invalid:
+    ``errors`` with JSON paths into the trial spec."""
+    from training.spec import JobSpec
+    from training.sweep_space import with_params
+
+    try:
+        valid = check_job_spec(with_params(base, params), resolver, settings)
+    except SpecError as exc:
+        return TrialSpec(None, None, exc.errors)
+    except ValueError as exc:  # PathError
+        return TrialSpec(None, None, [{"loc": [], "path": "", "msg": str(exc), "type": "value_error"}])
+    problem = objective_problem(JobSpec.model_validate(valid.spec), metric)
+    if problem:
+        return TrialSpec(None, None, [_err(["objective", "metric"], problem)])
+    return TrialSpec(valid.spec, valid.queue)
