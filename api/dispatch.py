@@ -133,7 +133,7 @@ class Dispatcher:
         """Start the API's loops (:mod:`orchestration.services`): the outbox relay, every second,
         and the reconciler of lost jobs, which also re-sends messages a restarted Redis lost."""
         if not self._services:
-            queues = [self.settings.queue_name("gpu"), self.settings.queue_name("cpu")]
+            queues = self.settings.queue_names()
             self._services = [
                 OutboxRelay(self.send, queues, interval=API_RELAY_EVERY_S, sent_job_ids=self.take_sent,
                             resend_after_s=self.resend_after_s).start(),
@@ -158,8 +158,7 @@ class Dispatcher:
         client = self._redis
         prefix = self.settings.queue_prefix
         out = {}
-        for base in ("gpu", "cpu"):
-            q = self.settings.queue_name(base)
+        for q in self.settings.queue_names():
             out[q] = int(client.llen(prefix + q))
         return out
 

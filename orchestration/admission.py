@@ -21,13 +21,22 @@ from training.data import DatasetInfo
 
 
 def dataset_resolver(session: Session, project_id: str | None = None) -> Callable[[str], DatasetInfo | None]:
-    """Map a stored dataset id to its DatasetInfo (None if there is no such dataset, or it is
-    not in ``project_id`` when given)."""
+    """Map a stored dataset's id, or its name when one dataset of the project has it, to its
+    DatasetInfo, whose ``name`` is the dataset's id (None if the project has no such dataset;
+    a SpecError listing the ids when several of its datasets have that name). The one resolver
+    of job specs: jobs, batches and sweep trials."""
 
-    def resolve(dataset_id: str) -> DatasetInfo | None:
-        if len(dataset_id) != 32:
-            return None
-        ds = repo.get_dataset(session, dataset_id, project_id)
+    def resolve(ref: str) -> DatasetInfo | None:
+        ds = repo.get_dataset(session, ref, project_id) if len(ref) == 32 else None
+        if ds is None:
+            named = repo.datasets_named(session, ref, project_id)
+            if len(named) > 1:
+                raise SpecError([{
+                    "loc": ["data", "dataset"], "path": "data.dataset", "type": "value_error",
+                    "msg": f"{len(named)} stored datasets are named {ref!r} ({', '.join(d.id for d in named)}); "
+                    "give the id of the one you mean",
+                }])
+            ds = named[0] if named else None
         if ds is None:
             return None
         return DatasetInfo(
@@ -103,7 +112,12 @@ def check_job_spec(raw: Any, resolver: Callable[[str], DatasetInfo | None], sett
                 errors.append(_err(["data", field], msg.replace("(path)", f"(stored dataset {spec.data.dataset})")))
     if errors:
         raise SpecError(errors)
-    return ValidSpec(spec=spec.model_dump(mode="json"), queue=settings.queue_for_device(spec.device))
+    dumped = spec.model_dump(mode="json")
+    if info is not None and spec.data.dataset not in data_mod.BUILTIN_DATASETS and info.name != spec.data.dataset:
+        # a stored dataset named by its name: the job keeps its id, so a later upload under the
+        # same name never changes what it trains on
+        dumped["data"]["dataset"] = info.name
+    return ValidSpec(spec=dumped, queue=settings.queue_for_device(spec.device))
 
 
 def spec_limit_errors(spec: Any, info: Any, settings: Settings) -> list[dict[str, Any]]:

@@ -30,7 +30,7 @@ WORKER_RELAY_EVERY_S = 5.0
 
 
 def _queues(settings: Settings) -> list[str]:
-    return [settings.queue_name("gpu"), settings.queue_name("cpu")]
+    return settings.queue_names()
 
 
 def requeue_lost_jobs(app: Any, settings: Settings) -> list[str]:

@@ -120,6 +120,7 @@ def run_job(job_id: str, settings: Settings | None = None, send: outbox.Send | N
 
 def _run_job(job_id: str, settings: Settings, send: outbox.Send | None) -> str:
     if SHUTDOWN.is_set():  # a message that arrives while this worker shuts down goes back untouched
+        log.info("job %s arrived while this worker shuts down; handed back to the broker", job_id)
         return "requeued"
     try:
         claimed = leases.retry_transient(lambda: _claim(job_id, settings), deadline_s=30.0, what=f"claim {job_id}")
@@ -254,7 +255,10 @@ def _record_result(job_id: str, reporter: DbReporter, result: Any, attempt: int)
             s, job_id, status=status, stop_reason=stop_reason, error=error,
             best=(result.monitor, result.best_value, result.best_epoch) if result.monitor else None,
             steps=result.steps, epochs_run=result.epochs_run, run_seconds=result.seconds,
-            info=json_safe({**(result.info or {}), "stopped_epoch": result.stopped_epoch, "attempt": attempt}),
+            # the engine's info repeats the spec (with a "find" rate replaced by the finder's
+            # suggestion, which info.lr_find holds): the job already serves its spec once
+            info=json_safe({**{k: v for k, v in (result.info or {}).items() if k != "spec"},
+                            "stopped_epoch": result.stopped_epoch, "attempt": attempt}),
         )
 
     _write(reporter, finish, "finish")
