@@ -10,9 +10,9 @@ path, and costs a context-variable set and one header.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
-import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -44,11 +44,12 @@ class RequestIds:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        rid = _incoming(scope) or uuid.uuid4().hex
+        rid = _incoming(scope) or os.urandom(16).hex()  # 32 hex digits, like a uuid4's, at a third of the cost
         token = request_id.set(rid)
         header = (HEADER, rid.encode("ascii"))
         status = 0
-        started = time.perf_counter()
+        timed = not access_log.disabled
+        started = time.perf_counter() if timed else 0.0
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
@@ -60,7 +61,7 @@ class RequestIds:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            if not access_log.disabled and access_log.isEnabledFor(logging.INFO):
+            if timed and access_log.isEnabledFor(logging.INFO):
                 access_log.info("%s %s %d %.1f ms", scope["method"], scope["path"], status,
                                 (time.perf_counter() - started) * 1000)
             request_id.reset(token)
