@@ -33,7 +33,7 @@ from training.callbacks import EarlyStopping, ModelCheckpoint, ReduceLROnPlateau
 from training.model import BuiltModel, build_model
 from training.objectives import Objective, build_objective, prepare_targets, strip_output_activation
 from training.optim import build_optimizer, make_clipper
-from training.reporting import BaseReporter, Checkpoint, FitResult, Reporter, Snapshot
+from training.reporting import PAUSED, BaseReporter, Checkpoint, FitResult, Reporter, Snapshot
 from training.schedules import make_lr_fn
 from training.spec import FIND, JobSpec, ReduceOnPlateau, validate_spec
 from training.state import StateError, pack_snapshot, sha256, unpack_snapshot, weights_to_bytes
@@ -41,7 +41,6 @@ from training.state import StateError, pack_snapshot, sha256, unpack_snapshot, w
 POLL_SECONDS = 0.2
 VAL_CHUNK = 4096
 #: the stop request of a sweep trial paused at an ASHA rung (the run ends with a snapshot)
-PAUSED = "paused"
 
 
 class TrainingError(RuntimeError):

@@ -8,7 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-STOP_REASONS = ("completed", "early_stopping", "non_finite_loss", "diverged", "cancelled", "max_steps", "pruned")
+#: The stop reason of a sweep trial paused at a rung (its snapshot handed over; the sweep resumes it).
+PAUSED = "paused"
+STOP_REASONS = ("completed", "early_stopping", "non_finite_loss", "diverged", "cancelled", "max_steps", "pruned", PAUSED)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from typing import Any
 from config.settings import Settings
 from store import sweeps as store_sweeps
 from store.db import session_scope
-from training.engine import PAUSED
+from training.reporting import PAUSED  # not training.engine: no torch before the claim's heartbeat
 from training.sweep_space import is_decision_epoch, pauses, should_prune
 from worker.reporter import DbReporter, json_safe
 
