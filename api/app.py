@@ -18,7 +18,7 @@ from api.errors import SpecProblem, request_validation_handler, spec_problem_han
 from api.fastpath import PollFastPath, PollStats
 from api.limits import BodyLimitMiddleware, RateLimiter
 from api.prom import make_registry
-from api.routers import catalog, datasets, health, jobs, schedules, sweeps
+from api.routers import catalog, datasets, health, jobs, models, schedules, sweeps
 from api.schemas.common import ErrorResponse
 from store.pollread import close_readers
 from store.settings import Settings, get_settings
@@ -93,7 +93,7 @@ def create_app(settings: Settings | None = None, *, poll_fast_path: bool = True)
     # every /v1 route needs the caller's project: the key check (401) and rate limit (429) run first
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(current_project), Depends(known_query_parameters)],
                    responses=AUTH_RESPONSES)
-    for module in (jobs, schedules, catalog, datasets, sweeps):
+    for module in (jobs, models, schedules, catalog, datasets, sweeps):
         v1.include_router(module.router)
     app.include_router(v1)
     # the polled routes resolve the key in their own query (one round trip): not current_project

@@ -17,7 +17,7 @@ from typing import Any
 
 import redis  # imported with the app, not on a first scrape (api.app freezes the GC after start-up)
 
-from store.broker import RUN_JOB_TASK, celery_config
+from store.broker import EXPORT_TASK, RUN_JOB_TASK, celery_config
 from store.settings import Settings
 
 log = logging.getLogger("trainyard.api")
@@ -70,6 +70,16 @@ class Dispatcher:
         with self._lock:
             self._down_until = 0.0
             self._failed_since_sent = False
+
+    def send_export(self, artifact_id: int, queue: str) -> None:
+        """Send ``trainyard.export(artifact_id)`` to ``queue`` (store.artifacts); raises
+        :class:`DispatchError` when the broker does not take it (the artifact stays pending and
+        the next request for it sends it again)."""
+        try:
+            self.celery.send_task(EXPORT_TASK, args=[artifact_id], queue=queue, retry=True,
+                                  retry_policy={"max_retries": 1, "interval_start": 0.1, "interval_step": 0.5})
+        except Exception as exc:  # noqa: BLE001 - any broker failure is a DispatchError
+            raise DispatchError(f"the broker did not accept the export: {type(exc).__name__}: {exc}") from exc
 
     def submit(self, jobs: list[tuple[str, str]]) -> bool:
         """Send the messages of committed jobs (whose outbox rows are committed with them). On

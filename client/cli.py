@@ -246,16 +246,40 @@ def cancel(job_id: str, url: UrlOpt = None) -> None:
 @app.command()
 def download(
     job_id: str,
-    output: Annotated[Path, typer.Option("-o", "--output", help="file to write")] = Path("best.safetensors"),
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="file to write [default: CHECKPOINT.safetensors]")] = None,
+    checkpoint: Annotated[str, typer.Option(help="best, last (the last epoch's weights) or an epoch number")] = "best",
     url: UrlOpt = None,
 ) -> None:
-    """Download a job's best checkpoint (.safetensors), verifying its sha256."""
+    """Download a job's checkpoint (.safetensors; the best by default), verifying its sha256."""
+    output = output or Path(f"{checkpoint}.safetensors")
     try:
         with _client(url) as c:
-            digest = c.download_best(job_id, output)
+            data, digest = c.checkpoint(job_id, checkpoint)
+            output.write_bytes(data)
     except TrainyardError as exc:
         raise _fail(str(exc)) from None
     typer.echo(f"{output}  sha256 {digest}")
+
+
+@app.command("export")
+def export_model(
+    job_id: str,
+    format: Annotated[str, typer.Option("--format", "-f", help="torchscript, onnx or keras")] = "onnx",
+    checkpoint: Annotated[str, typer.Option(help="best, last or an epoch number")] = "best",
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="file to write [default: JOB-CHECKPOINT.EXT]")] = None,
+    url: UrlOpt = None,
+) -> None:
+    """Export a job's model (raw inputs in, probabilities or values out), verifying its sha256."""
+    ext = {"torchscript": "pt", "onnx": "onnx", "keras": "keras"}.get(format)
+    if ext is None:
+        raise _fail(f"--format must be torchscript, onnx or keras, not {format!r}")
+    path = output or Path(f"{job_id}-{checkpoint}.{ext}")
+    try:
+        with _client(url) as c:
+            digest = c.download_export(job_id, format, path, checkpoint=checkpoint)
+    except TrainyardError as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(f"{path}  sha256 {digest}")
 
 
 def _leaderboard_table(sweep: dict[str, Any], top: int = 15) -> Any:

@@ -542,6 +542,48 @@ def best_checkpoint(session: Session, job_id: str, project_id: str | None = None
     return session.scalars(q).first()
 
 
+def _job_checkpoints(job_id: str, project_id: str | None) -> Any:
+    q = select(Checkpoint).where(Checkpoint.job_id == job_id)
+    if project_id is not None:
+        q = q.join(Job, Job.id == Checkpoint.job_id).where(Job.project_id == project_id)
+    return q
+
+
+def last_checkpoint(session: Session, job_id: str, project_id: str | None = None) -> Checkpoint | None:
+    """The newest checkpoint whose bytes are stored: the last epoch's weights once the job ended
+    (the worker stores them at the end, :func:`add_last_checkpoint`)."""
+    q = _job_checkpoints(job_id, project_id).where(Checkpoint.data.is_not(None)).order_by(Checkpoint.id.desc()).limit(1)
+    return session.scalars(q).first()
+
+
+def checkpoint_at_epoch(
+    session: Session, job_id: str, epoch: int, project_id: str | None = None
+) -> tuple[Checkpoint | None, bool]:
+    """The newest stored checkpoint taken at ``epoch`` (1-based), and whether any checkpoint of
+    that epoch was recorded (its bytes may have been dropped: only the best and the newest keep
+    theirs)."""
+    q = _job_checkpoints(job_id, project_id).where(Checkpoint.epoch == epoch)
+    stored = session.scalars(q.where(Checkpoint.data.is_not(None)).order_by(Checkpoint.id.desc()).limit(1)).first()
+    if stored is not None:
+        return stored, True
+    recorded = session.scalar(select(func.count()).select_from(q.options(defer(Checkpoint.data)).subquery()))
+    return None, bool(recorded)
+
+
+def add_last_checkpoint(session: Session, job_id: str, *, epoch: int, step: int, monitor: str | None,
+                        value: Any, data: bytes, sha256: str) -> bool:
+    """Store the last epoch's weights as the job's newest checkpoint, unless the newest one
+    already is them (same digest). Returns whether a row was added."""
+    newest = session.scalar(
+        select(Checkpoint.sha256).where(Checkpoint.job_id == job_id).order_by(Checkpoint.id.desc()).limit(1)
+    )
+    if newest == sha256:
+        return False
+    add_checkpoint(session, job_id, epoch=epoch, step=step, monitor=monitor, value=value, data=data,
+                   sha256=sha256, is_best=False)
+    return True
+
+
 def save_snapshot(session: Session, job_id: str, *, epoch: int, step: int, data: bytes, sha256: str) -> None:
     """Keep only the newest training-state snapshot of a job."""
     session.execute(delete(Snapshot).where(Snapshot.job_id == job_id))

@@ -12,7 +12,7 @@ from celery import Celery
 from celery.exceptions import Reject
 from celery.signals import worker_init, worker_process_init, worker_ready, worker_shutting_down
 
-from store.broker import RUN_JOB_TASK, SQLA_POLLING_INTERVAL_S, celery_config
+from store.broker import EXPORT_TASK, RUN_JOB_TASK, SQLA_POLLING_INTERVAL_S, celery_config
 from store.settings import Settings, get_settings
 
 
@@ -74,7 +74,8 @@ def _start_liveness_file(path: Path, every_s: float = 10.0) -> None:
 
 
 def create_celery(settings: Settings | None = None) -> Celery:
-    """A Celery app configured from settings, with ``trainyard.run_job`` registered."""
+    """A Celery app configured from settings, with ``trainyard.run_job`` and ``trainyard.export``
+    registered."""
     settings = settings or get_settings()
     app = Celery("trainyard")
     app.conf.update(celery_config(settings))
@@ -99,6 +100,14 @@ def create_celery(settings: Settings | None = None) -> Celery:
         return outcome
 
     _ = run_job
+
+    @app.task(name=EXPORT_TASK, ignore_result=True, acks_late=True)
+    def export(artifact_id: int) -> str:
+        from worker.exports import run_export
+
+        return run_export(int(artifact_id), settings)
+
+    _ = export
 
     def _send_jobs(jobs: Any) -> None:
         for job_id, queue in jobs:

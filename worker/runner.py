@@ -214,6 +214,7 @@ def _record_result(job_id: str, reporter: DbReporter, result: Any, attempt: int)
         reporter.write_buffered(s)
         s.flush()  # the best checkpoint may be among them
         _store_best(s, job_id, result)
+        _store_last(s, job_id, result)
         repo.finish_job(
             s, job_id, status=status, stop_reason=stop_reason, error=error,
             best=(result.monitor, result.best_value, result.best_epoch) if result.monitor else None,
@@ -233,6 +234,8 @@ def _store_best(s: Any, job_id: str, result: Any) -> None:
     ):
         return
     data = result.best_checkpoint
+    if data is None and result.last_checkpoint is not None:
+        data = result.last_checkpoint.data  # no checkpoint was saved: the final weights, with their card
     if data is None and result.weights:
         from safetensors.torch import save
 
@@ -243,6 +246,15 @@ def _store_best(s: Any, job_id: str, result: Any) -> None:
         s, job_id, epoch=result.best_epoch or result.epochs_run, step=result.steps, monitor=result.monitor,
         value=result.best_value, data=data, sha256=repo.sha256_hex(data), is_best=True,
     )
+
+
+def _store_last(s: Any, job_id: str, result: Any) -> None:
+    """Keep the last epoch's weights (before early stopping restored the best) as the job's
+    newest checkpoint, so they can be downloaded as well as the best."""
+    last = getattr(result, "last_checkpoint", None)
+    if last is not None:
+        repo.add_last_checkpoint(s, job_id, epoch=last.epoch, step=last.step, monitor=last.monitor,
+                                 value=last.value, data=last.data, sha256=last.sha256)
 
 
 def _run_lr_find(job_id: str, spec: dict[str, Any], reporter: DbReporter) -> str:
