@@ -201,19 +201,16 @@ def coerce_inputs(card: dict[str, Any], value: Any, where: tuple[str | int, ...]
         raise InputError("inputs must be a non-empty batch", where)
     if len(a) > MAX_PREDICT_ROWS:
         raise InputError(f"at most {MAX_PREDICT_ROWS} inputs per request, got {len(a)}", where)
-    if a.shape[1:] != shape:
-        if a.ndim == 2 and a.shape[1] == size:
-            a = a.reshape(len(a), *shape)
-        else:
-            raise InputError(f"inputs have shape {list(a.shape)}: {want}, so a batch is [n, {', '.join(map(str, shape))}]", where)
+    flat = a.shape[1:] != shape
+    if flat and not (a.ndim == 2 and a.shape[1] == size):
+        raise InputError(f"inputs have shape {list(a.shape)}: {want}, so a batch is [n, {', '.join(map(str, shape))}]", where)
     a = np.ascontiguousarray(a, dtype=np.float32)
     finite = np.isfinite(a)
     if not finite.all():
         bad = np.argwhere(~finite)[0]
-        value_there = a[tuple(bad)]
-        raise InputError(f"inputs must be finite numbers, got {value_there} (NaN or infinity)",
+        raise InputError(f"inputs must be finite numbers, got {a[tuple(bad)]} (NaN or infinity; or too large for float32)",
                          where + tuple(int(i) for i in bad))
-    return a
+    return a.reshape(len(a), *shape) if flat else a
 
 
 def labels_of(card: dict[str, Any], outputs: Any) -> Any:

@@ -25,6 +25,7 @@ import io
 import json
 import os
 import tempfile
+import warnings
 from typing import Any
 
 import numpy as np
@@ -71,7 +72,8 @@ def to_onnx(model: LoadedModel) -> bytes:
 
     module = model.inference_module()
     buf = io.BytesIO()
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the legacy exporter is meant here (module docstring)
         torch.onnx.export(
             module, (_example(model),), buf, dynamo=False, opset_version=ONNX_OPSET,
             input_names=["input"], output_names=["output"],
