@@ -14,7 +14,7 @@ import os
 import time
 import zipfile
 from datetime import timedelta
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from fastapi import APIRouter, File, HTTPException, Path, Query, Request, UploadFile
@@ -206,7 +206,7 @@ def export_model(
     session: SessionDep,
     dispatcher: DispatcherDep,
     project: ProjectDep,
-    format: Annotated[str, Query(pattern="^(torchscript|onnx|keras)$", description="torchscript, onnx or keras")],
+    format: Annotated[Literal["torchscript", "onnx", "keras"], Query(description="torchscript, onnx or keras")],
     checkpoint: CheckpointQuery = "best",
     wait: WaitQuery = 10.0,
 ) -> Response:
