@@ -16,6 +16,7 @@ import math
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -53,12 +54,57 @@ class SessionCache:
                 self._sessions.popitem(last=False)
         return session
 
+    def holds(self, digest: str) -> bool:
+        with self._lock:
+            return digest in self._sessions
+
     def clear(self) -> None:
         with self._lock:
             self._sessions.clear()
 
 
 SESSIONS = SessionCache()
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """What a prediction needs of a job's model: its ONNX file's sha256 (the SESSIONS key), card,
+    and source checkpoint."""
+
+    artifact_sha256: str
+    card: dict[str, Any]
+    checkpoint_epoch: int
+    checkpoint_sha256: str
+
+
+class RefCache:
+    """ModelRefs of finished jobs by (project, job id, checkpoint selector), LRU: a finished job's
+    best and last checkpoints never change, so a prediction for it needs no database query."""
+
+    def __init__(self, size: int = 1024) -> None:
+        self.size = size
+        self._refs: OrderedDict[tuple[str, str, str], ModelRef] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, str, str]) -> ModelRef | None:
+        with self._lock:
+            ref = self._refs.get(key)
+            if ref is not None:
+                self._refs.move_to_end(key)
+            return ref
+
+    def put(self, key: tuple[str, str, str], ref: ModelRef) -> None:
+        with self._lock:
+            self._refs[key] = ref
+            while len(self._refs) > self.size:
+                self._refs.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._refs.clear()
+
+
+MODEL_REFS = RefCache()
 
 
 def _floats(a: np.ndarray) -> list[Any]:

@@ -27,6 +27,11 @@ def get(session: Session, artifact_id: int) -> Artifact | None:
     return session.get(Artifact, artifact_id)
 
 
+def data_of(session: Session, artifact_id: int) -> bytes | None:
+    """The exported bytes of an artifact (None until it is ready)."""
+    return session.scalar(select(Artifact.data).where(Artifact.id == artifact_id))
+
+
 def request(session: Session, job_id: str, fmt: str, checkpoint_sha256: str, checkpoint_epoch: int) -> tuple[Artifact, bool]:
     """The artifact row for this export, created ``pending`` if there is none (a concurrent
     request that created it first wins). Returns ``(row, created)``; the caller commits."""

@@ -18,16 +18,18 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 from fastapi import APIRouter, File, HTTPException, Path, Query, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
-from api.deps import DispatcherDep, ProjectDep, ReadSessionDep, SessionDep
+from api.deps import DispatcherDep, ProjectDep, ReadSessionDep
 from api.dispatch import DispatchError
 from api.errors import SpecProblem, error
-from api.predict import SESSIONS, predict
+from api.predict import MODEL_REFS, SESSIONS, ModelRef, predict
 from api.routers.jobs import MAX_INT32, _checkpoint_problem
 from api.schemas.common import ErrorResponse
 from store import artifacts, repo
+from store.db import session_scope
 from store.models import TERMINAL_STATUSES, Artifact, Checkpoint
 from training.card import MAX_PREDICT_ROWS, InputError, coerce_inputs
 
@@ -142,37 +144,40 @@ def checkpoint_at_epoch(
 
 
 def _artifact(session: Any, dispatcher: Any, job_id: str, project: str, which: str, fmt: str, wait: float) -> Artifact | JSONResponse:
-    """The ready artifact of this export (its bytes loaded), or a 202 answer while a worker
-    produces it (after waiting up to ``wait`` seconds). Sends the export task when needed."""
+    """The ready artifact of this export (without its bytes: :func:`store.artifacts.data_of`), or
+    a 202 answer while a worker produces it (after waiting up to ``wait`` seconds). ``session``
+    reads; a missing, stalled or failed export is (re)requested in a transaction of its own, and
+    its task sent after that commits."""
     ref = artifacts.checkpoint_ref(session, job_id, which, project)
     if ref is None:
         raise _no_checkpoint(session, job_id, project, which)
     digest, epoch = ref
-    row, created = artifacts.request(session, job_id, fmt, digest, epoch)
-    now = repo.utcnow()
-    age = now - repo.as_utc(row.updated_at)
-    send = created or (
-        (row.status == "pending" and age > timedelta(seconds=RESEND_PENDING_AFTER_S))
-        or (row.status == "failed" and age > timedelta(seconds=RETRY_FAILED_AFTER_S))
-    )
-    if send and not created:
-        artifacts.retry(session, row.id)
-    artifact_id = row.id
-    session.commit()  # the row exists before its message does
-    if send:
-        job = repo.get_job(session, job_id, project)
-        if job is None:
-            raise HTTPException(status_code=404, detail=f"no job {job_id!r}")
+    row = artifacts.find(session, job_id, fmt, digest, with_data=False)
+    if row is not None and row.status == "ready":
+        return row  # the common case: two reads, no write
+    session.rollback()
+    with session_scope() as w:
+        row, created = artifacts.request(w, job_id, fmt, digest, epoch)
+        age = repo.utcnow() - repo.as_utc(row.updated_at)
+        send = created or (
+            (row.status == "pending" and age > timedelta(seconds=RESEND_PENDING_AFTER_S))
+            or (row.status == "failed" and age > timedelta(seconds=RETRY_FAILED_AFTER_S))
+        )
+        if send and not created:
+            artifacts.retry(w, row.id)
+        artifact_id = row.id
+        job = repo.get_job(w, job_id, project)
+        queue = job.queue if job is not None else None
+    if send and queue is not None:  # the row is committed before its message exists
         try:
             # the job's own queue: a worker that can run the job can export it
-            dispatcher.send_export(artifact_id, job.queue)
+            dispatcher.send_export(artifact_id, queue)
         except DispatchError:
-            pass  # stays pending: the next request after RESEND_PENDING_AFTER_S sends it again
-        session.commit()
+            pass  # stays pending: a request after RESEND_PENDING_AFTER_S sends it again
     deadline = time.monotonic() + wait
     while True:
-        session.expire_all()
-        current = artifacts.get(session, artifact_id)
+        session.rollback()  # a new read transaction: it sees the worker's commit
+        current = artifacts.find(session, job_id, fmt, digest, with_data=False)
         if current is None:  # the job was deleted meanwhile
             raise HTTPException(status_code=404, detail=f"no job {job_id!r}")
         if current.status == "ready":
@@ -181,7 +186,6 @@ def _artifact(session: Any, dispatcher: Any, job_id: str, project: str, which: s
             raise HTTPException(status_code=500, detail=(
                 f"exporting job {job_id} (epoch {epoch}) as {fmt} failed on the worker: {current.error}; "
                 f"it is tried again on a request {RETRY_FAILED_AFTER_S:.0f} s after the failure"))
-        session.rollback()  # end this read's transaction: the next one sees the worker's commit
         if time.monotonic() >= deadline:
             body = PendingRead(status="pending", format=fmt, checkpoint_epoch=epoch, checkpoint_sha256=digest)
             return JSONResponse(body.model_dump(), status_code=202, headers={"Retry-After": "1"})
@@ -203,7 +207,7 @@ def _artifact(session: Any, dispatcher: Any, job_id: str, project: str, which: s
 )
 def export_model(
     job_id: str,
-    session: SessionDep,
+    session: ReadSessionDep,
     dispatcher: DispatcherDep,
     project: ProjectDep,
     format: Annotated[Literal["torchscript", "onnx", "keras"], Query(description="torchscript, onnx or keras")],
@@ -216,12 +220,13 @@ def export_model(
     got = _artifact(session, dispatcher, job_id, project, checkpoint, format, wait)
     if isinstance(got, JSONResponse):
         return got
-    assert got.data is not None and got.sha256 is not None
-    if repo.sha256_hex(got.data) != got.sha256:
+    data = artifacts.data_of(session, got.id)
+    assert data is not None and got.sha256 is not None
+    if repo.sha256_hex(data) != got.sha256:
         raise HTTPException(status_code=500, detail=f"the stored {format} export of job {job_id} is corrupt "
                                                     "(its bytes no longer match their sha256); refusing to serve it")
     label = checkpoint if checkpoint in ("best", "last") else f"epoch-{checkpoint}"
-    return Response(content=got.data, media_type=MEDIA_TYPES[format], headers={
+    return Response(content=data, media_type=MEDIA_TYPES[format], headers={
         "X-Artifact-SHA256": got.sha256, "ETag": f'"{got.sha256}"',
         "X-Checkpoint-SHA256": got.checkpoint_sha256, "X-Checkpoint-Epoch": str(got.checkpoint_epoch),
         "Content-Disposition": f'attachment; filename="{job_id}-{label}.{EXTENSIONS[format]}"',
@@ -231,27 +236,48 @@ def export_model(
 # --------------------------------------------------------------------------- predictions
 
 
-def _predict(session: Any, dispatcher: Any, job_id: str, project: str, which: str, wait: float,
-             inputs: Any, where: tuple[str | int, ...]) -> Response:
+def _model_ref(session: Any, dispatcher: Any, job_id: str, project: str, which: str, wait: float) -> ModelRef | JSONResponse:
+    """The job's ONNX model, its onnxruntime session loaded (api.predict.SESSIONS), or a 202."""
     got = _artifact(session, dispatcher, job_id, project, which, "onnx", wait)
     if isinstance(got, JSONResponse):
         return got
-    card = got.card or {}
-    try:
-        x = coerce_inputs(card, inputs, where)
-    except InputError as exc:
-        raise SpecProblem([error(list(exc.path), str(exc))]) from None
-    data, digest = got.data, got.sha256
-    assert data is not None and digest is not None
+    digest = got.sha256
+    assert digest is not None
 
-    def load() -> bytes:
-        if repo.sha256_hex(data) != digest:
+    def load() -> bytes:  # on a cache miss only
+        data = artifacts.data_of(session, got.id)
+        if data is None or repo.sha256_hex(data) != digest:
             raise HTTPException(status_code=500, detail=f"the stored onnx export of job {job_id} is corrupt")
         return data
 
-    result = predict(SESSIONS.get(digest, load), card, x)
-    body = PredictRead(job_id=job_id, checkpoint_epoch=got.checkpoint_epoch, checkpoint_sha256=got.checkpoint_sha256, **result)
+    SESSIONS.get(digest, load)
+    ref = ModelRef(digest, got.card or {}, got.checkpoint_epoch, got.checkpoint_sha256)
+    # a finished job's best and last checkpoints no longer change: later requests skip the database
+    if session.scalar(repo.select_job_status(job_id, project)) in TERMINAL_STATUSES:
+        MODEL_REFS.put((project, job_id, which), ref)
+    return ref
+
+
+def _resolve(request: Request, job_id: str, project: str, which: str, wait: float) -> ModelRef | JSONResponse:
+    with session_scope(write=False) as session:
+        return _model_ref(session, request.app.state.dispatcher, job_id, project, which, wait)
+
+
+def _answer(ref: ModelRef, job_id: str, inputs: Any, where: tuple[str | int, ...]) -> Response:
+    try:
+        x = coerce_inputs(ref.card, inputs, where)
+    except InputError as exc:
+        raise SpecProblem([error(list(exc.path), str(exc))]) from None
+    session = SESSIONS.get(ref.artifact_sha256, _gone)
+    result = predict(session, ref.card, x)
+    body = PredictRead(job_id=job_id, checkpoint_epoch=ref.checkpoint_epoch, checkpoint_sha256=ref.checkpoint_sha256, **result)
     return JSONResponse(body.model_dump(exclude_none=True))
+
+
+def _gone() -> bytes:
+    # the session was evicted between resolving and answering (MAX_SESSIONS other models in between)
+    raise HTTPException(status_code=503, detail="the model was unloaded meanwhile; send the request again",
+                        headers={"Retry-After": "0"})
 
 
 PREDICT_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -265,14 +291,22 @@ PREDICT_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 @router.post("/{job_id}/predict", response_model=PredictRead, responses=PREDICT_RESPONSES)
-def predict_json(
-    job_id: str, body: PredictRequest, session: SessionDep, dispatcher: DispatcherDep, project: ProjectDep,
+async def predict_json(
+    job_id: str, body: PredictRequest, request: Request, project: ProjectDep,
     checkpoint: CheckpointQuery = "best", wait: WaitQuery = 10.0,
 ) -> Response:
     """Predictions for a batch of raw inputs, with the training split's standardization applied:
     class probabilities and labels for a classifier, values for a regression model. Runs the
     job's ONNX export (produced by a worker on first use) in the API process."""
-    return _predict(session, dispatcher, job_id, project, checkpoint, wait, body.inputs, ("inputs",))
+    # ``async``: for a finished job whose model is loaded this is all in-memory work (tens of
+    # microseconds); the database and any wait for an export run in the thread pool
+    ref = MODEL_REFS.get((project, job_id, checkpoint))
+    if ref is None or not SESSIONS.holds(ref.artifact_sha256):
+        got = await run_in_threadpool(_resolve, request, job_id, project, checkpoint, wait)
+        if isinstance(got, JSONResponse):
+            return got
+        ref = got
+    return _answer(ref, job_id, body.inputs, ("inputs",))
 
 
 def _read_upload(file: UploadFile, limit: int) -> Any:
@@ -324,11 +358,13 @@ def _is_number(text: str) -> bool:
 @router.post("/{job_id}/predict/file", response_model=PredictRead, responses={
     **PREDICT_RESPONSES, 413: {"model": ErrorResponse, "description": "file over the size limit"}})
 def predict_file(
-    job_id: str, request: Request, session: SessionDep, dispatcher: DispatcherDep, project: ProjectDep,
+    job_id: str, request: Request, session: ReadSessionDep, dispatcher: DispatcherDep, project: ProjectDep,
     file: Annotated[UploadFile, File(description=".npz with an array x (n, *input_shape), or .csv with one input per row")],
     checkpoint: CheckpointQuery = "best", wait: WaitQuery = 10.0,
 ) -> Response:
     """Predictions for the inputs of an uploaded file (see ``POST /jobs/{id}/predict``)."""
-    limit = request.app.state.settings.max_upload_bytes
-    inputs = _read_upload(file, limit)
-    return _predict(session, dispatcher, job_id, project, checkpoint, wait, inputs, ("file",))
+    got = _model_ref(session, dispatcher, job_id, project, checkpoint, wait)
+    if isinstance(got, JSONResponse):
+        return got
+    # the upload is read once the job and its model are known
+    return _answer(got, job_id, _read_upload(file, request.app.state.settings.max_upload_bytes), ("file",))
