@@ -234,8 +234,9 @@ def _store_best(s: Any, job_id: str, result: Any) -> None:
     ):
         return
     data = result.best_checkpoint
-    if data is None and result.last_checkpoint is not None:
-        data = result.last_checkpoint.data  # no checkpoint was saved: the final weights, with their card
+    last = getattr(result, "last_checkpoint", None)
+    if data is None and last is not None:
+        data = last.data  # no checkpoint was saved: the final weights, with their card
     if data is None and result.weights:
         from safetensors.torch import save
 
