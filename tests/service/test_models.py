@@ -205,3 +205,31 @@ def test_bad_prediction_inputs_are_422s_that_say_where(client, jobs):
         assert exc.status_code == 404
     else:  # pragma: no cover
         raise AssertionError("a prediction for an unknown job answered")
+
+
+def test_a_checkpoint_written_before_model_cards_exports_from_the_jobs_spec(client, inproc_env):
+    """Checkpoints stored before cards existed (plain weights): the worker rebuilds the card from
+    the job's spec (re-reading its dataset for the standardization)."""
+    import onnxruntime as ort
+    from safetensors.torch import save
+
+    from store import repo
+    from store.db import session_scope
+    from training.state import weights_from_bytes
+
+    spec = note_spec(2, device="cpu", name="legacy-checkpoint")
+    job_id = client.submit(spec)["id"]
+    assert wait_status(client, job_id, ("succeeded", "failed", "cancelled"), timeout=240)["status"] == "succeeded"
+    weights = weights_from_bytes(client.checkpoint(job_id, "best")[0])
+    legacy = save(weights, metadata={"trainyard": json.dumps({"format": "trainyard-weights/1", "epoch": 2})})
+    assert card_of(legacy) is None
+    with session_scope() as s:
+        repo.add_checkpoint(s, job_id, epoch=2, step=46, monitor="val_loss", value=1.0, data=legacy,
+                            sha256=repo.sha256_hex(legacy), is_best=True)
+    assert client.checkpoint(job_id, "best")[0] == legacy
+    x, _ = raw_val(spec)
+    expected = load_model(legacy, spec=spec).predict(x)
+    data, _ = client.export(job_id, "onnx")
+    np.testing.assert_allclose(ort.InferenceSession(data).run(None, {"input": x})[0], expected, rtol=0, atol=1e-5)
+    got = client.predict(job_id, x[:8])
+    np.testing.assert_allclose(np.array(got["probabilities"]), expected[:8], rtol=0, atol=1e-5)
