@@ -20,8 +20,8 @@ from api.limits import BodyLimitMiddleware, RateLimiter
 from api.prom import make_registry
 from api.routers import catalog, datasets, health, jobs, models, schedules, sweeps
 from api.schemas.common import ErrorResponse
+from config.settings import Settings, get_settings
 from store.pollread import close_readers
-from store.settings import Settings, get_settings
 
 DESCRIPTION = """JSON job specs in, PyTorch training on Celery workers, metrics and best checkpoints out.
 
@@ -44,7 +44,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.openapi()  # built now, not on a first request (the query-parameter check reads it)
     if app.state.settings.gc_freeze:
         # Everything built so far lives as long as the process: keep it out of full collections
-        # (store.settings.Settings.gc_freeze; measured in BENCHMARKS.md, "Service"). The broker
+        # (config.settings.Settings.gc_freeze; measured in BENCHMARKS.md, "Service"). The broker
         # client is built first (it imports celery and kombu), so that it is frozen too; and
         # young-generation collections run every 10,000 allocations instead of 700, which makes
         # full ones (a walk over whatever came later) 14 times rarer.

@@ -14,10 +14,10 @@ from sqlalchemy.orm import Session
 from api.auth import authenticate, required_key_hash
 from api.dispatch import Dispatcher
 from api.errors import SpecProblem, error
+from config.settings import Settings
 from store import fastread
 from store.db import get_sessionmaker, session_scope
 from store.models import DEFAULT_PROJECT
-from store.settings import Settings
 
 
 def _write_session() -> Iterator[Session]:

@@ -17,8 +17,8 @@ from typing import Any
 
 import redis  # imported with the app, not on a first scrape (api.app freezes the GC after start-up)
 
+from config.settings import Settings
 from store.broker import EXPORT_TASK, RUN_JOB_TASK, celery_config
-from store.settings import Settings
 
 log = logging.getLogger("trainyard.api")
 

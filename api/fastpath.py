@@ -25,13 +25,13 @@ import re
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from config.settings import Settings
 from store import auth as keys
 from store import fastread
 from store.db import get_engine
 from store.models import DEFAULT_PROJECT
 from store.pollread import get_reader
 from store.repo import as_utc
-from store.settings import Settings
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

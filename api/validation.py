@@ -9,8 +9,8 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from api.limits import spec_limit_errors
+from config.settings import Settings
 from store import repo
-from store.settings import Settings
 from training import SpecError, validate_spec
 from training import data as data_mod
 from training.data import DatasetInfo

@@ -83,7 +83,7 @@ def _env(db: str, broker: str, tmp: Path, **extra: str) -> dict[str, str]:
 
 
 def _submit(probe: Probe, env: dict[str, str], spec: dict[str, Any]) -> str:
-    from store.settings import settings_from_env
+    from config.settings import settings_from_env
 
     settings = settings_from_env(env)
     job_id = probe.create(spec, settings.queue_name("cpu"))

@@ -98,7 +98,7 @@ import json, os, time
 import redis
 from celery import Celery
 from store.broker import celery_config
-from store.settings import settings_from_env
+from config.settings import settings_from_env
 
 settings = settings_from_env()
 app = Celery("bench-bare")
@@ -670,9 +670,9 @@ def _timed_db_reporter(st: Stack) -> Any:
     """The worker's DbReporter, in this process against the bench database, with the time spent
     in each of its methods recorded (inclusive; ``flush`` is also counted inside its callers)."""
     try:
+        from config.settings import get_settings
         from store import repo
         from store.db import session_scope
-        from store.settings import get_settings
         from worker.reporter import DbReporter
     except Exception as exc:  # noqa: BLE001
         log(f"  in-process DbReporter unavailable: {exc}")
@@ -852,8 +852,8 @@ def start_stack(st: Stack) -> tuple[str, str, Any]:
     os.environ["BENCH_RESULTS_KEY"] = st.bare_env["BENCH_RESULTS_KEY"]
     from celery import Celery
 
+    from config.settings import settings_from_env
     from store.broker import celery_config
-    from store.settings import settings_from_env
 
     bare = Celery("bench-bare-sender", set_as_current=False)
     bare.conf.update(celery_config(settings_from_env(st.bare_env)))

@@ -79,9 +79,9 @@ def _setup(tmp: Path) -> Any:
         "TRAINYARD_DATABASE_URL": f"sqlite:///{tmp / 'bench.db'}",
         "TRAINYARD_BROKER_URL": f"sqla+sqlite:///{tmp / 'broker.db'}",
     })
+    from config.settings import get_settings
     from store.db import reset_caches
     from store.migrate import upgrade
-    from store.settings import get_settings
 
     reset_caches()
     upgrade(os.environ["TRAINYARD_DATABASE_URL"])
@@ -121,7 +121,7 @@ def _worker_main(index: int, tasks: Any, done: Any, threads: int) -> None:
     _warm_up(threads)
 
     import worker.sweeps as worker_sweeps
-    from store.settings import get_settings
+    from config.settings import get_settings
     from worker.runner import run_job
 
     settings = get_settings()

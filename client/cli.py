@@ -394,13 +394,23 @@ def _celery_worker_argv(queues: list[str], concurrency: int, pool: str | None, l
     )
 
 
+def _settings(env: dict[str, str] | None = None) -> Any:
+    """The server's settings (from ``env``, default the environment and ``.env``); a bad
+    ``TRAINYARD_*`` value stops the command here, with a message naming the variable."""
+    from config.settings import SettingsError, settings_from_env
+
+    try:
+        return settings_from_env(env)
+    except SettingsError as exc:
+        raise _fail(f"trainyard: {exc}", 2) from None
+
+
 @app.command()
 def migrate() -> None:
     """Bring the database ($TRAINYARD_DATABASE_URL) to the newest schema (Alembic head)."""
     from store.migrate import upgrade
-    from store.settings import get_settings
 
-    url = get_settings().database_url
+    url = _settings().database_url
     upgrade(url)
     typer.echo(f"database at head: {_redact(url)}")
 
@@ -421,9 +431,7 @@ def api(
 ) -> None:
     """Run the HTTP API (uvicorn) against $TRAINYARD_DATABASE_URL and $TRAINYARD_BROKER_URL.
     Every /v1 request needs an API key ('trainyard keys create') unless TRAINYARD_AUTH=off."""
-    from store.settings import get_settings
-
-    if get_settings().auth == "off":
+    if _settings().auth == "off":
         typer.echo("trainyard: TRAINYARD_AUTH=off: no API keys; every caller is in the default project", err=True)
     else:
         typer.echo("trainyard: API keys required (create one with 'trainyard keys create --project NAME')", err=True)
@@ -442,7 +450,7 @@ def worker(
     name: Annotated[str, typer.Option(help="worker name prefix")] = "trainyard",
 ) -> None:
     """Run a Celery worker for the given queues (names get $TRAINYARD_QUEUE_PREFIX)."""
-    prefix = os.environ.get("TRAINYARD_QUEUE_PREFIX", "")
+    prefix = _settings().queue_prefix
     qs = [prefix + q.strip() for q in queues.split(",") if q.strip()]
     bad = [q for q in queues.split(",") if q.strip() not in ("gpu", "cpu")]
     if bad:
@@ -503,7 +511,7 @@ def serve(
         "TRAINYARD_BROKER_URL": f"sqla+sqlite:///{data_dir / 'broker.sqlite'}",
         "TRAINYARD_AUTH": "required" if auth else "off",
     }
-    prefix = env.get("TRAINYARD_QUEUE_PREFIX", "")
+    prefix = _settings(env).queue_prefix
     if not _port_free(host, port):
         raise _fail(f"trainyard: port {port} is in use on {host}; use --port to pick another", 1)
     from store.migrate import upgrade

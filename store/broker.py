@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from store.settings import Settings
+from config.settings import Settings
 
 RUN_JOB_TASK = "trainyard.run_job"
 #: export a job's checkpoint to another format (args: the artifact id, store.artifacts)

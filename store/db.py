@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
-from store.settings import get_settings
+from config.settings import get_settings
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
@@ -101,8 +101,8 @@ def session_scope(write: bool = True) -> Iterator[Session]:
 
 def reset_caches() -> None:
     """Forget the cached settings, engine and sessionmaker (tests change the environment)."""
+    from config.settings import get_settings as gs
     from store.pollread import close_readers
-    from store.settings import get_settings as gs
 
     close_readers()
     if get_engine.cache_info().currsize:

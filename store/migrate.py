@@ -71,7 +71,7 @@ def upgrade(url: str | None = None, revision: str = "head") -> None:
     """Bring the database at ``url`` (default: the configured one) to ``revision``, under the
     migration lock."""
     if url is None:
-        from store.settings import get_settings
+        from config.settings import get_settings
 
         url = get_settings().database_url
     with migration_lock(url):
@@ -80,7 +80,7 @@ def upgrade(url: str | None = None, revision: str = "head") -> None:
 
 def downgrade(url: str | None = None, revision: str = "base") -> None:
     if url is None:
-        from store.settings import get_settings
+        from config.settings import get_settings
 
         url = get_settings().database_url
     with migration_lock(url):

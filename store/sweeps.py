@@ -17,11 +17,11 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, defer
 
+from config.settings import Settings
 from store import repo
 from store.floats import decode_float, to_text
 from store.ids import new_id
 from store.models import TERMINAL_STATUSES, Dataset, Job, JobMetric, Sweep
-from store.settings import Settings
 from training.sweep_space import TrialRecord, objective_value, pauses, should_prune, suggest, with_params
 
 log = logging.getLogger("trainyard.sweeps")

@@ -12,8 +12,8 @@ from celery import Celery
 from celery.exceptions import Reject
 from celery.signals import worker_init, worker_process_init, worker_ready, worker_shutting_down
 
+from config.settings import Settings, get_settings
 from store.broker import EXPORT_TASK, RUN_JOB_TASK, SQLA_POLLING_INTERVAL_S, celery_config
-from store.settings import Settings, get_settings
 
 
 def _on_shutdown(**_: Any) -> None:

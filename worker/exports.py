@@ -11,10 +11,10 @@ from typing import Any
 
 from sqlalchemy import select
 
+from config.settings import Settings
 from store import artifacts
 from store.db import session_scope
 from store.models import Checkpoint, Job
-from store.settings import Settings
 
 log = logging.getLogger("trainyard.worker")
 

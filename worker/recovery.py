@@ -17,9 +17,9 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+from config.settings import Settings
 from store import leases
 from store.broker import RUN_JOB_TASK
-from store.settings import Settings
 
 log = logging.getLogger("trainyard.worker")
 

@@ -9,10 +9,10 @@ import threading
 import time
 from typing import Any
 
+from config.settings import Settings
 from store import leases, repo
 from store.db import session_scope
 from store.floats import encode_float
-from store.settings import Settings
 from training import BaseReporter, Checkpoint, Snapshot
 
 

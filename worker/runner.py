@@ -9,9 +9,9 @@ import socket
 import traceback
 from typing import Any
 
+from config.settings import Settings, get_settings
 from store import leases, outbox, repo
 from store.db import session_scope
-from store.settings import Settings, get_settings
 from worker.reporter import SHUTDOWN, WRITE_RETRY_DEADLINE_S, DbReporter, json_safe
 
 log = logging.getLogger("trainyard.worker")

@@ -23,10 +23,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
+from config.settings import Settings
 from store import sweeps as store_sweeps
 from store.db import session_scope
 from store.models import TERMINAL_STATUSES
-from store.settings import Settings
 from training.engine import PAUSED
 from training.sweep_space import is_decision_epoch, pauses, should_prune
 from worker.reporter import DbReporter, json_safe

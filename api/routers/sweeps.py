@@ -32,13 +32,13 @@ from api.schemas.sweeps import (
     ValuesParameter,
 )
 from api.validation import check_job_spec, nul_errors
+from config.settings import Settings
 from store import repo
 from store import sweeps as store_sweeps
 from store.db import session_scope
 from store.floats import from_text
 from store.models import Sweep
 from store.repo import as_utc
-from store.settings import Settings
 from training import JobSpec, SpecError
 from training.sweep_space import PathError, default_mode, grid_size, resolve, with_params
 

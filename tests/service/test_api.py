@@ -360,14 +360,13 @@ def test_bad_uploads_are_refused(app_client, inproc_env):
 
 
 def test_upload_size_limit(inproc_env):
-    from dataclasses import replace
 
     from fastapi.testclient import TestClient
 
     from api.app import create_app
-    from store.settings import get_settings
+    from config.settings import get_settings
 
-    small = create_app(replace(get_settings(), max_upload_bytes=1000))
+    small = create_app(get_settings().replace(max_upload_bytes=1000))
     with TestClient(small) as c:
         x = np.zeros((100, 5), dtype=np.float32)
         r = c.post("/v1/datasets", files={"file": ("big.npz", _npz(x, np.arange(100) % 2))})
@@ -391,16 +390,15 @@ def test_health_ready_and_prometheus(app_client):
 
 
 def test_broker_down_still_accepts_the_job_and_keeps_it_in_the_outbox(inproc_env):
-    from dataclasses import replace
 
     from fastapi.testclient import TestClient
 
     from api.app import create_app
+    from config.settings import get_settings
     from store.db import session_scope
     from store.models import Outbox
-    from store.settings import get_settings
 
-    down = create_app(replace(get_settings(), broker_url="redis://127.0.0.1:1/0"))
+    down = create_app(get_settings().replace(broker_url="redis://127.0.0.1:1/0"))
     with TestClient(down) as c:
         name = f"nobroker-{uuid.uuid4().hex[:8]}"
         r = c.post("/v1/jobs", json=note_spec(2, name=name))

@@ -5,7 +5,6 @@ so routes added later are covered)."""
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import io
 import re
@@ -31,9 +30,9 @@ def keyed_app(inproc_env: dict[str, str]) -> Iterator[Any]:
     from fastapi.testclient import TestClient
 
     from api.app import create_app
-    from store.settings import get_settings
+    from config.settings import get_settings
 
-    app = create_app(dataclasses.replace(get_settings(), auth="required"))
+    app = create_app(get_settings().replace(auth="required"))
     with TestClient(app) as c:
         yield c
 
@@ -260,7 +259,7 @@ def test_without_auth_every_caller_is_in_the_default_project(app_client):
 
 
 def test_settings_default_to_required_keys():
-    from store.settings import settings_from_env
+    from config.settings import settings_from_env
 
     assert settings_from_env({}).auth == "required"
     assert settings_from_env({"TRAINYARD_AUTH": "off"}).auth == "off"

@@ -8,7 +8,6 @@ fast path that silently handed everything to the route would fail here too."""
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 import time
 import uuid
@@ -65,9 +64,9 @@ def pair(inproc_env: dict[str, str]) -> Iterator[tuple[Any, Any, Any]]:
 
     from api.app import create_app
     from api.fastpath import PollFastPath
-    from store.settings import get_settings
+    from config.settings import get_settings
 
-    settings = dataclasses.replace(get_settings(), auth="required")
+    settings = get_settings().replace(auth="required")
     fast_app = create_app(settings)
     slow_app = create_app(settings, poll_fast_path=False)
     with TestClient(fast_app) as fast, TestClient(slow_app) as slow:

@@ -12,14 +12,13 @@ import signal
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from config.settings import get_settings, settings_from_env
 from store.migrate import upgrade
-from store.settings import get_settings, settings_from_env
 
 from .test_faults_kit import (
     PrivatePostgres,
@@ -218,7 +217,7 @@ def test_100_submissions_while_the_broker_is_down_all_run_exactly_once(private_b
                                  "heartbeat_stale_s": broker_settings.heartbeat_stale_s}
     if hasattr(get_settings(), "auth"):
         overrides["auth"] = "off"
-    app = create_app(replace(get_settings(), **overrides))
+    app = create_app(get_settings().replace(**overrides))
     probe = Probe(env["TRAINYARD_DATABASE_URL"])
     redis.stop()
     try:

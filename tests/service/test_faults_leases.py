@@ -9,7 +9,6 @@ import pickle
 import subprocess
 import sys
 import uuid
-from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -17,10 +16,10 @@ from typing import Any
 import pytest
 from sqlalchemy import func, inspect, select, text, update
 
+from config.settings import get_settings, settings_from_env
 from store import leases, outbox, repo
 from store.db import make_engine, session_scope
 from store.models import Checkpoint, Job, JobMetric, Outbox
-from store.settings import get_settings, settings_from_env
 from training import BaseReporter, fit, validate_spec
 from worker.reporter import DbReporter
 from worker.runner import run_job
@@ -90,7 +89,7 @@ def test_a_second_claim_fences_the_first_attempt(inproc_env):
 
 
 def test_the_reconciler_requeues_a_lost_job_and_fails_it_after_max_attempts(inproc_env):
-    settings = replace(settings_from_env(inproc_env), queue_prefix=f"recon-{uuid.uuid4().hex[:6]}-")
+    settings = settings_from_env(inproc_env).replace(queue_prefix=f"recon-{uuid.uuid4().hex[:6]}-")
     queue = settings.queue_name("cpu")
     sent: list[tuple[str, str]] = []
     job_id = _job(tiny_spec(), queue, max_attempts=2)
@@ -258,7 +257,7 @@ def test_queued_jobs_whose_messages_redis_lost_are_sent_again(inproc_env, redis_
     reconciler sees an empty queue with old queued jobs (no outbox row) and sends them again."""
     from api.dispatch import Dispatcher
 
-    settings = replace(settings_from_env(inproc_env), queue_prefix=f"lost-{uuid.uuid4().hex[:6]}-")
+    settings = settings_from_env(inproc_env).replace(queue_prefix=f"lost-{uuid.uuid4().hex[:6]}-")
     queue = settings.queue_name("cpu")
     old = _job(tiny_spec(), queue, updated_at=repo.utcnow() - timedelta(minutes=5))
     young = _job(tiny_spec(), queue)

@@ -5,7 +5,6 @@ rate (429 with Retry-After)."""
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import threading
@@ -27,12 +26,12 @@ def make_app(inproc_env: dict[str, str]) -> Iterator[Any]:
     from fastapi.testclient import TestClient
 
     from api.app import create_app
-    from store.settings import get_settings
+    from config.settings import get_settings
 
     clients: list[Any] = []
 
     def make(**changes: Any) -> Any:
-        settings = dataclasses.replace(get_settings(), **{"auth": "required", **changes})
+        settings = get_settings().replace(**{"auth": "required", **changes})
         c = TestClient(create_app(settings))
         c.__enter__()
         clients.append(c)

@@ -34,12 +34,12 @@ def _app() -> Any:
     it can be built when pytest collects this module: schemathesis' pytest integration needs the
     schema then (its lazy ``from_fixture`` loader does not run on pytest 9)."""
     from api.app import create_app
-    from store.settings import Settings
+    from config.settings import Settings
 
     return create_app(Settings(
         database_url="(from TRAINYARD_DATABASE_URL, set by inproc_env)", broker_url=REDIS_URL,
         data_dir=Path(tempfile.mkdtemp(prefix="trainyard-schemathesis-")), queue_prefix=f"ty-{RUN_ID}-inproc-",
-        auth="required", requests_per_minute=0, max_concurrent_jobs=0,
+        auth="required", requests_per_minute=0, max_concurrent_jobs=0, gc_freeze=False,
     ))
 
 

@@ -288,11 +288,11 @@ def test_a_sweep_whose_last_trial_ended_without_a_worker_is_advanced(inproc_env:
     """E.g. the reconciler failed its trial after its worker was lost on every attempt: the
     workers' sweep keeper advances it (here called directly, with no worker and no broker)."""
     from api.routers.sweeps import check_sweep
+    from config.settings import get_settings
     from store import repo
     from store import sweeps as store_sweeps
     from store.db import session_scope
     from store.models import DEFAULT_PROJECT
-    from store.settings import get_settings
     from worker.sweeps import advance_stalled
 
     settings = get_settings()

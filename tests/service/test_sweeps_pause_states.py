@@ -11,10 +11,10 @@ from .test_sweeps import base
 
 def _sweep(name: str, max_trials: int = 2, max_concurrent: int = 2) -> tuple[str, list[str]]:
     from api.routers.sweeps import check_sweep
+    from config.settings import get_settings
     from store import sweeps as store_sweeps
     from store.db import session_scope
     from store.models import DEFAULT_PROJECT
-    from store.settings import get_settings
 
     settings = get_settings()
     body: dict[str, Any] = {
@@ -41,11 +41,11 @@ def test_a_cancel_during_the_pause_ends_the_trial_cancelled(inproc_env: dict[str
     trial but before the pause committed: the pause is refused and the run ends cancelled."""
     from types import SimpleNamespace
 
+    from config.settings import get_settings
     from store import repo
     from store import sweeps as store_sweeps
     from store.db import session_scope
     from store.models import Job
-    from store.settings import get_settings
     from worker.reporter import DbReporter
     from worker.runner import _record_result
 

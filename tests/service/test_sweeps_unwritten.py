@@ -18,11 +18,11 @@ def test_objective_values_of_reported_epochs() -> None:
 
 def test_prune_decision_uses_unwritten_epochs(inproc_env: dict[str, str]) -> None:
     from api.routers.sweeps import check_sweep
+    from config.settings import get_settings
     from store import repo
     from store import sweeps as store_sweeps
     from store.db import session_scope
     from store.models import DEFAULT_PROJECT
-    from store.settings import get_settings
     from worker.sweeps import prune_decision
 
     settings = get_settings()

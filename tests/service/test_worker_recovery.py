@@ -12,10 +12,10 @@ import pytest
 from sqlalchemy import update
 
 from api.dispatch import Dispatcher
+from config.settings import settings_from_env
 from store import repo
 from store.db import session_scope
 from store.models import Job
-from store.settings import settings_from_env
 from training import BaseReporter, fit, validate_spec
 from worker.app import create_celery
 from worker.recovery import requeue_lost_jobs

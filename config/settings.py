@@ -1,0 +1,192 @@
+"""Service settings: one pydantic-settings class, read from ``TRAINYARD_*`` environment variables
+(and a ``.env`` file in the working directory) once per process through :func:`get_settings`.
+
+Each knob has exactly one default, here. A bad value raises :class:`SettingsError`, whose message
+names the variable, the value given and what is allowed; ``trainyard api``/``worker``/``serve``
+print it and stop before starting anything.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+
+ENV_PREFIX = "TRAINYARD_"
+DEFAULT_DATA_DIR = "./trainyard-data"
+
+
+def _env(name: str) -> Any:
+    """The variable of a knob whose name differs from its field (kept for compatibility)."""
+    return Field(validation_alias=ENV_PREFIX + name)
+
+
+class Settings(BaseSettings):
+    """Everything the API and the worker need to find the database, the broker and the files.
+
+    ``queue_prefix`` namespaces the Celery queues (``<prefix>gpu``, ``<prefix>cpu``) and, on
+    Redis, every key the broker writes, so several deployments (or test runs) can share one
+    Redis without seeing each other's jobs. Every field is read from ``TRAINYARD_<FIELD>``
+    unless its ``validation_alias`` names another variable.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_file=".env", env_file_encoding="utf-8", extra="ignore", frozen=True,
+        env_ignore_empty=True, populate_by_name=True, validate_default=True,
+    )
+
+    # Where things are. Empty URLs mean SQLite and the embedded broker under data_dir.
+    data_dir: Path = Path(DEFAULT_DATA_DIR)
+    database_url: str = ""
+    broker_url: str = ""
+    queue_prefix: str = ""
+    auto_queue: Literal["gpu", "cpu"] = "gpu"  # where device "auto" jobs go
+    max_upload_bytes: int = Field(100 * 2**20, ge=1)
+    # Redis redelivery of unacknowledged messages: longer than the longest job.
+    visibility_timeout_s: int = Field(7 * 24 * 3600, ge=1, validation_alias="TRAINYARD_VISIBILITY_TIMEOUT")
+    # Worker: metric batches, heartbeats and cancel polls at most this often.
+    flush_interval_s: float = Field(0.5, gt=0, validation_alias="TRAINYARD_FLUSH_INTERVAL")
+    # Worker: how often a resume snapshot is written (0: every epoch).
+    snapshot_interval_s: float = Field(60.0, ge=0, validation_alias="TRAINYARD_SNAPSHOT_INTERVAL")
+    # The lease: a running job whose heartbeat is older may be taken over (RELIABILITY.md).
+    heartbeat_stale_s: float = Field(300.0, gt=0, validation_alias="TRAINYARD_HEARTBEAT_STALE")
+    # Security (see README "Security"): "required" makes every /v1 request carry an API key;
+    # "off" puts every caller in the default project (embedded mode on 127.0.0.1).
+    auth: Literal["required", "off"] = "required"
+    # Limits; a project's own max_concurrent_jobs / requests_per_minute override the last two.
+    max_body_bytes: int = Field(16 * 2**20, ge=1)  # JSON bodies (uploads have max_upload_bytes)
+    max_json_depth: int = Field(64, ge=1)
+    max_epochs: int = Field(100_000, ge=1)
+    max_layers: int = Field(200, ge=1)
+    max_parameters: int = Field(100_000_000, ge=1)
+    max_batch_size: int = Field(65_536, ge=1)
+    max_dataset_bytes: int = Field(2**30, ge=1)  # an uploaded dataset's arrays, uncompressed
+    max_concurrent_jobs: int = Field(1000, ge=0)  # queued + running, per project
+    requests_per_minute: int = Field(6000, ge=0)  # per project, per API process (0: unlimited)
+    # API process: after start-up, move every object into the garbage collector's permanent
+    # generation (gc.freeze), so a full collection no longer walks the ~110k objects of the
+    # imported libraries: that walk took ~70 ms, a stall of every request in flight
+    # (TRAINYARD_GC_FREEZE=0 turns it off; the tests' in-process apps do).
+    gc_freeze: bool = True
+    # Worker: the nice value it trains at (worker.app.lower_priority; 0 = the caller's own).
+    worker_nice: int = Field(10, ge=0, le=19)
+
+    @field_validator("data_dir", mode="after")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.resolve()
+
+    @model_validator(mode="after")
+    def _embedded_defaults(self) -> Settings:
+        # the database and the broker default to SQLite files under data_dir (frozen: set once here)
+        if not self.database_url:
+            object.__setattr__(self, "database_url", default_database_url(self.data_dir))
+        if not self.broker_url:
+            object.__setattr__(self, "broker_url", default_broker_url(self.data_dir))
+        return self
+
+    @property
+    def datasets_dir(self) -> Path:
+        return self.data_dir / "datasets"
+
+    def queue_name(self, base: str) -> str:
+        """The broker queue that carries ``base`` ("gpu" or "cpu") jobs."""
+        return f"{self.queue_prefix}{base}"
+
+    def queue_for_device(self, device: str) -> str:
+        """Jobs asking for ``cpu`` go to the cpu queue, ``cuda*`` to the gpu queue, ``auto`` to
+        ``auto_queue`` (gpu unless configured)."""
+        if device == "cpu":
+            return self.queue_name("cpu")
+        if device.startswith("cuda"):
+            return self.queue_name("gpu")
+        return self.queue_name(self.auto_queue)
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with ``changes`` (field names), validated like the environment's values."""
+        return type(self).model_validate({**self.model_dump(), **changes})
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        given = _GIVEN_ENV.get()
+        if given is not None:  # settings_from_env(env): exactly these variables
+            return init_settings, _MappingSource(settings_cls, given)
+        return init_settings, env_settings, dotenv_settings
+
+
+class SettingsError(ValueError):
+    """A ``TRAINYARD_*`` value that is not allowed; the message names each variable at fault."""
+
+
+class _MappingSource(EnvSettingsSource):
+    """Environment variables from a mapping instead of ``os.environ``."""
+
+    def __init__(self, settings_cls: type[BaseSettings], env: Mapping[str, str]) -> None:
+        self._given = env
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return {k.lower(): v for k, v in self._given.items() if v != ""}
+
+
+_GIVEN_ENV: contextvars.ContextVar[Mapping[str, str] | None] = contextvars.ContextVar("trainyard_env", default=None)
+
+
+def variable_name(field: str) -> str:
+    """The environment variable that sets ``field``."""
+    alias = Settings.model_fields[field].validation_alias
+    return alias if isinstance(alias, str) else ENV_PREFIX + field.upper()
+
+
+def _explain(exc: ValidationError) -> SettingsError:
+    by_alias = {variable_name(f): f for f in Settings.model_fields}
+    lines = []
+    for err in exc.errors():
+        key = str(err["loc"][0]) if err["loc"] else ""
+        var = key if key in by_alias else variable_name(key) if key in Settings.model_fields else key
+        lines.append(f"{var}={err.get('input')!r} is not allowed: {err['msg']}")
+    return SettingsError("bad setting: " + "; ".join(lines))
+
+
+@contextmanager
+def _given(env: Mapping[str, str] | None) -> Iterator[None]:
+    token = _GIVEN_ENV.set(env)
+    try:
+        yield
+    finally:
+        _GIVEN_ENV.reset(token)
+
+
+def settings_from_env(env: Mapping[str, str] | None = None) -> Settings:
+    """Settings from ``env`` (only those variables) or, by default, from ``os.environ`` and a
+    ``.env`` file; defaults: SQLite and the embedded SQLAlchemy broker under ``./trainyard-data``.
+    Raises :class:`SettingsError` naming each bad variable."""
+    try:
+        with _given(env):
+            return Settings()
+    except ValidationError as exc:
+        raise _explain(exc) from None
+
+
+def default_database_url(data_dir: Path) -> str:
+    return f"sqlite:///{(data_dir / 'trainyard.db').resolve()}"
+
+
+def default_broker_url(data_dir: Path) -> str:
+    return f"sqla+sqlite:///{(data_dir / 'broker.sqlite').resolve()}"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings (read from the environment on first call, then cached)."""
+    return settings_from_env()
