@@ -229,6 +229,11 @@ def test_a_checkpoint_written_before_model_cards_exports_from_the_jobs_spec(clie
     assert client.checkpoint(job_id, "best")[0] == legacy
     x, _ = raw_val(spec)
     expected = load_model(legacy, spec=spec).predict(x)
+    # not exported yet, and no waiting: 202 while the worker produces it
+    r = httpx.get(f"{client.url}/v1/jobs/{job_id}/export", params={"format": "onnx", "wait": 0})
+    assert r.status_code == 202 and r.headers["Retry-After"] == "1", r.text
+    assert r.json() == {"status": "pending", "format": "onnx", "checkpoint_epoch": 2,
+                        "checkpoint_sha256": repo.sha256_hex(legacy)}
     data, _ = client.export(job_id, "onnx")
     np.testing.assert_allclose(ort.InferenceSession(data).run(None, {"input": x})[0], expected, rtol=0, atol=1e-5)
     got = client.predict(job_id, x[:8])
