@@ -548,11 +548,13 @@ class _Run:
     # ------------------------------------------------------------------ result
 
     def result(self, seconds: float) -> FitResult:
-        # the last epoch's weights, before early stopping restores the best ones
+        # the last epoch's weights, before early stopping restores the best ones (a cancelled run's
+        # are those of its last step: no monitored value describes them)
+        mid_epoch = self.stop_reason == "cancelled"
         last = self._make_checkpoint(
             self.model.state_dict(),
             {"epoch": self.epoch, "step": self.step, "monitor": self.checkpoint.monitor,
-             "value": self.history[-1].get(self.checkpoint.monitor) if self.history else None},
+             "value": None if mid_epoch or not self.history else self.history[-1].get(self.checkpoint.monitor)},
             is_best=False,
         ) if self.epoch > 0 else None
         if self.early is not None and self.early.restore_best_weights and self.es_best is not None:

@@ -184,3 +184,15 @@ def test_bad_inputs_say_what_and_where():
         coerce_inputs(card, [row, row[:7] + [float("nan")] + row[8:]])
     assert e.value.path == ("inputs", 1, 7)
     assert coerce_inputs(card, [row]).shape == (1, 1, 8, 8)
+
+
+def test_a_cancelled_runs_last_checkpoint_has_no_monitored_value():
+    reporter = Saves()
+    epochs: list[int] = []
+    reporter.on_epoch = lambda metrics: epochs.append(metrics["epoch"])  # type: ignore[method-assign]
+    result = fit(note(100_000), reporter, should_stop=lambda: len(epochs) >= 2)
+    assert result.stop_reason == "cancelled"
+    meta = checkpoint_meta(result.last_checkpoint.data)
+    assert meta["epoch"] == result.epochs_run and meta["step"] == result.steps and meta["value"] is None
+    model = load_model(result.last_checkpoint.data)  # the weights of its last step (not restored to the best)
+    assert np.isfinite(model.predict(raw_split(note()).x_val[:8])).all()
