@@ -28,10 +28,28 @@ REGRESSION = {
 }
 
 
-@pytest.fixture(scope="module", params=["note", "conv_bn", "regression"])
+# flat inputs reshaped to channel-first images inside the model, 'same' pooling, a conv softmax
+RESHAPE = {
+    "name": "digits-reshape-conv", "seed": 9, "device": "cpu",
+    "data": {"dataset": "digits", "validation_split": 0.2, "batch_size": 64, "standardize": True},
+    "model": {"layers": [
+        {"type": "reshape", "target_shape": [1, 8, 8]},
+        {"type": "conv2d", "filters": 4, "kernel_size": 3, "strides": 2, "padding": "same", "activation": "softmax"},
+        {"type": "avg_pool2d", "pool_size": 3, "strides": 1, "padding": "same"},
+        {"type": "batch_norm", "center": False},
+        {"type": "flatten"},
+        {"type": "activation", "activation": "swish"},
+        {"type": "dense", "units": 10, "use_bias": False},
+    ]},
+    "loss": "sparse_categorical_crossentropy", "metrics": ["accuracy"],
+    "optimizer": {"name": "adam", "learning_rate": 0.01}, "epochs": 2,
+}
+
+
+@pytest.fixture(scope="module", params=["note", "conv_bn", "regression", "reshape"])
 def trained(request):
     spec = {"note": lambda: note(4), "conv_bn": lambda: copy.deepcopy(CONV_BN),
-            "regression": lambda: copy.deepcopy(REGRESSION)}[request.param]()
+            "regression": lambda: copy.deepcopy(REGRESSION), "reshape": lambda: copy.deepcopy(RESHAPE)}[request.param]()
     result = fit(spec)
     model = load_model(result.best_checkpoint)
     x = raw_split(spec).x_val
@@ -56,7 +74,7 @@ def test_onnx_matches_torch_in_onnxruntime(trained):
     assert [i.name for i in session.get_inputs()] == ["input"]
     for batch in (x, x[:1], x[:32]):  # the batch dimension is dynamic
         out = session.run(None, {"input": batch})[0]
-        np.testing.assert_allclose(out, expected[: len(batch)], rtol=0, atol=1e-5)
+        np.testing.assert_allclose(out, expected[: len(batch)], rtol=1e-6, atol=1e-5)
     props = {p.key: p.value for p in onnx.load_from_string(data).metadata_props}
     assert json.loads(props["trainyard"]) == model.card
 
