@@ -51,9 +51,16 @@ def raw_val(spec: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def jobs(api_url: str, worker_proc: Any) -> dict[str, tuple[str, dict[str, Any]]]:
-    """Two finished jobs: the source note's model (a few epochs) and a conv + batch-norm image model."""
+    """Finished jobs: the source note's model (a few epochs), a conv + batch-norm image model and a
+    small regression model."""
     note = note_spec(5, device="cpu")
-    specs = {"note": note, "conv": copy.deepcopy(CONV_BN)}
+    regression = {
+        "name": "regression-mlp", "seed": 5, "device": "cpu",
+        "data": {"dataset": "regression", "n_samples": 300, "validation_split": 0.2, "batch_size": 32, "standardize": True},
+        "model": {"layers": [{"type": "dense", "units": 16, "activation": "gelu"}, {"type": "dense", "units": 1}]},
+        "loss": "mse", "metrics": ["mae"], "optimizer": {"name": "adam", "learning_rate": 0.01}, "epochs": 3,
+    }
+    specs = {"note": note, "conv": copy.deepcopy(CONV_BN), "regression": regression}
     out = {}
     with Client(api_url) as c:
         ids = {name: c.submit(spec)["id"] for name, spec in specs.items()}
@@ -161,6 +168,15 @@ def test_predictions_equal_the_torch_model(client, jobs, name):
     # flat rows work for the image model too
     flat = client.predict(job_id, batch.reshape(len(batch), -1))
     assert flat["labels"] == got["labels"]
+
+
+def test_regression_predictions_are_values(client, jobs):
+    job_id, spec = jobs["regression"]
+    x, _ = raw_val(spec)
+    got = client.predict(job_id, x[:16])
+    assert got["task"] == "regression" and got["outputs"] == "values" and "labels" not in got
+    expected = load_model(client.checkpoint(job_id, "best")).predict(x[:16])
+    np.testing.assert_allclose(np.array(got["values"]), expected, rtol=1e-6, atol=1e-5)
 
 
 def test_predictions_from_uploaded_npz_and_csv(client, jobs):
