@@ -51,8 +51,10 @@ def _doc(model: type[BaseModel]) -> str | None:
 @lru_cache(maxsize=1)
 def static_catalog() -> dict[str, Any]:
     """Everything except stored datasets (they change)."""
+    # "formulas": the update each choice of the optimizer's `formulas` field computes (Keras 3's
+    # by default, torch.optim's with "torch"); the job's stored spec records which one ran.
     optimizers = [
-        {"name": _tag(m, "name"), "description": _doc(m), "parameters": _params(m, ("name",))}
+        {"name": _tag(m, "name"), "description": _doc(m), "formulas": dict(m.FORMULA_TEXT), "parameters": _params(m, ("name",))}
         for m in _members(spec_mod.Optimizer)
     ]
     schedules = []

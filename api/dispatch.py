@@ -142,7 +142,7 @@ class Dispatcher:
         from store.leases import Maintenance
 
         if self._maintenance is None:
-            queues = [self.settings.queue_name("gpu"), self.settings.queue_name("cpu")]
+            queues = self.settings.queue_names()
             self._maintenance = Maintenance(
                 self.send, self.settings.heartbeat_stale_s, queues=queues, sent_job_ids=self.take_sent,
                 resend_after_s=self.resend_after_s, on_reconcile=self.resend_lost_messages, name="trainyard-api-outbox",
@@ -166,8 +166,7 @@ class Dispatcher:
         client = self._redis
         prefix = self.settings.queue_prefix
         out = {}
-        for base in ("gpu", "cpu"):
-            q = self.settings.queue_name(base)
+        for q in self.settings.queue_names():
             out[q] = int(client.llen(prefix + q))
         return out
 

@@ -10,28 +10,16 @@ from sqlalchemy.orm import Session
 
 from api.limits import spec_limit_errors
 from config.settings import Settings
-from store import repo
+from store import sweeps as store_sweeps
 from training import SpecError, validate_spec
 from training import data as data_mod
 from training.data import DatasetInfo
 
 
 def dataset_resolver(session: Session, project_id: str | None = None) -> Callable[[str], DatasetInfo | None]:
-    """Map a stored dataset id to its DatasetInfo (None if there is no such dataset, or it is
-    not in ``project_id`` when given)."""
-
-    def resolve(dataset_id: str) -> DatasetInfo | None:
-        if len(dataset_id) != 32:
-            return None
-        ds = repo.get_dataset(session, dataset_id, project_id)
-        if ds is None:
-            return None
-        return DatasetInfo(
-            name=ds.id, task=ds.task, input_shape=tuple(ds.input_shape), n_classes=ds.n_classes,  # type: ignore[arg-type]
-            n_targets=ds.n_targets, n_samples=ds.n_samples,
-        )
-
-    return resolve
+    """Map a stored dataset's id, or its unique name in ``project_id``, to its DatasetInfo
+    (:func:`store.sweeps.dataset_resolver`)."""
+    return store_sweeps.dataset_resolver(session, project_id)
 
 
 @dataclass(frozen=True)
@@ -99,4 +87,9 @@ def check_job_spec(raw: Any, resolver: Callable[[str], DatasetInfo | None], sett
                 errors.append(_err(["data", field], msg.replace("(path)", f"(stored dataset {spec.data.dataset})")))
     if errors:
         raise SpecError(errors)
-    return ValidSpec(spec=spec.model_dump(mode="json"), queue=settings.queue_for_device(spec.device))
+    dumped = spec.model_dump(mode="json")
+    if info is not None and spec.data.dataset not in data_mod.BUILTIN_DATASETS and info.name != spec.data.dataset:
+        # a stored dataset named by its name: the job keeps its id, so a later upload under the
+        # same name never changes what it trains on
+        dumped["data"]["dataset"] = info.name
+    return ValidSpec(spec=dumped, queue=settings.queue_for_device(spec.device))

@@ -18,7 +18,9 @@ Workloads
 
 Same work everywhere: ``training.data.load`` of {digits, validation_split 0.2, standardize, seed 0};
 data on the device as tensors (Lightning: TensorDataset DataLoaders, its idiomatic input; Keras:
-the tensors passed to fit); shuffled every epoch; batch 64; Adam lr 1e-3, epsilon 1e-7; softmax
+the tensors passed to fit); shuffled every epoch; batch 64; Adam lr 1e-3, epsilon 1e-7 (Keras'
+Adam, the engine's default formulas: the plain loop feeds torch's Adam Keras' epsilon-hat,
+``eps = 1e-7 / sqrt(1 - 0.999**t)``, which is Keras' update; Lightning keeps torch's Adam); softmax
 cross-entropy on logits; per-epoch training loss and accuracy and a per-epoch validation pass
 (loss + accuracy) over the whole validation set in one batch. Glorot-uniform kernels, zero biases.
 
@@ -44,6 +46,7 @@ import argparse
 import gc
 import importlib.util
 import json
+import math
 import os
 import platform
 import statistics
@@ -220,6 +223,8 @@ class Worker:
         dev = self.device
         model = torch_mlp(self.hidden, self.n_in, self.n_classes).to(dev)
         opt = torch.optim.Adam(model.parameters(), lr=LR, eps=EPS)
+        group = opt.param_groups[0]
+        t = 0
         g = torch.Generator().manual_seed(SEED)
         x, y, xv, yv = self.x, self.y, self.xv, self.yv
         n, nv = len(x), len(xv)
@@ -237,6 +242,8 @@ class Worker:
                 loss = F.cross_entropy(out, yb)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                t += 1
+                group["eps"] = EPS / math.sqrt(1 - 0.999**t)  # Keras' epsilon-hat: Keras' Adam on torch's
                 opt.step()
                 loss_sum.add_(loss.detach(), alpha=len(idx))
                 correct.add_((out.detach().argmax(dim=-1) == yb).sum())

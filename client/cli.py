@@ -1,12 +1,15 @@
 """The ``trainyard`` command line.
 
-Client commands (submit, jobs, show, watch, cancel, download, sweep, sweeps, sweep-cancel) talk HTTP through
-:class:`client.api.Client` (``--url`` / ``$TRAINYARD_URL``). Server commands (serve, migrate,
-api, worker) start processes; they import the server packages lazily, so the client stays light.
+Client commands (submit, jobs, show, watch, cancel, download, sweep, sweeps, sweep-cancel, datasets)
+talk HTTP through :class:`client.api.Client` (``--url`` / ``$TRAINYARD_URL``); wherever they take
+a job or sweep id, any unique prefix of it works (the API resolves it). Server commands (serve,
+migrate, api, worker) start processes; they import the server packages lazily, so the client
+stays light. What they print is shaped in :mod:`client.views`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -14,11 +17,15 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
+import click
 import typer
+from typer.core import TyperGroup
 
+from client import views
 from client.api import TERMINAL, Client, TrainyardError, format_detail
 
 app = typer.Typer(help="Trainyard: submit, follow and fetch training jobs; run the service.", no_args_is_help=True,
@@ -47,17 +54,25 @@ def _console() -> Any:
     return Console()
 
 
+@contextlib.contextmanager
+def _live(renderable: Any, refresh_per_second: float) -> Iterator[Any]:
+    """A rich live display that leaves its last frame and a newline behind (rich ends one on a
+    terminal with a newline, but not one written to a pipe or a file)."""
+    from rich.live import Live
+
+    console = _console()
+    with Live(renderable, console=console, refresh_per_second=refresh_per_second) as live:
+        yield live
+    if not console.is_terminal:
+        console.line()
+
+
 def _fail(msg: str, code: int = 1) -> typer.Exit:
     typer.echo(msg, err=True)
     return typer.Exit(code)
 
 
-def _fmt(v: Any, digits: int = 4) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.{digits}g}"
-    return str(v)
+_fmt = views.fmt
 
 
 # --------------------------------------------------------------------------- client commands
@@ -113,35 +128,47 @@ def submit(
             typer.echo(f"{job_id}  {where}")
         if not wait:
             raise typer.Exit(2 if bad else 0)
-        statuses = _wait_with_progress(c, [j for _, j in ids])
-    failed = [j for j, st in statuses.items() if st != "succeeded"]
+        ended = _wait_with_progress(c, ids)
+    for job in ended.values():
+        typer.echo(views.outcome(job))
+        found = (job.get("info") or {}).get("lr_find")
+        if views.is_lr_find(job) and found:
+            typer.echo(views.lr_curve(found))
+    failed = [j for j, job in ended.items() if job["status"] != "succeeded"]
     raise typer.Exit(1 if failed else (2 if bad else 0))
 
 
-def _wait_with_progress(c: Client, job_ids: list[str]) -> dict[str, str]:
+def _wait_with_progress(c: Client, jobs: list[tuple[str, str]]) -> dict[str, dict[str, Any]]:
+    """Progress bars (one per job, labelled by its spec file: the ids were printed whole above)
+    until every job ends; the ended jobs by id, in submission order."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    done: dict[str, str] = {}
+    done: dict[str, dict[str, Any]] = {}
+    console = _console()
     with Progress(
-        TextColumn("{task.fields[job]}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
-        TimeElapsedColumn(), console=_console(),
+        TextColumn("{task.fields[job]}"), BarColumn(bar_width=20), MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=console,
     ) as progress:
-        tasks = {j: progress.add_task("", total=None, job=f"{j[:12]}…", status="queued") for j in job_ids}
-        while len(done) < len(job_ids):
-            for j in job_ids:
+        tasks = {j: progress.add_task("", total=None, job=where, status="queued") for where, j in jobs}
+        while len(done) < len(jobs):
+            for _, j in jobs:
                 if j in done:
                     continue
                 job = c.job(j)
-                best = job.get("best") or {}
-                extra = f" best {best.get('monitor')}={_fmt(best.get('value'))}" if best.get("monitor") else ""
-                status = job["status"] + (f" ({job['stop_reason']})" if job.get("stop_reason") else "") + extra
-                progress.update(tasks[j], completed=job["progress"]["epoch"], total=job["progress"]["epochs"],
-                                status=status if not job.get("error") else f"{status}: {job['error'][:80]}")
+                if views.is_lr_find(job):  # no epochs: a spinner-less bar until it ends
+                    total, completed, status = 1, int(job["status"] in TERMINAL), f"{job['status']} (lr_find)"
+                else:
+                    best = views.best_text(job.get("best"))
+                    total, completed = job["progress"]["epochs"], job["progress"]["epoch"]
+                    status = views.status_text(job) + (f" best {best}" if best != "-" else "")
+                progress.update(tasks[j], completed=completed, total=total, status=status)
                 if job["status"] in TERMINAL:
-                    done[j] = job["status"]
-            if len(done) < len(job_ids):
+                    done[j] = job
+            if len(done) < len(jobs):
                 time.sleep(0.5)
-    return done
+    if not console.is_terminal:
+        console.line()  # as _live: rich leaves a piped display without its newline
+    return {j: done[j] for _, j in jobs}
 
 
 @app.command()
@@ -161,20 +188,25 @@ def jobs(
     if as_json:
         typer.echo(json.dumps(page, indent=2))
         return
-    from rich.table import Table
-
-    t = Table("id", "name", "status", "epoch", "best", "created")
+    # 80 columns: the id whole; the best value without its monitor and no creation time (ids
+    # sort by it; 'trainyard show ID' has both); the name last, wrapped when long
+    t = views.table("id", "status", "epoch", "best", "name")
     for j in page["jobs"]:
-        best = j.get("best") or {}
-        t.add_row(j["id"], j["name"], j["status"] + (f" ({j['stop_reason']})" if j.get("stop_reason") else ""),
-                  f"{j['progress']['epoch']}/{j['progress']['epochs']}",
-                  f"{best.get('monitor')}={_fmt(best.get('value'))}" if best.get("monitor") else "-", j["created_at"][:19])
+        t.add_row(j["id"], views.short_status(j), f"{j['progress']['epoch']}/{j['progress']['epochs']}",
+                  _fmt((j.get("best") or {}).get("value")), j["name"])
     _console().print(t)
 
 
 @app.command()
-def show(job_id: str, as_json: Annotated[bool, typer.Option("--json")] = False, url: UrlOpt = None) -> None:
-    """Show a job (status, progress, best, error, spec)."""
+def show(
+    job_id: Annotated[str, typer.Argument(help="a job id, or any unique prefix of one")],
+    spec: Annotated[bool, typer.Option("--spec", help="also print the job's spec (with its defaults filled in)")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="the whole job as the API returns it")] = False,
+    url: UrlOpt = None,
+) -> None:
+    """Show a job (status, progress, best, error; lr_find: suggested rate and curve); --spec adds its spec.
+
+    Any unique prefix of a job id works."""
     try:
         with _client(url) as c:
             job = c.job(job_id)
@@ -183,53 +215,64 @@ def show(job_id: str, as_json: Annotated[bool, typer.Option("--json")] = False, 
     if as_json:
         typer.echo(json.dumps(job, indent=2))
         return
-    best = job.get("best") or {}
-    lines = [
-        f"id          {job['id']}", f"name        {job['name']}",
-        f"status      {job['status']}" + (f" ({job['stop_reason']})" if job.get("stop_reason") else ""),
-        f"progress    {job['progress']['epoch']}/{job['progress']['epochs']} epochs",
-        f"best        {best.get('monitor')} = {_fmt(best.get('value'), 6)} at epoch {best.get('epoch')}" if best else "best        -",
-        f"attempts    {job['attempts']}", f"created     {job['created_at']}",
-        f"started     {job.get('started_at') or '-'}", f"finished    {job.get('finished_at') or '-'}",
-    ]
-    if job.get("error"):
-        lines.append(f"error       {job['error']}")
+    lines = views.job_lines(job)
+    if spec:
+        lines += ["", "spec", json.dumps(job["spec"], indent=2)]
     typer.echo("\n".join(lines))
 
 
+#: how many of the latest epochs ``watch`` keeps on screen
+WATCH_ROWS = 20
+
+
 @app.command()
-def watch(job_id: str, url: UrlOpt = None) -> None:
-    """Follow a job's epochs live until it ends (exit 0 only if it succeeded)."""
-    from rich.live import Live
-    from rich.table import Table
+def watch(
+    job_id: Annotated[str, typer.Argument(help="a job id, or any unique prefix of one")],
+    rows_shown: Annotated[int, typer.Option("--rows", min=1, help="how many of the latest epochs to show")] = WATCH_ROWS,
+    url: UrlOpt = None,
+) -> None:
+    """Follow a job's epochs live; at the end one line: how it ended, its best value.
+
+    Shows the last --rows epochs (and says so when there are more); an lr_find job ends with the
+    suggested rate and the curve. Exit status 0 only if the job succeeded."""
+    from rich.console import Group
+    from rich.text import Text
 
     cols: list[str] = []
     rows: list[dict[str, Any]] = []
-    final = "?"
+    state = {"status": "?"}
 
-    def render() -> Table:
-        t = Table(*(cols or ["epoch"]), title=f"job {job_id}: {final}")
-        for r in rows[-30:]:
+    def render() -> Any:
+        head = Text(f"job {job_id}: {state['status']}")
+        if not rows:
+            return head
+        hidden = len(rows) - rows_shown
+        t = views.table(*cols, ids=(), caption=f"the last {rows_shown} of {len(rows)} epochs" if hidden > 0 else None)
+        for r in rows[-rows_shown:]:
             t.add_row(*(_fmt(r.get(k)) for k in cols))
-        return t
+        return Group(head, t)
 
     try:
-        with _client(url) as c, Live(render(), console=_console(), refresh_per_second=4) as live:
-            for ev in c.events(job_id):
-                if ev.get("event") == "epoch":
-                    data = ev["data"]
-                    for k in data:
-                        if k not in cols:
-                            cols.append(k)
-                    rows.append(data)
-                elif ev.get("event") == "state":
-                    final = ev["data"].get("status", final)
-                    if ev["data"].get("error"):
-                        final += f": {ev['data']['error']}"
-                live.update(render())
+        with _client(url) as c:
+            with _live(render(), 4) as live:
+                for ev in c.events(job_id):
+                    if ev.get("event") == "epoch":
+                        data = ev["data"]
+                        for k in data:
+                            if k not in cols:
+                                cols.append(k)
+                        rows.append(data)
+                    elif ev.get("event") == "state":
+                        state["status"] = ev["data"].get("status", state["status"])
+                    live.update(render())
+            job = c.job(job_id)
     except TrainyardError as exc:
-        raise _fail(str(exc)) from None
-    raise typer.Exit(0 if final == "succeeded" else 1)
+        raise _fail(f"trainyard: {exc}") from None
+    typer.echo(views.outcome(job))
+    found = (job.get("info") or {}).get("lr_find")
+    if views.is_lr_find(job) and found:
+        typer.echo(views.lr_curve(found))
+    raise typer.Exit(0 if job["status"] == "succeeded" else 1)
 
 
 @app.command()
@@ -282,38 +325,31 @@ def export_model(
     typer.echo(f"{path}  sha256 {digest}")
 
 
-def _leaderboard_table(sweep: dict[str, Any], top: int = 15) -> Any:
-    from rich.table import Table
+class _SweepGroup(TyperGroup):
+    """``trainyard sweep FILE`` starts a sweep (as it always did); ``sweep show ID``,
+    ``sweep cancel ID`` and ``sweep list`` are subcommands: an argument that names none of them
+    is the FILE of ``sweep start``."""
 
-    counts = sweep["counts"]
-    obj = sweep["objective"]
-    title = (
-        f"sweep {sweep['name']} ({sweep['id'][:12]}…): {sweep['status']}"
-        + (f" - {sweep['error']}" if sweep.get("error") else "")
-        + f"  |  {counts['total']}/{sweep['max_trials']} trials: {counts['running']} running, {counts['queued']} queued, "
-        f"{counts['succeeded']} done ({counts['pruned']} pruned), {counts['failed']} failed, {counts['cancelled']} cancelled"
-    )
-    names = list(sweep["config"].get("parameters", {}))
-    t = Table("#", "trial", f"{obj['metric']} ({obj['mode']})", "epochs", "status", *names, title=title)
-    shown = sweep["leaderboard"][:top]
-    shown_ids = {r["job_id"] for r in shown}
-    live = [r for r in sweep["trials"] if r["status"] in ("running", "queued") and r["job_id"] not in shown_ids]
-    for rank, r in enumerate(shown + live, 1):
-        status = r["status"] + (f" ({r['stop_reason']})" if r.get("stop_reason") and r["stop_reason"] != "completed" else "")
-        t.add_row(
-            str(rank) if r in shown else "", str(r["number"]), _fmt(r.get("value")), f"{r['epochs_run']}/{r['epochs']}",
-            status, *(_fmt(r["params"].get(n)) for n in names),
-        )
-    return t
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = ["start", *args]
+        return super().parse_args(ctx, args)
 
 
-@app.command()
-def sweep(
+sweep_app = typer.Typer(cls=_SweepGroup, no_args_is_help=True,
+                        help="Sweeps: 'sweep FILE [--wait]' starts one; 'sweep show ID', 'sweep cancel ID', 'sweep list'.")
+app.add_typer(sweep_app, name="sweep")
+
+
+@sweep_app.command("start")
+def sweep_start(
     file: Annotated[Path, typer.Argument(help="a JSON sweep: {name, base, method, parameters, objective, ...}")],
     wait: Annotated[bool, typer.Option("--wait", help="follow the sweep with a live leaderboard until it ends")] = False,
     url: UrlOpt = None,
 ) -> None:
-    """Start a hyperparameter sweep. Exit status: 0 when accepted (with --wait: when it succeeded)."""
+    """Start a hyperparameter sweep (also: trainyard sweep FILE).
+
+    Exit status: 0 when accepted (with --wait: when it succeeded)."""
     try:
         body = json.loads(file.read_text())
     except (OSError, ValueError) as exc:
@@ -326,21 +362,42 @@ def sweep(
         typer.echo(f"{sw['id']}  {file}  ({sw['method']}, up to {sw['max_trials']} trials)")
         if not wait:
             raise typer.Exit(0)
-        from rich.live import Live
-
-        with Live(_leaderboard_table(sw), console=_console(), refresh_per_second=2) as live:
+        with _live(views.leaderboard(sw), 2) as live:
             while sw["status"] == "running":
                 time.sleep(1.0)
                 try:
                     sw = c.sweep(sw["id"])
                 except TrainyardError as exc:
                     raise _fail(f"trainyard: {exc}") from None
-                live.update(_leaderboard_table(sw))
+                live.update(views.leaderboard(sw))
+    _best_line(sw)
+    raise typer.Exit(0 if sw["status"] == "succeeded" else 1)
+
+
+def _best_line(sw: dict[str, Any]) -> None:
     best = sw.get("best_trial")
     if best:
         typer.echo(f"best: trial {best['number']} (job {best['job_id']}) {sw['objective']['metric']}={_fmt(best['value'], 6)} "
                    f"params {json.dumps(best['params'])}")
-    raise typer.Exit(0 if sw["status"] == "succeeded" else 1)
+
+
+@sweep_app.command("show")
+def sweep_show(
+    sweep_id: Annotated[str, typer.Argument(help="a sweep id, or any unique prefix of one")],
+    as_json: Annotated[bool, typer.Option("--json", help="the whole sweep as the API returns it")] = False,
+    url: UrlOpt = None,
+) -> None:
+    """Show a sweep: status, objective, best trial (its job id whole) and the leaderboard."""
+    try:
+        with _client(url) as c:
+            sw = c.sweep(sweep_id)
+    except TrainyardError as exc:
+        raise _fail(f"trainyard: {exc}") from None
+    if as_json:
+        typer.echo(json.dumps(sw, indent=2))
+        return
+    typer.echo("\n".join(views.sweep_lines(sw)))
+    _console().print(views.leaderboard(sw))
 
 
 @app.command()
@@ -358,17 +415,21 @@ def sweeps(
     if as_json:
         typer.echo(json.dumps(page, indent=2))
         return
-    from rich.table import Table
-
-    t = Table("id", "name", "method", "status", "trials", "best", "created")
+    t = views.table("id", "name", "method", "status", "trials", "best", "created")
     for s in page["sweeps"]:
         t.add_row(s["id"], s["name"], s["method"], s["status"], f"{s['trials_created']}/{s['max_trials']}",
-                  f"{s['objective']['metric']}={_fmt(s.get('best_value'))}", s["created_at"][:19])
+                  f"{s['objective']['metric']}={_fmt(s.get('best_value'))}", views.when(s["created_at"]))
     _console().print(t)
 
 
+sweep_app.command("list", help="List sweeps, newest first (as 'trainyard sweeps').")(sweeps)
+
+
 @app.command("sweep-cancel")
-def sweep_cancel(sweep_id: str, url: UrlOpt = None) -> None:
+@sweep_app.command("cancel")
+def sweep_cancel(
+    sweep_id: Annotated[str, typer.Argument(help="a sweep id, or any unique prefix of one")], url: UrlOpt = None
+) -> None:
     """Cancel a sweep: no new trials; its queued and running trials are cancelled."""
     try:
         with _client(url) as c:
@@ -376,6 +437,48 @@ def sweep_cancel(sweep_id: str, url: UrlOpt = None) -> None:
     except TrainyardError as exc:
         raise _fail(str(exc)) from None
     typer.echo(f"{sw['id']}  {sw['status']}")
+
+
+datasets_app = typer.Typer(no_args_is_help=True, help="Upload datasets (.npz with arrays x and y, or .csv) and list them.")
+app.add_typer(datasets_app, name="datasets")
+
+
+@datasets_app.command("upload")
+def datasets_upload(
+    file: Annotated[Path, typer.Argument(help=".npz with arrays x and y, or .csv with a header row", exists=True,
+                                         dir_okay=False)],
+    name: Annotated[str | None, typer.Option("--name", help="what specs call it in data.dataset [default: the file name]")] = None,
+    target: Annotated[str | None, typer.Option("--target", help="csv: target column name or 0-based index [default: last]")] = None,
+    url: UrlOpt = None,
+) -> None:
+    """Upload a dataset; a spec names it in data.dataset by its id or its (unique) name."""
+    try:
+        with _client(url) as c:
+            ds = c.upload_dataset(file, name=name, target=target)
+    except TrainyardError as exc:
+        raise _fail(f"{file}: {exc}", 2) from None
+    shape = "x".join(str(d) for d in ds["input_shape"])
+    what = f"{ds['n_classes']} classes" if ds["task"] == "classification" else f"{ds['n_targets']} target(s)"
+    typer.echo(f"{ds['id']}  {ds['name']}  ({ds['task']}, {ds['n_samples']} samples of {shape}, {what})")
+
+
+@datasets_app.command("list")
+def datasets_list(as_json: Annotated[bool, typer.Option("--json")] = False, url: UrlOpt = None) -> None:
+    """List the stored datasets, newest first."""
+    try:
+        with _client(url) as c:
+            rows = c.datasets()
+    except TrainyardError as exc:
+        raise _fail(f"trainyard: {exc}") from None
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    # 80 columns: the id whole; the task as its classes or targets; no creation time (ids sort by it)
+    t = views.table("id", "name", "samples", "shape", "task")
+    for d in rows:
+        task = f"{d['n_classes']} classes" if d["task"] == "classification" else f"{d['n_targets']} targets"
+        t.add_row(d["id"], d["name"], str(d["n_samples"]), "x".join(str(v) for v in d["input_shape"]), task)
+    _console().print(t)
 
 
 # --------------------------------------------------------------------------- server commands
@@ -442,19 +545,25 @@ def api(
 
 @app.command()
 def worker(
-    queues: Annotated[str, typer.Option(help="comma-separated: gpu, cpu")] = "gpu,cpu",
+    queues: Annotated[str, typer.Option(help="comma-separated: gpu, cpu (every worker also takes the 'any' queue of "
+                                              "device 'auto' jobs)")] = "gpu,cpu",
     concurrency: Annotated[int, typer.Option(help="jobs at a time per process (keep 1 per GPU)")] = 1,
     gpus: Annotated[str | None, typer.Option(help="e.g. 0,1: one worker process per GPU (CUDA_VISIBLE_DEVICES)")] = None,
     pool: Annotated[str | None, typer.Option(help="celery pool [default: solo for 1, else prefork]")] = None,
     loglevel: Annotated[str, typer.Option()] = "INFO",
     name: Annotated[str, typer.Option(help="worker name prefix")] = "trainyard",
 ) -> None:
-    """Run a Celery worker for the given queues (names get $TRAINYARD_QUEUE_PREFIX)."""
+    """Run a Celery worker for the given queues and the 'any' queue (names get $TRAINYARD_QUEUE_PREFIX)."""
     prefix = _settings().queue_prefix
-    qs = [prefix + q.strip() for q in queues.split(",") if q.strip()]
-    bad = [q for q in queues.split(",") if q.strip() not in ("gpu", "cpu")]
+    names = list(dict.fromkeys([q.strip() for q in queues.split(",") if q.strip()] + ["any"]))
+    qs = [prefix + q for q in names]
+    bad = [q for q in queues.split(",") if q.strip() not in ("gpu", "cpu", "any")]
     if bad:
         raise _fail(f"unknown queue(s) {', '.join(bad)}; use gpu and/or cpu", 2)
+    if gpus:
+        problem = _missing_gpus([g.strip() for g in gpus.split(",") if g.strip()])
+        if problem:
+            raise _fail(f"trainyard: --gpus {gpus}: {problem}", 2)
     if not gpus:
         argv = _celery_worker_argv(qs, concurrency, pool, loglevel, f"{name}@%h")
         os.execv(argv[0], argv)
@@ -463,6 +572,23 @@ def worker(
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": g}
         procs.append(subprocess.Popen(_celery_worker_argv(qs, concurrency, pool, loglevel, f"{name}-gpu{g}@%h"), env=env))
     raise typer.Exit(_supervise({f"gpu{i}": p for i, p in enumerate(procs)}))
+
+
+def _missing_gpus(wanted: list[str]) -> str | None:
+    """Why the CUDA devices ``wanted`` (indices, or GPU-... UUIDs) cannot be used here, or None."""
+    if not wanted:
+        return "give GPU indices, e.g. --gpus 0,1"
+    import torch  # only for --gpus: the worker imports it anyway
+
+    count = torch.cuda.device_count()
+    if count == 0:
+        return ("this machine has no CUDA GPU that PyTorch can use"
+                + ("" if torch.version.cuda else " (this PyTorch is a CPU-only build)")
+                + "; run a CPU worker instead: trainyard worker --queues cpu")
+    missing = [g for g in wanted if g.isdigit() and int(g) >= count]
+    if missing:
+        return f"no GPU {', '.join(missing)} here: this machine has {count} (0-{count - 1})"
+    return None
 
 
 def _supervise(procs: dict[str, subprocess.Popen[Any]], grace: float = 30.0) -> int:
@@ -514,6 +640,7 @@ def serve(
     prefix = _settings(env).queue_prefix
     if not _port_free(host, port):
         raise _fail(f"trainyard: port {port} is in use on {host}; use --port to pick another", 1)
+    from config.settings import BASE_QUEUES
     from store.migrate import upgrade
 
     upgrade(env["TRAINYARD_DATABASE_URL"])
@@ -523,7 +650,7 @@ def serve(
     token = secrets.token_hex(16)
     procs = {
         "worker": subprocess.Popen(
-            _celery_worker_argv([prefix + "gpu", prefix + "cpu"], 1, "solo", "INFO", "trainyard-serve@%h"),
+            _celery_worker_argv([prefix + q for q in BASE_QUEUES], 1, "solo", "INFO", "trainyard-serve@%h"),
             env=env, stdout=worker_log, stderr=subprocess.STDOUT, start_new_session=True,
         ),
         "api": subprocess.Popen(
@@ -646,13 +773,11 @@ def keys_list(
     if as_json:
         typer.echo(json.dumps(rows, indent=2, default=lambda d: d.isoformat()))
         return
-    from rich.table import Column, Table
-
-    t = Table(Column("id", overflow="fold"), Column("prefix", no_wrap=True), "project", "name", "created",
-              "last used", "revoked")
+    # 80 columns: the id and the prefix whole (revoke takes either), the three times stacked
+    t = views.table("id", "prefix", "project / name", "created / used / revoked", ids=("id", "prefix"))
     for r in rows:
-        t.add_row(r["id"], r["prefix"] + "…", r["project"], r["name"] or "-", _when(r["created_at"]),
-                  _when(r["last_used_at"]), _when(r["revoked_at"]))
+        t.add_row(r["id"], r["prefix"], f"{r['project']}\n{r['name'] or '-'}",
+                  "\n".join(_when(r[k])[:16] for k in ("created_at", "last_used_at", "revoked_at")))
     _console().print(t)
 
 

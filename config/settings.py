@@ -20,6 +20,10 @@ from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSetti
 
 ENV_PREFIX = "TRAINYARD_"
 DEFAULT_DATA_DIR = "./trainyard-data"
+#: The broker queues: ``gpu`` and ``cpu`` carry jobs that asked for a device; ``any`` carries
+#: ``"device": "auto"`` jobs and every worker listens on it, whatever its other queues, so an
+#: auto job runs on the first free worker (a CUDA one if that worker has a GPU, else the CPU).
+BASE_QUEUES = ("gpu", "cpu", "any")
 
 
 def _env(name: str) -> Any:
@@ -46,7 +50,7 @@ class Settings(BaseSettings):
     database_url: str = ""
     broker_url: str = ""
     queue_prefix: str = ""
-    auto_queue: Literal["gpu", "cpu"] = "gpu"  # where device "auto" jobs go
+    auto_queue: Literal["any", "gpu", "cpu"] = "any"  # where device "auto" jobs go: any (every worker takes it)
     max_upload_bytes: int = Field(100 * 2**20, ge=1)
     # Redis redelivery of unacknowledged messages: longer than the longest job.
     visibility_timeout_s: int = Field(7 * 24 * 3600, ge=1, validation_alias="TRAINYARD_VISIBILITY_TIMEOUT")
@@ -96,12 +100,16 @@ class Settings(BaseSettings):
         return self.data_dir / "datasets"
 
     def queue_name(self, base: str) -> str:
-        """The broker queue that carries ``base`` ("gpu" or "cpu") jobs."""
+        """The broker queue that carries ``base`` ("gpu", "cpu" or "any") jobs."""
         return f"{self.queue_prefix}{base}"
+
+    def queue_names(self) -> list[str]:
+        """Every broker queue (:data:`BASE_QUEUES`, prefixed)."""
+        return [self.queue_name(q) for q in BASE_QUEUES]
 
     def queue_for_device(self, device: str) -> str:
         """Jobs asking for ``cpu`` go to the cpu queue, ``cuda*`` to the gpu queue, ``auto`` to
-        ``auto_queue`` (gpu unless configured)."""
+        ``auto_queue`` (``any``, which every worker takes, unless configured)."""
         if device == "cpu":
             return self.queue_name("cpu")
         if device.startswith("cuda"):

@@ -647,3 +647,20 @@ def requeue_job(session: Session, job_id: str, reason: str, stale_after_s: float
         return False
     add_event(session, job_id, "state", {"status": "queued", "reason": reason}, now)
     return True
+
+
+def ids_with_prefix(session: Session, model: Any, prefix: str, project_id: str | None = None, limit: int = 10) -> list[str]:
+    """Ids of ``model`` rows (jobs, sweeps, datasets) that start with ``prefix``, in the project
+    when given: at most ``limit``, oldest first."""
+    q = select(model.id).where(model.id >= prefix, model.id.startswith(prefix, autoescape=True))
+    if project_id is not None:
+        q = q.where(model.project_id == project_id)
+    return list(session.scalars(q.order_by(model.id).limit(limit)))
+
+
+def datasets_named(session: Session, name: str, project_id: str | None = None, limit: int = 10) -> list[Dataset]:
+    """The project's stored datasets called ``name`` (names need not be unique), oldest first."""
+    q = select(Dataset).where(Dataset.name == name)
+    if project_id is not None:
+        q = q.where(Dataset.project_id == project_id)
+    return list(session.scalars(q.order_by(Dataset.id).limit(limit)))

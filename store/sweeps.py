@@ -21,7 +21,7 @@ from config.settings import Settings
 from store import repo
 from store.floats import decode_float, to_text
 from store.ids import new_id
-from store.models import TERMINAL_STATUSES, Dataset, Job, JobMetric, Sweep
+from store.models import TERMINAL_STATUSES, Job, JobMetric, Sweep
 from training.sweep_space import TrialRecord, objective_value, pauses, should_prune, suggest, with_params
 
 log = logging.getLogger("trainyard.sweeps")
@@ -169,15 +169,26 @@ class TrialSpec:
     errors: list[dict[str, Any]] | None = None
 
 
-def dataset_resolver(session: Session, project_id: str) -> Callable[[str], Any]:
-    """Map one of the project's stored dataset ids to its DatasetInfo (None if there is none)."""
+def dataset_resolver(session: Session, project_id: str | None) -> Callable[[str], Any]:
+    """Map a stored dataset's id, or its name when one dataset of the project has it, to its
+    DatasetInfo, whose ``name`` is the dataset's id (None if the project has no such dataset;
+    a SpecError listing the ids when several of its datasets have that name). The one resolver
+    of job specs (api.validation and the sweeps' trials use it)."""
+    from training import SpecError
     from training.data import DatasetInfo
 
-    def resolve(dataset_id: str) -> Any:
-        if len(dataset_id) != 32:
-            return None
-        ds = session.get(Dataset, dataset_id)
-        if ds is None or ds.project_id != project_id:
+    def resolve(ref: str) -> Any:
+        ds = repo.get_dataset(session, ref, project_id) if len(ref) == 32 else None
+        if ds is None:
+            named = repo.datasets_named(session, ref, project_id)
+            if len(named) > 1:
+                raise SpecError([{
+                    "loc": ["data", "dataset"], "path": "data.dataset", "type": "value_error",
+                    "msg": f"{len(named)} stored datasets are named {ref!r} ({', '.join(d.id for d in named)}); "
+                    "give the id of the one you mean",
+                }])
+            ds = named[0] if named else None
+        if ds is None:
             return None
         return DatasetInfo(
             name=ds.id, task=ds.task, input_shape=tuple(ds.input_shape), n_classes=ds.n_classes,  # type: ignore[arg-type]

@@ -209,18 +209,60 @@ Layer = Annotated[
 ]
 LAYER_TYPES = ("dense", "conv2d", "max_pool2d", "avg_pool2d", "flatten", "reshape", "dropout", "batch_norm", "layer_norm", "activation")
 
+#: Keras' layer class names, accepted as ``type`` and stored as the type they stand for. Lookups
+#: ignore case and underscores, so Keras' config names (``max_pooling2d``,
+#: ``batch_normalization``) match too, as do the canonical names themselves.
+LAYER_ALIASES: dict[str, str] = {
+    "Dense": "dense",
+    "Conv2D": "conv2d", "Convolution2D": "conv2d",
+    "MaxPooling2D": "max_pool2d", "MaxPool2D": "max_pool2d",
+    "AveragePooling2D": "avg_pool2d", "AvgPool2D": "avg_pool2d",
+    "Flatten": "flatten",
+    "Reshape": "reshape",
+    "Dropout": "dropout",
+    "BatchNormalization": "batch_norm",
+    "LayerNormalization": "layer_norm",
+    "Activation": "activation",
+}
+
+
+def _alias_key(name: str) -> str:
+    return name.replace("_", "").lower()
+
+
+_LAYER_LOOKUP = {_alias_key(k): v for k, v in LAYER_ALIASES.items()} | {_alias_key(t): t for t in LAYER_TYPES}
+
+
+def canonical_layer_type(name: str) -> str:
+    """The layer type ``name`` stands for (a Keras class name, any case); ``name`` itself if none."""
+    return _LAYER_LOOKUP.get(_alias_key(name), name)
+
 
 class ModelSpec(StrictModel):
     kernel_initializer: Initializer = Field(default_factory=lambda: Initializer(name="glorot_uniform"))
     bias_initializer: Initializer = Field(default_factory=lambda: Initializer(name="zeros"))
-    layers: list[Layer] = Field(min_length=1, max_length=200)
+    layers: list[Layer] = Field(min_length=1, max_length=200, description="`type` also takes Keras class names: "
+                                + ", ".join(f"{k}->{v}" for k, v in LAYER_ALIASES.items()))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _keras_names(cls, data: Any) -> Any:
+        """Layer types given as Keras class names become the type they stand for."""
+        if isinstance(data, Mapping) and isinstance(data.get("layers"), list):
+            layers = [
+                {**layer, "type": canonical_layer_type(layer["type"])}
+                if isinstance(layer, Mapping) and isinstance(layer.get("type"), str) else layer
+                for layer in data["layers"]
+            ]
+            return {**data, "layers": layers}
+        return data
 
 
 # --------------------------------------------------------------------------- data
 
 
 class DataSpec(StrictModel):
-    dataset: str = Field(min_length=1, max_length=200, description="built-in name, or a stored dataset id")
+    dataset: str = Field(min_length=1, max_length=200, description="built-in name, or a stored dataset's id or name")
     path: str | None = Field(None, description="server-side .npz (x, y) or .csv file; set by the service")
     target: str | int | None = Field(None, description="csv target column (name or index); default last")
     layout: Literal["flat", "image"] = Field("flat", description="digits only: image = 1x8x8")
@@ -421,21 +463,39 @@ def parse_learning_rate(value: Any) -> Any:
 
 _TORCH_NAMES = ("betas", "eps", "alpha")
 
+#: The ``formulas`` switch of every optimizer: whose update rule a Keras-named optimizer computes.
+FORMULAS = ("keras", "torch")
+_FORMULAS_DESCRIPTION = (
+    'whose update rule: "keras" (default) computes Keras 3\'s formulas (epsilon placement, decoupled '
+    'weight_decay, Nadam\'s momentum schedule...); "torch" runs torch.optim\'s own optimizer with '
+    "torch's defaults for the fields not given. Defaults to \"torch\" when torch's argument names "
+    "(betas, eps, alpha) are used. The effective value is stored with the job."
+)
+_WD_KERAS = "weight_decay (Keras 3, decoupled, before the update): w *= 1 - weight_decay * lr."
+
 
 class _Optimizer(StrictModel):
     extra_aliases: ClassVar[tuple[str, ...]] = ("lr", "betas", "eps")
+    #: the update each choice of ``formulas`` computes (t counts updates from 1); shown in the catalog
+    FORMULA_TEXT: ClassVar[dict[str, str]] = {}
+    #: torch.optim's defaults, used for the fields a ``formulas: "torch"`` spec leaves out
+    TORCH_DEFAULTS: ClassVar[dict[str, Any]] = {}
+    formulas: Literal[FORMULAS] = Field("keras", description=_FORMULAS_DESCRIPTION)  # type: ignore[valid-type]
     learning_rate: OptimizerLearningRate = Field(
         0.001, description='a number, a schedule object, or "find": run the LR range test (options in lr_find) and train with its suggestion'
     )
-    weight_decay: float | None = Field(None, ge=0)
-    clipnorm: float | None = Field(None, gt=0, description="clip each gradient tensor to this norm (Keras)")
+    weight_decay: float | None = Field(
+        None, ge=0, description='decoupled as in Keras 3 (w *= 1 - weight_decay * lr before each update); coupled L2 (torch) with formulas "torch", except adamw'
+    )
+    clipnorm: float | None = Field(None, gt=0, description="clip each gradient tensor to this norm (Keras); one of clipnorm, clipvalue, global_clipnorm")
     clipvalue: float | None = Field(None, gt=0, description="clip each gradient element to [-v, v]")
-    global_clipnorm: float | None = Field(None, gt=0, description="clip all gradients to this global norm")
+    global_clipnorm: float | None = Field(None, gt=0, description="clip all gradients together to this global norm")
 
     @model_validator(mode="before")
     @classmethod
     def _aliases(cls, data: Any) -> Any:
-        """Accept PyTorch's names; the epsilon default follows the name family used."""
+        """Accept PyTorch's names; with them (or ``formulas: "torch"``) torch's formulas and
+        defaults apply to whatever the spec leaves out."""
         if not isinstance(data, Mapping):
             return data
         data = dict(data)
@@ -443,7 +503,8 @@ class _Optimizer(StrictModel):
             if "learning_rate" in data:
                 raise PydanticCustomError("alias_conflict", "give learning_rate or its alias lr, not both", {})
             data["learning_rate"] = data.pop("lr")
-        torch_family = any(k in data for k in _TORCH_NAMES)
+        if any(k in data for k in _TORCH_NAMES):
+            data.setdefault("formulas", "torch")
         if "betas" in data:
             betas = data.pop("betas")
             if not (isinstance(betas, list | tuple) and len(betas) == 2):
@@ -454,14 +515,16 @@ class _Optimizer(StrictModel):
             data.setdefault("epsilon", data.pop("eps"))
         if "alpha" in data and "rho" in cls.model_fields:
             data.setdefault("rho", data.pop("alpha"))
-        if torch_family and "epsilon" in cls.model_fields and "epsilon" not in data:
-            data["epsilon"] = 1e-8
+        if data.get("formulas") == "torch":
+            for key, value in cls.TORCH_DEFAULTS.items():
+                data.setdefault(key, value)
         return data
 
     @model_validator(mode="after")
-    def _clip_conflict(self) -> _Optimizer:
-        if self.clipnorm is not None and self.global_clipnorm is not None:
-            raise ValueError("give clipnorm or global_clipnorm, not both (as in Keras)")
+    def _one_clip(self) -> _Optimizer:
+        given = [k for k in ("clipnorm", "clipvalue", "global_clipnorm") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one of clipnorm, clipvalue, global_clipnorm, not {' and '.join(given)} (as in Keras 3)")
         return self
 
 
@@ -469,6 +532,11 @@ class SGD(_Optimizer):
     """Keras SGD: velocity = momentum * velocity - lr * g; w += velocity (nesterov: w += momentum *
     velocity - lr * g). Same as torch SGD for a constant learning rate."""
 
+    FORMULA_TEXT: ClassVar[dict[str, str]] = {
+        "keras": "v = momentum*v - lr*g; w += v (nesterov: w += momentum*v - lr*g). " + _WD_KERAS,
+        "torch": "torch.optim.SGD: b = momentum*b + g; w -= lr*b (nesterov: w -= lr*(g + momentum*b)); weight_decay adds wd*w to g.",
+    }
+    TORCH_DEFAULTS: ClassVar[dict[str, Any]] = {"learning_rate": 0.001}
     name: Literal["sgd"]
     learning_rate: OptimizerLearningRate = Field(
         0.01, description='a number, a schedule object, or "find": run the LR range test (options in lr_find) and train with its suggestion'
@@ -480,47 +548,105 @@ class SGD(_Optimizer):
 class _AdamLike(_Optimizer):
     beta_1: float = Field(0.9, ge=0, lt=1)
     beta_2: float = Field(0.999, ge=0, lt=1)
-    epsilon: float = Field(1e-7, gt=0, description="Keras default 1e-7; 1e-8 when the spec uses torch names")
+    epsilon: float = Field(1e-7, gt=0, description='Keras default 1e-7; 1e-8 with formulas "torch" (or torch names)')
+
+
+_ADAM_KERAS = (
+    "m = b1*m + (1-b1)*g; v = b2*v + (1-b2)*g^2 (amsgrad: v = max(v_hat, v)); "
+    "w -= lr*sqrt(1-b2^t)/(1-b1^t) * m / (sqrt(v) + epsilon): epsilon on the uncorrected sqrt(v). "
+)
 
 
 class Adam(_AdamLike):
-    """weight_decay is coupled L2 (added to the gradient), as in torch Adam."""
+    """Keras 3 Adam: epsilon added to the uncorrected sqrt(v); weight_decay decoupled."""
 
+    FORMULA_TEXT: ClassVar[dict[str, str]] = {
+        "keras": _ADAM_KERAS + _WD_KERAS,
+        "torch": "torch.optim.Adam: w -= lr/(1-b1^t) * m / (sqrt(v/(1-b2^t)) + eps); weight_decay adds wd*w to g (coupled L2).",
+    }
+    TORCH_DEFAULTS: ClassVar[dict[str, Any]] = {"epsilon": 1e-8}
     name: Literal["adam"]
     amsgrad: bool = False
 
 
 class AdamW(_AdamLike):
-    """Decoupled weight decay (Loshchilov & Hutter), default 0.004 as in Keras."""
+    """Keras 3 AdamW: Adam with weight_decay 0.004 (decoupled)."""
 
+    FORMULA_TEXT: ClassVar[dict[str, str]] = {
+        "keras": _ADAM_KERAS + _WD_KERAS,
+        "torch": "torch.optim.AdamW: w *= 1 - lr*wd; w -= lr/(1-b1^t) * m / (sqrt(v/(1-b2^t)) + eps).",
+    }
+    TORCH_DEFAULTS: ClassVar[dict[str, Any]] = {"epsilon": 1e-8, "weight_decay": 0.01}
     name: Literal["adamw"]
     amsgrad: bool = False
-    weight_decay: float | None = Field(0.004, ge=0)
+    weight_decay: float | None = Field(0.004, ge=0, description="decoupled: w *= 1 - weight_decay * lr before each update (Keras default 0.004; torch 0.01)")
 
 
 class Nadam(_AdamLike):
+    """Keras 3 Nadam: momentum schedule u_t = beta_1 * (1 - 0.5 * 0.96**t)."""
+
+    FORMULA_TEXT: ClassVar[dict[str, str]] = {
+        "keras": (
+            "u_t = b1*(1 - 0.5*0.96^t); P_t = u_1*...*u_t; m = b1*m + (1-b1)*g; v = b2*v + (1-b2)*g^2; "
+            "w -= lr * (u_{t+1}*m/(1-P_{t+1}) + (1-u_t)*g/(1-P_t)) / (sqrt(v/(1-b2^t)) + epsilon). " + _WD_KERAS
+        ),
+        "torch": "torch.optim.NAdam (momentum_decay 0.004): as keras with u_t = b1*(1 - 0.5*0.96^(0.004*t)); weight_decay adds wd*w to g.",
+    }
+    TORCH_DEFAULTS: ClassVar[dict[str, Any]] = {"learning_rate": 0.002, "epsilon": 1e-8}
     name: Literal["nadam"]
 
 
 class RAdam(_AdamLike):
+    """Rectified Adam (torch.optim.RAdam; Keras has none, so formulas is always "torch")."""
+
+    FORMULA_TEXT: ClassVar[dict[str, str]] = {"torch": "torch.optim.RAdam; weight_decay adds wd*w to g (coupled L2)."}
     name: Literal["radam"]
+    formulas: Literal["torch"] = Field("torch", description="torch only: Keras has no RAdam")
+    weight_decay: float | None = Field(None, ge=0, description="coupled L2, as torch's RAdam")
     epsilon: float = Field(1e-8, gt=0, description="torch default")
 
 
 class Adamax(_AdamLike):
+    """Keras 3 Adamax: epsilon added to u outside the max."""
+
+    FORMULA_TEXT: ClassVar[dict[str, str]] = {
+        "keras": "m = b1*m + (1-b1)*g; u = max(b2*u, |g|); w -= lr*m / ((1-b1^t)*(u + epsilon)). " + _WD_KERAS,
+        "torch": "torch.optim.Adamax: u = max(b2*u, |g| + eps); w -= lr/(1-b1^t) * m/u; weight_decay adds wd*w to g.",
+    }
+    TORCH_DEFAULTS: ClassVar[dict[str, Any]] = {"learning_rate": 0.002, "epsilon": 1e-8}
     name: Literal["adamax"]
 
 
 class RMSprop(_Optimizer):
+    """Keras 3 RMSprop: epsilon inside the square root; the momentum buffer carries lr."""
+
+    FORMULA_TEXT: ClassVar[dict[str, str]] = {
+        "keras": (
+            "v = rho*v + (1-rho)*g^2; d = v + epsilon (centered: a = rho*a + (1-rho)*g, d = v - a^2 + epsilon); "
+            "inc = lr*g/sqrt(d); w -= inc (momentum: b = momentum*b + inc; w -= b). " + _WD_KERAS
+        ),
+        "torch": (
+            "torch.optim.RMSprop: d = sqrt(v) + eps (centered: sqrt(v - a^2) + eps); w -= lr*g/d "
+            "(momentum: b = momentum*b + g/d; w -= lr*b); weight_decay adds wd*w to g."
+        ),
+    }
+    TORCH_DEFAULTS: ClassVar[dict[str, Any]] = {"learning_rate": 0.01, "rho": 0.99, "epsilon": 1e-8}
     extra_aliases: ClassVar[tuple[str, ...]] = ("lr", "eps", "alpha")
     name: Literal["rmsprop"]
-    rho: float = Field(0.9, ge=0, lt=1, description="Keras rho (torch: alpha)")
+    rho: float = Field(0.9, ge=0, lt=1, description="Keras rho (torch: alpha, default 0.99)")
     momentum: float = Field(0.0, ge=0, lt=1)
     epsilon: float = Field(1e-7, gt=0)
     centered: bool = False
 
 
 class Adagrad(_Optimizer):
+    """Keras 3 Adagrad: epsilon inside the square root, accumulator starts at 0.1."""
+
+    FORMULA_TEXT: ClassVar[dict[str, str]] = {
+        "keras": "acc += g^2; w -= lr*g / sqrt(acc + epsilon). " + _WD_KERAS,
+        "torch": "torch.optim.Adagrad: acc += g^2; w -= lr*g / (sqrt(acc) + eps); weight_decay adds wd*w to g.",
+    }
+    TORCH_DEFAULTS: ClassVar[dict[str, Any]] = {"learning_rate": 0.01, "epsilon": 1e-10, "initial_accumulator_value": 0.0}
     name: Literal["adagrad"]
     initial_accumulator_value: float = Field(0.1, ge=0)
     epsilon: float = Field(1e-7, gt=0)
@@ -723,7 +849,7 @@ def semantic_errors(spec: JobSpec, datasets: DatasetResolver | None = None) -> l
             _issue(
                 errors, ("data", "dataset"),
                 f"unknown dataset {ds.dataset!r}; built-ins: {', '.join(data_mod.BUILTIN_DATASETS)}"
-                + (", or the id of a stored dataset" if datasets else ""),
+                + (", or the id or name of a stored dataset" if datasets else ""),
             )
         else:
             info = resolved
@@ -740,15 +866,46 @@ def semantic_errors(spec: JobSpec, datasets: DatasetResolver | None = None) -> l
         n_val = int(round(info.n_samples * ds.validation_split))
         if info.n_samples - n_val < 2:
             _issue(errors, ("data", "validation_split"), "fewer than 2 training samples remain after the split")
+        layout: list[dict[str, Any]] = []
+        _check_channels_last(spec, layout)
+        errors += layout
         try:
-            shapes = infer_shapes(spec.model, info.input_shape)
+            # after a channels-last reshape the shapes that follow would only mislead
+            shapes = infer_shapes(spec.model, info.input_shape) if not layout else None
         except ShapeError as exc:
             _issue(errors, ("model", "layers", exc.index, *exc.field), str(exc))
         else:
-            _check_head(spec, info, shapes[-1], errors)
+            if shapes is not None:
+                _check_head(spec, info, shapes[-1], errors)
 
     _check_monitors(spec, errors)
     return errors
+
+
+#: layers that take (C, H, W) input, and layers that pass a shape through unchanged
+_SPATIAL = (Conv2D, MaxPool2D, AvgPool2D)
+_ELEMENTWISE = (Dropout, ActivationLayer, BatchNorm)
+
+
+def _check_channels_last(spec: JobSpec, errors: list[dict[str, Any]]) -> None:
+    """A reshape to Keras' (height, width, channels) feeding a convolution or pooling layer, which
+    read channels first: [8, 8, 1] would train on 8 channels of 8x1 images. Refused, with the fix."""
+    layers = spec.model.layers
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, Reshape) or len(layer.target_shape) != 3:
+            continue
+        h, w, c = layer.target_shape
+        if c not in (1, 3) or h in (1, 3):
+            continue
+        nxt = next((j for j in range(i + 1, len(layers)) if not isinstance(layers[j], _ELEMENTWISE)), None)
+        if nxt is None or not isinstance(layers[nxt], _SPATIAL):
+            continue
+        _issue(
+            errors, ("model", "layers", i, "target_shape"),
+            f"target_shape {[h, w, c]} looks channels-last (Keras' height, width, channels), but layer {nxt} "
+            f"({layers[nxt].type}) reads channels-first input (channels, height, width), as PyTorch does; "
+            f"use {[c, h, w]}",
+        )
 
 
 def _check_head(spec: JobSpec, info: Any, out_shape: tuple[int, ...], errors: list[dict[str, Any]]) -> None:

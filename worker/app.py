@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -14,6 +15,19 @@ from celery.signals import worker_init, worker_process_init, worker_ready, worke
 
 from config.settings import Settings, get_settings
 from store.broker import EXPORT_TASK, RUN_JOB_TASK, SQLA_POLLING_INTERVAL_S, celery_config
+
+#: the reason of the Reject that hands a job's message back to the broker
+HAND_BACK = "the job could not run here now; handing the message back"
+
+
+class QuietHandBack(logging.Filter):
+    """Drop Celery's record of our own hand-back (a Reject logged at WARNING with its traceback):
+    it is the normal end of a job that a shutting-down worker requeued, and worker.runner has
+    already said so in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(exc, Reject) and str(exc.reason) == HAND_BACK)
 
 
 def _on_shutdown(**_: Any) -> None:
@@ -79,6 +93,9 @@ def create_celery(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
     app = Celery("trainyard")
     app.conf.update(celery_config(settings))
+    trace_log = logging.getLogger("celery.app.trace")
+    if not any(isinstance(f, QuietHandBack) for f in trace_log.filters):
+        trace_log.addFilter(QuietHandBack())
     if settings.broker_url.startswith("sqla+"):
         from kombu.transport import sqlalchemy as sqla_transport
 
@@ -96,7 +113,7 @@ def create_celery(settings: Settings | None = None) -> Celery:
             after_job(job_id, settings, _send_jobs)
         if outcome == "requeued":
             # shutting down (the job resumes on the next worker), or no database to claim it
-            raise Reject("the job could not run here now; handing the message back", requeue=True)
+            raise Reject(HAND_BACK, requeue=True)
         return outcome
 
     _ = run_job
@@ -128,5 +145,5 @@ def create_celery(settings: Settings | None = None) -> Celery:
 
 
 def default_queues(settings: Settings) -> list[str]:
-    return [settings.queue_name("gpu"), settings.queue_name("cpu")]
+    return settings.queue_names()
 

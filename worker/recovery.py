@@ -37,7 +37,7 @@ def _sender(app: Any) -> Any:
 
 
 def _queues(settings: Settings) -> list[str]:
-    return [settings.queue_name("gpu"), settings.queue_name("cpu")]
+    return settings.queue_names()
 
 
 def requeue_lost_jobs(app: Any, settings: Settings) -> list[str]:

@@ -93,6 +93,7 @@ def run_job(job_id: str, settings: Settings | None = None) -> str:
     after the job is recorded as failed."""
     settings = settings or get_settings()
     if SHUTDOWN.is_set():  # a message that arrives while this worker shuts down goes back untouched
+        log.info("job %s arrived while this worker shuts down; handed back to the broker", job_id)
         return "requeued"
     try:
         claimed = leases.retry_transient(lambda: _claim(job_id, settings), deadline_s=30.0, what=f"claim {job_id}")
@@ -219,7 +220,10 @@ def _record_result(job_id: str, reporter: DbReporter, result: Any, attempt: int)
             s, job_id, status=status, stop_reason=stop_reason, error=error,
             best=(result.monitor, result.best_value, result.best_epoch) if result.monitor else None,
             steps=result.steps, epochs_run=result.epochs_run, run_seconds=result.seconds,
-            info=json_safe({**(result.info or {}), "stopped_epoch": result.stopped_epoch, "attempt": attempt}),
+            # the engine's info repeats the spec (with a "find" rate replaced by the finder's
+            # suggestion, which info.lr_find holds): the job already serves its spec once
+            info=json_safe({**{k: v for k, v in (result.info or {}).items() if k != "spec"},
+                            "stopped_epoch": result.stopped_epoch, "attempt": attempt}),
         )
 
     _write(reporter, finish, "finish")

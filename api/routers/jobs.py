@@ -17,6 +17,7 @@ from sse_starlette.sse import EventSourceResponse, ServerSentEvent
 from api.auth import admit, authenticate, needs_touch, touch
 from api.deps import DispatcherDep, PollCallerDep, ProjectDep, ReadSessionDep, SessionDep, SettingsDep
 from api.errors import SpecProblem
+from api.ids import AMBIGUOUS, is_prefix, resolve_id, resolve_id_async
 from api.limits import check_job_slots, slots_full
 from api.schemas.common import ErrorItem, ErrorResponse, IsoDatetime
 from api.schemas.jobs import (
@@ -34,7 +35,7 @@ from api.views import checkpoint_read, job_read, job_summary
 from store import auth as keys
 from store import fastread, repo, submit
 from store.db import get_engine, session_scope
-from store.models import TERMINAL_STATUSES
+from store.models import TERMINAL_STATUSES, Job
 from store.pollread import get_reader
 from store.repo import as_utc
 from training import SpecError
@@ -80,6 +81,23 @@ def _checkpoint_problem(data: bytes, sha256: str) -> str | None:
 
 def _not_found(job_id: str) -> HTTPException:
     return HTTPException(status_code=404, detail=f"no job {job_id!r}")
+
+
+def _full_id(session: Any, job_id: str, project: str) -> str:
+    """The job id that ``job_id`` (a full id or a unique prefix, api.ids) stands for."""
+    return resolve_id(session, Job, job_id, project, "job")
+
+
+async def _polled_prefix(job_id: str, caller: fastread.Caller, key: fastread.KeyRow) -> str | None:
+    """For a poll that found nothing: the full id when ``job_id`` is a unique prefix of one of the
+    caller's jobs (a 409 when it is the prefix of several), else None."""
+    if not is_prefix(job_id):
+        return None
+    project = caller.project_id if caller.key_hash is None else (key[1] if key is not None else None)
+    if project is None:
+        return None
+    full = await resolve_id_async(Job, job_id, project, "job")
+    return full if full != job_id else None
 
 
 def _dispatch(session: Any, dispatcher: Any, jobs: list[tuple[str, str]]) -> None:
@@ -262,7 +280,7 @@ def _json(body: bytes) -> Response:
     return Response(content=body, media_type="application/json")
 
 
-@poll_router.get("/{job_id}", response_model=JobRead, responses={404: {"description": "no such job"}})
+@poll_router.get("/{job_id}", response_model=JobRead, responses={404: {"description": "no such job"}, **AMBIGUOUS})
 async def get_job(job_id: str, request: Request, caller: PollCallerDep) -> Response:
     """The job, its progress, best value, spec (with effective defaults) and what the engine reported.
     (Served by :mod:`store.fastread` on :mod:`store.pollread`'s connections: one query, the stored
@@ -270,12 +288,15 @@ async def get_job(job_id: str, request: Request, caller: PollCallerDep) -> Respo
     engine = get_engine()
     key, body = await get_reader(engine).run_item((job_id, caller), fastread.job_polls(engine), (job_id, caller))
     await _admitted(request, caller, key)
+    if body is None and (full := await _polled_prefix(job_id, caller, key)) is not None:
+        key, body = await run_in_threadpool(fastread.job_json, engine, full, caller)
     if body is None:
         raise _not_found(job_id)
     return _json(body)
 
 
-@poll_router.get("/{job_id}/metrics", response_model=MetricsRead, responses={404: {"description": "no such job"}})
+@poll_router.get("/{job_id}/metrics", response_model=MetricsRead,
+                 responses={404: {"description": "no such job"}, **AMBIGUOUS})
 async def get_metrics(
     job_id: str,
     request: Request,
@@ -288,6 +309,8 @@ async def get_metrics(
     item = (job_id, caller, since_epoch, max_points)
     key, body = await get_reader(engine).run_item(item, fastread.metrics_polls(engine), item)
     await _admitted(request, caller, key)
+    if body is None and (full := await _polled_prefix(job_id, caller, key)) is not None:
+        key, body = await run_in_threadpool(fastread.metrics_json, engine, full, caller, since_epoch, max_points)
     if body is None:
         raise _not_found(job_id)
     return _json(body)
@@ -314,7 +337,7 @@ def _poll_events(
     response_class=EventSourceResponse,
     responses={200: {"content": {"text/event-stream": {}}, "description": "events 'state' and 'epoch'"},
                400: {"model": ErrorResponse, "description": "Last-Event-ID is not an event id"},
-               404: {"description": "no such job"}},
+               404: {"description": "no such job"}, **AMBIGUOUS},
 )
 async def job_events(
     job_id: str,
@@ -341,6 +364,7 @@ async def job_events(
         if not 0 <= start <= MAX_INT64:
             raise HTTPException(status_code=400, detail="Last-Event-ID must be an event id (an integer)") from None
     key_id = authenticate(request).key_id
+    job_id = await resolve_id_async(Job, job_id, project, "job")
     first, status = await run_in_threadpool(_poll_events, job_id, start, project, key_id)
     if status is None:
         raise _not_found(job_id)
@@ -369,12 +393,14 @@ async def job_events(
     "/{job_id}/cancel",
     response_model=JobRead,
     responses={404: {"description": "no such job"},
-               409: {"description": "the job already ended (succeeded, failed or cancelled)"}},
+               409: {"description": "the job already ended (succeeded, failed or cancelled), or the id is a prefix "
+                                    "of several ids (the detail lists them)"}},
 )
 def cancel_job(job_id: str, session: SessionDep, project: ProjectDep) -> JobRead:
     """A queued job is cancelled at once and never starts; a running one stops within about a
     second of training and ends ``cancelled`` (cancelling it again while it stops is a 200). A
     job that already ended (succeeded, failed or cancelled) is a 409."""
+    job_id = _full_id(session, job_id, project)
     before = session.scalar(repo.select_job_status(job_id, project))
     if before is None:
         raise _not_found(job_id)
@@ -391,8 +417,10 @@ def cancel_job(job_id: str, session: SessionDep, project: ProjectDep) -> JobRead
     return job_read(job)
 
 
-@router.get("/{job_id}/checkpoints", response_model=CheckpointList, responses={404: {"description": "no such job"}})
+@router.get("/{job_id}/checkpoints", response_model=CheckpointList,
+            responses={404: {"description": "no such job"}, **AMBIGUOUS})
 def list_checkpoints(job_id: str, session: ReadSessionDep, project: ProjectDep) -> CheckpointList:
+    job_id = _full_id(session, job_id, project)
     rows = repo.list_checkpoints(session, job_id, project)
     if not rows and not repo.job_exists(session, job_id, project):
         raise _not_found(job_id)
@@ -406,13 +434,16 @@ def list_checkpoints(job_id: str, session: ReadSessionDep, project: ProjectDep) 
         200: {"content": {"application/octet-stream": {}},
               "description": "safetensors file; its sha256 (hex) in X-Checkpoint-SHA256 and ETag"},
         404: {"description": "no such job, or no checkpoint yet"},
+        **AMBIGUOUS,
         500: {"model": ErrorResponse, "description": "the stored checkpoint is corrupt (its bytes no longer match "
                                                      "their sha256, or are not a safetensors file); never served"},
     },
 )
 def best_checkpoint(job_id: str, session: ReadSessionDep, project: ProjectDep) -> Response:
     """The best weights as a ``.safetensors`` file. Bytes whose sha256 is not the stored one, or
-    that are not a safetensors file, are refused (500), never served."""
+    that are not a safetensors file, are refused (500), never served. HEAD answers the same
+    status and headers without the body."""
+    job_id = _full_id(session, job_id, project)
     ck = repo.best_checkpoint(session, job_id, project)
     if ck is None:
         status = session.scalar(repo.select_job_status(job_id, project))
@@ -438,3 +469,10 @@ def best_checkpoint(job_id: str, session: ReadSessionDep, project: ProjectDep) -
             "Content-Disposition": f'attachment; filename="{job_id}-best.safetensors"',
         },
     )
+
+
+# HEAD on the checkpoint URL (download tools and proxies ask before fetching): the GET route's
+# own status and headers; the server sends no body for a HEAD.
+router.add_api_route(
+    "/{job_id}/checkpoints/best", best_checkpoint, methods=["HEAD"], response_class=Response, include_in_schema=False
+)

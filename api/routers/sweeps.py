@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from api.deps import DispatcherDep, ProjectDep, ReadSessionDep, SessionDep, SettingsDep
 from api.errors import SpecProblem
+from api.ids import AMBIGUOUS, resolve_id
 from api.schemas.common import ErrorResponse
 from api.schemas.sweeps import (
     SWEEP_EXAMPLE,
@@ -313,11 +314,11 @@ def list_sweeps(
     )
 
 
-@router.get("/{sweep_id}", response_model=SweepRead, responses={404: {"description": "no such sweep"}})
+@router.get("/{sweep_id}", response_model=SweepRead, responses={404: {"description": "no such sweep"}, **AMBIGUOUS})
 def get_sweep(sweep_id: str, session: ReadSessionDep, project: ProjectDep) -> SweepRead:
     """Status, counts, every trial (parameters, status, stop reason, objective, epochs run), the
     best trial and the leaderboard (best objective first)."""
-    sweep = store_sweeps.get_sweep(session, sweep_id, project)
+    sweep = store_sweeps.get_sweep(session, resolve_id(session, Sweep, sweep_id, project, "sweep"), project)
     if sweep is None:
         raise _not_found(sweep_id)
     return sweep_read(session, sweep)
@@ -326,11 +327,13 @@ def get_sweep(sweep_id: str, session: ReadSessionDep, project: ProjectDep) -> Sw
 @router.post(
     "/{sweep_id}/cancel",
     response_model=SweepRead,
-    responses={404: {"description": "no such sweep"}, 409: {"description": "the sweep already ended"}},
+    responses={404: {"description": "no such sweep"},
+               409: {"description": "the sweep already ended, or the id is a prefix of several ids (listed)"}},
 )
 def cancel_sweep(sweep_id: str, session: SessionDep, project: ProjectDep) -> SweepRead:
     """Stop a sweep: no new trials; queued trials are cancelled at once, running ones within about
     a second of training. The sweep ends ``cancelled``."""
+    sweep_id = resolve_id(session, Sweep, sweep_id, project, "sweep")
     sweep = store_sweeps.get_sweep(session, sweep_id, project, lock=True)
     if sweep is None:
         raise _not_found(sweep_id)

@@ -21,7 +21,7 @@ from worker.runner import run_job
 from .helpers import note_spec
 
 
-def queue_len(redis_client: Any, env: dict[str, str], base: str = "gpu") -> int:
+def queue_len(redis_client: Any, env: dict[str, str], base: str = "any") -> int:
     prefix = env["TRAINYARD_QUEUE_PREFIX"]
     return int(redis_client.llen(prefix + prefix + base))  # global key prefix + queue name
 
@@ -42,12 +42,13 @@ def test_create_stores_effective_spec_and_enqueues_job_id(app_client, redis_clie
     assert job["status"] == "queued" and job["progress"] == {"epoch": 0, "epochs": 3}
     # effective defaults are stored with the job
     assert job["spec"]["optimizer"]["beta_2"] == 0.999 and job["spec"]["optimizer"]["epsilon"] == 1e-7
+    assert job["spec"]["optimizer"]["formulas"] == "keras"  # whose update rule runs (issue 15)
     assert job["spec"]["optimizer"]["learning_rate"]["t_mul"] == 2.0
-    assert job["queue"].endswith("gpu")  # device auto -> gpu queue
+    assert job["queue"].endswith("any")  # device auto -> the queue every worker takes
     assert queue_len(redis_client, inproc_env) == before + 1
     # the message carries only the job id, by task name, and the row it names exists
     prefix = inproc_env["TRAINYARD_QUEUE_PREFIX"]
-    raw = redis_client.lindex(prefix + prefix + "gpu", 0)
+    raw = redis_client.lindex(prefix + prefix + "any", 0)
     msg = json.loads(raw)
     assert msg["headers"]["task"] == "trainyard.run_job"
     assert json.loads(__import__("base64").b64decode(msg["body"]))[0] == [job["id"]]
@@ -291,6 +292,11 @@ def test_catalog_has_what_a_form_needs(app_client):
     adam = next(o for o in cat["optimizers"] if o["name"] == "adam")
     params = {p["name"]: p for p in adam["parameters"]}
     assert params["beta_1"]["default"] == 0.9 and params["epsilon"]["default"] == 1e-7
+    # the formulas switch and what each choice computes (Keras' epsilon on the uncorrected sqrt(v))
+    assert params["formulas"]["default"] == "keras" and params["formulas"]["schema"]["enum"] == ["keras", "torch"]
+    assert "uncorrected sqrt(v)" in adam["formulas"]["keras"] and adam["formulas"]["torch"].startswith("torch.optim.Adam")
+    radam = next(o for o in cat["optimizers"] if o["name"] == "radam")
+    assert list(radam["formulas"]) == ["torch"]
     cr = next(s for s in cat["schedules"] if s["name"] == "cosine_restarts")
     assert {"initial_learning_rate", "first_decay_steps", "t_mul", "m_mul", "alpha", "warmup_steps"} <= {
         p["name"] for p in cr["parameters"]}

@@ -11,6 +11,7 @@ import time
 from datetime import UTC, datetime
 
 import pytest
+import torch
 from safetensors.numpy import load as load_safetensors
 
 from training import preview_schedule
@@ -104,26 +105,30 @@ def test_cancel_a_running_job(client):
     later = client.job(job["id"])
     assert later["status"] == "running"
     assert datetime.fromisoformat(later["heartbeat_at"]) > beat, (cur["heartbeat_at"], later["heartbeat_at"])
-    t0 = time.monotonic()
     assert client.cancel(job["id"])["cancel_requested"] is True
+    # how fast is measured by bench/cancel.py; here: that it stops, and how (30 s is only a hang guard)
     done = wait_status(client, job["id"], ("succeeded", "failed", "cancelled"), timeout=30)
-    elapsed = time.monotonic() - t0
-    assert done["status"] == "cancelled" and done["stop_reason"] == "cancelled"
-    assert elapsed < 3.0, f"cancel took {elapsed:.2f} s"
+    assert done["status"] == "cancelled" and done["stop_reason"] == "cancelled", done
     n = done["progress"]["epoch"]
-    assert 2 <= n < 100_000
-    time.sleep(1.0)
-    assert client.job(job["id"])["progress"]["epoch"] == n  # it really stopped
+    assert 2 <= n < done["progress"]["epochs"]  # it stopped mid-run, not at the end
+    assert [m["epoch"] for m in client.metrics(job["id"])] == list(range(1, n + 1))
+    steps = done["steps"]
+    time.sleep(2.0)  # many epochs of this spec: a worker still training would have reported more
+    after = client.job(job["id"])
+    assert (after["status"], after["progress"]["epoch"], after["steps"]) == ("cancelled", n, steps)  # it really stopped
+    assert len(client.metrics(job["id"])) == n
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA (tests the CPU-only error)")
 def test_runtime_failure_is_recorded_with_a_reason(client):
-    # valid spec, but this worker has no GPU: the engine raises an actionable TrainingError
+    # valid spec, but this worker (same machine as this test) has no GPU: the engine raises an
+    # actionable TrainingError, and the job must not quietly train on the CPU instead
     job = client.submit(note_spec(2, device="cuda"))
     done = wait_status(client, job["id"], ("succeeded", "failed", "cancelled"), timeout=60)
-    if done["status"] == "succeeded":  # pragma: no cover - a machine with a GPU
-        pytest.skip("this machine has a GPU")
-    assert done["status"] == "failed" and done["stop_reason"] == "error"
-    assert "CUDA" in done["error"]
+    assert done["status"] == "failed" and done["stop_reason"] == "error", done
+    assert "device 'cuda' was requested but CUDA is not available" in done["error"]
+    assert "'cpu'" in done["error"] and "'auto'" in done["error"]  # what to use instead
+    assert client.metrics(job["id"]) == [] and done["progress"]["epoch"] == 0  # no epoch ran anywhere
 
 
 def test_cli_submit_wait_show_and_download(client, tmp_path):

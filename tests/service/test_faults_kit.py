@@ -4,7 +4,6 @@ usual ports are never touched), worker processes, and probes of a job's rows."""
 
 from __future__ import annotations
 
-import glob
 import os
 import shutil
 import signal
@@ -24,6 +23,8 @@ from store import repo
 from store.db import make_engine
 from store.models import Job, JobEvent, JobMetric
 
+from .servers import missing_servers, pg_bin, redis_server
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -33,20 +34,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def pg_bin() -> Path | None:
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-    return Path(found[-1]).parent if found else None
-
-
-def missing_servers() -> str | None:
-    """Why private servers cannot be started here (None if they can)."""
-    if shutil.which("redis-server") is None:
-        return "redis-server is not installed"
-    if pg_bin() is None:
-        return "PostgreSQL server binaries (initdb, pg_ctl) are not installed"
-    return None
 
 
 def wait_until(pred: Callable[[], Any], timeout: float, what: str, every: float = 0.1) -> Any:
@@ -73,8 +60,10 @@ class PrivateRedis:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> PrivateRedis:
+        binary = redis_server()
+        assert binary is not None, missing_servers()
         self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            [str(binary), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         import redis
@@ -106,7 +95,7 @@ class PrivatePostgres:
 
     def __init__(self) -> None:
         binary = pg_bin()
-        assert binary is not None
+        assert binary is not None, missing_servers()
         self.bin = binary
         self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="ty-pg-"))

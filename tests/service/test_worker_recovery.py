@@ -119,6 +119,10 @@ def test_worker_shutdown_requeues_the_running_job_and_the_next_worker_resumes_it
         stop(first)
     status, stopped_at, attempts = _status(job_id)
     assert status == "queued" and attempts == 1
+    # the clean shutdown says so in one line: no celery.exceptions.Reject record, no traceback
+    log1 = (tmp_path / "worker1.log").read_text()
+    assert "Traceback" not in log1 and "Reject" not in log1, log1[-3000:]
+    assert log1.count(f"job {job_id} stopped for worker shutdown; requeued") == 1, log1[-3000:]
     with session_scope(write=False) as s:
         snap = repo.get_snapshot(s, job_id)
         assert snap is not None and snap.epoch >= 1

@@ -183,11 +183,17 @@ def test_parity_source_note_spec_adam_cosine_restarts_warmup_dropout_penalties()
         return 0.01 * (w0**2).sum() + 0.01 * acts[0].abs().sum() / batch
 
     def make_step(params):
+        # Keras' Adam (the spec's default formulas) from torch's: Keras adds epsilon to the
+        # uncorrected sqrt(v), i.e. torch's eps at update t is epsilon / sqrt(1 - beta_2**t).
         opt = torch.optim.Adam(params, lr=0.0, betas=(0.89, 0.999), eps=1e-7)
+        t = 0
 
         def step(lr):
+            nonlocal t
+            t += 1
             for gr in opt.param_groups:
                 gr["lr"] = lr
+                gr["eps"] = 1e-7 / math.sqrt(1 - 0.999**t)
             opt.step()
 
         return step

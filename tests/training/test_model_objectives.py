@@ -465,8 +465,10 @@ def _run_opt(spec_opt, grads, lr):
     return p.detach().numpy()
 
 
-def test_adam_weight_decay_is_coupled():
-    got = _run_opt(_opt({"name": "adam", "weight_decay": 0.1, "learning_rate": 0.01}), GRADS, 0.01)
+def test_adam_weight_decay_is_coupled_under_torch_formulas():
+    """torch's Adam (``formulas: "torch"``); Keras' (the default) is tested against Keras itself in
+    test_optim_keras.py."""
+    got = _run_opt(_opt({"name": "adam", "formulas": "torch", "epsilon": 1e-7, "weight_decay": 0.1, "learning_rate": 0.01}), GRADS, 0.01)
     w0 = np.array([1.0, 2.0, -1.0])
     want = _adam_hand(w0, GRADS, 0.01, 0.9, 0.999, 1e-7, coupled_wd=0.1)
     np.testing.assert_allclose(got, want, rtol=1e-10)
@@ -480,14 +482,15 @@ def test_adam_weight_decay_is_coupled():
     assert not np.allclose(got, _adam_hand(w0, GRADS, 0.01, 0.9, 0.999, 1e-7, decoupled_wd=0.1))
 
 
-def test_adamw_weight_decay_is_decoupled():
-    spec_opt = _opt({"name": "adamw", "weight_decay": 0.1, "learning_rate": 0.01})
+def test_adamw_weight_decay_is_decoupled_under_torch_formulas():
+    spec_opt = _opt({"name": "adamw", "formulas": "torch", "epsilon": 1e-7, "weight_decay": 0.1, "learning_rate": 0.01})
     got = _run_opt(spec_opt, GRADS, 0.01)
     w0 = np.array([1.0, 2.0, -1.0])
     np.testing.assert_allclose(
         got, _adam_hand(w0, GRADS, 0.01, 0.9, 0.999, 1e-7, decoupled_wd=0.1), rtol=1e-10
     )
     assert _opt({"name": "adamw"}).weight_decay == 0.004  # Keras AdamW default
+    assert _opt({"name": "adamw", "formulas": "torch"}).weight_decay == 0.01  # torch's
 
 
 def _clip(spec_opt, grads):

@@ -472,7 +472,6 @@ def test_preview_plain_number():
 
 
 def test_preview_schedule_dict():
-    pytest.importorskip("training.spec")
     out = preview_schedule(
         {"schedule": "cosine_restarts", "initial_learning_rate": 0.01, "first_decay_steps": 4, "warmup_steps": 2},
         8,
@@ -483,7 +482,6 @@ def test_preview_schedule_dict():
 
 
 def test_preview_one_cycle_defaults_total_steps_to_preview_length():
-    pytest.importorskip("training.spec")
     n, max_lr = 30, 0.05
     out = preview_schedule({"schedule": "one_cycle", "max_lr": max_lr}, n)
     ref = torch_lrs(
@@ -495,7 +493,6 @@ def test_preview_one_cycle_defaults_total_steps_to_preview_length():
 
 
 def test_preview_epoch_schedule_with_steps_per_epoch():
-    pytest.importorskip("training.spec")
     out = preview_schedule(
         {"schedule": "multistep", "initial_learning_rate": 0.1, "milestones": [1, 2]}, 6, steps_per_epoch=2
     )

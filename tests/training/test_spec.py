@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jsonschema
 import pytest
 
 from training import SpecError, json_schema, validate_spec
@@ -395,7 +396,6 @@ def test_import_and_validate_do_not_import_torch():
 
 
 def test_json_schema_is_valid_and_accepts_the_example():
-    jsonschema = pytest.importorskip("jsonschema")
     schema = json_schema()
     json.dumps(schema)  # plain JSON
     jsonschema.Draft202012Validator.check_schema(schema)
@@ -431,3 +431,49 @@ def test_integers_are_accepted_for_float_fields():
     spec["callbacks"]["model_checkpoint"]["monitor"] = "loss"
     job = validate_spec(spec)
     assert job.optimizer.learning_rate == 1.0 and isinstance(job.optimizer.learning_rate, float)
+
+
+# --------------------------------------------------------------------------- Keras habits
+
+
+def _image_spec(layers: list[dict]) -> dict:
+    return {"data": {"dataset": "digits"}, "loss": "sparse_categorical_crossentropy", "model": {"layers": layers}}
+
+
+def test_keras_layer_class_names_are_aliases_of_the_layer_types():
+    from training.spec import LAYER_ALIASES, LAYER_TYPES, canonical_layer_type
+
+    assert set(LAYER_ALIASES.values()) == set(LAYER_TYPES)  # every type has its Keras name
+    spec = validate_spec(_image_spec([
+        {"type": "Reshape", "target_shape": [1, 8, 8]}, {"type": "Conv2D", "filters": 2, "kernel_size": 3},
+        {"type": "max_pooling2d"}, {"type": "BatchNormalization"}, {"type": "Activation", "activation": "relu"},
+        {"type": "Flatten"}, {"type": "Dropout", "rate": 0.1}, {"type": "LayerNormalization"},
+        {"type": "Dense", "units": 10}]))
+    assert [layer.type for layer in spec.model.layers] == [
+        "reshape", "conv2d", "max_pool2d", "batch_norm", "activation", "flatten", "dropout", "layer_norm", "dense"]
+    assert canonical_layer_type("AveragePooling2D") == "avg_pool2d" and canonical_layer_type("Conv3D") == "Conv3D"
+    with pytest.raises(SpecError) as exc:
+        validate_spec(_image_spec([{"type": "Conv3D"}]))
+    assert exc.value.errors[0]["path"] == "model.layers[0].type"
+
+
+@pytest.mark.parametrize("shape, between, refused", [
+    ([8, 8, 1], [], True),
+    ([8, 8, 1], [{"type": "dropout", "rate": 0.1}], True),  # elementwise layers in between do not hide it
+    ([1, 8, 8], [], False),
+    ([4, 16, 1], [], True),
+    ([8, 8, 1], [{"type": "flatten"}], False),  # not feeding a convolution
+])
+def test_a_channels_last_reshape_feeding_a_conv_is_refused_with_the_fix(shape, between, refused):
+    layers = [{"type": "reshape", "target_shape": shape}, *between,
+              {"type": "conv2d", "filters": 2, "kernel_size": 1}, {"type": "flatten"}, {"type": "dense", "units": 10}]
+    if between and between[0]["type"] == "flatten":
+        layers = [{"type": "reshape", "target_shape": shape}, {"type": "flatten"}, {"type": "dense", "units": 10}]
+    if not refused:
+        validate_spec(_image_spec(layers))
+        return
+    with pytest.raises(SpecError) as exc:
+        validate_spec(_image_spec(layers))
+    assert [e["path"] for e in exc.value.errors] == ["model.layers[0].target_shape"]
+    fixed = [shape[2], shape[0], shape[1]]
+    assert "channels-last" in exc.value.errors[0]["msg"] and f"use {fixed}" in exc.value.errors[0]["msg"]
