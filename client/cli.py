@@ -538,7 +538,7 @@ def api(
         typer.echo("trainyard: TRAINYARD_AUTH=off: no API keys; every caller is in the default project", err=True)
     else:
         typer.echo("trainyard: API keys required (create one with 'trainyard keys create --project NAME')", err=True)
-    argv = _python("-m", "uvicorn", "api.app:create_app", "--factory", "--host", host, "--port", str(port),
+    argv = _python("-m", "api.server", "--host", host, "--port", str(port),  # uvicorn, bounded heads
                    "--workers", str(workers), "--no-access-log")
     os.execv(argv[0], argv)
 
@@ -591,8 +591,17 @@ def _missing_gpus(wanted: list[str]) -> str | None:
     return None
 
 
-def _supervise(procs: dict[str, subprocess.Popen[Any]], grace: float = 30.0) -> int:
-    """Wait for children; on SIGINT/SIGTERM (or one child dying) stop them all, SIGTERM first."""
+#: a child given a restart recipe is restarted at most this many times a minute, then all stop
+RESTARTS_PER_MINUTE = 5
+
+
+def _supervise(procs: dict[str, subprocess.Popen[Any]], grace: float = 30.0,
+               restart: dict[str, Any] | None = None) -> int:
+    """Wait for children; on SIGINT/SIGTERM (or one child dying) stop them all, SIGTERM first.
+    A child named in ``restart`` (name -> a function starting a new one) is started again when it
+    dies (a worker killed by the OOM killer, say), up to RESTARTS_PER_MINUTE times a minute."""
+    restart = restart or {}
+    restarts: list[float] = []
     stop = {"flag": False}
 
     def handler(_signum: int, _frame: Any) -> None:
@@ -603,6 +612,14 @@ def _supervise(procs: dict[str, subprocess.Popen[Any]], grace: float = 30.0) -> 
     try:
         while not stop["flag"]:
             dead = [n for n, p in procs.items() if p.poll() is not None]
+            now = time.monotonic()
+            restarts = [t for t in restarts if now - t < 60]
+            if dead and all(n in restart for n in dead) and len(restarts) + len(dead) <= RESTARTS_PER_MINUTE:
+                for n in dead:
+                    typer.echo(f"trainyard: {n} exited with status {procs[n].returncode}; starting a new one", err=True)
+                    procs[n] = restart[n]()
+                    restarts.append(now)
+                continue
             if dead:
                 typer.echo(f"trainyard: {', '.join(dead)} exited; stopping", err=True)
                 code = 1
@@ -648,14 +665,17 @@ def serve(
     log_dir.mkdir(exist_ok=True)
     worker_log = (log_dir / "worker.log").open("ab")
     token = secrets.token_hex(16)
-    procs = {
-        "worker": subprocess.Popen(
+
+    def start_worker() -> subprocess.Popen[Any]:
+        return subprocess.Popen(
             _celery_worker_argv([prefix + q for q in BASE_QUEUES], 1, "solo", "INFO", "trainyard-serve@%h"),
             env=env, stdout=worker_log, stderr=subprocess.STDOUT, start_new_session=True,
-        ),
+        )
+
+    procs = {
+        "worker": start_worker(),
         "api": subprocess.Popen(
-            _python("-m", "uvicorn", "api.app:create_app", "--factory", "--host", host, "--port", str(port),
-                    "--log-level", "warning"),
+            _python("-m", "api.server", "--host", host, "--port", str(port), "--log-level", "warning"),
             env={**env, "TRAINYARD_INSTANCE_TOKEN": token}, start_new_session=True,
         ),
     }
@@ -675,7 +695,7 @@ def serve(
     else:
         typer.echo(f"no API keys (embedded mode on {host}): every caller is in the default project; "
                    "--auth requires keys")
-    raise typer.Exit(_supervise(procs))
+    raise typer.Exit(_supervise(procs, restart={"worker": start_worker}))
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -729,6 +749,35 @@ def _wait_healthy(base: str, procs: dict[str, subprocess.Popen[Any]], timeout: f
 keys_app = typer.Typer(help="Create, list and revoke API keys (talks to $TRAINYARD_DATABASE_URL directly).",
                        no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
+
+
+def _require_database() -> None:
+    """The admin commands work on the API's own database: name it clearly when it is missing or
+    empty, rather than create an empty SQLite file and fail with "no such table"."""
+    from sqlalchemy import inspect
+    from sqlalchemy.engine import make_url
+
+    from config.settings import get_settings
+    from store.db import get_engine
+
+    if "--help" in sys.argv[1:]:
+        return
+    url = get_settings().database_url
+    parsed = make_url(url)
+    unset = "" if os.environ.get("TRAINYARD_DATABASE_URL") else " (TRAINYARD_DATABASE_URL is not set)"
+    if parsed.get_backend_name() == "sqlite" and parsed.database and not Path(parsed.database).exists():
+        raise _fail(f"trainyard: no database at {parsed.database}{unset}; set TRAINYARD_DATABASE_URL to the API's "
+                    "database (or create this one with 'trainyard migrate')", 2)
+    try:
+        has_schema = inspect(get_engine()).has_table("api_keys")
+    except Exception as exc:  # noqa: BLE001 - any connection failure is reported as such
+        raise _fail(f"trainyard: cannot open the database {_redact(url)}{unset}: {exc}", 2) from None
+    if not has_schema:
+        raise _fail(f"trainyard: the database {_redact(url)} has no Trainyard tables{unset}; "
+                    "run 'trainyard migrate' or point TRAINYARD_DATABASE_URL at the API's database", 2)
+
+
+keys_app.callback()(_require_database)
 
 
 def _when(dt: Any) -> str:
@@ -803,6 +852,7 @@ def keys_revoke(
 projects_app = typer.Typer(help="Per-project limits (talks to $TRAINYARD_DATABASE_URL directly).",
                            no_args_is_help=True)
 app.add_typer(projects_app, name="projects")
+projects_app.callback()(_require_database)
 
 
 @projects_app.command("set-limits")
@@ -811,19 +861,22 @@ def projects_set_limits(
     max_concurrent_jobs: Annotated[int | None, typer.Option(min=0, help="queued + running jobs; 0: unlimited")] = None,
     requests_per_minute: Annotated[int | None, typer.Option(min=0, help="0: unlimited")] = None,
 ) -> None:
-    """Set a project's own limits; an option left out means the service's default
-    (TRAINYARD_MAX_CONCURRENT_JOBS, TRAINYARD_REQUESTS_PER_MINUTE)."""
+    """Set a project's own limits; an option left out keeps its value, and with no option at all
+    both go back to the service's defaults (TRAINYARD_MAX_CONCURRENT_JOBS, TRAINYARD_REQUESTS_PER_MINUTE)."""
     from store import auth
     from store.db import session_scope
 
+    given = {k: v for k, v in (("max_concurrent_jobs", max_concurrent_jobs),
+                               ("requests_per_minute", requests_per_minute)) if v is not None}
     try:
         with session_scope(write=True) as session:
-            pid = auth.ensure_project(session, project).id
-            auth.set_project_limits(session, pid, max_concurrent_jobs=max_concurrent_jobs,
-                                    requests_per_minute=requests_per_minute)
+            row = auth.ensure_project(session, project)
+            # no option at all: both back to the defaults; otherwise only the options given change
+            auth.set_project_limits(session, row.id, **(given or {"max_concurrent_jobs": None, "requests_per_minute": None}))
+            session.refresh(row)
+            shown = {"max_concurrent_jobs": row.max_concurrent_jobs, "requests_per_minute": row.requests_per_minute}
     except ValueError as exc:
         raise _fail(f"trainyard: {exc}", 2) from None
-    shown = {"max_concurrent_jobs": max_concurrent_jobs, "requests_per_minute": requests_per_minute}
     typer.echo(f"{project}: " + ", ".join(f"{k}={'default' if v is None else v}" for k, v in shown.items()))
 
 

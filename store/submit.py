@@ -94,6 +94,21 @@ def insert_queued_jobs(
         "o AS (INSERT INTO outbox (job_id, queue, attempts, created_at) SELECT id, queue, 0, created_at FROM j) "
         "SELECT (SELECT n FROM act), (SELECT l FROM lim), (SELECT count(*) FROM j)"
     )
+    for attempt in range(3):
+        try:
+            active, limit, written = _run_pipeline(engine, project_id, sql, params)
+            break
+        except engine.dialect.dbapi.OperationalError as exc:  # type: ignore[union-attr]
+            # a deadlock or serialization failure rolled everything back: run it again (issue 18
+            # saw DeadlockDetected under 40 concurrent submits of one Idempotency-Key)
+            if getattr(exc, "sqlstate", None) not in ("40P01", "40001") or attempt == 2:
+                raise
+    if written != len(jobs):
+        raise SlotsFull(int(active), int(limit))
+    return jobs
+
+
+def _run_pipeline(engine: Engine, project_id: str, sql: str, params: dict[str, Any]) -> tuple[Any, Any, Any]:
     raw = engine.raw_connection()
     dbapi = raw.driver_connection
     try:
@@ -117,6 +132,4 @@ def insert_queued_jobs(
                 dbapi.autocommit = False
     finally:
         raw.close()
-    if written != len(jobs):
-        raise SlotsFull(int(active), int(limit))
-    return jobs
+    return active, limit, written

@@ -26,11 +26,12 @@ from api.deps import DispatcherDep, ProjectDep, ReadSessionDep
 from api.dispatch import DispatchError
 from api.errors import SpecProblem, error
 from api.predict import MODEL_REFS, SESSIONS, ModelRef, predict
-from api.routers.jobs import MAX_INT32, _checkpoint_problem
+from api.ids import AMBIGUOUS
+from api.routers.jobs import MAX_INT32, _full_id, serve_checkpoint
 from api.schemas.common import ErrorResponse
 from store import artifacts, repo
 from store.db import session_scope
-from store.models import TERMINAL_STATUSES, Artifact, Checkpoint
+from store.models import TERMINAL_STATUSES, Artifact
 from training.card import MAX_PREDICT_ROWS, InputError, coerce_inputs
 
 router = APIRouter(prefix="/jobs", tags=["models"])
@@ -78,18 +79,6 @@ class PredictRead(BaseModel):
     values: list[list[Any]] | None = None
 
 
-def _serve_checkpoint(ck: Checkpoint, job_id: str, label: str) -> Response:
-    assert ck.data is not None
-    problem = _checkpoint_problem(ck.data, ck.sha256)
-    if problem is not None:
-        raise HTTPException(status_code=500, detail=f"the {label} checkpoint of job {job_id} (epoch {ck.epoch}) is "
-                                                    f"corrupt: {problem}; refusing to serve it")
-    return Response(content=ck.data, media_type="application/octet-stream", headers={
-        "X-Checkpoint-SHA256": ck.sha256, "X-Checkpoint-Epoch": str(ck.epoch), "ETag": f'"{ck.sha256}"',
-        "Content-Disposition": f'attachment; filename="{job_id}-{label}.safetensors"',
-    })
-
-
 def _no_checkpoint(session: Any, job_id: str, project: str, which: str) -> HTTPException:
     status = session.scalar(repo.select_job_status(job_id, project))
     if status is None:
@@ -110,6 +99,7 @@ CHECKPOINT_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"content": {"application/octet-stream": {}},
           "description": "safetensors file (with its model card); its sha256 (hex) in X-Checkpoint-SHA256 and ETag"},
     404: {"model": ErrorResponse, "description": "no such job, or no such checkpoint"},
+    **AMBIGUOUS,
     500: {"model": ErrorResponse, "description": "the stored checkpoint is corrupt; never served"},
 }
 
@@ -118,10 +108,11 @@ CHECKPOINT_RESPONSES: dict[int | str, dict[str, Any]] = {
 def last_checkpoint(job_id: str, session: ReadSessionDep, project: ProjectDep) -> Response:
     """The last epoch's weights (before early stopping restored the best ones) as a
     ``.safetensors`` file; while the job runs, its newest checkpoint."""
+    job_id = _full_id(session, job_id, project)
     ck = repo.last_checkpoint(session, job_id, project)
     if ck is None:
         raise _no_checkpoint(session, job_id, project, "last")
-    return _serve_checkpoint(ck, job_id, "last")
+    return serve_checkpoint(job_id, ck, "last")
 
 
 @router.get(
@@ -134,10 +125,11 @@ def checkpoint_at_epoch(
 ) -> Response:
     """The checkpoint taken at ``epoch`` (the newest, if several were), if its bytes are stored:
     a job keeps those of its best and its last checkpoint (410 for another recorded one)."""
+    job_id = _full_id(session, job_id, project)
     ck, _ = repo.checkpoint_at_epoch(session, job_id, epoch, project)
     if ck is None:
         raise _no_checkpoint(session, job_id, project, str(epoch))
-    return _serve_checkpoint(ck, job_id, f"epoch-{epoch}")
+    return serve_checkpoint(job_id, ck, f"epoch-{epoch}")
 
 
 # --------------------------------------------------------------------------- exports
@@ -147,7 +139,7 @@ def _artifact(session: Any, dispatcher: Any, job_id: str, project: str, which: s
     """The ready artifact of this export (without its bytes: :func:`store.artifacts.data_of`), or
     a 202 answer while a worker produces it (after waiting up to ``wait`` seconds). ``session``
     reads; a missing, stalled or failed export is (re)requested in a transaction of its own, and
-    its task sent after that commits."""
+    its task sent after that commits. ``job_id`` is a full id (see :func:`_full_id`)."""
     ref = artifacts.checkpoint_ref(session, job_id, which, project)
     if ref is None:
         raise _no_checkpoint(session, job_id, project, which)
@@ -201,6 +193,7 @@ def _artifact(session: Any, dispatcher: Any, job_id: str, project: str, which: s
                              "checkpoint's in X-Checkpoint-SHA256"},
         202: {"model": PendingRead, "description": "a worker is producing it: ask again after Retry-After seconds"},
         404: {"model": ErrorResponse, "description": "no such job, or no such checkpoint"},
+        **AMBIGUOUS,
         410: {"model": ErrorResponse, "description": "that epoch's checkpoint bytes were not kept"},
         500: {"model": ErrorResponse, "description": "the export failed on the worker, or its stored bytes are corrupt"},
     },
@@ -217,6 +210,7 @@ def export_model(
     """The model of a checkpoint as a TorchScript (``.pt``), ONNX (``.onnx``) or Keras 3
     (``.keras``) file: raw inputs in (the training split's standardization is inside), class
     probabilities or values out. Produced once by a worker and kept; 202 while it is produced."""
+    job_id = _full_id(session, job_id, project)
     got = _artifact(session, dispatcher, job_id, project, checkpoint, format, wait)
     if isinstance(got, JSONResponse):
         return got
@@ -237,7 +231,8 @@ def export_model(
 
 
 def _model_ref(session: Any, dispatcher: Any, job_id: str, project: str, which: str, wait: float) -> ModelRef | JSONResponse:
-    """The job's ONNX model, its onnxruntime session loaded (api.predict.SESSIONS), or a 202."""
+    """The job's ONNX model, its onnxruntime session loaded (api.predict.SESSIONS), or a 202.
+    ``job_id`` is a full id."""
     got = _artifact(session, dispatcher, job_id, project, which, "onnx", wait)
     if isinstance(got, JSONResponse):
         return got
@@ -260,6 +255,7 @@ def _model_ref(session: Any, dispatcher: Any, job_id: str, project: str, which: 
 
 def _resolve(request: Request, job_id: str, project: str, which: str, wait: float) -> ModelRef | JSONResponse:
     with session_scope(write=False) as session:
+        job_id = _full_id(session, job_id, project)  # a prefix is resolved here, never cached
         return _model_ref(session, request.app.state.dispatcher, job_id, project, which, wait)
 
 
@@ -284,6 +280,7 @@ PREDICT_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"model": PredictRead},
     202: {"model": PendingRead, "description": "the model is being exported: ask again after Retry-After seconds"},
     404: {"model": ErrorResponse, "description": "no such job, or no such checkpoint"},
+    **AMBIGUOUS,
     410: {"model": ErrorResponse, "description": "that epoch's checkpoint bytes were not kept"},
     422: {"model": ErrorResponse, "description": "inputs the model cannot take; each error names where"},
     500: {"model": ErrorResponse, "description": "the export failed on the worker"},
@@ -363,6 +360,7 @@ def predict_file(
     checkpoint: CheckpointQuery = "best", wait: WaitQuery = 10.0,
 ) -> Response:
     """Predictions for the inputs of an uploaded file (see ``POST /jobs/{id}/predict``)."""
+    job_id = _full_id(session, job_id, project)
     got = _model_ref(session, dispatcher, job_id, project, checkpoint, wait)
     if isinstance(got, JSONResponse):
         return got

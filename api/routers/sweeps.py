@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from api.deps import DispatcherDep, ProjectDep, ReadSessionDep, SessionDep, SettingsDep
 from api.errors import SpecProblem
 from api.ids import AMBIGUOUS, resolve_id
+from api.limits import check_job_slots
 from api.schemas.common import ErrorResponse
 from api.schemas.sweeps import (
     SWEEP_EXAMPLE,
@@ -274,7 +275,8 @@ def _not_found(sweep_id: str) -> HTTPException:
     "",
     response_model=SweepRead,
     status_code=201,
-    responses={422: {"model": ErrorResponse, "description": "invalid sweep; each error names its JSON path"}},
+    responses={422: {"model": ErrorResponse, "description": "invalid sweep; each error names its JSON path"},
+               429: {"model": ErrorResponse, "description": "the project's concurrent-jobs limit is reached"}},
 )
 def create_sweep(
     session: SessionDep,
@@ -286,6 +288,8 @@ def create_sweep(
     """Validate and store a sweep, create its first trials (up to ``max_concurrent``) and enqueue
     them. Trials are jobs (``GET /v1/jobs?sweep_id=``); workers create the next ones as trials end."""
     config = check_sweep(body, session, project, settings)
+    # its trials count toward the project's concurrent-jobs limit: 429 when not even one fits
+    check_job_slots(session, project, 1, settings)
     sweep = store_sweeps.create_sweep(
         session, project_id=project, name=config["name"], method=config["method"], config=config,
         objective_metric=config["objective"]["metric"], objective_mode=config["objective"]["mode"],
