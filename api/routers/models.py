@@ -25,8 +25,8 @@ from pydantic import BaseModel, Field
 from api.deps import DispatcherDep, ProjectDep, ReadSessionDep
 from api.dispatch import DispatchError
 from api.errors import SpecProblem, error
-from api.predict import MODEL_REFS, SESSIONS, ModelRef, predict
 from api.ids import AMBIGUOUS
+from api.predict import MODEL_REFS, SESSIONS, ModelRef, predict
 from api.routers.jobs import MAX_INT32, _full_id, serve_checkpoint
 from api.schemas.common import ErrorResponse
 from store import artifacts, repo
