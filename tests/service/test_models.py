@@ -83,8 +83,10 @@ def test_last_checkpoint_reproduces_the_final_validation_numbers(client, jobs):
     best = load_model(best_data)
     row = history[best.meta["epoch"] - 1]
     assert best.evaluate(x, y)["loss"] == float(row["val_loss"])
-    # the best again, by its epoch number
+    # the best again, by its epoch number; and by a unique prefix of the job's id
     assert client.checkpoint(job_id, best.meta["epoch"]) == (best_data, best_digest)
+    assert client.checkpoint(job_id[:28], "best") == (best_data, best_digest)
+    assert client.predict(job_id[:28], x[:4])["labels"] == client.predict(job_id, x[:4])["labels"]
 
 
 def test_checkpoint_by_epoch_says_when_bytes_were_not_kept(client, jobs):
