@@ -353,7 +353,8 @@ def _is_number(text: str) -> bool:
 
 
 @router.post("/{job_id}/predict/file", response_model=PredictRead, responses={
-    **PREDICT_RESPONSES, 413: {"model": ErrorResponse, "description": "file over the size limit"}})
+    **PREDICT_RESPONSES, 400: {"model": ErrorResponse, "description": "the multipart body cannot be parsed"},
+    413: {"model": ErrorResponse, "description": "file over the size limit"}})
 def predict_file(
     job_id: str, request: Request, session: ReadSessionDep, dispatcher: DispatcherDep, project: ProjectDep,
     file: Annotated[UploadFile, File(description=".npz with an array x (n, *input_shape), or .csv with one input per row")],
