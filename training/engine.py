@@ -283,8 +283,8 @@ class _Run:
 
     # ------------------------------------------------------------------ training
 
-    def run(self) -> None:
-        spec = self.spec
+    def start(self) -> None:
+        """Tell the reporter what is about to train (``fit`` and a fused pack both call this)."""
         self.reporter.on_start(
             {
                 "device": str(self.device),
@@ -296,6 +296,10 @@ class _Run:
                 **self.extra_info,
             }
         )
+
+    def run(self) -> None:
+        spec = self.spec
+        self.start()
         while self.epoch < spec.epochs and self.stop_reason is None:
             self.train_epoch()
 
