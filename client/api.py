@@ -68,14 +68,24 @@ class Client:
         return self._check(self._http.request(method, path, **kw)).json()
 
     # -- jobs
-    def submit(self, spec: dict[str, Any], *, idempotency_key: str | None = None) -> dict[str, Any]:
-        """Submit one job spec; returns the job (the existing one for a repeated key)."""
+    def submit(self, spec: dict[str, Any], *, idempotency_key: str | None = None,
+               priority: int | None = None) -> dict[str, Any]:
+        """Submit one job spec; returns the job (the existing one for a repeated key). ``priority``:
+        higher starts first among the queued jobs of its queue (default 0)."""
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-        return self._json("POST", "/v1/jobs", json=spec, headers=headers)  # type: ignore[no-any-return]
+        params = {"priority": priority} if priority is not None else {}
+        return self._json("POST", "/v1/jobs", json=spec, headers=headers, params=params)  # type: ignore[no-any-return]
 
-    def submit_batch(self, specs: list[dict[str, Any]]) -> dict[str, Any]:
+    def set_priority(self, job_id: str, priority: int) -> dict[str, Any]:
+        """Change a queued job's priority (409 once it started)."""
+        return self._json("PATCH", f"/v1/jobs/{job_id}", json={"priority": priority})  # type: ignore[no-any-return]
+
+    def submit_batch(self, specs: list[dict[str, Any]], *, priority: int | None = None) -> dict[str, Any]:
         """Submit up to 1000 specs; a result (id or errors) per item."""
-        return self._json("POST", "/v1/jobs/batch", json={"jobs": specs})  # type: ignore[no-any-return]
+        body: dict[str, Any] = {"jobs": specs}
+        if priority is not None:
+            body["priority"] = priority
+        return self._json("POST", "/v1/jobs/batch", json=body)  # type: ignore[no-any-return]
 
     def jobs(self, *, status: list[str] | None = None, name: str | None = None, limit: int = 50,
              cursor: str | None = None, sweep_id: str | None = None) -> dict[str, Any]:

@@ -98,6 +98,7 @@ def submit(
     files: Annotated[list[Path], typer.Argument(help="JSON spec files (a spec, a list of specs, or {'jobs': [...]})")],
     wait: Annotated[bool, typer.Option("--wait", help="follow the jobs with progress bars until they end")] = False,
     idempotency_key: Annotated[str | None, typer.Option(help="single spec only: submit at most once per key")] = None,
+    priority: Annotated[int | None, typer.Option(help="higher starts first among queued jobs of a queue [default: 0]")] = None,
     url: UrlOpt = None,
 ) -> None:
     """Submit job specs. Exit status: 0 when all were accepted (and, with --wait, succeeded)."""
@@ -109,12 +110,12 @@ def submit(
     with _client(url) as c:
         try:
             if len(specs) == 1:
-                job = c.submit(specs[0][1], idempotency_key=idempotency_key)
+                job = c.submit(specs[0][1], idempotency_key=idempotency_key, priority=priority)
                 ids.append((specs[0][0], job["id"]))
             else:
                 for start in range(0, len(specs), 1000):
                     chunk = specs[start : start + 1000]
-                    res = c.submit_batch([s for _, s in chunk])
+                    res = c.submit_batch([s for _, s in chunk], priority=priority)
                     for item in res["results"]:
                         where = chunk[item["index"]][0]
                         if item["id"]:
@@ -560,30 +561,44 @@ def worker(
     bad = [q for q in queues.split(",") if q.strip() not in ("gpu", "cpu", "any")]
     if bad:
         raise _fail(f"unknown queue(s) {', '.join(bad)}; use gpu and/or cpu", 2)
+    devices = [g.strip() for g in gpus.split(",") if g.strip()] if gpus else []
     if gpus:
-        problem = _missing_gpus([g.strip() for g in gpus.split(",") if g.strip()])
+        problem = _missing_gpus(devices)
         if problem:
             raise _fail(f"trainyard: --gpus {gpus}: {problem}", 2)
     if not gpus:
         argv = _celery_worker_argv(qs, concurrency, pool, loglevel, f"{name}@%h")
         os.execv(argv[0], argv)
-    procs = []
-    for g in [g.strip() for g in gpus.split(",") if g.strip()]:
-        env = {**os.environ, "CUDA_VISIBLE_DEVICES": g}
-        procs.append(subprocess.Popen(_celery_worker_argv(qs, concurrency, pool, loglevel, f"{name}-gpu{g}@%h"), env=env))
-    raise typer.Exit(_supervise({f"gpu{i}": p for i, p in enumerate(procs)}))
+    children = {
+        f"gpu{g}": (_celery_worker_argv(qs, concurrency, pool, loglevel, f"{name}-gpu{g}@%h"),
+                    {**os.environ, "CUDA_VISIBLE_DEVICES": g})
+        for g in devices
+    }
+    raise typer.Exit(_supervise_restarting(children))
+
+
+#: Test-only: a number of GPUs that ``--gpus`` validation believes this machine has, instead of
+#: asking PyTorch (CPU-only CI tests the one-process-per-GPU supervisor with fake device lists).
+#: Honoured only together with TRAINYARD_TEST_FAULTS=1, which only the test suite sets.
+FAKE_GPUS_ENV = "TRAINYARD_TEST_FAKE_GPUS"
 
 
 def _missing_gpus(wanted: list[str]) -> str | None:
     """Why the CUDA devices ``wanted`` (indices, or GPU-... UUIDs) cannot be used here, or None."""
     if not wanted:
         return "give GPU indices, e.g. --gpus 0,1"
-    import torch  # only for --gpus: the worker imports it anyway
+    fake = os.environ.get(FAKE_GPUS_ENV)
+    if fake is not None and os.environ.get("TRAINYARD_TEST_FAULTS") == "1":
+        count = int(fake)
+        cuda_build = True
+    else:
+        import torch  # only for --gpus: the worker imports it anyway
 
-    count = torch.cuda.device_count()
+        count = torch.cuda.device_count()
+        cuda_build = bool(torch.version.cuda)
     if count == 0:
         return ("this machine has no CUDA GPU that PyTorch can use"
-                + ("" if torch.version.cuda else " (this PyTorch is a CPU-only build)")
+                + ("" if cuda_build else " (this PyTorch is a CPU-only build)")
                 + "; run a CPU worker instead: trainyard worker --queues cpu")
     missing = [g for g in wanted if g.isdigit() and int(g) >= count]
     if missing:
@@ -630,6 +645,57 @@ def _supervise(procs: dict[str, subprocess.Popen[Any]], grace: float = 30.0,
         for s, h in old.items():
             signal.signal(s, h)
     return code
+
+
+def _supervise_restarting(children: dict[str, tuple[list[str], dict[str, str]]], grace: float = 30.0) -> int:
+    """Run one process per entry of ``children`` (name -> (argv, env)) and restart any that dies,
+    after a back-off (1 s, doubling to 60 s; back to 1 s once a child has run for 5 minutes), so a
+    GPU whose process crashed (native error, OOM-kill) gets a worker again while the others keep
+    training; a job the dead child was running is requeued by the lease (RELIABILITY.md). SIGINT or
+    SIGTERM stops them all (SIGTERM first: each requeues its running job); exit status 0."""
+    stop = {"flag": False}
+
+    def handler(_signum: int, _frame: Any) -> None:
+        stop["flag"] = True
+
+    def start(name: str) -> subprocess.Popen[Any]:
+        argv, env = children[name]
+        proc = subprocess.Popen(argv, env=env)
+        typer.echo(f"trainyard: started {name} (pid {proc.pid}, CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', '')})",
+                   err=True)
+        return proc
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    procs: dict[str, subprocess.Popen[Any]] = {}
+    started: dict[str, float] = {}
+    backoff = {name: 1.0 for name in children}
+    due: dict[str, float] = {}  # name -> when to restart it
+    try:
+        for name in children:
+            procs[name] = start(name)
+            started[name] = time.monotonic()
+        while not stop["flag"]:
+            now = time.monotonic()
+            for name, p in list(procs.items()):
+                if name in due or p.poll() is None:
+                    continue
+                if now - started[name] > 300:
+                    backoff[name] = 1.0
+                due[name] = now + backoff[name]
+                typer.echo(f"trainyard: {name} (pid {p.pid}) exited with status {p.returncode}; restarting it in "
+                           f"{backoff[name]:.0f} s", err=True)
+                backoff[name] = min(60.0, backoff[name] * 2)
+            for name, when in list(due.items()):
+                if now >= when:
+                    del due[name]
+                    procs[name] = start(name)
+                    started[name] = time.monotonic()
+            time.sleep(0.2)
+    finally:
+        _stop_all(procs, grace)
+        for s, h in old.items():
+            signal.signal(s, h)
+    return 0
 
 
 @app.command()

@@ -101,6 +101,8 @@ class Sweep(Base):
     objective_mode: Mapped[str] = mapped_column(String(8))
     max_trials: Mapped[int] = mapped_column(Integer)
     max_concurrent: Mapped[int] = mapped_column(Integer)
+    # scheduling priority of its trials (each trial copies it; higher starts first)
+    priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     trials_created: Mapped[int] = mapped_column(Integer, default=0)
     best_job_id: Mapped[str | None] = mapped_column(String(32))
     best_value: Mapped[str | None] = mapped_column(String(40))  # encoded float (store.floats)
@@ -116,6 +118,8 @@ class Job(Base):
     # an Idempotency-Key is unique within its project (two projects may use the same key)
     __table_args__ = (
         UniqueConstraint("project_id", "idempotency_key", name="uq_jobs_project_id_idempotency_key"),
+        # the claim's pick (store.scheduling): the best queued job of a queue, and queue positions
+        Index("ix_jobs_queue_status_priority", "queue", "status", "priority", "created_at"),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
@@ -128,6 +132,8 @@ class Job(Base):
     name: Mapped[str] = mapped_column(String(200), index=True)
     status: Mapped[str] = mapped_column(String(16), index=True)
     queue: Mapped[str] = mapped_column(String(100))
+    # higher starts first among the queued jobs of its queue (store.scheduling); default 0
+    priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
     # sha256 of the canonical JSON of the request body sent with the key (NULL before 0002)

@@ -61,6 +61,7 @@ def create_jobs(
     idempotency_hash: str | None = None,
     sweep_id: str | None = None,
     trials: Sequence[tuple[int, dict[str, Any]]] | None = None,
+    priority: int = 0,
 ) -> list[Job]:
     """Insert queued jobs from ``(spec, queue, idempotency_key)`` items, each with its first state
     event, in one flush (ids are made here, so no round trip per row). ``trials`` gives each item's
@@ -71,7 +72,7 @@ def create_jobs(
             id=new_id(), project_id=project_id, name=str(spec.get("name") or "job"), status="queued", queue=queue,
             spec=spec, idempotency_key=key, idempotency_hash=idempotency_hash if key else None, epoch=0,
             epochs=int(spec.get("epochs") or 1), attempts=0, cancel_requested=False, created_at=now, updated_at=now,
-            sweep_id=sweep_id,
+            sweep_id=sweep_id, priority=priority,
             trial_number=trials[i][0] if trials else None,
             trial_params=trials[i][1] if trials else None,
         )
@@ -88,12 +89,13 @@ def create_jobs(
 
 def create_job(
     session: Session, *, spec: dict[str, Any], queue: str, idempotency_key: str | None = None,
-    idempotency_hash: str | None = None, project_id: str = DEFAULT_PROJECT,
+    idempotency_hash: str | None = None, project_id: str = DEFAULT_PROJECT, priority: int = 0,
 ) -> Job:
     """Insert one queued job (see :func:`create_jobs`); ``idempotency_hash`` is the digest of the
     request body sent with ``idempotency_key``."""
     return create_jobs(
-        session, [(spec, queue, idempotency_key)], project_id=project_id, idempotency_hash=idempotency_hash
+        session, [(spec, queue, idempotency_key)], project_id=project_id, idempotency_hash=idempotency_hash,
+        priority=priority,
     )[0]
 
 

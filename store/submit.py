@@ -27,7 +27,7 @@ _COLUMNS = (
     ("spec", "json"), ("idempotency_key", "varchar"), ("idempotency_hash", "varchar"), ("epoch", "integer"),
     ("epochs", "integer"), ("attempts", "integer"), ("max_attempts", "integer"), ("lease_token", "integer"),
     ("cancel_requested", "boolean"), ("created_at", "timestamptz"), ("updated_at", "timestamptz"),
-    ("sweep_id", "varchar"), ("trial_number", "integer"), ("trial_params", "json"),
+    ("sweep_id", "varchar"), ("trial_number", "integer"), ("trial_params", "json"), ("priority", "integer"),
 )
 _NAMES = ", ".join(c for c, _ in _COLUMNS)
 _QUEUED_EVENT = json.dumps({"status": "queued"})
@@ -53,6 +53,7 @@ def insert_queued_jobs(
     idempotency_hash: str | None = None,
     max_active: int = 0,
     max_attempts: int = 3,
+    priority: int = 0,
 ) -> list[Job]:
     """Insert queued jobs (same items as :func:`store.repo.create_jobs`) with their events and
     outbox rows, on PostgreSQL, in one pipelined transaction: ``BEGIN; SELECT ... FOR UPDATE`` of
@@ -72,7 +73,7 @@ def insert_queued_jobs(
             spec=spec, idempotency_key=key, idempotency_hash=idempotency_hash if key else None, epoch=0,
             epochs=int(spec.get("epochs") or 1), attempts=0, max_attempts=max_attempts, lease_token=0,
             cancel_requested=False, created_at=now, updated_at=now, sweep_id=None, trial_number=None,
-            trial_params=None,
+            trial_params=None, priority=priority,
         )
         for spec, queue, key in items
     ]

@@ -36,13 +36,13 @@ ACTIVE = ("queued", "running")
 
 def create_sweep(
     session: Session, *, project_id: str, name: str, method: str, config: dict[str, Any], objective_metric: str,
-    objective_mode: str, max_trials: int, max_concurrent: int,
+    objective_mode: str, max_trials: int, max_concurrent: int, priority: int = 0,
 ) -> Sweep:
     now = repo.utcnow()
     sweep = Sweep(
         id=new_id(), project_id=project_id, name=name, status="running", method=method, config=config,
         objective_metric=objective_metric, objective_mode=objective_mode, max_trials=max_trials,
-        max_concurrent=max_concurrent, trials_created=0, created_at=now, updated_at=now,
+        max_concurrent=max_concurrent, trials_created=0, created_at=now, updated_at=now, priority=priority,
     )
     session.add(sweep)
     session.flush()
@@ -286,7 +286,7 @@ def advance_sweep(session: Session, sweep_id: str, settings: Settings) -> list[t
             queue = ts.queue or settings.queue_for_device(str(config["base"].get("device", "auto")))
             job = repo.create_jobs(
                 session, [(spec, queue, None)], project_id=sweep.project_id, sweep_id=sweep.id,
-                trials=[(number, params)],
+                trials=[(number, params)], priority=sweep.priority,
             )[0]
             if ts.errors:
                 repo.fail_unstarted_job(session, job.id, _summarize_errors(ts.errors)[:10_000])

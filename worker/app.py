@@ -103,14 +103,16 @@ def create_celery(settings: Settings | None = None) -> Celery:
 
     @app.task(name=RUN_JOB_TASK, ignore_result=True, acks_late=True)
     def run_job(job_id: str) -> str:
-        from worker.runner import run_job as run
+        from worker.runner import run_next_job
         from worker.sweeps import after_job
 
+        ran = job_id
         try:
-            outcome = run(job_id, settings)
+            # the best queued job of this message's queue (priority, then age), maybe not job_id
+            ran, outcome = run_next_job(job_id, settings)
         finally:
             # a trial of a sweep that ended (however) advances its sweep; a no-op for other jobs
-            after_job(job_id, settings, _send_jobs)
+            after_job(ran, settings, _send_jobs)
         if outcome == "requeued":
             # shutting down (the job resumes on the next worker), or no database to claim it
             raise Reject(HAND_BACK, requeue=True)
@@ -134,6 +136,8 @@ def create_celery(settings: Settings | None = None) -> Celery:
         from worker.recovery import start_reaper
         from worker.sweeps import start_sweep_keeper
 
+        log_devices()
+
         start_reaper(app, settings)
         start_sweep_keeper(settings, _send_jobs)  # advances sweeps whose last trial ended without a worker
 
@@ -142,6 +146,19 @@ def create_celery(settings: Settings | None = None) -> Celery:
     worker_init.connect(_on_worker_init, weak=False)
     worker_process_init.connect(_on_worker_process_init, weak=False)
     return app
+
+
+def log_devices() -> None:
+    """Say which devices this worker process trains on: the CUDA_VISIBLE_DEVICES it was given
+    (``trainyard worker --gpus`` pins one per process) and what PyTorch sees through it."""
+    import torch
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    count = torch.cuda.device_count()  # asks NVML; does not initialize CUDA before a prefork pool forks
+    logging.getLogger("trainyard.worker").info(
+        "trainyard worker pid %d: CUDA_VISIBLE_DEVICES=%s; torch sees %d CUDA device(s)",
+        os.getpid(), "(unset)" if visible is None else visible, count,
+    )
 
 
 def default_queues(settings: Settings) -> list[str]:

@@ -10,7 +10,7 @@ import traceback
 from typing import Any
 
 from config.settings import Settings, get_settings
-from store import leases, outbox, repo
+from store import leases, outbox, repo, scheduling
 from store.db import session_scope
 from worker.reporter import SHUTDOWN, WRITE_RETRY_DEADLINE_S, DbReporter, json_safe
 
@@ -24,7 +24,9 @@ FAILED_STOP_REASONS = {
 
 
 def worker_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """host:pid, plus /gpuN when the process is pinned to device(s) N (``trainyard worker --gpus``)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return f"{socket.gethostname()}:{os.getpid()}" + (f"/gpu{visible}" if visible else "")
 
 
 def _resolve_dataset(spec: dict[str, Any], settings: Settings) -> dict[str, Any]:
@@ -54,20 +56,36 @@ FAULT_ENV = "TRAINYARD_TEST_FAULTS"
 FAULT_KILL_NAME = "test-fault-kill-worker"
 
 
-def _claim(job_id: str, settings: Settings) -> tuple[int, int, dict[str, Any], Any, str | None, int] | None:
+def _claim(job_id: str, settings: Settings, by_priority: bool = False) -> tuple[int, int, dict[str, Any], Any, str | None, int, str] | None:
     """Claim the job and drop its outbox rows (its message arrived) in one transaction; the
-    claim's (lease token, attempt, spec, snapshot or None, sweep id or None, epochs)."""
+    claim's (lease token, attempt, spec, snapshot or None, sweep id or None, epochs, job id).
+    ``by_priority``: claim the best queued job of the message's queue instead (see
+    :func:`claim_by_priority`)."""
     with session_scope() as s:
         # the claim first: its started_at is when the job starts (submit->running latency)
-        job = repo.claim_job(s, job_id, worker_name(), settings.heartbeat_stale_s)
+        job = claim_by_priority(s, job_id, settings) if by_priority else None
+        if job is None:
+            job = repo.claim_job(s, job_id, worker_name(), settings.heartbeat_stale_s)
         outbox.forget_jobs(s, [job_id])
         if job is None:
             return None
         attempt = job.attempts
-        snapshot = repo.get_snapshot(s, job_id) if attempt > 1 else None
+        snapshot = repo.get_snapshot(s, job.id) if attempt > 1 else None
         if snapshot is not None:
             s.expunge(snapshot)
-        return job.lease_token, attempt, dict(job.spec), snapshot, job.sweep_id, job.epochs
+        return job.lease_token, attempt, dict(job.spec), snapshot, job.sweep_id, job.epochs, job.id
+
+
+def claim_by_priority(s: Any, message_job_id: str, settings: Settings) -> Any:
+    """Claim the best queued job of the queue ``message_job_id``'s message came on
+    (:func:`store.scheduling.pick_next`), or None when none is queued (the caller then tries the
+    message's own job: the take-over of a lost one). The message's outbox rows are dropped by the
+    caller (it arrived); those of the job taken stay, so its message, sent or still to be sent,
+    starts the next job."""
+    best = scheduling.pick_next(s, message_job_id)
+    if best is None:
+        return None
+    return repo.claim_job(s, best, worker_name(), settings.heartbeat_stale_s)
 
 
 def _verified_snapshot(job_id: str, snapshot: Any) -> bytes:
@@ -84,7 +102,16 @@ def _verified_snapshot(job_id: str, snapshot: Any) -> bytes:
     return bytes(snapshot.data)
 
 
-def run_job(job_id: str, settings: Settings | None = None) -> str:
+def run_next_job(message_job_id: str, settings: Settings | None = None) -> tuple[str, str]:
+    """What the Celery task runs: claim the best queued job of the message's queue (priority, then
+    age; :mod:`store.scheduling`), which may be another job than the message's, and run it like
+    :func:`run_job`. Returns (the id of the job handled, its outcome)."""
+    ran = {"id": message_job_id}
+    outcome = run_job(message_job_id, settings, _by_priority=ran)
+    return ran["id"], outcome
+
+
+def run_job(job_id: str, settings: Settings | None = None, _by_priority: dict[str, str] | None = None) -> str:
     """Claim ``job_id`` (compare-and-set; safe if delivered twice), train it, record the result.
     Returns the job's final status, ``"skipped"`` if it was not claimable, ``"lease_lost"`` if
     another claim took the job over while it ran (nothing more is written), or ``"requeued"`` if
@@ -96,7 +123,8 @@ def run_job(job_id: str, settings: Settings | None = None) -> str:
         log.info("job %s arrived while this worker shuts down; handed back to the broker", job_id)
         return "requeued"
     try:
-        claimed = leases.retry_transient(lambda: _claim(job_id, settings), deadline_s=30.0, what=f"claim {job_id}")
+        claimed = leases.retry_transient(lambda: _claim(job_id, settings, _by_priority is not None), deadline_s=30.0,
+                                         what=f"claim {job_id}")
     except Exception as exc:
         if not leases.is_transient(exc):
             raise
@@ -105,7 +133,10 @@ def run_job(job_id: str, settings: Settings | None = None) -> str:
     if claimed is None:
         log.info("job %s is not claimable (already handled or cancelled); skipping", job_id)
         return "skipped"
-    token, attempt, spec_dict, snapshot, sweep_id, epochs = claimed
+    token, attempt, spec_dict, snapshot, sweep_id, epochs, claimed_id = claimed
+    if _by_priority is not None and claimed_id != job_id:
+        log.info("message of job %s: job %s comes first (priority, then age); running it", job_id, claimed_id)
+        _by_priority["id"] = job_id = claimed_id
     if os.environ.get(FAULT_ENV) == "1" and spec_dict.get("name") == FAULT_KILL_NAME:
         os.kill(os.getpid(), signal.SIGKILL)
 

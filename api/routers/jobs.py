@@ -28,6 +28,7 @@ from api.schemas.jobs import (
     BatchResult,
     CheckpointList,
     JobList,
+    JobPatch,
     JobRead,
     JobStatus,
     MetricsRead,
@@ -35,7 +36,7 @@ from api.schemas.jobs import (
 from api.validation import check_job_spec, dataset_resolver
 from api.views import checkpoint_read, job_read, job_summary
 from store import auth as keys
-from store import fastread, repo, submit
+from store import fastread, repo, scheduling, submit
 from store.db import get_engine, session_scope
 from store.models import TERMINAL_STATUSES, Job
 from store.pollread import get_reader
@@ -43,6 +44,12 @@ from store.repo import as_utc
 from training import SpecError
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+PriorityQuery = Annotated[int, Query(
+    ge=scheduling.PRIORITY_MIN, le=scheduling.PRIORITY_MAX,
+    description="higher starts first among queued jobs of its queue (then the oldest); changeable by PATCH "
+                "while queued",
+)]
 
 #: Bounds of integer parameters compared with database columns (INTEGER epochs, BIGINT event ids):
 #: a larger number is a 422, not a database overflow (500).
@@ -151,6 +158,7 @@ def create_job(
     response: Response,
     spec: Annotated[dict[str, Any], Body(examples=[SPEC_EXAMPLE])],
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=200)] = None,
+    priority: PriorityQuery = 0,
 ) -> JobRead:
     """Validate, store and enqueue a job. The same Idempotency-Key with the same body again returns
     the same job (200); with a different body it is a 409."""
@@ -165,7 +173,7 @@ def create_job(
     except SpecError as exc:
         raise SpecProblem(exc.errors) from None
     try:
-        job = _insert_one(session, settings, project, valid, idempotency_key, body_hash)
+        job = _insert_one(session, settings, project, valid, idempotency_key, body_hash, priority)
     except IntegrityError:
         session.rollback()
         existing = repo.get_job_by_idempotency_key(session, idempotency_key, project) if idempotency_key else None
@@ -178,7 +186,8 @@ def create_job(
 
 
 def _insert_one(
-    session: Any, settings: Any, project: str, valid: Any, idempotency_key: str | None, body_hash: str | None
+    session: Any, settings: Any, project: str, valid: Any, idempotency_key: str | None, body_hash: str | None,
+    priority: int = 0,
 ) -> Any:
     """Store one queued job with its event and outbox row, within the project's concurrent-jobs
     limit (429 otherwise). On PostgreSQL one pipelined transaction does it all (store.submit: the
@@ -188,14 +197,14 @@ def _insert_one(
         try:
             return submit.insert_queued_jobs(
                 engine, [(valid.spec, valid.queue, idempotency_key)], project_id=project,
-                idempotency_hash=body_hash, max_active=settings.max_concurrent_jobs,
+                idempotency_hash=body_hash, max_active=settings.max_concurrent_jobs, priority=priority,
             )[0]
         except submit.SlotsFull as full:
             raise slots_full(full.active, full.limit, 1) from None
     check_job_slots(session, project, 1, settings)
     job = repo.create_job(
         session, spec=valid.spec, queue=valid.queue, idempotency_key=idempotency_key, idempotency_hash=body_hash,
-        project_id=project,
+        project_id=project, priority=priority,
     )
     session.commit()
     return job
@@ -229,7 +238,8 @@ def create_batch(
     if valid_items:
         check_job_slots(session, project, len(valid_items), settings)
     jobs = (
-        repo.create_jobs(session, [(v.spec, v.queue, None) for _, v in valid_items], project_id=project)
+        repo.create_jobs(session, [(v.spec, v.queue, None) for _, v in valid_items], project_id=project,
+                         priority=body.priority)
         if valid_items else []
     )
     session.commit()
@@ -451,6 +461,30 @@ def cancel_job(job_id: str, session: SessionDep, project: ProjectDep) -> JobRead
         raise _not_found(job_id)
     if status in ("succeeded", "failed"):
         raise HTTPException(status_code=409, detail=f"job {job_id} already ended: {status}")
+    session.commit()
+    job = repo.get_job(session, job_id)
+    assert job is not None
+    return job_read(job)
+
+
+@router.patch(
+    "/{job_id}",
+    response_model=JobRead,
+    responses={404: {"description": "no such job"},
+               409: {"description": "the job is no longer queued (its priority no longer matters)"},
+               422: {"model": ErrorResponse, "description": "invalid body; each error names its JSON path"}},
+)
+def patch_job(job_id: str, body: JobPatch, session: SessionDep, project: ProjectDep) -> JobRead:
+    """Change a queued job's ``priority`` (it moves in the queue at once: the next free worker
+    of its queue claims the highest-priority queued job). A job that already started is a 409."""
+    job_id = _full_id(session, job_id, project)
+    status = session.scalar(repo.select_job_status(job_id, project))
+    if status is None:
+        raise _not_found(job_id)
+    if not scheduling.set_priority(session, job_id, body.priority):
+        session.rollback()
+        raise HTTPException(status_code=409, detail=f"job {job_id} is {status}, not queued: its priority can "
+                                                    "only change while it waits in the queue")
     session.commit()
     job = repo.get_job(session, job_id)
     assert job is not None

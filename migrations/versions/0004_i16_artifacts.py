@@ -1,7 +1,7 @@
 """Exported models (TorchScript, ONNX, Keras) of a job's checkpoints, produced by a worker.
 
 Revision ID: 0004_i16
-Revises: 0003
+Revises: 0004_i14
 Create Date: 2026-12-04 17:10:00
 """
 from collections.abc import Sequence
@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = '0004_i16'
-down_revision: str | None = '0003'
+down_revision: str | None = '0004_i14'  # chained after issue 14's (merged first)
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
