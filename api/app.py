@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import sqlalchemy.exc
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
@@ -14,12 +15,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.deps import current_project, known_query_parameters, operations_of
 from api.dispatch import Dispatcher
-from api.errors import SpecProblem, request_validation_handler, spec_problem_handler
+from api.errors import (
+    SpecProblem,
+    database_unavailable_handler,
+    request_validation_handler,
+    spec_problem_handler,
+)
 from api.fastpath import PollFastPath, PollStats
-from api.limits import BodyLimitMiddleware, RateLimiter
+from api.limits import BodyLimitMiddleware, RateLimiter, StreamSlots
 from api.prom import make_registry
 from api.request_ids import RequestIds
-from api.routers import catalog, datasets, health, jobs, schedules, sweeps
+from api.routers import catalog, datasets, health, jobs, models, schedules, sweeps
 from api.schemas.common import ErrorResponse
 from config.logs import configure_logging
 from config.settings import Settings, get_settings
@@ -88,7 +94,10 @@ def create_app(settings: Settings | None = None, *, poll_fast_path: bool = True)
     app.add_exception_handler(RequestValidationError, request_validation_handler)  # type: ignore[arg-type]
     app.add_exception_handler(SpecProblem, spec_problem_handler)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _http_exception)  # type: ignore[arg-type]
+    for unavailable in (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError):
+        app.add_exception_handler(unavailable, database_unavailable_handler)
     app.state.rate_limiter = RateLimiter()
+    app.state.stream_slots = StreamSlots(settings.max_event_streams)
     app.add_middleware(BodyLimitMiddleware, settings=settings)  # type: ignore[arg-type]
     if poll_fast_path:  # added last: the outermost of ours, so a served poll skips the rest
         app.add_middleware(PollFastPath, settings=settings, rate_limiter=app.state.rate_limiter,  # type: ignore[arg-type]
@@ -97,7 +106,7 @@ def create_app(settings: Settings | None = None, *, poll_fast_path: bool = True)
     # every /v1 route needs the caller's project: the key check (401) and rate limit (429) run first
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(current_project), Depends(known_query_parameters)],
                    responses=AUTH_RESPONSES)
-    for module in (jobs, schedules, catalog, datasets, sweeps):
+    for module in (jobs, models, schedules, catalog, datasets, sweeps):
         v1.include_router(module.router)
     app.include_router(v1)
     # the polled routes resolve the key in their own query (one round trip): not current_project

@@ -22,7 +22,7 @@ from orchestration.messages import send_jobs
 from orchestration.services.base import LoopService
 from orchestration.services.outbox_relay import OutboxRelay
 from orchestration.services.reconciler import Reconciler
-from store.broker import celery_config
+from store.broker import EXPORT_TASK, celery_config
 
 log = logging.getLogger("trainyard.api")
 
@@ -72,6 +72,16 @@ class Dispatcher:
         with self._lock:
             self._down_until = 0.0
             self._failed_since_sent = False
+
+    def send_export(self, artifact_id: int, queue: str) -> None:
+        """Send ``trainyard.export(artifact_id)`` to ``queue`` (store.artifacts); raises
+        :class:`DispatchError` when the broker does not take it (the artifact stays pending and
+        the next request for it sends it again)."""
+        try:
+            self.celery.send_task(EXPORT_TASK, args=[artifact_id], queue=queue, retry=True,
+                                  retry_policy={"max_retries": 1, "interval_start": 0.1, "interval_step": 0.5})
+        except Exception as exc:  # noqa: BLE001 - any broker failure is a DispatchError
+            raise DispatchError(f"the broker did not accept the export: {type(exc).__name__}: {exc}") from exc
 
     def submit(self, jobs: list[tuple[str, str]]) -> bool:
         """Send the messages of committed jobs (whose outbox rows are committed with them). On

@@ -19,6 +19,17 @@ class SpecProblem(Exception):
         self.status_code = status_code
 
 
+class SafeJSONResponse(JSONResponse):
+    """JSON rendered as ASCII: any Python string can be written, a lone surrogate included (it is
+    escaped as ``\\udc00``). An error handler that raised UnicodeEncodeError answered 500 and
+    dropped the kept-alive connection."""
+
+    def render(self, content: Any) -> bytes:
+        import json
+
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
 def error(loc: list[Any], msg: str, type_: str = "value_error") -> dict[str, Any]:
     return {"loc": loc, "path": json_path(loc), "msg": msg, "type": type_}
 
@@ -49,8 +60,19 @@ async def request_validation_handler(_request: Request, exc: RequestValidationEr
         loc = [_safe(p) for p in e.get("loc", ())]
         rel = loc[1:] if loc and loc[0] == "body" else loc
         out.append({"loc": loc, "path": json_path(rel), "msg": e.get("msg", ""), "type": e.get("type", "")})
-    return JSONResponse({"detail": out}, status_code=422)
+    return SafeJSONResponse({"detail": out}, status_code=422)
 
 
 async def spec_problem_handler(_request: Request, exc: SpecProblem) -> JSONResponse:
-    return JSONResponse({"detail": exc.errors}, status_code=exc.status_code)
+    return SafeJSONResponse({"detail": exc.errors}, status_code=exc.status_code)
+
+
+async def database_unavailable_handler(_request: Request, exc: Exception) -> JSONResponse:
+    """A database that cannot be reached (SQLAlchemy's OperationalError / InterfaceError) is a
+    503 with Retry-After, in JSON like every other error (it was a plain-text 500). The error's
+    text (host, port, database) is logged, not sent."""
+    import logging
+
+    logging.getLogger("trainyard.api").warning("database unavailable: %s: %s", type(exc).__name__, exc)
+    return SafeJSONResponse({"detail": "the database is unavailable; retry later"}, status_code=503,
+                            headers={"Retry-After": "5"})

@@ -8,7 +8,7 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from store import pollread, repo
+from store import pollread, repo, scheduling
 from store.db import session_scope
 from store.models import JOB_STATUSES
 
@@ -23,6 +23,7 @@ class JobsCollector(Collector):
         with session_scope(write=False) as s:
             counts = repo.counts_by_status(s)
             buckets, count, total = repo.duration_buckets(s, DURATION_BUCKETS)
+            queued = scheduling.queued_by_project(s)
         g = GaugeMetricFamily("trainyard_jobs", "Jobs by state", labels=["status"])
         for st in JOB_STATUSES:
             g.add_metric([st], counts.get(st, 0))
@@ -34,6 +35,11 @@ class JobsCollector(Collector):
         except Exception:  # noqa: BLE001 - a scrape must not fail because the broker is down
             pass
         yield q
+        p = GaugeMetricFamily("trainyard_queued_jobs", "Queued jobs per project and queue (the database's count)",
+                              labels=["project", "queue"])
+        for project, queue, n in queued:
+            p.add_metric([project, queue], n)
+        yield p
         h = HistogramMetricFamily(
             "trainyard_job_run_seconds", "Wall time of finished jobs, from start to terminal state"
         )

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from sqlalchemy.orm import object_session
+
 from api.schemas.jobs import Best, CheckpointRead, JobRead, JobSummary, Progress
 from api.schemas.misc import DatasetRead
+from store import scheduling
 from store.floats import from_text
 from store.models import Checkpoint, Dataset, Job
 from store.repo import as_utc
@@ -20,7 +23,7 @@ def _summary_fields(job: Job) -> dict:
         run_seconds=job.run_seconds, created_at=as_utc(job.created_at), started_at=as_utc(job.started_at),
         finished_at=as_utc(job.finished_at), heartbeat_at=as_utc(job.heartbeat_at),
         updated_at=as_utc(job.updated_at), sweep_id=job.sweep_id, trial_number=job.trial_number,
-        trial_params=job.trial_params,
+        trial_params=job.trial_params, priority=job.priority,
     )
 
 
@@ -29,7 +32,9 @@ def job_summary(job: Job) -> JobSummary:
 
 
 def job_read(job: Job) -> JobRead:
-    return JobRead(**_summary_fields(job), spec=job.spec, info=job.info)
+    session = object_session(job)
+    position = scheduling.queue_position(session, job.id) if session is not None and job.status == "queued" else None
+    return JobRead(**_summary_fields(job), spec=job.spec, info=job.info, queue_position=position)
 
 
 def checkpoint_read(ck: Checkpoint, stored: bool) -> CheckpointRead:

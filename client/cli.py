@@ -98,6 +98,7 @@ def submit(
     files: Annotated[list[Path], typer.Argument(help="JSON spec files (a spec, a list of specs, or {'jobs': [...]})")],
     wait: Annotated[bool, typer.Option("--wait", help="follow the jobs with progress bars until they end")] = False,
     idempotency_key: Annotated[str | None, typer.Option(help="single spec only: submit at most once per key")] = None,
+    priority: Annotated[int | None, typer.Option(help="higher starts first among queued jobs of a queue [default: 0]")] = None,
     url: UrlOpt = None,
 ) -> None:
     """Submit job specs. Exit status: 0 when all were accepted (and, with --wait, succeeded)."""
@@ -109,12 +110,12 @@ def submit(
     with _client(url) as c:
         try:
             if len(specs) == 1:
-                job = c.submit(specs[0][1], idempotency_key=idempotency_key)
+                job = c.submit(specs[0][1], idempotency_key=idempotency_key, priority=priority)
                 ids.append((specs[0][0], job["id"]))
             else:
                 for start in range(0, len(specs), 1000):
                     chunk = specs[start : start + 1000]
-                    res = c.submit_batch([s for _, s in chunk])
+                    res = c.submit_batch([s for _, s in chunk], priority=priority)
                     for item in res["results"]:
                         where = chunk[item["index"]][0]
                         if item["id"]:
@@ -289,16 +290,40 @@ def cancel(job_id: str, url: UrlOpt = None) -> None:
 @app.command()
 def download(
     job_id: str,
-    output: Annotated[Path, typer.Option("-o", "--output", help="file to write")] = Path("best.safetensors"),
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="file to write [default: CHECKPOINT.safetensors]")] = None,
+    checkpoint: Annotated[str, typer.Option(help="best, last (the last epoch's weights) or an epoch number")] = "best",
     url: UrlOpt = None,
 ) -> None:
-    """Download a job's best checkpoint (.safetensors), verifying its sha256."""
+    """Download a job's checkpoint (.safetensors; the best by default), verifying its sha256."""
+    output = output or Path(f"{checkpoint}.safetensors")
     try:
         with _client(url) as c:
-            digest = c.download_best(job_id, output)
+            data, digest = c.checkpoint(job_id, checkpoint)
+            output.write_bytes(data)
     except TrainyardError as exc:
         raise _fail(str(exc)) from None
     typer.echo(f"{output}  sha256 {digest}")
+
+
+@app.command("export")
+def export_model(
+    job_id: str,
+    format: Annotated[str, typer.Option("--format", "-f", help="torchscript, onnx or keras")] = "onnx",
+    checkpoint: Annotated[str, typer.Option(help="best, last or an epoch number")] = "best",
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="file to write [default: JOB-CHECKPOINT.EXT]")] = None,
+    url: UrlOpt = None,
+) -> None:
+    """Export a job's model (raw inputs in, probabilities or values out), verifying its sha256."""
+    ext = {"torchscript": "pt", "onnx": "onnx", "keras": "keras"}.get(format)
+    if ext is None:
+        raise _fail(f"--format must be torchscript, onnx or keras, not {format!r}")
+    path = output or Path(f"{job_id}-{checkpoint}.{ext}")
+    try:
+        with _client(url) as c:
+            digest = c.download_export(job_id, format, path, checkpoint=checkpoint)
+    except TrainyardError as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(f"{path}  sha256 {digest}")
 
 
 class _SweepGroup(TyperGroup):
@@ -519,7 +544,7 @@ def api(
     logging.getLogger("trainyard.api").warning(
         "TRAINYARD_AUTH=off: no API keys; every caller is in the default project" if settings.auth == "off" else
         "API keys required (create one with 'trainyard keys create --project NAME')")
-    argv = _python("-m", "uvicorn", "api.app:create_app", "--factory", "--host", host, "--port", str(port),
+    argv = _python("-m", "api.server", "--host", host, "--port", str(port),  # uvicorn, bounded heads
                    "--workers", str(workers), "--no-access-log")
     os.execv(argv[0], argv)
 
@@ -542,30 +567,44 @@ def worker(
     bad = [q for q in queues.split(",") if q.strip() not in ("gpu", "cpu", "any")]
     if bad:
         raise _fail(f"unknown queue(s) {', '.join(bad)}; use gpu and/or cpu", 2)
+    devices = [g.strip() for g in gpus.split(",") if g.strip()] if gpus else []
     if gpus:
-        problem = _missing_gpus([g.strip() for g in gpus.split(",") if g.strip()])
+        problem = _missing_gpus(devices)
         if problem:
             raise _fail(f"trainyard: --gpus {gpus}: {problem}", 2)
     if not gpus:
         argv = _celery_worker_argv(qs, concurrency, pool, loglevel, f"{name}@%h")
         os.execv(argv[0], argv)
-    procs = []
-    for g in [g.strip() for g in gpus.split(",") if g.strip()]:
-        env = {**os.environ, "CUDA_VISIBLE_DEVICES": g}
-        procs.append(subprocess.Popen(_celery_worker_argv(qs, concurrency, pool, loglevel, f"{name}-gpu{g}@%h"), env=env))
-    raise typer.Exit(_supervise({f"gpu{i}": p for i, p in enumerate(procs)}))
+    children = {
+        f"gpu{g}": (_celery_worker_argv(qs, concurrency, pool, loglevel, f"{name}-gpu{g}@%h"),
+                    {**os.environ, "CUDA_VISIBLE_DEVICES": g})
+        for g in devices
+    }
+    raise typer.Exit(_supervise_restarting(children))
+
+
+#: Test-only: a number of GPUs that ``--gpus`` validation believes this machine has, instead of
+#: asking PyTorch (CPU-only CI tests the one-process-per-GPU supervisor with fake device lists).
+#: Honoured only together with TRAINYARD_TEST_FAULTS=1, which only the test suite sets.
+FAKE_GPUS_ENV = "TRAINYARD_TEST_FAKE_GPUS"
 
 
 def _missing_gpus(wanted: list[str]) -> str | None:
     """Why the CUDA devices ``wanted`` (indices, or GPU-... UUIDs) cannot be used here, or None."""
     if not wanted:
         return "give GPU indices, e.g. --gpus 0,1"
-    import torch  # only for --gpus: the worker imports it anyway
+    fake = os.environ.get(FAKE_GPUS_ENV)
+    if fake is not None and os.environ.get("TRAINYARD_TEST_FAULTS") == "1":
+        count = int(fake)
+        cuda_build = True
+    else:
+        import torch  # only for --gpus: the worker imports it anyway
 
-    count = torch.cuda.device_count()
+        count = torch.cuda.device_count()
+        cuda_build = bool(torch.version.cuda)
     if count == 0:
         return ("this machine has no CUDA GPU that PyTorch can use"
-                + ("" if torch.version.cuda else " (this PyTorch is a CPU-only build)")
+                + ("" if cuda_build else " (this PyTorch is a CPU-only build)")
                 + "; run a CPU worker instead: trainyard worker --queues cpu")
     missing = [g for g in wanted if g.isdigit() and int(g) >= count]
     if missing:
@@ -573,8 +612,17 @@ def _missing_gpus(wanted: list[str]) -> str | None:
     return None
 
 
-def _supervise(procs: dict[str, subprocess.Popen[Any]], grace: float = 30.0) -> int:
-    """Wait for children; on SIGINT/SIGTERM (or one child dying) stop them all, SIGTERM first."""
+#: a child given a restart recipe is restarted at most this many times a minute, then all stop
+RESTARTS_PER_MINUTE = 5
+
+
+def _supervise(procs: dict[str, subprocess.Popen[Any]], grace: float = 30.0,
+               restart: dict[str, Any] | None = None) -> int:
+    """Wait for children; on SIGINT/SIGTERM (or one child dying) stop them all, SIGTERM first.
+    A child named in ``restart`` (name -> a function starting a new one) is started again when it
+    dies (a worker killed by the OOM killer, say), up to RESTARTS_PER_MINUTE times a minute."""
+    restart = restart or {}
+    restarts: list[float] = []
     stop = {"flag": False}
 
     def handler(_signum: int, _frame: Any) -> None:
@@ -585,6 +633,14 @@ def _supervise(procs: dict[str, subprocess.Popen[Any]], grace: float = 30.0) -> 
     try:
         while not stop["flag"]:
             dead = [n for n, p in procs.items() if p.poll() is not None]
+            now = time.monotonic()
+            restarts = [t for t in restarts if now - t < 60]
+            if dead and all(n in restart for n in dead) and len(restarts) + len(dead) <= RESTARTS_PER_MINUTE:
+                for n in dead:
+                    typer.echo(f"trainyard: {n} exited with status {procs[n].returncode}; starting a new one", err=True)
+                    procs[n] = restart[n]()
+                    restarts.append(now)
+                continue
             if dead:
                 typer.echo(f"trainyard: {', '.join(dead)} exited; stopping", err=True)
                 code = 1
@@ -595,6 +651,57 @@ def _supervise(procs: dict[str, subprocess.Popen[Any]], grace: float = 30.0) -> 
         for s, h in old.items():
             signal.signal(s, h)
     return code
+
+
+def _supervise_restarting(children: dict[str, tuple[list[str], dict[str, str]]], grace: float = 30.0) -> int:
+    """Run one process per entry of ``children`` (name -> (argv, env)) and restart any that dies,
+    after a back-off (1 s, doubling to 60 s; back to 1 s once a child has run for 5 minutes), so a
+    GPU whose process crashed (native error, OOM-kill) gets a worker again while the others keep
+    training; a job the dead child was running is requeued by the lease (RELIABILITY.md). SIGINT or
+    SIGTERM stops them all (SIGTERM first: each requeues its running job); exit status 0."""
+    stop = {"flag": False}
+
+    def handler(_signum: int, _frame: Any) -> None:
+        stop["flag"] = True
+
+    def start(name: str) -> subprocess.Popen[Any]:
+        argv, env = children[name]
+        proc = subprocess.Popen(argv, env=env)
+        typer.echo(f"trainyard: started {name} (pid {proc.pid}, CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', '')})",
+                   err=True)
+        return proc
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    procs: dict[str, subprocess.Popen[Any]] = {}
+    started: dict[str, float] = {}
+    backoff = {name: 1.0 for name in children}
+    due: dict[str, float] = {}  # name -> when to restart it
+    try:
+        for name in children:
+            procs[name] = start(name)
+            started[name] = time.monotonic()
+        while not stop["flag"]:
+            now = time.monotonic()
+            for name, p in list(procs.items()):
+                if name in due or p.poll() is None:
+                    continue
+                if now - started[name] > 300:
+                    backoff[name] = 1.0
+                due[name] = now + backoff[name]
+                typer.echo(f"trainyard: {name} (pid {p.pid}) exited with status {p.returncode}; restarting it in "
+                           f"{backoff[name]:.0f} s", err=True)
+                backoff[name] = min(60.0, backoff[name] * 2)
+            for name, when in list(due.items()):
+                if now >= when:
+                    del due[name]
+                    procs[name] = start(name)
+                    started[name] = time.monotonic()
+            time.sleep(0.2)
+    finally:
+        _stop_all(procs, grace)
+        for s, h in old.items():
+            signal.signal(s, h)
+    return 0
 
 
 @app.command()
@@ -630,14 +737,17 @@ def serve(
     log_dir.mkdir(exist_ok=True)
     worker_log = (log_dir / "worker.log").open("ab")
     token = secrets.token_hex(16)
-    procs = {
-        "worker": subprocess.Popen(
+
+    def start_worker() -> subprocess.Popen[Any]:
+        return subprocess.Popen(
             _celery_worker_argv([prefix + q for q in BASE_QUEUES], 1, "solo", "INFO", "trainyard-serve@%h"),
             env=env, stdout=worker_log, stderr=subprocess.STDOUT, start_new_session=True,
-        ),
+        )
+
+    procs = {
+        "worker": start_worker(),
         "api": subprocess.Popen(
-            _python("-m", "uvicorn", "api.app:create_app", "--factory", "--host", host, "--port", str(port),
-                    "--log-level", "warning"),
+            _python("-m", "api.server", "--host", host, "--port", str(port), "--log-level", "warning"),
             env={**env, "TRAINYARD_INSTANCE_TOKEN": token}, start_new_session=True,
         ),
     }
@@ -657,7 +767,7 @@ def serve(
     else:
         typer.echo(f"no API keys (embedded mode on {host}): every caller is in the default project; "
                    "--auth requires keys")
-    raise typer.Exit(_supervise(procs))
+    raise typer.Exit(_supervise(procs, restart={"worker": start_worker}))
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -711,6 +821,35 @@ def _wait_healthy(base: str, procs: dict[str, subprocess.Popen[Any]], timeout: f
 keys_app = typer.Typer(help="Create, list and revoke API keys (talks to $TRAINYARD_DATABASE_URL directly).",
                        no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
+
+
+def _require_database() -> None:
+    """The admin commands work on the API's own database: name it clearly when it is missing or
+    empty, rather than create an empty SQLite file and fail with "no such table"."""
+    from sqlalchemy import inspect
+    from sqlalchemy.engine import make_url
+
+    from config.settings import get_settings
+    from store.db import get_engine
+
+    if "--help" in sys.argv[1:]:
+        return
+    url = get_settings().database_url
+    parsed = make_url(url)
+    unset = "" if os.environ.get("TRAINYARD_DATABASE_URL") else " (TRAINYARD_DATABASE_URL is not set)"
+    if parsed.get_backend_name() == "sqlite" and parsed.database and not Path(parsed.database).exists():
+        raise _fail(f"trainyard: no database at {parsed.database}{unset}; set TRAINYARD_DATABASE_URL to the API's "
+                    "database (or create this one with 'trainyard migrate')", 2)
+    try:
+        has_schema = inspect(get_engine()).has_table("api_keys")
+    except Exception as exc:  # noqa: BLE001 - any connection failure is reported as such
+        raise _fail(f"trainyard: cannot open the database {_redact(url)}{unset}: {exc}", 2) from None
+    if not has_schema:
+        raise _fail(f"trainyard: the database {_redact(url)} has no Trainyard tables{unset}; "
+                    "run 'trainyard migrate' or point TRAINYARD_DATABASE_URL at the API's database", 2)
+
+
+keys_app.callback()(_require_database)
 
 
 def _when(dt: Any) -> str:
@@ -785,6 +924,7 @@ def keys_revoke(
 projects_app = typer.Typer(help="Per-project limits (talks to $TRAINYARD_DATABASE_URL directly).",
                            no_args_is_help=True)
 app.add_typer(projects_app, name="projects")
+projects_app.callback()(_require_database)
 
 
 @projects_app.command("set-limits")
@@ -793,19 +933,22 @@ def projects_set_limits(
     max_concurrent_jobs: Annotated[int | None, typer.Option(min=0, help="queued + running jobs; 0: unlimited")] = None,
     requests_per_minute: Annotated[int | None, typer.Option(min=0, help="0: unlimited")] = None,
 ) -> None:
-    """Set a project's own limits; an option left out means the service's default
-    (TRAINYARD_MAX_CONCURRENT_JOBS, TRAINYARD_REQUESTS_PER_MINUTE)."""
+    """Set a project's own limits; an option left out keeps its value, and with no option at all
+    both go back to the service's defaults (TRAINYARD_MAX_CONCURRENT_JOBS, TRAINYARD_REQUESTS_PER_MINUTE)."""
     from store import auth
     from store.db import session_scope
 
+    given = {k: v for k, v in (("max_concurrent_jobs", max_concurrent_jobs),
+                               ("requests_per_minute", requests_per_minute)) if v is not None}
     try:
         with session_scope(write=True) as session:
-            pid = auth.ensure_project(session, project).id
-            auth.set_project_limits(session, pid, max_concurrent_jobs=max_concurrent_jobs,
-                                    requests_per_minute=requests_per_minute)
+            row = auth.ensure_project(session, project)
+            # no option at all: both back to the defaults; otherwise only the options given change
+            auth.set_project_limits(session, row.id, **(given or {"max_concurrent_jobs": None, "requests_per_minute": None}))
+            session.refresh(row)
+            shown = {"max_concurrent_jobs": row.max_concurrent_jobs, "requests_per_minute": row.requests_per_minute}
     except ValueError as exc:
         raise _fail(f"trainyard: {exc}", 2) from None
-    shown = {"max_concurrent_jobs": max_concurrent_jobs, "requests_per_minute": requests_per_minute}
     typer.echo(f"{project}: " + ", ".join(f"{k}={'default' if v is None else v}" for k, v in shown.items()))
 
 

@@ -69,13 +69,18 @@ class Settings(BaseSettings):
     # Limits; a project's own max_concurrent_jobs / requests_per_minute override the last two.
     max_body_bytes: int = Field(16 * 2**20, ge=1)  # JSON bodies (uploads have max_upload_bytes)
     max_json_depth: int = Field(64, ge=1)
+    max_header_bytes: int = Field(32 * 2**10, ge=1)  # request line + headers (431 past it; api/server.py)
+    # a request's line + headers must arrive within this (408; 0: no limit)
+    header_timeout_s: float = Field(10.0, ge=0, validation_alias="TRAINYARD_HEADER_TIMEOUT")
     max_epochs: int = Field(100_000, ge=1)
     max_layers: int = Field(200, ge=1)
     max_parameters: int = Field(100_000_000, ge=1)
     max_batch_size: int = Field(65_536, ge=1)
     max_dataset_bytes: int = Field(2**30, ge=1)  # an uploaded dataset's arrays, uncompressed
+    max_project_dataset_bytes: int = Field(10 * 2**30, ge=0)  # uploaded bytes of a project's datasets (0: none)
     max_concurrent_jobs: int = Field(1000, ge=0)  # queued + running, per project
     requests_per_minute: int = Field(6000, ge=0)  # per project, per API process (0: unlimited)
+    max_event_streams: int = Field(32, ge=0)  # open /events streams per project, per API process (0: none)
     # API process: after start-up, move every object into the garbage collector's permanent
     # generation (gc.freeze), so a full collection no longer walks the ~110k objects of the
     # imported libraries: that walk took ~70 ms, a stall of every request in flight

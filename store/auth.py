@@ -78,16 +78,20 @@ def ensure_project(session: Session, name: str) -> Project:
     return project
 
 
+#: "leave this limit as it is" (the default of :func:`set_project_limits`' arguments)
+KEEP: Any = object()
+
+
 def set_project_limits(
-    session: Session, project_id: str, *, max_concurrent_jobs: int | None = None, requests_per_minute: int | None = None
+    session: Session, project_id: str, *, max_concurrent_jobs: int | None = KEEP, requests_per_minute: int | None = KEEP
 ) -> None:
-    """Set a project's own limits (None: the service-wide default)."""
-    session.execute(
-        update(Project)
-        .where(Project.id == project_id)
-        .values(max_concurrent_jobs=max_concurrent_jobs, requests_per_minute=requests_per_minute)
-        .execution_options(synchronize_session=False)
-    )
+    """Set a project's own limits: None means the service-wide default; a limit not given is kept."""
+    values = {k: v for k, v in (("max_concurrent_jobs", max_concurrent_jobs), ("requests_per_minute", requests_per_minute))
+              if v is not KEEP}
+    if values:
+        session.execute(
+            update(Project).where(Project.id == project_id).values(**values).execution_options(synchronize_session=False)
+        )
 
 
 def create_key(session: Session, project_name: str, name: str | None = None) -> NewKey:

@@ -21,12 +21,13 @@ from typing import Any
 from sqlalchemy import Engine
 
 from store.floats import from_text
+from store.scheduling import position_sql
 
 # The job columns a view needs, in select order; spec and info come as JSON text.
 JOB_COLUMNS = (
     "id", "name", "status", "queue", "stop_reason", "error", "epoch", "epochs", "best_monitor", "best_value",
     "best_epoch", "attempts", "cancel_requested", "worker", "steps", "run_seconds", "created_at", "started_at",
-    "finished_at", "heartbeat_at", "updated_at", "sweep_id", "trial_number", "trial_params",
+    "finished_at", "heartbeat_at", "updated_at", "sweep_id", "trial_number", "trial_params", "priority",
 )
 
 
@@ -49,7 +50,8 @@ _KEY_WHERE = "WHERE k.key_hash = :key_hash AND k.revoked_at IS NULL"
 
 @lru_cache(maxsize=8)
 def _job_sql(engine: Engine, keyed: bool) -> str:
-    cols = ", ".join(f"j.{c}" for c in JOB_COLUMNS) + ", CAST(j.spec AS TEXT), CAST(j.info AS TEXT)"
+    cols = (", ".join(f"j.{c}" for c in JOB_COLUMNS) + f", {position_sql('j')}"
+            + ", CAST(j.spec AS TEXT), CAST(j.info AS TEXT)")
     if keyed:
         return _sql(engine, f"SELECT {', '.join(KEY_COLUMNS)}, {cols} {_KEY_FROM} {_KEY_WHERE}")
     return _sql(engine, f"SELECT {cols} FROM jobs j WHERE j.id = :id AND j.project_id = :project")
@@ -146,6 +148,7 @@ def _view(row: Sequence[Any]) -> dict[str, Any]:
         "finished_at": _iso(r["finished_at"]), "heartbeat_at": _iso(r["heartbeat_at"]),
         "updated_at": _iso(r["updated_at"]),
         "sweep_id": r["sweep_id"], "trial_number": r["trial_number"], "trial_params": _json_value(r["trial_params"]),
+        "priority": r["priority"],
     }
 
 
@@ -170,9 +173,13 @@ def job_json(engine: Engine, job_id: str, caller: Caller, conn: Any = None) -> t
 
 
 def _job_document(row: Sequence[Any]) -> bytes:
-    """The job's JSON from its columns (:data:`JOB_COLUMNS`, then the spec and info as text)."""
-    head = json.dumps(_view(row[: len(JOB_COLUMNS)]), separators=(",", ":"), allow_nan=False)
-    spec_text, info_text = row[len(JOB_COLUMNS)], row[len(JOB_COLUMNS) + 1]
+    """The job's JSON from its columns (:data:`JOB_COLUMNS`, its queue position, then the spec and
+    info as text)."""
+    n = len(JOB_COLUMNS)
+    view = _view(row[:n])
+    view["queue_position"] = row[n]
+    head = json.dumps(view, separators=(",", ":"), allow_nan=False)
+    spec_text, info_text = row[n + 1], row[n + 2]
     body = f'{head[:-1]},"spec":{spec_text},"info":{info_text if info_text is not None else "null"}}}'
     return body.encode()
 
@@ -231,7 +238,7 @@ _KEY_LATERAL = (
 
 @lru_cache(maxsize=4)
 def _jobs_batch_sql(keyed: bool) -> str:
-    cols = ", ".join(JOB_COLUMNS) + ", CAST(spec AS TEXT), CAST(info AS TEXT)"
+    cols = ", ".join(JOB_COLUMNS) + f", {position_sql('jobs')} AS queue_position, CAST(spec AS TEXT), CAST(info AS TEXT)"
     if keyed:
         return (
             "SELECT q.n, k.id, k.project_id, p.requests_per_minute, k.last_used_at, j.* "

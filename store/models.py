@@ -101,6 +101,8 @@ class Sweep(Base):
     objective_mode: Mapped[str] = mapped_column(String(8))
     max_trials: Mapped[int] = mapped_column(Integer)
     max_concurrent: Mapped[int] = mapped_column(Integer)
+    # scheduling priority of its trials (each trial copies it; higher starts first)
+    priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     trials_created: Mapped[int] = mapped_column(Integer, default=0)
     best_job_id: Mapped[str | None] = mapped_column(String(32))
     best_value: Mapped[str | None] = mapped_column(String(40))  # encoded float (store.floats)
@@ -116,6 +118,8 @@ class Job(Base):
     # an Idempotency-Key is unique within its project (two projects may use the same key)
     __table_args__ = (
         UniqueConstraint("project_id", "idempotency_key", name="uq_jobs_project_id_idempotency_key"),
+        # the claim's pick (store.scheduling): the best queued job of a queue, and queue positions
+        Index("ix_jobs_queue_status_priority", "queue", "status", "priority", "created_at"),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
@@ -128,6 +132,8 @@ class Job(Base):
     name: Mapped[str] = mapped_column(String(200), index=True)
     status: Mapped[str] = mapped_column(String(16), index=True)
     queue: Mapped[str] = mapped_column(String(100))
+    # higher starts first among the queued jobs of its queue (store.scheduling); default 0
+    priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
     # sha256 of the canonical JSON of the request body sent with the key (NULL before 0002)
@@ -199,6 +205,30 @@ class Checkpoint(Base):
     is_best: Mapped[bool] = mapped_column(Boolean, default=False)
     data: Mapped[bytes | None] = mapped_column(LargeBinary)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Artifact(Base):
+    """A job's model exported to another format (``torchscript``, ``onnx``, ``keras``) from one
+    of its checkpoints (``checkpoint_sha256``). Produced by a worker (``trainyard.export``):
+    ``pending`` until then, ``ready`` with ``data`` and its ``sha256``, or ``failed`` with
+    ``error``."""
+
+    __tablename__ = "artifacts"
+    __table_args__ = (UniqueConstraint("job_id", "format", "checkpoint_sha256", name="uq_artifacts_job_format_checkpoint"),)
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    format: Mapped[str] = mapped_column(String(16))
+    checkpoint_sha256: Mapped[str] = mapped_column(String(64))
+    checkpoint_epoch: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16))  # pending | ready | failed
+    error: Mapped[str | None] = mapped_column(Text)
+    size: Mapped[int | None] = mapped_column(BigInteger)
+    sha256: Mapped[str | None] = mapped_column(String(64))
+    data: Mapped[bytes | None] = mapped_column(LargeBinary)
+    card: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # the model card (training.card) of the checkpoint
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
 class Snapshot(Base):

@@ -24,6 +24,7 @@ from store.models import (
     JobEvent,
     JobMetric,
     Outbox,
+    Project,
     Snapshot,
 )
 
@@ -61,6 +62,7 @@ def create_jobs(
     idempotency_hash: str | None = None,
     sweep_id: str | None = None,
     trials: Sequence[tuple[int, dict[str, Any]]] | None = None,
+    priority: int = 0,
 ) -> list[Job]:
     """Insert queued jobs from ``(spec, queue, idempotency_key)`` items, each with its first state
     event, in one flush (ids are made here, so no round trip per row). ``trials`` gives each item's
@@ -71,7 +73,7 @@ def create_jobs(
             id=new_id(), project_id=project_id, name=str(spec.get("name") or "job"), status="queued", queue=queue,
             spec=spec, idempotency_key=key, idempotency_hash=idempotency_hash if key else None, epoch=0,
             epochs=int(spec.get("epochs") or 1), attempts=0, cancel_requested=False, created_at=now, updated_at=now,
-            sweep_id=sweep_id,
+            sweep_id=sweep_id, priority=priority,
             trial_number=trials[i][0] if trials else None,
             trial_params=trials[i][1] if trials else None,
         )
@@ -88,12 +90,13 @@ def create_jobs(
 
 def create_job(
     session: Session, *, spec: dict[str, Any], queue: str, idempotency_key: str | None = None,
-    idempotency_hash: str | None = None, project_id: str = DEFAULT_PROJECT,
+    idempotency_hash: str | None = None, project_id: str = DEFAULT_PROJECT, priority: int = 0,
 ) -> Job:
     """Insert one queued job (see :func:`create_jobs`); ``idempotency_hash`` is the digest of the
     request body sent with ``idempotency_key``."""
     return create_jobs(
-        session, [(spec, queue, idempotency_key)], project_id=project_id, idempotency_hash=idempotency_hash
+        session, [(spec, queue, idempotency_key)], project_id=project_id, idempotency_hash=idempotency_hash,
+        priority=priority,
     )[0]
 
 
@@ -111,6 +114,22 @@ def get_job(session: Session, job_id: str, project_id: str | None = None) -> Job
     if project_id is None:
         return session.get(Job, job_id)
     return session.scalars(select(Job).where(Job.id == job_id, Job.project_id == project_id)).one_or_none()
+
+
+def project_job_slots(session: Session, project_id: str, default_limit: int) -> tuple[int, int]:
+    """``(active, limit)`` of a project: its queued + running jobs, and its own
+    ``max_concurrent_jobs`` else ``default_limit`` (<= 0: no limit). Locks the project's row until
+    the caller's transaction ends, so concurrent submissions (and sweeps) cannot both squeeze in."""
+    own = session.execute(
+        select(Project.max_concurrent_jobs).where(Project.id == project_id).with_for_update()
+    ).first()
+    limit = own[0] if own is not None and own[0] is not None else default_limit
+    if limit <= 0:
+        return 0, limit
+    active = session.scalar(
+        select(func.count()).select_from(Job).where(Job.project_id == project_id, Job.status.in_(("queued", "running")))
+    ) or 0
+    return int(active), int(limit)
 
 
 def get_job_by_idempotency_key(session: Session, key: str, project_id: str = DEFAULT_PROJECT) -> Job | None:
@@ -500,6 +519,72 @@ def best_checkpoint(session: Session, job_id: str, project_id: str | None = None
     return session.scalars(q).first()
 
 
+def _job_checkpoints(job_id: str, project_id: str | None) -> Any:
+    q = select(Checkpoint).where(Checkpoint.job_id == job_id)
+    if project_id is not None:
+        q = q.join(Job, Job.id == Checkpoint.job_id).where(Job.project_id == project_id)
+    return q
+
+
+def last_checkpoint(session: Session, job_id: str, project_id: str | None = None) -> Checkpoint | None:
+    """The newest checkpoint whose bytes are stored (loaded without them: :func:`checkpoint_chunk`):
+    the last epoch's weights once the job ended (the worker stores them at the end,
+    :func:`add_last_checkpoint`)."""
+    q = _job_checkpoints(job_id, project_id).where(Checkpoint.data.is_not(None)).order_by(Checkpoint.id.desc()).limit(1)
+    return session.scalars(q.options(defer(Checkpoint.data))).first()
+
+
+def checkpoint_at_epoch(
+    session: Session, job_id: str, epoch: int, project_id: str | None = None
+) -> tuple[Checkpoint | None, bool]:
+    """The newest stored checkpoint taken at ``epoch`` (1-based), and whether any checkpoint of
+    that epoch was recorded (its bytes may have been dropped: only the best and the newest keep
+    theirs)."""
+    q = _job_checkpoints(job_id, project_id).where(Checkpoint.epoch == epoch).options(defer(Checkpoint.data))
+    stored = session.scalars(q.where(Checkpoint.data.is_not(None)).order_by(Checkpoint.id.desc()).limit(1)).first()
+    if stored is not None:
+        return stored, True
+    recorded = session.scalar(select(func.count()).select_from(q.subquery()))
+    return None, bool(recorded)
+
+
+def add_last_checkpoint(session: Session, job_id: str, *, epoch: int, step: int, monitor: str | None,
+                        value: Any, data: bytes, sha256: str) -> bool:
+    """Store the last epoch's weights as the job's newest checkpoint, unless the newest one
+    already is them (same digest). Returns whether a row was added."""
+    newest = session.scalar(
+        select(Checkpoint.sha256).where(Checkpoint.job_id == job_id).order_by(Checkpoint.id.desc()).limit(1)
+    )
+    if newest == sha256:
+        return False
+    add_checkpoint(session, job_id, epoch=epoch, step=step, monitor=monitor, value=value, data=data,
+                   sha256=sha256, is_best=False)
+    return True
+
+
+def best_checkpoint_meta(session: Session, job_id: str, project_id: str | None = None) -> Checkpoint | None:
+    """The job's best checkpoint that has bytes, without loading them (see :func:`checkpoint_chunks`)."""
+    q = (
+        select(Checkpoint)
+        .options(defer(Checkpoint.data))
+        .where(Checkpoint.job_id == job_id, Checkpoint.is_best.is_(True), Checkpoint.data.is_not(None))
+        .order_by(Checkpoint.id.desc())
+        .limit(1)
+    )
+    if project_id is not None:
+        q = q.join(Job, Job.id == Checkpoint.job_id).where(Job.project_id == project_id)
+    return session.scalars(q).first()
+
+
+def checkpoint_chunk(session: Session, checkpoint_id: int, offset: int, size: int) -> bytes:
+    """``size`` bytes of a checkpoint's data from ``offset`` (fewer at its end), read by the
+    database (``substr``), so a download never holds the whole blob."""
+    chunk = session.scalar(
+        select(func.substr(Checkpoint.data, offset + 1, size)).where(Checkpoint.id == checkpoint_id)
+    )
+    return bytes(chunk or b"")
+
+
 def save_snapshot(session: Session, job_id: str, *, epoch: int, step: int, data: bytes, sha256: str) -> None:
     """Keep only the newest training-state snapshot of a job."""
     session.execute(delete(Snapshot).where(Snapshot.job_id == job_id))
@@ -529,6 +614,32 @@ def get_dataset(session: Session, dataset_id: str, project_id: str | None = None
     return session.scalars(
         select(Dataset).where(Dataset.id == dataset_id, Dataset.project_id == project_id)
     ).one_or_none()
+
+
+def project_dataset_bytes(session: Session, project_id: str) -> int:
+    """The uploaded bytes of the project's stored datasets (its dataset quota counts these)."""
+    return int(session.scalar(select(func.coalesce(func.sum(Dataset.size), 0)).where(Dataset.project_id == project_id))
+               or 0)
+
+
+def dataset_users(session: Session, dataset_id: str, project_id: str) -> list[str]:
+    """Ids of the project's unfinished jobs (queued, running, paused) and running sweeps whose spec
+    names the dataset: deleting it would fail them."""
+    from store.models import Sweep
+
+    jobs = session.scalars(
+        select(Job.id).where(Job.project_id == project_id, Job.status.in_(("queued", "running", "paused")),
+                             Job.spec["data"]["dataset"].as_string() == dataset_id).limit(20)
+    ).all()
+    sweeps = session.scalars(
+        select(Sweep.id).where(Sweep.project_id == project_id, Sweep.status == "running",
+                               Sweep.config["base"]["data"]["dataset"].as_string() == dataset_id).limit(20)
+    ).all()
+    return [*jobs, *sweeps]
+
+
+def delete_dataset(session: Session, dataset_id: str) -> None:
+    session.execute(delete(Dataset).where(Dataset.id == dataset_id))
 
 
 def list_datasets(session: Session, limit: int = 1000, project_id: str | None = None) -> list[Dataset]:

@@ -27,7 +27,7 @@ _COLUMNS = (
     ("spec", "json"), ("idempotency_key", "varchar"), ("idempotency_hash", "varchar"), ("epoch", "integer"),
     ("epochs", "integer"), ("attempts", "integer"), ("max_attempts", "integer"), ("lease_token", "integer"),
     ("cancel_requested", "boolean"), ("created_at", "timestamptz"), ("updated_at", "timestamptz"),
-    ("sweep_id", "varchar"), ("trial_number", "integer"), ("trial_params", "json"),
+    ("sweep_id", "varchar"), ("trial_number", "integer"), ("trial_params", "json"), ("priority", "integer"),
 )
 _NAMES = ", ".join(c for c, _ in _COLUMNS)
 _QUEUED_EVENT = json.dumps({"status": "queued"})
@@ -53,6 +53,7 @@ def insert_queued_jobs(
     idempotency_hash: str | None = None,
     max_active: int = 0,
     max_attempts: int = 3,
+    priority: int = 0,
 ) -> list[Job]:
     """Insert queued jobs (same items as :func:`store.repo.create_jobs`) with their events and
     outbox rows, on PostgreSQL, in one pipelined transaction: ``BEGIN; SELECT ... FOR UPDATE`` of
@@ -72,7 +73,7 @@ def insert_queued_jobs(
             spec=spec, idempotency_key=key, idempotency_hash=idempotency_hash if key else None, epoch=0,
             epochs=int(spec.get("epochs") or 1), attempts=0, max_attempts=max_attempts, lease_token=0,
             cancel_requested=False, created_at=now, updated_at=now, sweep_id=None, trial_number=None,
-            trial_params=None,
+            trial_params=None, priority=priority,
         )
         for spec, queue, key in items
     ]
@@ -94,6 +95,21 @@ def insert_queued_jobs(
         "o AS (INSERT INTO outbox (job_id, queue, attempts, created_at) SELECT id, queue, 0, created_at FROM j) "
         "SELECT (SELECT n FROM act), (SELECT l FROM lim), (SELECT count(*) FROM j)"
     )
+    for attempt in range(3):
+        try:
+            active, limit, written = _run_pipeline(engine, project_id, sql, params)
+            break
+        except engine.dialect.dbapi.OperationalError as exc:  # type: ignore[union-attr]
+            # a deadlock or serialization failure rolled everything back: run it again (issue 18
+            # saw DeadlockDetected under 40 concurrent submits of one Idempotency-Key)
+            if getattr(exc, "sqlstate", None) not in ("40P01", "40001") or attempt == 2:
+                raise
+    if written != len(jobs):
+        raise SlotsFull(int(active), int(limit))
+    return jobs
+
+
+def _run_pipeline(engine: Engine, project_id: str, sql: str, params: dict[str, Any]) -> tuple[Any, Any, Any]:
     raw = engine.raw_connection()
     dbapi = raw.driver_connection
     try:
@@ -117,6 +133,4 @@ def insert_queued_jobs(
                 dbapi.autocommit = False
     finally:
         raw.close()
-    if written != len(jobs):
-        raise SlotsFull(int(active), int(limit))
-    return jobs
+    return active, limit, written

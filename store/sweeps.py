@@ -36,13 +36,13 @@ ACTIVE = ("queued", "running")
 
 def create_sweep(
     session: Session, *, project_id: str, name: str, method: str, config: dict[str, Any], objective_metric: str,
-    objective_mode: str, max_trials: int, max_concurrent: int,
+    objective_mode: str, max_trials: int, max_concurrent: int, priority: int = 0,
 ) -> Sweep:
     now = repo.utcnow()
     sweep = Sweep(
         id=new_id(), project_id=project_id, name=name, status="running", method=method, config=config,
         objective_metric=objective_metric, objective_mode=objective_mode, max_trials=max_trials,
-        max_concurrent=max_concurrent, trials_created=0, created_at=now, updated_at=now,
+        max_concurrent=max_concurrent, trials_created=0, created_at=now, updated_at=now, priority=priority,
     )
     session.add(sweep)
     session.flush()
@@ -198,13 +198,14 @@ def advance_sweep(session: Session, sweep_id: str, settings: Settings,
     views = trial_views(session, sweep)
     if pauses(config):
         # ASHA prefers promoting a paused trial to starting a new one
-        promoted = _promote(session, sweep, views)
+        promoted = _promote(session, sweep, views, settings)
         if promoted:
             created += promoted
             views = trial_views(session, sweep)
     while True:
         unfinished = sum(1 for v in views if v.job.status in ACTIVE)
-        room = min(sweep.max_concurrent - unfinished, sweep.max_trials - sweep.trials_created)
+        room = min(sweep.max_concurrent - unfinished, sweep.max_trials - sweep.trials_created,
+                   _project_room(session, sweep.project_id, settings))
         if room <= 0:
             break
         start = sweep.trials_created
@@ -218,7 +219,7 @@ def advance_sweep(session: Session, sweep_id: str, settings: Settings,
             queue = ts.queue or settings.queue_for_device(str(config["base"].get("device", "auto")))
             job = repo.create_jobs(
                 session, [(spec, queue, None)], project_id=sweep.project_id, sweep_id=sweep.id,
-                trials=[(number, params)],
+                trials=[(number, params)], priority=sweep.priority,
             )[0]
             if ts.errors:
                 repo.fail_unstarted_job(session, job.id, _summarize_errors(ts.errors)[:10_000])
@@ -234,19 +235,30 @@ def advance_sweep(session: Session, sweep_id: str, settings: Settings,
             break
         views = trial_views(session, sweep)
     if pauses(config) and sweep.trials_created >= sweep.max_trials and not any(v.job.status in ACTIVE for v in views):
-        views = _end_game(session, sweep, views, created)
+        views = _end_game(session, sweep, views, created, settings)
     _update_best_and_finish(session, sweep, views)
     return created
 
 
-def _promote(session: Session, sweep: Sweep, views: list[TrialView], *, endgame: bool = False) -> list[tuple[str, str]]:
+def _project_room(session: Session, project_id: str, settings: Settings) -> int:
+    """How many more jobs the sweep's project may have queued or running (its concurrent-jobs
+    limit counts trials like any job; locks the project's row, as a submission does)."""
+    active, limit = repo.project_job_slots(session, project_id, settings.max_concurrent_jobs)
+    return 1 << 30 if limit <= 0 else limit - active
+
+
+def _promote(session: Session, sweep: Sweep, views: list[TrialView], settings: Settings, *,
+             endgame: bool = False) -> list[tuple[str, str]]:
     """Resume the paused trials that Optuna's successive halving now promotes (in the best
     1/reduction_factor of the trials that reached their rung; see
     ``training.sweep_space.make_pruner``), deepest rung first, while the sweep has free slots.
     Each goes back to ``queued`` with an outbox row; returns ``(job_id, queue)`` to send."""
     paused = [v for v in views if v.job.status == "paused"]
-    room = sweep.max_concurrent - sum(1 for v in views if v.job.status in ACTIVE)
-    if not paused or room <= 0:
+    if not paused:
+        return []
+    room = min(sweep.max_concurrent - sum(1 for v in views if v.job.status in ACTIVE),
+               _project_room(session, sweep.project_id, settings))
+    if room <= 0:
         return []
     from store import outbox
 
@@ -290,11 +302,15 @@ def _may_promote(sweep: Sweep, records: list[TrialRecord], number: int, epoch: i
     return better < k
 
 
-def _end_game(session: Session, sweep: Sweep, views: list[TrialView], created: list[tuple[str, str]]) -> list[TrialView]:
+def _end_game(session: Session, sweep: Sweep, views: list[TrialView], created: list[tuple[str, str]],
+              settings: Settings) -> list[TrialView]:
     """No trial is queued or running and no new one may start: promote by Optuna's own rule (the
     best trial at a rung that fewer than reduction_factor trials reached goes on); if none goes on,
-    the trials still paused end ``pruned``. Returns the trial views as they are now."""
-    promoted = _promote(session, sweep, views, endgame=True)
+    the trials still paused end ``pruned``. While the project has no free job slot nothing is
+    decided (the sweep keeper advances the sweep again). Returns the trial views as they are now."""
+    if _project_room(session, sweep.project_id, settings) <= 0:
+        return views
+    promoted = _promote(session, sweep, views, settings, endgame=True)
     if promoted:
         created += promoted
     else:

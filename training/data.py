@@ -64,6 +64,7 @@ __all__ = [
     "load",
     "read_array_file",
     "resolve_options",
+    "standardize",
 ]
 
 Task = Literal["classification", "regression"]
@@ -622,37 +623,88 @@ def _read_npz(path: str) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-def _read_csv(path: str, target: str | int | None) -> tuple[np.ndarray, np.ndarray]:
+#: CSV rows are converted to numbers in blocks of about this many cells (bounded Python objects)
+_CSV_BLOCK_CELLS = 1 << 16
+
+
+def _read_csv(path: str, target: str | int | None, max_bytes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Parse a CSV file as a stream: rows become float64 blocks of about ``_CSV_BLOCK_CELLS``
+    cells as they are read, so memory is the table itself plus one block (it was ~37x the file as
+    Python lists); past ``max_bytes`` (the samples as float32) it stops with a DataError."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
-            rows = [r for r in csv.reader(f) if r]
+            rows = (r for r in csv.reader(f) if r)
+            header_row = next(rows, None)
+            if header_row is None:
+                raise DataError(
+                    f"{path!r} is empty; a CSV dataset needs a header row and at least one data row", field="path"
+                )
+            header = [h.strip() for h in header_row]
+            ncol = len(header)
+            if ncol < 2:
+                raise DataError(
+                    f"{path!r} has {ncol} column; a CSV dataset needs at least one feature column and a target column",
+                    field="path",
+                )
+            t = _csv_target(path, header, target)
+            blocks: list[np.ndarray] = []
+            block: list[list[str]] = []
+            n_rows = 0
+            for r in rows:
+                if len(r) != ncol:
+                    raise DataError(
+                        f"{path!r} line {n_rows + 2} has {len(r)} cells but the header has {ncol} columns", field="path"
+                    )
+                block.append(r)
+                n_rows += 1
+                if max_bytes is not None and 4 * n_rows * ncol > max_bytes:
+                    raise DataError(
+                        f"{path!r} holds more than {n_rows - 1} rows of {ncol} columns "
+                        f"({4 * n_rows * ncol} bytes as float32); this server allows at most {max_bytes}",
+                        field="path",
+                    )
+                if len(block) * ncol >= _CSV_BLOCK_CELLS:
+                    blocks.append(_csv_block(path, header, block, n_rows - len(block)))
+                    block = []
+            if block:
+                blocks.append(_csv_block(path, header, block, n_rows - len(block)))
     except UnicodeDecodeError as e:
         raise DataError(f"{path!r} is not a UTF-8 text CSV file ({e})", field="path") from e
     except csv.Error as e:
         raise DataError(f"{path!r} is not a valid CSV file: {e}", field="path") from e
-    if not rows:
-        raise DataError(
-            f"{path!r} is empty; a CSV dataset needs a header row and at least one data row", field="path"
-        )
-    header = [h.strip() for h in rows[0]]
-    body = rows[1:]
-    ncol = len(header)
-    if ncol < 2:
-        raise DataError(
-            f"{path!r} has {ncol} column; a CSV dataset needs at least one feature column and a target column",
-            field="path",
-        )
-    if not body:
+    if not blocks:
         raise DataError(f"{path!r} has a header but no data rows", field="path")
-    for i, r in enumerate(body):
-        if len(r) != ncol:
-            raise DataError(
-                f"{path!r} line {i + 2} has {len(r)} cells but the header has {ncol} columns", field="path"
-            )
+    table = blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
+    del blocks
+    y = table[:, t].copy()
+    x = np.delete(table, t, axis=1)
+    return x, y
 
+
+def _csv_block(path: str, header: list[str], block: list[list[str]], first: int) -> np.ndarray:
+    """Rows ``first ..`` of the data as float64, or a DataError naming the first non-number."""
+    try:
+        return np.array(block, dtype=np.float64)
+    except ValueError:
+        for i, r in enumerate(block):
+            for j, cell in enumerate(r):
+                try:
+                    float(cell)
+                except ValueError:
+                    raise DataError(
+                        f"{path!r} line {first + i + 2}, column {header[j]!r}: {cell!r} is not a number; CSV datasets "
+                        f"must be all-numeric (encode categories as numbers, fill empty cells)",
+                        field="path",
+                    ) from None
+        raise  # pragma: no cover - numpy and float() disagree
+
+
+def _csv_target(path: str, header: list[str], target: str | int | None) -> int:
+    """The target column's index: by name, by 0-based index, or the last column."""
+    ncol = len(header)
     if target is None:
-        t = ncol - 1
-    elif isinstance(target, str):
+        return ncol - 1
+    if isinstance(target, str):
         matches = [i for i, h in enumerate(header) if h == target.strip()]
         if not matches:
             raise DataError(
@@ -665,44 +717,27 @@ def _read_csv(path: str, target: str | int | None) -> tuple[np.ndarray, np.ndarr
                 f"column name {target!r} appears {len(matches)} times in {path!r}; give a 0-based index",
                 field="target",
             )
-        t = matches[0]
-    elif _is_int(target):
+        return matches[0]
+    if _is_int(target):
         t = int(target)
         if not 0 <= t < ncol:
             raise DataError(
                 f"target index {t} is out of range; {path!r} has columns 0..{ncol - 1}: {_fmt_list(header)}",
                 field="target",
             )
-    else:
-        raise DataError(
-            f"target must be a column name or a 0-based column index, got {target!r}", field="target"
-        )
-
-    try:
-        table = np.array(body, dtype=np.float64)
-    except ValueError:
-        for i, r in enumerate(body):
-            for j, cell in enumerate(r):
-                try:
-                    float(cell)
-                except ValueError:
-                    raise DataError(
-                        f"{path!r} line {i + 2}, column {header[j]!r}: {cell!r} is not a number; CSV datasets must be "
-                        f"all-numeric (encode categories as numbers, fill empty cells)",
-                        field="path",
-                    ) from None
-        raise  # pragma: no cover - numpy and float() disagree
-    y = table[:, t]
-    x = np.delete(table, t, axis=1)
-    return x, y
+        return t
+    raise DataError(f"target must be a column name or a 0-based column index, got {target!r}", field="target")
 
 
-def read_array_file(path: str, target: str | int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def read_array_file(
+    path: str, target: str | int | None = None, *, max_bytes: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Read and validate a dataset file; return ``(x, y)``.
 
     ``.npz``: arrays ``x`` and ``y`` (read with ``allow_pickle=False``); ``target`` must be None.
     ``.csv``: a header row, then numeric rows; ``target`` is the target column's name or
-    0-based index (default: the last column); the other columns are the features.
+    0-based index (default: the last column); the other columns are the features. It is parsed
+    as a stream and refused once its cells exceed ``max_bytes`` as float32.
 
     ``x`` comes back float32 and C-contiguous with shape ``(n, ...)`` (a 1-d ``x`` becomes
     ``(n, 1)``); ``y`` keeps its stored dtype (CSV: float64), shape ``(n,)`` or ``(n, k)``.
@@ -725,7 +760,7 @@ def read_array_file(path: str, target: str | int | None = None) -> tuple[np.ndar
             )
         x, y = _read_npz(path)
     else:
-        x, y = _read_csv(path, target)
+        x, y = _read_csv(path, target, max_bytes)
 
     if x.ndim == 0 or y.ndim == 0:
         raise DataError(
@@ -787,7 +822,7 @@ def info_from_arrays(name: str, x: np.ndarray, y: np.ndarray) -> DatasetInfo:
     if integer_dtype and y.ndim == 2 and y.shape[1] == 1:
         y = y[:, 0]
     if integer_dtype and y.ndim == 1:
-        labels = np.unique(y.astype(np.int64))
+        labels = np.unique(y)  # in y's own dtype: a cast to int64 would wrap uint64 labels
         k = int(labels[-1]) + 1
         if labels[0] != 0 or len(labels) != k or k < 2:
             shown = ", ".join(str(v) for v in labels[:10]) + (", ..." if len(labels) > 10 else "")
@@ -969,6 +1004,9 @@ class Split:
     x_val: np.ndarray
     y_val: np.ndarray
     info: DatasetInfo
+    #: the per-feature statistics ``standardize`` applied (float64, flattened input order), or None
+    mean: np.ndarray | None = None
+    std: np.ndarray | None = None
 
 
 def load(data: Any, seed: int) -> Split:
@@ -1004,6 +1042,7 @@ def load(data: Any, seed: int) -> Split:
 
     flat = x.reshape(n, -1)
     x_train, x_val = flat[train_idx], flat[val_idx]  # fancy indexing: copies
+    mean = std = None
     if _get(data, "standardize", False):
         # Statistics in float64, applied in place in float32 (no full-size float64 copies).
         mean = x_train.mean(axis=0, dtype=np.float64)
@@ -1024,4 +1063,17 @@ def load(data: Any, seed: int) -> Split:
         x_val=np.ascontiguousarray(x_val.reshape(shape), dtype=np.float32),
         y_val=np.ascontiguousarray(y[val_idx]),
         info=info,
+        mean=mean,
+        std=std,
     )
+
+
+def standardize(x: np.ndarray, mean: Any, std: Any) -> np.ndarray:
+    """Apply :func:`load`'s standardization to new raw inputs ``x`` (``(n, ...)``): float32,
+    ``(x - mean) / std`` per flattened feature, with the same float32 operations as ``load`` (so
+    the validation split comes out bit-identical). Returns a new float32 array shaped like ``x``."""
+    out = np.array(x, dtype=np.float32, copy=True)
+    flat = out.reshape(len(out), -1)
+    flat -= np.asarray(mean, dtype=np.float64).astype(np.float32)
+    flat /= np.asarray(std, dtype=np.float64).astype(np.float32)
+    return out

@@ -12,7 +12,9 @@ step 0 over ``warmup_steps`` updates; afterwards the wrapped schedule runs from 
 
 from __future__ import annotations
 
+import bisect
 import math
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -20,8 +22,27 @@ from typing import Any
 LRFunction = Callable[[int], float]
 
 
+#: The largest number a spec may hold: float32's maximum (the engine's tensors are float32, and
+#: torch refuses a larger scalar: "value cannot be converted to type float without overflow").
+FLOAT32_MAX = 3.4028234663852886e38
+#: The largest learning rate, as a number or as any value of a schedule. Far above any rate that
+#: trains (a rate this large makes a float32 loss non-finite at once, which the engine reports as
+#: ``non_finite_loss``), and far enough below FLOAT32_MAX that torch's optimizers can scale it
+#: (Adam's ``lr / (1 - beta_1 ** t)``; at FLOAT32_MAX that raised in the worker).
+MAX_LEARNING_RATE = 1e10
+
+#: The most restarts cosine_restarts may search through when it locates a step (a t_mul below 1
+#: makes restarts ever shorter; float64 rounding would otherwise loop without end).
+_MAX_RESTART_FIX = 64
+
+
 class ScheduleError(ValueError):
-    """A schedule that cannot be evaluated as written (e.g. needs steps_per_epoch)."""
+    """A schedule that cannot be evaluated as written (e.g. needs steps_per_epoch, or its value
+    overflows at some step). ``field`` names the schedule's parameter at fault, when one is."""
+
+    def __init__(self, msg: str, field: str | None = None) -> None:
+        super().__init__(msg)
+        self.field = field
 
 
 def _get(spec: Any, name: str, default: Any = None) -> Any:
@@ -71,8 +92,7 @@ def _multistep(s: Any, steps_per_epoch: int | None) -> LRFunction:
     t_of = _epoch_or_step(s, steps_per_epoch)
 
     def f(step: int) -> float:
-        t = t_of(step)
-        return lr0 * gamma ** sum(1 for m in milestones if m <= t)
+        return lr0 * gamma ** bisect.bisect_right(milestones, t_of(step))  # milestones <= t
 
     return f
 
@@ -111,20 +131,36 @@ def _cosine_restarts(s: Any) -> LRFunction:
     lr0, first = _get(s, "initial_learning_rate"), _get(s, "first_decay_steps")
     t_mul, m_mul, alpha = _get(s, "t_mul", 2.0), _get(s, "m_mul", 1.0), _get(s, "alpha", 0.0)
 
-    def f(step: int) -> float:
+    def locate(step: int) -> tuple[int, float]:
+        """(restart index, fraction of that restart done) of ``step``."""
         frac = step / first
         if t_mul == 1.0:
             i = math.floor(frac)
-            frac -= i
+            return i, frac - i
+        i = math.floor(math.log(1 - frac * (1 - t_mul)) / math.log(t_mul))
+        # float64 rounding can land just below a whole number at a restart boundary: fix i so
+        # that start(i) <= frac < start(i + 1), start(i) = (1 - t_mul**i) / (1 - t_mul).
+        for _ in range(_MAX_RESTART_FIX):
+            if (1 - t_mul ** (i + 1)) / (1 - t_mul) > frac:
+                break
+            i += 1
         else:
-            i = math.floor(math.log(1 - frac * (1 - t_mul)) / math.log(t_mul))
-            # float64 rounding can land just below a whole number at a restart boundary: fix i so
-            # that start(i) <= frac < start(i + 1), start(i) = (1 - t_mul**i) / (1 - t_mul).
-            while (1 - t_mul ** (i + 1)) / (1 - t_mul) <= frac:
-                i += 1
-            while i > 0 and (1 - t_mul**i) / (1 - t_mul) > frac:
-                i -= 1
-            frac = (frac - (1 - t_mul**i) / (1 - t_mul)) / t_mul**i
+            raise ValueError("the restarts never reach this step")
+        for _ in range(_MAX_RESTART_FIX):
+            if not (i > 0 and (1 - t_mul**i) / (1 - t_mul) > frac):
+                break
+            i -= 1
+        return i, (frac - (1 - t_mul**i) / (1 - t_mul)) / t_mul**i
+
+    def f(step: int) -> float:
+        try:
+            i, frac = locate(step)
+        except (OverflowError, ValueError, ZeroDivisionError) as exc:
+            # t_mul < 1: the restarts add up to first_decay_steps / (1 - t_mul) steps and Keras
+            # gives NaN past them; a tiny or huge t_mul under- or overflows float64
+            raise ScheduleError(f"schedule 'cosine_restarts' is undefined at step {step} with t_mul {t_mul} "
+                                f"({exc}); with t_mul < 1 the restarts end after first_decay_steps / (1 - t_mul) "
+                                "steps", "t_mul") from None
         return lr0 * ((1 - alpha) * 0.5 * m_mul**i * (1 + math.cos(math.pi * frac)) + alpha)
 
     return f
@@ -224,6 +260,31 @@ SCHEDULES: dict[str, ScheduleInfo] = {
 }
 
 
+#: the parameter that makes each schedule grow without bound (blamed when its value overflows)
+_GROWTH_FIELD = {"exponential": "decay_rate", "step": "gamma", "multistep": "gamma", "cosine_restarts": "m_mul"}
+
+
+def _guarded(f: LRFunction, kind: str) -> LRFunction:
+    """``f`` whose arithmetic failures (overflow, a math domain error, a division by an underflowed
+    zero) and values that are not finite or exceed :data:`MAX_LEARNING_RATE` raise :class:`ScheduleError`
+    naming the step and the parameter at fault."""
+    field = _GROWTH_FIELD.get(kind)
+
+    def lr_at(step: int) -> float:
+        try:
+            value = f(step)
+        except ScheduleError:
+            raise
+        except (OverflowError, ValueError, ZeroDivisionError) as exc:
+            raise ScheduleError(f"schedule {kind!r} cannot be evaluated at step {step} ({exc})", field) from None
+        if not (math.isfinite(value) and abs(value) <= MAX_LEARNING_RATE):
+            raise ScheduleError(f"schedule {kind!r} gives the learning rate {value!r} at step {step}; it must stay "
+                                f"finite and at most {MAX_LEARNING_RATE:g}", field)
+        return value
+
+    return lr_at
+
+
 def _warmup_bounds(s: Any) -> tuple[int, float]:
     steps = int(_get(s, "warmup_steps", 0) or 0)
     start = _get(s, "warmup_start_lr", 0.0) or 0.0
@@ -250,7 +311,7 @@ def make_lr_fn(
     info = SCHEDULES.get(kind)
     if info is None:
         raise ScheduleError(f"unknown schedule {kind!r}; known: {', '.join(SCHEDULES)}")
-    base = info.build(s, steps_per_epoch, total_steps)
+    base = _guarded(info.build(s, steps_per_epoch, total_steps), kind)
 
     warm_steps, warm_start = _warmup_bounds(s)
     if warm_steps <= 0:
@@ -265,16 +326,34 @@ def make_lr_fn(
     return warmed
 
 
+def check_schedule(learning_rate: Any, *, steps: int, steps_per_epoch: int | None, total_steps: int | None) -> None:
+    """Raise :class:`ScheduleError` if the schedule fails (overflows, leaves its domain, exceeds
+    :data:`MAX_LEARNING_RATE`) at any of the steps ``0 .. steps-1`` a job will use. Warm-up is linear
+    between bounded values, and after it every schedule's value and arithmetic are monotone in
+    the step (exponential, step, multistep: a power of the step; cosine_restarts: the restart
+    index and ``m_mul ** index``; polynomial, cosine, one_cycle stay between their end points), so
+    evaluating the ends of the warm-up and of the run decides it in constant time."""
+    if steps <= 0 or isinstance(learning_rate, int | float):
+        return
+    f = make_lr_fn(learning_rate, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+    warm, _ = _warmup_bounds(learning_rate)
+    for k in sorted({0, warm - 1, warm, steps - 1}):
+        if 0 <= k < steps:
+            f(k)
+
+
 def preview_schedule(
     learning_rate: float | Any,
     steps: int,
     *,
     steps_per_epoch: int | None = None,
     total_steps: int | None = None,
+    time_limit_s: float | None = None,
 ) -> list[float]:
     """The learning rate used at steps ``0 .. steps-1`` for a number or a schedule object as
     written in a spec (a dict is validated first). ``reduce_on_plateau`` previews its base rate,
-    since the plateau depends on training."""
+    since the plateau depends on training. Each step costs O(log milestones); past
+    ``time_limit_s`` it stops with a :class:`ScheduleError`."""
     if steps < 0:
         raise ScheduleError("steps must be >= 0")
     if isinstance(learning_rate, Mapping):
@@ -282,4 +361,33 @@ def preview_schedule(
 
         learning_rate = parse_learning_rate(learning_rate)
     f = make_lr_fn(learning_rate, steps_per_epoch=steps_per_epoch, total_steps=total_steps or steps or None)
-    return [f(k) for k in range(steps)]
+    if time_limit_s is None:
+        return [f(k) for k in range(steps)]
+    deadline = time.monotonic() + time_limit_s
+    out: list[float] = []
+    for start in range(0, steps, 4096):
+        out += [f(k) for k in range(start, min(steps, start + 4096))]
+        if time.monotonic() > deadline and len(out) < steps:
+            raise ScheduleError(f"the preview took longer than {time_limit_s:g} s; ask for fewer steps")
+    return out
+
+
+def preview_json(
+    learning_rate: Any, steps: int, steps_per_epoch: int | None, time_limit_s: float | None
+) -> tuple[str, Any, Any]:
+    """:func:`preview_schedule` for a worker process: plain values that pickle (exceptions with
+    extra attributes do not): ``("ok", b'{"lr": [...]}', None)``, ``("schedule_error", msg,
+    field)`` or ``("spec_error", errors, None)``. The JSON is built here too (200,000 floats)."""
+    import json
+
+    from training.spec import SpecError
+
+    try:
+        lr = preview_schedule(learning_rate, steps, steps_per_epoch=steps_per_epoch, time_limit_s=time_limit_s)
+    except SpecError as exc:
+        return "spec_error", exc.errors, None
+    except ScheduleError as exc:
+        return "schedule_error", str(exc), exc.field
+    if not all(math.isfinite(v) for v in lr):
+        return "schedule_error", "this schedule gives non-finite learning rates", None
+    return "ok", json.dumps({"lr": lr}).encode(), None

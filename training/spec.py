@@ -27,7 +27,18 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from training.schedules import FLOAT32_MAX, MAX_LEARNING_RATE
+
 SPEC_VERSION = 1
+
+#: Bounds on a schedule's lists and step counts, so a schedule stays cheap to evaluate and to store.
+MAX_MILESTONES = 1000
+MAX_SCHEDULE_STEPS = 10**12
+ScheduleSteps = Annotated[int, Field(ge=0, le=MAX_SCHEDULE_STEPS)]
+#: a learning rate as a number, or a schedule's rate parameter (every value a schedule gives is
+#: bounded the same way: training.schedules)
+Rate = Annotated[float, Field(gt=0, le=MAX_LEARNING_RATE)]
+RateOrZero = Annotated[float, Field(ge=0, le=MAX_LEARNING_RATE)]
 
 ACTIVATIONS = (
     "linear", "relu", "leaky_relu", "elu", "selu", "gelu", "silu", "swish",
@@ -81,6 +92,16 @@ class StrictModel(BaseModel):
                 )
         return data
 
+    @field_validator("*", mode="after")
+    @classmethod
+    def _float32(cls, value: Any) -> Any:
+        if isinstance(value, float) and abs(value) > FLOAT32_MAX:
+            raise PydanticCustomError(
+                "float32_range", "{value} is out of range: numbers in a spec must be at most {limit} in absolute "
+                "value (float32, what the engine computes in)", {"value": repr(value), "limit": f"{FLOAT32_MAX:.8g}"},
+            )
+        return value
+
 
 # --------------------------------------------------------------------------- small parts
 
@@ -100,6 +121,23 @@ class Initializer(StrictModel):
     @classmethod
     def _from_name(cls, data: Any) -> Any:
         return {"name": data} if isinstance(data, str) else data
+
+    @model_validator(mode="after")
+    def _ranges(self) -> Initializer:
+        """What torch's in-place initializers refuse (caught here, not in the worker)."""
+        if self.name == "uniform":
+            lo = -0.05 if self.minval is None else self.minval  # Keras RandomUniform defaults
+            hi = 0.05 if self.maxval is None else self.maxval
+            if lo > hi:
+                raise ValueError(f"minval ({lo}) must be at most maxval ({hi})")
+            if hi - lo > FLOAT32_MAX:
+                raise ValueError(f"maxval - minval must be at most {FLOAT32_MAX:.8g} (float32)")
+        if self.name == "truncated_normal":
+            mean = self.mean or 0.0
+            sd = 0.05 if self.stddev is None else self.stddev
+            if abs(mean) + 2 * sd > FLOAT32_MAX:
+                raise ValueError(f"mean ± 2 * stddev (the truncation bounds) must be within ±{FLOAT32_MAX:.8g} (float32)")
+        return self
 
 
 class Regularizer(StrictModel):
@@ -316,35 +354,35 @@ class Metric(StrictModel):
 
 
 class _Warmup(StrictModel):
-    warmup_steps: int = Field(0, ge=0)
-    warmup_start_lr: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0, le=MAX_SCHEDULE_STEPS)
+    warmup_start_lr: RateOrZero = 0.0
 
 
 class Constant(_Warmup):
     schedule: Literal["constant"]
-    initial_learning_rate: float = Field(gt=0)
+    initial_learning_rate: Rate
 
 
 class Exponential(_Warmup):
     schedule: Literal["exponential"]
-    initial_learning_rate: float = Field(gt=0)
-    decay_steps: int = Field(ge=1)
+    initial_learning_rate: Rate
+    decay_steps: int = Field(ge=1, le=MAX_SCHEDULE_STEPS)
     decay_rate: float = Field(gt=0)
     staircase: bool = False
 
 
 class StepDecay(_Warmup):
     schedule: Literal["step"]
-    initial_learning_rate: float = Field(gt=0)
-    step_size: int = Field(ge=1)
+    initial_learning_rate: Rate
+    step_size: int = Field(ge=1, le=MAX_SCHEDULE_STEPS)
     gamma: float = Field(0.1, gt=0)
     unit: Literal["epoch", "step"] = "epoch"
 
 
 class MultiStep(_Warmup):
     schedule: Literal["multistep"]
-    initial_learning_rate: float = Field(gt=0)
-    milestones: list[int] = Field(min_length=1)
+    initial_learning_rate: Rate
+    milestones: list[ScheduleSteps] = Field(min_length=1, max_length=MAX_MILESTONES)
     gamma: float = Field(0.1, gt=0)
     unit: Literal["epoch", "step"] = "epoch"
 
@@ -358,20 +396,20 @@ class MultiStep(_Warmup):
 
 class Polynomial(_Warmup):
     schedule: Literal["polynomial"]
-    initial_learning_rate: float = Field(gt=0)
-    decay_steps: int = Field(ge=1)
-    end_learning_rate: float = Field(1e-4, ge=0)
+    initial_learning_rate: Rate
+    decay_steps: int = Field(ge=1, le=MAX_SCHEDULE_STEPS)
+    end_learning_rate: RateOrZero = 1e-4
     power: float = Field(1.0, gt=0)
     cycle: bool = False
 
 
 class Cosine(_Warmup):
     schedule: Literal["cosine"]
-    initial_learning_rate: float = Field(ge=0, description="> 0 unless warmup_target is given (then the warm-up start)")
-    decay_steps: int = Field(ge=1)
+    initial_learning_rate: float = Field(ge=0, le=MAX_LEARNING_RATE, description="> 0 unless warmup_target is given (then the warm-up start)")
+    decay_steps: int = Field(ge=1, le=MAX_SCHEDULE_STEPS)
     alpha: float = Field(0.0, ge=0, le=1)
     warmup_target: float | None = Field(
-        None, gt=0, description="Keras CosineDecay: warm up from initial_learning_rate to this, then decay from it"
+        None, gt=0, le=MAX_LEARNING_RATE, description="Keras CosineDecay: warm up from initial_learning_rate to this, then decay from it"
     )
 
     @model_validator(mode="after")
@@ -385,8 +423,8 @@ class Cosine(_Warmup):
 
 class CosineRestarts(_Warmup):
     schedule: Literal["cosine_restarts"]
-    initial_learning_rate: float = Field(gt=0)
-    first_decay_steps: int = Field(ge=1)
+    initial_learning_rate: Rate
+    first_decay_steps: int = Field(ge=1, le=MAX_SCHEDULE_STEPS)
     t_mul: float = Field(2.0, gt=0)
     m_mul: float = Field(1.0, gt=0)
     alpha: float = Field(0.0, ge=0, le=1)
@@ -394,8 +432,8 @@ class CosineRestarts(_Warmup):
 
 class OneCycle(_Warmup):
     schedule: Literal["one_cycle"]
-    max_lr: float = Field(gt=0)
-    total_steps: int | None = Field(None, ge=2, description="default: epochs * steps per epoch")
+    max_lr: Rate
+    total_steps: int | None = Field(None, ge=2, le=MAX_SCHEDULE_STEPS, description="default: epochs * steps per epoch")
     pct_start: float = Field(0.3, gt=0, lt=1)
     anneal_strategy: Literal["cos", "linear"] = "cos"
     div_factor: float = Field(25.0, gt=0)
@@ -405,14 +443,14 @@ class OneCycle(_Warmup):
 
 class ReduceOnPlateau(_Warmup):
     schedule: Literal["reduce_on_plateau"]
-    initial_learning_rate: float = Field(gt=0)
+    initial_learning_rate: Rate
     monitor: str = "val_loss"
     factor: float = Field(0.1, gt=0, lt=1)
     patience: int = Field(10, ge=0)
     mode: Literal["auto", "min", "max"] = "auto"
     min_delta: float = Field(1e-4, ge=0)
     cooldown: int = Field(0, ge=0)
-    min_lr: float = Field(0.0, ge=0)
+    min_lr: float = Field(0.0, ge=0, le=MAX_LEARNING_RATE)
 
 
 Schedule = Annotated[
@@ -437,14 +475,14 @@ def _optimizer_lr_kind(v: Any) -> str:
 
 
 LearningRate = Annotated[
-    Annotated[float, Tag(_LR_TAGS[0]), Field(gt=0, allow_inf_nan=False, strict=True)] | Annotated[Schedule, Tag(_LR_TAGS[1])],
+    Annotated[float, Tag(_LR_TAGS[0]), Field(gt=0, le=MAX_LEARNING_RATE, allow_inf_nan=False, strict=True)] | Annotated[Schedule, Tag(_LR_TAGS[1])],
     Discriminator(_lr_kind),
 ]
 _LR_ADAPTER: TypeAdapter[Any] = TypeAdapter(LearningRate)
 
 #: An optimizer's learning rate: a number, a schedule object, or "find" (the LR finder's suggestion).
 OptimizerLearningRate = Annotated[
-    Annotated[float, Tag(_LR_TAGS[0]), Field(gt=0, allow_inf_nan=False, strict=True)]
+    Annotated[float, Tag(_LR_TAGS[0]), Field(gt=0, le=MAX_LEARNING_RATE, allow_inf_nan=False, strict=True)]
     | Annotated[Schedule, Tag(_LR_TAGS[1])]
     | Annotated[Literal["find"], Tag(_LR_TAGS[2])],
     Discriminator(_optimizer_lr_kind),
@@ -695,7 +733,7 @@ class ReduceLROnPlateauSpec(StrictModel):
     mode: Literal["auto", "min", "max"] = "auto"
     min_delta: float = Field(1e-4, ge=0)
     cooldown: int = Field(0, ge=0)
-    min_lr: float = Field(0.0, ge=0)
+    min_lr: float = Field(0.0, ge=0, le=MAX_LEARNING_RATE)
     verbose: int = Field(0, ge=0, le=2, description="accepted for Keras compatibility; ignored")
 
 
@@ -709,8 +747,8 @@ class CallbacksSpec(StrictModel):
 class LRFindSpec(StrictModel):
     """LR range test (Smith 2015): exponential ramp from min_lr to max_lr over steps."""
 
-    min_lr: float = Field(1e-7, gt=0)
-    max_lr: float = Field(10.0, gt=0)
+    min_lr: float = Field(1e-7, gt=0, le=MAX_LEARNING_RATE)
+    max_lr: float = Field(10.0, gt=0, le=MAX_LEARNING_RATE)
     steps: int = Field(100, ge=5, le=100_000)
     stop_factor: float = Field(4.0, gt=1, description="stop when the smoothed loss exceeds this times its best")
     smoothing: float = Field(0.98, ge=0, lt=1)
@@ -881,9 +919,31 @@ def semantic_errors(spec: JobSpec, datasets: DatasetResolver | None = None) -> l
         else:
             if shapes is not None:
                 _check_head(spec, info, shapes[-1], errors)
+        _check_schedule(spec, info, errors)
 
     _check_monitors(spec, errors)
     return errors
+
+
+def _check_schedule(spec: JobSpec, info: Any, errors: list[dict[str, Any]]) -> None:
+    """The learning-rate schedule must give a finite float32 rate at every step the job runs (the
+    engine's own step count: ``ceil(n_train / batch_size)`` steps an epoch)."""
+    from training.schedules import ScheduleError, check_schedule
+
+    lr = spec.optimizer.learning_rate
+    if spec.kind != "train" or not isinstance(lr, BaseModel):
+        return
+    n_train = info.n_samples - int(round(info.n_samples * spec.data.validation_split))
+    if n_train < 1:
+        return  # reported by the split check
+    per_epoch = -(-n_train // min(spec.data.batch_size, n_train))
+    total = spec.epochs * per_epoch
+    steps = total if spec.max_steps is None else min(total, spec.max_steps)
+    try:
+        check_schedule(lr, steps=steps, steps_per_epoch=per_epoch, total_steps=total)
+    except ScheduleError as exc:
+        loc = ("optimizer", "learning_rate", *((exc.field,) if exc.field else ()))
+        _issue(errors, loc, f"{exc} (this job runs {steps} steps, {per_epoch} per epoch)", "schedule_error")
 
 
 #: layers that take (C, H, W) input, and layers that pass a shape through unchanged

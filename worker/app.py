@@ -22,7 +22,7 @@ from celery.signals import (
 
 from config.settings import Settings, get_settings
 from orchestration.messages import sender
-from store.broker import RUN_JOB_TASK, SQLA_POLLING_INTERVAL_S, celery_config
+from store.broker import EXPORT_TASK, RUN_JOB_TASK, SQLA_POLLING_INTERVAL_S, celery_config
 
 log = logging.getLogger("trainyard.worker")
 
@@ -114,7 +114,8 @@ def _start_liveness_file(path: Path, every_s: float = 10.0) -> None:
 
 
 def create_celery(settings: Settings | None = None) -> Celery:
-    """A Celery app configured from settings, with ``trainyard.run_job`` registered."""
+    """A Celery app configured from settings, with ``trainyard.run_job`` and ``trainyard.export``
+    registered."""
     settings = settings or get_settings()
     app = Celery("trainyard")
     app.conf.update(celery_config(settings))
@@ -130,20 +131,30 @@ def create_celery(settings: Settings | None = None) -> Celery:
     def run_job(job_id: str) -> str:
         from config.logs import job_context
         from orchestration.sweeps import after_job
-        from worker.runner import run_job as run
+        from worker.runner import run_next_job
 
+        ran = job_id
         with job_context(job_id):
             try:
-                outcome = run(job_id, settings, _send_jobs)
+                # the best queued job of this message's queue (priority, then age), maybe not job_id
+                ran, outcome = run_next_job(job_id, settings, _send_jobs)
             finally:
                 # a trial of a sweep that ended (however) advances its sweep; a no-op for other jobs
-                after_job(job_id, settings, _send_jobs)
+                after_job(ran, settings, _send_jobs)
         if outcome == "requeued":
             # shutting down (the job resumes on the next worker), or no database to claim it
             raise Reject(HAND_BACK, requeue=True)
         return outcome
 
     _ = run_job
+
+    @app.task(name=EXPORT_TASK, ignore_result=True, acks_late=True)
+    def export(artifact_id: int) -> str:
+        from worker.exports import run_export
+
+        return run_export(int(artifact_id), settings)
+
+    _ = export
 
     _send_jobs = sender(app)
 
@@ -163,6 +174,8 @@ def create_celery(settings: Settings | None = None) -> Celery:
     def _on_ready(**_: Any) -> None:
         from orchestration.services.sweep_keeper import SweepKeeper
         from worker.recovery import start_reaper
+
+        log_devices()
 
         start_reaper(app, settings)
         SweepKeeper(settings, _send_jobs).start()  # advances sweeps whose last trial ended without a worker
@@ -187,6 +200,19 @@ def create_celery(settings: Settings | None = None) -> Celery:
     worker_init.connect(_on_worker_init, weak=False)
     worker_process_init.connect(_on_worker_process_init, weak=False)
     return app
+
+
+def log_devices() -> None:
+    """Say which devices this worker process trains on: the CUDA_VISIBLE_DEVICES it was given
+    (``trainyard worker --gpus`` pins one per process) and what PyTorch sees through it."""
+    import torch
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    count = torch.cuda.device_count()  # asks NVML; does not initialize CUDA before a prefork pool forks
+    logging.getLogger("trainyard.worker").info(
+        "trainyard worker pid %d: CUDA_VISIBLE_DEVICES=%s; torch sees %d CUDA device(s)",
+        os.getpid(), "(unset)" if visible is None else visible, count,
+    )
 
 
 def default_queues(settings: Settings) -> list[str]:

@@ -9,9 +9,10 @@ import socket
 import traceback
 from typing import Any
 
+from config import logs
 from config.logs import job_context, set_attempt
 from config.settings import Settings, get_settings
-from store import leases, outbox, repo
+from store import leases, outbox, repo, scheduling
 from store.db import session_scope
 from worker.reporter import SHUTDOWN, WRITE_RETRY_DEADLINE_S, DbReporter, json_safe
 
@@ -25,7 +26,9 @@ FAILED_STOP_REASONS = {
 
 
 def worker_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """host:pid, plus /gpuN when the process is pinned to device(s) N (``trainyard worker --gpus``)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return f"{socket.gethostname()}:{os.getpid()}" + (f"/gpu{visible}" if visible else "")
 
 
 def _resolve_dataset(spec: dict[str, Any], settings: Settings) -> dict[str, Any]:
@@ -73,20 +76,36 @@ def _hang_after_first_epoch(reporter: DbReporter) -> None:
     reporter.on_epoch = hanging  # type: ignore[method-assign]
 
 
-def _claim(job_id: str, settings: Settings) -> tuple[int, int, dict[str, Any], Any, str | None, int] | None:
+def _claim(job_id: str, settings: Settings, by_priority: bool = False) -> tuple[int, int, dict[str, Any], Any, str | None, int, str] | None:
     """Claim the job and drop its outbox rows (its message arrived) in one transaction; the
-    claim's (lease token, attempt, spec, snapshot or None, sweep id or None, epochs)."""
+    claim's (lease token, attempt, spec, snapshot or None, sweep id or None, epochs, job id).
+    ``by_priority``: claim the best queued job of the message's queue instead (see
+    :func:`claim_by_priority`)."""
     with session_scope() as s:
         # the claim first: its started_at is when the job starts (submit->running latency)
-        job = repo.claim_job(s, job_id, worker_name(), settings.heartbeat_stale_s)
+        job = claim_by_priority(s, job_id, settings) if by_priority else None
+        if job is None:
+            job = repo.claim_job(s, job_id, worker_name(), settings.heartbeat_stale_s)
         outbox.forget_jobs(s, [job_id])
         if job is None:
             return None
         attempt = job.attempts
-        snapshot = repo.get_snapshot(s, job_id) if attempt > 1 else None
+        snapshot = repo.get_snapshot(s, job.id) if attempt > 1 else None
         if snapshot is not None:
             s.expunge(snapshot)
-        return job.lease_token, attempt, dict(job.spec), snapshot, job.sweep_id, job.epochs
+        return job.lease_token, attempt, dict(job.spec), snapshot, job.sweep_id, job.epochs, job.id
+
+
+def claim_by_priority(s: Any, message_job_id: str, settings: Settings) -> Any:
+    """Claim the best queued job of the queue ``message_job_id``'s message came on
+    (:func:`store.scheduling.pick_next`), or None when none is queued (the caller then tries the
+    message's own job: the take-over of a lost one). The message's outbox rows are dropped by the
+    caller (it arrived); those of the job taken stay, so its message, sent or still to be sent,
+    starts the next job."""
+    best = scheduling.pick_next(s, message_job_id)
+    if best is None:
+        return None
+    return repo.claim_job(s, best, worker_name(), settings.heartbeat_stale_s)
 
 
 def _verified_snapshot(job_id: str, snapshot: Any) -> bytes:
@@ -103,7 +122,18 @@ def _verified_snapshot(job_id: str, snapshot: Any) -> bytes:
     return bytes(snapshot.data)
 
 
-def run_job(job_id: str, settings: Settings | None = None, send: outbox.Send | None = None) -> str:
+def run_next_job(message_job_id: str, settings: Settings | None = None,
+                 send: outbox.Send | None = None) -> tuple[str, str]:
+    """What the Celery task runs: claim the best queued job of the message's queue (priority, then
+    age; :mod:`store.scheduling`), which may be another job than the message's, and run it like
+    :func:`run_job`. Returns (the id of the job handled, its outcome)."""
+    ran = {"id": message_job_id}
+    outcome = run_job(message_job_id, settings, send, _by_priority=ran)
+    return ran["id"], outcome
+
+
+def run_job(job_id: str, settings: Settings | None = None, send: outbox.Send | None = None,
+            _by_priority: dict[str, str] | None = None) -> str:
     """Claim ``job_id`` (compare-and-set; safe if delivered twice), train it, record the result.
     Returns the job's final status, ``"skipped"`` if it was not claimable, ``"lease_lost"`` if
     another claim took the job over while it ran (nothing more is written), or ``"requeued"`` if
@@ -113,17 +143,18 @@ def run_job(job_id: str, settings: Settings | None = None, send: outbox.Send | N
     else the outbox relay does). Exceptions other than the engine's own are re-raised after the
     job is recorded as failed."""
     with job_context(job_id):
-        outcome = _run_job(job_id, settings or get_settings(), send)
-        log.info("job %s: %s", job_id, outcome)
+        outcome = _run_job(job_id, settings or get_settings(), send, _by_priority)
+        log.info("job %s: %s", _by_priority["id"] if _by_priority else job_id, outcome)
         return outcome
 
 
-def _run_job(job_id: str, settings: Settings, send: outbox.Send | None) -> str:
+def _run_job(job_id: str, settings: Settings, send: outbox.Send | None, _by_priority: dict[str, str] | None) -> str:
     if SHUTDOWN.is_set():  # a message that arrives while this worker shuts down goes back untouched
         log.info("job %s arrived while this worker shuts down; handed back to the broker", job_id)
         return "requeued"
     try:
-        claimed = leases.retry_transient(lambda: _claim(job_id, settings), deadline_s=30.0, what=f"claim {job_id}")
+        claimed = leases.retry_transient(lambda: _claim(job_id, settings, _by_priority is not None), deadline_s=30.0,
+                                         what=f"claim {job_id}")
     except Exception as exc:
         if not leases.is_transient(exc):
             raise
@@ -132,7 +163,11 @@ def _run_job(job_id: str, settings: Settings, send: outbox.Send | None) -> str:
     if claimed is None:
         log.info("job %s is not claimable (already handled or cancelled); skipping", job_id)
         return "skipped"
-    token, attempt, spec_dict, snapshot, sweep_id, epochs = claimed
+    token, attempt, spec_dict, snapshot, sweep_id, epochs, claimed_id = claimed
+    if _by_priority is not None and claimed_id != job_id:
+        log.info("message of job %s: job %s comes first (priority, then age); running it", job_id, claimed_id)
+        _by_priority["id"] = job_id = claimed_id
+        logs.job_id.set(claimed_id)  # the lines from here on are about the job run
     set_attempt(attempt)  # every line from here on carries it
     log.info("job %s: claimed, attempt %d%s", job_id, attempt, " (resuming from its snapshot)" if snapshot is not None else "")
     if os.environ.get(FAULT_ENV) == "1" and spec_dict.get("name") == FAULT_KILL_NAME:
@@ -251,6 +286,7 @@ def _record_result(job_id: str, reporter: DbReporter, result: Any, attempt: int)
         reporter.write_buffered(s)
         s.flush()  # the best checkpoint may be among them
         _store_best(s, job_id, result)
+        _store_last(s, job_id, result)
         repo.finish_job(
             s, job_id, status=status, stop_reason=stop_reason, error=error,
             best=(result.monitor, result.best_value, result.best_epoch) if result.monitor else None,
@@ -273,6 +309,9 @@ def _store_best(s: Any, job_id: str, result: Any) -> None:
     ):
         return
     data = result.best_checkpoint
+    last = getattr(result, "last_checkpoint", None)
+    if data is None and last is not None:
+        data = last.data  # no checkpoint was saved: the final weights, with their card
     if data is None and result.weights:
         from safetensors.torch import save
 
@@ -283,6 +322,15 @@ def _store_best(s: Any, job_id: str, result: Any) -> None:
         s, job_id, epoch=result.best_epoch or result.epochs_run, step=result.steps, monitor=result.monitor,
         value=result.best_value, data=data, sha256=repo.sha256_hex(data), is_best=True,
     )
+
+
+def _store_last(s: Any, job_id: str, result: Any) -> None:
+    """Keep the last epoch's weights (before early stopping restored the best) as the job's
+    newest checkpoint, so they can be downloaded as well as the best."""
+    last = getattr(result, "last_checkpoint", None)
+    if last is not None:
+        repo.add_last_checkpoint(s, job_id, epoch=last.epoch, step=last.step, monitor=last.monitor,
+                                 value=last.value, data=last.data, sha256=last.sha256)
 
 
 def _run_lr_find(job_id: str, spec: dict[str, Any], reporter: DbReporter) -> str:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import os
+import re
 import tempfile
 import zipfile
 import zlib
@@ -25,6 +27,8 @@ from training.data import DataError, info_from_arrays, read_array_file
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 
 CHUNK = 1 << 20
+#: the longest file name kept (datasets.filename holds 300; most file systems allow 255 bytes)
+MAX_FILENAME = 255
 
 
 @router.post(
@@ -51,9 +55,14 @@ def upload_dataset(
     if length and length.isdigit() and int(length) > limit + 64 * 1024:
         raise HTTPException(status_code=413, detail=f"upload is larger than the limit of {limit} bytes")
     filename = os.path.basename((file.filename or "").replace("\x00", "")) or "upload"
-    ext = os.path.splitext(filename)[1].lower()
+    if len(filename) > MAX_FILENAME:
+        raise SpecProblem([error(["file"], f"the file name is {len(filename)} characters long; at most {MAX_FILENAME} "
+                                 "are allowed", "string_too_long")])
+    ext = "." + filename.rsplit(".", 1)[1].lower() if "." in filename else ""  # ".csv" is a CSV file too
     if ext not in (".npz", ".csv"):
         raise SpecProblem([error(["file"], f"unsupported file type {ext or '(none)'!r}; allowed: .npz, .csv")])
+    if ext == ".npz" and target is not None:
+        raise SpecProblem([error(["target"], "target applies to .csv files only; an .npz names its arrays x and y")])
     settings.datasets_dir.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
     size = 0
@@ -70,13 +79,23 @@ def upload_dataset(
             tmp.close()
             tmp_path.unlink(missing_ok=True)
             raise
+    quota = settings.max_project_dataset_bytes
+    if quota > 0:
+        used = repo.project_dataset_bytes(session, project)
+        if used + size > quota:
+            tmp_path.unlink(missing_ok=True)
+            raise SpecProblem([error(["file"], f"the project's datasets take {used} bytes and this upload {size}; "
+                                     f"a project may store at most {quota} (delete some with DELETE "
+                                     "/v1/datasets/{id})", "limit_exceeded")])
     stored = ""
     try:
-        tgt: str | int | None = int(target) if target is not None and target.strip().isdigit() else target
+        # a column index is ASCII digits ("²" is a digit to str.isdigit, and int() refuses it)
+        tgt: str | int | None = (int(target) if target is not None and re.fullmatch(r"[0-9]{1,9}", target.strip())
+                                 else target)
         if ext == ".npz":
             _check_npz_size(tmp_path, filename, settings.max_dataset_bytes)
         try:
-            x, y = read_array_file(str(tmp_path), tgt if ext == ".csv" else None)
+            x, y = read_array_file(str(tmp_path), tgt if ext == ".csv" else None, max_bytes=settings.max_dataset_bytes)
         except DataError as exc:
             field = "target" if exc.field == "target" else "file"
             raise SpecProblem([error([field], str(exc).replace(str(tmp_path), filename))]) from None
@@ -108,7 +127,7 @@ def upload_dataset(
     # is sent, so a failing commit would follow a 201 for a dataset that does not exist.
     try:
         ds = repo.create_dataset(
-            session, id=dataset_id, name=name or filename, filename=filename, format=ext[1:], file=stored,
+            session, id=dataset_id, name=name or filename[:200], filename=filename, format=ext[1:], file=stored,
             task=info.task, input_shape=list(info.input_shape), n_classes=info.n_classes,
             n_targets=info.n_targets, n_samples=info.n_samples, size=size, sha256=digest.hexdigest(),
             project_id=project,
@@ -122,18 +141,62 @@ def upload_dataset(
 
 def _check_npz_size(path: Path, filename: str, limit: int) -> None:
     """Refuse an archive whose members would expand beyond ``limit`` bytes, before numpy reads
-    it (the sizes come from the zip directory, which bounds what zipfile will decompress)."""
+    it: the sizes in the zip directory (which bound what zipfile will decompress) and the array
+    sizes each ``.npy`` header declares (numpy allocates the declared shape before it reads a
+    byte: an 80-byte member declaring (10**9, 4) asked for 8 TiB)."""
+    from numpy.lib import format as npy
+
     try:
         with zipfile.ZipFile(path) as zf:
-            total = sum(i.file_size for i in zf.infolist())
-    except (zipfile.BadZipFile, OSError, ValueError):
-        return  # not a zip archive: the reader below says so
-    if total > limit:
-        raise SpecProblem([error(["file"], f"{filename!r} expands to {total} bytes; this server allows at most "
-                                 f"{limit}", "limit_exceeded")])
+            members = zf.infolist()
+            total = sum(i.file_size for i in members)
+            if total > limit:
+                raise SpecProblem([error(["file"], f"{filename!r} expands to {total} bytes; this server allows at "
+                                         f"most {limit}", "limit_exceeded")])
+            for info in members:
+                if not info.filename.endswith(".npy"):
+                    continue
+                with zf.open(info) as f:
+                    try:
+                        version = npy.read_magic(f)
+                        reader = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+                        shape, _, dtype = reader(f, max_header_size=10_000)
+                    except ValueError:
+                        continue  # not an .npy header: the reader below says what is wrong
+                    declared = math.prod(shape) * dtype.itemsize
+                    if declared > min(limit, info.file_size):
+                        member = info.filename.removesuffix(".npy")
+                        raise SpecProblem([error(["file"], f"{filename!r}: array {member!r} declares shape "
+                                                 f"{list(shape)} of {dtype} ({declared} bytes) but "
+                                                 + (f"the member holds only {info.file_size} bytes"
+                                                    if declared <= limit else f"this server allows at most {limit}"),
+                                                 "limit_exceeded" if declared > limit else "value_error")])
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, zlib.error):
+        return  # not a zip archive, or a corrupt one: the reader below says so
 
 
 @router.get("", response_model=DatasetList)
 def list_datasets(session: ReadSessionDep, project: ProjectDep) -> DatasetList:
     """The project's stored datasets, newest first."""
     return DatasetList(datasets=[dataset_read(d) for d in repo.list_datasets(session, project_id=project)])
+
+
+@router.delete("/{dataset_id}", response_model=DatasetRead,
+               responses={404: {"description": "no such dataset"},
+                          409: {"description": "unfinished jobs or running sweeps use the dataset"}})
+def delete_dataset(dataset_id: str, session: SessionDep, settings: SettingsDep, project: ProjectDep) -> DatasetRead:
+    """Delete a stored dataset and its file; answers what was deleted. Refused (409) while a
+    queued, running or paused job, or a running sweep, of the project names it; finished jobs
+    keep their results."""
+    ds = repo.get_dataset(session, dataset_id, project)
+    if ds is None:
+        raise HTTPException(status_code=404, detail=f"no dataset {dataset_id!r}")
+    users = repo.dataset_users(session, dataset_id, project)
+    if users:
+        raise HTTPException(status_code=409, detail=f"dataset {dataset_id} is used by unfinished jobs or running "
+                                                    f"sweeps: {', '.join(users)}; cancel them first")
+    gone = dataset_read(ds)
+    repo.delete_dataset(session, dataset_id)
+    session.commit()
+    (settings.datasets_dir / ds.file).unlink(missing_ok=True)
+    return gone

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 from fastapi import APIRouter, Request, Response
@@ -14,6 +15,7 @@ from api.schemas.misc import Health, Readiness
 from store.db import get_engine
 
 router = APIRouter(tags=["health"])
+log = logging.getLogger("trainyard.api")
 
 
 #: ``trainyard serve`` gives its API child a per-start token, echoed by /healthz, so it can tell
@@ -30,13 +32,20 @@ def healthz(response: Response) -> Health:
     return Health(status="ok")
 
 
+def _failure(what: str, exc: Exception) -> str:
+    """What /readyz says of a failed check: the kind of error only. /readyz needs no key, and the
+    error's text names the server's host, port and database; it goes to the log."""
+    log.warning("readiness: %s: %s: %s", what, type(exc).__name__, exc)
+    return f"error: {type(exc).__name__} (details in the server log)"
+
+
 def _check_db() -> str:
     try:
         with get_engine().connect() as conn:
             conn.execute(text("SELECT 1"))
         return "ok"
     except Exception as exc:  # noqa: BLE001
-        return f"error: {type(exc).__name__}: {exc}"[:300]
+        return _failure("database", exc)
 
 
 @router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}})
@@ -47,7 +56,7 @@ async def readyz(request: Request) -> Response | Readiness:
         await run_in_threadpool(request.app.state.dispatcher.ping)
         broker = "ok"
     except Exception as exc:  # noqa: BLE001
-        broker = f"error: {type(exc).__name__}: {exc}"[:300]
+        broker = _failure("broker", exc)
     body = Readiness(status="ok" if db == broker == "ok" else "unavailable", database=db, broker=broker)
     if body.status != "ok":
         return JSONResponse(body.model_dump(), status_code=503)

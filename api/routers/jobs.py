@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import math
 import re
@@ -11,6 +12,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Header, HTTPException, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
 from sqlalchemy.exc import IntegrityError
 from sse_starlette.sse import EventSourceResponse, ServerSentEvent
 
@@ -26,6 +28,7 @@ from api.schemas.jobs import (
     BatchResult,
     CheckpointList,
     JobList,
+    JobPatch,
     JobRead,
     JobStatus,
     MetricsRead,
@@ -33,7 +36,7 @@ from api.schemas.jobs import (
 from api.views import checkpoint_read, job_read, job_summary
 from orchestration.admission import check_job_spec, dataset_resolver
 from store import auth as keys
-from store import fastread, repo, submit
+from store import fastread, repo, scheduling, submit
 from store.db import get_engine, session_scope
 from store.models import TERMINAL_STATUSES, Job
 from store.pollread import get_reader
@@ -41,6 +44,12 @@ from store.repo import as_utc
 from training import SpecError
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+PriorityQuery = Annotated[int, Query(
+    ge=scheduling.PRIORITY_MIN, le=scheduling.PRIORITY_MAX,
+    description="higher starts first among queued jobs of its queue (then the oldest); changeable by PATCH "
+                "while queued",
+)]
 
 #: Bounds of integer parameters compared with database columns (INTEGER epochs, BIGINT event ids):
 #: a larger number is a 422, not a database overflow (500).
@@ -62,20 +71,44 @@ SPEC_EXAMPLE: dict[str, Any] = {
 }
 
 
-def _checkpoint_problem(data: bytes, sha256: str) -> str | None:
+#: bytes of a checkpoint read per database query when it is checked and sent
+CHECKPOINT_CHUNK = 1 << 20
+#: the first bytes kept for the safetensors header check (the header of a model this service
+#: trains is a few kB; one larger than this is checked by its length prefix only)
+CHECKPOINT_HEAD = 1 << 20
+
+
+def _checkpoint_chunks(checkpoint_id: int) -> Any:
+    """The checkpoint's bytes, CHECKPOINT_CHUNK at a time, each read in its own short session."""
+    offset = 0
+    while True:
+        with session_scope(write=False) as s:
+            chunk = repo.checkpoint_chunk(s, checkpoint_id, offset, CHECKPOINT_CHUNK)
+        if not chunk:
+            return
+        yield chunk
+        offset += len(chunk)
+        if len(chunk) < CHECKPOINT_CHUNK:
+            return
+
+
+def _checkpoint_problem(head: bytes, sha256: str, digest: str, size: int) -> str | None:
     """Why stored checkpoint bytes must not be served (None if they are sound): their sha256
-    differs from the stored digest, or they are not a safetensors file (a length-prefixed JSON
-    header; a pickle, say, is not)."""
-    digest = repo.sha256_hex(data)
+    (``digest``, of all ``size`` bytes) differs from the stored one, or they are not a safetensors
+    file (a length-prefixed JSON header, checked on ``head``, their first bytes; a pickle, say, is
+    not)."""
     if digest != sha256:
         return f"its bytes hash to sha256 {digest[:12]}…, not the stored {sha256[:12]}…"
-    n = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
-    try:
-        header = json.loads(data[8 : 8 + n]) if 0 < n <= len(data) - 8 else None
-    except ValueError:
-        header = None
-    if not isinstance(header, dict):
+    n = int.from_bytes(head[:8], "little") if len(head) >= 8 else -1
+    if not 0 < n <= size - 8:
         return "it is not a safetensors file"
+    if 8 + n <= len(head):
+        try:
+            header = json.loads(head[8 : 8 + n])
+        except ValueError:
+            header = None
+        if not isinstance(header, dict):
+            return "it is not a safetensors file"
     return None
 
 
@@ -125,6 +158,7 @@ def create_job(
     response: Response,
     spec: Annotated[dict[str, Any], Body(examples=[SPEC_EXAMPLE])],
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=200)] = None,
+    priority: PriorityQuery = 0,
 ) -> JobRead:
     """Validate, store and enqueue a job. The same Idempotency-Key with the same body again returns
     the same job (200); with a different body it is a 409."""
@@ -139,7 +173,7 @@ def create_job(
     except SpecError as exc:
         raise SpecProblem(exc.errors) from None
     try:
-        job = _insert_one(session, settings, project, valid, idempotency_key, body_hash)
+        job = _insert_one(session, settings, project, valid, idempotency_key, body_hash, priority)
     except IntegrityError:
         session.rollback()
         existing = repo.get_job_by_idempotency_key(session, idempotency_key, project) if idempotency_key else None
@@ -152,7 +186,8 @@ def create_job(
 
 
 def _insert_one(
-    session: Any, settings: Any, project: str, valid: Any, idempotency_key: str | None, body_hash: str | None
+    session: Any, settings: Any, project: str, valid: Any, idempotency_key: str | None, body_hash: str | None,
+    priority: int = 0,
 ) -> Any:
     """Store one queued job with its event and outbox row, within the project's concurrent-jobs
     limit (429 otherwise). On PostgreSQL one pipelined transaction does it all (store.submit: the
@@ -162,14 +197,14 @@ def _insert_one(
         try:
             return submit.insert_queued_jobs(
                 engine, [(valid.spec, valid.queue, idempotency_key)], project_id=project,
-                idempotency_hash=body_hash, max_active=settings.max_concurrent_jobs,
+                idempotency_hash=body_hash, max_active=settings.max_concurrent_jobs, priority=priority,
             )[0]
         except submit.SlotsFull as full:
             raise slots_full(full.active, full.limit, 1) from None
     check_job_slots(session, project, 1, settings)
     job = repo.create_job(
         session, spec=valid.spec, queue=valid.queue, idempotency_key=idempotency_key, idempotency_hash=body_hash,
-        project_id=project,
+        project_id=project, priority=priority,
     )
     session.commit()
     return job
@@ -203,7 +238,8 @@ def create_batch(
     if valid_items:
         check_job_slots(session, project, len(valid_items), settings)
     jobs = (
-        repo.create_jobs(session, [(v.spec, v.queue, None) for _, v in valid_items], project_id=project)
+        repo.create_jobs(session, [(v.spec, v.queue, None) for _, v in valid_items], project_id=project,
+                         priority=body.priority)
         if valid_items else []
     )
     session.commit()
@@ -365,11 +401,25 @@ async def job_events(
             raise HTTPException(status_code=400, detail="Last-Event-ID must be an event id (an integer)") from None
     key_id = authenticate(request).key_id
     job_id = await resolve_id_async(Job, job_id, project, "job")
-    first, status = await run_in_threadpool(_poll_events, job_id, start, project, key_id)
+    slots = request.app.state.stream_slots
+    slots.open(project)  # 429 past the project's open streams (api.limits.StreamSlots)
+    try:
+        first, status = await run_in_threadpool(_poll_events, job_id, start, project, key_id)
+    except BaseException:
+        slots.close(project)
+        raise
     if status is None:
+        slots.close(project)
         raise _not_found(job_id)
 
     async def stream() -> Any:
+        try:
+            async for item in _events(first, status):
+                yield item
+        finally:
+            slots.close(project)
+
+    async def _events(first: Any, status: str | None) -> Any:
         events, last = first, start
         st: str | None = status
         while True:
@@ -417,6 +467,30 @@ def cancel_job(job_id: str, session: SessionDep, project: ProjectDep) -> JobRead
     return job_read(job)
 
 
+@router.patch(
+    "/{job_id}",
+    response_model=JobRead,
+    responses={404: {"description": "no such job"},
+               409: {"description": "the job is no longer queued (its priority no longer matters)"},
+               422: {"model": ErrorResponse, "description": "invalid body; each error names its JSON path"}},
+)
+def patch_job(job_id: str, body: JobPatch, session: SessionDep, project: ProjectDep) -> JobRead:
+    """Change a queued job's ``priority`` (it moves in the queue at once: the next free worker
+    of its queue claims the highest-priority queued job). A job that already started is a 409."""
+    job_id = _full_id(session, job_id, project)
+    status = session.scalar(repo.select_job_status(job_id, project))
+    if status is None:
+        raise _not_found(job_id)
+    if not scheduling.set_priority(session, job_id, body.priority):
+        session.rollback()
+        raise HTTPException(status_code=409, detail=f"job {job_id} is {status}, not queued: its priority can "
+                                                    "only change while it waits in the queue")
+    session.commit()
+    job = repo.get_job(session, job_id)
+    assert job is not None
+    return job_read(job)
+
+
 @router.get("/{job_id}/checkpoints", response_model=CheckpointList,
             responses={404: {"description": "no such job"}, **AMBIGUOUS})
 def list_checkpoints(job_id: str, session: ReadSessionDep, project: ProjectDep) -> CheckpointList:
@@ -441,10 +515,12 @@ def list_checkpoints(job_id: str, session: ReadSessionDep, project: ProjectDep) 
 )
 def best_checkpoint(job_id: str, session: ReadSessionDep, project: ProjectDep) -> Response:
     """The best weights as a ``.safetensors`` file. Bytes whose sha256 is not the stored one, or
-    that are not a safetensors file, are refused (500), never served. HEAD answers the same
-    status and headers without the body."""
+    that are not a safetensors file, are refused (500), never served. The file is read from the
+    database in chunks twice (once to check it, once to send it): a download holds one chunk,
+    not the file (six downloads of a 101 MB checkpoint held 3.4 GB). HEAD answers the same status
+    and headers without the body."""
     job_id = _full_id(session, job_id, project)
-    ck = repo.best_checkpoint(session, job_id, project)
+    ck = repo.best_checkpoint_meta(session, job_id, project)
     if ck is None:
         status = session.scalar(repo.select_job_status(job_id, project))
         if status is None:
@@ -452,21 +528,44 @@ def best_checkpoint(job_id: str, session: ReadSessionDep, project: ProjectDep) -
         if status in TERMINAL_STATUSES:
             raise HTTPException(status_code=404, detail=f"job {job_id} ended without a checkpoint ({status})")
         raise HTTPException(status_code=404, detail=f"job {job_id} has no checkpoint yet")
-    assert ck.data is not None
-    problem = _checkpoint_problem(ck.data, ck.sha256)
+    return serve_checkpoint(job_id, ck, "best")
+
+
+def serve_checkpoint(job_id: str, ck: Any, label: str) -> Response:
+    """Stream checkpoint ``ck`` (a row without its bytes) as ``{job_id}-{label}.safetensors``,
+    checked first (500 if corrupt): the best's route and those of the others
+    (api.routers.models) share it."""
+    ck_id, sha256, epoch = ck.id, ck.sha256, ck.epoch
+    digest, first = hashlib.sha256(), b""
+    size = 0
+    for chunk in _checkpoint_chunks(ck_id):
+        first = first or chunk[:CHECKPOINT_HEAD]
+        digest.update(chunk)
+        size += len(chunk)
+    problem = _checkpoint_problem(first, sha256, digest.hexdigest(), size)
     if problem is not None:
         raise HTTPException(
             status_code=500,
-            detail=f"the best checkpoint of job {job_id} (epoch {ck.epoch}) is corrupt: {problem}; refusing to serve it",
+            detail=f"the {label} checkpoint of job {job_id} (epoch {epoch}) is corrupt: {problem}; refusing to serve it",
         )
-    return Response(
-        content=ck.data,
+
+    def send() -> Any:
+        again = hashlib.sha256()
+        for chunk in _checkpoint_chunks(ck_id):
+            again.update(chunk)
+            yield chunk
+        if again.hexdigest() != sha256:  # changed between the check and the send: cut the download
+            raise RuntimeError(f"the {label} checkpoint of job {job_id} changed while it was sent")
+
+    return StreamingResponse(
+        send(),
         media_type="application/octet-stream",
         headers={
-            "X-Checkpoint-SHA256": ck.sha256,
-            "X-Checkpoint-Epoch": str(ck.epoch),
-            "ETag": f'"{ck.sha256}"',
-            "Content-Disposition": f'attachment; filename="{job_id}-best.safetensors"',
+            "Content-Length": str(size),
+            "X-Checkpoint-SHA256": sha256,
+            "X-Checkpoint-Epoch": str(epoch),
+            "ETag": f'"{sha256}"',
+            "Content-Disposition": f'attachment; filename="{job_id}-{label}.safetensors"',
         },
     )
 

@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from api.deps import DispatcherDep, ProjectDep, ReadSessionDep, SessionDep, SettingsDep
 from api.errors import SpecProblem
 from api.ids import AMBIGUOUS, resolve_id
+from api.limits import check_job_slots
 from api.schemas.common import ErrorResponse
 from api.schemas.sweeps import (
     SWEEP_EXAMPLE,
@@ -26,6 +27,7 @@ from api.schemas.sweeps import (
     SweepCounts,
     SweepCreate,
     SweepList,
+    SweepPatch,
     SweepRead,
     SweepStatus,
     SweepSummary,
@@ -35,7 +37,7 @@ from api.schemas.sweeps import (
 from config.settings import Settings
 from orchestration.admission import check_job_spec, dataset_resolver, nul_errors, objective_problem
 from orchestration.sweeps import advance_sweep
-from store import repo
+from store import repo, scheduling
 from store import sweeps as store_sweeps
 from store.db import session_scope
 from store.floats import from_text
@@ -208,7 +210,7 @@ def check_sweep(body: Any, session: Any, project: str, settings: Settings) -> di
         name=req.name, objective={"metric": metric, "mode": mode}, max_trials=max_trials,
         max_concurrent=req.max_concurrent, early_termination=et,
         seed=req.seed if req.seed is not None else secrets.randbelow(2**32),
-        n_startup_trials=req.n_startup_trials,
+        n_startup_trials=req.n_startup_trials, priority=req.priority,
     )
     return config
 
@@ -243,7 +245,7 @@ def _summary_fields(s: Sweep) -> dict[str, Any]:
         id=s.id, name=s.name, status=s.status, method=s.method,
         objective=ObjectiveRead(metric=s.objective_metric, mode=s.objective_mode),  # type: ignore[arg-type]
         max_trials=s.max_trials, max_concurrent=s.max_concurrent, trials_created=s.trials_created,
-        best_job_id=s.best_job_id, best_value=from_text(s.best_value), stop_reason=s.stop_reason, error=s.error,
+        priority=s.priority, best_job_id=s.best_job_id, best_value=from_text(s.best_value), stop_reason=s.stop_reason, error=s.error,
         created_at=as_utc(s.created_at), updated_at=as_utc(s.updated_at), finished_at=as_utc(s.finished_at),
     )
 
@@ -275,7 +277,8 @@ def _not_found(sweep_id: str) -> HTTPException:
     "",
     response_model=SweepRead,
     status_code=201,
-    responses={422: {"model": ErrorResponse, "description": "invalid sweep; each error names its JSON path"}},
+    responses={422: {"model": ErrorResponse, "description": "invalid sweep; each error names its JSON path"},
+               429: {"model": ErrorResponse, "description": "the project's concurrent-jobs limit is reached"}},
 )
 def create_sweep(
     session: SessionDep,
@@ -287,10 +290,13 @@ def create_sweep(
     """Validate and store a sweep, create its first trials (up to ``max_concurrent``) and enqueue
     them. Trials are jobs (``GET /v1/jobs?sweep_id=``); workers create the next ones as trials end."""
     config = check_sweep(body, session, project, settings)
+    # its trials count toward the project's concurrent-jobs limit: 429 when not even one fits
+    check_job_slots(session, project, 1, settings)
     sweep = store_sweeps.create_sweep(
         session, project_id=project, name=config["name"], method=config["method"], config=config,
         objective_metric=config["objective"]["metric"], objective_mode=config["objective"]["mode"],
         max_trials=config["max_trials"], max_concurrent=config["max_concurrent"],
+        priority=config.get("priority", 0),
     )
     jobs = advance_sweep(session, sweep.id, settings)
     session.commit()
@@ -322,6 +328,26 @@ def get_sweep(sweep_id: str, session: ReadSessionDep, project: ProjectDep) -> Sw
     sweep = store_sweeps.get_sweep(session, resolve_id(session, Sweep, sweep_id, project, "sweep"), project)
     if sweep is None:
         raise _not_found(sweep_id)
+    return sweep_read(session, sweep)
+
+
+@router.patch(
+    "/{sweep_id}",
+    response_model=SweepRead,
+    responses={404: {"description": "no such sweep"}, 409: {"description": "the sweep already ended"},
+               422: {"model": ErrorResponse, "description": "invalid body; each error names its JSON path"}},
+)
+def patch_sweep(sweep_id: str, body: SweepPatch, session: SessionDep, project: ProjectDep) -> SweepRead:
+    """Change a running sweep's ``priority``: its queued trials and the trials it creates from now on."""
+    sweep_id = resolve_id(session, Sweep, sweep_id, project, "sweep")
+    sweep = store_sweeps.get_sweep(session, sweep_id, project, lock=True)
+    if sweep is None:
+        raise _not_found(sweep_id)
+    if sweep.status != "running":
+        raise HTTPException(status_code=409, detail=f"sweep {sweep_id} already ended: {sweep.status}")
+    scheduling.set_sweep_priority(session, sweep, body.priority)
+    session.commit()
+    session.expire_all()
     return sweep_read(session, sweep)
 
 

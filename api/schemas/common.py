@@ -31,3 +31,15 @@ def _iso_datetime(value: Any) -> Any:
 
 #: A date-time query parameter: RFC 3339 text only (a naive one is UTC).
 IsoDatetime = Annotated[datetime, BeforeValidator(_iso_datetime)]
+
+
+def _json_int(value: Any) -> Any:
+    # pydantic's lax int reads true/false and "5" as numbers; JSON Schema's integer is a number
+    # (5 or 5.0), never a boolean or a string
+    if isinstance(value, bool | str):
+        raise ValueError("expected an integer")
+    return value
+
+
+#: An integer in a JSON body: a number with no fractional part (not a boolean, not a string).
+JsonInt = Annotated[int, BeforeValidator(_json_int)]

@@ -3,9 +3,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
-from api.schemas.common import ErrorItem, MetricValue
+from api.schemas.common import ErrorItem, JsonInt, MetricValue
+from store.scheduling import PRIORITY_MAX, PRIORITY_MIN
 
 JobStatus = Literal["queued", "running", "paused", "succeeded", "failed", "cancelled"]
 
@@ -43,9 +44,12 @@ class JobSummary(BaseModel):
     sweep_id: str | None = Field(None, description="the sweep this job is a trial of")
     trial_number: int | None = Field(None, description="its 0-based trial number within the sweep")
     trial_params: dict[str, Any] | None = Field(None, description="the sweep parameters this trial was given")
+    priority: int = Field(0, description="higher starts first among the queued jobs of its queue")
 
 
 class JobRead(JobSummary):
+    queue_position: int | None = Field(
+        None, description="while queued: 1 = the next job its queue's next free worker starts; null otherwise")
     spec: dict[str, Any] = Field(description="the job spec with effective defaults")
     info: dict[str, Any] | None = Field(None, description="what the engine reported (device, parameters, ...)")
 
@@ -58,6 +62,13 @@ class JobList(BaseModel):
 class BatchCreate(BaseModel):
     # list[Any]: an item that is not an object gets its own "invalid" result (the others are stored)
     jobs: list[Any] = Field(min_length=1, max_length=1000, description="job specs (JSON objects)")
+    priority: JsonInt = Field(0, ge=PRIORITY_MIN, le=PRIORITY_MAX, description="of every job of the batch")
+
+
+class JobPatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    priority: JsonInt = Field(ge=PRIORITY_MIN, le=PRIORITY_MAX,
+                          description="higher starts first among the queued jobs of its queue; only while queued")
 
 
 class BatchItem(BaseModel):

@@ -7,8 +7,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
-from api.schemas.common import MetricValue
+from api.schemas.common import JsonInt, MetricValue
 from api.schemas.jobs import JobStatus
+from store.scheduling import PRIORITY_MAX, PRIORITY_MIN
 
 SweepStatus = Literal["running", "succeeded", "failed", "cancelled"]
 
@@ -99,6 +100,8 @@ class SweepCreate(_Strict):
     early_termination: EarlyTermination | None = None
     seed: int | None = Field(None, ge=0, le=2**32 - 1, description="the sampler's seed (default: random, then stored)")
     n_startup_trials: int | None = Field(None, ge=1, le=1000, description="tpe: random trials before TPE models (default 10)")
+    priority: JsonInt = Field(0, ge=PRIORITY_MIN, le=PRIORITY_MAX,
+                          description="of every trial: higher starts first among queued jobs of its queue")
 
 
 SWEEP_EXAMPLE: dict[str, Any] = {
@@ -122,6 +125,11 @@ SWEEP_EXAMPLE: dict[str, Any] = {
     "max_concurrent": 4,
     "early_termination": {"type": "asha", "min_epochs": 3, "reduction_factor": 3},
 }
+
+
+class SweepPatch(_Strict):
+    priority: JsonInt = Field(ge=PRIORITY_MIN, le=PRIORITY_MAX,
+                          description="of its queued trials and of the trials it creates from now on")
 
 
 class TrialRead(BaseModel):
@@ -161,6 +169,7 @@ class SweepSummary(BaseModel):
     max_trials: int
     max_concurrent: int
     trials_created: int
+    priority: int = Field(0, description="of its trials: higher starts first among queued jobs of a queue")
     best_job_id: str | None = None
     best_value: MetricValue = None
     stop_reason: str | None = None

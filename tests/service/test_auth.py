@@ -197,7 +197,11 @@ def test_another_projects_ids_are_404_on_every_route_and_method(keyed_app, two_p
     assert len(routes) >= 6
     checked = []
     for path, method in routes:
-        url = _fill(path, ids)
+        if method == "DELETE":  # A's own call really deletes: give it a throwaway object of A's
+            spare = keyed_app.post("/v1/datasets", files={"file": ("spare.npz", _npz())}, headers=bearer(two_projects["a"]))
+            url = _fill(path, {**ids, "dataset_id": spare.json()["id"]})
+        else:
+            url = _fill(path, ids)
         kw: dict[str, Any] = {"params": {"after": 0}} if url.endswith("/events") else {}
         foreign = keyed_app.request(method, url, headers=bearer(two_projects["b"]), **kw)
         assert foreign.status_code == 404, (method, path, foreign.status_code, foreign.text)

@@ -240,7 +240,7 @@ def test_two_migrations_at_once_are_safe(pg, tmp_path, backend):
     try:
         assert "outbox" in inspect(engine).get_table_names()
         with engine.connect() as c:
-            assert c.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == ["0003"]
+            assert c.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == ["0004_i16"]
     finally:
         engine.dispose()
 

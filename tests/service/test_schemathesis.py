@@ -65,7 +65,8 @@ def api_key(inproc_env: dict[str, str]) -> Iterator[str]:
 #: checks against its dataset, a schedule's, an uploaded file's contents): a schema-valid request
 #: may be refused, with a 422 that names the JSON path at fault. For these, Schemathesis'
 #: ``positive_data_acceptance`` is replaced by :func:`valid_or_explained`.
-SEMANTIC_422 = {"POST /v1/jobs", "POST /v1/schedules/preview", "POST /v1/datasets", "POST /v1/sweeps"}
+SEMANTIC_422 = {"POST /v1/jobs", "POST /v1/schedules/preview", "POST /v1/datasets", "POST /v1/sweeps",
+                "POST /v1/jobs/{job_id}/predict", "POST /v1/jobs/{job_id}/predict/file"}
 
 
 def valid_or_explained(ctx: Any, response: Any, case: Any) -> bool | None:

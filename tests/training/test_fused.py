@@ -1,0 +1,323 @@
+"""Fused trials (issue 13): each trial of a pack equals its own solo ``training.fit`` run.
+
+Every test trains a small pack with ``fit_fused`` and the same specs one by one with ``fit``
+(the reference), in deterministic mode with dropout off, and compares per-epoch histories to
+1e-5 relative, stop reasons, best epochs, final weights and best checkpoints.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import pytest
+import torch
+
+import training
+from training import engine
+from training.fused import fit_fused, why_not_fused
+from training.reporting import BaseReporter
+from training.spec import validate_spec
+from training.state import weights_from_bytes
+
+REL = 1e-5
+EPOCHS = 5
+
+BASE: dict[str, Any] = {
+    "seed": 0,
+    "device": "cpu",
+    "deterministic": True,
+    "data": {"dataset": "digits", "validation_split": 0.2, "batch_size": 128, "standardize": True},
+    "model": {"layers": [{"type": "dense", "units": 16, "activation": "relu"}, {"type": "dropout", "rate": 0.0},
+                         {"type": "dense", "units": 10}]},
+    "loss": "sparse_categorical_crossentropy",
+    "metrics": ["accuracy"],
+    "optimizer": {"name": "adam", "learning_rate": 0.003},
+    "epochs": EPOCHS,
+}
+
+
+def trial(seed: int, **changes: Any) -> dict[str, Any]:
+    """BASE with ``seed`` and dotted-path changes (``optimizer.beta_1``, ``model.layers.0.units``)."""
+    spec = copy.deepcopy(BASE)
+    spec["seed"] = seed
+    for path, value in changes.items():
+        node: Any = spec
+        keys = path.split("__")
+        for k in keys[:-1]:
+            node = node[int(k)] if isinstance(node, list) else node[k]
+        last = keys[-1]
+        if isinstance(node, list):
+            node[int(last)] = value
+        else:
+            node[last] = value
+    return spec
+
+
+def close(a: float, b: float) -> bool:
+    if math.isnan(a) or math.isnan(b):
+        return math.isnan(a) and math.isnan(b)
+    return a == b or abs(a - b) <= REL * max(abs(a), abs(b))
+
+
+def assert_same_run(fused: training.FitResult, solo: training.FitResult) -> None:
+    assert fused.info["pack"]["fused"] is True
+    assert len(fused.history) == len(solo.history)
+    for e, (f, s) in enumerate(zip(fused.history, solo.history, strict=True)):
+        keys = set(s) - {"seconds"}
+        assert keys == set(f) - {"seconds"}
+        for k in keys:
+            assert close(f[k], s[k]), f"epoch {e + 1} {k}: fused {f[k]!r} vs solo {s[k]!r}"
+    assert fused.stop_reason == solo.stop_reason
+    assert (fused.best_epoch, fused.stopped_epoch, fused.epochs_run, fused.steps) == (
+        solo.best_epoch, solo.stopped_epoch, solo.epochs_run, solo.steps)
+    assert fused.best_value is None and solo.best_value is None or close(fused.best_value, solo.best_value)
+    assert fused.weights.keys() == solo.weights.keys()
+    for k in solo.weights:
+        torch.testing.assert_close(fused.weights[k], solo.weights[k], rtol=1e-4, atol=1e-5, equal_nan=True)
+    assert (fused.best_checkpoint is None) == (solo.best_checkpoint is None)
+    if solo.best_checkpoint is not None:
+        fw, sw = weights_from_bytes(fused.best_checkpoint), weights_from_bytes(solo.best_checkpoint)
+        for k in sw:
+            torch.testing.assert_close(fw[k], sw[k], rtol=1e-4, atol=1e-5, equal_nan=True)
+
+
+def check_pack(specs: list[dict[str, Any]]) -> list[training.FitResult]:
+    assert why_not_fused([validate_spec(s) for s in specs]) is None
+    fused = fit_fused(specs)
+    for spec, result in zip(specs, fused, strict=True):
+        assert_same_run(result, training.fit(spec))
+    return fused
+
+
+# --------------------------------------------------------------------------- one test per knob
+
+KNOBS: dict[str, list[dict[str, Any]]] = {
+    # optimizers: each trial its own hyperparameters
+    "adam_lr_betas_eps": [
+        {"optimizer": {"name": "adam", "learning_rate": 0.001}},
+        {"optimizer": {"name": "adam", "learning_rate": 0.01, "beta_1": 0.8, "beta_2": 0.99, "epsilon": 1e-5}},
+    ],
+    "sgd": [
+        {"optimizer": {"name": "sgd", "learning_rate": 0.05}},
+        {"optimizer": {"name": "sgd", "learning_rate": 0.2}},
+    ],
+    "sgd_momentum": [
+        {"optimizer": {"name": "sgd", "learning_rate": 0.05, "momentum": 0.9}},
+        {"optimizer": {"name": "sgd", "learning_rate": 0.02, "momentum": 0.5}},
+        {"optimizer": {"name": "sgd", "learning_rate": 0.1, "momentum": 0.0}},
+    ],
+    "sgd_nesterov": [
+        {"optimizer": {"name": "sgd", "learning_rate": 0.05, "momentum": 0.9, "nesterov": True}},
+        {"optimizer": {"name": "sgd", "learning_rate": 0.01, "momentum": 0.8, "nesterov": True}},
+    ],
+    "weight_decay": [
+        {"optimizer": {"name": "sgd", "learning_rate": 0.05, "momentum": 0.9, "weight_decay": 0.01}},
+        {"optimizer": {"name": "sgd", "learning_rate": 0.05, "momentum": 0.9, "weight_decay": 0.001}},
+        {"optimizer": {"name": "sgd", "learning_rate": 0.05, "momentum": 0.9}},
+    ],
+    "adam_weight_decay": [
+        {"optimizer": {"name": "adam", "learning_rate": 0.003, "weight_decay": 0.01}},
+        {"optimizer": {"name": "adam", "learning_rate": 0.003}},
+    ],
+    "adamw": [
+        {"optimizer": {"name": "adamw", "learning_rate": 0.003, "weight_decay": 0.01}},
+        {"optimizer": {"name": "adamw", "learning_rate": 0.01, "weight_decay": 0.004, "beta_2": 0.99}},
+    ],
+    "adam_torch_formulas": [
+        {"optimizer": {"name": "adam", "formulas": "torch", "learning_rate": 0.003, "weight_decay": 0.01}},
+        {"optimizer": {"name": "adam", "formulas": "torch", "learning_rate": 0.01, "eps": 1e-6}},
+    ],
+    "rmsprop": [
+        {"optimizer": {"name": "rmsprop", "learning_rate": 0.001, "rho": 0.8}},
+        {"optimizer": {"name": "rmsprop", "learning_rate": 0.003, "momentum": 0.5, "epsilon": 1e-5}},
+    ],
+    "adagrad": [
+        {"optimizer": {"name": "adagrad", "learning_rate": 0.05, "initial_accumulator_value": 0.2}},
+        {"optimizer": {"name": "adagrad", "learning_rate": 0.1, "weight_decay": 0.01}},
+    ],
+    "adamax": [
+        {"optimizer": {"name": "adamax", "learning_rate": 0.003, "beta_1": 0.8}},
+        {"optimizer": {"name": "adamax", "learning_rate": 0.01, "beta_2": 0.99}},
+    ],
+    # schedules (per step), warm-up, restarts, plateau
+    "schedules": [
+        {"optimizer": {"name": "adam", "learning_rate": {"schedule": "exponential", "initial_learning_rate": 0.01,
+                                                          "decay_steps": 7, "decay_rate": 0.5, "staircase": True}}},
+        {"optimizer": {"name": "adam", "learning_rate": {"schedule": "cosine_restarts", "initial_learning_rate": 0.01,
+                                                          "first_decay_steps": 6, "warmup_steps": 5}}},
+        {"optimizer": {"name": "adam", "learning_rate": {"schedule": "step", "initial_learning_rate": 0.01,
+                                                          "step_size": 2, "gamma": 0.3}}},
+        {"optimizer": {"name": "adam", "learning_rate": 0.004}},
+    ],
+    "reduce_on_plateau": [
+        {"optimizer": {"name": "sgd", "learning_rate": 0.5}, "callbacks": {"reduce_lr_on_plateau": {
+            "monitor": "loss", "factor": 0.5, "patience": 0, "min_delta": 10.0}}},
+        {"optimizer": {"name": "sgd", "learning_rate": 0.1}},
+    ],
+    # initializers (each trial its own)
+    "initializers": [
+        {"model": {"kernel_initializer": "he_normal"}},
+        {"model": {"kernel_initializer": "lecun_normal"}},
+        {"model": {"kernel_initializer": "orthogonal", "bias_initializer": {"name": "constant", "value": 0.1}}},
+    ],
+    # regularizers
+    "kernel_l1_l2": [
+        {"model.layers.0.kernel_regularizer": {"l2": 0.01}},
+        {"model.layers.0.kernel_regularizer": {"l1": 0.001, "l2": 0.001}, "model.layers.2.kernel_regularizer": {"l1": 0.002}},
+        {},
+    ],
+    "bias_and_activity": [
+        {"model.layers.0.activity_regularizer": {"l1": 0.01}, "model.layers.0.bias_regularizer": {"l2": 0.1}},
+        {"model.layers.2.activity_regularizer": {"l2": 0.001}},
+        {},
+    ],
+    "label_smoothing": [
+        {"loss": {"name": "sparse_categorical_crossentropy", "label_smoothing": 0.1}},
+        {"loss": {"name": "sparse_categorical_crossentropy", "label_smoothing": 0.0}},
+        {"loss": {"name": "sparse_categorical_crossentropy", "label_smoothing": 0.2}},
+    ],
+    "epochs_and_max_steps": [
+        {"epochs": 2},
+        {"max_steps": 17},
+        {},
+    ],
+}
+
+
+def _apply(seed: int, change: dict[str, Any]) -> dict[str, Any]:
+    spec = trial(seed)
+    for key, value in change.items():
+        if key.startswith("model.layers."):
+            _, _, i, field = key.split(".")
+            spec["model"]["layers"][int(i)][field] = value
+        elif key == "model":
+            spec["model"].update(value)
+        else:
+            spec[key] = value
+    return spec
+
+
+@pytest.mark.parametrize("knob", sorted(KNOBS))
+def test_fused_trial_equals_its_solo_run(knob: str) -> None:
+    specs = [_apply(seed, change) for seed, change in enumerate(KNOBS[knob], start=3)]
+    check_pack(specs)
+
+
+def test_same_seed_different_trials_keep_their_own_data_order() -> None:
+    """Two trials with different seeds: different splits and orders, each as solo."""
+    check_pack([trial(11), trial(12, optimizer__learning_rate=0.01)])
+
+
+# --------------------------------------------------------------------------- lives of members
+
+
+def test_early_stopping_restore_best_and_checkpoints_per_member() -> None:
+    es = {"monitor": "val_loss", "patience": 1, "min_delta": 0.05, "restore_best_weights": True}
+    specs = [
+        trial(1, epochs=8, callbacks={"early_stopping": es}),
+        trial(2, epochs=8, optimizer={"name": "adam", "learning_rate": 0.03},
+              callbacks={"early_stopping": dict(es, patience=0, min_delta=0.2)}),
+        trial(3, epochs=8, callbacks={"model_checkpoint": {"monitor": "val_accuracy", "save_best_only": True}}),
+        trial(4, epochs=8, callbacks={"model_checkpoint": {"monitor": "loss", "save_freq": 5}}),
+    ]
+    results = check_pack(specs)
+    reasons = [r.stop_reason for r in results]
+    assert "early_stopping" in reasons and "completed" in reasons  # members end at different epochs
+    assert len({r.epochs_run for r in results}) > 1
+
+
+class Recorder(BaseReporter):
+    def __init__(self) -> None:
+        self.epochs: list[dict[str, float]] = []
+        self.checkpoints: list[int] = []
+
+    def on_epoch(self, metrics: dict[str, float]) -> None:
+        self.epochs.append(metrics)
+
+    def on_checkpoint(self, checkpoint: Any) -> None:
+        self.checkpoints.append(checkpoint.epoch)
+
+
+def test_reporters_and_stop_request_per_member() -> None:
+    class Pruner(Recorder):
+        def on_epoch(self, metrics: dict[str, float]) -> None:
+            super().on_epoch(metrics)
+            if metrics["epoch"] == 2:
+                self.stop_request = "pruned"
+
+    specs = [trial(5), trial(6, optimizer__learning_rate=0.01)]
+    fused_reps = [Pruner(), Recorder()]
+    fused = fit_fused(specs, fused_reps)
+    solo_reps = [Pruner(), Recorder()]
+    for spec, rep, f, fr in zip(specs, solo_reps, fused, fused_reps, strict=True):
+        solo = training.fit(spec, rep)
+        assert_same_run(f, solo)
+        assert fr.checkpoints == rep.checkpoints
+        assert [e["epoch"] for e in fr.epochs] == [e["epoch"] for e in rep.epochs]
+    assert fused[0].stop_reason == "pruned" and fused[0].epochs_run == 2
+    assert fused[1].stop_reason == "completed" and fused[1].epochs_run == EPOCHS
+
+
+def test_non_finite_member_stops_alone() -> None:
+    specs = [
+        trial(7, optimizer={"name": "sgd", "learning_rate": 1e4}),  # diverges within the first epochs
+        trial(8, optimizer={"name": "sgd", "learning_rate": 0.1}),
+    ]
+    results = check_pack(specs)
+    assert results[0].stop_reason == "non_finite_loss"
+    assert results[1].stop_reason == "completed" and results[1].epochs_run == EPOCHS
+
+
+def test_cancel_of_one_member_leaves_the_others_untouched(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(engine, "POLL_SECONDS", 0.0)  # poll at every step: a cancel lands on a known step
+
+    def cancel_after(n: int):
+        calls = {"n": 0}
+
+        def should_stop() -> bool:
+            calls["n"] += 1
+            return calls["n"] > n
+
+        return should_stop
+
+    specs = [trial(9), trial(10, optimizer__learning_rate=0.01), trial(11, optimizer__beta_1=0.8)]
+    fused = fit_fused(specs, should_stops=[None, cancel_after(20), None])
+    solo = [training.fit(specs[0]), training.fit(specs[1], should_stop=cancel_after(20)), training.fit(specs[2])]
+    for f, s in zip(fused, solo, strict=True):
+        assert_same_run(f, s)
+    assert fused[1].stop_reason == "cancelled" and fused[1].steps == 21  # polled after each update: the 21st poll cancels
+    assert fused[0].epochs_run == fused[2].epochs_run == EPOCHS
+
+
+# --------------------------------------------------------------------------- what is not fused
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"model": {"layers": [{"type": "dense", "units": 32, "activation": "relu"}, {"type": "dense", "units": 10}]}}, "differs"),
+        ({"data": dict(BASE["data"], batch_size=64)}, "differs"),
+        ({"optimizer": {"name": "sgd", "learning_rate": 0.1}}, "differs"),
+        ({"optimizer": {"name": "adam", "learning_rate": 0.01, "clipnorm": 1.0}}, "clips"),
+    ],
+)
+def test_what_cannot_be_fused_says_why(change: dict[str, Any], reason: str) -> None:
+    other = trial(2)
+    other.update(change)
+    why = why_not_fused([validate_spec(trial(1)), validate_spec(other)])
+    assert why is not None and reason in why
+
+
+def test_unsupported_pack_falls_back_to_solo_runs() -> None:
+    # nadam has no fused form yet: the pack falls back
+    specs = [trial(1, epochs=2, optimizer={"name": "nadam", "learning_rate": 0.001}),
+             trial(2, epochs=2, optimizer={"name": "nadam", "learning_rate": 0.003})]
+    results = fit_fused(specs)
+    for spec, r in zip(specs, results, strict=True):
+        assert r.info["pack"]["fused"] is False and r.info["pack"]["fallback"]
+        solo = training.fit(spec)
+        assert [h["loss"] for h in r.history] == [h["loss"] for h in solo.history]
+    with pytest.raises(ValueError, match="cannot be fused"):
+        fit_fused(specs, fallback=False)

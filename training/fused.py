@@ -1,0 +1,726 @@
+"""Trials of the same shape trained together as one fused model (issue 13).
+
+``fit_fused(specs)`` trains N job specs whose models have the same shapes (same layers and sizes,
+batch size, dataset and optimizer) as one model: every weight is stacked along a leading trial
+axis, each dense layer is one batched matmul (``baddbmm``), and one backward pass gives every
+trial its own gradient (the trials' losses are summed; their parameters are disjoint, so each
+trial's gradient is exactly its own). Everything a trial owns stays its own:
+
+- its set-up is the engine's own: each member is a ``training.engine._Run`` built from its spec
+  exactly as ``fit`` builds it (data split, seeding, initial weights, batch-order generator,
+  objective, learning-rate function, callbacks), so initial weights and data order equal the solo
+  run's;
+- its hyperparameters are per-trial tensors broadcast over the trial axis (learning rate per step
+  from the member's own schedule and plateau state, optimizer hyperparameters, L1/L2 kernel, bias
+  and activity penalties, dropout rate, label smoothing);
+- its epoch end is the engine's own (``_Run._end_epoch``: validation, plateau, early stopping,
+  checkpoints, history, reporter, stop requests), run on the member's model after the fused
+  weights are copied back into it, and its result is ``_Run.result``;
+- its life: a member that stops (early stopping, non-finite loss, ``max_steps``, its own epoch
+  count, cancel through its ``should_stop``, a reporter's ``stop_request``) leaves the pack, whose
+  tensors are compacted; the others go on.
+
+What is fused exactly (same numbers as the solo run up to float32 rounding of the batched
+kernels): dense/dropout/activation models in fp32 (:func:`why_not_fused`), and the optimizers
+:func:`_fused_optimizer_for` maps from the engine's own classes (Keras SGD, Adam/AdamW, RMSprop
+without ``centered``, Adagrad, Adamax; torch's Adam). Anything else (gradient clipping, Nadam,
+RAdam, amsgrad, ...) falls back to solo ``fit`` runs, one after another, so a fused trial never
+computes something different from its solo run. The optimizer formulas are written a second time
+here with per-trial tensors, op for op in the order of ``training.optim``; the tests hold each
+against the engine's class.
+Dropout is fused with each trial's own rate, but its masks are drawn for the pack (not from each
+trial's own RNG stream): with dropout on, a fused trial is statistically, not bitwise, the solo run.
+Snapshots (resume of a pack) are not taken in fused mode.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from training.engine import _actionable_errors, _deterministic, _Run, fit, resolve_device
+from training.reporting import FitResult, Reporter
+from training.spec import FIND, JobSpec, validate_spec
+
+#: layer types a fused model can hold (the rest fall back to solo runs)
+FUSED_LAYERS = frozenset({"dense", "dropout", "activation"})
+
+
+def _shape_key(job: JobSpec) -> str:
+    """What must be equal for trials to share one fused model: layer types and sizes, data,
+    loss family, metrics, optimizer family, device and numerics. Everything else is per trial."""
+    layers = []
+    for layer in job.model.layers:
+        d = layer.model_dump(mode="json")
+        keep = {k: d[k] for k in ("type", "units", "use_bias", "activation") if k in d}
+        layers.append(keep)
+    opt = job.optimizer
+    key = {
+        "layers": layers,
+        "data": job.data.model_dump(mode="json"),
+        "loss": (job.loss.name, job.loss.from_logits),
+        "metrics": [m.model_dump(mode="json") for m in job.metrics],
+        "optimizer": (opt.name, getattr(opt, "nesterov", None), getattr(opt, "amsgrad", None), getattr(opt, "formulas", None)),
+        "device": job.device,
+        "precision": job.precision,
+        "deterministic": job.deterministic,
+    }
+    import json
+
+    return json.dumps(key, sort_keys=True)
+
+
+def why_not_fused(jobs: Sequence[JobSpec]) -> str | None:
+    """None when these specs can train as one fused model, else the reason they cannot."""
+    if len(jobs) < 2:
+        return "a pack needs at least two trials"
+    first = _shape_key(jobs[0])
+    for i, job in enumerate(jobs):
+        if job.kind != "train":
+            return f"trial {i} is of kind {job.kind!r}"
+        if job.compile:
+            return f"trial {i} asks for torch.compile"
+        if job.precision != "fp32":
+            return f"trial {i} uses precision {job.precision!r} (fused: fp32 only)"
+        if job.optimizer.learning_rate == FIND:
+            return f"trial {i} uses learning_rate 'find'"
+        bad = [layer.type for layer in job.model.layers if layer.type not in FUSED_LAYERS]
+        if bad:
+            return f"trial {i} has layers {sorted(set(bad))} (fused: {sorted(FUSED_LAYERS)})"
+        opt = job.optimizer
+        if opt.clipnorm is not None or opt.clipvalue is not None or opt.global_clipnorm is not None:
+            return f"trial {i} clips gradients (not fused yet)"
+        if _shape_key(job) != first:
+            return f"trial {i} differs from trial 0 in shape, data, loss family, metrics, optimizer family or device"
+    return None
+
+
+# --------------------------------------------------------------------------- optimizers
+
+
+def _col(values: Sequence[float], like: Tensor) -> Tensor:
+    return torch.tensor(list(values), dtype=like.dtype, device=like.device)
+
+
+def _bcast(v: Tensor, p: Tensor) -> Tensor:
+    return v.view(-1, *([1] * (p.dim() - 1)))
+
+
+class _FusedOptimizer:
+    """One optimizer family for every trial of a pack, each with its own hyperparameters.
+    ``members`` are the engine-built optimizers of the trials (one per trial, built by
+    ``training.optim.build_optimizer`` from each spec): their class says which formulas to apply,
+    their param groups give each trial's hyperparameters."""
+
+    kind: str = ""
+
+    def __init__(self, params: list[Tensor], groups: list[dict[str, Any]]) -> None:
+        self.params = params
+        self.groups = groups
+        self.state: dict[str, list[Tensor]] = {}
+        self.t = [int(g.get("iterations", 0)) for g in groups]  # updates applied, per trial
+
+    def _hyper(self, key: str) -> Tensor:
+        return _col([g[key] for g in self.groups], self.params[0])
+
+    def _slots(self, key: str, fill: float = 0.0) -> list[Tensor]:
+        if key not in self.state:
+            self.state[key] = [torch.full_like(p, fill) for p in self.params]
+        return self.state[key]
+
+    def keep(self, idx: Tensor, keep_list: list[int], params: list[Tensor]) -> None:
+        """Drop the trials not in ``idx`` (pack compaction)."""
+        self.params = params
+        self.groups = [self.groups[i] for i in keep_list]
+        self.t = [self.t[i] for i in keep_list]
+        self.state = {k: [s.index_select(0, idx) for s in v] for k, v in self.state.items()}
+        self._compacted()
+
+    def _compacted(self) -> None:
+        pass
+
+    def step(self, grads: list[Tensor], lrs: list[float]) -> None:
+        raise NotImplementedError
+
+
+def _coupled_decay(grads: list[Tensor], params: list[Tensor], wd: Tensor | None) -> list[Tensor]:
+    """Coupled L2 weight decay (torch's form): ``g + wd * p``."""
+    if wd is None:
+        return grads
+    return [g + p * _bcast(wd, p) for g, p in zip(grads, params, strict=True)]
+
+
+def _decoupled_decay(params: list[Tensor], wd: list[float], lrs: list[float]) -> None:
+    """Keras 3's weight decay, before the update: ``w *= 1 - wd * lr`` with float32 scalars."""
+    if not any(wd):
+        return
+    ft = np.float32
+    decay = _col([float(1 - ft(w) * ft(lr)) for w, lr in zip(wd, lrs, strict=True)], params[0])
+    for p in params:
+        p.mul_(_bcast(decay, p))
+
+
+class _FusedKerasSGD(_FusedOptimizer):
+    """The engine's ``KerasSGD`` (velocity carries ``-lr * g``); weight decay coupled (added to
+    the gradient) or decoupled (Keras 3: ``w *= 1 - wd*lr`` first), as the engine's class does."""
+
+    decoupled = False
+
+    def __init__(self, params: list[Tensor], groups: list[dict[str, Any]]) -> None:
+        super().__init__(params, groups)
+        self._compacted()
+
+    def _compacted(self) -> None:
+        self.momentum = self._hyper("momentum")
+        self.nesterov = bool(self.groups[0]["nesterov"])
+        self.any_momentum = any(g["momentum"] != 0 for g in self.groups)
+        self.wd = [float(g.get("weight_decay") or 0.0) for g in self.groups]
+        self.wd_t = _col(self.wd, self.params[0]) if any(self.wd) else None
+
+    @torch.no_grad()
+    def step(self, grads: list[Tensor], lrs: list[float]) -> None:
+        self.t = [t + 1 for t in self.t]
+        if self.decoupled:
+            _decoupled_decay(self.params, self.wd, lrs)
+        else:
+            grads = _coupled_decay(grads, self.params, self.wd_t)
+        neg_lr = -_col(lrs, self.params[0])
+        if not self.any_momentum:
+            for p, g in zip(self.params, grads, strict=True):
+                p.add_(g * _bcast(neg_lr, p))
+            return
+        vel = self._slots("velocity")
+        for p, g, v in zip(self.params, grads, vel, strict=True):
+            m, nl = _bcast(self.momentum, p), _bcast(neg_lr, p)
+            v.mul_(m).add_(g * nl)
+            if self.nesterov:  # in the engine class's order
+                if self.decoupled:
+                    p.add_(g * nl).add_(v * m)
+                else:
+                    p.add_(v * m).add_(g * nl)
+            else:
+                p.add_(v)
+
+
+class _FusedKerasSGDDecoupled(_FusedKerasSGD):
+    decoupled = True
+
+
+class _FusedTorchAdam(_FusedOptimizer):
+    """``torch.optim.Adam`` (no amsgrad; weight decay coupled as torch's): ``p -= lr/(1-b1**t) * m /
+    (sqrt(v)/sqrt(1-b2**t) + eps)``, the bias corrections in double as torch computes them."""
+
+    def __init__(self, params: list[Tensor], groups: list[dict[str, Any]]) -> None:
+        super().__init__(params, groups)
+        self._compacted()
+
+    def _compacted(self) -> None:
+        b1 = [g["betas"][0] for g in self.groups]
+        b2 = [g["betas"][1] for g in self.groups]
+        self.b1, self.b2 = b1, b2
+        self.one_minus_b1 = _col([1 - b for b in b1], self.params[0])
+        self.b2_t = _col(b2, self.params[0])
+        self.one_minus_b2 = _col([1 - b for b in b2], self.params[0])
+        self.eps = _col([g["eps"] for g in self.groups], self.params[0])
+        wd = [float(g.get("weight_decay") or 0.0) for g in self.groups]
+        self.wd_t = _col(wd, self.params[0]) if any(wd) else None
+
+    @torch.no_grad()
+    def step(self, grads: list[Tensor], lrs: list[float]) -> None:
+        self.t = [t + 1 for t in self.t]
+        grads = _coupled_decay(grads, self.params, self.wd_t)
+        like = self.params[0]
+        step_size = _col([-lr / (1 - b1**t) for lr, b1, t in zip(lrs, self.b1, self.t, strict=True)], like)
+        bc2_sqrt = _col([math.sqrt(1 - b2**t) for b2, t in zip(self.b2, self.t, strict=True)], like)
+        ms, vs = self._slots("exp_avg"), self._slots("exp_avg_sq")
+        for p, g, m, v in zip(self.params, grads, ms, vs, strict=True):
+            m.lerp_(g, _bcast(self.one_minus_b1, p))
+            v.mul_(_bcast(self.b2_t, p)).add_(g * g * _bcast(self.one_minus_b2, p))
+            denom = (v.sqrt() / _bcast(bc2_sqrt, p)).add_(_bcast(self.eps, p))
+            p.add_(m / denom * _bcast(step_size, p))
+
+
+class _FusedKerasAdam(_FusedOptimizer):
+    """The engine's ``KerasAdam`` (Keras 3 Adam/AdamW, no amsgrad): decoupled weight decay
+    ``w *= 1 - wd*lr``, ``alpha = lr*sqrt(1-b2**t)/(1-b1**t)`` in float32 as Keras computes it,
+    ``w -= alpha * m / (sqrt(v) + eps)``."""
+
+    def __init__(self, params: list[Tensor], groups: list[dict[str, Any]]) -> None:
+        super().__init__(params, groups)
+        self._compacted()
+
+    def _compacted(self) -> None:
+        like = self.params[0]
+        self.b1 = [g["beta_1"] for g in self.groups]
+        self.b2 = [g["beta_2"] for g in self.groups]
+        self.wd = [float(g["weight_decay"] or 0.0) for g in self.groups]
+        self.b1_t, self.b2_t = _col(self.b1, like), _col(self.b2, like)
+        self.one_minus_b1 = _col([1 - b for b in self.b1], like)
+        self.one_minus_b2 = _col([1 - b for b in self.b2], like)
+        self.eps = _col([g["epsilon"] for g in self.groups], like)
+
+    @torch.no_grad()
+    def step(self, grads: list[Tensor], lrs: list[float]) -> None:
+        self.t = [t + 1 for t in self.t]
+        ft = np.float32
+        like = self.params[0]
+        lr32 = [ft(lr) for lr in lrs]
+        _decoupled_decay(self.params, self.wd, lrs)
+        alpha = _col(
+            [float(lr * np.sqrt(1 - ft(b2) ** ft(t)) / (1 - ft(b1) ** ft(t)))
+             for lr, b1, b2, t in zip(lr32, self.b1, self.b2, self.t, strict=True)],
+            like,
+        )
+        ms, vs = self._slots("m"), self._slots("v")
+        for p, g, m, v in zip(self.params, grads, ms, vs, strict=True):
+            m.mul_(_bcast(self.b1_t, p)).add_(g * _bcast(self.one_minus_b1, p))
+            v.mul_(_bcast(self.b2_t, p)).add_(g * g * _bcast(self.one_minus_b2, p))
+            p.sub_(m * _bcast(alpha, p) / v.sqrt().add_(_bcast(self.eps, p)))
+
+
+class _FusedKerasRMSprop(_FusedOptimizer):
+    """The engine's ``KerasRMSprop`` (not centered): ``v = rho*v + (1-rho)*g²``,
+    ``inc = lr*g / sqrt(v + eps)``; with momentum ``b = momentum*b + inc; w -= b``, else ``w -= inc``."""
+
+    def __init__(self, params: list[Tensor], groups: list[dict[str, Any]]) -> None:
+        super().__init__(params, groups)
+        self._compacted()
+
+    def _compacted(self) -> None:
+        like = self.params[0]
+        self.wd = [float(g["weight_decay"] or 0.0) for g in self.groups]
+        self.rho, self.one_minus_rho = self._hyper("rho"), _col([1 - g["rho"] for g in self.groups], like)
+        self.eps, self.momentum = self._hyper("epsilon"), self._hyper("momentum")
+        self.any_momentum = any(g["momentum"] > 0 for g in self.groups)
+
+    @torch.no_grad()
+    def step(self, grads: list[Tensor], lrs: list[float]) -> None:
+        self.t = [t + 1 for t in self.t]
+        _decoupled_decay(self.params, self.wd, lrs)
+        lr = _col(lrs, self.params[0])
+        buffers = self._slots("momentum") if self.any_momentum else [None] * len(self.params)
+        for p, g, v, b in zip(self.params, grads, self._slots("velocity"), buffers, strict=True):
+            v.mul_(_bcast(self.rho, p)).add_(g * g * _bcast(self.one_minus_rho, p))
+            inc = g * _bcast(lr, p) / (v + _bcast(self.eps, p)).sqrt_()
+            if b is not None:
+                b.mul_(_bcast(self.momentum, p)).add_(inc)
+                p.sub_(b)
+            else:
+                p.sub_(inc)
+
+
+class _FusedKerasAdagrad(_FusedOptimizer):
+    """The engine's ``KerasAdagrad``: ``acc += g²; w -= lr*g / sqrt(acc + eps)``, ``acc`` starting
+    at each trial's ``initial_accumulator_value``."""
+
+    def __init__(self, params: list[Tensor], groups: list[dict[str, Any]]) -> None:
+        super().__init__(params, groups)
+        p = params[0]
+        self.state["accumulator"] = [torch.ones_like(p) * _bcast(self._hyper("initial_accumulator_value"), p)]
+        self._compacted()
+
+    def _compacted(self) -> None:
+        self.wd = [float(g["weight_decay"] or 0.0) for g in self.groups]
+        self.eps = self._hyper("epsilon")
+
+    @torch.no_grad()
+    def step(self, grads: list[Tensor], lrs: list[float]) -> None:
+        self.t = [t + 1 for t in self.t]
+        _decoupled_decay(self.params, self.wd, lrs)
+        lr = _col(lrs, self.params[0])
+        for p, g, acc in zip(self.params, grads, self.state["accumulator"], strict=True):
+            acc.add_(g * g)
+            p.sub_(g * _bcast(lr, p) / (acc + _bcast(self.eps, p)).sqrt_())
+
+
+class _FusedKerasAdamax(_FusedOptimizer):
+    """The engine's ``KerasAdamax``: ``m = b1*m + (1-b1)*g; u = max(b2*u, |g|);
+    w -= lr*m / ((u + eps) * (1 - b1**t))`` (``b1**t`` in float32 as Keras)."""
+
+    def __init__(self, params: list[Tensor], groups: list[dict[str, Any]]) -> None:
+        super().__init__(params, groups)
+        self._compacted()
+
+    def _compacted(self) -> None:
+        like = self.params[0]
+        self.wd = [float(g["weight_decay"] or 0.0) for g in self.groups]
+        self.b1 = [g["beta_1"] for g in self.groups]
+        self.b1_t, self.b2_t = self._hyper("beta_1"), self._hyper("beta_2")
+        self.one_minus_b1 = _col([1 - b for b in self.b1], like)
+        self.eps = self._hyper("epsilon")
+
+    @torch.no_grad()
+    def step(self, grads: list[Tensor], lrs: list[float]) -> None:
+        self.t = [t + 1 for t in self.t]
+        _decoupled_decay(self.params, self.wd, lrs)
+        ft = np.float32
+        like = self.params[0]
+        lr = _col(lrs, like)
+        corr = _col([float(1 - ft(b1) ** ft(t)) for b1, t in zip(self.b1, self.t, strict=True)], like)
+        for p, g, m, u in zip(self.params, grads, self._slots("m"), self._slots("u"), strict=True):
+            m.mul_(_bcast(self.b1_t, p)).add_(g * _bcast(self.one_minus_b1, p))
+            u.copy_(torch.maximum(u * _bcast(self.b2_t, p), g.abs()))
+            p.sub_(m * _bcast(lr, p) / ((u + _bcast(self.eps, p)) * _bcast(corr, p)))
+
+
+def _fused_optimizer_for(opt: torch.optim.Optimizer, spec: JobSpec) -> type[_FusedOptimizer] | None:
+    """The fused form of the engine's optimizer for this spec, or None when there is none (the
+    pack then falls back to solo runs)."""
+    name = type(opt).__name__
+    group = opt.param_groups[0]
+    if name == "KerasSGD":
+        # Keras 3's form (a ``_update`` method, decoupled decay) or the older coupled one
+        return _FusedKerasSGDDecoupled if hasattr(opt, "_update") else _FusedKerasSGD
+    if type(opt) is torch.optim.Adam and not group.get("amsgrad") and not group.get("maximize"):
+        return _FusedTorchAdam
+    if name == "KerasAdam" and not group.get("amsgrad"):
+        return _FusedKerasAdam
+    if name == "KerasRMSprop" and not group.get("centered"):
+        return _FusedKerasRMSprop
+    if name == "KerasAdagrad":
+        return _FusedKerasAdagrad
+    if name == "KerasAdamax":
+        return _FusedKerasAdamax
+    return None
+
+
+# --------------------------------------------------------------------------- the pack
+
+
+class _Pack:
+    """The fused state of the live members: stacked parameters, data, optimizer, penalties."""
+
+    def __init__(self, members: list[_Run], opt_cls: type[_FusedOptimizer]) -> None:
+        self.members = members
+        self.live = list(range(len(members)))
+        lead = members[0]
+        self.device = lead.device
+        self.names = [n for n, p in lead.model.named_parameters() if p.requires_grad]
+        stacked = [torch.stack([m.model.get_parameter(n).detach() for m in members]) for n in self.names]
+        self.shapes = [t.shape[1:] for t in stacked]
+        # every weight of a trial in one row: the optimizer updates one (trials, parameters) tensor
+        self.flat = torch.cat([t.flatten(1) for t in stacked], 1).contiguous()
+        self.params = self.views(self.flat)
+        self.x = torch.stack([m.x_train for m in members])
+        self.y = torch.stack([m.y_train for m in members])
+        self.same_target = lead.t_train is lead.y_train
+        self.t = self.y if self.same_target else torch.stack([m.t_train for m in members])
+        self.opt = opt_cls([self.flat], [m.optimizer.param_groups[0] for m in members])
+        self.modules = list(lead.model.named_children())
+        # kernel/bias penalties per parameter: (l1, l2) columns over trials
+        self.reg: list[tuple[int, Tensor | None, Tensor | None]] = []
+        self.activity: dict[str, tuple[Tensor, Tensor]] = {}
+        self.dropout: dict[str, Tensor] = {}
+        self._build_hyper()
+        # objectives: trials with the same loss settings share one vmapped loss
+        groups: dict[str, list[int]] = {}
+        for k, m in enumerate(members):
+            groups.setdefault(m.spec.loss.model_dump_json(), []).append(k)
+        self.loss_groups = list(groups.values())
+        self.metric_names = list(lead.objective.metrics)
+
+    def _build_hyper(self) -> None:
+        members = [self.members[i] for i in self.live]
+        like = self.params[0]
+        self.reg = []
+        for j, name in enumerate(self.names):
+            layer_i, kind = name.split(".")
+            attr = "kernel_regularizer" if kind == "weight" else "bias_regularizer"
+            regs = [getattr(m.spec.model.layers[int(layer_i)], attr, None) for m in members]
+            l1 = [r.l1 if r else 0.0 for r in regs]
+            l2 = [r.l2 if r else 0.0 for r in regs]
+            self.reg.append((j, _col(l1, like) if any(l1) else None, _col(l2, like) if any(l2) else None))
+        self.activity = {}
+        self.dropout = {}
+        for mod_name, mod in self.modules:
+            layer_i = int(mod_name.split("_")[0])
+            if mod._forward_hooks or any(m.model.get_submodule(mod_name)._forward_hooks for m in members):
+                regs = [self._activity_reg(m, layer_i, mod_name) for m in members]
+                self.activity[mod_name] = (_col([r[0] for r in regs], like), _col([r[1] for r in regs], like))
+            if isinstance(mod, nn.Dropout):
+                rates = [m.spec.model.layers[layer_i].rate for m in members]
+                if any(rates):
+                    self.dropout[mod_name] = _col(rates, like)
+
+    @staticmethod
+    def _activity_reg(m: _Run, layer_i: int, mod_name: str) -> tuple[float, float]:
+        if not m.model.get_submodule(mod_name)._forward_hooks:
+            return (0.0, 0.0)
+        r = m.spec.model.layers[layer_i].activity_regularizer
+        return (r.l1, r.l2) if r else (0.0, 0.0)
+
+    def drop(self, gone: list[int]) -> None:
+        """Remove pack slots ``gone`` (positions in ``self.live``)."""
+        keep_list = [i for i in range(len(self.live)) if i not in gone]
+        if not keep_list:
+            self.live = []
+            return
+        idx = torch.tensor(keep_list, device=self.device, dtype=torch.long)
+        self.flat = self.flat.detach().index_select(0, idx).contiguous()
+        self.params = self.views(self.flat)
+        self.x, self.y = self.x.index_select(0, idx), self.y.index_select(0, idx)
+        self.t = self.y if self.same_target else self.t.index_select(0, idx)
+        self.opt.keep(idx, keep_list, [self.flat])
+        self.live = [self.live[i] for i in keep_list]
+        remap = {old: new for new, old in enumerate(keep_list)}
+        self.loss_groups = [[remap[k] for k in g if k in remap] for g in self.loss_groups]
+        self.loss_groups = [g for g in self.loss_groups if g]
+        self._build_hyper()
+
+    def views(self, flat: Tensor) -> list[Tensor]:
+        """Each parameter, stacked over trials, as a view of the flat tensor."""
+        out, start = [], 0
+        for shape in self.shapes:
+            n = math.prod(shape)
+            out.append(flat[:, start : start + n].view(flat.shape[0], *shape))
+            start += n
+        return out
+
+    def sync(self, slot: int) -> None:
+        """Copy slot's fused weights into its member's own model."""
+        m = self.members[self.live[slot]]
+        with torch.no_grad():
+            for name, p in zip(self.names, self.params, strict=True):
+                m.model.get_parameter(name).copy_(p[slot])
+
+    def forward(self, params: list[Tensor], xb: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Outputs ``(L, B, ...)`` and the per-trial penalty ``(L,)`` of this pass."""
+        by_name = dict(zip(self.names, params, strict=True))
+        h = xb
+        penalty: Tensor | None = None
+        training = True
+        for mod_name, mod in self.modules:
+            if isinstance(mod, nn.Linear):
+                w = by_name[f"{mod_name}.weight"].transpose(1, 2)
+                b = by_name.get(f"{mod_name}.bias")
+                h = torch.bmm(h, w) if b is None else torch.baddbmm(b.unsqueeze(1), h, w)
+            elif isinstance(mod, nn.Dropout):
+                rate = self.dropout.get(mod_name)
+                if rate is not None and training:
+                    r = _bcast(rate, h)
+                    h = h * (torch.rand_like(h) >= r) / (1 - r)
+            else:
+                h = mod.forward(h)  # not mod(h): the lead member's activity hooks must not fire
+            act = self.activity.get(mod_name)
+            if act is not None:
+                out = h.float()
+                l1, l2 = act
+                term = (l1 * out.abs().flatten(1).sum(1) + l2 * out.square().flatten(1).sum(1)) / h.shape[1]
+                penalty = term if penalty is None else penalty + term
+        for j, l1, l2 in self.reg:
+            p = params[j].flatten(1)
+            if l1 is not None:
+                term = l1 * p.abs().sum(1)
+                penalty = term if penalty is None else penalty + term
+            if l2 is not None:
+                term = l2 * p.square().sum(1)
+                penalty = term if penalty is None else penalty + term
+        return h, penalty
+
+    def losses(self, out: Tensor, tb: Tensor) -> Tensor:
+        parts = []
+        order = []
+        for g in self.loss_groups:
+            member = self.members[self.live[g[0]]]
+            idx = torch.tensor(g, device=self.device)
+            o = out if len(g) == len(self.live) else out.index_select(0, idx)
+            t = tb if len(g) == len(self.live) else tb.index_select(0, idx)
+            parts.append(torch.func.vmap(member.objective.loss)(o, t))
+            order.extend(g)
+        if len(parts) == 1:
+            return parts[0]
+        cat = torch.cat(parts)
+        inv = torch.empty(len(order), dtype=torch.long, device=self.device)
+        inv[torch.tensor(order, device=self.device)] = torch.arange(len(order), device=self.device)
+        return cat.index_select(0, inv)
+
+
+def _epoch(pack: _Pack, finished: list[int]) -> None:
+    """One epoch for every live member (see ``_Run.train_epoch`` for the solo form)."""
+    members = pack.members
+    started = time.perf_counter()
+    lead = members[pack.live[0]]
+    n, bs, dev = lead.n_train, lead.batch_size, pack.device
+    shuffle = lead.spec.data.shuffle
+    for i in pack.live:
+        members[i].model.train()
+    perms = torch.stack([torch.randperm(n, generator=members[i].generator) for i in pack.live]).to(dev) if shuffle else None
+    L = len(pack.live)
+    loss_sum = torch.zeros(L, device=dev)
+    obj = lead.objective
+    sums = {k: torch.zeros(L, device=dev, dtype=torch.long if k in obj.count_metrics else torch.float32) for k in obj.metrics}
+    metric_fns = [(k, torch.func.vmap(fn)) for k, fn in obj.metrics.items()]
+    lr_constant = [isinstance(members[i].spec.optimizer.learning_rate, float | int) and members[i].plateau is None for i in pack.live]
+    lrs = [members[i].lr for i in pack.live]
+    seen = 0
+
+    def leave(slots: list[int], end_epoch: bool) -> None:
+        nonlocal loss_sum, sums, perms, lr_constant, lrs
+        for s in slots:
+            m = members[pack.live[s]]
+            pack.sync(s)
+            if end_epoch:
+                m.lr = lrs[s]
+                m._end_epoch(loss_sum[s], {k: v[s] for k, v in sums.items()}, max(seen, 1), started)
+            finished.append(pack.live[s])
+        keep = torch.tensor([s for s in range(len(pack.live)) if s not in slots], device=dev, dtype=torch.long)
+        loss_sum = loss_sum.index_select(0, keep)
+        sums = {k: v.index_select(0, keep) for k, v in sums.items()}
+        if perms is not None:
+            perms = perms.index_select(0, keep)
+        lr_constant = [c for s, c in enumerate(lr_constant) if s not in slots]
+        lrs = [x for s, x in enumerate(lrs) if s not in slots]
+        pack.drop(slots)
+
+    for b in range(lead.steps_per_epoch):
+        if not pack.live:
+            return
+        lo, hi = b * bs, (b + 1) * bs
+        rows = torch.arange(len(pack.live), device=dev).unsqueeze(1)
+        if perms is None:
+            xb, yb, tb = pack.x[:, lo:hi], pack.y[:, lo:hi], pack.t[:, lo:hi]
+        else:
+            idx = perms[:, lo:hi]
+            xb, yb = pack.x[rows, idx], pack.y[rows, idx]
+            tb = yb if pack.same_target else pack.t[rows, idx]
+        for s, i in enumerate(pack.live):
+            if not lr_constant[s]:
+                lrs[s] = members[i]._current_lr(members[i].step)
+        flat = pack.flat.requires_grad_()
+        params = pack.views(flat)
+        out, penalty = pack.forward(params, xb)
+        losses = pack.losses(out, tb)
+        if penalty is not None:
+            losses = losses + penalty
+        m_count = xb.shape[1]
+        # non-finite loss: the member ends this epoch before this update, as solo (CPU check)
+        check = [members[i].check_nan for i in pack.live]
+        if any(check):
+            finite = torch.isfinite(losses.detach()).tolist()
+            bad = [s for s, ok in enumerate(finite) if not ok and check[s]]
+            if bad:
+                with torch.no_grad():
+                    for s in bad:
+                        loss_sum[s] += losses[s].detach().float() * m_count
+                        members[pack.live[s]].stop_reason = "non_finite_loss"
+                keep_slots = [s for s in range(len(pack.live)) if s not in bad]
+                leave(bad, end_epoch=True)
+                if not pack.live:
+                    return
+                sel = torch.tensor(keep_slots, device=dev, dtype=torch.long)
+                losses = losses.index_select(0, sel)
+                out = out.index_select(0, sel)
+                yb, tb = yb.index_select(0, sel), tb.index_select(0, sel)
+                flat = pack.flat.requires_grad_()
+                params = pack.views(flat)
+                # recompute on the compacted pack (the dropped slots must not be updated)
+                out, penalty = pack.forward(params, xb.index_select(0, sel))
+                losses = pack.losses(out, tb)
+                if penalty is not None:
+                    losses = losses + penalty
+        (grad,) = torch.autograd.grad(losses.sum(), flat)
+        flat.requires_grad_(False)
+        pack.opt.step([grad], lrs)
+        for i in pack.live:
+            members[i].step += 1
+        seen += m_count
+        loss_sum.add_(losses.detach(), alpha=m_count)
+        if metric_fns:
+            o = out.detach()
+            for k, fn in metric_fns:
+                sums[k].add_(fn(o, yb, tb))
+        for s, i in enumerate(pack.live):
+            m = members[i]
+            if isinstance(m.save_freq, int) and m.step % m.save_freq == 0:
+                pack.sync(s)
+                m._step_checkpoint(loss_sum[s], {k: v[s] for k, v in sums.items()}, seen)
+        ending = [s for s, i in enumerate(pack.live) if members[i].spec.max_steps is not None and members[i].step >= members[i].spec.max_steps]
+        for s in ending:
+            members[pack.live[s]].stop_reason = "max_steps"
+        cancelled = [s for s, i in enumerate(pack.live) if s not in ending and members[i]._poll_cancel()]
+        for s in cancelled:
+            members[pack.live[s]].stop_reason = "cancelled"
+        if cancelled:
+            # a cancelled solo run returns without ending its epoch
+            leave(cancelled, end_epoch=False)
+            ending = [s - sum(1 for c in cancelled if c < s) for s in ending]
+        if ending:
+            leave(ending, end_epoch=True)
+    gone = []
+    for s, i in enumerate(pack.live):
+        m = members[i]
+        pack.sync(s)
+        m.lr = lrs[s]
+        m._end_epoch(loss_sum[s], {k: v[s] for k, v in sums.items()}, max(seen, 1), started)
+        if m.stop_reason is not None or m.epoch >= m.spec.epochs:
+            gone.append(s)
+            finished.append(i)
+    if gone:
+        pack.drop(gone)
+
+
+def fit_fused(
+    specs: Sequence[JobSpec | dict[str, Any]],
+    reporters: Sequence[Reporter | None] | None = None,
+    should_stops: Sequence[Callable[[], bool] | None] | None = None,
+    *,
+    datasets: Callable[[str], Any] | None = None,
+    fallback: bool = True,
+) -> list[FitResult]:
+    """Train ``specs`` as one fused model when :func:`why_not_fused` allows it and the engine's
+    optimizer for them has a fused form; otherwise (``fallback``) train them one after another
+    with ``training.fit``. Returns one ``FitResult`` per spec, in order; each result's
+    ``info["pack"]`` says whether it was fused (``size``, ``index``) or why not (``fallback``)."""
+    jobs = [validate_spec(s, datasets) for s in specs]
+    reps = list(reporters) if reporters is not None else [None] * len(jobs)
+    stops = list(should_stops) if should_stops is not None else [None] * len(jobs)
+    if len(reps) != len(jobs) or len(stops) != len(jobs):
+        raise ValueError("reporters and should_stops must have one entry per spec")
+    reason = why_not_fused(jobs)
+    started = time.perf_counter()
+    results: list[FitResult] | None = None
+    if reason is None:
+        device = resolve_device(jobs[0].device)
+        with _deterministic(jobs[0].deterministic, device), _actionable_errors(jobs[0], device):
+            members = [_Run(job, rep, stop) for job, rep, stop in zip(jobs, reps, stops, strict=True)]
+            classes = {_fused_optimizer_for(m.optimizer, m.spec) for m in members}
+            sizes = {(m.n_train, m.batch_size) for m in members}
+            if None in classes or len(classes) != 1:
+                reason = f"optimizer {jobs[0].optimizer.name!r} with these settings has no fused form"
+            elif len(sizes) != 1:
+                reason = "the trials' training splits differ in size"
+            else:
+                results = _train_pack(members, classes.pop(), started)
+    if results is not None:
+        return results
+    if not fallback:
+        raise ValueError(f"these trials cannot be fused: {reason}")
+    out = []
+    for job, rep, stop in zip(jobs, reps, stops, strict=True):
+        r = fit(job, rep, stop, datasets=datasets)
+        r.info["pack"] = {"fused": False, "fallback": reason}
+        out.append(r)
+    return out
+
+
+def _train_pack(members: list[_Run], opt_cls: type[_FusedOptimizer], started: float) -> list[FitResult]:
+    for m in members:
+        m.snapshot_every = 0  # a pack is not resumed from snapshots (yet)
+        m.start()
+    pack = _Pack(members, opt_cls)
+    finished: list[int] = []
+    while pack.live:
+        _epoch(pack, finished)
+    seconds = time.perf_counter() - started
+    results = []
+    for k, m in enumerate(members):
+        r = m.result(seconds)
+        r.info["pack"] = {"fused": True, "size": len(members), "index": k}
+        results.append(r)
+    return results
