@@ -53,13 +53,15 @@ def test_an_illegal_move_is_refused_before_any_sql_and_names_what_is_allowed(inp
 
 # a status written by hand: an UPDATE or an ORM attribute setting a job's status
 _BY_HAND = re.compile(r"\.values\(\s*status\s*=|\bjob\.status\s*=[^=]|\bJob\.status\s*=[^=]")
+#: modules whose UPDATEs set the status of other rows than jobs (export artifacts: pending, ready, failed)
+OTHER_ROWS = {"artifacts.py"}
 
 
 def test_no_status_change_bypasses_the_lifecycle():
     offenders = []
     for package in ("store", "orchestration", "api", "worker"):
         for path in (ROOT / package).rglob("*.py"):
-            if path.name == "lifecycle.py":
+            if path.name == "lifecycle.py" or (path.parent.name == "store" and path.name in OTHER_ROWS):
                 continue
             for n, line in enumerate(path.read_text().splitlines(), 1):
                 if _BY_HAND.search(line):
