@@ -26,8 +26,10 @@ from api.errors import (
 from api.fastpath import PollFastPath, PollStats
 from api.limits import BodyLimitMiddleware, RateLimiter, StreamSlots
 from api.prom import make_registry
-from api.routers import catalog, dashboards, datasets, health, jobs, schedules, sweeps
+from api.request_ids import RequestIds
+from api.routers import catalog, dashboards, datasets, health, jobs, models, schedules, sweeps
 from api.schemas.common import ErrorResponse
+from config.logs import configure_logging
 from config.settings import Settings, get_settings
 from store.pollread import close_readers
 from ui import routes as ui_routes
@@ -88,6 +90,7 @@ def create_app(settings: Settings | None = None, *, poll_fast_path: bool = True)
     """Build the app (nothing is built at import time). ``poll_fast_path=False`` leaves out
     :mod:`api.fastpath` (the tests compare the two)."""
     settings = settings or get_settings()
+    configure_logging(settings, "api")
     # /docs and /redoc are served by ui.routes from installed assets (FastAPI's own load a CDN)
     app = FastAPI(title="Trainyard", version="1.0", description=DESCRIPTION, lifespan=_lifespan,
                   docs_url=None, redoc_url=None)
@@ -112,10 +115,11 @@ def create_app(settings: Settings | None = None, *, poll_fast_path: bool = True)
     if poll_fast_path:  # added last: the outermost of ours, so a served poll skips the rest
         app.add_middleware(PollFastPath, settings=settings, rate_limiter=app.state.rate_limiter,  # type: ignore[arg-type]
                            stats=app.state.poll_stats)
+    app.add_middleware(RequestIds)  # outermost: every response, fast path included, echoes the id
     # every /v1 route needs the caller's project: the key check (401) and rate limit (429) run first
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(current_project), Depends(known_query_parameters)],
                    responses=AUTH_RESPONSES)
-    for module in (jobs, schedules, catalog, datasets, sweeps, dashboards):
+    for module in (jobs, models, schedules, catalog, datasets, sweeps, dashboards):
         v1.include_router(module.router)
     app.include_router(v1)
     # the polled routes resolve the key in their own query (one round trip): not current_project

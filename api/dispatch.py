@@ -18,13 +18,19 @@ from typing import Any
 import redis  # imported with the app, not on a first scrape (api.app freezes the GC after start-up)
 
 from config.settings import Settings
-from store.broker import RUN_JOB_TASK, celery_config
+from orchestration.messages import send_jobs
+from orchestration.services.base import LoopService
+from orchestration.services.outbox_relay import OutboxRelay
+from orchestration.services.reconciler import Reconciler
+from store.broker import EXPORT_TASK, celery_config
 
 log = logging.getLogger("trainyard.api")
 
 #: After a failed send, requests skip the inline send for this long (the relay sends instead), so
 #: submissions stay fast while the broker is down.
 BROKER_DOWN_BACKOFF_S = 2.0
+#: The API's relay drops the outbox rows of messages it sent inline, and sends what failed, this often.
+API_RELAY_EVERY_S = 1.0
 #: A queued job this long untouched, with no message in an empty Redis queue, lost its message.
 LOST_MESSAGE_AGE_S = 30.0
 
@@ -43,7 +49,7 @@ class Dispatcher:
         self._sent: list[str] = []  # job ids sent inline: the relay drops their outbox rows
         self._down_until = 0.0
         self._failed_since_sent = False  # a send failed and none succeeded since
-        self._maintenance: Any = None
+        self._services: list[LoopService] = []
 
     @cached_property
     def celery(self) -> Any:
@@ -54,14 +60,10 @@ class Dispatcher:
         return app
 
     def send(self, jobs: Iterable[tuple[str, str]], max_retries: int = 3) -> None:
-        """Send one message per ``(job_id, queue)`` over one producer connection."""
+        """Send one message per ``(job_id, queue)`` over one producer connection
+        (:func:`orchestration.messages.send_jobs`), noting whether the broker is down."""
         try:
-            with self.celery.producer_or_acquire() as producer:
-                for job_id, queue in jobs:
-                    self.celery.send_task(
-                        RUN_JOB_TASK, args=[job_id], queue=queue, producer=producer, retry=max_retries > 0,
-                        retry_policy={"max_retries": max_retries, "interval_start": 0.1, "interval_step": 0.5},
-                    )
+            send_jobs(self.celery, list(jobs), max_retries=max_retries)
         except Exception as exc:  # noqa: BLE001 - any broker failure is a DispatchError
             with self._lock:
                 self._down_until = time.monotonic() + BROKER_DOWN_BACKOFF_S
@@ -70,6 +72,16 @@ class Dispatcher:
         with self._lock:
             self._down_until = 0.0
             self._failed_since_sent = False
+
+    def send_export(self, artifact_id: int, queue: str) -> None:
+        """Send ``trainyard.export(artifact_id)`` to ``queue`` (store.artifacts); raises
+        :class:`DispatchError` when the broker does not take it (the artifact stays pending and
+        the next request for it sends it again)."""
+        try:
+            self.celery.send_task(EXPORT_TASK, args=[artifact_id], queue=queue, retry=True,
+                                  retry_policy={"max_retries": 1, "interval_start": 0.1, "interval_step": 0.5})
+        except Exception as exc:  # noqa: BLE001 - any broker failure is a DispatchError
+            raise DispatchError(f"the broker did not accept the export: {type(exc).__name__}: {exc}") from exc
 
     def submit(self, jobs: list[tuple[str, str]]) -> bool:
         """Send the messages of committed jobs (whose outbox rows are committed with them). On
@@ -128,20 +140,20 @@ class Dispatcher:
             return 0.0 if self._failed_since_sent else RESEND_AFTER_S
 
     def start_background(self) -> None:
-        """Start the outbox relay and the reconciler of lost jobs (:class:`store.leases.Maintenance`)."""
-        from store.leases import Maintenance
-
-        if self._maintenance is None:
+        """Start the API's loops (:mod:`orchestration.services`): the outbox relay, every second,
+        and the reconciler of lost jobs, which also re-sends messages a restarted Redis lost."""
+        if not self._services:
             queues = self.settings.queue_names()
-            self._maintenance = Maintenance(
-                self.send, self.settings.heartbeat_stale_s, queues=queues, sent_job_ids=self.take_sent,
-                resend_after_s=self.resend_after_s, on_reconcile=self.resend_lost_messages, name="trainyard-api-outbox",
-            ).start()
+            self._services = [
+                OutboxRelay(self.send, queues, interval=API_RELAY_EVERY_S, sent_job_ids=self.take_sent,
+                            resend_after_s=self.resend_after_s).start(),
+                Reconciler(self.send, self.settings.heartbeat_stale_s, queues, also=self.resend_lost_messages).start(),
+            ]
 
     def stop_background(self) -> None:
-        if self._maintenance is not None:
-            self._maintenance.stop()
-            self._maintenance = None
+        for service in self._services:
+            service.stop()
+        self._services = []
 
     def ping(self, timeout: float = 2.0) -> None:
         """Raise if the broker cannot be reached."""

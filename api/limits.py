@@ -271,43 +271,6 @@ async def _respond(send: Send, status: int, detail: Any, *, close: bool = True) 
     await send({"type": "http.response.body", "body": body})
 
 
-# --------------------------------------------------------------------------- job specs
-
-
-def spec_limit_errors(spec: Any, info: Any, settings: Settings) -> list[dict[str, Any]]:
-    """What a valid spec asks for beyond the service's limits, as spec errors with JSON paths.
-    The parameter count comes from the layer shapes alone (nothing is allocated)."""
-    from training.shapes import ShapeError, count_parameters
-    from training.spec import json_path
-
-    errors: list[dict[str, Any]] = []
-
-    def add(loc: list[Any], msg: str) -> None:
-        errors.append({"loc": loc, "path": json_path(loc), "msg": msg, "type": "limit_exceeded"})
-
-    if spec.epochs > settings.max_epochs:
-        add(["epochs"], f"epochs is {spec.epochs}; this server allows at most {settings.max_epochs}")
-    if len(spec.model.layers) > settings.max_layers:
-        add(["model", "layers"], f"the model has {len(spec.model.layers)} layers; this server allows at most "
-                                 f"{settings.max_layers}")
-    if spec.data.batch_size > settings.max_batch_size:
-        add(["data", "batch_size"], f"batch_size is {spec.data.batch_size}; this server allows at most "
-                                    f"{settings.max_batch_size}")
-    if info is not None:
-        per_sample = math.prod(int(d) for d in info.input_shape)
-        nbytes = 4 * per_sample * int(info.n_samples)
-        if nbytes > settings.max_dataset_bytes:
-            add(["data"], f"the dataset is {info.n_samples} samples of shape {list(info.input_shape)} "
-                          f"({nbytes} bytes as float32); this server allows at most {settings.max_dataset_bytes}")
-        try:
-            n_params = count_parameters(spec.model, tuple(info.input_shape))
-        except ShapeError:
-            n_params = 0  # shape errors were reported by the spec's own validation
-        if n_params > settings.max_parameters:
-            add(["model"], f"the model has {n_params} parameters; this server allows at most {settings.max_parameters}")
-    return errors
-
-
 # --------------------------------------------------------------------------- concurrent jobs
 
 

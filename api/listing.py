@@ -9,11 +9,11 @@ import re
 from typing import Any
 
 from api.errors import SpecProblem, error
-from store.leases import LOST_STOP_REASON
+from orchestration.recovery import LOST_STOP_REASON, STALLED_STOP_REASON
 from training.reporting import STOP_REASONS
 
 #: what ``stop_reason`` filters may name: the engine's reasons and the service's own
-STOP_REASON_FILTERS = (*STOP_REASONS, "paused", "error", LOST_STOP_REASON)
+STOP_REASON_FILTERS = (*STOP_REASONS, "paused", "error", LOST_STOP_REASON, STALLED_STOP_REASON)
 
 #: ``key=value``: the pattern of a ``label`` query parameter (documented, and split by it)
 LABEL_FILTER = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._/-]{0,62})=([^\x00]{0,200})$")

@@ -7,11 +7,11 @@ Usage (repo root, in the venv; needs nothing running)::
 
 Both sweeps go through the service's own sweep code against a fresh SQLite database (schema by
 the Alembic migrations), with real worker processes: the sweep is validated and stored as
-``POST /v1/sweeps`` does (``api.routers.sweeps.check_sweep``, ``store.sweeps.advance_sweep``) and
+``POST /v1/sweeps`` does (``api.routers.sweeps.check_sweep``, ``orchestration.sweeps.advance_sweep``) and
 its trials' job ids are put on a queue (the broker); ``--workers`` worker processes (forked, as
 Celery's prefork pool forks its children; 1 torch thread each) take them one at a time and do what
 the Celery task does: ``worker.runner.run_job`` (whose reporter asks the sweep's Optuna pruner at
-the rung epochs: ``worker.sweeps.TrialReporter``), then ``worker.sweeps.after_job``, which advances
+the rung epochs: ``worker.sweeps.TrialReporter``), then ``orchestration.sweeps.after_job``, which advances
 the sweep and sends the new trials to the queue. Both sweeps have ``max_concurrent`` = workers.
 
 Both sweeps evaluate the same configurations in the same order: random search draws trial k's
@@ -120,6 +120,7 @@ def _worker_main(index: int, tasks: Any, done: Any, threads: int) -> None:
     get_engine().dispose(close=False)  # never use the parent's connections (worker_process_init does this)
     _warm_up(threads)
 
+    import orchestration.sweeps as orchestration_sweeps
     import worker.sweeps as worker_sweeps
     from config.settings import get_settings
     from worker.runner import run_job
@@ -163,7 +164,7 @@ def _worker_main(index: int, tasks: Any, done: Any, threads: int) -> None:
         try:
             outcome = run_job(job_id, settings)
         finally:
-            worker_sweeps.after_job(job_id, settings, send)
+            orchestration_sweeps.after_job(job_id, settings, send)
             done.put(("trial", job_id, started, time.perf_counter(), list(events), list(sent), outcome))  # copies: put() pickles later
 
 
@@ -230,6 +231,7 @@ def wait_quiet(pids: list[int], max_cores: float, max_wait_s: float) -> float:
 
 def run_sweep(settings: Any, workers: Workers, *, asha: bool, trials: int, epochs: int, seed: int, concurrent: int,
               min_epochs: int, reduction_factor: int, targets: list[float], pause: bool = False) -> dict[str, Any]:
+    import orchestration.sweeps as orchestration_sweeps
     from api.routers.sweeps import check_sweep
     from store import sweeps as store_sweeps
     from store.db import session_scope
@@ -253,7 +255,7 @@ def run_sweep(settings: Any, workers: Workers, *, asha: bool, trials: int, epoch
             objective_metric="val_accuracy", objective_mode="max", max_trials=trials, max_concurrent=concurrent,
         )
         sweep_id = sweep.id
-        first = store_sweeps.advance_sweep(s, sweep_id, settings)
+        first = orchestration_sweeps.advance_sweep(s, sweep_id, settings)
     outstanding = set()
     for job_id, _queue in first:
         outstanding.add(job_id)

@@ -130,6 +130,52 @@ class Client:
         Path(path).write_bytes(data)
         return digest
 
+    @staticmethod
+    def _verified(r: httpx.Response, header: str) -> tuple[bytes, str]:
+        digest = hashlib.sha256(r.content).hexdigest()
+        expected = r.headers.get(header)
+        if expected and expected != digest:
+            raise TrainyardError(502, f"digest mismatch: header {expected}, body {digest}")
+        return r.content, digest
+
+    def checkpoint(self, job_id: str, which: str | int = "best") -> tuple[bytes, str]:
+        """A checkpoint's safetensors bytes and their sha256, verified: ``"best"``, ``"last"`` (the
+        last epoch's weights) or an epoch number (if its bytes are kept)."""
+        return self._verified(self._check(self._http.get(f"/v1/jobs/{job_id}/checkpoints/{which}")), "X-Checkpoint-SHA256")
+
+    def export(self, job_id: str, format: str, *, checkpoint: str | int = "best", timeout: float = 300.0) -> tuple[bytes, str]:
+        """A checkpoint exported as ``torchscript``, ``onnx`` or ``keras`` (bytes and their sha256,
+        verified), waiting while a worker produces it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            r = self._check(self._http.get(f"/v1/jobs/{job_id}/export",
+                                           params={"format": format, "checkpoint": str(checkpoint), "wait": 10}))
+            if r.status_code == 200:
+                return self._verified(r, "X-Artifact-SHA256")
+            if time.monotonic() >= deadline:
+                raise TrainyardError(504, f"the {format} export of job {job_id} was not ready within {timeout} s")
+            time.sleep(float(r.headers.get("Retry-After", "1")))
+
+    def download_export(self, job_id: str, format: str, path: str | Path, *, checkpoint: str | int = "best") -> str:
+        """Write an export to ``path``; returns its sha256."""
+        data, digest = self.export(job_id, format, checkpoint=checkpoint)
+        Path(path).write_bytes(data)
+        return digest
+
+    def predict(self, job_id: str, inputs: Any, *, checkpoint: str | int = "best", timeout: float = 300.0) -> dict[str, Any]:
+        """Predictions for a batch of raw inputs (nested lists, or anything with ``tolist()``):
+        ``probabilities`` and ``labels`` for a classifier, ``values`` for a regression model."""
+        body = {"inputs": inputs.tolist() if hasattr(inputs, "tolist") else inputs}
+        deadline = time.monotonic() + timeout
+        while True:
+            r = self._check(self._http.post(f"/v1/jobs/{job_id}/predict", json=body,
+                                            params={"checkpoint": str(checkpoint), "wait": 10}))
+            if r.status_code == 200:
+                return r.json()  # type: ignore[no-any-return]
+            if time.monotonic() >= deadline:
+                raise TrainyardError(504, f"the model of job {job_id} was not ready within {timeout} s")
+            time.sleep(float(r.headers.get("Retry-After", "1")))
+
     def events(self, job_id: str, *, last_event_id: int | None = None) -> Iterator[dict[str, Any]]:
         """Server-Sent Events of a job: dicts with ``id``, ``event`` ("state"/"epoch") and
         ``data``; ends after the terminal state."""

@@ -290,16 +290,40 @@ def cancel(job_id: str, url: UrlOpt = None) -> None:
 @app.command()
 def download(
     job_id: str,
-    output: Annotated[Path, typer.Option("-o", "--output", help="file to write")] = Path("best.safetensors"),
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="file to write [default: CHECKPOINT.safetensors]")] = None,
+    checkpoint: Annotated[str, typer.Option(help="best, last (the last epoch's weights) or an epoch number")] = "best",
     url: UrlOpt = None,
 ) -> None:
-    """Download a job's best checkpoint (.safetensors), verifying its sha256."""
+    """Download a job's checkpoint (.safetensors; the best by default), verifying its sha256."""
+    output = output or Path(f"{checkpoint}.safetensors")
     try:
         with _client(url) as c:
-            digest = c.download_best(job_id, output)
+            data, digest = c.checkpoint(job_id, checkpoint)
+            output.write_bytes(data)
     except TrainyardError as exc:
         raise _fail(str(exc)) from None
     typer.echo(f"{output}  sha256 {digest}")
+
+
+@app.command("export")
+def export_model(
+    job_id: str,
+    format: Annotated[str, typer.Option("--format", "-f", help="torchscript, onnx or keras")] = "onnx",
+    checkpoint: Annotated[str, typer.Option(help="best, last or an epoch number")] = "best",
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="file to write [default: JOB-CHECKPOINT.EXT]")] = None,
+    url: UrlOpt = None,
+) -> None:
+    """Export a job's model (raw inputs in, probabilities or values out), verifying its sha256."""
+    ext = {"torchscript": "pt", "onnx": "onnx", "keras": "keras"}.get(format)
+    if ext is None:
+        raise _fail(f"--format must be torchscript, onnx or keras, not {format!r}")
+    path = output or Path(f"{job_id}-{checkpoint}.{ext}")
+    try:
+        with _client(url) as c:
+            digest = c.download_export(job_id, format, path, checkpoint=checkpoint)
+    except TrainyardError as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(f"{path}  sha256 {digest}")
 
 
 class _SweepGroup(TyperGroup):
@@ -511,10 +535,15 @@ def api(
 ) -> None:
     """Run the HTTP API (uvicorn) against $TRAINYARD_DATABASE_URL and $TRAINYARD_BROKER_URL.
     Every /v1 request needs an API key ('trainyard keys create') unless TRAINYARD_AUTH=off."""
-    if _settings().auth == "off":
-        typer.echo("trainyard: TRAINYARD_AUTH=off: no API keys; every caller is in the default project", err=True)
-    else:
-        typer.echo("trainyard: API keys required (create one with 'trainyard keys create --project NAME')", err=True)
+    import logging
+
+    from config.logs import configure_logging
+
+    settings = _settings()
+    configure_logging(settings, "api")  # the banner in the API's own format (text or JSON lines)
+    logging.getLogger("trainyard.api").warning(
+        "TRAINYARD_AUTH=off: no API keys; every caller is in the default project" if settings.auth == "off" else
+        "API keys required (create one with 'trainyard keys create --project NAME')")
     argv = _python("-m", "api.server", "--host", host, "--port", str(port),  # uvicorn, bounded heads
                    "--workers", str(workers), "--no-access-log")
     os.execv(argv[0], argv)
@@ -527,11 +556,12 @@ def worker(
     concurrency: Annotated[int, typer.Option(help="jobs at a time per process (keep 1 per GPU)")] = 1,
     gpus: Annotated[str | None, typer.Option(help="e.g. 0,1: one worker process per GPU (CUDA_VISIBLE_DEVICES)")] = None,
     pool: Annotated[str | None, typer.Option(help="celery pool [default: solo for 1, else prefork]")] = None,
-    loglevel: Annotated[str, typer.Option()] = "INFO",
+    loglevel: Annotated[str | None, typer.Option(help="[default: $TRAINYARD_LOG_LEVEL, INFO]")] = None,
     name: Annotated[str, typer.Option(help="worker name prefix")] = "trainyard",
 ) -> None:
     """Run a Celery worker for the given queues and the 'any' queue (names get $TRAINYARD_QUEUE_PREFIX)."""
-    prefix = _settings().queue_prefix
+    settings = _settings()
+    prefix, loglevel = settings.queue_prefix, loglevel or settings.log_level
     names = list(dict.fromkeys([q.strip() for q in queues.split(",") if q.strip()] + ["any"]))
     qs = [prefix + q for q in names]
     bad = [q for q in queues.split(",") if q.strip() not in ("gpu", "cpu", "any")]

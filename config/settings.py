@@ -59,7 +59,10 @@ class Settings(BaseSettings):
     # Worker: how often a resume snapshot is written (0: every epoch).
     snapshot_interval_s: float = Field(60.0, ge=0, validation_alias="TRAINYARD_SNAPSHOT_INTERVAL")
     # The lease: a running job whose heartbeat is older may be taken over (RELIABILITY.md).
-    heartbeat_stale_s: float = Field(300.0, gt=0, validation_alias="TRAINYARD_HEARTBEAT_STALE")
+    heartbeat_stale_s: float = Field(60.0, gt=0, validation_alias="TRAINYARD_HEARTBEAT_STALE")
+    # A running job whose training made no step for this long ends its attempt (stop reason
+    # "stalled") and is requeued like a lost worker's; a spec's stall_timeout_s overrides it; 0: never.
+    stall_timeout_s: float = Field(900.0, ge=0)
     # Security (see README "Security"): "required" makes every /v1 request carry an API key;
     # "off" puts every caller in the default project (embedded mode on 127.0.0.1).
     auth: Literal["required", "off"] = "required"
@@ -85,6 +88,11 @@ class Settings(BaseSettings):
     gc_freeze: bool = True
     # Worker: the nice value it trains at (worker.app.lower_priority; 0 = the caller's own).
     worker_nice: int = Field(10, ge=0, le=19)
+    # Logging (config.logs): "text" for a terminal, "json" for one JSON object per line; the API's
+    # one line per request (trainyard.access) only when access_log is on.
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    access_log: bool = False
     # Browsers (dashboards, issue 11): origins allowed by CORS, comma-separated ("" = none); the
     # secret that signs session cookies ("" = one made once and kept in data_dir/session-secret);
     # how long a sign-in lasts.
@@ -96,6 +104,11 @@ class Settings(BaseSettings):
     @classmethod
     def _absolute(cls, value: Path) -> Path:
         return value.resolve()
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _embedded_defaults(self) -> Settings:

@@ -10,6 +10,8 @@ from typing import Any
 from config.settings import Settings
 
 RUN_JOB_TASK = "trainyard.run_job"
+#: export a job's checkpoint to another format (args: the artifact id, store.artifacts)
+EXPORT_TASK = "trainyard.export"
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:

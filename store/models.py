@@ -217,6 +217,30 @@ class Checkpoint(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
+class Artifact(Base):
+    """A job's model exported to another format (``torchscript``, ``onnx``, ``keras``) from one
+    of its checkpoints (``checkpoint_sha256``). Produced by a worker (``trainyard.export``):
+    ``pending`` until then, ``ready`` with ``data`` and its ``sha256``, or ``failed`` with
+    ``error``."""
+
+    __tablename__ = "artifacts"
+    __table_args__ = (UniqueConstraint("job_id", "format", "checkpoint_sha256", name="uq_artifacts_job_format_checkpoint"),)
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    format: Mapped[str] = mapped_column(String(16))
+    checkpoint_sha256: Mapped[str] = mapped_column(String(64))
+    checkpoint_epoch: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16))  # pending | ready | failed
+    error: Mapped[str | None] = mapped_column(Text)
+    size: Mapped[int | None] = mapped_column(BigInteger)
+    sha256: Mapped[str | None] = mapped_column(String(64))
+    data: Mapped[bytes | None] = mapped_column(LargeBinary)
+    card: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # the model card (training.card) of the checkpoint
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
 class Snapshot(Base):
     """The latest full training state of a job (for resuming after a lost worker)."""
 

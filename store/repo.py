@@ -12,6 +12,7 @@ from typing import Any, overload
 from sqlalchemy import case, delete, func, select, update
 from sqlalchemy.orm import Session, defer
 
+from store import lifecycle
 from store.floats import encode_metrics, finite_or_none, to_text
 from store.ids import new_id
 from store.models import (
@@ -287,13 +288,8 @@ def request_cancel(session: Session, job_id: str) -> str | None:
     fails, so it never starts); a running one is flagged and its worker stops it. Returns the status the
     job is now in, or None if it does not exist."""
     now = utcnow()
-    res = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status.in_(("queued", "paused")))
-        .values(status="cancelled", stop_reason="cancelled", cancel_requested=True, finished_at=now, updated_at=now)
-        .execution_options(synchronize_session=False)
-    )
-    if res.rowcount == 1:  # type: ignore[attr-defined]
+    if lifecycle.move(session, job_id, (lifecycle.QUEUED, lifecycle.PAUSED), lifecycle.CANCELLED,
+                      values=dict(stop_reason="cancelled", cancel_requested=True, finished_at=now, updated_at=now)):
         add_event(session, job_id, "state", {"status": "cancelled", "stop_reason": "cancelled"}, now)
         return "cancelled"
     session.execute(
@@ -313,29 +309,15 @@ def claim_job(session: Session, job_id: str, worker: str, stale_after_s: float) 
     ``max_attempts`` claims is not taken over (the reconciler fails it)."""
     now = utcnow()
     values = dict(
-        status="running", attempts=Job.attempts + 1, lease_token=Job.lease_token + 1, heartbeat_at=now,
-        worker=worker, updated_at=now,
+        attempts=Job.attempts + 1, lease_token=Job.lease_token + 1, heartbeat_at=now, worker=worker, updated_at=now,
     )
-    res = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status == "queued")
-        .values(started_at=now, **values)
-        .execution_options(synchronize_session=False)
-    )
-    if res.rowcount != 1:  # type: ignore[attr-defined]
-        res = session.execute(
-            update(Job)
-            .where(
-                Job.id == job_id,
-                Job.status == "running",
-                Job.cancel_requested.is_(False),
-                Job.heartbeat_at < now - timedelta(seconds=stale_after_s),
-                Job.attempts < Job.max_attempts,
-            )
-            .values(**values)
-            .execution_options(synchronize_session=False)
-        )
-        if res.rowcount != 1:  # type: ignore[attr-defined]
+    if not lifecycle.move(session, job_id, (lifecycle.QUEUED,), lifecycle.RUNNING, values={"started_at": now, **values}):
+        taken_over = lifecycle.move(session, job_id, (lifecycle.RUNNING,), lifecycle.RUNNING, values=values, where=(
+            Job.cancel_requested.is_(False),
+            Job.heartbeat_at < now - timedelta(seconds=stale_after_s),
+            Job.attempts < Job.max_attempts,
+        ))
+        if not taken_over:
             return None
     job = session.get(Job, job_id, populate_existing=True)
     add_event(session, job_id, "state", {"status": "running", "attempt": job.attempts if job else None}, now)
@@ -418,7 +400,7 @@ def finish_job(
     assert status in TERMINAL_STATUSES
     now = utcnow()
     values: dict[str, Any] = dict(
-        status=status, stop_reason=stop_reason, error=error, finished_at=now, updated_at=now, heartbeat_at=now
+        stop_reason=stop_reason, error=error, finished_at=now, updated_at=now, heartbeat_at=now
     )
     if best is not None:
         values.update(best_monitor=best[0], best_value=to_text(best[1]), best_epoch=best[2],
@@ -433,13 +415,7 @@ def finish_job(
         values["run_seconds"] = func.coalesce(Job.run_seconds, 0.0) + run_seconds
     if info is not None:
         values["info"] = info
-    res = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status == "running")
-        .values(**values)
-        .execution_options(synchronize_session=False)
-    )
-    if res.rowcount != 1:  # type: ignore[attr-defined]
+    if not lifecycle.move(session, job_id, (lifecycle.RUNNING,), status, values=values):
         return False
     event: dict[str, Any] = {"status": status, "stop_reason": stop_reason}
     if error:
@@ -457,16 +433,13 @@ def pause_job(
     (:func:`end_paused_job`). False if the job is no longer running or a cancel was requested
     (the worker then ends it ``cancelled``: a cancel never leaves a paused trial behind)."""
     now = utcnow()
-    res = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status == "running", Job.cancel_requested.is_(False))
-        .values(status="paused", stop_reason="paused", steps=steps, epoch=epochs_run, updated_at=now, heartbeat_at=now,
-                **({} if best is None else dict(best_monitor=best[0], best_value=to_text(best[1]), best_epoch=best[2],
-                                            best_number=finite_or_none(best[1]))),
-                **({} if run_seconds is None else {"run_seconds": func.coalesce(Job.run_seconds, 0.0) + run_seconds}))
-        .execution_options(synchronize_session=False)
-    )
-    if res.rowcount != 1:  # type: ignore[attr-defined]
+    moved = lifecycle.move(
+        session, job_id, (lifecycle.RUNNING,), lifecycle.PAUSED, where=(Job.cancel_requested.is_(False),),
+        values=dict(stop_reason="paused", steps=steps, epoch=epochs_run, updated_at=now, heartbeat_at=now,
+                    **({} if best is None else dict(best_monitor=best[0], best_value=to_text(best[1]), best_epoch=best[2],
+                                                 best_number=finite_or_none(best[1]))),
+                    **({} if run_seconds is None else {"run_seconds": func.coalesce(Job.run_seconds, 0.0) + run_seconds})))
+    if not moved:
         return False
     add_event(session, job_id, "state", {"status": "paused", "epoch": epochs_run}, now)
     return True
@@ -477,13 +450,8 @@ def promote_job(session: Session, job_id: str) -> bool:
     of the epoch it paused at. A promotion is a new run with its own attempt (``max_attempts``
     grows by one, so a promoted trial whose worker is lost is still retried)."""
     now = utcnow()
-    res = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status == "paused", Job.cancel_requested.is_(False))
-        .values(status="queued", stop_reason=None, max_attempts=Job.max_attempts + 1, updated_at=now)
-        .execution_options(synchronize_session=False)
-    )
-    if res.rowcount != 1:  # type: ignore[attr-defined]
+    if not lifecycle.move(session, job_id, (lifecycle.PAUSED,), lifecycle.QUEUED, where=(Job.cancel_requested.is_(False),),
+                          values=dict(stop_reason=None, max_attempts=Job.max_attempts + 1, updated_at=now)):
         return False
     add_event(session, job_id, "state", {"status": "queued", "reason": "promoted"}, now)
     return True
@@ -495,13 +463,8 @@ def end_paused_job(session: Session, job_id: str, stop_reason: str = "pruned", s
     when its sweep failed."""
     assert status in TERMINAL_STATUSES
     now = utcnow()
-    res = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status == "paused")
-        .values(status=status, stop_reason=stop_reason, finished_at=now, updated_at=now)
-        .execution_options(synchronize_session=False)
-    )
-    if res.rowcount != 1:  # type: ignore[attr-defined]
+    if not lifecycle.move(session, job_id, (lifecycle.PAUSED,), status,
+                          values=dict(stop_reason=stop_reason, finished_at=now, updated_at=now)):
         return False
     add_event(session, job_id, "state", {"status": status, "stop_reason": stop_reason}, now)
     return True
@@ -510,13 +473,8 @@ def end_paused_job(session: Session, job_id: str, stop_reason: str = "pruned", s
 def fail_unstarted_job(session: Session, job_id: str, error: str) -> None:
     """Mark a queued job failed (it could not be enqueued, or its spec no longer resolves)."""
     now = utcnow()
-    res = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status == "queued")
-        .values(status="failed", error=error, finished_at=now, updated_at=now)
-        .execution_options(synchronize_session=False)
-    )
-    if res.rowcount == 1:  # type: ignore[attr-defined]
+    if lifecycle.move(session, job_id, (lifecycle.QUEUED,), lifecycle.FAILED,
+                      values=dict(error=error, finished_at=now, updated_at=now)):
         add_event(session, job_id, "state", {"status": "failed", "error": error}, now)
 
 
@@ -661,6 +619,49 @@ def best_checkpoint(session: Session, job_id: str, project_id: str | None = None
     return session.scalars(q).first()
 
 
+def _job_checkpoints(job_id: str, project_id: str | None) -> Any:
+    q = select(Checkpoint).where(Checkpoint.job_id == job_id)
+    if project_id is not None:
+        q = q.join(Job, Job.id == Checkpoint.job_id).where(Job.project_id == project_id)
+    return q
+
+
+def last_checkpoint(session: Session, job_id: str, project_id: str | None = None) -> Checkpoint | None:
+    """The newest checkpoint whose bytes are stored (loaded without them: :func:`checkpoint_chunk`):
+    the last epoch's weights once the job ended (the worker stores them at the end,
+    :func:`add_last_checkpoint`)."""
+    q = _job_checkpoints(job_id, project_id).where(Checkpoint.data.is_not(None)).order_by(Checkpoint.id.desc()).limit(1)
+    return session.scalars(q.options(defer(Checkpoint.data))).first()
+
+
+def checkpoint_at_epoch(
+    session: Session, job_id: str, epoch: int, project_id: str | None = None
+) -> tuple[Checkpoint | None, bool]:
+    """The newest stored checkpoint taken at ``epoch`` (1-based), and whether any checkpoint of
+    that epoch was recorded (its bytes may have been dropped: only the best and the newest keep
+    theirs)."""
+    q = _job_checkpoints(job_id, project_id).where(Checkpoint.epoch == epoch).options(defer(Checkpoint.data))
+    stored = session.scalars(q.where(Checkpoint.data.is_not(None)).order_by(Checkpoint.id.desc()).limit(1)).first()
+    if stored is not None:
+        return stored, True
+    recorded = session.scalar(select(func.count()).select_from(q.subquery()))
+    return None, bool(recorded)
+
+
+def add_last_checkpoint(session: Session, job_id: str, *, epoch: int, step: int, monitor: str | None,
+                        value: Any, data: bytes, sha256: str) -> bool:
+    """Store the last epoch's weights as the job's newest checkpoint, unless the newest one
+    already is them (same digest). Returns whether a row was added."""
+    newest = session.scalar(
+        select(Checkpoint.sha256).where(Checkpoint.job_id == job_id).order_by(Checkpoint.id.desc()).limit(1)
+    )
+    if newest == sha256:
+        return False
+    add_checkpoint(session, job_id, epoch=epoch, step=step, monitor=monitor, value=value, data=data,
+                   sha256=sha256, is_best=False)
+    return True
+
+
 def best_checkpoint_meta(session: Session, job_id: str, project_id: str | None = None) -> Checkpoint | None:
     """The job's best checkpoint that has bytes, without loading them (see :func:`checkpoint_chunks`)."""
     q = (
@@ -755,23 +756,25 @@ def select_job_status(job_id: str, project_id: str | None = None) -> Any:
     return q if project_id is None else q.where(Job.project_id == project_id)
 
 
-def requeue_job(session: Session, job_id: str, reason: str, stale_after_s: float | None = None) -> bool:
-    """running -> queued: its worker is shutting down (the broker message is requeued) or was
-    lost (heartbeat older than ``stale_after_s``; the caller sends a new message). The next claim
-    resumes from the latest snapshot."""
+def requeue_job(session: Session, job_id: str, reason: str, stale_after_s: float | None = None,
+                cond: Sequence[Any] = (), stop_reason: str | None = None, detail: str | None = None) -> bool:
+    """running -> queued: its worker is shutting down (the broker message is requeued), was lost
+    (heartbeat older than ``stale_after_s``, or the extra conditions ``cond``; the caller sends a
+    new message) or stalled. The event records ``reason`` (and the attempt's ``stop_reason`` and a
+    ``detail``, if given). The next claim resumes from the latest snapshot."""
     now = utcnow()
-    cond = [Job.id == job_id, Job.status == "running"]
+    where = list(cond)
     if stale_after_s is not None:
-        cond.append(Job.heartbeat_at < now - timedelta(seconds=stale_after_s))
-    res = session.execute(
-        update(Job)
-        .where(*cond)
-        .values(status="queued", updated_at=now)
-        .execution_options(synchronize_session=False)
-    )
-    if res.rowcount != 1:  # type: ignore[attr-defined]
+        where.append(Job.heartbeat_at < now - timedelta(seconds=stale_after_s))
+    if not lifecycle.move(session, job_id, (lifecycle.RUNNING,), lifecycle.QUEUED, where=where,
+                          values=dict(updated_at=now)):
         return False
-    add_event(session, job_id, "state", {"status": "queued", "reason": reason}, now)
+    event: dict[str, Any] = {"status": "queued", "reason": reason}
+    if stop_reason is not None:
+        event["stop_reason"] = stop_reason
+    if detail is not None:
+        event["detail"] = detail
+    add_event(session, job_id, "state", event, now)
     return True
 
 

@@ -164,75 +164,9 @@ def leaderboard(views: Sequence[TrialView], mode: str) -> list[TrialView]:
 # --------------------------------------------------------------------------- trial specs
 
 
-@dataclass(frozen=True)
-class TrialSpec:
-    spec: dict[str, Any] | None  # effective spec, JSON-ready; None when invalid
-    queue: str | None
-    errors: list[dict[str, Any]] | None = None
-
-
-def dataset_resolver(session: Session, project_id: str | None) -> Callable[[str], Any]:
-    """Map a stored dataset's id, or its name when one dataset of the project has it, to its
-    DatasetInfo, whose ``name`` is the dataset's id (None if the project has no such dataset;
-    a SpecError listing the ids when several of its datasets have that name). The one resolver
-    of job specs (api.validation and the sweeps' trials use it)."""
-    from training import SpecError
-    from training.data import DatasetInfo
-
-    def resolve(ref: str) -> Any:
-        ds = repo.get_dataset(session, ref, project_id) if len(ref) == 32 else None
-        if ds is None:
-            named = repo.datasets_named(session, ref, project_id)
-            if len(named) > 1:
-                raise SpecError([{
-                    "loc": ["data", "dataset"], "path": "data.dataset", "type": "value_error",
-                    "msg": f"{len(named)} stored datasets are named {ref!r} ({', '.join(d.id for d in named)}); "
-                    "give the id of the one you mean",
-                }])
-            ds = named[0] if named else None
-        if ds is None:
-            return None
-        return DatasetInfo(
-            name=ds.id, task=ds.task, input_shape=tuple(ds.input_shape), n_classes=ds.n_classes,  # type: ignore[arg-type]
-            n_targets=ds.n_targets, n_samples=ds.n_samples,
-        )
-
-    return resolve
-
-
-def objective_problem(spec: Any, metric: str) -> str | None:
-    """Why ``metric`` cannot be a sweep objective for the validated ``spec`` (None if it can)."""
-    names = ["loss", *spec.metric_names()]
-    has_val = spec.data.validation_split > 0
-    known = names + ([f"val_{n}" for n in names] if has_val else [])
-    if metric in known:
-        return None
-    hint = ""
-    if metric.startswith("val_") and not has_val:
-        hint = " (data.validation_split is 0, so no val_* metric exists)"
-    elif metric.removeprefix("val_") not in names:
-        hint = " (add it to the spec's metrics)"
-    return f"the trials do not report {metric!r}{hint}; available: {', '.join(known)}"
-
-
-def make_trial_spec(
-    base: dict[str, Any], params: dict[str, Any], *, metric: str, resolver: Callable[[str], Any], settings: Settings
-) -> TrialSpec:
-    """The trial's spec: ``base`` with ``params`` set, validated like any job (plus: it reports the
-    objective metric). Invalid: ``errors`` with JSON paths into the trial spec."""
-    from training import SpecError, validate_spec
-
-    try:
-        raw = with_params(base, params)
-        valid = validate_spec(raw, datasets=resolver)
-    except SpecError as exc:
-        return TrialSpec(None, None, exc.errors)
-    except ValueError as exc:  # PathError
-        return TrialSpec(None, None, [{"loc": [], "path": "", "msg": str(exc), "type": "value_error"}])
-    problem = objective_problem(valid, metric)
-    if problem:
-        return TrialSpec(None, None, [{"loc": ["objective", "metric"], "path": "objective.metric", "msg": problem, "type": "value_error"}])
-    return TrialSpec(valid.model_dump(mode="json"), settings.queue_for_device(valid.device))
+#: ``admit(base, params) -> TrialSpec-like`` (``spec``, ``queue``, ``errors``): how a sampled
+#: trial spec is admitted, given by the decision layer (orchestration.admission.admit_trial_spec)
+TrialAdmitter = Callable[[dict[str, Any], dict[str, Any]], Any]
 
 
 # --------------------------------------------------------------------------- advancing
@@ -249,18 +183,19 @@ def _summarize_errors(errors: list[dict[str, Any]]) -> str:
     return "invalid trial spec: " + "; ".join(f"{e.get('path') or '<root>'}: {e.get('msg')}" for e in errors)
 
 
-def advance_sweep(session: Session, sweep_id: str, settings: Settings) -> list[tuple[str, str]]:
+def advance_sweep(session: Session, sweep_id: str, settings: Settings,
+                  admitter: Callable[[Session, Sweep], TrialAdmitter]) -> list[tuple[str, str]]:
     """Bring a running sweep up to date under its row lock: record its best trial, create new
     trials (parameters from the sweep's Optuna sampler told every stored trial) while fewer than
     ``max_concurrent`` are unfinished and fewer than ``max_trials`` exist, and end the sweep
     (``succeeded``; ``failed`` if no trial succeeded) once every trial is finished and no more may
-    be made. A sampled spec that fails validation becomes a failed trial (it counts toward
-    ``max_trials``). Returns ``(job_id, queue)`` of the new trials: send them after the commit."""
+    be made. A sampled spec is admitted by ``admitter(session, sweep)``; one that is not becomes a
+    failed trial (it counts toward ``max_trials``). Returns ``(job_id, queue)`` of the new trials: send them after the commit."""
     sweep = get_sweep(session, sweep_id, lock=True)
     if sweep is None or sweep.status != "running":
         return []
     config = sweep.config
-    resolver = dataset_resolver(session, sweep.project_id)
+    admit = admitter(session, sweep)
     created: list[tuple[str, str]] = []
     views = trial_views(session, sweep)
     if pauses(config):
@@ -281,9 +216,7 @@ def advance_sweep(session: Session, sweep_id: str, settings: Settings) -> list[t
         new_jobs: list[Job] = []
         for i, params in enumerate(proposals):
             number = start + i
-            ts = make_trial_spec(
-                config["base"], params, metric=sweep.objective_metric, resolver=resolver, settings=settings
-            )
+            ts = admit(config["base"], params)
             spec = {**(ts.spec or _raw_trial_spec(config["base"], params)), "name": f"{sweep.name[:180]}-{number}"}
             queue = ts.queue or settings.queue_for_device(str(config["base"].get("device", "auto")))
             job = repo.create_jobs(

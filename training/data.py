@@ -64,6 +64,7 @@ __all__ = [
     "load",
     "read_array_file",
     "resolve_options",
+    "standardize",
 ]
 
 Task = Literal["classification", "regression"]
@@ -1014,6 +1015,9 @@ class Split:
     x_val: np.ndarray
     y_val: np.ndarray
     info: DatasetInfo
+    #: the per-feature statistics ``standardize`` applied (float64, flattened input order), or None
+    mean: np.ndarray | None = None
+    std: np.ndarray | None = None
 
 
 def load(data: Any, seed: int) -> Split:
@@ -1049,6 +1053,7 @@ def load(data: Any, seed: int) -> Split:
 
     flat = x.reshape(n, -1)
     x_train, x_val = flat[train_idx], flat[val_idx]  # fancy indexing: copies
+    mean = std = None
     if _get(data, "standardize", False):
         # Statistics in float64, applied in place in float32 (no full-size float64 copies).
         mean = x_train.mean(axis=0, dtype=np.float64)
@@ -1069,4 +1074,17 @@ def load(data: Any, seed: int) -> Split:
         x_val=np.ascontiguousarray(x_val.reshape(shape), dtype=np.float32),
         y_val=np.ascontiguousarray(y[val_idx]),
         info=info,
+        mean=mean,
+        std=std,
     )
+
+
+def standardize(x: np.ndarray, mean: Any, std: Any) -> np.ndarray:
+    """Apply :func:`load`'s standardization to new raw inputs ``x`` (``(n, ...)``): float32,
+    ``(x - mean) / std`` per flattened feature, with the same float32 operations as ``load`` (so
+    the validation split comes out bit-identical). Returns a new float32 array shaped like ``x``."""
+    out = np.array(x, dtype=np.float32, copy=True)
+    flat = out.reshape(len(out), -1)
+    flat -= np.asarray(mean, dtype=np.float64).astype(np.float32)
+    flat /= np.asarray(std, dtype=np.float64).astype(np.float32)
+    return out

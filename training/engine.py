@@ -30,10 +30,11 @@ import torch
 
 from training import data as data_mod
 from training.callbacks import EarlyStopping, ModelCheckpoint, ReduceLROnPlateau
+from training.card import make_card
 from training.model import BuiltModel, build_model
 from training.objectives import Objective, build_objective, prepare_targets, strip_output_activation
 from training.optim import build_optimizer, make_clipper
-from training.reporting import BaseReporter, Checkpoint, FitResult, Reporter, Snapshot
+from training.reporting import PAUSED, BaseReporter, Checkpoint, FitResult, Reporter, Snapshot
 from training.schedules import make_lr_fn
 from training.spec import FIND, JobSpec, ReduceOnPlateau, validate_spec
 from training.state import StateError, pack_snapshot, sha256, unpack_snapshot, weights_to_bytes
@@ -41,7 +42,6 @@ from training.state import StateError, pack_snapshot, sha256, unpack_snapshot, w
 POLL_SECONDS = 0.2
 VAL_CHUNK = 4096
 #: the stop request of a sweep trial paused at an ASHA rung (the run ends with a snapshot)
-PAUSED = "paused"
 
 
 class TrainingError(RuntimeError):
@@ -194,6 +194,14 @@ class _Run:
         self.steps_per_epoch = math.ceil(self.n_train / self.batch_size)
 
         self.objective: Objective = build_objective(spec, n_classes)
+        self.card = make_card(
+            spec, split.info,
+            mean=None if split.mean is None else split.mean.tolist(),
+            std=None if split.std is None else split.std.tolist(),
+            outputs_are_logits=self.objective.outputs_are_logits,
+            output_activation_in_weights=not self.built.stripped_output_activation,
+            torch_version=torch.__version__,
+        )
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.params = params
         lr_spec = spec.optimizer.learning_rate
@@ -262,33 +270,15 @@ class _Run:
 
     # ------------------------------------------------------------------ evaluation
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Validation loss (with penalties, as Keras) and metrics, in eval mode."""
         if self.n_val == 0:
             return {}
-        self.model.eval()
-        obj = self.objective
-        loss_sum = torch.zeros((), device=self.device)
-        sums = {k: torch.zeros((), device=self.device) for k in obj.metrics}
-        for start in range(0, self.n_val, VAL_CHUNK):
-            xb = self.x_val[start : start + VAL_CHUNK]
-            yb, tb = self.y_val[start : start + VAL_CHUNK], self.t_val[start : start + VAL_CHUNK]
-            with self._autocast():
-                out = self.forward(xb)
-                loss = obj.loss(out, tb)
-            penalty = self.built.penalty()
-            if penalty is not None:
-                loss = loss + penalty
-            loss_sum += loss.float() * len(xb)
-            out = out.float()
-            for k, fn in obj.metrics.items():
-                sums[k] += fn(out, yb, tb)
-        values = torch.stack([loss_sum, *sums.values()]).double().cpu().tolist()
-        logs = {"val_loss": values[0] / self.n_val}
-        for k, v in zip(sums, values[1:], strict=True):
-            logs[f"val_{k}"] = obj.finalize.get(k, float)(v / self.n_val)
-        return logs
+        logs = evaluate_model(
+            self.model, self.built, self.objective, self.x_val, self.y_val, self.t_val,
+            forward=self.forward, autocast=self._autocast,
+        )
+        return {f"val_{k}": v for k, v in logs.items()}
 
     # ------------------------------------------------------------------ training
 
@@ -433,7 +423,7 @@ class _Run:
         self.reporter.on_checkpoint(ckpt)
 
     def _make_checkpoint(self, weights: dict[str, torch.Tensor], meta: dict[str, Any], is_best: bool = True) -> Checkpoint:
-        data = weights_to_bytes(weights, meta)
+        data = weights_to_bytes(weights, {**meta, "card": self.card})
         return Checkpoint(meta["epoch"], meta["step"], meta["monitor"], meta["value"], data, sha256(data), is_best)
 
     def final_checkpoint(self) -> Checkpoint | None:
@@ -547,8 +537,7 @@ class _Run:
             self.es_best = {k: v.to(self.device) for k, v in state["es_best"].items()}
         if meta["best_checkpoint"] is not None:
             b = meta["best_checkpoint"]
-            data_bytes = weights_to_bytes(state["ckpt_best"], b)
-            self.best_checkpoint = Checkpoint(b["epoch"], b["step"], b["monitor"], b["value"], data_bytes, sha256(data_bytes))
+            self.best_checkpoint = self._make_checkpoint(state["ckpt_best"], b)
         rng = state["rng"]
         torch.set_rng_state(rng["torch_cpu"])
         self.generator.set_state(rng["shuffle"])
@@ -562,6 +551,15 @@ class _Run:
     # ------------------------------------------------------------------ result
 
     def result(self, seconds: float) -> FitResult:
+        # the last epoch's weights, before early stopping restores the best ones (a cancelled run's
+        # are those of its last step: no monitored value describes them)
+        mid_epoch = self.stop_reason == "cancelled"
+        last = self._make_checkpoint(
+            self.model.state_dict(),
+            {"epoch": self.epoch, "step": self.step, "monitor": self.checkpoint.monitor,
+             "value": None if mid_epoch or not self.history else self.history[-1].get(self.checkpoint.monitor)},
+            is_best=False,
+        ) if self.epoch > 0 else None
         if self.early is not None and self.early.restore_best_weights and self.es_best is not None:
             self.model.load_state_dict(self.es_best)
         reason = self.stop_reason or "completed"
@@ -586,6 +584,7 @@ class _Run:
             weights=weights,
             best_checkpoint=ckpt.data if ckpt else None,
             best_checkpoint_sha256=ckpt.sha256 if ckpt else None,
+            last_checkpoint=last,
             seconds=seconds,
             info={
                 "device": str(self.device),
@@ -598,6 +597,46 @@ class _Run:
                 **self.extra_info,
             },
         )
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: torch.nn.Module,
+    built: BuiltModel,
+    objective: Objective,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    t: torch.Tensor,
+    *,
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+) -> dict[str, float]:
+    """Mean loss (with the model's penalties, as Keras) and metrics of ``model`` on prepared
+    inputs ``x``, labels ``y`` and loss targets ``t``, in eval mode, in chunks of VAL_CHUNK rows:
+    the validation numbers of a run (``loss``, ``accuracy``... without the ``val_`` prefix)."""
+    model.eval()
+    forward = forward or model
+    n = len(x)
+    loss_sum = torch.zeros((), device=x.device)
+    sums = {k: torch.zeros((), device=x.device) for k in objective.metrics}
+    for start in range(0, n, VAL_CHUNK):
+        xb = x[start : start + VAL_CHUNK]
+        yb, tb = y[start : start + VAL_CHUNK], t[start : start + VAL_CHUNK]
+        with autocast():
+            out = forward(xb)
+            loss = objective.loss(out, tb)
+        penalty = built.penalty()
+        if penalty is not None:
+            loss = loss + penalty
+        loss_sum += loss.float() * len(xb)
+        out = out.float()
+        for k, fn in objective.metrics.items():
+            sums[k] += fn(out, yb, tb)
+    values = torch.stack([loss_sum, *sums.values()]).double().cpu().tolist()
+    logs = {"loss": values[0] / n}
+    for k, v in zip(sums, values[1:], strict=True):
+        logs[k] = objective.finalize.get(k, float)(v / n)
+    return logs
 
 
 def _spec_digest(spec: JobSpec) -> str:

@@ -8,7 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-STOP_REASONS = ("completed", "early_stopping", "non_finite_loss", "diverged", "cancelled", "max_steps", "pruned")
+#: The stop reason of a sweep trial paused at a rung (its snapshot handed over; the sweep resumes it).
+PAUSED = "paused"
+STOP_REASONS = ("completed", "early_stopping", "non_finite_loss", "diverged", "cancelled", "max_steps", "pruned", PAUSED)
 
 
 @dataclass(frozen=True)
@@ -85,5 +87,7 @@ class FitResult:
     weights: dict[str, Any]  # final name -> tensor (after restore_best_weights)
     best_checkpoint: bytes | None  # safetensors bytes of the best (or last saved) weights
     best_checkpoint_sha256: str | None = None
+    #: the last epoch's weights (before ``restore_best_weights``), as a non-best Checkpoint
+    last_checkpoint: Checkpoint | None = None
     seconds: float = 0.0
     info: dict[str, Any] = field(default_factory=dict)  # device, parameter count, effective spec

@@ -781,6 +781,10 @@ class JobSpec(StrictModel):
     optimizer: Optimizer = Field(default_factory=lambda: Adam(name="adam"))
     epochs: int = Field(1, ge=1, le=100_000)
     max_steps: int | None = Field(None, ge=1)
+    stall_timeout_s: float | None = Field(
+        None, gt=0, le=7 * 24 * 3600,
+        description="seconds without a training step after which the service ends the attempt as 'stalled' and "
+                    "requeues the job (default: the server's TRAINYARD_STALL_TIMEOUT_S)")
     callbacks: CallbacksSpec = Field(default_factory=CallbacksSpec)
     lr_find: LRFindSpec | None = Field(None, description="options of kind 'lr_find' and of \"learning_rate\": \"find\"")
 

@@ -11,10 +11,20 @@ from typing import Any
 
 from celery import Celery
 from celery.exceptions import Reject
-from celery.signals import worker_init, worker_process_init, worker_ready, worker_shutting_down
+from celery.signals import (
+    celeryd_init,
+    setup_logging,
+    worker_init,
+    worker_process_init,
+    worker_ready,
+    worker_shutting_down,
+)
 
 from config.settings import Settings, get_settings
-from store.broker import RUN_JOB_TASK, SQLA_POLLING_INTERVAL_S, celery_config
+from orchestration.messages import sender
+from store.broker import EXPORT_TASK, RUN_JOB_TASK, SQLA_POLLING_INTERVAL_S, celery_config
+
+log = logging.getLogger("trainyard.worker")
 
 #: the reason of the Reject that hands a job's message back to the broker
 HAND_BACK = "the job could not run here now; handing the message back"
@@ -51,16 +61,32 @@ def lower_priority(nice: int) -> int:
     return os.getpriority(os.PRIO_PROCESS, 0)
 
 
-def _on_worker_init(**_: Any) -> None:
+def _forks(worker: Any) -> bool:
+    """Whether the worker's pool forks children (prefork: Celery's default)."""
+    pool = getattr(worker, "pool_cls", None)
+    name = pool if isinstance(pool, str) else getattr(pool, "__module__", "") if pool is not None else ""
+    return not any(kind in name for kind in ("solo", "threads", "gevent", "eventlet"))
+
+
+def _on_worker_init(**signal: Any) -> None:
     lower_priority(get_settings().worker_nice)
-    # Import torch once at start-up, so the first job does not pay for it (submit -> running), and
-    # create the shutdown event (worker.reporter) before the prefork pool forks, so children share it.
-    import training.engine  # noqa: F401
+    # Create the shutdown event (worker.reporter) before the prefork pool forks, so children share it.
     import worker.reporter  # noqa: F401
+
+    # Import torch once at start-up, so the first job does not pay for it (submit -> running). A
+    # prefork parent imports it now, before it forks (never fork while a thread imports); a solo
+    # worker imports it in a thread once it is ready, so it starts consuming (and resumes the jobs
+    # of this host's dead workers) ~10 s sooner on a busy machine: a claim needs no torch.
+    if _forks(signal.get("sender")):
+        import training.engine  # noqa: F401
 
     alive = os.environ.get("TRAINYARD_WORKER_HEARTBEAT_FILE")
     if alive:
         _start_liveness_file(Path(alive))
+
+
+def _warm_up() -> None:
+    threading.Thread(target=lambda: __import__("training.engine"), name="trainyard-warm-up", daemon=True).start()
 
 
 def _on_worker_process_init(**_: Any) -> None:
@@ -88,7 +114,8 @@ def _start_liveness_file(path: Path, every_s: float = 10.0) -> None:
 
 
 def create_celery(settings: Settings | None = None) -> Celery:
-    """A Celery app configured from settings, with ``trainyard.run_job`` registered."""
+    """A Celery app configured from settings, with ``trainyard.run_job`` and ``trainyard.export``
+    registered."""
     settings = settings or get_settings()
     app = Celery("trainyard")
     app.conf.update(celery_config(settings))
@@ -102,16 +129,18 @@ def create_celery(settings: Settings | None = None) -> Celery:
 
     @app.task(name=RUN_JOB_TASK, ignore_result=True, acks_late=True)
     def run_job(job_id: str) -> str:
+        from config.logs import job_context
+        from orchestration.sweeps import after_job
         from worker.runner import run_next_job
-        from worker.sweeps import after_job
 
         ran = job_id
-        try:
-            # the best queued job of this message's queue (priority, then age), maybe not job_id
-            ran, outcome = run_next_job(job_id, settings)
-        finally:
-            # a trial of a sweep that ended (however) advances its sweep; a no-op for other jobs
-            after_job(ran, settings, _send_jobs)
+        with job_context(job_id):
+            try:
+                # the best queued job of this message's queue (priority, then age), maybe not job_id
+                ran, outcome = run_next_job(job_id, settings, _send_jobs)
+            finally:
+                # a trial of a sweep that ended (however) advances its sweep; a no-op for other jobs
+                after_job(ran, settings, _send_jobs)
         if outcome == "requeued":
             # shutting down (the job resumes on the next worker), or no database to claim it
             raise Reject(HAND_BACK, requeue=True)
@@ -119,21 +148,55 @@ def create_celery(settings: Settings | None = None) -> Celery:
 
     _ = run_job
 
-    def _send_jobs(jobs: Any) -> None:
-        for job_id, queue in jobs:
-            app.send_task(RUN_JOB_TASK, args=[job_id], queue=queue)
+    @app.task(name=EXPORT_TASK, ignore_result=True, acks_late=True)
+    def export(artifact_id: int) -> str:
+        from worker.exports import run_export
+
+        return run_export(int(artifact_id), settings)
+
+    _ = export
+
+    _send_jobs = sender(app)
+
+    forks = {"pool": True}
+
+    def _on_init(**signal: Any) -> None:
+        forks["pool"] = _forks(signal.get("sender"))
+        # Before consuming: take over the jobs of this host's workers whose process is gone, so
+        # their messages wait in the queue when this worker becomes ready (recovery in seconds).
+        from worker.recovery import requeue_lost_jobs
+
+        try:
+            requeue_lost_jobs(app, settings)
+        except Exception as exc:  # noqa: BLE001 - the reconciler's loop tries again
+            log.warning("could not look for lost jobs at start-up: %s: %s", type(exc).__name__, exc)
 
     def _on_ready(**_: Any) -> None:
+        from orchestration.services.sweep_keeper import SweepKeeper
         from worker.recovery import start_reaper
-        from worker.sweeps import start_sweep_keeper
 
         log_devices()
 
         start_reaper(app, settings)
-        start_sweep_keeper(settings, _send_jobs)  # advances sweeps whose last trial ended without a worker
+        SweepKeeper(settings, _send_jobs).start()  # advances sweeps whose last trial ended without a worker
+        if not forks["pool"]:
+            _warm_up()
 
+    def _on_setup_logging(loglevel: Any = None, **_: Any) -> None:
+        # connected, so Celery leaves logging to us: the one configuration of config.logs
+        from config.logs import configure_logging
+
+        configure_logging(settings, "worker", loglevel)
+
+    def _on_celeryd_init(instance: Any = None, **_: Any) -> None:
+        if settings.log_format == "json" and instance is not None:
+            instance.quiet = True  # no start-up banner: every line of the output is a JSON object
+
+    setup_logging.connect(_on_setup_logging, weak=False)
+    celeryd_init.connect(_on_celeryd_init, weak=False)
     worker_ready.connect(_on_ready, weak=False)
     worker_shutting_down.connect(_on_shutdown, weak=False)
+    worker_init.connect(_on_init, weak=False)  # first: the take-over needs no torch
     worker_init.connect(_on_worker_init, weak=False)
     worker_process_init.connect(_on_worker_process_init, weak=False)
     return app

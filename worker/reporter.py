@@ -9,6 +9,7 @@ import threading
 import time
 from typing import Any
 
+from config.logs import in_current_context
 from config.settings import Settings
 from store import leases, repo
 from store.db import session_scope
@@ -76,10 +77,18 @@ class DbReporter(BaseReporter):
     transaction starts with the fence: once another claim took the job, the next flush raises
     :class:`store.leases.LeaseLost` and writes nothing."""
 
-    def __init__(self, job_id: str, settings: Settings, lease_token: int | None = None) -> None:
+    def __init__(self, job_id: str, settings: Settings, lease_token: int | None = None, stall_timeout_s: float = 0.0,
+                 send: Any = None) -> None:
         self.job_id = job_id
         self.settings = settings
         self.lease_token = lease_token
+        # the watchdog (in the heartbeat thread): no sign of training progress (a step polled, an
+        # epoch end, a checkpoint, a snapshot) for this long after the engine started training (0:
+        # never) ends the attempt as "stalled"; its message is sent with ``send`` (or relayed)
+        self.stall_timeout_s = stall_timeout_s
+        self.send = send
+        self.last_progress: float | None = None  # set by on_start: loading data and building the model do not count
+        self.stalled = False
         self.db_down_since: float | None = None
         self.unwritten_snapshot: Snapshot | None = None  # due, but its transaction failed
         self.heartbeat_every_s = min(HEARTBEAT_EVERY_S, settings.heartbeat_stale_s / 4)
@@ -110,9 +119,14 @@ class DbReporter(BaseReporter):
             return
         self._beating.set()
 
+        every = min(self.heartbeat_every_s, self.stall_timeout_s / 4) if self.stall_timeout_s else self.heartbeat_every_s
+
         def beat() -> None:
             while self._beating.is_set():
                 try:
+                    if self._stalled_for() is not None:
+                        self._end_stalled()
+                        return
                     with session_scope() as s:
                         leases.fence(s, self.job_id, self.lease_token)  # type: ignore[arg-type]
                 except leases.LeaseLost:
@@ -122,10 +136,30 @@ class DbReporter(BaseReporter):
                     log.debug("job %s: heartbeat not written: %s", self.job_id, exc)
                 if not self._beating.is_set():
                     return
-                time.sleep(self.heartbeat_every_s)
+                time.sleep(every)
 
-        self._beat_thread = threading.Thread(target=beat, name=f"trainyard-heartbeat-{self.job_id[:8]}", daemon=True)
+        self._beat_thread = in_current_context(beat, name=f"trainyard-heartbeat-{self.job_id[:8]}", daemon=True)
         self._beat_thread.start()
+
+    def _stalled_for(self) -> float | None:
+        if not self.stall_timeout_s or self.last_progress is None:
+            return None
+        idle = time.monotonic() - self.last_progress
+        return idle if idle >= self.stall_timeout_s else None
+
+    def _end_stalled(self) -> None:
+        """The training thread made no step for stall_timeout_s: end this attempt ("stalled";
+        requeued like a lost worker's job, or failed after max_attempts). If the training thread
+        comes back, its next poll raises LeaseLost and it stops without writing."""
+        idle = self._stalled_for() or self.stall_timeout_s
+        from orchestration.recovery import end_stalled_attempt
+
+        done = end_stalled_attempt(self.job_id, self.lease_token, idle, self.send)  # type: ignore[arg-type]
+        if done is not None:
+            self.stalled = True
+            log.warning("job %s: training made no step for %.0f s (stall_timeout_s %g); attempt ended, %s",
+                        self.job_id, idle, self.stall_timeout_s, done)
+        self.lease_lost.set()
 
     def stop_heartbeat(self) -> None:
         self._beating.clear()
@@ -133,16 +167,19 @@ class DbReporter(BaseReporter):
 
     # -- engine callbacks
     def on_start(self, info: dict[str, Any]) -> None:
+        self.last_progress = time.monotonic()
         self.info = json_safe(info)
         self.flush()
 
     def on_epoch(self, metrics: dict[str, float]) -> None:
+        self.last_progress = time.monotonic()
         self.buffer.append(dict(metrics))
         self.epochs_seen += 1
         if time.monotonic() - self.last_flush >= self.settings.flush_interval_s:
             self.flush()
 
     def on_checkpoint(self, checkpoint: Checkpoint) -> None:
+        self.last_progress = time.monotonic()
         # Buffered: written in the next flush's transaction (at most every flush interval, and
         # always at the end of the run), not one transaction per save.
         self.pending_checkpoints.append(checkpoint)
@@ -157,6 +194,7 @@ class DbReporter(BaseReporter):
         return self.last_built is None or time.monotonic() - self.last_built >= every
 
     def on_snapshot(self, snapshot: Snapshot) -> None:
+        self.last_progress = time.monotonic()
         now = time.monotonic()
         self.last_built = now
         if self.last_snapshot is not None and now - self.last_snapshot < self.settings.snapshot_interval_s:
@@ -182,6 +220,7 @@ class DbReporter(BaseReporter):
 
     def should_stop(self) -> bool:
         """Polled by the engine (every ~0.2 s); touches the database at most every flush interval."""
+        self.last_progress = time.monotonic()  # polled between steps: training is moving
         if self.lease_lost.is_set():
             raise leases.LeaseLost(f"job {self.job_id}: lease {self.lease_token} is no longer held")
         if SHUTDOWN.is_set():

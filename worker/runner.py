@@ -9,6 +9,8 @@ import socket
 import traceback
 from typing import Any
 
+from config import logs
+from config.logs import job_context, set_attempt
 from config.settings import Settings, get_settings
 from store import leases, outbox, repo, scheduling
 from store.db import session_scope
@@ -54,6 +56,24 @@ def _resolve_dataset(spec: dict[str, Any], settings: Settings) -> dict[str, Any]
 #: its worker process (SIGKILL) right after each claim, like a job that crashes native code.
 FAULT_ENV = "TRAINYARD_TEST_FAULTS"
 FAULT_KILL_NAME = "test-fault-kill-worker"
+#: ... and a job named FAULT_STALL_NAME hangs its training thread after its first epoch, on its
+#: first attempt, for FAULT_STALL_S (like a step stuck in native code), then carries on.
+FAULT_STALL_NAME = "test-fault-stall-worker"
+FAULT_STALL_S = 10.0
+
+
+def _hang_after_first_epoch(reporter: DbReporter) -> None:
+    import time
+
+    on_epoch = reporter.on_epoch
+
+    def hanging(metrics: dict[str, float]) -> None:
+        on_epoch(metrics)
+        if reporter.epochs_seen == 1:
+            reporter.flush(force=True)  # epoch 1 is written: its event tells when the hang began
+            time.sleep(FAULT_STALL_S)
+
+    reporter.on_epoch = hanging  # type: ignore[method-assign]
 
 
 def _claim(job_id: str, settings: Settings, by_priority: bool = False) -> tuple[int, int, dict[str, Any], Any, str | None, int, str] | None:
@@ -102,23 +122,33 @@ def _verified_snapshot(job_id: str, snapshot: Any) -> bytes:
     return bytes(snapshot.data)
 
 
-def run_next_job(message_job_id: str, settings: Settings | None = None) -> tuple[str, str]:
+def run_next_job(message_job_id: str, settings: Settings | None = None,
+                 send: outbox.Send | None = None) -> tuple[str, str]:
     """What the Celery task runs: claim the best queued job of the message's queue (priority, then
     age; :mod:`store.scheduling`), which may be another job than the message's, and run it like
     :func:`run_job`. Returns (the id of the job handled, its outcome)."""
     ran = {"id": message_job_id}
-    outcome = run_job(message_job_id, settings, _by_priority=ran)
+    outcome = run_job(message_job_id, settings, send, _by_priority=ran)
     return ran["id"], outcome
 
 
-def run_job(job_id: str, settings: Settings | None = None, _by_priority: dict[str, str] | None = None) -> str:
+def run_job(job_id: str, settings: Settings | None = None, send: outbox.Send | None = None,
+            _by_priority: dict[str, str] | None = None) -> str:
     """Claim ``job_id`` (compare-and-set; safe if delivered twice), train it, record the result.
     Returns the job's final status, ``"skipped"`` if it was not claimable, ``"lease_lost"`` if
     another claim took the job over while it ran (nothing more is written), or ``"requeued"`` if
     this worker is shutting down or the database could not be reached to claim it (the task then
-    hands the message back to the broker). Exceptions other than the engine's own are re-raised
-    after the job is recorded as failed."""
-    settings = settings or get_settings()
+    hands the message back to the broker), or ``"stalled"`` if its training made no step for its
+    stall timeout (the attempt was ended and the job requeued; ``send`` sends its message now,
+    else the outbox relay does). Exceptions other than the engine's own are re-raised after the
+    job is recorded as failed."""
+    with job_context(job_id):
+        outcome = _run_job(job_id, settings or get_settings(), send, _by_priority)
+        log.info("job %s: %s", _by_priority["id"] if _by_priority else job_id, outcome)
+        return outcome
+
+
+def _run_job(job_id: str, settings: Settings, send: outbox.Send | None, _by_priority: dict[str, str] | None) -> str:
     if SHUTDOWN.is_set():  # a message that arrives while this worker shuts down goes back untouched
         log.info("job %s arrived while this worker shuts down; handed back to the broker", job_id)
         return "requeued"
@@ -137,17 +167,27 @@ def run_job(job_id: str, settings: Settings | None = None, _by_priority: dict[st
     if _by_priority is not None and claimed_id != job_id:
         log.info("message of job %s: job %s comes first (priority, then age); running it", job_id, claimed_id)
         _by_priority["id"] = job_id = claimed_id
+        logs.job_id.set(claimed_id)  # the lines from here on are about the job run
+    set_attempt(attempt)  # every line from here on carries it
+    log.info("job %s: claimed, attempt %d%s", job_id, attempt, " (resuming from its snapshot)" if snapshot is not None else "")
     if os.environ.get(FAULT_ENV) == "1" and spec_dict.get("name") == FAULT_KILL_NAME:
         os.kill(os.getpid(), signal.SIGKILL)
 
     from worker.sweeps import make_reporter
 
     # a sweep trial's reporter also asks its pruner (the claimed row says whether it is one)
-    reporter = make_reporter(job_id, settings, sweep_id=sweep_id, epochs=epochs, lease_token=token)
+    reporter = make_reporter(job_id, settings, sweep_id=sweep_id, epochs=epochs, lease_token=token,
+                             stall_timeout_s=spec_dict.get("stall_timeout_s") or settings.stall_timeout_s, send=send)
+    if os.environ.get(FAULT_ENV) == "1" and spec_dict.get("name") == FAULT_STALL_NAME and attempt == 1:
+        _hang_after_first_epoch(reporter)
     reporter.start_heartbeat()
     try:
         return _run_claimed(job_id, settings, reporter, spec_dict, snapshot, attempt)
     except leases.LeaseLost:
+        if reporter.stalled:
+            log.warning("job %s: attempt %d stalled and was ended; its training thread came back and stopped",
+                        job_id, attempt)
+            return "stalled"
         log.warning("job %s: attempt %d lost its lease (another attempt owns the job); stopped, nothing recorded",
                     job_id, attempt)
         return "lease_lost"
@@ -246,6 +286,7 @@ def _record_result(job_id: str, reporter: DbReporter, result: Any, attempt: int)
         reporter.write_buffered(s)
         s.flush()  # the best checkpoint may be among them
         _store_best(s, job_id, result)
+        _store_last(s, job_id, result)
         repo.finish_job(
             s, job_id, status=status, stop_reason=stop_reason, error=error,
             best=(result.monitor, result.best_value, result.best_epoch) if result.monitor else None,
@@ -268,6 +309,9 @@ def _store_best(s: Any, job_id: str, result: Any) -> None:
     ):
         return
     data = result.best_checkpoint
+    last = getattr(result, "last_checkpoint", None)
+    if data is None and last is not None:
+        data = last.data  # no checkpoint was saved: the final weights, with their card
     if data is None and result.weights:
         from safetensors.torch import save
 
@@ -278,6 +322,15 @@ def _store_best(s: Any, job_id: str, result: Any) -> None:
         s, job_id, epoch=result.best_epoch or result.epochs_run, step=result.steps, monitor=result.monitor,
         value=result.best_value, data=data, sha256=repo.sha256_hex(data), is_best=True,
     )
+
+
+def _store_last(s: Any, job_id: str, result: Any) -> None:
+    """Keep the last epoch's weights (before early stopping restored the best) as the job's
+    newest checkpoint, so they can be downloaded as well as the best."""
+    last = getattr(result, "last_checkpoint", None)
+    if last is not None:
+        repo.add_last_checkpoint(s, job_id, epoch=last.epoch, step=last.step, monitor=last.monitor,
+                                 value=last.value, data=last.data, sha256=last.sha256)
 
 
 def _run_lr_find(job_id: str, spec: dict[str, Any], reporter: DbReporter) -> str:

@@ -9,32 +9,25 @@ when a trial ends.
   ``stop_request = "pruned"``: the engine ends the run after this epoch, and the job ends
   ``succeeded`` with stop reason ``pruned`` (its metrics, written with the result, and its best
   checkpoint are kept, as for an early stop).
-* **Advancing** (:func:`after_job`): when a trial job ends (whatever way), its worker advances the
-  sweep under the sweep's row lock (``store.sweeps.advance_sweep``), commits, then sends the new
-  trials' messages by task name. If advancing fails, the error is recorded on the sweep.
+* **Advancing** (:func:`orchestration.sweeps.after_job`): when a trial job ends (whatever way), its
+  worker advances the sweep.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
 from config.settings import Settings
 from store import sweeps as store_sweeps
 from store.db import session_scope
-from store.models import TERMINAL_STATUSES
-from training.engine import PAUSED
+from training.reporting import PAUSED  # not training.engine: no torch before the claim's heartbeat
 from training.sweep_space import is_decision_epoch, pauses, should_prune
 from worker.reporter import DbReporter, json_safe
 
 log = logging.getLogger("trainyard.worker")
-
-Send = Callable[[Sequence[tuple[str, str]]], None]
-
 
 def prune_decision(sweep_id: str, job_id: str, epoch: int, unwritten: Sequence[dict[str, Any]] = ()) -> bool:
     """Whether the sweep's pruner stops trial ``job_id`` after ``epoch``, from the sweep's trials
@@ -112,70 +105,3 @@ def make_reporter(
     if not sweep_id or not (config or {}).get("early_termination"):
         return DbReporter(job_id, settings, **kwargs)
     return TrialReporter(job_id, settings, sweep_id=sweep_id, config=config or {}, epochs=int(epochs), **kwargs)
-
-
-def advance(sweep_id: str, settings: Settings, send: Send) -> list[tuple[str, str]]:
-    """Advance the sweep in one transaction, then send the new trials' messages. A failure is
-    recorded on the sweep (which ends ``failed`` if no trial is left to retry it)."""
-    try:
-        with session_scope() as s:
-            jobs = store_sweeps.advance_sweep(s, sweep_id, settings)
-    except Exception as exc:  # noqa: BLE001 - recorded on the sweep; the worker carries on
-        log.exception("sweep %s: advancing failed", sweep_id)
-        try:
-            with session_scope() as s:
-                store_sweeps.record_error(s, sweep_id, f"advancing the sweep failed: {type(exc).__name__}: {exc}")
-        except Exception:  # noqa: BLE001
-            log.exception("sweep %s: could not record the error", sweep_id)
-        return []
-    if jobs:
-        try:
-            send(jobs)
-        except Exception:  # noqa: BLE001 - the trials' outbox rows were committed; the relay sends them
-            log.exception("sweep %s: sending %d new trial(s) failed; the outbox relay retries", sweep_id, len(jobs))
-    return jobs
-
-
-def after_job(job_id: str, settings: Settings, send: Send) -> None:
-    """Called after the worker handled ``job_id``: if it is a trial of a sweep and has ended,
-    advance the sweep. Never raises."""
-    try:
-        with session_scope(write=False) as s:
-            sweep_id, status = store_sweeps.sweep_of_job(s, job_id)
-    except Exception:  # noqa: BLE001
-        log.exception("job %s: could not look up its sweep", job_id)
-        return
-    if sweep_id and (status in TERMINAL_STATUSES or status == PAUSED):
-        advance(sweep_id, settings, send)
-
-
-def advance_stalled(settings: Settings, send: Send) -> list[str]:
-    """Advance every running sweep that has no unfinished trial (so none would advance it when it
-    ends). Returns their ids."""
-    with session_scope(write=False) as s:
-        ids = store_sweeps.stalled_sweep_ids(s)
-    for sweep_id in ids:
-        log.warning("sweep %s has no unfinished trial; advancing it", sweep_id)
-        advance(sweep_id, settings, send)
-    return ids
-
-
-#: How often each worker looks for stalled sweeps.
-KEEPER_EVERY_S = 30.0
-
-
-def start_sweep_keeper(settings: Settings, send: Send, every_s: float = KEEPER_EVERY_S) -> threading.Thread:
-    """A daemon thread running :func:`advance_stalled` every ``every_s`` seconds: a sweep never
-    hangs, even when its last trial ended without a worker to advance it."""
-
-    def loop() -> None:
-        while True:
-            time.sleep(every_s)
-            try:
-                advance_stalled(settings, send)
-            except Exception as exc:  # noqa: BLE001 - keep going after a database hiccup
-                log.warning("could not check for stalled sweeps: %s: %s", type(exc).__name__, exc)
-
-    thread = threading.Thread(target=loop, name="trainyard-sweep-keeper", daemon=True)
-    thread.start()
-    return thread

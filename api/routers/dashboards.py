@@ -18,7 +18,7 @@ from api.errors import SpecProblem
 from api.routers.jobs import LAST_EVENT_ID, MAX_INT64, SPEC_EXAMPLE
 from api.schemas.common import ErrorResponse
 from api.schemas.dashboards import BulkMetrics, BulkMetricsQuery, DryRun
-from api.validation import check_job_spec, dataset_resolver
+from orchestration.admission import check_job_spec, dataset_resolver
 from store.bulkread import bulk_metrics_json
 from store.db import get_engine
 from training import SpecError

@@ -43,8 +43,8 @@ from api.schemas.jobs import (
     JobStatus,
     MetricsRead,
 )
-from api.validation import check_job_spec, dataset_resolver
 from api.views import checkpoint_read, job_read, job_summary
+from orchestration.admission import check_job_spec, dataset_resolver
 from store import auth as keys
 from store import fastread, repo, scheduling, submit
 from store.db import get_engine, session_scope
@@ -549,6 +549,13 @@ def best_checkpoint(job_id: str, session: ReadSessionDep, project: ProjectDep) -
         if status in TERMINAL_STATUSES:
             raise HTTPException(status_code=404, detail=f"job {job_id} ended without a checkpoint ({status})")
         raise HTTPException(status_code=404, detail=f"job {job_id} has no checkpoint yet")
+    return serve_checkpoint(job_id, ck, "best")
+
+
+def serve_checkpoint(job_id: str, ck: Any, label: str) -> Response:
+    """Stream checkpoint ``ck`` (a row without its bytes) as ``{job_id}-{label}.safetensors``,
+    checked first (500 if corrupt): the best's route and those of the others
+    (api.routers.models) share it."""
     ck_id, sha256, epoch = ck.id, ck.sha256, ck.epoch
     digest, first = hashlib.sha256(), b""
     size = 0
@@ -560,7 +567,7 @@ def best_checkpoint(job_id: str, session: ReadSessionDep, project: ProjectDep) -
     if problem is not None:
         raise HTTPException(
             status_code=500,
-            detail=f"the best checkpoint of job {job_id} (epoch {epoch}) is corrupt: {problem}; refusing to serve it",
+            detail=f"the {label} checkpoint of job {job_id} (epoch {epoch}) is corrupt: {problem}; refusing to serve it",
         )
 
     def send() -> Any:
@@ -569,7 +576,7 @@ def best_checkpoint(job_id: str, session: ReadSessionDep, project: ProjectDep) -
             again.update(chunk)
             yield chunk
         if again.hexdigest() != sha256:  # changed between the check and the send: cut the download
-            raise RuntimeError(f"the best checkpoint of job {job_id} changed while it was sent")
+            raise RuntimeError(f"the {label} checkpoint of job {job_id} changed while it was sent")
 
     return StreamingResponse(
         send(),
@@ -579,7 +586,7 @@ def best_checkpoint(job_id: str, session: ReadSessionDep, project: ProjectDep) -
             "X-Checkpoint-SHA256": sha256,
             "X-Checkpoint-Epoch": str(epoch),
             "ETag": f'"{sha256}"',
-            "Content-Disposition": f'attachment; filename="{job_id}-best.safetensors"',
+            "Content-Disposition": f'attachment; filename="{job_id}-{label}.safetensors"',
         },
     )
 

@@ -3,7 +3,7 @@
 A sweep is validated up front (every parameter path resolves in the base spec, every listed value
 and both ends of every range give a valid trial spec, a grid's every combination too), stored with
 its first trials in one transaction, and its trials' messages are sent after the commit. Workers
-advance it as trials end (store.sweeps.advance_sweep); this module never imports torch or worker/.
+advance it as trials end (orchestration.sweeps.advance_sweep); this module never imports torch or worker/.
 """
 
 from __future__ import annotations
@@ -35,8 +35,9 @@ from api.schemas.sweeps import (
     TrialRead,
     ValuesParameter,
 )
-from api.validation import check_job_spec, nul_errors
 from config.settings import Settings
+from orchestration.admission import check_job_spec, dataset_resolver, nul_errors, objective_problem
+from orchestration.sweeps import advance_sweep
 from store import repo, scheduling
 from store import sweeps as store_sweeps
 from store.db import session_scope
@@ -104,7 +105,7 @@ def check_sweep(body: Any, session: Any, project: str, settings: Settings) -> di
     except ValidationError as exc:
         raise SpecProblem([_err(_untag(e["loc"], body), e["msg"], e["type"]) for e in _format_errors(exc, body)]) from None
 
-    resolver = store_sweeps.dataset_resolver(session, project)
+    resolver = dataset_resolver(session, project)
     try:
         valid_base = check_job_spec(req.base, resolver, settings)
     except SpecError as exc:
@@ -116,7 +117,7 @@ def check_sweep(body: Any, session: Any, project: str, settings: Settings) -> di
         errors.append(_err(["base", "kind"], "a sweep's trials train: the base spec's kind must be 'train'"))
     metric = req.objective.metric
     mode = req.objective.mode or default_mode(metric)
-    problem = store_sweeps.objective_problem(base_spec, metric)
+    problem = objective_problem(base_spec, metric)
     if problem:
         errors.append(_err(["objective", "metric"], problem))
 
@@ -129,7 +130,7 @@ def check_sweep(body: Any, session: Any, project: str, settings: Settings) -> di
             return _spec_errors_text(exc.errors)
         except PathError as exc:
             return str(exc)
-        return store_sweeps.objective_problem(JobSpec.model_validate(valid.spec), metric)
+        return objective_problem(JobSpec.model_validate(valid.spec), metric)
 
     n_values = sum(len(p.values) for p in req.parameters.values() if isinstance(p, ValuesParameter))
     if n_values > MAX_TOTAL_VALUES:
@@ -301,7 +302,7 @@ def create_sweep(
         max_trials=config["max_trials"], max_concurrent=config["max_concurrent"],
         priority=config.get("priority", 0), labels=config.get("labels") or {}, notes=config.get("notes"),
     )
-    jobs = store_sweeps.advance_sweep(session, sweep.id, settings)
+    jobs = advance_sweep(session, sweep.id, settings)
     session.commit()
     _send(dispatcher, jobs)
     return sweep_read(session, sweep)

@@ -2,7 +2,7 @@
 the indexes of the list's sort orders.
 
 Revision ID: 0004_i11
-Revises: 0004_i14
+Revises: 0004_i16
 Create Date: 2026-12-04 17:10:00
 """
 from collections.abc import Sequence
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = '0004_i11'
-down_revision: str | None = '0004_i14'
+down_revision: str | None = '0004_i16'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

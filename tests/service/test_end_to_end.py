@@ -50,14 +50,19 @@ def test_source_note_spec_trains_and_its_results_come_back(client):
     assert done["best"]["epoch"] == best_epoch
     assert done["best"]["value"] == pytest.approx(min(vals))
 
-    # checkpoints: save_best_only stores only improvements; the last one is the best
+    # checkpoints: save_best_only stores only improvements, the last of which is the best; then
+    # the last epoch's weights, when they are not the best's (kept so they can be downloaded)
     cks = client.checkpoints(job["id"])
     assert cks and all(c["monitor"] == "val_loss" for c in cks)
-    values = [c["value"] for c in cks]
+    last = cks[-1]
+    assert last["epoch"] == len(metrics) and last["stored"]
+    assert last["value"] == pytest.approx(vals[-1])
+    saves = cks if last["is_best"] else cks[:-1]
+    values = [c["value"] for c in saves]
     assert values == sorted(values, reverse=True) and len(set(values)) == len(values)
     best_rows = [c for c in cks if c["is_best"]]
     assert len(best_rows) == 1 and best_rows[0]["epoch"] == best_epoch
-    assert [c["stored"] for c in cks] == [c["is_best"] for c in cks]  # only the best keeps its bytes
+    assert [c["stored"] for c in saves] == [c["is_best"] for c in saves]  # of the saves, only the best keeps its bytes
 
     # best weights: a safetensors file whose sha256 matches the header and the listing
     data, digest = client.best_checkpoint(job["id"])

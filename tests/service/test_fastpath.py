@@ -69,11 +69,15 @@ def pair(inproc_env: dict[str, str]) -> Iterator[tuple[Any, Any, Any]]:
     settings = get_settings().replace(auth="required")
     fast_app = create_app(settings)
     slow_app = create_app(settings, poll_fast_path=False)
-    with TestClient(fast_app) as fast, TestClient(slow_app) as slow:
+    # one request id for both: the echoed X-Request-ID header is then equal too
+    with TestClient(fast_app, headers=SAME_ID) as fast, TestClient(slow_app, headers=SAME_ID) as slow:
         layer = fast_app.middleware_stack
         while not isinstance(layer, PollFastPath):
             layer = layer.app
         yield fast, slow, layer
+
+
+SAME_ID = {"X-Request-ID": "fastpath-equivalence"}
 
 
 def _same(pair: tuple[Any, Any, Any], method: str, url: str, headers: dict[str, str], served: bool) -> Any:
@@ -171,7 +175,7 @@ def test_fast_path_with_keys_off_serves_the_default_project(inproc_env):
 
     job = _finished_job(DEFAULT_PROJECT)
     fast_app = create_app()  # the test environment runs with TRAINYARD_AUTH=off
-    with TestClient(fast_app) as fast, TestClient(create_app(poll_fast_path=False)) as slow:
+    with TestClient(fast_app, headers=SAME_ID) as fast, TestClient(create_app(poll_fast_path=False), headers=SAME_ID) as slow:
         layer = fast_app.middleware_stack
         while not isinstance(layer, PollFastPath):
             layer = layer.app

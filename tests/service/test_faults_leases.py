@@ -17,6 +17,7 @@ import pytest
 from sqlalchemy import func, inspect, select, text, update
 
 from config.settings import get_settings, settings_from_env
+from orchestration import recovery
 from store import leases, outbox, repo
 from store.db import make_engine, session_scope
 from store.models import Checkpoint, Job, JobMetric, Outbox
@@ -98,19 +99,19 @@ def test_the_reconciler_requeues_a_lost_job_and_fails_it_after_max_attempts(inpr
 
     _claim(job_id)
     _age_heartbeat(job_id, 10)
-    assert leases.reconcile(5.0, sent.extend, [queue]) == ([job_id], [])
+    assert recovery.reconcile(5.0, sent.extend, [queue]) == ([job_id], [])
     assert sent == [(job_id, queue)]
     with session_scope(write=False) as s:
         assert s.get(Job, job_id).status == "queued"
         # its message was sent at once, so its outbox rows are gone
         assert s.scalar(select(func.count()).select_from(Outbox).where(Outbox.job_id == job_id)) == 0
-    assert leases.reconcile(5.0, sent.extend, [queue]) == ([], [])  # once only
+    assert recovery.reconcile(5.0, sent.extend, [queue]) == ([], [])  # once only
 
     _claim(job_id)  # attempt 2 = max_attempts, lost too
     _age_heartbeat(job_id, 10)
     with session_scope() as s:  # a redelivered message cannot take it over
         assert repo.claim_job(s, job_id, "w:3", 5.0) is None
-    assert leases.reconcile(5.0, sent.extend, [queue]) == ([], [job_id])
+    assert recovery.reconcile(5.0, sent.extend, [queue]) == ([], [job_id])
     with session_scope(write=False) as s:
         job = s.get(Job, job_id)
         assert (job.status, job.stop_reason, job.attempts) == ("failed", "worker_lost", 2)
@@ -239,7 +240,7 @@ def test_two_migrations_at_once_are_safe(pg, tmp_path, backend):
     try:
         assert "outbox" in inspect(engine).get_table_names()
         with engine.connect() as c:
-            assert c.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == ["0003"]
+            assert c.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == ["0004_i16"]
     finally:
         engine.dispose()
 
@@ -248,8 +249,8 @@ def test_settings_of_the_fault_tests_reach_the_worker():
     s = settings_from_env({"TRAINYARD_HEARTBEAT_STALE": "3", "TRAINYARD_SNAPSHOT_INTERVAL": "0",
                            "TRAINYARD_VISIBILITY_TIMEOUT": "2"})
     assert (s.heartbeat_stale_s, s.snapshot_interval_s, s.visibility_timeout_s) == (3.0, 0.0, 2)
-    assert leases.reconcile_interval(s.heartbeat_stale_s) <= 1.0
-    assert leases.reconcile_interval(get_settings().heartbeat_stale_s) <= 30.0  # lease + 30 s at most by default
+    assert recovery.reconcile_interval(s.heartbeat_stale_s) <= 1.0
+    assert recovery.reconcile_interval(get_settings().heartbeat_stale_s) <= 30.0  # lease + 30 s at most by default
 
 
 def test_queued_jobs_whose_messages_redis_lost_are_sent_again(inproc_env, redis_client):

@@ -31,3 +31,13 @@ def test_api_app_imports_neither_torch_nor_worker():
 def test_client_cli_is_light():
     loaded = _loaded("import client.cli")
     assert loaded.isdisjoint({"torch", "fastapi", "sqlalchemy", "celery", "store", "api", "worker", "training"}), loaded
+
+
+def test_predictions_in_the_api_process_load_onnxruntime_not_torch():
+    code = (
+        "import json, numpy as np, onnxruntime\n"
+        "from api.app import create_app; from api.routers import models; from api.predict import SESSIONS, predict\n"
+        "create_app().openapi()"
+    )
+    loaded = _loaded(code)
+    assert "torch" not in loaded and "worker" not in loaded

@@ -13,7 +13,7 @@ from store.models import Base
 
 TABLES = {
     "jobs", "job_metrics", "job_events", "checkpoints", "snapshots", "datasets", "alembic_version",
-    "projects", "api_keys", "sweeps", "outbox",
+    "projects", "api_keys", "sweeps", "outbox", "artifacts",
 }
 
 

@@ -69,6 +69,7 @@ def api_key(inproc_env: dict[str, str]) -> Iterator[str]:
 #: may be refused, with a 422 that names the JSON path at fault. For these, Schemathesis'
 #: ``positive_data_acceptance`` is replaced by :func:`valid_or_explained`.
 SEMANTIC_422 = {"POST /v1/jobs", "POST /v1/schedules/preview", "POST /v1/datasets", "POST /v1/sweeps",
+                "POST /v1/jobs/{job_id}/predict", "POST /v1/jobs/{job_id}/predict/file",
                 "POST /v1/jobs/validate", "GET /v1/jobs"}  # GET /v1/jobs: a cursor must come from the same order
 
 

@@ -287,13 +287,14 @@ def test_example_sweep_is_accepted(client: Client) -> None:
 def test_a_sweep_whose_last_trial_ended_without_a_worker_is_advanced(inproc_env: dict[str, str]) -> None:
     """E.g. the reconciler failed its trial after its worker was lost on every attempt: the
     workers' sweep keeper advances it (here called directly, with no worker and no broker)."""
+    import orchestration.sweeps as orchestration_sweeps
     from api.routers.sweeps import check_sweep
     from config.settings import get_settings
+    from orchestration.sweeps import advance_stalled
     from store import repo
     from store import sweeps as store_sweeps
     from store.db import session_scope
     from store.models import DEFAULT_PROJECT
-    from worker.sweeps import advance_stalled
 
     settings = get_settings()
     body = {"name": "stalled", "base": base(), "method": "random", "seed": 5, "objective": {"metric": "val_loss"},
@@ -304,7 +305,7 @@ def test_a_sweep_whose_last_trial_ended_without_a_worker_is_advanced(inproc_env:
             s, project_id=DEFAULT_PROJECT, name="stalled", method="random", config=config, objective_metric="val_loss",
             objective_mode="min", max_trials=2, max_concurrent=1,
         )
-        first = store_sweeps.advance_sweep(s, sweep.id, settings)
+        first = orchestration_sweeps.advance_sweep(s, sweep.id, settings)
         sweep_id = sweep.id
     assert len(first) == 1
     sent: list[tuple[str, str]] = []

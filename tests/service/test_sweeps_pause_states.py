@@ -10,6 +10,7 @@ from .test_sweeps import base
 
 
 def _sweep(name: str, max_trials: int = 2, max_concurrent: int = 2) -> tuple[str, list[str]]:
+    import orchestration.sweeps as orchestration_sweeps
     from api.routers.sweeps import check_sweep
     from config.settings import get_settings
     from store import sweeps as store_sweeps
@@ -32,7 +33,7 @@ def _sweep(name: str, max_trials: int = 2, max_concurrent: int = 2) -> tuple[str
             objective_metric="val_accuracy", objective_mode="max", max_trials=max_trials, max_concurrent=max_concurrent,
         )
         sid = sweep.id
-        jobs = [j for j, _ in store_sweeps.advance_sweep(s, sid, settings)]
+        jobs = [j for j, _ in orchestration_sweeps.advance_sweep(s, sid, settings)]
     return sid, jobs
 
 

@@ -17,6 +17,7 @@ def test_objective_values_of_reported_epochs() -> None:
 
 
 def test_prune_decision_uses_unwritten_epochs(inproc_env: dict[str, str]) -> None:
+    import orchestration.sweeps as orchestration_sweeps
     from api.routers.sweeps import check_sweep
     from config.settings import get_settings
     from store import repo
@@ -41,7 +42,7 @@ def test_prune_decision_uses_unwritten_epochs(inproc_env: dict[str, str]) -> Non
             objective_metric="val_accuracy", objective_mode="max", max_trials=2, max_concurrent=2,
         )
         sweep_id = sweep.id
-        first, second = (job_id for job_id, _ in store_sweeps.advance_sweep(s, sweep_id, settings))
+        first, second = (job_id for job_id, _ in orchestration_sweeps.advance_sweep(s, sweep_id, settings))
     with session_scope() as s:  # trial 0 reached the first rung (epoch 1) with 0.9, written
         assert repo.claim_job(s, first, "test", 60.0) is not None
         repo.record_progress(s, first, [{"epoch": 1, "val_accuracy": 0.9, "loss": 0.3}])

@@ -1,0 +1,71 @@
+"""The job lifecycle: one table of the allowed status transitions, and :func:`move`, the one
+compare-and-set that every change of a job's status goes through.
+
+```
+queued ──claim──> running ──finish──> succeeded | failed | cancelled
+  │  ▲              │ │ └──pause (sweep trial at a rung)──> paused ──promote──> queued
+  │  └──requeue─────┘ └──take-over (a new attempt)──> running      └──end──> succeeded | failed | cancelled
+  └──cancel / fail unstarted──> cancelled | failed
+```
+
+Why here and not with the decisions: the table is enforced by the compare-and-set itself (the
+``WHERE status IN (...)`` of each UPDATE), which is a query, and ``store/`` must not import the
+decision layer. *When* a job moves (requeue a lost worker's job, promote a trial, fail after
+``max_attempts``) is decided in ``orchestration/``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any
+
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+
+from store.models import Job
+
+QUEUED, RUNNING, PAUSED, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "paused", "succeeded", "failed", "cancelled"
+STATUSES = (QUEUED, RUNNING, PAUSED, SUCCEEDED, FAILED, CANCELLED)
+
+#: status -> the statuses it may move to. Terminal statuses move nowhere.
+TRANSITIONS: Mapping[str, frozenset[str]] = {
+    QUEUED: frozenset({RUNNING, CANCELLED, FAILED}),  # claimed; cancelled; could not be enqueued
+    RUNNING: frozenset({RUNNING, QUEUED, PAUSED, SUCCEEDED, FAILED, CANCELLED}),  # RUNNING: a take-over
+    PAUSED: frozenset({QUEUED, SUCCEEDED, FAILED, CANCELLED}),  # promoted; ended by its sweep; cancelled
+    SUCCEEDED: frozenset(),
+    FAILED: frozenset(),
+    CANCELLED: frozenset(),
+}
+
+
+class IllegalTransition(ValueError):
+    """A status change the lifecycle does not allow (a programming error, raised before any SQL)."""
+
+
+def allowed(source: str, target: str) -> bool:
+    """Whether a job may move from ``source`` to ``target``."""
+    return target in TRANSITIONS.get(source, frozenset())
+
+
+def check(sources: Collection[str], target: str) -> None:
+    """Raise :class:`IllegalTransition` unless every status of ``sources`` may move to ``target``."""
+    bad = [s for s in sources if not allowed(s, target)]
+    if bad or not sources:
+        raise IllegalTransition(
+            f"a job cannot move from {', '.join(bad) or 'nothing'} to {target}; "
+            f"allowed into {target}: {', '.join(s for s in STATUSES if allowed(s, target)) or 'none'}")
+
+
+def move(session: Session, job_id: str, sources: Collection[str], target: str, *, where: Sequence[Any] = (),
+         values: Mapping[str, Any] | None = None) -> bool:
+    """Compare-and-set the job's status from one of ``sources`` to ``target`` (each pair checked
+    against :data:`TRANSITIONS` first), if the row also matches ``where``, setting ``values`` too.
+    Returns whether the row moved (False: it was in another status, or ``where`` did not hold)."""
+    check(sources, target)
+    res = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status.in_(list(sources)), *where)
+        .values(status=target, **(values or {}))
+        .execution_options(synchronize_session=False)
+    )
+    return res.rowcount == 1  # type: ignore[attr-defined]
