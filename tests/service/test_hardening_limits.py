@@ -57,7 +57,7 @@ def _active(project_id: str) -> int:
 
 def test_sweeps_never_put_more_jobs_in_flight_than_the_project_allows(keyed_app: Any) -> None:
     from config.settings import get_settings
-    from store import sweeps as store_sweeps
+    from orchestration.sweeps import advance_sweep
     from store.db import session_scope
 
     project_id, key = _project_with_limit(5)
@@ -77,10 +77,10 @@ def test_sweeps_never_put_more_jobs_in_flight_than_the_project_allows(keyed_app:
         assert keyed_app.post(f"/v1/jobs/{t['job_id']}/cancel", headers=key).status_code == 200
     assert _active(project_id) == 3
     with session_scope() as s:
-        made = store_sweeps.advance_sweep(s, first["id"], get_settings())
+        made = advance_sweep(s, first["id"], get_settings())
     assert len(made) == 2 and _active(project_id) == 5
     with session_scope() as s:
-        assert store_sweeps.advance_sweep(s, first["id"], get_settings()) == []
+        assert advance_sweep(s, first["id"], get_settings()) == []
     assert _active(project_id) == 5
     keyed_app.post(f"/v1/sweeps/{first['id']}/cancel", headers=key)
 

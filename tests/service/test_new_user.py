@@ -168,7 +168,7 @@ def test_watch_ends_with_a_summary_and_says_when_epochs_are_hidden(service_env, 
     assert out.stdout.endswith("\n")
 
     bad = client.submit(note_spec(3, name="diverges-17", callbacks={},
-                                  optimizer={"name": "sgd", "learning_rate": 1e12}))
+                                  optimizer={"name": "sgd", "learning_rate": 1e10}))  # the spec's bound
     done = wait_status(client, bad["id"], END, timeout=240)
     assert done["status"] == "failed", done
     out = run_cli(service_env, api_url, "watch", bad["id"])
