@@ -206,7 +206,9 @@ def test_a_submitted_job_appears_without_reload_and_its_chart_grows(watched, ser
             if n >= 40 or len(set(seen)) >= 6:
                 break
             time.sleep(0.1)
-        assert len(set(seen)) >= 6 and seen == sorted(seen), seen  # grew, on the open page
+        # grew, on the open page, at least twice after the first draw (a warm worker can commit
+        # several epochs between two looks, so the count of distinct looks depends on load)
+        assert len(set(seen)) >= 3 and seen == sorted(seen) and seen[-1] > seen[0], seen
         # each epoch was on the page within a second of its commit: the page notes when it drew
         # each epoch count (Date.now()); the worker stamps created_at just before committing
         drawn = {int(k): v / 1000 for k, v in page.evaluate("window.tyDrawnAt").items()}
