@@ -78,6 +78,8 @@ def install(engine: Engine, settings: Settings) -> Publisher | None:
 
     @event.listens_for(engine, "rollback")
     def _rollback(conn: Any) -> None:
+        if conn.invalidated:  # a lost connection (database restarted): its info goes with it, and
+            return  # reading conn.info would try to reconnect inside the failed transaction
         conn.info.pop("ty_wrote", None)
         conn.info.pop("ty_notify", None)
 
