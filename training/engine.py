@@ -388,7 +388,9 @@ class _Run:
                 break
             if poll is not None and poll():
                 self.stop_reason = "cancelled"
-                return
+                if b < self.steps_per_epoch - 1:
+                    return  # a part epoch is not recorded
+                break  # the epoch's last step ran: it is a whole epoch, recorded as such
         if cuda_nan is not None and self.stop_reason is None and not cuda_nan.drain():
             self.stop_reason = "non_finite_loss"
         self.lr = lr
