@@ -12,7 +12,7 @@ from typing import Any, overload
 from sqlalchemy import case, delete, func, select, update
 from sqlalchemy.orm import Session, defer
 
-from store import lifecycle
+from store import curves, lifecycle
 from store.floats import encode_metrics, finite_or_none, to_text
 from store.ids import new_id
 from store.models import (
@@ -339,6 +339,7 @@ def stale_running_jobs(session: Session, older_than_s: float) -> list[tuple[str,
 def _upsert_metrics(session: Session, rows: list[dict[str, Any]]) -> None:
     """Insert epoch rows, replacing any with the same (job, epoch): a resumed run that redoes an
     epoch overwrites its row. One statement for the batch (``session.merge`` read each row first)."""
+    curves.drop(session, {r["job_id"] for r in rows})  # a finished job's compacted curve is stale now
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql":
         from sqlalchemy.dialects.postgresql import insert as dialect_insert
