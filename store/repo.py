@@ -84,6 +84,9 @@ def create_jobs(
     ]
     session.add_all(jobs)
     session.flush()
+    if sweep_id is not None:  # the sweep's own "trial added" events (GET /v1/events), before the trials' own
+        session.add_all([JobEvent(sweep_id=sweep_id, kind="trial", data={"job_id": j.id, "trial_number": j.trial_number},
+                                  created_at=now) for j in jobs])
     session.add_all([JobEvent(job_id=j.id, kind="state", data={"status": "queued"}, created_at=now) for j in jobs])
     # the dispatch outbox (store.outbox): each job owes the broker a message, in this transaction
     session.add_all([Outbox(job_id=j.id, queue=j.queue, attempts=0, created_at=now) for j in jobs])
@@ -271,6 +274,12 @@ def existing_job_ids(session: Session, ids: Sequence[str], project_id: str) -> s
 
 def add_event(session: Session, job_id: str, kind: str, data: dict[str, Any], at: datetime | None = None) -> None:
     session.add(JobEvent(job_id=job_id, kind=kind, data=data, created_at=at or utcnow()))
+
+
+def add_sweep_event(session: Session, sweep_id: str, kind: str, data: dict[str, Any], at: datetime | None = None) -> None:
+    """A sweep's own event on the project's stream: ``created``, ``trial`` (added; written by
+    :func:`create_jobs`) or ``state`` (it ended), in the job events' table and id order."""
+    session.add(JobEvent(sweep_id=sweep_id, kind=kind, data=data, created_at=at or utcnow()))
 
 
 def events_after(session: Session, job_id: str, after_id: int, limit: int = 500) -> list[JobEvent]:

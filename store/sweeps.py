@@ -48,6 +48,7 @@ def create_sweep(
     )
     session.add(sweep)
     session.flush()
+    repo.add_sweep_event(session, sweep.id, "created", {"status": "running", "name": name}, now)
     return sweep
 
 
@@ -336,6 +337,7 @@ def _update_best_and_finish(session: Session, sweep: Sweep, views: list[TrialVie
         if not ranked:
             sweep.error = sweep.error or "no trial succeeded with a finite objective value; see the trials' errors"
         sweep.finished_at = now
+        repo.add_sweep_event(session, sweep.id, "state", {"status": sweep.status, "stop_reason": "completed"}, now)
     sweep.updated_at = now
     session.flush()
 
@@ -354,6 +356,7 @@ def cancel_sweep(session: Session, sweep: Sweep) -> list[str]:
     sweep.stop_reason = "cancelled"
     sweep.finished_at = now
     sweep.updated_at = now
+    repo.add_sweep_event(session, sweep.id, "state", {"status": "cancelled", "stop_reason": "cancelled"}, now)
     session.flush()
     return ids
 
@@ -373,6 +376,7 @@ def record_error(session: Session, sweep_id: str, error: str) -> None:
         .execution_options(synchronize_session=False)
     )
     if not unfinished and res.rowcount == 1:  # type: ignore[attr-defined]
+        repo.add_sweep_event(session, sweep_id, "state", {"status": "failed", "stop_reason": "error"}, now)
         # nothing will promote its paused trials any more: they end with it
         for job_id in session.scalars(select(Job.id).where(Job.sweep_id == sweep_id, Job.status == "paused")):
             repo.end_paused_job(session, job_id, "sweep_failed", status="cancelled")
