@@ -88,7 +88,10 @@ def _pg_curves(
     from store.fastread import _fetch, _sql
 
     epoch_sql, key_params = _epoch_expr("postgresql", keys)
-    params: dict[str, Any] = {"ids": list(since), "sinces": list(since.values()), "project": project_id, **key_params}
+    # the ids and since_epochs as two comma-separated strings: psycopg adapts a 1,000-item list
+    # to an array in Python (~3 ms each on the 2-core VM); the server splits a string at once
+    params: dict[str, Any] = {"ids": ",".join(since), "sinces": ",".join(map(str, since.values())),
+                              "project": project_id, **key_params}
     whole = not keys and max_points is None
     rows = 'SELECT m.epoch, m."values" FROM job_metrics m WHERE m.job_id = w.id AND m.epoch > w.since'
     agg = f"string_agg({epoch_sql}, ',' ORDER BY m.epoch)"
@@ -101,7 +104,7 @@ def _pg_curves(
         rows += " AND c.job_id IS NULL"  # a compacted curve answers instead (a one-time filter)
     curve = f"SELECT count(*) AS n, '[' || COALESCE({agg}, '') || ']' AS body FROM ({rows}) m"
     sql = ("SELECT w.id, " + ("COALESCE(c.n, x.n), COALESCE(c.body, x.body) " if whole else "x.n, x.body ")
-           + "FROM unnest(CAST(:ids AS text[]), CAST(:sinces AS int[])) AS w(id, since) "
+           + "FROM unnest(string_to_array(:ids, ','), CAST(string_to_array(:sinces, ',') AS int[])) AS w(id, since) "
            "JOIN jobs j ON j.id = w.id AND j.project_id = :project "
            + ("LEFT JOIN job_curves c ON c.job_id = w.id AND w.since = 0 " if whole else "")
            + f"CROSS JOIN LATERAL ({curve}) x")
