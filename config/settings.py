@@ -63,6 +63,9 @@ class Settings(BaseSettings):
     # A running job whose training made no step for this long ends its attempt (stop reason
     # "stalled") and is requeued like a lost worker's; a spec's stall_timeout_s overrides it; 0: never.
     stall_timeout_s: float = Field(900.0, ge=0)
+    # Fair share (store.scheduling, README "Scheduler"): a project's worker time of the last this
+    # many seconds counts against it when projects compete for a queue's free worker.
+    fair_share_window_s: float = Field(3600.0, gt=0)
     # Security (see README "Security"): "required" makes every /v1 request carry an API key;
     # "off" puts every caller in the default project (embedded mode on 127.0.0.1).
     auth: Literal["required", "off"] = "required"
