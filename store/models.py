@@ -24,6 +24,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
     func,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -164,6 +165,8 @@ class Job(Base):
     # fencing token: bumped by every claim; a worker's writes only apply while it still holds it
     lease_token: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    # preemption (store.scheduling.request_preemptions): stop at the next step and requeue
+    preempt_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     worker: Mapped[str | None] = mapped_column(String(200))
     info: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     run_seconds: Mapped[float | None] = mapped_column(Float)

@@ -324,6 +324,10 @@ def claim_job(session: Session, job_id: str, worker: str, stale_after_s: float) 
     return job
 
 
+def is_preempt_requested(session: Session, job_id: str) -> bool:
+    return bool(session.scalar(select(Job.preempt_requested).where(Job.id == job_id)))
+
+
 def is_cancel_requested(session: Session, job_id: str) -> bool:
     return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
 
@@ -767,7 +771,7 @@ def requeue_job(session: Session, job_id: str, reason: str, stale_after_s: float
     if stale_after_s is not None:
         where.append(Job.heartbeat_at < now - timedelta(seconds=stale_after_s))
     if not lifecycle.move(session, job_id, (lifecycle.RUNNING,), lifecycle.QUEUED, where=where,
-                          values=dict(updated_at=now)):
+                          values=dict(updated_at=now, preempt_requested=False)):
         return False
     event: dict[str, Any] = {"status": "queued", "reason": reason}
     if stop_reason is not None:

@@ -39,7 +39,7 @@ from __future__ import annotations
 import heapq
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -226,6 +226,59 @@ def queued_view(engine: Engine, queue: str, project_id: str, rank: int | None) -
     state = _cached_state(engine, queue)
     position = state.position(project_id, int(rank))
     return position, state.estimated_start(position)
+
+
+def request_preemptions(session: Session, grace_s: float, now: datetime | None = None) -> list[str]:
+    """Mark running jobs to be suspended (``preempt_requested``) so that queued jobs of higher
+    priority can start; returns the ids marked. A running job is marked for a queued job of the same
+    project and queue that has a higher priority and was queued at least ``grace_s`` seconds ago
+    (time for a worker to free up on its own), lowest priority first, then the most recently
+    started (the least work redone); as many as there are such queued jobs, less the jobs already
+    marked in that project and queue. Only when the project would receive the freed slot: after the
+    victim's charge is taken off its usage, its fair-share key is the queue's lowest (otherwise the
+    slot goes to another project by fair share and the suspension would gain it nothing). The
+    worker stops the marked job at its next step, writes its snapshot and requeues it
+    (worker/runner.py); the next claim resumes it exactly (deterministic mode)."""
+    now = now or utcnow()
+    cutoff = to_utc(now - timedelta(seconds=grace_s))
+    groups: dict[tuple[str, str], list[Any]] = {}
+    for row in session.execute(
+            select(Job.id, Job.queue, Job.project_id, Job.priority, Job.started_at, Job.preempt_requested)
+            .where(Job.status == "running")):
+        groups.setdefault((row.queue, row.project_id), []).append(row)
+    marked: list[str] = []
+    states: dict[str, QueueState] = {}
+    for (queue, project_id), rows in groups.items():
+        pending = sum(1 for r in rows if r.preempt_requested)
+        victims = sorted((r for r in rows if not r.preempt_requested),
+                         key=lambda r: (r.priority, -(as_utc(r.started_at) or now).timestamp()))
+        if not victims:
+            continue
+        waiting = list(session.scalars(
+            select(Job.priority)
+            .where(Job.queue == queue, Job.project_id == project_id, Job.status == "queued",
+                   Job.priority > victims[0].priority, Job.created_at <= cutoff)
+            .order_by(Job.priority.desc()).limit(len(rows))))[pending:]
+        if not waiting:
+            continue
+        state = states.get(queue) or states.setdefault(queue, queue_state(session, queue, now))
+        for priority, victim in zip(waiting, victims, strict=False):
+            if priority <= victim.priority or not _gets_the_slot(state, project_id, victim, now):
+                break
+            if session.execute(
+                    update(Job).where(Job.id == victim.id, Job.status == "running", Job.preempt_requested.is_(False))
+                    .values(preempt_requested=True).execution_options(synchronize_session=False)
+            ).rowcount:  # type: ignore[attr-defined]
+                marked.append(victim.id)
+    return marked
+
+
+def _gets_the_slot(state: QueueState, project_id: str, victim: Any, now: datetime) -> bool:
+    """Whether ``project_id`` is the first in the fair-share order once ``victim`` (one of its
+    running jobs) no longer runs."""
+    elapsed = max(0.0, (now - as_utc(victim.started_at)).total_seconds()) if victim.started_at is not None else 0.0
+    usage = {**state.usage, project_id: state.usage.get(project_id, 0.0) - max(elapsed, state.job_s)}
+    return replace(state, usage=usage).order()[:1] == [project_id]
 
 
 def set_priority(session: Session, job_id: str, priority: int) -> bool:

@@ -1,5 +1,6 @@
 """Fair share between projects (issue 14): projects.weight, and the indexes the fair-share pick
-reads (a project's best queued job in a queue; the jobs of a queue that finished recently).
+reads (a project's best queued job in a queue; the jobs of a queue that finished recently);
+jobs.preempt_requested (optional preemption).
 
 Revision ID: 0005_i14b
 Revises: 0004_i11
@@ -20,6 +21,7 @@ def upgrade() -> None:
     with op.batch_alter_table('projects') as batch:
         batch.add_column(sa.Column('weight', sa.Float(), server_default='1', nullable=False))
     with op.batch_alter_table('jobs') as batch:
+        batch.add_column(sa.Column('preempt_requested', sa.Boolean(), server_default=sa.false(), nullable=False))
         batch.create_index('ix_jobs_queue_status_project_priority',
                            ['queue', 'status', 'project_id', 'priority', 'created_at'])
         batch.create_index('ix_jobs_queue_finished_at', ['queue', 'finished_at'])
@@ -29,5 +31,6 @@ def downgrade() -> None:
     with op.batch_alter_table('jobs') as batch:
         batch.drop_index('ix_jobs_queue_finished_at')
         batch.drop_index('ix_jobs_queue_status_project_priority')
+        batch.drop_column('preempt_requested')
     with op.batch_alter_table('projects') as batch:
         batch.drop_column('weight')

@@ -187,3 +187,34 @@ def test_the_estimated_start_plays_the_slots_forward(engine: Engine) -> None:
     assert state.job_s == 60.0 and state.left == (40.0, 50.0)
     starts = [(state.estimated_start(k) - t0).total_seconds() for k in range(1, 5)]
     assert starts == [40.0, 50.0, 100.0, 110.0]
+
+
+def test_preemption_marks_the_lowest_priority_newest_job_of_the_waiting_jobs_project(engine: Engine) -> None:
+    """A queued job of priority 5 that waited past the grace marks one running job of its own
+    project and queue: the lowest priority, then the most recently started; a second pass marks
+    nothing more (the room is coming); a job queued within the grace, or whose project would not
+    get the freed slot (fair share), marks nothing."""
+    queue = f"{QUEUE}-{uuid.uuid4().hex[:6]}"
+    t0 = repo.utcnow()
+    with Session(engine) as s, s.begin():
+        p = _projects(s, {"x": 1.0, "y": 1.0})
+        old_low, new_low, mid = _queue(s, p["x"], 1, queue) + _queue(s, p["x"], 1, queue) + \
+            _queue(s, p["x"], 1, queue, priority=3)
+        _start(s, old_low, t0 - timedelta(seconds=300))
+        _start(s, new_low, t0 - timedelta(seconds=100))
+        _start(s, mid, t0 - timedelta(seconds=50))
+        [high] = _queue(s, p["x"], 1, queue, priority=5)
+        s.execute(update(Job).where(Job.id == high).values(created_at=t0 - timedelta(seconds=30)))
+    with Session(engine) as s, s.begin():
+        assert scheduling.request_preemptions(s, grace_s=60, now=t0) == []  # still within the grace
+    with Session(engine) as s, s.begin():
+        assert scheduling.request_preemptions(s, grace_s=10, now=t0) == [new_low]
+    with Session(engine) as s, s.begin():
+        assert scheduling.request_preemptions(s, grace_s=10, now=t0) == []
+        assert repo.requeue_job(s, new_low, "preempted")  # what the worker does: the request is consumed
+        assert not repo.is_preempt_requested(s, new_low)
+    # now project y queues a job too: y has used nothing, so a freed slot would go to y, not to x
+    with Session(engine) as s, s.begin():
+        _start(s, new_low, t0)  # (new_low runs again)
+        _queue(s, p["y"], 1, queue)
+        assert scheduling.request_preemptions(s, grace_s=10, now=t0) == []
