@@ -256,7 +256,8 @@ def _record_result(job_id: str, reporter: DbReporter, result: Any, attempt: int)
         reporter.flush(block=True)  # also reads whether the user asked to cancel meanwhile
         if not reporter.cancelled:
             reporter.write_pending_snapshot()
-            requeued = _write(reporter, lambda s: repo.requeue_job(s, job_id, reason), "requeue")
+            requeued = _write(reporter, lambda s: repo.requeue_job(s, job_id, reason, spare_attempt=reason == "preempted"),
+                              "requeue")
             if requeued:
                 log.info("job %s stopped for %s; requeued", job_id, reason)
                 return "requeued"

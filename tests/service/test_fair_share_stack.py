@@ -1,6 +1,6 @@
 """Fair share end to end (issue 14): a real API with API keys required, two projects whose
-weights the admin command sets (1 and 3), and one real Celery worker on a queue of its own that
-starts only once both projects have queued their jobs. The many-job ±10% check of the same pick
+weights the admin command sets (1 and 3), and one real Celery worker on a queue of its own, held
+by a third project's job until both projects have queued theirs. The many-job ±10% check of the same pick
 is test_fair_share.py's (a virtual clock); here the real worker's order and time are checked."""
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ from typing import Any
 from client import Client
 
 from .conftest import RUN_ID, cli
-from .helpers import ROOT, free_port, note_spec, stop, wait_for_log, wait_http
+from .helpers import ROOT, free_port, long_spec, stop, wait_for_log, wait_http, wait_status
+from .test_faults_kit import tiny_spec
 
-PER_PROJECT = 12
+PER_PROJECT = 8
 
 
 def _run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -32,7 +33,7 @@ def test_two_projects_weighted_one_to_three_share_a_worker(service_env, migrated
     env["TRAINYARD_QUEUE_PREFIX"] = f"ty-{RUN_ID}-fair-"
     tag = uuid.uuid4().hex[:6]
     keys = {}
-    for name, weight in (("light", "1"), ("heavy", "3")):
+    for name, weight in (("light", "1"), ("heavy", "3"), ("warm", "1")):
         project = f"fair-{name}-{tag}"
         out = _run_cli(env, "keys", "create", "--project", project)
         assert out.returncode == 0, out.stderr
@@ -46,39 +47,43 @@ def test_two_projects_weighted_one_to_three_share_a_worker(service_env, migrated
     url = f"http://127.0.0.1:{port}"
     with (tmp_path / "api.log").open("wb") as f:
         api = subprocess.Popen(cli("api", "--port", str(port)), env=env, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
-    worker = None
+    with (tmp_path / "worker.log").open("wb") as f:
+        worker = subprocess.Popen(cli("worker", "--queues", "cpu", "--name", f"ty-{RUN_ID}-fair"), env=env,
+                                  cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
     try:
         wait_http(f"{url}/healthz", api)
+        wait_for_log(tmp_path / "worker.log", " ready.", worker)
+        # a third project's job holds the worker (and warms it up) while both projects queue theirs
+        with Client(url, api_key=keys["warm"]) as c:
+            blocker = c.submit(long_spec(name="fair-blocker", device="cpu"))
+            wait_status(c, blocker["id"], ("running",))
         ids: dict[str, list[str]] = {}
         for name in ("light", "heavy"):  # light first: first come, first served would run it first
             with Client(url, api_key=keys[name]) as c:
-                batch = c.submit_batch([note_spec(1, name=f"fair-{name}-{i}", device="cpu", callbacks={})
-                                        for i in range(PER_PROJECT)])
+                batch = c.submit_batch([tiny_spec(f"fair-{name}-{i}", callbacks={}) for i in range(PER_PROJECT)])
                 ids[name] = [r["id"] for r in batch["results"]]
         time.sleep(1.2)  # past the job view's reuse of the queue's state
         views = {}
         for name in ids:
             with Client(url, api_key=keys[name]) as c:
                 views.update({i: c.job(i) for i in ids[name]})
-        # nothing runs yet: the positions are the fair-share order over both projects
+        # the positions are the fair-share order over both projects
         by_position = sorted(views.values(), key=lambda j: j["queue_position"])
         assert [j["queue_position"] for j in by_position] == list(range(1, 2 * PER_PROJECT + 1))
         first8 = [j["name"].split("-")[1] for j in by_position[:8]]
         assert first8.count("light") == 2, first8
         starts = [_when(j, "estimated_start_at") for j in by_position]
         assert starts == sorted(starts) and starts[0] < starts[-1]
+        assert starts[0] > _when(views[ids["light"][0]], "created_at")  # after the blocker's estimated end
 
-        with (tmp_path / "worker.log").open("wb") as f:
-            worker = subprocess.Popen(cli("worker", "--queues", "cpu", "--name", f"ty-{RUN_ID}-fair"), env=env,
-                                      cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
-        wait_for_log(tmp_path / "worker.log", " ready.", worker)
+        with Client(url, api_key=keys["warm"]) as c:
+            c.cancel(blocker["id"])
         done = {}
         for name in ids:
             with Client(url, api_key=keys[name]) as c:
                 done.update({i: {**c.wait(i, timeout=600), "project": name} for i in ids[name]})
     finally:
-        if worker is not None:
-            stop(worker)
+        stop(worker)
         stop(api)
     assert all(j["status"] == "succeeded" for j in done.values()), done
     assert all(j["queue_position"] is None and j["estimated_start_at"] is None for j in done.values())
@@ -91,6 +96,5 @@ def test_two_projects_weighted_one_to_three_share_a_worker(service_env, migrated
     print(f"fair share end to end: light {share:.3f} of the worker time over {len(competing)} claims; "
           f"order {''.join(j['project'][0] for j in order)}")
     assert 0.15 <= share <= 0.35, (share, [(j["project"], j["run_seconds"]) for j in order])
-    # the share is of time, not of jobs: a light job that ran long (the worker's first, say) is
-    # paid back by heavy claims in a row; but light's first job was one of the first two claims
+    # and light's first job was one of the first two claims (no waiting behind heavy's batch)
     assert [j["project"] for j in order[:2]].count("light") >= 1, order[:2]

@@ -63,6 +63,7 @@ def test_a_high_priority_job_preempts_a_low_one_which_resumes_exactly(pg: Any, t
     assert [(s, r) for s, r, _ in states] == [("queued", None), ("running", None), ("queued", "preempted"),
                                               ("running", None), ("succeeded", None)], states
     assert low_done["attempts"] == 2
+    assert probe.job(low["id"]).max_attempts == 4  # the preemption did not use up the lost-worker budget
     preempted_at, resumed_at = states[2][2], states[3][2]
     assert preempted_at <= _at(high_done, "started_at") <= _at(high_done, "finished_at") <= resumed_at
     assert probe.metric_epochs(low["id"]) == list(range(1, 15))  # no epoch lost
