@@ -22,9 +22,10 @@ fair-share factor and the per-queue weighted share of Kueue):
 2. the job: that project's highest ``priority``, then the oldest, then the id.
 
 So when projects compete, the worker time they receive follows their weights (``projects.weight``,
-``trainyard projects set-weight``), and a project with one queued job is at most one claim per
-other project away from the next free worker whatever the others have queued. A project alone in
-its queue gets every slot (the share is work-conserving).
+``trainyard projects set-weight``), and a project with one queued job is next as soon as its
+usage/weight is the lowest, however many jobs the others have queued (queued jobs weigh nothing;
+only worker time does). A project alone in its queue gets every slot (the share is
+work-conserving).
 
 ``queue_position`` (1 = the next job its queue's next free worker starts) plays the same rule
 forward from the queue's state now, charging each future claim a typical job: it is exact for
@@ -39,6 +40,7 @@ from __future__ import annotations
 import heapq
 import threading
 import time
+from bisect import bisect_left
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -94,14 +96,7 @@ class QueueState:
         for other, n in self.queued.items():
             if other == project_id:
                 continue
-            lo, hi = 0, n
-            while lo < hi:
-                mid = (lo + hi) // 2
-                if self.key(other, mid) < target:
-                    lo = mid + 1
-                else:
-                    hi = mid
-            position += lo
+            position += bisect_left(range(n), target, key=lambda k, other=other: self.key(other, k))
         return position
 
     def estimated_start(self, position: int) -> datetime:
