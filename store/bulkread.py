@@ -5,7 +5,9 @@ finished jobs' whole curves come precompacted, one row each (:mod:`store.curves`
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from sqlalchemy import Engine, bindparam, text
@@ -48,20 +50,75 @@ def _epoch_expr(dialect: str, keys: Sequence[str] | None) -> tuple[str, dict[str
     return f"'{{' || substr({' || '.join(pairs)}, 2) || '}}'", params
 
 
+class CurveCache:
+    """Finished jobs' compacted curves (:mod:`store.curves`) kept in this process, up to
+    ``max_chars`` characters, least recently used out first. A compacted row never changes: it
+    is written once, at the job's terminal move, and may only be dropped (an epoch written after
+    it; the job is terminal, so it is never compacted again). Each request still asks the
+    database which of its jobs have one, so a dropped row is never answered from here; what the
+    cache saves is the 16 MB of curve text per 1,000 x 100 epochs, read, decompressed and sent
+    by the database on every request (BENCHMARKS.md, dashboards)."""
+
+    def __init__(self, max_chars: int = 64_000_000) -> None:
+        self.max_chars = max_chars
+        self._curves: OrderedDict[str, str] = OrderedDict()
+        self._chars = 0
+        self._lock = threading.Lock()
+
+    def snapshot(self, job_ids: Iterable[str]) -> dict[str, str]:
+        with self._lock:
+            out = {i: self._curves[i] for i in job_ids if i in self._curves}
+            for i in out:
+                self._curves.move_to_end(i)
+            return out
+
+    def put(self, job_id: str, body: str) -> None:
+        if len(body) > self.max_chars:
+            return
+        with self._lock:
+            if job_id in self._curves:
+                return
+            self._curves[job_id] = body
+            self._chars += len(body)
+            while self._chars > self.max_chars:
+                _, old = self._curves.popitem(last=False)
+                self._chars -= len(old)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._curves.clear()
+            self._chars = 0
+
+
+#: this process's cache (the API's bulk route reads through it)
+CURVES = CurveCache()
+
+#: what a dialect's reader answers per job of the project: (epochs after its since_epoch, the
+#: curve's JSON text or None when ``cached`` has it, whether it is the compacted curve)
+Found = dict[str, tuple[int, str | None, bool]]
+
+
 def bulk_metrics_json(
     engine: Engine, project_id: str, since: dict[str, int], keys: Sequence[str] | None = None,
-    max_points: int | None = None,
+    max_points: int | None = None, cache: CurveCache | None = CURVES,
 ) -> bytes:
     """``POST /v1/metrics/bulk`` as JSON bytes: ``{"jobs": {id: {"epochs": [...], "total": n}},
     "missing": [ids not in the project]}``. Each job's epochs come after its own ``since_epoch``;
     a job without epochs yet is told from a missing one. Downsampling keeps the rows
-    :func:`store.fastread.downsample` keeps (the single-job route's rule)."""
-    if engine.dialect.name == "postgresql":
-        curves = _pg_curves(engine, project_id, since, keys, max_points)
-    else:
-        curves = _portable_curves(engine, project_id, since, keys, max_points)
-    parts = [f'"{job_id}":{{"epochs":{body},"total":{total}}}' for job_id, (total, body) in curves.items()]
-    missing = [i for i in since if i not in curves]
+    :func:`store.fastread.downsample` keeps (the single-job route's rule). Whole curves of
+    finished jobs come from ``cache`` when it has them (see :class:`CurveCache`)."""
+    whole = not keys and max_points is None
+    cached = cache.snapshot(i for i, s in since.items() if s == 0) if cache is not None and whole else {}
+    read = _pg_curves if engine.dialect.name == "postgresql" else _portable_curves
+    found = read(engine, project_id, since, keys, max_points, cached)
+    parts = []
+    for job_id, (total, body, compacted) in found.items():
+        if body is None:
+            body = cached[job_id]
+        elif compacted and cache is not None:
+            cache.put(job_id, body)
+        parts.append(f'"{job_id}":{{"epochs":{body},"total":{total}}}')
+    missing = [i for i in since if i not in found]
     return f'{{"jobs":{{{",".join(parts)}}},"missing":{json.dumps(missing)}}}'.encode()
 
 
@@ -79,7 +136,8 @@ _KEEP = (f"(n <= :mp OR (:mp = 1 AND i = n - 1) OR (:mp > 1 AND ({_ROUND.format(
 
 def _pg_curves(
     engine: Engine, project_id: str, since: dict[str, int], keys: Sequence[str] | None, max_points: int | None,
-) -> dict[str, tuple[int, str]]:
+    cached: dict[str, str],
+) -> Found:
     """On PostgreSQL, one row per job: a finished job's compacted curve (:mod:`store.curves`) when
     the whole curve is asked for, else its epochs aggregated in the database, job by job (a
     LATERAL subquery over the primary key's index: no sort of all the rows, which spilled to disk
@@ -103,32 +161,36 @@ def _pg_curves(
     if whole:
         rows += " AND c.job_id IS NULL"  # a compacted curve answers instead (a one-time filter)
     curve = f"SELECT count(*) AS n, '[' || COALESCE({agg}, '') || ']' AS body FROM ({rows}) m"
-    sql = ("SELECT w.id, " + ("COALESCE(c.n, x.n), COALESCE(c.body, x.body) " if whole else "x.n, x.body ")
+    params["cached"] = ",".join(cached)
+    sql = ("SELECT w.id, " + ("COALESCE(c.n, x.n), CASE WHEN c.job_id IS NOT NULL AND w.id = ANY(string_to_array("
+                              ":cached, ',')) THEN NULL ELSE COALESCE(c.body, x.body) END, c.job_id IS NOT NULL "
+                              if whole else "x.n, x.body, false ")
            + "FROM unnest(string_to_array(:ids, ','), CAST(string_to_array(:sinces, ',') AS int[])) AS w(id, since) "
            "JOIN jobs j ON j.id = w.id AND j.project_id = :project "
            + ("LEFT JOIN job_curves c ON c.job_id = w.id AND w.since = 0 " if whole else "")
            + f"CROSS JOIN LATERAL ({curve}) x")
     sql = _sql(engine, sql.replace("%", "%%"))  # the modulo operator, escaped for pyformat
-    return {job_id: (int(n), body) for job_id, n, body in _fetch(engine, sql, params)}
+    return {job_id: (int(n), body, compacted) for job_id, n, body, compacted in _fetch(engine, sql, params)}
 
 
 def _portable_curves(
     engine: Engine, project_id: str, since: dict[str, int], keys: Sequence[str] | None, max_points: int | None,
-) -> dict[str, tuple[int, str]]:
+    cached: dict[str, str],
+) -> Found:
     """Elsewhere (SQLite, embedded mode): finished jobs' compacted curves when whole curves are
     asked for; the other jobs' epochs one row each, spliced together here."""
     epoch_sql, params = _epoch_expr(engine.dialect.name, keys)
-    out: dict[str, tuple[int, str]] = {}
+    out: Found = {}
     rest = list(since)
     with engine.connect() as conn:
         if not keys and max_points is None:
             compacted = text(
-                "SELECT j.id, c.n, c.body FROM jobs j LEFT JOIN job_curves c ON c.job_id = j.id "
-                "WHERE j.id IN :ids AND j.project_id = :project"
-            ).bindparams(bindparam("ids", expanding=True))
-            found = conn.execute(compacted, {"ids": rest, "project": project_id}).all()
-            out = {job_id: (n, body) for job_id, n, body in found if body is not None and since[job_id] == 0}
-            rest = [job_id for job_id, _, _ in found if job_id not in out]
+                "SELECT j.id, c.n, CASE WHEN j.id IN :cached THEN NULL ELSE c.body END, c.job_id IS NOT NULL "
+                "FROM jobs j LEFT JOIN job_curves c ON c.job_id = j.id WHERE j.id IN :ids AND j.project_id = :project"
+            ).bindparams(bindparam("ids", expanding=True), bindparam("cached", expanding=True))
+            found = conn.execute(compacted, {"ids": rest, "cached": list(cached), "project": project_id}).all()
+            out = {job_id: (n, body, True) for job_id, n, body, has in found if has and since[job_id] == 0}
+            rest = [row[0] for row in found if row[0] not in out]
         rows = []
         if rest:
             sql = text(
@@ -147,5 +209,5 @@ def _portable_curves(
         total = len(epochs)
         if max_points is not None:
             epochs = downsample(epochs, max_points)
-        out[job_id] = (total, f"[{','.join(epochs)}]")
+        out[job_id] = (total, f"[{','.join(epochs)}]", False)
     return out

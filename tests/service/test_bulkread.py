@@ -1,8 +1,9 @@
 """``POST /v1/metrics/bulk``'s reader (:mod:`store.bulkread`) on PostgreSQL and on SQLite, for jobs
 in every state: a finished job's whole curve comes from its compacted row (:mod:`store.curves`),
 the rest from the epoch rows; both must say exactly what each job's epochs say (every key, a
-``since_epoch``, ``keys``, ``max_points``). An epoch written after the compaction is seen (the
-compacted curve is dropped), and the migration compacts jobs that finished before it."""
+``since_epoch``, ``keys``, ``max_points``), with and without the process's cache of compacted
+curves. An epoch written after the compaction is seen (the compacted curve is dropped, and the
+cached copy no longer used), and the migration compacts jobs that finished before it."""
 
 from __future__ import annotations
 
@@ -95,6 +96,15 @@ def _check(url: str) -> None:
             assert got["jobs"][done.id] == _expected(s, done.id, 0, None, None)
             assert got["jobs"][running.id] == _expected(s, running.id, 4, None, None)
             assert got["jobs"][done.id]["epochs"][1]["loss"] == "NaN"
+            # the process's cache of compacted curves answered the whole curves above; without it, the same
+            assert bulkread.CURVES.snapshot([done.id, running.id, redone.id]).keys() == {done.id}
+            assert (bulkread.bulk_metrics_json(engine, DEFAULT_PROJECT, {done.id: 0, running.id: 0}, cache=None)
+                    == bulkread.bulk_metrics_json(engine, DEFAULT_PROJECT, {done.id: 0, running.id: 0}))
+            # a late epoch drops the compacted row: the cached copy is no longer used
+            repo.record_progress(s, done.id, [{"epoch": 8, "loss": 0.125}])
+            s.commit()
+            got = json.loads(bulkread.bulk_metrics_json(engine, DEFAULT_PROJECT, {done.id: 0}))
+            assert got["jobs"][done.id] == _expected(s, done.id, 0, None, None) and got["jobs"][done.id]["total"] == 8
     finally:
         engine.dispose()
 
