@@ -645,7 +645,8 @@ def _spec_digest(spec: JobSpec) -> str:
     import hashlib
     import json
 
-    return hashlib.sha256(json.dumps(spec.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+    # "pack" changes nothing the job computes (snapshots of a job stay valid whether it may be packed)
+    return hashlib.sha256(json.dumps(spec.model_dump(mode="json", exclude={"pack"}), sort_keys=True).encode()).hexdigest()
 
 
 def _py_state_to_json(state: tuple[Any, ...]) -> list[Any]:

@@ -54,7 +54,7 @@ from training.spec import FIND, JobSpec, validate_spec
 FUSED_LAYERS = frozenset({"dense", "dropout", "activation"})
 
 
-def _shape_key(job: JobSpec) -> str:
+def pack_key(job: JobSpec) -> str:
     """What must be equal for trials to share one fused model: layer types and sizes, data,
     loss family, metrics, optimizer family, device and numerics. Everything else is per trial."""
     layers = []
@@ -79,6 +79,16 @@ def _shape_key(job: JobSpec) -> str:
     return json.dumps(key, sort_keys=True)
 
 
+def member_cost(job: JobSpec, input_shape: Sequence[int]) -> int:
+    """What one trial adds to a pack, in floats: its parameters plus one batch of its layers'
+    outputs (the activations kept for the backward pass). A pack's members sum to at most
+    ``TRAINYARD_PACK_MAX_PARAMS``."""
+    from training.shapes import count_parameters, infer_shapes
+
+    shapes = infer_shapes(job.model, tuple(input_shape))
+    return count_parameters(job.model, tuple(input_shape)) + job.data.batch_size * sum(math.prod(s) for s in shapes)
+
+
 def _clip_kind(job: JobSpec) -> str | None:
     """Which of Keras' three clippings the trial asks for (its value may differ per trial)."""
     return next((k for k in _CLIPS if getattr(job.optimizer, k) is not None), None)
@@ -91,7 +101,7 @@ def why_not_fused(jobs: Sequence[JobSpec]) -> str | None:
     """None when these specs can train as one fused model, else the reason they cannot."""
     if len(jobs) < 2:
         return "a pack needs at least two trials"
-    first = _shape_key(jobs[0])
+    first = pack_key(jobs[0])
     for i, job in enumerate(jobs):
         if job.kind != "train":
             return f"trial {i} is of kind {job.kind!r}"
@@ -104,7 +114,7 @@ def why_not_fused(jobs: Sequence[JobSpec]) -> str | None:
         bad = [layer.type for layer in job.model.layers if layer.type not in FUSED_LAYERS]
         if bad:
             return f"trial {i} has layers {sorted(set(bad))} (fused: {sorted(FUSED_LAYERS)})"
-        if _shape_key(job) != first:
+        if pack_key(job) != first:
             return f"trial {i} differs from trial 0 in shape, data, loss family, metrics, optimizer family (name, formulas, nesterov, amsgrad, centered), clipping kind or device"
     return None
 

@@ -787,6 +787,9 @@ class JobSpec(StrictModel):
                     "requeues the job (default: the server's TRAINYARD_STALL_TIMEOUT_S)")
     callbacks: CallbacksSpec = Field(default_factory=CallbacksSpec)
     lr_find: LRFindSpec | None = Field(None, description="options of kind 'lr_find' and of \"learning_rate\": \"find\"")
+    pack: bool = Field(
+        True, description="may the service train this job fused with queued jobs of the same shape (README, "
+                          "\"Packed jobs\"); false: always alone. Changes nothing the job computes")
 
     def metric_names(self) -> list[str]:
         """Names the history carries besides loss/val_loss/lr/seconds/epoch."""
