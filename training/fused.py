@@ -31,7 +31,9 @@ per-trial norms. Anything else (other layers, precision, ``torch.compile``, lear
 ``info["pack"]["fallback"]``, so a fused trial never computes something different from its solo run.
 Dropout is fused with each trial's own rate, but its masks are drawn for the pack (not from each
 trial's own RNG stream): with dropout on, a fused trial is statistically, not bitwise, the solo run.
-Snapshots (resume of a pack) are not taken in fused mode.
+Snapshots are the engine's own, per member (``_Run._end_epoch``, after the member's weights and
+optimizer state are written back into its own model and optimizer): a member resumes from its
+snapshot alone, as a solo run, and goes on as its solo run would.
 """
 
 from __future__ import annotations
@@ -179,6 +181,22 @@ class _StackedKeras:
             keras_step(self.update, self.slots, self.h, self.params, grads, t)
         self.t = t
 
+    def write_back(self, slot: int, opt: torch.optim.Optimizer) -> None:
+        """Give the member's own optimizer its state (slots, update count, Nadam's ``u_product``,
+        the rate) so that a snapshot of the member saves what a solo run's would."""
+        group = opt.param_groups[0]
+        group["iterations"] = int(self.t[slot])
+        for key in ("lr", "u_product"):
+            if isinstance(self.h.get(key), np.ndarray):
+                group[key] = float(self.h[key][slot])
+        params = group["params"]
+        for key, (stacked,) in self.state.items():
+            row, off = stacked[slot], 0
+            for p in params:
+                n = p.numel()
+                opt.state[p][key] = row[off : off + n].view_as(p).clone()
+                off += n
+
     def keep(self, idx: Tensor, keep_list: list[int], params: list[Tensor]) -> None:
         """Drop the trials not in ``idx`` (pack compaction)."""
         self.params = params
@@ -190,45 +208,36 @@ class _StackedKeras:
 
 class _MemberOptimizers:
     """``"formulas": "torch"`` (torch.optim's own classes): each member's own optimizer, built by
-    the engine from its spec, steps its row of the pack's ``[N, P]`` weights (a view; every
-    torch.optim update is elementwise, so one flat row updates as the model's tensors do)."""
+    the engine from its spec over its own model's parameters, steps them with the member's row of
+    the pack's gradient; the updated weights are copied back into the pack's row. The optimizer is
+    the solo run's, state and all (a snapshot of the member saves it as the solo run does)."""
 
     def __init__(self, params: list[Tensor], optimizers: list[torch.optim.Optimizer]) -> None:
+        self.flat = params[0]
         self.optimizers = optimizers
-        self.rows: list[Tensor] = []
-        for k, opt in enumerate(optimizers):
-            row = params[0].detach()[k]
-            old = opt.param_groups[0]["params"]
-            state = {}
-            for key in {key for p in old for key in opt.state.get(p, {})}:
-                first = opt.state[old[0]][key]
-                flat = _member_state(opt, key)
-                state[key] = flat if flat is not None and flat.numel() == row.numel() else first
-            for p in old:
-                opt.state.pop(p, None)
-            if state:
-                opt.state[row] = state
-            opt.param_groups[0]["params"] = [row]
-            self.rows.append(row)
 
     def step(self, grads: list[Tensor], lrs: list[float]) -> None:
         (grad,) = grads
-        for k, (opt, row) in enumerate(zip(self.optimizers, self.rows, strict=True)):
-            opt.param_groups[0]["lr"] = lrs[k]
-            row.grad = grad[k]
-            opt.step()
-            row.grad = None
+        with torch.no_grad():
+            for k, opt in enumerate(self.optimizers):
+                group = opt.param_groups[0]
+                group["lr"] = lrs[k]
+                off = 0
+                for p in group["params"]:
+                    n = p.numel()
+                    p.grad = grad[k, off : off + n].view_as(p)
+                    off += n
+                opt.step()
+                torch.cat([p.detach().flatten() for p in group["params"]], out=self.flat[k])
+                for p in group["params"]:
+                    p.grad = None
 
     def keep(self, idx: Tensor, keep_list: list[int], params: list[Tensor]) -> None:
+        self.flat = params[0]
         self.optimizers = [self.optimizers[i] for i in keep_list]
-        old_rows = [self.rows[i] for i in keep_list]
-        self.rows = []
-        for k, (opt, old) in enumerate(zip(self.optimizers, old_rows, strict=True)):
-            row = params[0].detach()[k]
-            if old in opt.state:
-                opt.state[row] = opt.state.pop(old)
-            opt.param_groups[0]["params"] = [row]
-            self.rows.append(row)
+
+    def write_back(self, slot: int, opt: torch.optim.Optimizer) -> None:
+        """Nothing to do: the member's optimizer holds its own state."""
 
 
 def _fused_optimizer_for(opt: torch.optim.Optimizer) -> type[_StackedKeras] | type[_MemberOptimizers]:
@@ -336,6 +345,7 @@ class _Pack:
         with torch.no_grad():
             for name, p in zip(self.names, self.params, strict=True):
                 m.model.get_parameter(name).copy_(p[slot])
+        self.opt.write_back(slot, m.optimizer)
 
     def forward(self, params: list[Tensor], xb: Tensor) -> tuple[Tensor, Tensor | None]:
         """Outputs ``(L, B, ...)`` and the per-trial penalty ``(L,)`` of this pass."""
@@ -562,7 +572,6 @@ def fit_fused(
 
 def _train_pack(members: list[_Run], opt_cls: type[_StackedKeras] | type[_MemberOptimizers], started: float) -> list[FitResult]:
     for m in members:
-        m.snapshot_every = 0  # a pack is not resumed from snapshots (yet)
         m.start()
     pack = _Pack(members, opt_cls)
     finished: list[int] = []

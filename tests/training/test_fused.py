@@ -375,3 +375,35 @@ def test_unsupported_pack_falls_back_to_solo_runs() -> None:
         assert [h["loss"] for h in r.history] == [h["loss"] for h in solo.history]
     with pytest.raises(ValueError, match="cannot be fused"):
         fit_fused(specs, fallback=False)
+
+
+# --------------------------------------------------------------------------- snapshots of members
+
+
+class Snapshots(BaseReporter):
+    def __init__(self) -> None:
+        self.snapshots: dict[int, bytes] = {}
+
+    def on_snapshot(self, snapshot: Any) -> None:
+        self.snapshots[snapshot.epoch] = snapshot.data
+
+
+@pytest.mark.parametrize("optimizer", [
+    {"name": "nadam", "learning_rate": 0.003, "clipnorm": 0.5},  # Keras formulas: the pack's stacked state
+    {"name": "sgd", "formulas": "torch", "learning_rate": 0.05, "momentum": 0.9},  # torch: the member's own
+])
+def test_a_member_resumes_alone_from_its_snapshot_as_its_solo_run(optimizer: dict[str, Any]) -> None:
+    """A member's snapshot holds its weights, optimizer state and data order: resumed alone (as a
+    requeued job is), it goes on exactly as its solo run."""
+    specs = [trial(21, optimizer=optimizer), trial(22, optimizer=dict(optimizer, learning_rate=0.01))]
+    reps = [Snapshots(), Snapshots()]
+    fit_fused(specs, reps)
+    for spec, rep in zip(specs, reps, strict=True):
+        assert sorted(rep.snapshots) == list(range(1, EPOCHS))  # every epoch but the last
+        solo = training.fit(spec)
+        resumed = training.fit(spec, resume_from=rep.snapshots[2])
+        for e, (r, s) in enumerate(zip(resumed.history, solo.history, strict=True)):
+            for k in set(s) - {"seconds"}:
+                assert close(r[k], s[k]), f"epoch {e + 1} {k}: resumed {r[k]!r} vs solo {s[k]!r}"
+        for k in solo.weights:
+            torch.testing.assert_close(resumed.weights[k], solo.weights[k], rtol=1e-4, atol=1e-5)
