@@ -3,7 +3,8 @@ jobs trains the batch as one fused pack, and records each member on its own job 
 run: status, per-epoch metrics (1e-5 relative to ``training.fit`` of the same spec), best
 checkpoint, stop reason, and ``info.pack`` saying which pack it ran in. Run against the embedded
 set-up (``trainyard serve``: SQLite + the SQLAlchemy broker) and PostgreSQL + Redis (``trainyard
-api`` + ``trainyard worker``)."""
+api`` + ``trainyard worker``); the embedded run also packs a sweep's trials, and keeps them alone
+with ``"pack": false`` in the sweep's base."""
 
 from __future__ import annotations
 
@@ -81,6 +82,26 @@ def check_batch_is_packed(c: Client) -> None:
         assert any(ck["is_best"] for ck in c.checkpoints(job_id))
 
 
+def check_sweeps(c: Client) -> None:
+    """A random sweep's trials, queued together, run as one pack; with ``"pack": false`` in the
+    sweep's base, each runs alone. Both sweeps complete."""
+    base = dict(copy.deepcopy(BASE), epochs=2)
+    for pack in (True, False):
+        sweep = c.create_sweep({
+            "name": f"pack-{pack}", "base": dict(base, pack=pack), "method": "random", "seed": 3,
+            "parameters": {"optimizer.learning_rate": {"distribution": "log_uniform", "min": 1e-3, "max": 3e-2},
+                           "model.layers[1].rate": {"values": [0.0, 0.2]}},
+            "objective": {"metric": "val_accuracy"}, "max_trials": 4, "max_concurrent": 4,
+        })
+        done = c.wait_sweep(sweep["id"], timeout=300)
+        assert done["status"] == "succeeded" and len(done["trials"]) == 4, done
+        packs = [(c.job(t["job_id"])["info"] or {}).get("pack") for t in done["trials"]]
+        if pack:
+            assert all(p and p["fused"] for p in packs) and len({p["id"] for p in packs}) == 1, packs
+        else:
+            assert packs == [None] * 4, packs
+
+
 @pytest.fixture()
 def pg_service(service_env: dict[str, str], migrated: None, tmp_path: Path) -> Iterator[str]:
     """An API and a worker of their own (own queues, packing on), on the session's PostgreSQL + Redis."""
@@ -117,5 +138,6 @@ def test_a_batch_of_same_shape_jobs_runs_as_one_pack_embedded(tmp_path: Path) ->
         proc.stdout.readline()  # type: ignore[union-attr]  # the URL line: the API is up
         with Client(f"http://127.0.0.1:{port}") as c:
             check_batch_is_packed(c)
+            check_sweeps(c)
     finally:
         stop(proc)
