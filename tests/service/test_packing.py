@@ -103,9 +103,12 @@ def check_sweeps(c: Client) -> None:
 
 
 @pytest.fixture()
-def pg_service(service_env: dict[str, str], migrated: None, tmp_path: Path) -> Iterator[str]:
-    """An API and a worker of their own (own queues, packing on), on the session's PostgreSQL + Redis."""
-    env = {**service_env, "TRAINYARD_QUEUE_PREFIX": f"ty-{RUN_ID}-pack-", "TRAINYARD_PACK": "1"}
+def pg_service(service_env: dict[str, str], migrated: None, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[str]:
+    """An API and a worker of their own (own queues, packing on, plus the test's ``pack_env``
+    settings), on the session's PostgreSQL + Redis."""
+    extra = getattr(request, "param", {})
+    tag = "-".join(f"{k[-7:]}{v}" for k, v in sorted(extra.items())).lower()
+    env = {**service_env, "TRAINYARD_QUEUE_PREFIX": f"ty-{RUN_ID}-pack{tag}-", "TRAINYARD_PACK": "1", **extra}
     port = free_port()
     with (tmp_path / "api.log").open("wb") as f:
         api = subprocess.Popen(cli("api", "--port", str(port)), env=env, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
@@ -126,6 +129,28 @@ def pg_service(service_env: dict[str, str], migrated: None, tmp_path: Path) -> I
 def test_a_batch_of_same_shape_jobs_runs_as_one_pack_on_postgres_and_redis(pg_service: str) -> None:
     with Client(pg_service) as c:
         check_batch_is_packed(c)
+
+
+@pytest.mark.parametrize("pg_service", [{"TRAINYARD_PACK_MAX_MEMBERS": "3"}], indirect=True)
+def test_packs_stay_within_the_member_budget(pg_service: str) -> None:
+    specs = [dict(s, epochs=1) for s in batch_specs()[:5]]
+    with Client(pg_service) as c:
+        ids = [j["id"] for j in c.submit_batch(specs)["results"]]
+        done = [wait_status(c, i, ("succeeded", "failed", "cancelled"), timeout=300) for i in ids]
+    assert [d["status"] for d in done] == ["succeeded"] * 5, done
+    packs = [(d["info"] or {}).get("pack") for d in done]
+    sizes = {p["id"]: p["size"] for p in packs if p}
+    assert sizes and max(sizes.values()) == 3 and all(2 <= n <= 3 for n in sizes.values()), packs
+
+
+@pytest.mark.parametrize("pg_service", [{"TRAINYARD_PACK_MAX_PARAMS": "1000"}], indirect=True)
+def test_a_job_over_the_parameter_budget_runs_alone(pg_service: str) -> None:
+    specs = [dict(s, epochs=1) for s in batch_specs()[:3]]  # 474 parameters + one batch of activations each
+    with Client(pg_service) as c:
+        ids = [j["id"] for j in c.submit_batch(specs)["results"]]
+        done = [wait_status(c, i, ("succeeded", "failed", "cancelled"), timeout=300) for i in ids]
+    assert [d["status"] for d in done] == ["succeeded"] * 3, done
+    assert all("pack" not in (d["info"] or {}) for d in done), done
 
 
 def test_a_batch_of_same_shape_jobs_runs_as_one_pack_embedded(tmp_path: Path) -> None:
