@@ -131,6 +131,21 @@ def test_a_batch_of_same_shape_jobs_runs_as_one_pack_on_postgres_and_redis(pg_se
         check_batch_is_packed(c)
 
 
+def test_cancelling_one_packed_job_leaves_the_others_to_finish(pg_service: str) -> None:
+    specs = batch_specs()[:3]
+    specs[1] = dict(specs[1], epochs=100_000)  # runs until cancelled
+    specs[0], specs[2] = dict(specs[0], epochs=40), dict(specs[2], epochs=40)
+    with Client(pg_service) as c:
+        ids = [j["id"] for j in c.submit_batch(specs)["results"]]
+        wait_status(c, ids[1], ("running",), timeout=120)
+        c.cancel(ids[1])
+        cancelled = wait_status(c, ids[1], ("succeeded", "failed", "cancelled"), timeout=120)
+        others = [wait_status(c, i, ("succeeded", "failed", "cancelled"), timeout=300) for i in (ids[0], ids[2])]
+    assert cancelled["status"] == "cancelled" and cancelled["stop_reason"] == "cancelled", cancelled
+    assert [o["status"] for o in others] == ["succeeded"] * 2 and [o["progress"]["epoch"] for o in others] == [40, 40]
+    assert {o["info"]["pack"]["id"] for o in others} == {cancelled["info"]["pack"]["id"]}  # one pack
+
+
 @pytest.mark.parametrize("pg_service", [{"TRAINYARD_PACK_MAX_MEMBERS": "3"}], indirect=True)
 def test_packs_stay_within_the_member_budget(pg_service: str) -> None:
     specs = [dict(s, epochs=1) for s in batch_specs()[:5]]
