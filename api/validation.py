@@ -79,6 +79,11 @@ def check_job_spec(raw: Any, resolver: Callable[[str], DatasetInfo | None], sett
         except data_mod.DataError:
             info = None
     errors += spec_limit_errors(spec, info, settings)
+    init_problem = getattr(resolver, "init_problem", None)
+    if spec.init_from is not None and init_problem is not None:
+        why = init_problem(spec.init_from)
+        if why:
+            errors.append(_err(["init_from"], why))
     if spec.data.dataset not in data_mod.BUILTIN_DATASETS:
         # A stored dataset is a file dataset: check the options that do not apply to files.
         probe = spec.data.model_copy(update={"path": "stored.npz"})

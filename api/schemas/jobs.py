@@ -9,6 +9,12 @@ from api.schemas.common import ErrorItem, JsonInt, MetricValue
 from store.scheduling import PRIORITY_MAX, PRIORITY_MIN
 
 JobStatus = Literal["queued", "running", "paused", "succeeded", "failed", "cancelled"]
+#: why a job stopped (or paused): its epochs ran out, a callback or the engine stopped it, it was
+#: cancelled, a sweep pruned or paused it, it failed (``error``), or its worker was lost
+StopReason = Literal[
+    "completed", "early_stopping", "non_finite_loss", "diverged", "max_steps", "cancelled", "pruned", "paused",
+    "sweep_failed", "error", "worker_lost",
+]
 
 
 class Progress(BaseModel):
@@ -27,7 +33,7 @@ class JobSummary(BaseModel):
     name: str
     status: JobStatus
     queue: str
-    stop_reason: str | None = None
+    stop_reason: StopReason | None = None
     error: str | None = None
     progress: Progress
     best: Best | None = None

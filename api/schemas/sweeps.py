@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
 from api.schemas.common import JsonInt, MetricValue
-from api.schemas.jobs import JobStatus
+from api.schemas.jobs import JobStatus, StopReason
 from store.scheduling import PRIORITY_MAX, PRIORITY_MIN
 
 SweepStatus = Literal["running", "succeeded", "failed", "cancelled"]
@@ -20,7 +20,8 @@ MAX_VALUES = 1000
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict, as job specs are: JSON types only (no "5" for 5), so the published schema is exact
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class ValuesParameter(_Strict):
@@ -127,7 +128,10 @@ SWEEP_EXAMPLE: dict[str, Any] = {
 }
 
 
-class SweepPatch(_Strict):
+class SweepPatch(BaseModel):
+    # not strict: a JSON integer may be written 5.0 (JsonInt refuses strings and booleans)
+    model_config = ConfigDict(extra="forbid")
+
     priority: JsonInt = Field(ge=PRIORITY_MIN, le=PRIORITY_MAX,
                           description="of its queued trials and of the trials it creates from now on")
 
@@ -137,7 +141,7 @@ class TrialRead(BaseModel):
     number: int = Field(description="0-based, in creation order")
     params: dict[str, Any]
     status: JobStatus
-    stop_reason: str | None = Field(None, description='"pruned" when early termination stopped it')
+    stop_reason: StopReason | None = Field(None, description='"pruned" when early termination stopped it')
     value: MetricValue = Field(None, description="the objective: its best value over the trial's epochs")
     epochs_run: int
     epochs: int = Field(description="the trial's epoch budget")
@@ -172,7 +176,7 @@ class SweepSummary(BaseModel):
     priority: int = Field(0, description="of its trials: higher starts first among queued jobs of a queue")
     best_job_id: str | None = None
     best_value: MetricValue = None
-    stop_reason: str | None = None
+    stop_reason: Literal["completed", "cancelled", "error"] | None = None
     error: str | None = None
     created_at: datetime
     updated_at: datetime
