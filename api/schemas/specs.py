@@ -18,17 +18,22 @@ def ref(name: str) -> dict[str, str]:
 
 
 #: operationId -> the component its JSON request body is
-BODIES = {"create_job": "JobSpec", "create_sweep": "SweepCreate"}
+BODIES = {"create_job": "JobCreate", "create_sweep": "SweepCreate"}
 
 
 def components() -> dict[str, Any]:
-    """``JobSpec`` (with its definitions) and ``SweepCreate`` (whose ``base`` is a JobSpec)."""
+    """``JobSpec`` (with its definitions), ``JobCreate`` (a JobSpec with the job's ``labels`` and
+    ``notes`` beside its fields: POST /v1/jobs) and ``SweepCreate`` (whose ``base`` is a JobSpec)."""
+    from api.schemas.dashboards import Annotations
     from api.schemas.sweeps import SweepCreate
     from training.spec import json_schema
 
     spec = json_schema(ref_template=REF)
     out: dict[str, Any] = dict(spec.pop("$defs", {}))
     out["JobSpec"] = spec
+    annotations = Annotations.model_json_schema(mode="validation", ref_template=REF)
+    out.update(annotations.pop("$defs", {}))
+    out["JobCreate"] = {**spec, "title": "JobCreate", "properties": {**spec["properties"], **annotations["properties"]}}
     sweep = SweepCreate.model_json_schema(mode="validation", ref_template=REF)
     out.update(sweep.pop("$defs", {}))
     sweep["properties"]["base"] = {**ref("JobSpec"), "description": sweep["properties"]["base"].get("description", "")}

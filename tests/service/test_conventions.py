@@ -151,7 +151,8 @@ def test_openapi_types_spec_bodies_and_names_operations(app_client):
     def body_schema(op_id: str) -> dict[str, Any]:
         return ops[op_id][2]["requestBody"]["content"]["application/json"]["schema"]
 
-    assert body_schema("create_job") == {"$ref": "#/components/schemas/JobSpec"}
+    assert body_schema("create_job") == {"$ref": "#/components/schemas/JobCreate"}  # a JobSpec, labels, notes
+    assert set(schemas["JobCreate"]["properties"]) == set(schemas["JobSpec"]["properties"]) | {"labels", "notes"}
     assert body_schema("create_sweep") == {"$ref": "#/components/schemas/SweepCreate"}
     assert schemas["SweepCreate"]["properties"]["base"]["$ref"] == "#/components/schemas/JobSpec"
     assert schemas["BatchCreate"]["properties"]["jobs"]["items"] == {"$ref": "#/components/schemas/JobSpec"}
@@ -166,7 +167,7 @@ def test_openapi_types_spec_bodies_and_names_operations(app_client):
     summary = schemas["JobSummary"]["properties"]
     assert set(summary["status"]["enum"]) == {"queued", "running", "paused", "succeeded", "failed", "cancelled"}
     reasons = next(x for x in summary["stop_reason"]["anyOf"] if "enum" in x)["enum"]
-    assert {"completed", "early_stopping", "cancelled", "pruned", "worker_lost"} <= set(reasons)
+    assert {"completed", "early_stopping", "cancelled", "pruned", "worker_lost", "stalled"} <= set(reasons)
     # every error answer is documented as a problem document; 201s carry Location
     for op_id, (_path, _method, op) in ops.items():
         for code, resp in op["responses"].items():
