@@ -63,6 +63,14 @@ class Settings(BaseSettings):
     # A running job whose training made no step for this long ends its attempt (stop reason
     # "stalled") and is requeued like a lost worker's; a spec's stall_timeout_s overrides it; 0: never.
     stall_timeout_s: float = Field(900.0, ge=0)
+    # Fair share (store.scheduling, README "Scheduler"): a project's worker time of the last this
+    # many seconds counts against it when projects compete for a queue's free worker.
+    fair_share_window_s: float = Field(3600.0, gt=0)
+    # Preemption (off by default; set it on the API and the workers): a queued job that waited
+    # this many seconds suspends a running lower-priority job of its project and queue, which is
+    # requeued and resumes from its snapshot (README "Scheduler").
+    preemption: bool = False
+    preemption_grace_s: float = Field(10.0, ge=0)
     # Security (see README "Security"): "required" makes every /v1 request carry an API key;
     # "off" puts every caller in the default project (embedded mode on 127.0.0.1).
     auth: Literal["required", "off"] = "required"

@@ -24,6 +24,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
     func,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -67,6 +68,8 @@ class Project(Base):
     # per-project limits (NULL: the service-wide default from Settings)
     max_concurrent_jobs: Mapped[int | None] = mapped_column(Integer)
     requests_per_minute: Mapped[int | None] = mapped_column(Integer)
+    # fair share (store.scheduling): competing projects get worker time in proportion to it
+    weight: Mapped[float] = mapped_column(Float, default=1.0, server_default="1")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
@@ -123,6 +126,9 @@ class Job(Base):
         UniqueConstraint("project_id", "idempotency_key", name="uq_jobs_project_id_idempotency_key"),
         # the claim's pick (store.scheduling): the best queued job of a queue, and queue positions
         Index("ix_jobs_queue_status_priority", "queue", "status", "priority", "created_at"),
+        # the fair-share pick: a project's best queued job in a queue; a queue's recent usage
+        Index("ix_jobs_queue_status_project_priority", "queue", "status", "project_id", "priority", "created_at"),
+        Index("ix_jobs_queue_finished_at", "queue", "finished_at"),
         # the list's sort orders (GET /v1/jobs?order_by=updated|best), keyset-paged
         Index("ix_jobs_project_id_updated_at_id", "project_id", "updated_at", "id"),
         Index("ix_jobs_project_id_best_number_id", "project_id", "best_number", "id"),
@@ -159,6 +165,8 @@ class Job(Base):
     # fencing token: bumped by every claim; a worker's writes only apply while it still holds it
     lease_token: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    # preemption (store.scheduling.request_preemptions): stop at the next step and requeue
+    preempt_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     worker: Mapped[str | None] = mapped_column(String(200))
     info: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     run_seconds: Mapped[float | None] = mapped_column(Float)

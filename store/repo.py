@@ -331,6 +331,10 @@ def claim_job(session: Session, job_id: str, worker: str, stale_after_s: float) 
     return job
 
 
+def is_preempt_requested(session: Session, job_id: str) -> bool:
+    return bool(session.scalar(select(Job.preempt_requested).where(Job.id == job_id)))
+
+
 def is_cancel_requested(session: Session, job_id: str) -> bool:
     return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
 
@@ -767,17 +771,21 @@ def select_job_status(job_id: str, project_id: str | None = None) -> Any:
 
 
 def requeue_job(session: Session, job_id: str, reason: str, stale_after_s: float | None = None,
-                cond: Sequence[Any] = (), stop_reason: str | None = None, detail: str | None = None) -> bool:
+                cond: Sequence[Any] = (), stop_reason: str | None = None, detail: str | None = None,
+                spare_attempt: bool = False) -> bool:
     """running -> queued: its worker is shutting down (the broker message is requeued), was lost
     (heartbeat older than ``stale_after_s``, or the extra conditions ``cond``; the caller sends a
     new message) or stalled. The event records ``reason`` (and the attempt's ``stop_reason`` and a
-    ``detail``, if given). The next claim resumes from the latest snapshot."""
+    ``detail``, if given). The next claim resumes from the latest snapshot. ``spare_attempt``: the
+    attempt ended by a decision, not a fault (a preemption), so it does not count against
+    ``max_attempts`` (like a promoted trial's new run)."""
     now = utcnow()
     where = list(cond)
     if stale_after_s is not None:
         where.append(Job.heartbeat_at < now - timedelta(seconds=stale_after_s))
     if not lifecycle.move(session, job_id, (lifecycle.RUNNING,), lifecycle.QUEUED, where=where,
-                          values=dict(updated_at=now)):
+                          values=dict(updated_at=now, preempt_requested=False,
+                                      **({"max_attempts": Job.max_attempts + 1} if spare_attempt else {}))):
         return False
     event: dict[str, Any] = {"status": "queued", "reason": reason}
     if stop_reason is not None:

@@ -267,13 +267,17 @@ def _write(reporter: DbReporter, fn: Any, what: str) -> Any:
 
 
 def _record_result(job_id: str, reporter: DbReporter, result: Any, attempt: int) -> str:
-    if result.stop_reason == "cancelled" and SHUTDOWN.is_set():
+    if result.stop_reason == "cancelled" and (SHUTDOWN.is_set() or reporter.preempted):
+        # a worker shutdown, or a preemption (store.scheduling.request_preemptions): the job goes
+        # back to the queue with its snapshot, and its message back to the broker
+        reason = "worker shutdown" if SHUTDOWN.is_set() else "preempted"
         reporter.flush(block=True)  # also reads whether the user asked to cancel meanwhile
         if not reporter.cancelled:
             reporter.write_pending_snapshot()
-            requeued = _write(reporter, lambda s: repo.requeue_job(s, job_id, "worker shutdown"), "requeue")
+            requeued = _write(reporter, lambda s: repo.requeue_job(s, job_id, reason, spare_attempt=reason == "preempted"),
+                              "requeue")
             if requeued:
-                log.info("job %s stopped for worker shutdown; requeued", job_id)
+                log.info("job %s stopped for %s; requeued", job_id, reason)
                 return "requeued"
     stop_reason = result.stop_reason
     if stop_reason == "paused":

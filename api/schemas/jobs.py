@@ -57,7 +57,11 @@ class JobSummary(BaseModel):
 
 class JobRead(JobSummary):
     queue_position: int | None = Field(
-        None, description="while queued: 1 = the next job its queue's next free worker starts; null otherwise")
+        None, description="while queued: 1 = the next job its queue's next free worker starts (fair share between "
+        "projects, then priority, then age; an estimate once running jobs end: README \"Scheduler\"); null otherwise")
+    estimated_start_at: datetime | None = Field(
+        None, description="while queued: when the job may start, estimated from its queue position, the running "
+        "jobs' progress and the queue's recent job lengths (README \"Scheduler\"); null otherwise")
     spec: dict[str, Any] = Field(description="the job spec with effective defaults")
     info: dict[str, Any] | None = Field(None, description="what the engine reported (device, parameters, ...)")
 

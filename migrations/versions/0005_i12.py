@@ -1,7 +1,7 @@
 """Idempotency records of batches and sweeps; webhooks and their deliveries (an outbox).
 
 Revision ID: 0005_i12
-Revises: 0004_i11
+Revises: 0005_i14b
 Create Date: 2026-12-04 17:00:17.269398
 """
 from collections.abc import Sequence
@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = '0005_i12'
-down_revision: str | None = '0004_i11'
+down_revision: str | None = '0005_i14b'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
