@@ -270,7 +270,14 @@ def existing_job_ids(session: Session, ids: Sequence[str], project_id: str) -> s
 
 
 def add_event(session: Session, job_id: str, kind: str, data: dict[str, Any], at: datetime | None = None) -> None:
-    session.add(JobEvent(job_id=job_id, kind=kind, data=data, created_at=at or utcnow()))
+    """Record a job event (what the event stream serves); a state change is also owed to the
+    project's webhooks that asked for it, in this same transaction (store.webhooks)."""
+    from store import webhooks
+
+    at = at or utcnow()
+    session.add(JobEvent(job_id=job_id, kind=kind, data=data, created_at=at))
+    if kind == "state":
+        webhooks.on_job_state(session, job_id, data, at)
 
 
 def events_after(session: Session, job_id: str, after_id: int, limit: int = 500) -> list[JobEvent]:
@@ -375,7 +382,10 @@ def record_progress(
         add_event(session, job_id, "epoch", enc, now)
         last_epoch = epoch
     if rows:
+        from store import webhooks
+
         _upsert_metrics(session, rows)
+        webhooks.on_job_epochs(session, job_id, [r["values"] for r in rows], now)  # metric thresholds
     values: dict[str, Any] = {"heartbeat_at": now, "updated_at": now}
     if last_epoch is not None:
         values["epoch"] = last_epoch

@@ -3,7 +3,8 @@ trains them as one fused model (``training/fused.py``), each recorded on its own
 a solo run (README, "Packed jobs").
 
 ``run_pack_if_any`` is called by ``worker/runner.py`` right after a claim. It packs only a first
-attempt (a requeued job resumes alone from its snapshot) of kind ``train`` whose spec allows it
+attempt (a requeued job resumes alone from its snapshot) of kind ``train``, not a warm start
+(``init_from``), whose spec allows it
 (``"pack": false`` keeps a job alone; a sweep's ``base`` passes it to every trial) on a server
 that allows it (``TRAINYARD_PACK``). Members are the next queued first-attempt jobs of the same
 queue, in claim order, with the same pack key (``training.fused.pack_key``: layers and sizes,
@@ -38,7 +39,8 @@ SCAN_LIMIT = 500
 
 
 def _packable(spec: dict[str, Any]) -> bool:
-    return spec.get("pack", True) is not False and spec.get("kind", "train") == "train"
+    """Allowed by its spec, of kind train, and not a warm start (``init_from``: it runs alone)."""
+    return spec.get("pack", True) is not False and spec.get("kind", "train") == "train" and not spec.get("init_from")
 
 
 def _plan(job_id: str, run_spec: dict[str, Any], spec_dict: dict[str, Any], settings: Settings) -> tuple[Any, int] | None:
