@@ -87,6 +87,13 @@ class Settings(BaseSettings):
     max_dataset_bytes: int = Field(2**30, ge=1)  # an uploaded dataset's arrays, uncompressed
     max_project_dataset_bytes: int = Field(10 * 2**30, ge=0)  # uploaded bytes of a project's datasets (0: none)
     max_concurrent_jobs: int = Field(1000, ge=0)  # queued + running, per project
+    # Packing (README "Packed jobs"): a worker that claims a job also claims queued jobs of the
+    # same shape and trains them fused (training/fused.py), up to these budgets: members, and
+    # floats (each member's parameters plus one batch of activations, training.fused.member_cost).
+    # TRAINYARD_PACK=0 turns packing off for the server; a job spec's "pack": false for one job.
+    pack: bool = True
+    pack_max_members: int = Field(32, ge=1)
+    pack_max_params: int = Field(20_000_000, ge=1)
     requests_per_minute: int = Field(6000, ge=0)  # per project, per API process (0: unlimited)
     max_event_streams: int = Field(32, ge=0)  # open /events streams per project, per API process (0: none)
     # API process: after start-up, move every object into the garbage collector's permanent
@@ -107,6 +114,20 @@ class Settings(BaseSettings):
     cors_origins: str = ""
     session_secret: str = ""
     session_max_age_s: int = Field(7 * 24 * 3600, ge=60, validation_alias="TRAINYARD_SESSION_MAX_AGE")
+    # Worker: keep the training state after a job's last epoch (one snapshot row per job), so
+    # POST /v1/jobs/{id}/continue can add epochs to it.
+    keep_final_snapshot: bool = True
+    # Webhooks (store.webhooks, api.webhook_delivery): the API's delivery loop polls every
+    # webhook_poll_s; a failed delivery is retried after retry_base * 2**(tries-1) s (at most
+    # webhook_retry_max_s apart) until webhook_max_age_s after the event (then it is "failed"); a
+    # claimed delivery whose sender died is sent again after webhook_lease_s.
+    webhook_poll_s: float = Field(1.0, gt=0)
+    webhook_timeout_s: float = Field(10.0, gt=0)
+    webhook_retry_base_s: float = Field(10.0, gt=0)
+    webhook_retry_max_s: float = Field(3600.0, gt=0)
+    webhook_max_age_s: float = Field(3 * 24 * 3600.0, gt=0)
+    webhook_lease_s: float = Field(60.0, gt=0)
+    webhook_concurrency: int = Field(8, ge=1, le=256)
 
     @field_validator("data_dir", mode="after")
     @classmethod

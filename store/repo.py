@@ -273,7 +273,14 @@ def existing_job_ids(session: Session, ids: Sequence[str], project_id: str) -> s
 
 
 def add_event(session: Session, job_id: str, kind: str, data: dict[str, Any], at: datetime | None = None) -> None:
-    session.add(JobEvent(job_id=job_id, kind=kind, data=data, created_at=at or utcnow()))
+    """Record a job event (what the event stream serves); a state change is also owed to the
+    project's webhooks that asked for it, in this same transaction (store.webhooks)."""
+    from store import webhooks
+
+    at = at or utcnow()
+    session.add(JobEvent(job_id=job_id, kind=kind, data=data, created_at=at))
+    if kind == "state":
+        webhooks.on_job_state(session, job_id, data, at)
 
 
 def add_sweep_event(session: Session, sweep_id: str, kind: str, data: dict[str, Any], at: datetime | None = None) -> None:
@@ -310,18 +317,19 @@ def request_cancel(session: Session, job_id: str) -> str | None:
     return session.scalar(select(Job.status).where(Job.id == job_id))
 
 
-def claim_job(session: Session, job_id: str, worker: str, stale_after_s: float) -> Job | None:
+def claim_job(session: Session, job_id: str, worker: str, stale_after_s: float, *, take_over: bool = True) -> Job | None:
     """Compare-and-set queued -> running (or take over a running job whose heartbeat is older
     than ``stale_after_s``: its worker was lost and the broker redelivered). None if the job is
     not claimable, so delivering the task twice runs it once. Every claim bumps ``lease_token``
     (the fencing token of this attempt, see :mod:`store.leases`); a lost job that already used
-    ``max_attempts`` claims is not taken over (the reconciler fails it)."""
+    ``max_attempts`` claims is not taken over (the reconciler fails it). ``take_over=False``:
+    queued jobs only (the members of a pack, :mod:`store.packing`)."""
     now = utcnow()
     values = dict(
         attempts=Job.attempts + 1, lease_token=Job.lease_token + 1, heartbeat_at=now, worker=worker, updated_at=now,
     )
     if not lifecycle.move(session, job_id, (lifecycle.QUEUED,), lifecycle.RUNNING, values={"started_at": now, **values}):
-        taken_over = lifecycle.move(session, job_id, (lifecycle.RUNNING,), lifecycle.RUNNING, values=values, where=(
+        taken_over = take_over and lifecycle.move(session, job_id, (lifecycle.RUNNING,), lifecycle.RUNNING, values=values, where=(
             Job.cancel_requested.is_(False),
             Job.heartbeat_at < now - timedelta(seconds=stale_after_s),
             Job.attempts < Job.max_attempts,
@@ -384,7 +392,10 @@ def record_progress(
         add_event(session, job_id, "epoch", enc, now)
         last_epoch = epoch
     if rows:
+        from store import webhooks
+
         _upsert_metrics(session, rows)
+        webhooks.on_job_epochs(session, job_id, [r["values"] for r in rows], now)  # metric thresholds
     values: dict[str, Any] = {"heartbeat_at": now, "updated_at": now}
     if last_epoch is not None:
         values["epoch"] = last_epoch

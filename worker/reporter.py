@@ -111,6 +111,8 @@ class DbReporter(BaseReporter):
         self.pending_checkpoints: list[Checkpoint] = []
         self.last_built: float | None = None
         self.epochs_seen = 0
+        # the state after the last epoch is kept, so the job can be continued with more epochs
+        self.wants_final_snapshot = settings.keep_final_snapshot
 
     # -- the heartbeat thread
     def start_heartbeat(self) -> None:
@@ -213,6 +215,12 @@ class DbReporter(BaseReporter):
             self.unwritten_snapshot = self.pending_snapshot
             self.pending_snapshot = None
         self.flush(block=True)
+
+    def on_final_snapshot(self, snapshot: Snapshot) -> None:
+        """The state after the last epoch: written with the job's result (POST
+        /v1/jobs/{id}/continue resumes from it)."""
+        self.pending_snapshot = None
+        self.unwritten_snapshot = snapshot
 
     def write_snapshot(self, snapshot: Snapshot) -> None:
         """Write ``snapshot`` in one transaction with the epochs buffered so far: a snapshot is

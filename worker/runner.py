@@ -122,6 +122,22 @@ def _verified_snapshot(job_id: str, snapshot: Any) -> bytes:
     return bytes(snapshot.data)
 
 
+def _init_weights(job_id: str, source: str) -> bytes:
+    """The best checkpoint of job ``source`` (of the same project), for ``init_from``; verified
+    against its sha256 (a TrainingError if it is gone or corrupt)."""
+    from training import TrainingError
+
+    with session_scope(write=False) as s:
+        job = repo.get_job(s, job_id)
+        ck = repo.best_checkpoint(s, source, job.project_id if job is not None else None)
+        data, digest = (bytes(ck.data), ck.sha256) if ck is not None and ck.data is not None else (None, None)
+    if data is None:
+        raise TrainingError(f"init_from: job {source} has no best checkpoint to start from", "resume")
+    if repo.sha256_hex(data) != digest:
+        raise TrainingError(f"init_from: the best checkpoint of job {source} is corrupt (sha256 mismatch)", "resume")
+    return data
+
+
 def run_next_job(message_job_id: str, settings: Settings | None = None,
                  send: outbox.Send | None = None) -> tuple[str, str]:
     """What the Celery task runs: claim the best queued job of the message's queue (priority, then
@@ -173,6 +189,12 @@ def _run_job(job_id: str, settings: Settings, send: outbox.Send | None, _by_prio
     if os.environ.get(FAULT_ENV) == "1" and spec_dict.get("name") == FAULT_KILL_NAME:
         os.kill(os.getpid(), signal.SIGKILL)
 
+    from worker.packs import run_pack_if_any
+
+    # queued jobs of the same shape may train with it, fused (worker/packs.py)
+    packed = run_pack_if_any(job_id, settings, send, token, attempt, spec_dict, snapshot, sweep_id, epochs)
+    if packed is not None:
+        return packed
     from worker.sweeps import make_reporter
 
     # a sweep trial's reporter also asks its pruner (the claimed row says whether it is one)
@@ -206,7 +228,9 @@ def _run_claimed(job_id: str, settings: Settings, reporter: DbReporter, spec_dic
             return _run_lr_find(job_id, run_spec, reporter)
         from training import fit
 
-        result = fit(run_spec, reporter=reporter, should_stop=reporter.should_stop, resume_from=resume_from)
+        init = _init_weights(job_id, str(spec_dict["init_from"])) if spec_dict.get("init_from") and not resume_from else None
+        result = fit(run_spec, reporter=reporter, should_stop=reporter.should_stop, resume_from=resume_from,
+                     init_weights=init)
     except leases.LeaseLost:
         raise
     except (SpecError, TrainingError) as exc:

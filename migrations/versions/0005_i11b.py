@@ -3,7 +3,7 @@ job_events table (a nullable job_id and a sweep_id), so the project stream carri
 changes with the same increasing ids.
 
 Revision ID: 0005_i11b
-Revises: 0005_i14b
+Revises: 0005_i12
 Create Date: 2026-12-04 20:45:00
 """
 from collections.abc import Sequence
@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = '0005_i11b'
-down_revision: str | None = '0005_i14b'  # re-chained after main's 0005_i14b (both were on 0004_i11)
+down_revision: str | None = '0005_i12'  # re-chained after main's 0005_i14b and 0005_i12 (all were on 0004_i11)
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -13,7 +13,8 @@ from store.models import Base
 
 TABLES = {
     "jobs", "job_metrics", "job_events", "checkpoints", "snapshots", "datasets", "alembic_version",
-    "projects", "api_keys", "sweeps", "outbox", "artifacts", "job_curves",
+    "projects", "api_keys", "sweeps", "outbox", "artifacts", "idempotency_records", "webhooks",
+    "webhook_deliveries", "job_curves",
 }
 
 
