@@ -36,8 +36,8 @@ from api.schemas.sweeps import (
     ValuesParameter,
 )
 from config.settings import Settings
-from orchestration.admission import check_job_spec, dataset_resolver, nul_errors, objective_problem
 from orchestration import sweeps as orchestration_sweeps
+from orchestration.admission import check_job_spec, dataset_resolver, nul_errors, objective_problem
 from orchestration.sweeps import advance_sweep
 from store import repo, scheduling
 from store import sweeps as store_sweeps
