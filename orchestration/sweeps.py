@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 
 from config.settings import Settings
 from orchestration.admission import admit_trial_spec, dataset_resolver
-from store import outbox, repo
+from store import outbox, repo, webhooks
 from store import sweeps as store_sweeps
 from store.db import session_scope
 from store.floats import to_text
@@ -234,6 +234,8 @@ def _update_best_and_finish(session: Session, sweep: Sweep, views: list[TrialVie
         sweep.finished_at = now
     sweep.updated_at = now
     session.flush()
+    if done:
+        webhooks.on_sweep_finished(session, sweep, now)
 
 
 def trial_records_for_decision(

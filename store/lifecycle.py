@@ -3,6 +3,8 @@ compare-and-set that every change of a job's status goes through.
 
 ```
 queued ──claim──> running ──finish──> succeeded | failed | cancelled
+  ▲                                      │
+  └──────────continue (more epochs)──────┘ (succeeded, all its epochs run: POST /v1/jobs/{id}/continue)
   │  ▲              │ │ └──pause (sweep trial at a rung)──> paused ──promote──> queued
   │  └──requeue─────┘ └──take-over (a new attempt)──> running      └──end──> succeeded | failed | cancelled
   └──cancel / fail unstarted──> cancelled | failed
@@ -27,12 +29,16 @@ from store.models import Job
 QUEUED, RUNNING, PAUSED, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "paused", "succeeded", "failed", "cancelled"
 STATUSES = (QUEUED, RUNNING, PAUSED, SUCCEEDED, FAILED, CANCELLED)
 
-#: status -> the statuses it may move to. Terminal statuses move nowhere.
+#: status -> the statuses it may move to. Terminal statuses move nowhere, but for a continued job
+#: (succeeded -> queued).
 TRANSITIONS: Mapping[str, frozenset[str]] = {
     QUEUED: frozenset({RUNNING, CANCELLED, FAILED}),  # claimed; cancelled; could not be enqueued
     RUNNING: frozenset({RUNNING, QUEUED, PAUSED, SUCCEEDED, FAILED, CANCELLED}),  # RUNNING: a take-over
     PAUSED: frozenset({QUEUED, SUCCEEDED, FAILED, CANCELLED}),  # promoted; ended by its sweep; cancelled
-    SUCCEEDED: frozenset(),
+    # continued (store.continuation): a job that ran all its epochs is queued again with more of
+    # them, resuming from the state after its last one. Failed and cancelled jobs stay ended (a
+    # clone is a new job).
+    SUCCEEDED: frozenset({QUEUED}),
     FAILED: frozenset(),
     CANCELLED: frozenset(),
 }

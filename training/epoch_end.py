@@ -11,7 +11,8 @@ from the spec (:func:`epoch_end_callbacks`); the order is the Keras order of the
 5. :class:`StopRequest` - the reporter's ``stop_request`` (a sweep's pruner: ``pruned``,
    ``paused``) ends the run after this epoch,
 6. :class:`SnapshotPolicy` - a resume snapshot for the reporter (always when pausing; else when
-   due and the reporter ``wants_snapshot``).
+   due and the reporter ``wants_snapshot``), and the final one after the last epoch if the
+   reporter ``wants_final_snapshot``.
 
 Callbacks 1-3 see ``run.epoch`` as the epoch's 0-based index (``index``), 5-6 as the number of
 completed epochs (``Record`` counts it). Each reads and writes only the run's public state.
@@ -91,8 +92,10 @@ class StopRequest:
 
 class SnapshotPolicy:
     """Hand the reporter a resume snapshot: always for a run paused at this epoch (it may be resumed
-    from here), else when one is due (``snapshot_every``) and the reporter wants it; never after
-    the last epoch or for a run that is stopping."""
+    from here), else when one is due (``snapshot_every``) and the reporter wants it; never for a
+    run that is stopping. After the last epoch of a run that ran them all, the final snapshot
+    (``on_final_snapshot``: what continuing the job with more epochs resumes from) if the reporter
+    ``wants_final_snapshot``."""
 
     def on_epoch_end(self, run: _Run, index: int, logs: dict[str, float]) -> None:
         paused = run.stop_reason == PAUSED and run.reporter.stop_request == PAUSED
@@ -100,6 +103,9 @@ class SnapshotPolicy:
         if wanted and run.epoch < run.spec.epochs:
             data = run.snapshot()
             run.reporter.on_snapshot(Snapshot(run.epoch, run.step, data, sha256(data)))
+        elif run.epoch == run.spec.epochs and run.stop_reason is None and run.reporter.wants_final_snapshot:
+            data = run.snapshot()
+            run.reporter.on_final_snapshot(Snapshot(run.epoch, run.step, data, sha256(data)))
 
 
 def epoch_end_callbacks(run: _Run) -> list[EpochEnd]:

@@ -45,12 +45,15 @@ class Reporter(Protocol):
     #: read after each ``on_epoch``: a stop reason (``"pruned"``, ``"paused"``) ends the run after
     #: that epoch (training.epoch_end.StopRequest)
     stop_request: str | None
+    #: whether ``on_final_snapshot`` gets the state after the last epoch of a run that ran them all
+    wants_final_snapshot: bool
 
     def on_start(self, info: dict[str, Any]) -> None: ...
     def on_epoch(self, metrics: dict[str, float]) -> None: ...
     def on_checkpoint(self, checkpoint: Checkpoint) -> None: ...
     def on_snapshot(self, snapshot: Snapshot) -> None: ...
     def wants_snapshot(self) -> bool: ...
+    def on_final_snapshot(self, snapshot: Snapshot) -> None: ...
 
 
 class BaseReporter(Reporter):
@@ -60,6 +63,9 @@ class BaseReporter(Reporter):
     #: Set (e.g. to ``"pruned"``) from ``on_epoch`` to end the run after that epoch with this stop
     #: reason; the run ends like an early stop (best weights restored, result recorded).
     stop_request: str | None = None
+    #: Set to have ``on_final_snapshot`` called with the state after the last epoch of a run that
+    #: ran all its epochs (what continuing the job with more epochs resumes from).
+    wants_final_snapshot: bool = False
 
     def on_start(self, info: dict[str, Any]) -> None:
         pass
@@ -71,6 +77,9 @@ class BaseReporter(Reporter):
         pass
 
     def on_snapshot(self, snapshot: Snapshot) -> None:
+        pass
+
+    def on_final_snapshot(self, snapshot: Snapshot) -> None:
         pass
 
     def wants_snapshot(self) -> bool:
