@@ -210,8 +210,10 @@ def _cached_state(engine: Engine, queue: str) -> QueueState:
         hit = _states.get(key)
         if hit is not None and time.monotonic() - hit[0] < VIEW_STATE_TTL_S:
             return hit[1]
+        # a plain read (BEGIN, not IMMEDIATE, on SQLite): the caller may be a writing session of
+        # this process that holds the write lock (the view of a job just submitted)
         with engine.connect() as conn:
-            state = queue_state(conn, queue)
+            state = queue_state(conn.execution_options(sqlite_immediate=False), queue)
         _states[key] = (time.monotonic(), state)
         return state
 
