@@ -11,7 +11,7 @@ import json
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,19 @@ def format_detail(detail: Any) -> str:
 
 #: answers worth trying again (with backoff, honouring Retry-After)
 RETRY_STATUSES = (429, 502, 503, 504)
+#: ids per multi-id list request (``GET /v1/jobs?id=...``: the API takes up to 500)
+MULTI_ID = 500
+
+
+def metrics_frame(curves: dict[str, list[dict[str, Any]]]) -> Any:
+    """``{job_id: [epoch dicts]}`` as one pandas DataFrame (a row per job and epoch)."""
+    try:
+        import pandas as pd
+    except ImportError:
+        raise ImportError("a DataFrame needs pandas: pip install 'trainyard[pandas]'") from None
+    rows = [{"job_id": j, **{k: float(v) if isinstance(v, str) else v for k, v in e.items()}}
+            for j, epochs in curves.items() for e in epochs]
+    return pd.DataFrame(rows)
 
 
 def check(r: httpx.Response) -> httpx.Response:
@@ -68,12 +81,19 @@ def _batches(specs: list[dict[str, Any]], batch_size: int, key: str | None) -> I
         yield start, specs[start:start + batch_size], f"{prefix}-{n}"
 
 
-def _jobs_params(limit: int, cursor: str | None, status: list[str] | None = None, name: str | None = None,
-                 sweep_id: str | None = None) -> dict[str, Any]:
+#: the list filters of GET /v1/jobs that the clients pass on (None or empty: not given)
+JOB_FILTERS = ("status", "name", "name_prefix", "label", "stop_reason", "id", "sweep_id", "created_after",
+               "created_before", "updated_after", "order_by", "order")
+
+
+def _jobs_params(limit: int, cursor: str | None, **filters: Any) -> dict[str, Any]:
+    unknown = set(filters) - set(JOB_FILTERS)
+    if unknown:
+        raise TypeError(f"unknown job list filter(s): {', '.join(sorted(unknown))}; known: {', '.join(JOB_FILTERS)}")
     params: dict[str, Any] = {"limit": limit}
-    for k, v in (("status", status), ("name", name), ("sweep_id", sweep_id), ("cursor", cursor)):
+    for k, v in (*filters.items(), ("cursor", cursor)):
         if v:
-            params[k] = v
+            params[k] = v.isoformat() if hasattr(v, "isoformat") else v
     return params
 
 
@@ -179,15 +199,22 @@ class Client:
             if not cursor:
                 return
 
-    def jobs(self, *, status: list[str] | None = None, name: str | None = None, limit: int = 50,
-             cursor: str | None = None, sweep_id: str | None = None) -> dict[str, Any]:
-        params = _jobs_params(limit, cursor, status=status, name=name, sweep_id=sweep_id)
+    def jobs(self, *, limit: int = 50, cursor: str | None = None, **filters: Any) -> dict[str, Any]:
+        """One page of the job list: ``{"jobs", "next_cursor"}``; ``filters`` are the list's
+        (:data:`JOB_FILTERS`: ``status``, ``name``, ``name_prefix``, ``label`` ("key=value"),
+        ``stop_reason``, ``id``, ``sweep_id``, ``created_after``..., ``order_by``, ``order``)."""
+        params = _jobs_params(limit, cursor, **filters)
         return self._json("GET", "/v1/jobs", params=params)  # type: ignore[no-any-return]
 
     def job(self, job_id: str) -> dict[str, Any]:
         return self._json("GET", f"/v1/jobs/{job_id}")  # type: ignore[no-any-return]
 
-    def metrics(self, job_id: str, *, since_epoch: int = 0, max_points: int | None = None) -> list[dict[str, Any]]:
+    def metrics(self, job_id: str | Iterable[str], *, since_epoch: int = 0, max_points: int | None = None,
+                keys: list[str] | None = None, frame: bool = False) -> Any:
+        """One job's epochs (a list of dicts), or for several ids those of each, through the bulk
+        endpoint (:meth:`metrics_of`: ``{id: epochs}``, or a DataFrame with ``frame=True``)."""
+        if not isinstance(job_id, str):
+            return self.metrics_of(job_id, keys=keys, max_points=max_points, frame=frame)
         params: dict[str, Any] = {"since_epoch": since_epoch}
         if max_points:
             params["max_points"] = max_points
@@ -289,16 +316,70 @@ class Client:
             r.read()
             self._check(r)
 
-    def wait(self, job_id: str, *, poll: float = 0.5, timeout: float | None = None) -> dict[str, Any]:
-        """Poll until the job reaches a terminal state; returns it."""
+    def jobs_by_id(self, ids: Iterable[str]) -> list[dict[str, Any]]:
+        """The jobs ``ids`` (summaries, as listed), with one list request per 500 ids
+        (``GET /v1/jobs?id=...``); ids that are not jobs of the project are left out."""
+        ids = list(dict.fromkeys(ids))
+        out: list[dict[str, Any]] = []
+        for start in range(0, len(ids), MULTI_ID):
+            chunk = ids[start:start + MULTI_ID]
+            out += self._json("GET", "/v1/jobs", params={"id": chunk, "limit": len(chunk)})["jobs"]
+        return out
+
+    def wait(self, ids: str | Iterable[str], *, poll: float = 1.0, timeout: float | None = None,
+             on_update: Callable[[dict[str, dict[str, Any]]], None] | None = None) -> Any:
+        """Wait until the job ``ids`` (one id, or any number of them) end; returns the ended job
+        (for one id) or ``{id: job}`` in the order given. Each cycle asks only for the jobs still
+        unfinished, with one list request per 500 of them (never one per job); ``on_update`` is
+        called with every job's latest summary after each cycle. A dropped connection or a 429,
+        502, 503 or 504 that outlasts the client's retries is waited out (until ``timeout``)."""
+        if isinstance(ids, str):
+            return self.wait([ids], poll=poll, timeout=timeout, on_update=on_update)[ids]
+        order = list(dict.fromkeys(ids))
+        latest: dict[str, dict[str, Any]] = {}
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            job = self.job(job_id)
-            if job["status"] in TERMINAL:
-                return job
+            pending = [j for j in order if latest.get(j, {}).get("status") not in TERMINAL]
+            try:
+                got = {j["id"]: j for j in self.jobs_by_id(pending)} if pending else {}
+            except (httpx.TransportError, TrainyardError) as exc:
+                if isinstance(exc, TrainyardError) and exc.status_code not in RETRY_STATUSES:
+                    raise
+                got = {}  # the server is away or busy: try again next cycle
+            missing = [j for j in pending if j not in got and j not in latest]
+            if missing and got:
+                raise TrainyardError(404, f"no job {missing[0]!r} in this project")
+            latest.update(got)
+            if on_update is not None:
+                on_update(latest)
+            if all(latest.get(j, {}).get("status") in TERMINAL for j in order):
+                return {j: latest[j] for j in order}
             if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"job {job_id} still {job['status']} after {timeout} s")
+                left = sum(latest.get(j, {}).get("status") not in TERMINAL for j in order)
+                raise TimeoutError(f"{left} of {len(order)} job(s) still unfinished after {timeout} s")
             time.sleep(poll)
+
+    def metrics_of(self, ids: Iterable[str], *, keys: list[str] | None = None,
+                   max_points: int | None = None, frame: bool = False) -> Any:
+        """The metrics of many jobs through ``POST /v1/metrics/bulk`` (1,000 jobs a request):
+        ``{job_id: [epoch dicts]}``, or with ``frame=True`` one pandas DataFrame with a ``job_id``
+        column and a row per job and epoch (``pip install trainyard[pandas]``); non-finite values
+        ("NaN", "Infinity") become floats there."""
+        ids = list(dict.fromkeys(ids))
+        out: dict[str, list[dict[str, Any]]] = {}
+        for start in range(0, len(ids), 1000):
+            body: dict[str, Any] = {"jobs": [{"id": j} for j in ids[start:start + 1000]]}
+            if keys:
+                body["keys"] = keys
+            if max_points:
+                body["max_points"] = max_points
+            got = self._json("POST", "/v1/metrics/bulk", json=body)
+            if got.get("missing"):
+                raise TrainyardError(404, f"no job {got['missing'][0]!r} in this project")
+            out.update({j: got["jobs"][j]["epochs"] for j in ids[start:start + 1000] if j in got["jobs"]})
+        if not frame:
+            return out
+        return metrics_frame(out)
 
     # -- sweeps
     def create_sweep(self, sweep: dict[str, Any], *, idempotency_key: str | None = None) -> dict[str, Any]:
@@ -428,9 +509,9 @@ class AsyncClient:
     async def job(self, job_id: str) -> dict[str, Any]:
         return await self._json("GET", f"/v1/jobs/{job_id}")  # type: ignore[no-any-return]
 
-    async def jobs(self, *, status: list[str] | None = None, name: str | None = None, limit: int = 50,
-                   cursor: str | None = None, sweep_id: str | None = None) -> dict[str, Any]:
-        params = _jobs_params(limit, cursor, status=status, name=name, sweep_id=sweep_id)
+    async def jobs(self, *, limit: int = 50, cursor: str | None = None, **filters: Any) -> dict[str, Any]:
+        """As :meth:`Client.jobs`."""
+        params = _jobs_params(limit, cursor, **filters)
         return await self._json("GET", "/v1/jobs", params=params)  # type: ignore[no-any-return]
 
     async def iter_jobs(self, *, page_size: int = 100, **filters: Any) -> AsyncIterator[dict[str, Any]]:
