@@ -104,3 +104,47 @@ def test_the_grid_example_submits_200_jobs_waits_and_prints_a_table(client: Clie
     best: Any = client.job(rows[0].split()[0])
     assert abs(float(best["best"]["value"]) - values[0]) < 1e-4
     assert os.path.basename(script) in (ROOT / "README.md").read_text()
+
+
+def _run_on_a_terminal(service_env: dict[str, str], api_url: str, *args: str) -> tuple[int, str]:
+    """The CLI with its stdout on a pseudo-terminal (rich draws its live display there)."""
+    import pty
+    import select
+
+    master, slave = pty.openpty()
+    env = {**service_env, "TRAINYARD_URL": api_url, "COLUMNS": "120", "TERM": "xterm"}
+    proc = subprocess.Popen(cli(*args), env=env, cwd=ROOT, stdout=slave, stderr=slave, stdin=subprocess.DEVNULL)
+    os.close(slave)
+    chunks: list[bytes] = []
+    while True:
+        ready, _, _ = select.select([master], [], [], 1.0)
+        if ready:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # the child closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+        elif proc.poll() is not None:
+            break
+    os.close(master)
+    return proc.wait(timeout=60), b"".join(chunks).decode(errors="replace")
+
+
+def test_cli_submit_wait_on_a_terminal_draws_one_bar_then_a_summary_table(client: Client, service_env: dict[str, str],
+                                                                          api_url: str, tmp_path: Path):
+    name = f"tty-{uuid.uuid4().hex[:8]}"
+    specs = [note_spec(2, name=name, seed=i) for i in range(5)] + [note_spec(1, name=name, device="cuda")]
+    path = tmp_path / "specs.json"
+    path.write_text(json.dumps(specs))
+    code, text = _run_on_a_terminal(service_env, api_url, "submit", str(path), "--wait")
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text)
+    assert code == 1, plain
+    assert "Traceback" not in plain
+    ids = re.findall(r"^([0-9a-f]{32})  \S*specs\.json\[\d\]", plain, flags=re.M)  # "ID  FILE[i]" as submitted
+    assert len(set(ids)) == 6, plain
+    assert "6/6" in plain and "5 succeeded, 1 failed" in plain  # the bar, its counts (and the caption)
+    assert plain.count("ended") >= 1 and plain.count("━") > 0
+    summary = plain[plain.rindex("stop reason"):]
+    assert all(i in summary for i in ids) and "1 failed:" in summary and "CUDA is not available" in summary
