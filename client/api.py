@@ -290,26 +290,25 @@ class Client:
     def events(self, job_id: str, *, last_event_id: int | None = None) -> Iterator[dict[str, Any]]:
         """Server-Sent Events of a job: dicts with ``id``, ``event`` ("state"/"epoch") and
         ``data``; ends after the terminal state."""
+        return self._sse(f"/v1/jobs/{job_id}/events", last_event_id)
+
+    def project_events(self, *, last_event_id: int | None = None) -> Iterator[dict[str, Any]]:
+        """Server-Sent Events of every job of the project (``GET /v1/events``), from now or after
+        ``last_event_id``: dicts with ``id``, ``event`` ("job" or "sweep") and ``data``. Endless:
+        stop iterating to close it."""
+        return self._sse("/v1/events", last_event_id)
+
+    def _sse(self, path: str, last_event_id: int | None) -> Iterator[dict[str, Any]]:
+        """A Server-Sent Events stream read with httpx-sse: dicts with ``id`` (an int), ``event``
+        and ``data`` (parsed JSON)."""
+        from httpx_sse import connect_sse
+
         headers = {"Last-Event-ID": str(last_event_id)} if last_event_id is not None else {}
-        with self._http.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers, timeout=httpx.Timeout(30, read=None)) as r:
-            self._check_stream(r)
-            ev: dict[str, Any] = {}
-            for line in r.iter_lines():
-                if not line:
-                    if "data" in ev:
-                        ev["data"] = json.loads(ev["data"])
-                        ev["id"] = int(ev["id"]) if "id" in ev else None
-                        yield ev
-                    ev = {}
-                    continue
-                if line.startswith(":"):
-                    continue
-                key, _, value = line.partition(":")
-                value = value[1:] if value.startswith(" ") else value
-                if key == "data" and "data" in ev:
-                    ev["data"] += "\n" + value
-                else:
-                    ev[key] = value
+        with connect_sse(self._http, "GET", path, headers=headers, timeout=httpx.Timeout(30, read=None)) as source:
+            self._check_stream(source.response)
+            for sse in source.iter_sse():
+                if sse.data:
+                    yield {"id": int(sse.id) if sse.id else None, "event": sse.event, "data": json.loads(sse.data)}
 
     def _check_stream(self, r: httpx.Response) -> None:
         if r.status_code >= 400:

@@ -148,3 +148,18 @@ def test_cli_submit_wait_on_a_terminal_draws_one_bar_then_a_summary_table(client
     assert plain.count("ended") >= 1 and plain.count("━") > 0
     summary = plain[plain.rindex("stop reason"):]
     assert all(i in summary for i in ids) and "1 failed:" in summary and "CUDA is not available" in summary
+
+
+def test_project_event_stream_through_httpx_sse_resumes_after_an_id(client: Client):
+    job = client.submit(note_spec(2, name=f"sse-{uuid.uuid4().hex[:8]}"))
+    assert client.wait(job["id"], timeout=300)["status"] == "succeeded"
+    own = list(client.events(job["id"]))  # a job's stream ends after its terminal state
+    assert [e["event"] for e in own][-1] == "state" and own[-1]["data"]["status"] == "succeeded"
+    seen: list[dict[str, Any]] = []
+    for ev in client.project_events(last_event_id=own[0]["id"] - 1):  # endless: left once the job's end is seen
+        if ev["event"] == "job" and ev["data"]["job_id"] == job["id"]:
+            seen.append(ev)
+            if ev["data"]["kind"] == "state" and ev["data"]["data"].get("status") == "succeeded":
+                break
+    assert [e["id"] for e in seen] == [e["id"] for e in own]
+    assert [e["data"]["kind"] for e in seen] == [e["event"] for e in own]
