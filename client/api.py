@@ -110,10 +110,16 @@ class Client:
     with exponential backoff (``backoff`` s, doubling), waiting what ``Retry-After`` says when it
     is given (httpx-retries). GET and DELETE are always retried; a POST only when it carries an
     Idempotency-Key, which the methods that create things send (one they generate, unless given
-    one): a retried submission then answers what the first one made, never a second job."""
+    one): a retried submission then answers what the first one made, never a second job.
+
+    ``typed=True``: jobs, job lists, batch results and sweeps come back as the pydantic models of
+    :mod:`client.models` (generated from the API's own OpenAPI document: ``JobRead``,
+    ``JobSummary``, ``JobList``, ``BatchItem``, ``SweepRead``), validated; otherwise as dicts."""
 
     def __init__(self, url: str | None = None, *, api_key: str | None = None, timeout: float = 30.0,
-                 transport: httpx.BaseTransport | None = None, retries: int = 5, backoff: float = 0.5):
+                 transport: httpx.BaseTransport | None = None, retries: int = 5, backoff: float = 0.5,
+                 typed: bool = False):
+        self.typed = typed
         self.url = (url or os.environ.get("TRAINYARD_URL") or DEFAULT_URL).rstrip("/")
         key = api_key or os.environ.get("TRAINYARD_API_KEY") or None
         headers = {"Authorization": f"Bearer {key}"} if key else {}
@@ -144,6 +150,15 @@ class Client:
     def _check(self, r: httpx.Response) -> httpx.Response:
         return check(r)
 
+    def _as(self, model: str, data: Any) -> Any:
+        """``data`` as the :mod:`client.models` class ``model`` (the API's schema of that answer)
+        when the client is ``typed``, else as it came (dicts)."""
+        if not self.typed:
+            return data
+        from client import models
+
+        return getattr(models, model).model_validate(data)
+
     def _json(self, method: str, path: str, **kw: Any) -> Any:
         return self._check(self._http.request(method, path, **kw)).json()
 
@@ -153,7 +168,7 @@ class Client:
         """Submit one job spec; returns the job (the existing one for a repeated key). ``priority``:
         higher starts first among the queued jobs of its queue (default 0)."""
         params = {"priority": priority} if priority is not None else None
-        return self._post("/v1/jobs", json=spec, idempotency_key=idempotency_key, params=params)  # type: ignore[no-any-return]
+        return self._as("JobRead", self._post("/v1/jobs", json=spec, idempotency_key=idempotency_key, params=params))
 
     def set_priority(self, job_id: str, priority: int) -> dict[str, Any]:
         """Change a queued job's priority (409 once it started)."""
@@ -177,16 +192,16 @@ class Client:
         for start, chunk, key in _batches(list(specs), batch_size, idempotency_key):
             res = self.submit_batch(chunk, idempotency_key=key, priority=priority)
             out += [{**item, "index": start + item["index"]} for item in res["results"]]
-        return out
+        return [self._as("BatchItem", item) for item in out]
 
     def continue_job(self, job_id: str, epochs: int) -> dict[str, Any]:
         """Train a job that ran all its epochs for ``epochs`` more (POST /v1/jobs/{id}/continue)."""
-        return self._json("POST", f"/v1/jobs/{job_id}/continue", json={"epochs": epochs})  # type: ignore[no-any-return]
+        return self._as("JobRead", self._json("POST", f"/v1/jobs/{job_id}/continue", json={"epochs": epochs}))
 
     def clone(self, job_id: str, patch: dict[str, Any] | None = None, *,
               idempotency_key: str | None = None) -> dict[str, Any]:
         """A new job from this one's spec with a JSON merge patch (RFC 7386) applied."""
-        return self._post(f"/v1/jobs/{job_id}/clone", json=patch or {}, idempotency_key=idempotency_key)  # type: ignore[no-any-return]
+        return self._as("JobRead", self._post(f"/v1/jobs/{job_id}/clone", json=patch or {}, idempotency_key=idempotency_key))
 
     def iter_jobs(self, *, page_size: int = 100, **filters: Any) -> Iterator[dict[str, Any]]:
         """Every job matching ``filters`` (those of :meth:`jobs`), newest first, fetched a page at
@@ -194,8 +209,8 @@ class Client:
         cursor = None
         while True:
             page = self.jobs(limit=page_size, cursor=cursor, **filters)
-            yield from page["jobs"]
-            cursor = page.get("next_cursor")
+            yield from page.jobs if self.typed else page["jobs"]
+            cursor = page.next_cursor if self.typed else page.get("next_cursor")
             if not cursor:
                 return
 
@@ -204,10 +219,11 @@ class Client:
         (:data:`JOB_FILTERS`: ``status``, ``name``, ``name_prefix``, ``label`` ("key=value"),
         ``stop_reason``, ``id``, ``sweep_id``, ``created_after``..., ``order_by``, ``order``)."""
         params = _jobs_params(limit, cursor, **filters)
-        return self._json("GET", "/v1/jobs", params=params)  # type: ignore[no-any-return]
+        return self._as("JobList", self._json("GET", "/v1/jobs", params=params))
 
-    def job(self, job_id: str) -> dict[str, Any]:
-        return self._json("GET", f"/v1/jobs/{job_id}")  # type: ignore[no-any-return]
+    def job(self, job_id: str) -> Any:
+        """The job (``JobRead``)."""
+        return self._as("JobRead", self._json("GET", f"/v1/jobs/{job_id}"))
 
     def metrics(self, job_id: str | Iterable[str], *, since_epoch: int = 0, max_points: int | None = None,
                 keys: list[str] | None = None, frame: bool = False) -> Any:
@@ -352,7 +368,7 @@ class Client:
             if on_update is not None:
                 on_update(latest)
             if all(latest.get(j, {}).get("status") in TERMINAL for j in order):
-                return {j: latest[j] for j in order}
+                return {j: self._as("JobSummary", latest[j]) for j in order}
             if deadline is not None and time.monotonic() > deadline:
                 left = sum(latest.get(j, {}).get("status") not in TERMINAL for j in order)
                 raise TimeoutError(f"{left} of {len(order)} job(s) still unfinished after {timeout} s")
@@ -383,11 +399,11 @@ class Client:
     # -- sweeps
     def create_sweep(self, sweep: dict[str, Any], *, idempotency_key: str | None = None) -> dict[str, Any]:
         """Start a sweep (see POST /v1/sweeps); returns it with its first trials."""
-        return self._post("/v1/sweeps", json=sweep, idempotency_key=idempotency_key)  # type: ignore[no-any-return]
+        return self._as("SweepRead", self._post("/v1/sweeps", json=sweep, idempotency_key=idempotency_key))
 
     def extend_sweep(self, sweep_id: str, max_trials: int) -> dict[str, Any]:
         """Raise a sweep's ``max_trials`` (it runs again if its trials had run out)."""
-        return self._json("POST", f"/v1/sweeps/{sweep_id}/extend", json={"max_trials": max_trials})  # type: ignore[no-any-return]
+        return self._as("SweepRead", self._json("POST", f"/v1/sweeps/{sweep_id}/extend", json={"max_trials": max_trials}))
 
     # -- webhooks
     def create_webhook(self, url: str, events: list[str], *, secret: str | None = None,
@@ -411,7 +427,7 @@ class Client:
 
     def sweep(self, sweep_id: str) -> dict[str, Any]:
         """A sweep with its trials, ``best_trial`` and ``leaderboard``."""
-        return self._json("GET", f"/v1/sweeps/{sweep_id}")  # type: ignore[no-any-return]
+        return self._as("SweepRead", self._json("GET", f"/v1/sweeps/{sweep_id}"))
 
     def sweeps(self, *, status: list[str] | None = None, limit: int = 50, cursor: str | None = None) -> dict[str, Any]:
         params: dict[str, Any] = {"limit": limit}

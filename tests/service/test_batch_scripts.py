@@ -163,3 +163,20 @@ def test_project_event_stream_through_httpx_sse_resumes_after_an_id(client: Clie
                 break
     assert [e["id"] for e in seen] == [e["id"] for e in own]
     assert [e["data"]["kind"] for e in seen] == [e["event"] for e in own]
+
+
+def test_a_typed_client_returns_the_apis_models(client: Client):
+    from client import models
+
+    with Client(client.url, typed=True) as c:
+        job = c.submit(note_spec(1, name=f"typed-{uuid.uuid4().hex[:8]}"))
+        assert isinstance(job, models.JobRead) and job.status in ("queued", "running", "succeeded")
+        ended = c.wait([job.id], timeout=300)
+        assert isinstance(ended[job.id], models.JobSummary) and ended[job.id].status == "succeeded"
+        again = c.job(job.id)
+        assert isinstance(again, models.JobRead) and again.best is not None and again.spec["epochs"] == 1
+        listed = list(c.iter_jobs(name=job.name, page_size=1))
+        assert [j.id for j in listed] == [job.id] and isinstance(listed[0], models.JobSummary)
+        made = c.submit_many([note_spec(1, name=job.name), {"epochs": "x"}])
+        assert isinstance(made[0], models.BatchItem) and made[0].status == "created" and made[1].status == "invalid"
+        c.cancel(made[0].id)
