@@ -102,6 +102,48 @@ def _retry(retries: int, backoff: float, methods: tuple[str, ...]) -> Retry:
                  respect_retry_after_header=True, max_backoff_wait=120.0)
 
 
+def _transient(exc: Exception) -> None:
+    """None (nothing learned this cycle) for a dropped connection or a 429/502/503/504 that
+    outlasted the retries; any other error is raised."""
+    if isinstance(exc, TrainyardError) and exc.status_code not in RETRY_STATUSES:
+        raise exc
+    return None
+
+
+class _Following:
+    """The bookkeeping of ``wait(ids)``, for both clients: the jobs still to ask about, the latest
+    summary of each, the deadline."""
+
+    def __init__(self, ids: Iterable[str], timeout: float | None) -> None:
+        self.order = list(dict.fromkeys(ids))
+        self.latest: dict[str, dict[str, Any]] = {}
+        self.timeout = timeout
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+
+    def pending(self) -> list[str]:
+        return [j for j in self.order if self.latest.get(j, {}).get("status") not in TERMINAL]
+
+    def take(self, got: list[dict[str, Any]] | None,
+             on_update: Callable[[dict[str, dict[str, Any]]], None] | None) -> bool:
+        """Record a cycle's answer (None: the server was away); whether every job has ended.
+        Raises for an id that is not a job of the project, and past the deadline."""
+        if got is not None:
+            by_id = {j["id"]: j for j in got}
+            missing = [j for j in self.pending() if j not in by_id and j not in self.latest]
+            if missing:
+                raise TrainyardError(404, f"no job {missing[0]!r} in this project")
+            self.latest.update(by_id)
+        if on_update is not None:
+            on_update(self.latest)
+        if got is not None and not self.pending():
+            self.latest = {j: self.latest[j] for j in self.order}
+            return True
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise TimeoutError(f"{len(self.pending())} of {len(self.order)} job(s) still unfinished after "
+                               f"{self.timeout} s")
+        return False
+
+
 class Client:
     """Talks to one Trainyard server (``url`` or ``$TRAINYARD_URL`` or http://127.0.0.1:8000),
     sending ``api_key`` (or ``$TRAINYARD_API_KEY``) as ``Authorization: Bearer <key>``.
@@ -350,28 +392,15 @@ class Client:
         502, 503 or 504 that outlasts the client's retries is waited out (until ``timeout``)."""
         if isinstance(ids, str):
             return self.wait([ids], poll=poll, timeout=timeout, on_update=on_update)[ids]
-        order = list(dict.fromkeys(ids))
-        latest: dict[str, dict[str, Any]] = {}
-        deadline = None if timeout is None else time.monotonic() + timeout
+        follow = _Following(ids, timeout)
         while True:
-            pending = [j for j in order if latest.get(j, {}).get("status") not in TERMINAL]
+            pending = follow.pending()
             try:
-                got = {j["id"]: j for j in self.jobs_by_id(pending)} if pending else {}
+                got: list[dict[str, Any]] | None = self.jobs_by_id(pending) if pending else []
             except (httpx.TransportError, TrainyardError) as exc:
-                if isinstance(exc, TrainyardError) and exc.status_code not in RETRY_STATUSES:
-                    raise
-                got = {}  # the server is away or busy: try again next cycle
-            missing = [j for j in pending if j not in got and j not in latest]
-            if missing and got:
-                raise TrainyardError(404, f"no job {missing[0]!r} in this project")
-            latest.update(got)
-            if on_update is not None:
-                on_update(latest)
-            if all(latest.get(j, {}).get("status") in TERMINAL for j in order):
-                return {j: self._as("JobSummary", latest[j]) for j in order}
-            if deadline is not None and time.monotonic() > deadline:
-                left = sum(latest.get(j, {}).get("status") not in TERMINAL for j in order)
-                raise TimeoutError(f"{left} of {len(order)} job(s) still unfinished after {timeout} s")
+                got = _transient(exc)
+            if follow.take(got, on_update):
+                return {j: self._as("JobSummary", job) for j, job in follow.latest.items()}
             time.sleep(poll)
 
     def metrics_of(self, ids: Iterable[str], *, keys: list[str] | None = None,
@@ -542,15 +571,29 @@ class AsyncClient:
     async def cancel(self, job_id: str) -> dict[str, Any]:
         return await self._json("POST", f"/v1/jobs/{job_id}/cancel")  # type: ignore[no-any-return]
 
-    async def wait(self, job_id: str, *, poll: float = 0.5, timeout: float | None = None) -> dict[str, Any]:
-        """Poll until the job reaches a terminal state; returns it."""
+    async def jobs_by_id(self, ids: Iterable[str]) -> list[dict[str, Any]]:
+        """As :meth:`Client.jobs_by_id`."""
+        ids = list(dict.fromkeys(ids))
+        out: list[dict[str, Any]] = []
+        for start in range(0, len(ids), MULTI_ID):
+            chunk = ids[start:start + MULTI_ID]
+            out += (await self._json("GET", "/v1/jobs", params={"id": chunk, "limit": len(chunk)}))["jobs"]
+        return out
+
+    async def wait(self, ids: str | Iterable[str], *, poll: float = 1.0, timeout: float | None = None,
+                   on_update: Callable[[dict[str, dict[str, Any]]], None] | None = None) -> Any:
+        """As :meth:`Client.wait`: one list request per cycle (per 500 unfinished jobs)."""
         import asyncio
 
-        deadline = None if timeout is None else time.monotonic() + timeout
+        if isinstance(ids, str):
+            return (await self.wait([ids], poll=poll, timeout=timeout, on_update=on_update))[ids]
+        follow = _Following(ids, timeout)
         while True:
-            job = await self.job(job_id)
-            if job["status"] in TERMINAL:
-                return job
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"job {job_id} still {job['status']} after {timeout} s")
+            pending = follow.pending()
+            try:
+                got: list[dict[str, Any]] | None = await self.jobs_by_id(pending) if pending else []
+            except (httpx.TransportError, TrainyardError) as exc:
+                got = _transient(exc)
+            if follow.take(got, on_update):
+                return follow.latest
             await asyncio.sleep(poll)
