@@ -308,18 +308,19 @@ def request_cancel(session: Session, job_id: str) -> str | None:
     return session.scalar(select(Job.status).where(Job.id == job_id))
 
 
-def claim_job(session: Session, job_id: str, worker: str, stale_after_s: float) -> Job | None:
+def claim_job(session: Session, job_id: str, worker: str, stale_after_s: float, *, take_over: bool = True) -> Job | None:
     """Compare-and-set queued -> running (or take over a running job whose heartbeat is older
     than ``stale_after_s``: its worker was lost and the broker redelivered). None if the job is
     not claimable, so delivering the task twice runs it once. Every claim bumps ``lease_token``
     (the fencing token of this attempt, see :mod:`store.leases`); a lost job that already used
-    ``max_attempts`` claims is not taken over (the reconciler fails it)."""
+    ``max_attempts`` claims is not taken over (the reconciler fails it). ``take_over=False``:
+    queued jobs only (the members of a pack, :mod:`store.packing`)."""
     now = utcnow()
     values = dict(
         attempts=Job.attempts + 1, lease_token=Job.lease_token + 1, heartbeat_at=now, worker=worker, updated_at=now,
     )
     if not lifecycle.move(session, job_id, (lifecycle.QUEUED,), lifecycle.RUNNING, values={"started_at": now, **values}):
-        taken_over = lifecycle.move(session, job_id, (lifecycle.RUNNING,), lifecycle.RUNNING, values=values, where=(
+        taken_over = take_over and lifecycle.move(session, job_id, (lifecycle.RUNNING,), lifecycle.RUNNING, values=values, where=(
             Job.cancel_requested.is_(False),
             Job.heartbeat_at < now - timedelta(seconds=stale_after_s),
             Job.attempts < Job.max_attempts,

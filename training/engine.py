@@ -671,7 +671,8 @@ def _spec_digest(spec: JobSpec, *, any_epochs: bool = False) -> str:
     import hashlib
     import json
 
-    dumped = spec.model_dump(mode="json")
+    # "pack" changes nothing the job computes (snapshots of a job stay valid whether it may be packed)
+    dumped = spec.model_dump(mode="json", exclude={"pack"})
     if any_epochs:
         dumped.pop("epochs", None)
     return hashlib.sha256(json.dumps(dumped, sort_keys=True).encode()).hexdigest()

@@ -446,6 +446,12 @@ def test_a_checkpoint_larger_than_a_chunk_streams_intact(http: httpx.Client, inp
     assert r.status_code == 201
     job_id = r.json()["id"]
     http.post(f"/v1/jobs/{job_id}/cancel")
+    # wait until no worker writes to it any more: a checkpoint a worker added after this row would
+    # drop this row's bytes (only the best and the newest keep theirs) in the middle of the download
+    deadline = time.monotonic() + 120
+    while http.get(f"/v1/jobs/{job_id}").json()["status"] not in ("cancelled", "succeeded", "failed"):
+        assert time.monotonic() < deadline, "the job did not end within 120 s"
+        time.sleep(0.1)
     # epoch 99: a worker may still have trained this one-epoch job before the cancel, with a best
     # checkpoint of its own; this row is the only one at epoch 99
     with session_scope() as s:  # the session's database (inproc_env), which the API process serves
