@@ -2825,6 +2825,13 @@ class JobCreate(BaseModel):
         SGD | Adam | AdamW | Nadam | RAdam | Adamax | RMSprop | Adagrad | None,
         Field(discriminator='name', title='Optimizer'),
     ] = None
+    pack: Annotated[
+        bool | None,
+        Field(
+            description='may the service train this job fused with queued jobs of the same shape (README, "Packed jobs"); false: always alone. Changes nothing the job computes',
+            title='Pack',
+        ),
+    ] = True
     precision: Annotated[
         Literal['fp32', 'bf16', 'fp16'] | None,
         Field(description='bf16/fp16 autocast (fp16 needs CUDA)', title='Precision'),
@@ -2898,6 +2905,13 @@ class JobSpec(BaseModel):
         SGD | Adam | AdamW | Nadam | RAdam | Adamax | RMSprop | Adagrad | None,
         Field(discriminator='name', title='Optimizer'),
     ] = None
+    pack: Annotated[
+        bool | None,
+        Field(
+            description='may the service train this job fused with queued jobs of the same shape (README, "Packed jobs"); false: always alone. Changes nothing the job computes',
+            title='Pack',
+        ),
+    ] = True
     precision: Annotated[
         Literal['fp32', 'bf16', 'fp16'] | None,
         Field(description='bf16/fp16 autocast (fp16 needs CUDA)', title='Precision'),
