@@ -24,6 +24,7 @@ from typing import Any
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
+from store import curves
 from store.models import Job
 
 QUEUED, RUNNING, PAUSED, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "paused", "succeeded", "failed", "cancelled"
@@ -74,4 +75,7 @@ def move(session: Session, job_id: str, sources: Collection[str], target: str, *
         .values(status=target, **(values or {}))
         .execution_options(synchronize_session=False)
     )
-    return res.rowcount == 1  # type: ignore[attr-defined]
+    moved = res.rowcount == 1  # type: ignore[attr-defined]
+    if moved and target in (SUCCEEDED, FAILED, CANCELLED):
+        curves.compact(session, job_id)  # its epochs are final: one row for bulk reads
+    return moved

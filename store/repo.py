@@ -12,7 +12,7 @@ from typing import Any, overload
 from sqlalchemy import case, delete, func, select, update
 from sqlalchemy.orm import Session, defer
 
-from store import lifecycle
+from store import curves, lifecycle
 from store.floats import encode_metrics, finite_or_none, to_text
 from store.ids import new_id
 from store.models import (
@@ -84,6 +84,9 @@ def create_jobs(
     ]
     session.add_all(jobs)
     session.flush()
+    if sweep_id is not None:  # the sweep's own "trial added" events (GET /v1/events), before the trials' own
+        session.add_all([JobEvent(sweep_id=sweep_id, kind="trial", data={"job_id": j.id, "trial_number": j.trial_number},
+                                  created_at=now) for j in jobs])
     session.add_all([JobEvent(job_id=j.id, kind="state", data={"status": "queued"}, created_at=now) for j in jobs])
     # the dispatch outbox (store.outbox): each job owes the broker a message, in this transaction
     session.add_all([Outbox(job_id=j.id, queue=j.queue, attempts=0, created_at=now) for j in jobs])
@@ -280,6 +283,12 @@ def add_event(session: Session, job_id: str, kind: str, data: dict[str, Any], at
         webhooks.on_job_state(session, job_id, data, at)
 
 
+def add_sweep_event(session: Session, sweep_id: str, kind: str, data: dict[str, Any], at: datetime | None = None) -> None:
+    """A sweep's own event on the project's stream: ``created``, ``trial`` (added; written by
+    :func:`create_jobs`) or ``state`` (it ended), in the job events' table and id order."""
+    session.add(JobEvent(sweep_id=sweep_id, kind=kind, data=data, created_at=at or utcnow()))
+
+
 def events_after(session: Session, job_id: str, after_id: int, limit: int = 500) -> list[JobEvent]:
     q = (
         select(JobEvent)
@@ -351,6 +360,7 @@ def stale_running_jobs(session: Session, older_than_s: float) -> list[tuple[str,
 def _upsert_metrics(session: Session, rows: list[dict[str, Any]]) -> None:
     """Insert epoch rows, replacing any with the same (job, epoch): a resumed run that redoes an
     epoch overwrites its row. One statement for the batch (``session.merge`` read each row first)."""
+    curves.drop(session, {r["job_id"] for r in rows})  # a finished job's compacted curve is stale now
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql":
         from sqlalchemy.dialects.postgresql import insert as dialect_insert

@@ -14,7 +14,7 @@ from store.models import Base
 TABLES = {
     "jobs", "job_metrics", "job_events", "checkpoints", "snapshots", "datasets", "alembic_version",
     "projects", "api_keys", "sweeps", "outbox", "artifacts", "idempotency_records", "webhooks",
-    "webhook_deliveries",
+    "webhook_deliveries", "job_curves",
 }
 
 
@@ -27,7 +27,7 @@ def _check_roundtrip(url: str) -> None:
         with engine.connect() as conn:
             diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata)
             assert diff == [], f"migrations and models disagree: {diff}"
-            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0005_i12"
+            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0005_i11b"
         downgrade(url, "base")
         assert set(inspect(engine).get_table_names()) <= {"alembic_version"}
         upgrade(url)
