@@ -11,7 +11,7 @@ import json
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,19 @@ def format_detail(detail: Any) -> str:
 
 #: answers worth trying again (with backoff, honouring Retry-After)
 RETRY_STATUSES = (429, 502, 503, 504)
+#: ids per multi-id list request (``GET /v1/jobs?id=...``: the API takes up to 500)
+MULTI_ID = 500
+
+
+def metrics_frame(curves: dict[str, list[dict[str, Any]]]) -> Any:
+    """``{job_id: [epoch dicts]}`` as one pandas DataFrame (a row per job and epoch)."""
+    try:
+        import pandas as pd
+    except ImportError:
+        raise ImportError("a DataFrame needs pandas: pip install 'trainyard[pandas]'") from None
+    rows = [{"job_id": j, **{k: float(v) if isinstance(v, str) else v for k, v in e.items()}}
+            for j, epochs in curves.items() for e in epochs]
+    return pd.DataFrame(rows)
 
 
 def check(r: httpx.Response) -> httpx.Response:
@@ -68,18 +81,67 @@ def _batches(specs: list[dict[str, Any]], batch_size: int, key: str | None) -> I
         yield start, specs[start:start + batch_size], f"{prefix}-{n}"
 
 
-def _jobs_params(limit: int, cursor: str | None, status: list[str] | None = None, name: str | None = None,
-                 sweep_id: str | None = None) -> dict[str, Any]:
+#: the list filters of GET /v1/jobs that the clients pass on (None or empty: not given)
+JOB_FILTERS = ("status", "name", "name_prefix", "label", "stop_reason", "id", "sweep_id", "created_after",
+               "created_before", "updated_after", "order_by", "order")
+
+
+def _jobs_params(limit: int, cursor: str | None, **filters: Any) -> dict[str, Any]:
+    unknown = set(filters) - set(JOB_FILTERS)
+    if unknown:
+        raise TypeError(f"unknown job list filter(s): {', '.join(sorted(unknown))}; known: {', '.join(JOB_FILTERS)}")
     params: dict[str, Any] = {"limit": limit}
-    for k, v in (("status", status), ("name", name), ("sweep_id", sweep_id), ("cursor", cursor)):
+    for k, v in (*filters.items(), ("cursor", cursor)):
         if v:
-            params[k] = v
+            params[k] = v.isoformat() if hasattr(v, "isoformat") else v
     return params
 
 
 def _retry(retries: int, backoff: float, methods: tuple[str, ...]) -> Retry:
     return Retry(total=retries, backoff_factor=backoff, status_forcelist=RETRY_STATUSES, allowed_methods=methods,
                  respect_retry_after_header=True, max_backoff_wait=120.0)
+
+
+def _transient(exc: Exception) -> None:
+    """None (nothing learned this cycle) for a dropped connection or a 429/502/503/504 that
+    outlasted the retries; any other error is raised."""
+    if isinstance(exc, TrainyardError) and exc.status_code not in RETRY_STATUSES:
+        raise exc
+    return None
+
+
+class _Following:
+    """The bookkeeping of ``wait(ids)``, for both clients: the jobs still to ask about, the latest
+    summary of each, the deadline."""
+
+    def __init__(self, ids: Iterable[str], timeout: float | None) -> None:
+        self.order = list(dict.fromkeys(ids))
+        self.latest: dict[str, dict[str, Any]] = {}
+        self.timeout = timeout
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+
+    def pending(self) -> list[str]:
+        return [j for j in self.order if self.latest.get(j, {}).get("status") not in TERMINAL]
+
+    def take(self, got: list[dict[str, Any]] | None,
+             on_update: Callable[[dict[str, dict[str, Any]]], None] | None) -> bool:
+        """Record a cycle's answer (None: the server was away); whether every job has ended.
+        Raises for an id that is not a job of the project, and past the deadline."""
+        if got is not None:
+            by_id = {j["id"]: j for j in got}
+            missing = [j for j in self.pending() if j not in by_id and j not in self.latest]
+            if missing:
+                raise TrainyardError(404, f"no job {missing[0]!r} in this project")
+            self.latest.update(by_id)
+        if on_update is not None:
+            on_update(self.latest)
+        if got is not None and not self.pending():
+            self.latest = {j: self.latest[j] for j in self.order}
+            return True
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise TimeoutError(f"{len(self.pending())} of {len(self.order)} job(s) still unfinished after "
+                               f"{self.timeout} s")
+        return False
 
 
 class Client:
@@ -90,10 +152,16 @@ class Client:
     with exponential backoff (``backoff`` s, doubling), waiting what ``Retry-After`` says when it
     is given (httpx-retries). GET and DELETE are always retried; a POST only when it carries an
     Idempotency-Key, which the methods that create things send (one they generate, unless given
-    one): a retried submission then answers what the first one made, never a second job."""
+    one): a retried submission then answers what the first one made, never a second job.
+
+    ``typed=True``: jobs, job lists, batch results and sweeps come back as the pydantic models of
+    :mod:`client.models` (generated from the API's own OpenAPI document: ``JobRead``,
+    ``JobSummary``, ``JobList``, ``BatchItem``, ``SweepRead``), validated; otherwise as dicts."""
 
     def __init__(self, url: str | None = None, *, api_key: str | None = None, timeout: float = 30.0,
-                 transport: httpx.BaseTransport | None = None, retries: int = 5, backoff: float = 0.5):
+                 transport: httpx.BaseTransport | None = None, retries: int = 5, backoff: float = 0.5,
+                 typed: bool = False):
+        self.typed = typed
         self.url = (url or os.environ.get("TRAINYARD_URL") or DEFAULT_URL).rstrip("/")
         key = api_key or os.environ.get("TRAINYARD_API_KEY") or None
         headers = {"Authorization": f"Bearer {key}"} if key else {}
@@ -124,6 +192,15 @@ class Client:
     def _check(self, r: httpx.Response) -> httpx.Response:
         return check(r)
 
+    def _as(self, model: str, data: Any) -> Any:
+        """``data`` as the :mod:`client.models` class ``model`` (the API's schema of that answer)
+        when the client is ``typed``, else as it came (dicts)."""
+        if not self.typed:
+            return data
+        from client import models
+
+        return getattr(models, model).model_validate(data)
+
     def _json(self, method: str, path: str, **kw: Any) -> Any:
         return self._check(self._http.request(method, path, **kw)).json()
 
@@ -133,7 +210,7 @@ class Client:
         """Submit one job spec; returns the job (the existing one for a repeated key). ``priority``:
         higher starts first among the queued jobs of its queue (default 0)."""
         params = {"priority": priority} if priority is not None else None
-        return self._post("/v1/jobs", json=spec, idempotency_key=idempotency_key, params=params)  # type: ignore[no-any-return]
+        return self._as("JobRead", self._post("/v1/jobs", json=spec, idempotency_key=idempotency_key, params=params))
 
     def set_priority(self, job_id: str, priority: int) -> dict[str, Any]:
         """Change a queued job's priority (409 once it started)."""
@@ -157,16 +234,16 @@ class Client:
         for start, chunk, key in _batches(list(specs), batch_size, idempotency_key):
             res = self.submit_batch(chunk, idempotency_key=key, priority=priority)
             out += [{**item, "index": start + item["index"]} for item in res["results"]]
-        return out
+        return [self._as("BatchItem", item) for item in out]
 
     def continue_job(self, job_id: str, epochs: int) -> dict[str, Any]:
         """Train a job that ran all its epochs for ``epochs`` more (POST /v1/jobs/{id}/continue)."""
-        return self._json("POST", f"/v1/jobs/{job_id}/continue", json={"epochs": epochs})  # type: ignore[no-any-return]
+        return self._as("JobRead", self._json("POST", f"/v1/jobs/{job_id}/continue", json={"epochs": epochs}))
 
     def clone(self, job_id: str, patch: dict[str, Any] | None = None, *,
               idempotency_key: str | None = None) -> dict[str, Any]:
         """A new job from this one's spec with a JSON merge patch (RFC 7386) applied."""
-        return self._post(f"/v1/jobs/{job_id}/clone", json=patch or {}, idempotency_key=idempotency_key)  # type: ignore[no-any-return]
+        return self._as("JobRead", self._post(f"/v1/jobs/{job_id}/clone", json=patch or {}, idempotency_key=idempotency_key))
 
     def iter_jobs(self, *, page_size: int = 100, **filters: Any) -> Iterator[dict[str, Any]]:
         """Every job matching ``filters`` (those of :meth:`jobs`), newest first, fetched a page at
@@ -174,20 +251,28 @@ class Client:
         cursor = None
         while True:
             page = self.jobs(limit=page_size, cursor=cursor, **filters)
-            yield from page["jobs"]
-            cursor = page.get("next_cursor")
+            yield from page.jobs if self.typed else page["jobs"]
+            cursor = page.next_cursor if self.typed else page.get("next_cursor")
             if not cursor:
                 return
 
-    def jobs(self, *, status: list[str] | None = None, name: str | None = None, limit: int = 50,
-             cursor: str | None = None, sweep_id: str | None = None) -> dict[str, Any]:
-        params = _jobs_params(limit, cursor, status=status, name=name, sweep_id=sweep_id)
-        return self._json("GET", "/v1/jobs", params=params)  # type: ignore[no-any-return]
+    def jobs(self, *, limit: int = 50, cursor: str | None = None, **filters: Any) -> dict[str, Any]:
+        """One page of the job list: ``{"jobs", "next_cursor"}``; ``filters`` are the list's
+        (:data:`JOB_FILTERS`: ``status``, ``name``, ``name_prefix``, ``label`` ("key=value"),
+        ``stop_reason``, ``id``, ``sweep_id``, ``created_after``..., ``order_by``, ``order``)."""
+        params = _jobs_params(limit, cursor, **filters)
+        return self._as("JobList", self._json("GET", "/v1/jobs", params=params))
 
-    def job(self, job_id: str) -> dict[str, Any]:
-        return self._json("GET", f"/v1/jobs/{job_id}")  # type: ignore[no-any-return]
+    def job(self, job_id: str) -> Any:
+        """The job (``JobRead``)."""
+        return self._as("JobRead", self._json("GET", f"/v1/jobs/{job_id}"))
 
-    def metrics(self, job_id: str, *, since_epoch: int = 0, max_points: int | None = None) -> list[dict[str, Any]]:
+    def metrics(self, job_id: str | Iterable[str], *, since_epoch: int = 0, max_points: int | None = None,
+                keys: list[str] | None = None, frame: bool = False) -> Any:
+        """One job's epochs (a list of dicts), or for several ids those of each, through the bulk
+        endpoint (:meth:`metrics_of`: ``{id: epochs}``, or a DataFrame with ``frame=True``)."""
+        if not isinstance(job_id, str):
+            return self.metrics_of(job_id, keys=keys, max_points=max_points, frame=frame)
         params: dict[str, Any] = {"since_epoch": since_epoch}
         if max_points:
             params["max_points"] = max_points
@@ -263,51 +348,91 @@ class Client:
     def events(self, job_id: str, *, last_event_id: int | None = None) -> Iterator[dict[str, Any]]:
         """Server-Sent Events of a job: dicts with ``id``, ``event`` ("state"/"epoch") and
         ``data``; ends after the terminal state."""
+        return self._sse(f"/v1/jobs/{job_id}/events", last_event_id)
+
+    def project_events(self, *, last_event_id: int | None = None) -> Iterator[dict[str, Any]]:
+        """Server-Sent Events of every job of the project (``GET /v1/events``), from now or after
+        ``last_event_id``: dicts with ``id``, ``event`` ("job" or "sweep") and ``data``. Endless:
+        stop iterating to close it."""
+        return self._sse("/v1/events", last_event_id)
+
+    def _sse(self, path: str, last_event_id: int | None) -> Iterator[dict[str, Any]]:
+        """A Server-Sent Events stream read with httpx-sse: dicts with ``id`` (an int), ``event``
+        and ``data`` (parsed JSON)."""
+        from httpx_sse import connect_sse
+
         headers = {"Last-Event-ID": str(last_event_id)} if last_event_id is not None else {}
-        with self._http.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers, timeout=httpx.Timeout(30, read=None)) as r:
-            self._check_stream(r)
-            ev: dict[str, Any] = {}
-            for line in r.iter_lines():
-                if not line:
-                    if "data" in ev:
-                        ev["data"] = json.loads(ev["data"])
-                        ev["id"] = int(ev["id"]) if "id" in ev else None
-                        yield ev
-                    ev = {}
-                    continue
-                if line.startswith(":"):
-                    continue
-                key, _, value = line.partition(":")
-                value = value[1:] if value.startswith(" ") else value
-                if key == "data" and "data" in ev:
-                    ev["data"] += "\n" + value
-                else:
-                    ev[key] = value
+        with connect_sse(self._http, "GET", path, headers=headers, timeout=httpx.Timeout(30, read=None)) as source:
+            self._check_stream(source.response)
+            for sse in source.iter_sse():
+                if sse.data:
+                    yield {"id": int(sse.id) if sse.id else None, "event": sse.event, "data": json.loads(sse.data)}
 
     def _check_stream(self, r: httpx.Response) -> None:
         if r.status_code >= 400:
             r.read()
             self._check(r)
 
-    def wait(self, job_id: str, *, poll: float = 0.5, timeout: float | None = None) -> dict[str, Any]:
-        """Poll until the job reaches a terminal state; returns it."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+    def jobs_by_id(self, ids: Iterable[str]) -> list[dict[str, Any]]:
+        """The jobs ``ids`` (summaries, as listed), with one list request per 500 ids
+        (``GET /v1/jobs?id=...``); ids that are not jobs of the project are left out."""
+        ids = list(dict.fromkeys(ids))
+        out: list[dict[str, Any]] = []
+        for start in range(0, len(ids), MULTI_ID):
+            chunk = ids[start:start + MULTI_ID]
+            out += self._json("GET", "/v1/jobs", params={"id": chunk, "limit": len(chunk)})["jobs"]
+        return out
+
+    def wait(self, ids: str | Iterable[str], *, poll: float = 1.0, timeout: float | None = None,
+             on_update: Callable[[dict[str, dict[str, Any]]], None] | None = None) -> Any:
+        """Wait until the job ``ids`` (one id, or any number of them) end; returns the ended job
+        (for one id) or ``{id: job}`` in the order given. Each cycle asks only for the jobs still
+        unfinished, with one list request per 500 of them (never one per job); ``on_update`` is
+        called with every job's latest summary after each cycle. A dropped connection or a 429,
+        502, 503 or 504 that outlasts the client's retries is waited out (until ``timeout``)."""
+        if isinstance(ids, str):
+            return self.wait([ids], poll=poll, timeout=timeout, on_update=on_update)[ids]
+        follow = _Following(ids, timeout)
         while True:
-            job = self.job(job_id)
-            if job["status"] in TERMINAL:
-                return job
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"job {job_id} still {job['status']} after {timeout} s")
+            pending = follow.pending()
+            try:
+                got: list[dict[str, Any]] | None = self.jobs_by_id(pending) if pending else []
+            except (httpx.TransportError, TrainyardError) as exc:
+                got = _transient(exc)
+            if follow.take(got, on_update):
+                return {j: self._as("JobSummary", job) for j, job in follow.latest.items()}
             time.sleep(poll)
+
+    def metrics_of(self, ids: Iterable[str], *, keys: list[str] | None = None,
+                   max_points: int | None = None, frame: bool = False) -> Any:
+        """The metrics of many jobs through ``POST /v1/metrics/bulk`` (1,000 jobs a request):
+        ``{job_id: [epoch dicts]}``, or with ``frame=True`` one pandas DataFrame with a ``job_id``
+        column and a row per job and epoch (``pip install trainyard[pandas]``); non-finite values
+        ("NaN", "Infinity") become floats there."""
+        ids = list(dict.fromkeys(ids))
+        out: dict[str, list[dict[str, Any]]] = {}
+        for start in range(0, len(ids), 1000):
+            body: dict[str, Any] = {"jobs": [{"id": j} for j in ids[start:start + 1000]]}
+            if keys:
+                body["keys"] = keys
+            if max_points:
+                body["max_points"] = max_points
+            got = self._json("POST", "/v1/metrics/bulk", json=body)
+            if got.get("missing"):
+                raise TrainyardError(404, f"no job {got['missing'][0]!r} in this project")
+            out.update({j: got["jobs"][j]["epochs"] for j in ids[start:start + 1000] if j in got["jobs"]})
+        if not frame:
+            return out
+        return metrics_frame(out)
 
     # -- sweeps
     def create_sweep(self, sweep: dict[str, Any], *, idempotency_key: str | None = None) -> dict[str, Any]:
         """Start a sweep (see POST /v1/sweeps); returns it with its first trials."""
-        return self._post("/v1/sweeps", json=sweep, idempotency_key=idempotency_key)  # type: ignore[no-any-return]
+        return self._as("SweepRead", self._post("/v1/sweeps", json=sweep, idempotency_key=idempotency_key))
 
     def extend_sweep(self, sweep_id: str, max_trials: int) -> dict[str, Any]:
         """Raise a sweep's ``max_trials`` (it runs again if its trials had run out)."""
-        return self._json("POST", f"/v1/sweeps/{sweep_id}/extend", json={"max_trials": max_trials})  # type: ignore[no-any-return]
+        return self._as("SweepRead", self._json("POST", f"/v1/sweeps/{sweep_id}/extend", json={"max_trials": max_trials}))
 
     # -- webhooks
     def create_webhook(self, url: str, events: list[str], *, secret: str | None = None,
@@ -331,7 +456,7 @@ class Client:
 
     def sweep(self, sweep_id: str) -> dict[str, Any]:
         """A sweep with its trials, ``best_trial`` and ``leaderboard``."""
-        return self._json("GET", f"/v1/sweeps/{sweep_id}")  # type: ignore[no-any-return]
+        return self._as("SweepRead", self._json("GET", f"/v1/sweeps/{sweep_id}"))
 
     def sweeps(self, *, status: list[str] | None = None, limit: int = 50, cursor: str | None = None) -> dict[str, Any]:
         params: dict[str, Any] = {"limit": limit}
@@ -428,9 +553,9 @@ class AsyncClient:
     async def job(self, job_id: str) -> dict[str, Any]:
         return await self._json("GET", f"/v1/jobs/{job_id}")  # type: ignore[no-any-return]
 
-    async def jobs(self, *, status: list[str] | None = None, name: str | None = None, limit: int = 50,
-                   cursor: str | None = None, sweep_id: str | None = None) -> dict[str, Any]:
-        params = _jobs_params(limit, cursor, status=status, name=name, sweep_id=sweep_id)
+    async def jobs(self, *, limit: int = 50, cursor: str | None = None, **filters: Any) -> dict[str, Any]:
+        """As :meth:`Client.jobs`."""
+        params = _jobs_params(limit, cursor, **filters)
         return await self._json("GET", "/v1/jobs", params=params)  # type: ignore[no-any-return]
 
     async def iter_jobs(self, *, page_size: int = 100, **filters: Any) -> AsyncIterator[dict[str, Any]]:
@@ -446,15 +571,29 @@ class AsyncClient:
     async def cancel(self, job_id: str) -> dict[str, Any]:
         return await self._json("POST", f"/v1/jobs/{job_id}/cancel")  # type: ignore[no-any-return]
 
-    async def wait(self, job_id: str, *, poll: float = 0.5, timeout: float | None = None) -> dict[str, Any]:
-        """Poll until the job reaches a terminal state; returns it."""
+    async def jobs_by_id(self, ids: Iterable[str]) -> list[dict[str, Any]]:
+        """As :meth:`Client.jobs_by_id`."""
+        ids = list(dict.fromkeys(ids))
+        out: list[dict[str, Any]] = []
+        for start in range(0, len(ids), MULTI_ID):
+            chunk = ids[start:start + MULTI_ID]
+            out += (await self._json("GET", "/v1/jobs", params={"id": chunk, "limit": len(chunk)}))["jobs"]
+        return out
+
+    async def wait(self, ids: str | Iterable[str], *, poll: float = 1.0, timeout: float | None = None,
+                   on_update: Callable[[dict[str, dict[str, Any]]], None] | None = None) -> Any:
+        """As :meth:`Client.wait`: one list request per cycle (per 500 unfinished jobs)."""
         import asyncio
 
-        deadline = None if timeout is None else time.monotonic() + timeout
+        if isinstance(ids, str):
+            return (await self.wait([ids], poll=poll, timeout=timeout, on_update=on_update))[ids]
+        follow = _Following(ids, timeout)
         while True:
-            job = await self.job(job_id)
-            if job["status"] in TERMINAL:
-                return job
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"job {job_id} still {job['status']} after {timeout} s")
+            pending = follow.pending()
+            try:
+                got: list[dict[str, Any]] | None = await self.jobs_by_id(pending) if pending else []
+            except (httpx.TransportError, TrainyardError) as exc:
+                got = _transient(exc)
+            if follow.take(got, on_update):
+                return follow.latest
             await asyncio.sleep(poll)

@@ -11,6 +11,7 @@ shaped in :mod:`client.views`.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import sys
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import click
+import httpx
 import typer
 from typer.core import TyperGroup
 
@@ -76,8 +78,10 @@ _fmt = views.fmt
 # --------------------------------------------------------------------------- client commands
 
 
-def _load_specs(files: list[Path]) -> list[tuple[str, dict[str, Any]]]:
+def _load_specs(paths: list[Path]) -> list[tuple[str, dict[str, Any]]]:
+    """(where, spec) of every spec in ``paths``: files, and directories (their ``*.json`` files, sorted)."""
     specs = []
+    files = [f for p in paths for f in (sorted(p.glob("*.json")) if p.is_dir() else [p])]
     for f in files:
         try:
             doc = json.loads(f.read_text())
@@ -93,8 +97,10 @@ def _load_specs(files: list[Path]) -> list[tuple[str, dict[str, Any]]]:
 
 @app.command()
 def submit(
-    files: Annotated[list[Path], typer.Argument(help="JSON spec files (a spec, a list of specs, or {'jobs': [...]})")],
-    wait: Annotated[bool, typer.Option("--wait", help="follow the jobs with progress bars until they end")] = False,
+    files: Annotated[list[Path], typer.Argument(help="JSON spec files (a spec, a list of specs, or {'jobs': [...]}) "
+                                                     "or directories of them")],
+    wait: Annotated[bool, typer.Option("--wait", help="follow the jobs until they end: a progress bar and a summary "
+                                       "table on a terminal, a line per ended job otherwise")] = False,
     idempotency_key: Annotated[str | None, typer.Option(help="single spec only: submit at most once per key")] = None,
     priority: Annotated[int | None, typer.Option(help="higher starts first among queued jobs of a queue [default: 0]")] = None,
     url: UrlOpt = None,
@@ -110,90 +116,159 @@ def submit(
             if len(specs) == 1:
                 job = c.submit(specs[0][1], idempotency_key=idempotency_key, priority=priority)
                 ids.append((specs[0][0], job["id"]))
-            else:
-                for start in range(0, len(specs), 1000):
-                    chunk = specs[start : start + 1000]
-                    res = c.submit_batch([s for _, s in chunk], priority=priority)
-                    for item in res["results"]:
-                        where = chunk[item["index"]][0]
-                        if item["id"]:
-                            ids.append((where, item["id"]))
-                        else:
-                            bad += 1
-                            typer.echo(f"{where}: invalid: {format_detail(item['errors'])}", err=True)
+            else:  # batches of 1,000, each with an Idempotency-Key: a retried batch makes nothing twice
+                for item in c.submit_many([s for _, s in specs], batch_size=1000, priority=priority):
+                    where = specs[item["index"]][0]
+                    if item["id"]:
+                        ids.append((where, item["id"]))
+                    else:
+                        bad += 1
+                        typer.echo(f"{where}: invalid: {format_detail(item['errors'])}", err=True)
         except TrainyardError as exc:
             raise _fail(f"{specs[0][0] if len(specs) == 1 else 'batch'}: {exc}", 2) from None
+        except httpx.HTTPError as exc:
+            raise _fail(f"trainyard: the server at {c.url} cannot be reached: {exc}", 2) from None
         for where, job_id in ids:
             typer.echo(f"{job_id}  {where}")
         if not wait:
             raise typer.Exit(2 if bad else 0)
-        ended = _wait_with_progress(c, ids)
-    for job in ended.values():
-        typer.echo(views.outcome(job))
-        found = (job.get("info") or {}).get("lr_find")
-        if views.is_lr_find(job) and found:
-            typer.echo(views.lr_curve(found))
+        kinds = {where: spec.get("kind") if isinstance(spec, dict) else None for where, spec in specs}
+        lr_find = {job_id for where, job_id in ids if kinds.get(where) == "lr_find"}
+        ended = _wait_with_progress(c, ids, lr_find)
     failed = [j for j, job in ended.items() if job["status"] != "succeeded"]
     raise typer.Exit(1 if failed else (2 if bad else 0))
 
 
-def _wait_with_progress(c: Client, jobs: list[tuple[str, str]]) -> dict[str, dict[str, Any]]:
-    """Progress bars (one per job, labelled by its spec file: the ids were printed whole above)
-    until every job ends; the ended jobs by id, in submission order."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+#: running jobs shown on the live line of ``submit --wait`` (the rest are counted)
+LIVE_RUNNING = 4
 
-    done: dict[str, dict[str, Any]] = {}
+
+def _ended_line(c: Client, job: dict[str, Any], lr_find: set[str]) -> None:
+    """How one job ended, as a line (and an lr_find job's curve: its full record is fetched)."""
+    if job["id"] in lr_find:
+        try:
+            job = c.job(job["id"])
+        except (TrainyardError, httpx.HTTPError):
+            pass
+    typer.echo(views.outcome(job))
+    found = (job.get("info") or {}).get("lr_find")
+    if views.is_lr_find(job) and found:
+        typer.echo(views.lr_curve(found))
+
+
+def _wait_with_progress(c: Client, jobs: list[tuple[str, str]], lr_find: set[str]) -> dict[str, dict[str, Any]]:
+    """Follow the jobs until every one ends (:meth:`Client.wait`: one list request per cycle for
+    up to 500 unfinished jobs; a 429 or a dropped connection is waited out). On a terminal: one
+    overall progress bar with the counts by status and a live line for a few running jobs, then a
+    summary table. Otherwise: a line per job as it ends, then the counts. The ended jobs by id,
+    in submission order."""
+    from rich.console import Group
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.text import Text
+
     console = _console()
-    with Progress(
-        TextColumn("{task.fields[job]}"), BarColumn(bar_width=20), MofNCompleteColumn(),
-        TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=console,
-    ) as progress:
-        tasks = {j: progress.add_task("", total=None, job=where, status="queued") for where, j in jobs}
-        while len(done) < len(jobs):
-            for _, j in jobs:
-                if j in done:
-                    continue
-                job = c.job(j)
-                if views.is_lr_find(job):  # no epochs: a spinner-less bar until it ends
-                    total, completed, status = 1, int(job["status"] in TERMINAL), f"{job['status']} (lr_find)"
-                else:
-                    best = views.best_text(job.get("best"))
-                    total, completed = job["progress"]["epochs"], job["progress"]["epoch"]
-                    status = views.status_text(job) + (f" best {best}" if best != "-" else "")
-                progress.update(tasks[j], completed=completed, total=total, status=status)
-                if job["status"] in TERMINAL:
-                    done[j] = job
-            if len(done) < len(jobs):
-                time.sleep(0.5)
+    ids = [j for _, j in jobs]
+    printed: set[str] = set()
     if not console.is_terminal:
-        console.line()  # as _live: rich leaves a piped display without its newline
-    return {j: done[j] for _, j in jobs}
+        def on_update(latest: dict[str, dict[str, Any]]) -> None:
+            for j in ids:
+                job = latest.get(j)
+                if job is not None and job["status"] in TERMINAL and j not in printed:
+                    printed.add(j)
+                    _ended_line(c, job, lr_find)
+
+        ended: dict[str, dict[str, Any]] = c.wait(ids, on_update=on_update)
+        typer.echo(views.counts_line(ended.values()))
+        return ended
+
+    progress = Progress(TextColumn("{task.description}"), BarColumn(bar_width=30), MofNCompleteColumn(),
+                        TextColumn("{task.fields[counts]}"), TimeElapsedColumn(), console=console)
+    task = progress.add_task("ended", total=len(ids), counts="")
+    running = Text("")
+    with _live(Group(progress, running), refresh_per_second=4) as live:
+        def on_update(latest: dict[str, dict[str, Any]]) -> None:
+            rows = [latest[j] for j in ids if j in latest]
+            progress.update(task, completed=sum(r["status"] in TERMINAL for r in rows),
+                            counts=views.counts_line(rows))
+            running.plain = views.running_line([r for r in rows if r["status"] == "running"], LIVE_RUNNING)
+            live.refresh()
+
+        ended = c.wait(ids, on_update=on_update)
+    console.print(views.summary_table(list(ended.values())))
+    for j in lr_find:
+        _ended_line(c, ended[j], lr_find)
+    return ended
 
 
 @app.command()
 def jobs(
     status: Annotated[list[str] | None, typer.Option("--status", help="filter; repeat for several")] = None,
     name: Annotated[str | None, typer.Option(help="filter by exact name")] = None,
-    limit: Annotated[int, typer.Option(help="how many (newest first)")] = 20,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    name_prefix: Annotated[str | None, typer.Option(help="names starting so")] = None,
+    label: Annotated[list[str] | None, typer.Option("--label", help="key=value; repeat to require several")] = None,
+    stop_reason: Annotated[list[str] | None, typer.Option("--stop-reason", help="filter; repeat for several")] = None,
+    sweep: Annotated[str | None, typer.Option("--sweep", help="only the trials of this sweep")] = None,
+    order_by: Annotated[str, typer.Option(help="created (newest first), updated, best (smallest first)")] = "created",
+    limit: Annotated[int, typer.Option(help="how many, at most (pages are fetched as needed)")] = 20,
+    output: Annotated[str, typer.Option("--output", "-o", help="table or json")] = "table",
+    as_json: Annotated[bool, typer.Option("--json", help="as --output json")] = False,
     url: UrlOpt = None,
 ) -> None:
-    """List jobs, newest first."""
+    """List jobs with the API's filters (newest first unless --order-by says otherwise)."""
+    if output not in ("table", "json"):
+        raise _fail(f"--output must be table or json, not {output!r}", 2)
+    filters = {"status": status, "name": name, "name_prefix": name_prefix, "label": label,
+               "stop_reason": stop_reason, "sweep_id": sweep, "order_by": order_by}
     try:
         with _client(url) as c:
-            page = c.jobs(status=status, name=name, limit=limit)
+            found = list(itertools.islice(c.iter_jobs(page_size=min(max(limit, 1), 500), **filters), limit))
     except TrainyardError as exc:
-        raise _fail(f"trainyard: {exc}") from None
-    if as_json:
-        typer.echo(json.dumps(page, indent=2))
+        raise _fail(f"trainyard: {exc}", 2) from None
+    except httpx.HTTPError as exc:
+        raise _fail(f"trainyard: the server cannot be reached: {exc}", 2) from None
+    if as_json or output == "json":
+        typer.echo(json.dumps({"jobs": found}, indent=2))
         return
     # 80 columns: the id whole; the best value without its monitor and no creation time (ids
     # sort by it; 'trainyard show ID' has both); the name last, wrapped when long
     t = views.table("id", "status", "epoch", "best", "name")
-    for j in page["jobs"]:
+    for j in found:
         t.add_row(j["id"], views.short_status(j), f"{j['progress']['epoch']}/{j['progress']['epochs']}",
                   _fmt((j.get("best") or {}).get("value")), j["name"])
     _console().print(t)
+
+
+@app.command()
+def metrics(
+    job_ids: Annotated[list[str], typer.Argument(help="job ids (whole: the bulk endpoint takes no prefixes)")],
+    csv_out: Annotated[bool, typer.Option("--csv", help="CSV on stdout: job_id, epoch, then one column per metric")] = False,
+    keys: Annotated[list[str] | None, typer.Option("--key", help="only this metric; repeat for several")] = None,
+    url: UrlOpt = None,
+) -> None:
+    """The metrics of one or many jobs (one bulk request per 1,000 jobs): a table per job, or CSV."""
+    try:
+        with _client(url) as c:
+            curves = c.metrics_of(job_ids, keys=keys)
+    except TrainyardError as exc:
+        raise _fail(f"trainyard: {exc}", 2) from None
+    except httpx.HTTPError as exc:
+        raise _fail(f"trainyard: the server cannot be reached: {exc}", 2) from None
+    columns = views.metric_columns(curves)
+    if csv_out:
+        import csv
+
+        w = csv.writer(sys.stdout, lineterminator="\n")
+        w.writerow(["job_id", *columns])
+        for job_id, epochs in curves.items():
+            for e in epochs:
+                w.writerow([job_id, *(e.get(k, "") for k in columns)])
+        return
+    console = _console()
+    for job_id, epochs in curves.items():
+        t = views.table(*columns, ids=(), title=job_id)
+        for e in epochs:
+            t.add_row(*(_fmt(e.get(k)) for k in columns))
+        console.print(t)
 
 
 @app.command()

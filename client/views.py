@@ -207,3 +207,64 @@ def sweep_lines(sweep: dict[str, Any]) -> list[str]:
                   f"best job    {best['job_id']}", "best params"]
         lines += [f"  {k} = {json.dumps(v)}" for k, v in best["params"].items()]
     return lines
+
+
+#: the order of statuses in counts
+STATUS_ORDER = ("queued", "running", "paused", "succeeded", "failed", "cancelled")
+
+
+def counts_line(jobs: Any) -> str:
+    """'3 queued, 2 running, 10 succeeded, 1 failed': the jobs' counts by status (none left out
+    but the zeros)."""
+    counts: dict[str, int] = {}
+    for j in jobs:
+        counts[j["status"]] = counts.get(j["status"], 0) + 1
+    return ", ".join(f"{counts[s]} {s}" for s in STATUS_ORDER if counts.get(s))
+
+
+def running_line(running: list[dict[str, Any]], most: int) -> str:
+    """A few running jobs on one line each: id prefix, name, epoch/epochs, best value."""
+    lines = [f"  {j['id'][:8]} {j['name'][:24]:24} {j['progress']['epoch']}/{j['progress']['epochs']} "
+             f"{best_text(j.get('best'))}" for j in running[:most]]
+    if len(running) > most:
+        lines.append(f"  ... and {len(running) - most} more running")
+    return "\n".join(lines)
+
+
+def summary_table(jobs: list[dict[str, Any]], *, failures: int = 20) -> Any:
+    """After ``submit --wait``: the counts, the jobs by best value (a row each, smallest first,
+    jobs without one last) and the failures with their errors (``failures`` at most)."""
+    from rich.console import Group
+    from rich.text import Text
+
+    ranked = sorted(jobs, key=lambda j: _best_key(j.get("best")))
+    t = table("id", "status", "stop reason", "best", "name", caption=counts_line(jobs))
+    for j in ranked:
+        t.add_row(j["id"], j["status"], (j.get("stop_reason") or "-").replace("_", " "),
+                  best_text(j.get("best")), j["name"])
+    failed = [j for j in jobs if j["status"] == "failed"]
+    parts: list[Any] = [t]
+    if failed:
+        parts.append(Text(f"\n{len(failed)} failed:"))
+        parts += [Text(f"  {j['id']}: {j.get('error') or j.get('stop_reason')}") for j in failed[:failures]]
+        if len(failed) > failures:
+            parts.append(Text(f"  ... and {len(failed) - failures} more (trainyard jobs --status failed)"))
+    return Group(*parts)
+
+
+def _best_key(best: dict[str, Any] | None) -> tuple[int, float]:
+    try:
+        value = float(best["value"]) if best and best.get("value") is not None else math.inf
+    except (TypeError, ValueError):
+        value = math.inf
+    return (0 if math.isfinite(value) else 1, value if math.isfinite(value) else 0.0)
+
+
+def metric_columns(curves: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """The columns of a metrics table: epoch first, then every metric any epoch has, in the
+    order first seen."""
+    seen: dict[str, None] = {"epoch": None}
+    for epochs in curves.values():
+        for e in epochs:
+            seen.update(dict.fromkeys(e))
+    return list(seen)

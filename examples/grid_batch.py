@@ -1,27 +1,29 @@
-"""Submit a grid of 200 jobs, wait for them all, print the best ten: python examples/grid_batch.py"""
+"""Submit a grid of 200 jobs, wait for them all, print the best ten.
+
+    python examples/grid_batch.py [EPOCHS]      # $TRAINYARD_URL, $TRAINYARD_API_KEY; EPOCHS: 3
+"""
 import itertools
 import json
-import time
+import sys
 from pathlib import Path
 
 from client import Client
 
 base = json.loads((Path(__file__).parent / "quick.json").read_text())
+epochs = int(sys.argv[1]) if len(sys.argv) > 1 else 3
 grid = itertools.product([1e-4, 3e-4, 1e-3, 3e-3, 1e-2], [16, 32, 64, 128, 256], [0.0, 0.2, 0.4, 0.5], [32, 64])
-run = f"grid-{int(time.time())}"  # every job of this run has this name: one list request follows them all
-specs = [{**base, "name": run, "epochs": 3, "optimizer": {"name": "adam", "learning_rate": lr},
-          "data": {**base["data"], "batch_size": bs},
+specs = [{**base, "name": f"grid lr={lr} units={u} dropout={d} batch={bs}", "epochs": epochs,
+          "optimizer": {"name": "adam", "learning_rate": lr}, "data": {**base["data"], "batch_size": bs},
           "model": {"layers": [{"type": "dense", "units": u, "activation": "relu"},
                                {"type": "dropout", "rate": d}, {"type": "dense", "units": 10}]}}
          for lr, u, d, bs in grid]
-with Client() as c:  # $TRAINYARD_URL, $TRAINYARD_API_KEY; retries 429/503 and dropped connections
-    results = c.submit_many(specs)  # batches of 500, each with an Idempotency-Key
-    print(f"submitted {sum(r['status'] == 'created' for r in results)} of {len(specs)} jobs")
-    while (jobs := list(c.iter_jobs(name=run, page_size=500))) and any(
-            j["status"] in ("queued", "running") for j in jobs):
-        print(f"{sum(j['status'] not in ('queued', 'running') for j in jobs)}/{len(jobs)} done", end="\r")
-        time.sleep(2)
-ranked = sorted((j for j in jobs if j["best"]), key=lambda j: float(j["best"]["value"]))
-print(f"\n{'job':34} {'status':10} {'stop reason':15} best val_loss")
+with Client() as c:  # retries 429/503 and dropped connections; POSTs with an Idempotency-Key
+    ids = [r["id"] for r in c.submit_many(specs) if r["id"]]  # batches of 500
+    print(f"submitted {len(ids)} of {len(specs)} jobs")
+    jobs = c.wait(ids, poll=2)  # one list request per cycle (per 500 unfinished jobs), never one per job
+ranked = sorted((j for j in jobs.values() if j["best"]), key=lambda j: float(j["best"]["value"]))
+print(f"{'job':32}  {'status':9}  {'val_loss':>8}  name")
 for j in ranked[:10]:
-    print(f"{j['id']:34} {j['status']:10} {j['stop_reason'] or '':15} {float(j['best']['value']):.4f}")
+    print(f"{j['id']:32}  {j['status']:9}  {float(j['best']['value']):8.4f}  {j['name']}")
+print(", ".join(f"{n} {s}" for s in ("succeeded", "failed", "cancelled")
+                if (n := sum(j["status"] == s for j in jobs.values()))))

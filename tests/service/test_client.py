@@ -156,8 +156,19 @@ def test_async_client_retries_and_submits_many(client: Client):
             listed = [j["id"] async for j in c.iter_jobs(name=name, page_size=2)]
             for job_id in listed:
                 await c.cancel(job_id)
+            ended = await c.wait(listed, poll=0.2, timeout=120)  # one list request per cycle
+            assert list(ended) == listed and all(j["status"] in ("cancelled", "succeeded") for j in ended.values())
             return made, listed
 
     made, listed = asyncio.run(live())
     assert [r["status"] for r in made] == ["created"] * 3
     assert sorted(listed) == sorted(r["id"] for r in made)
+
+
+def test_wait_waits_out_a_busy_or_absent_server_and_refuses_an_unknown_id():
+    with Flaky([(503, {}), (429, {"Retry-After": "0"})]) as srv, \
+            Client(f"http://127.0.0.1:{srv.port}", retries=0) as c:
+        with pytest.raises(TrainyardError) as err:
+            c.wait(["a" * 32], poll=0.05, timeout=30)
+    assert err.value.status_code == 404 and "no job" in str(err.value)  # the third answer: no such job
+    assert [r["path"].split("?")[0] for r in srv.requests] == ["/v1/jobs"] * 3
