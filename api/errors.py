@@ -76,3 +76,13 @@ async def database_unavailable_handler(_request: Request, exc: Exception) -> JSO
     logging.getLogger("trainyard.api").warning("database unavailable: %s: %s", type(exc).__name__, exc)
     return SafeJSONResponse({"detail": "the database is unavailable; retry later"}, status_code=503,
                             headers={"Retry-After": "5"})
+
+
+async def artifact_error_handler(_request: Request, exc: Exception) -> JSONResponse:
+    """A stored checkpoint, snapshot or export whose file is missing from the artifact store or
+    is not the recorded bytes (store.artifact_store.ArtifactError): a 500 that says which and
+    why; the bytes are never served."""
+    import logging
+
+    logging.getLogger("trainyard.api").error("artifact store: %s", exc)
+    return SafeJSONResponse({"detail": f"{exc}; refusing to serve it"}, status_code=500)

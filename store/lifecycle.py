@@ -22,6 +22,7 @@ from typing import Any
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
+from store.artifact_store import drop_snapshot
 from store.models import Job
 
 QUEUED, RUNNING, PAUSED, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "paused", "succeeded", "failed", "cancelled"
@@ -60,7 +61,9 @@ def move(session: Session, job_id: str, sources: Collection[str], target: str, *
          values: Mapping[str, Any] | None = None) -> bool:
     """Compare-and-set the job's status from one of ``sources`` to ``target`` (each pair checked
     against :data:`TRANSITIONS` first), if the row also matches ``where``, setting ``values`` too.
-    Returns whether the row moved (False: it was in another status, or ``where`` did not hold)."""
+    Returns whether the row moved (False: it was in another status, or ``where`` did not hold).
+    A job that ends (a terminal ``target``) loses its resume snapshot here, in the same
+    transaction (its file after the commit): nothing resumes an ended job."""
     check(sources, target)
     res = session.execute(
         update(Job)
@@ -68,4 +71,7 @@ def move(session: Session, job_id: str, sources: Collection[str], target: str, *
         .values(status=target, **(values or {}))
         .execution_options(synchronize_session=False)
     )
-    return res.rowcount == 1  # type: ignore[attr-defined]
+    moved = res.rowcount == 1  # type: ignore[attr-defined]
+    if moved and not TRANSITIONS[target]:
+        drop_snapshot(session, job_id)
+    return moved

@@ -109,17 +109,16 @@ def claim_by_priority(s: Any, message_job_id: str, settings: Settings) -> Any:
 
 
 def _verified_snapshot(job_id: str, snapshot: Any) -> bytes:
-    """The snapshot's bytes if their sha256 is the stored one; a TrainingError otherwise (a
-    corrupt snapshot is never deserialized)."""
+    """The snapshot's bytes, read from the artifact store, if they are the recorded ones (size,
+    sha256); a TrainingError otherwise (a missing file fails the resume with its reason, a
+    corrupt one is never deserialized)."""
+    from store.artifact_store import ArtifactError
     from training import TrainingError
 
-    digest = repo.sha256_hex(snapshot.data)
-    if digest != snapshot.sha256:
-        raise TrainingError(
-            f"cannot resume: the training-state snapshot of epoch {snapshot.epoch} is corrupt (stored sha256 "
-            f"{snapshot.sha256[:12]}…, its bytes hash to {digest[:12]}…); refusing to load it", "resume",
-        )
-    return bytes(snapshot.data)
+    try:
+        return repo.snapshot_bytes(snapshot)
+    except ArtifactError as exc:
+        raise TrainingError(f"cannot resume: {exc}; refusing to load it", "resume") from None
 
 
 def run_next_job(message_job_id: str, settings: Settings | None = None,
