@@ -85,11 +85,12 @@ def export_key(job_id: str, fmt: str, sha256: str) -> str:
 class ArtifactStore:
     """Files under one root URL. Keys are ``/``-separated relative paths (see the key helpers)."""
 
-    def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None, *, part_size: int = 50 * 2**20) -> None:
         import fsspec
         from fsspec.implementations.local import LocalFileSystem
 
         self.url = url
+        self.part_size = part_size  # S3: a file of twice this or more goes up as a multipart upload
         self.fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
         self.local = isinstance(self.fs, LocalFileSystem)
         self.root = root.rstrip("/") if not self.local else str(Path(root).resolve())
@@ -130,7 +131,7 @@ class ArtifactStore:
                 raise
         else:
             # s3fs: one PUT below its block size, else a multipart upload completed at the end
-            self.fs.pipe_file(target, bytes(data))
+            self.fs.pipe_file(target, bytes(data), chunksize=self.part_size)
         return Stored(key, len(data), digest)
 
     # -- reading
