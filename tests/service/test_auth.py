@@ -198,11 +198,15 @@ def test_another_projects_ids_are_404_on_every_route_and_method(keyed_app, two_p
     assert len(routes) >= 6
     checked = []
     for path, method in routes:
-        if method == "DELETE":  # A's own call really deletes: give it throwaway objects of A's
-            spare = keyed_app.post("/v1/datasets", files={"file": ("spare.npz", _npz())}, headers=bearer(two_projects["a"]))
-            spare_job = keyed_app.post("/v1/jobs", json=_small_spec(), headers=bearer(two_projects["a"]))
-            spares = {"dataset_id": spare.json()["id"], "job_id": spare_job.json()["id"]}
-            if two_projects["sweep_id"]:
+        if method == "DELETE":  # A's own call really deletes: give it a throwaway object of A's
+            a = bearer(two_projects["a"])
+            spares = {}
+            if "{dataset_id}" in path:
+                spares["dataset_id"] = keyed_app.post("/v1/datasets", files={"file": ("spare.npz", _npz())},
+                                                      headers=a).json()["id"]
+            if "{job_id}" in path:
+                spares["job_id"] = keyed_app.post("/v1/jobs", json=_small_spec(), headers=a).json()["id"]
+            if "{sweep_id}" in path:
                 spares["sweep_id"] = _make_sweep(keyed_app, two_projects["a"])
             url = _fill(path, {**ids, **spares})
         else:
