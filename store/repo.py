@@ -13,7 +13,14 @@ from sqlalchemy import case, delete, func, select, update
 from sqlalchemy.orm import Session, defer
 
 from store import lifecycle
-from store.artifact_store import checkpoint_key, discard_after_commit, get_store, job_prefix, snapshot_key
+from store.artifact_store import (
+    Stored,
+    checkpoint_key,
+    discard_after_commit,
+    get_store,
+    job_prefix,
+    snapshot_key,
+)
 from store.floats import encode_metrics, finite_or_none, to_text
 from store.ids import new_id
 from store.models import (
@@ -532,12 +539,14 @@ def add_checkpoint(
     data: bytes,
     sha256: str,
     is_best: bool,
+    stored: Stored | None = None,
 ) -> Checkpoint:
-    """Write the checkpoint's file to the artifact store and record it; the files of the job's
-    other checkpoints except the best are dropped (after the commit)."""
+    """Write the checkpoint's file to the artifact store (unless the caller did: ``stored``) and
+    record it; the files of the job's other checkpoints except the best are dropped (after the
+    commit)."""
     if is_best:
         _clear_best(session, job_id)
-    stored = get_store().put(checkpoint_key(job_id, sha256), data, sha256)
+    stored = stored or get_store().put(checkpoint_key(job_id, sha256), data, sha256)
     ck = Checkpoint(
         job_id=job_id, epoch=epoch, step=step, monitor=monitor, value=to_text(value), size=stored.size,
         sha256=sha256, is_best=is_best, uri=stored.uri, created_at=utcnow(),
@@ -655,10 +664,11 @@ def add_last_checkpoint(session: Session, job_id: str, *, epoch: int, step: int,
     return True
 
 
-def save_snapshot(session: Session, job_id: str, *, epoch: int, step: int, data: bytes, sha256: str) -> None:
-    """Write the job's training-state snapshot to the artifact store and keep only it (the
-    previous one's file is deleted after the commit)."""
-    stored = get_store().put(snapshot_key(job_id, sha256), data, sha256)
+def save_snapshot(session: Session, job_id: str, *, epoch: int, step: int, data: bytes, sha256: str,
+                  stored: Stored | None = None) -> None:
+    """Write the job's training-state snapshot to the artifact store (unless the caller did:
+    ``stored``) and keep only it (the previous one's file is deleted after the commit)."""
+    stored = stored or get_store().put(snapshot_key(job_id, sha256), data, sha256)
     previous = session.scalar(select(Snapshot.uri).where(Snapshot.job_id == job_id))
     session.execute(delete(Snapshot).where(Snapshot.job_id == job_id))
     session.add(

@@ -269,6 +269,7 @@ def _record_result(job_id: str, reporter: DbReporter, result: Any, attempt: int)
             _store_best(s, job_id, result)  # what a pruned trial keeps, should it never resume
             return True
 
+        reporter.stage_buffered()
         if _write(reporter, pause, "pause"):
             reporter.buffered_written()
             return "paused"
@@ -296,6 +297,7 @@ def _record_result(job_id: str, reporter: DbReporter, result: Any, attempt: int)
                             "stopped_epoch": result.stopped_epoch, "attempt": attempt}),
         )
 
+    reporter.stage_buffered()  # the last files, before the transaction (see DbReporter._stage)
     _write(reporter, finish, "finish")
     reporter.buffered_written()
     return status
