@@ -559,8 +559,10 @@ def add_checkpoint(
 
 def _drop_unkept(session: Session, job_id: str, keep: Sequence[int]) -> None:
     """Forget the files of the job's checkpoints other than ``keep`` and its best (their rows
-    keep the metadata); a file is deleted after the commit unless a kept row shares it (the same
-    bytes recorded twice)."""
+    keep the metadata), unless the job's spec says ``"keep_checkpoints": "all"``; a file is
+    deleted after the commit unless a kept row shares it (the same bytes recorded twice)."""
+    if session.scalar(select(Job.spec["keep_checkpoints"].as_string()).where(Job.id == job_id)) == "all":
+        return  # the spec keeps every checkpoint's file
     unkept = (Checkpoint.job_id == job_id, Checkpoint.id.not_in(list(keep)), Checkpoint.is_best.is_(False), STORED)
     dropped = set(session.scalars(select(Checkpoint.uri).where(*unkept)))
     if not dropped:

@@ -278,6 +278,35 @@ def test_a_resume_from_a_missing_or_corrupt_snapshot_file_fails_the_job_with_the
         assert s.get(Snapshot, corrupt_id) is None and s.get(Snapshot, missing_id) is None
 
 
+@pytest.mark.parametrize("keep", ["best_and_last", "all"])
+def test_a_job_keeps_the_files_of_its_best_and_newest_checkpoint_or_all_of_them(inproc_env: dict[str, str],
+                                                                               keep: str) -> None:
+    settings = settings_from_env(inproc_env)
+    store = get_store(settings)
+    spec = validate_spec(note_spec(3, device="cpu", keep_checkpoints=keep)).model_dump(mode="json")
+    with session_scope() as s:
+        job_id = repo.create_job(s, spec=spec, queue=settings.queue_name("cpu")).id
+    blobs = [f"weights of epoch {i}".encode() for i in (1, 2, 3)]
+    for epoch, data in enumerate(blobs, start=1):  # epoch 1 is the best; 2 and 3 come after it
+        with session_scope() as s:
+            repo.add_checkpoint(s, job_id, epoch=epoch, step=epoch, monitor="val_loss", value=1.0 / epoch, data=data,
+                                sha256=hashlib.sha256(data).hexdigest(), is_best=epoch == 1)
+    with session_scope(write=False) as s:
+        rows = repo.list_checkpoints(s, job_id)
+    kept = {ck.epoch for ck, stored in rows if stored}
+    assert kept == ({1, 2, 3} if keep == "all" else {1, 3}), kept
+    for ck, stored in rows:  # a file for each row that says it is stored, none for the others
+        assert store.exists(checkpoint_key(job_id, ck.sha256)) == stored, (ck.epoch, stored)
+    with session_scope() as s:  # a queued job is not deleted
+        assert repo.delete_jobs(s, [job_id]) == []
+    assert store.exists(checkpoint_key(job_id, hashlib.sha256(blobs[0]).hexdigest()))
+    with session_scope() as s:  # cancelled, it is deleted with its files
+        assert repo.request_cancel(s, job_id) == "cancelled"
+    with session_scope() as s:
+        assert repo.delete_jobs(s, [job_id]) == [job_id]
+    assert not store.fs.exists(store.path(f"jobs/{job_id}"))
+
+
 # --------------------------------------------------------------------------- the live service
 
 
