@@ -21,8 +21,11 @@ epoch end and a checkpoint at every improvement):
 * ``none``: no snapshot written at all (context: the cost of snapshotting itself).
 
 Printed: the median over rounds of the mean epoch time per arm, the ratio ``store / database``
-(issue 14: must not exceed 1.02), and the database bytes per job of each arm (the rows of the
-job's checkpoints, snapshot, metrics and events, plus the scratch blobs for ``database``).
+(issue 14: must not exceed 1.02), the database bytes written per job by each arm (the rows of
+the job, its checkpoints, snapshot, metrics and events, plus the scratch blobs for ``database``:
+every snapshot and checkpoint written, before PostgreSQL's vacuum reclaims replaced ones) and the
+bytes of the job's files left in the store (the newest snapshot, the best and last checkpoints:
+what the database held for the job before the store).
 """
 
 from __future__ import annotations
@@ -56,8 +59,9 @@ def spec(units: int, epochs: int) -> dict[str, Any]:
     }
 
 
-def run_arm(arm: str, job_spec: dict[str, Any]) -> tuple[float, int]:
-    """One job through fit + DbReporter; (mean epoch seconds, database bytes of the job)."""
+def run_arm(arm: str, job_spec: dict[str, Any]) -> tuple[float, int, int]:
+    """One job through fit + DbReporter; (mean epoch seconds, database bytes written for the job,
+    bytes of its files left in the store)."""
     from sqlalchemy import text
 
     from config.settings import get_settings
@@ -107,7 +111,9 @@ def run_arm(arm: str, job_spec: dict[str, Any]) -> tuple[float, int]:
             size += int(s.scalar(text(f"SELECT coalesce(sum(pg_column_size(t.*)), 0) FROM {table} t WHERE job_id = :j"),
                                  {"j": job_id}) or 0)
         size += int(s.scalar(text("SELECT pg_column_size(t.*) FROM jobs t WHERE id = :j"), {"j": job_id}) or 0)
-    return seconds, size
+    folder = Path(settings.artifacts_url) / "jobs" / job_id
+    files = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.exists() else 0
+    return seconds, size, files
 
 
 def main() -> None:
@@ -146,20 +152,20 @@ def main() -> None:
         run_arm("none", job_spec)  # warm-up (imports, dataset, allocator)
         arms = ["store", "database", "none"]
         times: dict[str, list[float]] = {a: [] for a in arms}
-        sizes: dict[str, int] = {}
+        sizes: dict[str, tuple[int, int]] = {}
         for r in range(args.rounds):
             order = arms if r % 2 == 0 else arms[::-1]
             for arm in order:
-                t, size = run_arm(arm, job_spec)
+                t, size, files = run_arm(arm, job_spec)
                 times[arm].append(t)
-                sizes[arm] = size
+                sizes[arm] = (size, files)
             print(f"round {r + 1}: " + ", ".join(f"{a} {times[a][-1] * 1000:.0f} ms/epoch" for a in arms))
         med = {a: statistics.median(times[a]) for a in arms}
         print(f"\nload average {os.getloadavg()[0]:.1f} at the end")
-        print("| arm | median epoch time | database bytes per job |")
-        print("| --- | --- | --- |")
+        print("| arm | median epoch time | database bytes written per job | files left in the store per job |")
+        print("| --- | --- | --- | --- |")
         for a in arms:
-            print(f"| {a} | {med[a] * 1000:.0f} ms | {sizes[a]:,} |")
+            print(f"| {a} | {med[a] * 1000:.0f} ms | {sizes[a][0]:,} | {sizes[a][1]:,} |")
         print(f"\nstore / database epoch time: {med['store'] / med['database']:.3f} (issue 14: <= 1.02)")
         print(f"store / none epoch time: {med['store'] / med['none']:.3f}")
     finally:
