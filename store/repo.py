@@ -653,7 +653,7 @@ def checkpoint_at_epoch(
 
 
 def add_last_checkpoint(session: Session, job_id: str, *, epoch: int, step: int, monitor: str | None,
-                        value: Any, data: bytes, sha256: str) -> bool:
+                        value: Any, data: bytes, sha256: str, stored: Stored | None = None) -> bool:
     """Store the last epoch's weights as the job's newest checkpoint, unless the newest one
     already is them (same digest). Returns whether a row was added."""
     newest = session.scalar(
@@ -662,7 +662,7 @@ def add_last_checkpoint(session: Session, job_id: str, *, epoch: int, step: int,
     if newest == sha256:
         return False
     add_checkpoint(session, job_id, epoch=epoch, step=step, monitor=monitor, value=value, data=data,
-                   sha256=sha256, is_best=False)
+                   sha256=sha256, is_best=False, stored=stored)
     return True
 
 

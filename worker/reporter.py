@@ -260,9 +260,14 @@ class DbReporter(BaseReporter):
             if key not in self._staged:
                 self._staged[key] = store.put(key, item.data, item.sha256)
 
-    def stage_buffered(self) -> None:
-        """:meth:`_stage` what :meth:`write_buffered` will record (before its transaction)."""
-        self._stage(self.pending_checkpoints, self.unwritten_snapshot)
+    def stage_buffered(self, *extra: Checkpoint | None) -> None:
+        """:meth:`_stage` what :meth:`write_buffered` will record (before its transaction), and the
+        ``extra`` checkpoints the caller records in it (the last epoch's weights)."""
+        self._stage([*self.pending_checkpoints, *(c for c in extra if c is not None)], self.unwritten_snapshot)
+
+    def staged(self, checkpoint: Checkpoint) -> Stored | None:
+        """The file of ``checkpoint`` if :meth:`_stage` wrote it."""
+        return self._staged.get(checkpoint_key(self.job_id, checkpoint.sha256))
 
     def _write_items(self, s: Any, batch: list[dict[str, Any]], info: dict[str, Any] | None,
                      checkpoints: list[Checkpoint], snapshot: Snapshot | None) -> bool:
@@ -270,7 +275,7 @@ class DbReporter(BaseReporter):
             repo.add_checkpoint(
                 s, self.job_id, epoch=c.epoch, step=c.step, monitor=c.monitor,
                 value=c.value, data=c.data, sha256=c.sha256, is_best=c.is_best,
-                stored=self._staged.get(checkpoint_key(self.job_id, c.sha256)),
+                stored=self.staged(c),
             )
         cancelled = repo.record_progress(s, self.job_id, batch, info=info)
         if snapshot is not None:

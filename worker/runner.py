@@ -286,7 +286,7 @@ def _record_result(job_id: str, reporter: DbReporter, result: Any, attempt: int)
         reporter.write_buffered(s)
         s.flush()  # the best checkpoint may be among them
         _store_best(s, job_id, result)
-        _store_last(s, job_id, result)
+        _store_last(s, job_id, result, reporter)
         repo.finish_job(
             s, job_id, status=status, stop_reason=stop_reason, error=error,
             best=(result.monitor, result.best_value, result.best_epoch) if result.monitor else None,
@@ -297,7 +297,8 @@ def _record_result(job_id: str, reporter: DbReporter, result: Any, attempt: int)
                             "stopped_epoch": result.stopped_epoch, "attempt": attempt}),
         )
 
-    reporter.stage_buffered()  # the last files, before the transaction (see DbReporter._stage)
+    # the last files, before the transaction (see DbReporter._stage)
+    reporter.stage_buffered(getattr(result, "last_checkpoint", None))
     _write(reporter, finish, "finish")
     reporter.buffered_written()
     return status
@@ -325,13 +326,14 @@ def _store_best(s: Any, job_id: str, result: Any) -> None:
     )
 
 
-def _store_last(s: Any, job_id: str, result: Any) -> None:
+def _store_last(s: Any, job_id: str, result: Any, reporter: DbReporter) -> None:
     """Keep the last epoch's weights (before early stopping restored the best) as the job's
-    newest checkpoint, so they can be downloaded as well as the best."""
+    newest checkpoint, so they can be downloaded as well as the best (its file was written before
+    this transaction: ``reporter.stage_buffered``)."""
     last = getattr(result, "last_checkpoint", None)
     if last is not None:
         repo.add_last_checkpoint(s, job_id, epoch=last.epoch, step=last.step, monitor=last.monitor,
-                                 value=last.value, data=last.data, sha256=last.sha256)
+                                 value=last.value, data=last.data, sha256=last.sha256, stored=reporter.staged(last))
 
 
 def _run_lr_find(job_id: str, spec: dict[str, Any], reporter: DbReporter) -> str:
