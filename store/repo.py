@@ -707,16 +707,18 @@ def delete_jobs(session: Session, job_ids: Sequence[str]) -> list[str]:
     return gone
 
 
-def delete_sweep(session: Session, sweep_id: str) -> int:
+def delete_sweep(session: Session, sweep_id: str) -> tuple[list[str], int]:
     """Delete an ended sweep with its trials (and their artifacts, :func:`delete_jobs`). Returns
-    how many trials have not ended yet: if any, nothing is deleted (the caller rolls back)."""
+    the trials deleted and how many have not ended yet: if any, the sweep is not deleted and the
+    caller rolls back."""
     from store.models import Sweep
 
     trials = list(session.scalars(select(Job.id).where(Job.sweep_id == sweep_id)))
-    left = len(trials) - len(delete_jobs(session, trials))
+    gone = delete_jobs(session, trials)
+    left = len(trials) - len(gone)
     if not left:
         session.execute(delete(Sweep).where(Sweep.id == sweep_id))
-    return left
+    return gone, left
 
 
 # --------------------------------------------------------------------------- datasets

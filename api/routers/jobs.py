@@ -31,6 +31,7 @@ from api.listing import (
     encode_cursor,
     parse_label_filters,
 )
+from api.predict import MODEL_REFS
 from api.schemas.common import ErrorItem, ErrorResponse, IsoDatetime
 from api.schemas.jobs import (
     BatchCreate,
@@ -496,6 +497,7 @@ def delete_job(job_id: str, session: SessionDep, project: ProjectDep) -> Respons
         raise HTTPException(status_code=409, detail=f"job {job_id} is {job.status}: only a job that ended "
                                                     "(succeeded, failed or cancelled) can be deleted; cancel it first")
     session.commit()
+    MODEL_REFS.forget_jobs([job_id])  # its cached prediction model (this process's)
     return Response(status_code=204)
 
 

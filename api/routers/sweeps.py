@@ -21,6 +21,7 @@ from api.deps import DispatcherDep, ProjectDep, ReadSessionDep, SessionDep, Sett
 from api.errors import SpecProblem
 from api.ids import AMBIGUOUS, resolve_id
 from api.limits import check_job_slots
+from api.predict import MODEL_REFS
 from api.schemas.common import ErrorResponse
 from api.schemas.sweeps import (
     SWEEP_EXAMPLE,
@@ -377,12 +378,13 @@ def delete_sweep(sweep_id: str, session: SessionDep, project: ProjectDep) -> Res
         raise _not_found(sweep_id)
     if sweep.status == "running":
         raise HTTPException(status_code=409, detail=f"sweep {sweep_id} is running: cancel it first")
-    left = repo.delete_sweep(session, sweep_id)
+    trials, left = repo.delete_sweep(session, sweep_id)
     if left:
         session.rollback()
         raise HTTPException(status_code=409, detail=f"{left} trial(s) of sweep {sweep_id} have not ended yet; "
                                                     "retry once they stop")
     session.commit()
+    MODEL_REFS.forget_jobs(trials)
     return Response(status_code=204)
 
 

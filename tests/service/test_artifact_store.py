@@ -356,8 +356,10 @@ def test_a_trained_job_keeps_its_checkpoint_files_outside_the_database(client: C
         client.cancel(running)
     assert client.wait(running, timeout=120)["status"] == "cancelled"
     client.delete(running)
+    assert "probabilities" in client.predict(job_id, [[0.0] * 64])  # the API process now caches its model
     client.delete(job_id)
-    with pytest.raises(TrainyardError) as err:
-        client.job(job_id)
-    assert err.value.status_code == 404
+    for gone in (lambda: client.job(job_id), lambda: client.predict(job_id, [[0.0] * 64], timeout=5)):
+        with pytest.raises(TrainyardError) as err:
+            gone()
+        assert err.value.status_code == 404
     assert not folder.exists()
