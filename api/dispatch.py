@@ -21,6 +21,7 @@ from config.settings import Settings
 from orchestration.messages import send_jobs
 from orchestration.services.base import LoopService
 from orchestration.services.outbox_relay import OutboxRelay
+from orchestration.services.preemptor import Preemptor
 from orchestration.services.reconciler import Reconciler
 from store.broker import EXPORT_TASK, celery_config
 
@@ -149,6 +150,8 @@ class Dispatcher:
                             resend_after_s=self.resend_after_s).start(),
                 Reconciler(self.send, self.settings.heartbeat_stale_s, queues, also=self.resend_lost_messages).start(),
             ]
+            if self.settings.preemption:
+                self._services.append(Preemptor(self.settings).start())
 
     def stop_background(self) -> None:
         for service in self._services:

@@ -1,14 +1,30 @@
-"""Error bodies: 422s name JSON paths, as ``{"detail": [{"loc", "path", "msg", "type"}]}``."""
+"""Error bodies: RFC 9457 problem details (``application/problem+json``), everywhere.
+
+Every error answer is ``{"type", "title", "status", "detail", "errors"}``: ``detail`` is a
+sentence for people; ``errors`` lists what was wrong where, as ``{"loc", "path", "msg", "type"}``
+items (``path`` is the JSON path, e.g. ``model.layers[2].units``; empty for the whole body). A
+422 always has at least one item; other statuses have an empty list. This module is the one home
+of that shape: the exception handlers, the body-limit middleware and the OpenAPI document all
+build it here.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+from http import HTTPStatus
 from typing import Any
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from training.spec import json_path
+
+log = logging.getLogger("trainyard.api")
+
+PROBLEM_JSON = "application/problem+json"
 
 
 class SpecProblem(Exception):
@@ -32,6 +48,38 @@ class SafeJSONResponse(JSONResponse):
 
 def error(loc: list[Any], msg: str, type_: str = "value_error") -> dict[str, Any]:
     return {"loc": loc, "path": json_path(loc), "msg": msg, "type": type_}
+
+
+def summarize(errors: list[dict[str, Any]], limit: int = 3) -> str:
+    """One sentence for ``detail`` from error items: ``path: msg; ...``."""
+    parts = [f"{e.get('path') or '<body>'}: {e.get('msg')}" for e in errors[:limit]]
+    more = f" (and {len(errors) - limit} more)" if len(errors) > limit else ""
+    noun = "error" if len(errors) == 1 else "errors"
+    return f"{len(errors)} {noun} in the request: " + "; ".join(parts) + more
+
+
+def problem(status: int, detail: str | None = None, errors: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The problem-details body of an error answer."""
+    errors = list(errors or [])
+    try:
+        title = HTTPStatus(status).phrase
+    except ValueError:
+        title = "Error"
+    if detail is None:
+        detail = summarize(errors) if errors else title
+    return {"type": "about:blank", "title": title, "status": status, "detail": detail, "errors": errors}
+
+
+def problem_bytes(status: int, detail: str | None = None, errors: list[dict[str, Any]] | None = None) -> bytes:
+    return SafeJSONResponse(problem(status, detail, errors)).body
+
+
+def problem_response(
+    status: int, detail: str | None = None, errors: list[dict[str, Any]] | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    return SafeJSONResponse(problem(status, detail, errors), status_code=status, headers=headers,
+                            media_type=PROBLEM_JSON)
 
 
 def _safe(value: Any) -> Any:
@@ -60,29 +108,54 @@ async def request_validation_handler(_request: Request, exc: RequestValidationEr
         loc = [_safe(p) for p in e.get("loc", ())]
         rel = loc[1:] if loc and loc[0] == "body" else loc
         out.append({"loc": loc, "path": json_path(rel), "msg": e.get("msg", ""), "type": e.get("type", "")})
-    return SafeJSONResponse({"detail": out}, status_code=422)
+    return problem_response(422, errors=out)
 
 
 async def spec_problem_handler(_request: Request, exc: SpecProblem) -> JSONResponse:
-    return SafeJSONResponse({"detail": exc.errors}, status_code=exc.status_code)
+    return problem_response(exc.status_code, errors=exc.errors)
+
+
+async def http_exception_handler(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+    return problem_response(exc.status_code, detail, headers=dict(exc.headers or {}))
 
 
 async def database_unavailable_handler(_request: Request, exc: Exception) -> JSONResponse:
     """A database that cannot be reached (SQLAlchemy's OperationalError / InterfaceError) is a
-    503 with Retry-After, in JSON like every other error (it was a plain-text 500). The error's
-    text (host, port, database) is logged, not sent."""
-    import logging
+    503 with Retry-After, a problem document like every other error (it was a plain-text 500).
+    The error's text (host, port, database) is logged, not sent."""
+    log.warning("database unavailable: %s: %s", type(exc).__name__, exc)
+    return problem_response(503, "the database is unavailable; retry later", headers={"Retry-After": "5"})
 
-    logging.getLogger("trainyard.api").warning("database unavailable: %s: %s", type(exc).__name__, exc)
-    return SafeJSONResponse({"detail": "the database is unavailable; retry later"}, status_code=503,
-                            headers={"Retry-After": "5"})
+
+async def unhandled_exception_handler(_request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error", exc_info=exc)
+    return problem_response(500, "internal server error; the server's log has the details")
+
+
+def document_problems(openapi: dict[str, Any]) -> dict[str, Any]:
+    """Make the OpenAPI document say what the handlers above send: every 4xx/5xx answer is
+    ``application/problem+json`` with the :class:`api.schemas.common.Problem` schema (FastAPI's
+    generated 422 schema and plain ``application/json`` error contents are replaced)."""
+    ref = {"$ref": "#/components/schemas/Problem"}
+    ours = {None, ref["$ref"], "#/components/schemas/HTTPValidationError"}
+    for ops in openapi.get("paths", {}).values():
+        for op in ops.values():
+            for code, resp in (op.get("responses") or {}).items():
+                if not (code.isdigit() and int(code) >= 400):
+                    continue
+                schemas = [c.get("schema", {}).get("$ref") for c in (resp.get("content") or {}).values()]
+                if all(s in ours for s in schemas):  # not a route's own error body (/readyz's 503)
+                    resp["content"] = {PROBLEM_JSON: {"schema": ref}}
+    schemas = openapi.get("components", {}).get("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError", "ErrorResponse"):
+        schemas.pop(name, None)
+    return openapi
 
 
 async def artifact_error_handler(_request: Request, exc: Exception) -> JSONResponse:
     """A stored checkpoint, snapshot or export whose file is missing from the artifact store or
-    is not the recorded bytes (store.artifact_store.ArtifactError): a 500 that says which and
-    why; the bytes are never served."""
-    import logging
-
-    logging.getLogger("trainyard.api").error("artifact store: %s", exc)
-    return SafeJSONResponse({"detail": f"{exc}; refusing to serve it"}, status_code=500)
+    is not the recorded bytes (store.artifact_store.ArtifactError): a 500 problem that says which
+    and why; the bytes are never served."""
+    log.error("artifact store: %s", exc)
+    return problem_response(500, f"{exc}; refusing to serve it")

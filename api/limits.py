@@ -19,6 +19,7 @@ from typing import Any
 from fastapi import HTTPException
 from sqlalchemy.orm import Session
 
+from api.errors import PROBLEM_JSON, problem_bytes
 from config.settings import Settings
 
 Scope = MutableMapping[str, Any]
@@ -29,12 +30,6 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 #: multipart bodies carry a file of up to ``max_upload_bytes`` plus form fields and boundaries
 MULTIPART_OVERHEAD = 64 * 1024
-
-
-def _error_body(status: int, detail: Any) -> tuple[int, bytes]:
-    import json
-
-    return status, json.dumps({"detail": detail}).encode()
 
 
 def json_too_deep(body: bytes, max_depth: int) -> bool:
@@ -159,7 +154,7 @@ class BodyLimitMiddleware:
             await self.app(scope, receive, send)
             return
         limit, is_json = self._limit(scope)
-        too_large = {"detail": f"the request body is larger than the limit of {limit} bytes"}
+        too_large = f"the request body is larger than the limit of {limit} bytes"
         for k, v in scope.get("headers") or ():
             if k == b"content-length":
                 try:
@@ -167,15 +162,15 @@ class BodyLimitMiddleware:
                 except ValueError:
                     declared = -1
                 if declared > limit:
-                    await _respond(send, 413, too_large["detail"])
+                    await _respond(send, 413, too_large)
                     return
         if is_json:
             body, over = await _read_all(receive, limit)
             if over:
-                await _respond(send, 413, too_large["detail"])
+                await _respond(send, 413, too_large)
                 return
             if body and not _decodes(body):
-                await _respond(send, 422, [{
+                await _respond(send, 422, errors=[{
                     "loc": ["body"], "path": "", "type": "json_invalid",
                     "msg": "the request body is not valid JSON: it is not UTF-8 text",
                 }])
@@ -184,7 +179,7 @@ class BodyLimitMiddleware:
             if bad is not None:
                 from training.spec import json_path
 
-                await _respond(send, 422, [{
+                await _respond(send, 422, errors=[{
                     "loc": ["body", *bad], "path": json_path(bad), "type": "string_unicode",
                     "msg": "text must be valid Unicode: this string holds a lone UTF-16 surrogate escape "
                            "(\\ud800-\\udfff); a high surrogate must be followed by a low one",
@@ -192,14 +187,14 @@ class BodyLimitMiddleware:
                 return
             too_long = long_integer(body)
             if too_long is not None:
-                await _respond(send, 422, [{
+                await _respond(send, 422, errors=[{
                     "loc": ["body"], "path": "", "type": "int_too_long",
                     "msg": f"an integer in the request body has {too_long[1]} digits (at character {too_long[0]}); "
                            f"at most {sys.get_int_max_str_digits()} are allowed: send it as a float or a string",
                 }], close=False)
                 return
             if json_too_deep(body, self.settings.max_json_depth):
-                await _respond(send, 422, [{
+                await _respond(send, 422, errors=[{
                     "loc": ["body"], "path": "", "type": "json_too_deep",
                     "msg": f"the request body nests arrays/objects deeper than {self.settings.max_json_depth} levels",
                 }])
@@ -215,7 +210,7 @@ class BodyLimitMiddleware:
                 seen += len(message.get("body", b""))
                 if seen > limit:
                     # FastAPI re-raises HTTPExceptions met while parsing a body; its handler renders it
-                    raise HTTPException(status_code=413, detail=too_large["detail"])
+                    raise HTTPException(status_code=413, detail=too_large)
             return message
 
         await self.app(scope, counting_receive, send)
@@ -262,10 +257,12 @@ def _replay(body: bytes) -> Receive:
     return receive
 
 
-async def _respond(send: Send, status: int, detail: Any, *, close: bool = True) -> None:
-    """An error answer; ``close=False`` once the whole body was read (the connection stays usable)."""
-    _, body = _error_body(status, detail)
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+async def _respond(send: Send, status: int, detail: str | None = None,
+                   errors: list[dict[str, Any]] | None = None, *, close: bool = True) -> None:
+    """An error answer (a problem document); ``close=False`` once the whole body was read (the
+    connection stays usable)."""
+    body = problem_bytes(status, detail, errors)
+    headers = [(b"content-type", PROBLEM_JSON.encode()), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": status,
                 "headers": headers + ([(b"connection", b"close")] if close else [])})
     await send({"type": "http.response.body", "body": body})

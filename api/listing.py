@@ -12,8 +12,9 @@ from api.errors import SpecProblem, error
 from orchestration.recovery import LOST_STOP_REASON, STALLED_STOP_REASON
 from training.reporting import STOP_REASONS
 
-#: what ``stop_reason`` filters may name: the engine's reasons and the service's own
-STOP_REASON_FILTERS = (*STOP_REASONS, "paused", "error", LOST_STOP_REASON, STALLED_STOP_REASON)
+#: every stop reason a job can have, which ``stop_reason`` filters may name: the engine's reasons
+#: and the service's own ("sweep_failed": a paused trial ended with its failed sweep)
+STOP_REASON_FILTERS = (*STOP_REASONS, "paused", "error", LOST_STOP_REASON, STALLED_STOP_REASON, "sweep_failed")
 
 #: ``key=value``: the pattern of a ``label`` query parameter (documented, and split by it)
 LABEL_FILTER = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._/-]{0,62})=([^\x00]{0,200})$")

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -33,8 +32,10 @@ from config.settings import get_settings
 
 
 def _response(status: int, reason: str, detail: str) -> bytes:
-    body = json.dumps({"detail": detail}).encode()
-    return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
+    from api.errors import PROBLEM_JSON, problem_bytes
+
+    body = problem_bytes(status, detail)
+    return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: {PROBLEM_JSON}\r\n"
             f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode("ascii") + body
 
 

@@ -33,8 +33,12 @@ def job_summary(job: Job) -> JobSummary:
 
 def job_read(job: Job) -> JobRead:
     session = object_session(job)
-    position = scheduling.queue_position(session, job.id) if session is not None and job.status == "queued" else None
-    return JobRead(**_summary_fields(job), spec=job.spec, info=job.info, queue_position=position)
+    position = start = None
+    if session is not None and job.status == "queued":
+        rank = scheduling.queue_rank(session, job.id)
+        position, start = scheduling.queued_view(session.get_bind(), job.queue, job.project_id, rank)
+    return JobRead(**_summary_fields(job), spec=job.spec, info=job.info, queue_position=position,
+                   estimated_start_at=start)
 
 
 def checkpoint_read(ck: Checkpoint, stored: bool) -> CheckpointRead:

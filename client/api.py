@@ -10,18 +10,21 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import AsyncIterator, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+from httpx_retries import Retry, RetryTransport
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 
 class TrainyardError(Exception):
-    """An error answer from the API; ``detail`` is its parsed ``detail`` (errors list or text)."""
+    """An error answer from the API (an RFC 9457 problem): ``detail`` is its list of errors with
+    their JSON paths when it has one (a 422), else its ``detail`` text."""
 
     def __init__(self, status_code: int, detail: Any) -> None:
         self.status_code = status_code
@@ -35,16 +38,70 @@ def format_detail(detail: Any) -> str:
     return str(detail)
 
 
+#: answers worth trying again (with backoff, honouring Retry-After)
+RETRY_STATUSES = (429, 502, 503, 504)
+
+
+def check(r: httpx.Response) -> httpx.Response:
+    """``r``, or :class:`TrainyardError` for an error answer (its problem document's ``errors``
+    when it lists any, else its ``detail``)."""
+    if r.status_code >= 400:
+        try:
+            body = r.json()
+            detail = body.get("errors") or body.get("detail", r.text)
+        except (ValueError, AttributeError):
+            detail = r.text
+        raise TrainyardError(r.status_code, detail)
+    return r
+
+
+def _idempotency_key(given: str | None) -> str:
+    return given or uuid.uuid4().hex
+
+
+def _batches(specs: list[dict[str, Any]], batch_size: int, key: str | None) -> Iterator[tuple[int, list[dict[str, Any]], str]]:
+    """(first index, specs, Idempotency-Key) of each request of submit_many."""
+    if not 1 <= batch_size <= 1000:
+        raise ValueError("batch_size must be between 1 and 1000")
+    prefix = _idempotency_key(key)
+    for n, start in enumerate(range(0, len(specs), batch_size)):
+        yield start, specs[start:start + batch_size], f"{prefix}-{n}"
+
+
+def _jobs_params(limit: int, cursor: str | None, status: list[str] | None = None, name: str | None = None,
+                 sweep_id: str | None = None) -> dict[str, Any]:
+    params: dict[str, Any] = {"limit": limit}
+    for k, v in (("status", status), ("name", name), ("sweep_id", sweep_id), ("cursor", cursor)):
+        if v:
+            params[k] = v
+    return params
+
+
+def _retry(retries: int, backoff: float, methods: tuple[str, ...]) -> Retry:
+    return Retry(total=retries, backoff_factor=backoff, status_forcelist=RETRY_STATUSES, allowed_methods=methods,
+                 respect_retry_after_header=True, max_backoff_wait=120.0)
+
+
 class Client:
     """Talks to one Trainyard server (``url`` or ``$TRAINYARD_URL`` or http://127.0.0.1:8000),
-    sending ``api_key`` (or ``$TRAINYARD_API_KEY``) as ``Authorization: Bearer <key>``."""
+    sending ``api_key`` (or ``$TRAINYARD_API_KEY``) as ``Authorization: Bearer <key>``.
+
+    Connection errors, timeouts and 429/502/503/504 answers are retried up to ``retries`` times
+    with exponential backoff (``backoff`` s, doubling), waiting what ``Retry-After`` says when it
+    is given (httpx-retries). GET and DELETE are always retried; a POST only when it carries an
+    Idempotency-Key, which the methods that create things send (one they generate, unless given
+    one): a retried submission then answers what the first one made, never a second job."""
 
     def __init__(self, url: str | None = None, *, api_key: str | None = None, timeout: float = 30.0,
-                 transport: httpx.BaseTransport | None = None):
+                 transport: httpx.BaseTransport | None = None, retries: int = 5, backoff: float = 0.5):
         self.url = (url or os.environ.get("TRAINYARD_URL") or DEFAULT_URL).rstrip("/")
         key = api_key or os.environ.get("TRAINYARD_API_KEY") or None
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        self._http = httpx.Client(base_url=self.url, timeout=timeout, transport=transport, headers=headers)
+        self._retry = _retry(retries, backoff, ("GET", "HEAD", "OPTIONS", "DELETE"))
+        #: the retry policy of a POST with an Idempotency-Key (``request.extensions["retry"]``)
+        self._retry_post = _retry(retries, backoff, ("POST",))
+        wrapped = RetryTransport(transport=transport or httpx.HTTPTransport(), retry=self._retry)
+        self._http = httpx.Client(base_url=self.url, timeout=timeout, transport=wrapped, headers=headers)
 
     def close(self) -> None:
         self._http.close()
@@ -55,14 +112,17 @@ class Client:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
+    def _post(self, path: str, *, json: Any = None, idempotency_key: str | None = None,
+              params: dict[str, Any] | None = None) -> Any:
+        """A POST that creates something: sent with an Idempotency-Key (``idempotency_key``, or a
+        new one), so that it is safe to retry."""
+        key = _idempotency_key(idempotency_key)
+        r = self._http.post(path, json=json, params=params, headers={"Idempotency-Key": key},
+                            extensions={"retry": self._retry_post})
+        return self._check(r).json()
+
     def _check(self, r: httpx.Response) -> httpx.Response:
-        if r.status_code >= 400:
-            try:
-                detail = r.json().get("detail", r.text)
-            except (ValueError, AttributeError):
-                detail = r.text
-            raise TrainyardError(r.status_code, detail)
-        return r
+        return check(r)
 
     def _json(self, method: str, path: str, **kw: Any) -> Any:
         return self._check(self._http.request(method, path, **kw)).json()
@@ -72,32 +132,56 @@ class Client:
                priority: int | None = None) -> dict[str, Any]:
         """Submit one job spec; returns the job (the existing one for a repeated key). ``priority``:
         higher starts first among the queued jobs of its queue (default 0)."""
-        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-        params = {"priority": priority} if priority is not None else {}
-        return self._json("POST", "/v1/jobs", json=spec, headers=headers, params=params)  # type: ignore[no-any-return]
+        params = {"priority": priority} if priority is not None else None
+        return self._post("/v1/jobs", json=spec, idempotency_key=idempotency_key, params=params)  # type: ignore[no-any-return]
 
     def set_priority(self, job_id: str, priority: int) -> dict[str, Any]:
         """Change a queued job's priority (409 once it started)."""
         return self._json("PATCH", f"/v1/jobs/{job_id}", json={"priority": priority})  # type: ignore[no-any-return]
 
-    def submit_batch(self, specs: list[dict[str, Any]], *, priority: int | None = None) -> dict[str, Any]:
+    def submit_batch(self, specs: list[dict[str, Any]], *, idempotency_key: str | None = None,
+                     priority: int | None = None) -> dict[str, Any]:
         """Submit up to 1000 specs; a result (id or errors) per item."""
         body: dict[str, Any] = {"jobs": specs}
         if priority is not None:
             body["priority"] = priority
-        return self._json("POST", "/v1/jobs/batch", json=body)  # type: ignore[no-any-return]
+        return self._post("/v1/jobs/batch", json=body, idempotency_key=idempotency_key)  # type: ignore[no-any-return]
+
+    def submit_many(self, specs: Iterable[dict[str, Any]], *, batch_size: int = 500,
+                    idempotency_key: str | None = None, priority: int | None = None) -> list[dict[str, Any]]:
+        """Submit any number of specs, ``batch_size`` (at most 1000) per request; returns one
+        result per spec, in order (``index`` counts over all of them). Batch n is sent with the
+        key ``<idempotency_key>-<n>`` (default: a new one), so a script rerun with the same key
+        after a crash resubmits nothing that was already made."""
+        out: list[dict[str, Any]] = []
+        for start, chunk, key in _batches(list(specs), batch_size, idempotency_key):
+            res = self.submit_batch(chunk, idempotency_key=key, priority=priority)
+            out += [{**item, "index": start + item["index"]} for item in res["results"]]
+        return out
+
+    def continue_job(self, job_id: str, epochs: int) -> dict[str, Any]:
+        """Train a job that ran all its epochs for ``epochs`` more (POST /v1/jobs/{id}/continue)."""
+        return self._json("POST", f"/v1/jobs/{job_id}/continue", json={"epochs": epochs})  # type: ignore[no-any-return]
+
+    def clone(self, job_id: str, patch: dict[str, Any] | None = None, *,
+              idempotency_key: str | None = None) -> dict[str, Any]:
+        """A new job from this one's spec with a JSON merge patch (RFC 7386) applied."""
+        return self._post(f"/v1/jobs/{job_id}/clone", json=patch or {}, idempotency_key=idempotency_key)  # type: ignore[no-any-return]
+
+    def iter_jobs(self, *, page_size: int = 100, **filters: Any) -> Iterator[dict[str, Any]]:
+        """Every job matching ``filters`` (those of :meth:`jobs`), newest first, fetched a page at
+        a time as the iteration reaches it."""
+        cursor = None
+        while True:
+            page = self.jobs(limit=page_size, cursor=cursor, **filters)
+            yield from page["jobs"]
+            cursor = page.get("next_cursor")
+            if not cursor:
+                return
 
     def jobs(self, *, status: list[str] | None = None, name: str | None = None, limit: int = 50,
              cursor: str | None = None, sweep_id: str | None = None) -> dict[str, Any]:
-        params: dict[str, Any] = {"limit": limit}
-        if sweep_id:
-            params["sweep_id"] = sweep_id
-        if status:
-            params["status"] = status
-        if name:
-            params["name"] = name
-        if cursor:
-            params["cursor"] = cursor
+        params = _jobs_params(limit, cursor, status=status, name=name, sweep_id=sweep_id)
         return self._json("GET", "/v1/jobs", params=params)  # type: ignore[no-any-return]
 
     def job(self, job_id: str) -> dict[str, Any]:
@@ -220,9 +304,33 @@ class Client:
             time.sleep(poll)
 
     # -- sweeps
-    def create_sweep(self, sweep: dict[str, Any]) -> dict[str, Any]:
+    def create_sweep(self, sweep: dict[str, Any], *, idempotency_key: str | None = None) -> dict[str, Any]:
         """Start a sweep (see POST /v1/sweeps); returns it with its first trials."""
-        return self._json("POST", "/v1/sweeps", json=sweep)  # type: ignore[no-any-return]
+        return self._post("/v1/sweeps", json=sweep, idempotency_key=idempotency_key)  # type: ignore[no-any-return]
+
+    def extend_sweep(self, sweep_id: str, max_trials: int) -> dict[str, Any]:
+        """Raise a sweep's ``max_trials`` (it runs again if its trials had run out)."""
+        return self._json("POST", f"/v1/sweeps/{sweep_id}/extend", json={"max_trials": max_trials})  # type: ignore[no-any-return]
+
+    # -- webhooks
+    def create_webhook(self, url: str, events: list[str], *, secret: str | None = None,
+                       description: str | None = None) -> dict[str, Any]:
+        """Subscribe ``url`` to events (verify deliveries with :func:`client.webhooks.verify`);
+        the answer holds the signing secret, shown only once."""
+        body = {"url": url, "events": events, **({"secret": secret} if secret else {}),
+                **({"description": description} if description else {})}
+        return self._json("POST", "/v1/webhooks", json=body)  # type: ignore[no-any-return]
+
+    def webhooks(self) -> list[dict[str, Any]]:
+        return self._json("GET", "/v1/webhooks")["webhooks"]  # type: ignore[no-any-return]
+
+    def delete_webhook(self, webhook_id: str) -> None:
+        self._check(self._http.delete(f"/v1/webhooks/{webhook_id}"))
+
+    def webhook_deliveries(self, webhook_id: str, *, status: list[str] | None = None,
+                           limit: int = 50) -> list[dict[str, Any]]:
+        params: dict[str, Any] = {"limit": limit, **({"status": status} if status else {})}
+        return self._json("GET", f"/v1/webhooks/{webhook_id}/deliveries", params=params)["deliveries"]  # type: ignore[no-any-return]
 
     def sweep(self, sweep_id: str) -> dict[str, Any]:
         """A sweep with its trials, ``best_trial`` and ``leaderboard``."""
@@ -272,3 +380,84 @@ class Client:
 
     def ready(self) -> dict[str, Any]:
         return self._json("GET", "/readyz")  # type: ignore[no-any-return]
+
+
+class AsyncClient:
+    """The asyncio twin of :class:`Client` for scripts that follow many things at once: the same
+    retries and Idempotency-Keys, the methods a batch script needs."""
+
+    def __init__(self, url: str | None = None, *, api_key: str | None = None, timeout: float = 30.0,
+                 transport: httpx.AsyncBaseTransport | None = None, retries: int = 5, backoff: float = 0.5):
+        self.url = (url or os.environ.get("TRAINYARD_URL") or DEFAULT_URL).rstrip("/")
+        key = api_key or os.environ.get("TRAINYARD_API_KEY") or None
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self._retry_post = _retry(retries, backoff, ("POST",))
+        wrapped = RetryTransport(transport=transport or httpx.AsyncHTTPTransport(),
+                                 retry=_retry(retries, backoff, ("GET", "HEAD", "OPTIONS", "DELETE")))
+        self._http = httpx.AsyncClient(base_url=self.url, timeout=timeout, transport=wrapped, headers=headers)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.aclose()
+
+    async def _json(self, method: str, path: str, **kw: Any) -> Any:
+        return check(await self._http.request(method, path, **kw)).json()
+
+    async def _post(self, path: str, *, json: Any = None, idempotency_key: str | None = None) -> Any:
+        r = await self._http.post(path, json=json, headers={"Idempotency-Key": _idempotency_key(idempotency_key)},
+                                  extensions={"retry": self._retry_post})
+        return check(r).json()
+
+    async def submit(self, spec: dict[str, Any], *, idempotency_key: str | None = None) -> dict[str, Any]:
+        return await self._post("/v1/jobs", json=spec, idempotency_key=idempotency_key)  # type: ignore[no-any-return]
+
+    async def submit_batch(self, specs: list[dict[str, Any]], *, idempotency_key: str | None = None) -> dict[str, Any]:
+        return await self._post("/v1/jobs/batch", json={"jobs": specs}, idempotency_key=idempotency_key)  # type: ignore[no-any-return]
+
+    async def submit_many(self, specs: Iterable[dict[str, Any]], *, batch_size: int = 500,
+                          idempotency_key: str | None = None) -> list[dict[str, Any]]:
+        """As :meth:`Client.submit_many`."""
+        out: list[dict[str, Any]] = []
+        for start, chunk, key in _batches(list(specs), batch_size, idempotency_key):
+            res = await self.submit_batch(chunk, idempotency_key=key)
+            out += [{**item, "index": start + item["index"]} for item in res["results"]]
+        return out
+
+    async def job(self, job_id: str) -> dict[str, Any]:
+        return await self._json("GET", f"/v1/jobs/{job_id}")  # type: ignore[no-any-return]
+
+    async def jobs(self, *, status: list[str] | None = None, name: str | None = None, limit: int = 50,
+                   cursor: str | None = None, sweep_id: str | None = None) -> dict[str, Any]:
+        params = _jobs_params(limit, cursor, status=status, name=name, sweep_id=sweep_id)
+        return await self._json("GET", "/v1/jobs", params=params)  # type: ignore[no-any-return]
+
+    async def iter_jobs(self, *, page_size: int = 100, **filters: Any) -> AsyncIterator[dict[str, Any]]:
+        cursor = None
+        while True:
+            page = await self.jobs(limit=page_size, cursor=cursor, **filters)
+            for job in page["jobs"]:
+                yield job
+            cursor = page.get("next_cursor")
+            if not cursor:
+                return
+
+    async def cancel(self, job_id: str) -> dict[str, Any]:
+        return await self._json("POST", f"/v1/jobs/{job_id}/cancel")  # type: ignore[no-any-return]
+
+    async def wait(self, job_id: str, *, poll: float = 0.5, timeout: float | None = None) -> dict[str, Any]:
+        """Poll until the job reaches a terminal state; returns it."""
+        import asyncio
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            job = await self.job(job_id)
+            if job["status"] in TERMINAL:
+                return job
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still {job['status']} after {timeout} s")
+            await asyncio.sleep(poll)

@@ -921,7 +921,7 @@ def keys_revoke(
     typer.echo(f"{found[0].id}  {found[0].prefix}…  " + ("revoked" if revoked else "was already revoked"))
 
 
-projects_app = typer.Typer(help="Per-project limits (talks to $TRAINYARD_DATABASE_URL directly).",
+projects_app = typer.Typer(help="Per-project limits and fair-share weights (talks to $TRAINYARD_DATABASE_URL directly).",
                            no_args_is_help=True)
 app.add_typer(projects_app, name="projects")
 projects_app.callback()(_require_database)
@@ -950,6 +950,25 @@ def projects_set_limits(
     except ValueError as exc:
         raise _fail(f"trainyard: {exc}", 2) from None
     typer.echo(f"{project}: " + ", ".join(f"{k}={'default' if v is None else v}" for k, v in shown.items()))
+
+
+@projects_app.command("set-weight")
+def projects_set_weight(
+    project: Annotated[str, typer.Argument(help="project name (created if missing)")],
+    weight: Annotated[float, typer.Argument(help="fair-share weight, > 0 (default 1)")],
+) -> None:
+    """Set a project's fair-share weight: when projects compete for a queue's workers, each receives
+    worker time in proportion to its weight (README "Scheduler")."""
+    from store import auth
+    from store.db import session_scope
+
+    try:
+        with session_scope(write=True) as session:
+            row = auth.ensure_project(session, project)
+            auth.set_project_weight(session, row.id, weight)
+    except ValueError as exc:
+        raise _fail(f"trainyard: {exc}", 2) from None
+    typer.echo(f"{project}: weight={weight:g}")
 
 
 def main() -> None:

@@ -63,6 +63,14 @@ class Settings(BaseSettings):
     # A running job whose training made no step for this long ends its attempt (stop reason
     # "stalled") and is requeued like a lost worker's; a spec's stall_timeout_s overrides it; 0: never.
     stall_timeout_s: float = Field(900.0, ge=0)
+    # Fair share (store.scheduling, README "Scheduler"): a project's worker time of the last this
+    # many seconds counts against it when projects compete for a queue's free worker.
+    fair_share_window_s: float = Field(3600.0, gt=0)
+    # Preemption (off by default; set it on the API and the workers): a queued job that waited
+    # this many seconds suspends a running lower-priority job of its project and queue, which is
+    # requeued and resumes from its snapshot (README "Scheduler").
+    preemption: bool = False
+    preemption_grace_s: float = Field(10.0, ge=0)
     # Security (see README "Security"): "required" makes every /v1 request carry an API key;
     # "off" puts every caller in the default project (embedded mode on 127.0.0.1).
     auth: Literal["required", "off"] = "required"
@@ -99,6 +107,20 @@ class Settings(BaseSettings):
     cors_origins: str = ""
     session_secret: str = ""
     session_max_age_s: int = Field(7 * 24 * 3600, ge=60, validation_alias="TRAINYARD_SESSION_MAX_AGE")
+    # Worker: keep the training state after a job's last epoch (one snapshot row per job), so
+    # POST /v1/jobs/{id}/continue can add epochs to it.
+    keep_final_snapshot: bool = True
+    # Webhooks (store.webhooks, api.webhook_delivery): the API's delivery loop polls every
+    # webhook_poll_s; a failed delivery is retried after retry_base * 2**(tries-1) s (at most
+    # webhook_retry_max_s apart) until webhook_max_age_s after the event (then it is "failed"); a
+    # claimed delivery whose sender died is sent again after webhook_lease_s.
+    webhook_poll_s: float = Field(1.0, gt=0)
+    webhook_timeout_s: float = Field(10.0, gt=0)
+    webhook_retry_base_s: float = Field(10.0, gt=0)
+    webhook_retry_max_s: float = Field(3600.0, gt=0)
+    webhook_max_age_s: float = Field(3 * 24 * 3600.0, gt=0)
+    webhook_lease_s: float = Field(60.0, gt=0)
+    webhook_concurrency: int = Field(8, ge=1, le=256)
     # The artifact store (store/artifact_store.py): where checkpoints, resume snapshots and
     # exports are written; the database keeps their size, sha256 and key. A directory path,
     # file://..., or s3://bucket/prefix (s3fs; endpoint and credentials below, or the standard

@@ -20,13 +20,18 @@ from training import data as data_mod
 from training.data import DatasetInfo
 
 
-def dataset_resolver(session: Session, project_id: str | None = None) -> Callable[[str], DatasetInfo | None]:
-    """Map a stored dataset's id, or its name when one dataset of the project has it, to its
-    DatasetInfo, whose ``name`` is the dataset's id (None if the project has no such dataset;
-    a SpecError listing the ids when several of its datasets have that name). The one resolver
-    of job specs: jobs, batches and sweep trials."""
+class SpecResolver:
+    """What a spec names in a project: stored datasets (called with a dataset's id, or its name when
+    one dataset of the project has it, it returns its DatasetInfo, whose ``name`` is the dataset's
+    id; None if the project has no such dataset; a SpecError listing the ids when several of its
+    datasets have that name) and, for ``init_from``, jobs with a best checkpoint
+    (:meth:`init_problem`). The one resolver of job specs: jobs, batches and sweep trials."""
 
-    def resolve(ref: str) -> DatasetInfo | None:
+    def __init__(self, session: Session, project_id: str | None = None) -> None:
+        self.session, self.project_id = session, project_id
+
+    def __call__(self, ref: str) -> DatasetInfo | None:
+        session, project_id = self.session, self.project_id
         ds = repo.get_dataset(session, ref, project_id) if len(ref) == 32 else None
         if ds is None:
             named = repo.datasets_named(session, ref, project_id)
@@ -44,7 +49,19 @@ def dataset_resolver(session: Session, project_id: str | None = None) -> Callabl
             n_targets=ds.n_targets, n_samples=ds.n_samples,
         )
 
-    return resolve
+    def init_problem(self, job_id: str) -> str | None:
+        """Why a spec cannot start from job ``job_id``'s best checkpoint (``init_from``; None if it
+        can)."""
+        if not repo.job_exists(self.session, job_id, self.project_id):
+            return f"no job {job_id!r} (init_from names a job of this project)"
+        if repo.best_checkpoint(self.session, job_id, self.project_id) is None:
+            return f"job {job_id} has no best checkpoint (yet) to start from"
+        return None
+
+
+def dataset_resolver(session: Session, project_id: str | None = None) -> SpecResolver:
+    """The :class:`SpecResolver` of ``project_id``'s specs."""
+    return SpecResolver(session, project_id)
 
 
 @dataclass(frozen=True)
@@ -106,6 +123,10 @@ def check_job_spec(raw: Any, resolver: Callable[[str], DatasetInfo | None], sett
         except data_mod.DataError:
             info = None
     errors += spec_limit_errors(spec, info, settings)
+    if spec.init_from is not None and isinstance(resolver, SpecResolver):
+        why = resolver.init_problem(spec.init_from)
+        if why:
+            errors.append(_err(["init_from"], why))
     if spec.data.dataset not in data_mod.BUILTIN_DATASETS:
         # A stored dataset is a file dataset: check the options that do not apply to files.
         probe = spec.data.model_copy(update={"path": "stored.npz"})

@@ -9,6 +9,7 @@ accepts besides the key's id.
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 import secrets
 from dataclasses import dataclass
@@ -92,6 +93,17 @@ def set_project_limits(
         session.execute(
             update(Project).where(Project.id == project_id).values(**values).execution_options(synchronize_session=False)
         )
+
+
+def set_project_weight(session: Session, project_id: str, weight: float) -> None:
+    """Set a project's fair-share weight (store.scheduling): when projects compete for a queue,
+    each receives worker time in proportion to its weight. ``weight`` must be a finite number > 0."""
+    if not (math.isfinite(weight) and weight > 0):
+        raise ValueError(f"invalid weight {weight!r}: a project's weight is a finite number > 0 (default 1)")
+    session.execute(
+        update(Project).where(Project.id == project_id).values(weight=float(weight))
+        .execution_options(synchronize_session=False)
+    )
 
 
 def create_key(session: Session, project_name: str, name: str | None = None) -> NewKey:

@@ -21,7 +21,7 @@ from typing import Any
 from sqlalchemy import Engine
 
 from store.floats import from_text
-from store.scheduling import position_sql
+from store.scheduling import position_sql, queued_view
 
 # The job columns a view needs, in select order; spec and info come as JSON text.
 JOB_COLUMNS = (
@@ -51,7 +51,7 @@ _KEY_WHERE = "WHERE k.key_hash = :key_hash AND k.revoked_at IS NULL"
 
 @lru_cache(maxsize=8)
 def _job_sql(engine: Engine, keyed: bool) -> str:
-    cols = (", ".join(f"j.{c}" for c in JOB_COLUMNS) + f", {position_sql('j')}"
+    cols = (", ".join(f"j.{c}" for c in JOB_COLUMNS) + f", {position_sql('j')}, j.project_id"
             + ", CAST(j.spec AS TEXT), CAST(j.info AS TEXT)")
     if keyed:
         return _sql(engine, f"SELECT {', '.join(KEY_COLUMNS)}, {cols} {_KEY_FROM} {_KEY_WHERE}")
@@ -171,17 +171,18 @@ def job_json(engine: Engine, job_id: str, caller: Caller, conn: Any = None) -> t
         return None, None
     if row[0] is None:  # the key is valid, the job is not in its project
         return key, None
-    return key, _job_document(row)
+    return key, _job_document(engine, row)
 
 
-def _job_document(row: Sequence[Any]) -> bytes:
-    """The job's JSON from its columns (:data:`JOB_COLUMNS`, its queue position, then the spec and
-    info as text)."""
+def _job_document(engine: Engine, row: Sequence[Any]) -> bytes:
+    """The job's JSON from its columns (:data:`JOB_COLUMNS`, its rank in its project's queue, its
+    project, then the spec and info as text)."""
     n = len(JOB_COLUMNS)
     view = _view(row[:n])
-    view["queue_position"] = row[n]
+    position, start = queued_view(engine, view["queue"], row[n + 1], row[n])
+    view["queue_position"], view["estimated_start_at"] = position, _iso(start)
     head = json.dumps(view, separators=(",", ":"), allow_nan=False)
-    spec_text, info_text = row[n + 1], row[n + 2]
+    spec_text, info_text = row[n + 2], row[n + 3]
     body = f'{head[:-1]},"spec":{spec_text},"info":{info_text if info_text is not None else "null"}}}'
     return body.encode()
 
@@ -240,7 +241,8 @@ _KEY_LATERAL = (
 
 @lru_cache(maxsize=4)
 def _jobs_batch_sql(keyed: bool) -> str:
-    cols = ", ".join(JOB_COLUMNS) + f", {position_sql('jobs')} AS queue_position, CAST(spec AS TEXT), CAST(info AS TEXT)"
+    cols = (", ".join(JOB_COLUMNS) + f", {position_sql('jobs')} AS queue_rank, project_id AS job_project"
+            ", CAST(spec AS TEXT), CAST(info AS TEXT)")
     if keyed:
         return (
             "SELECT q.n, k.id, k.project_id, p.requests_per_minute, k.last_used_at, j.* "
@@ -310,7 +312,7 @@ class JobPolls:
                 pos = idx[row[0] - 1]
                 key: KeyRow = tuple(row[1:5]) if keyed else None  # type: ignore[assignment]
                 job = row[5:] if keyed else row[1:]
-                out[pos] = (key, _job_document(job) if job[0] is not None else None)
+                out[pos] = (key, _job_document(self.engine, job) if job[0] is not None else None)
         return out
 
 

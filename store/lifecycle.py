@@ -3,6 +3,8 @@ compare-and-set that every change of a job's status goes through.
 
 ```
 queued ──claim──> running ──finish──> succeeded | failed | cancelled
+  ▲                                      │
+  └──────────continue (more epochs)──────┘ (succeeded, all its epochs run: POST /v1/jobs/{id}/continue)
   │  ▲              │ │ └──pause (sweep trial at a rung)──> paused ──promote──> queued
   │  └──requeue─────┘ └──take-over (a new attempt)──> running      └──end──> succeeded | failed | cancelled
   └──cancel / fail unstarted──> cancelled | failed
@@ -28,12 +30,16 @@ from store.models import Job
 QUEUED, RUNNING, PAUSED, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "paused", "succeeded", "failed", "cancelled"
 STATUSES = (QUEUED, RUNNING, PAUSED, SUCCEEDED, FAILED, CANCELLED)
 
-#: status -> the statuses it may move to. Terminal statuses move nowhere.
+#: status -> the statuses it may move to. Terminal statuses move nowhere, but for a continued job
+#: (succeeded -> queued).
 TRANSITIONS: Mapping[str, frozenset[str]] = {
     QUEUED: frozenset({RUNNING, CANCELLED, FAILED}),  # claimed; cancelled; could not be enqueued
     RUNNING: frozenset({RUNNING, QUEUED, PAUSED, SUCCEEDED, FAILED, CANCELLED}),  # RUNNING: a take-over
     PAUSED: frozenset({QUEUED, SUCCEEDED, FAILED, CANCELLED}),  # promoted; ended by its sweep; cancelled
-    SUCCEEDED: frozenset(),
+    # continued (store.continuation): a job that ran all its epochs is queued again with more of
+    # them, resuming from the state after its last one. Failed and cancelled jobs stay ended (a
+    # clone is a new job).
+    SUCCEEDED: frozenset({QUEUED}),
     FAILED: frozenset(),
     CANCELLED: frozenset(),
 }
@@ -63,7 +69,9 @@ def move(session: Session, job_id: str, sources: Collection[str], target: str, *
     against :data:`TRANSITIONS` first), if the row also matches ``where``, setting ``values`` too.
     Returns whether the row moved (False: it was in another status, or ``where`` did not hold).
     A job that ends (a terminal ``target``) loses its resume snapshot here, in the same
-    transaction (its file after the commit): nothing resumes an ended job."""
+    transaction (its file after the commit), unless it ran all its epochs (succeeded,
+    ``completed``) and ``keep_final_snapshot`` is on: that job keeps the state of its last epoch
+    for ``POST /v1/jobs/{id}/continue`` (store.continuation)."""
     check(sources, target)
     res = session.execute(
         update(Job)
@@ -72,6 +80,12 @@ def move(session: Session, job_id: str, sources: Collection[str], target: str, *
         .execution_options(synchronize_session=False)
     )
     moved = res.rowcount == 1  # type: ignore[attr-defined]
-    if moved and not TRANSITIONS[target]:
+    if moved and not TRANSITIONS[target] and not _continuable(target, values):
         drop_snapshot(session, job_id)
     return moved
+
+
+def _continuable(target: str, values: Mapping[str, Any] | None) -> bool:
+    from config.settings import get_settings
+
+    return target == SUCCEEDED and (values or {}).get("stop_reason") == "completed" and get_settings().keep_final_snapshot

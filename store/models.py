@@ -23,6 +23,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
     func,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -66,6 +67,8 @@ class Project(Base):
     # per-project limits (NULL: the service-wide default from Settings)
     max_concurrent_jobs: Mapped[int | None] = mapped_column(Integer)
     requests_per_minute: Mapped[int | None] = mapped_column(Integer)
+    # fair share (store.scheduling): competing projects get worker time in proportion to it
+    weight: Mapped[float] = mapped_column(Float, default=1.0, server_default="1")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
@@ -122,6 +125,9 @@ class Job(Base):
         UniqueConstraint("project_id", "idempotency_key", name="uq_jobs_project_id_idempotency_key"),
         # the claim's pick (store.scheduling): the best queued job of a queue, and queue positions
         Index("ix_jobs_queue_status_priority", "queue", "status", "priority", "created_at"),
+        # the fair-share pick: a project's best queued job in a queue; a queue's recent usage
+        Index("ix_jobs_queue_status_project_priority", "queue", "status", "project_id", "priority", "created_at"),
+        Index("ix_jobs_queue_finished_at", "queue", "finished_at"),
         # the list's sort orders (GET /v1/jobs?order_by=updated|best), keyset-paged
         Index("ix_jobs_project_id_updated_at_id", "project_id", "updated_at", "id"),
         Index("ix_jobs_project_id_best_number_id", "project_id", "best_number", "id"),
@@ -158,6 +164,8 @@ class Job(Base):
     # fencing token: bumped by every claim; a worker's writes only apply while it still holds it
     lease_token: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    # preemption (store.scheduling.request_preemptions): stop at the next step and requeue
+    preempt_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     worker: Mapped[str | None] = mapped_column(String(200))
     info: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     run_seconds: Mapped[float | None] = mapped_column(Float)
@@ -291,3 +299,62 @@ class Dataset(Base):
     size: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+
+class IdempotencyRecord(Base):
+    """What a POST with an Idempotency-Key made, for the routes whose result is not one job
+    (a batch, a sweep): replayed when the same key comes again with the same body (a single job's
+    key lives on its row, ``jobs.idempotency_key``). Written in the transaction that made it."""
+
+    __tablename__ = "idempotency_records"
+
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), primary_key=True)
+    scope: Mapped[str] = mapped_column(String(32), primary_key=True)  # "jobs.batch" | "sweeps"
+    key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    request_hash: Mapped[str] = mapped_column(String(64))
+    result: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Webhook(Base):
+    """A project's subscription: the events it wants POSTed to ``url``, signed with ``secret``."""
+
+    __tablename__ = "webhooks"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), index=True)
+    url: Mapped[str] = mapped_column(Text)
+    events: Mapped[list[Any]] = mapped_column(JSON)  # "job.succeeded", ..., "val_accuracy >= 0.98"
+    secret: Mapped[str] = mapped_column(String(200))
+    description: Mapped[str | None] = mapped_column(String(500))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class WebhookDelivery(Base):
+    """One event owed to one webhook: written in the transaction of the state change that caused
+    it (the outbox pattern), sent by the API's delivery loop (store.webhooks) until the receiver
+    answers 2xx or ``webhook_max_age_s`` passes. ``event_id`` is the same on every retry."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        UniqueConstraint("webhook_id", "dedup_key", name="uq_webhook_deliveries_webhook_id_dedup_key"),
+        Index("ix_webhook_deliveries_status_next_attempt_at", "status", "next_attempt_at"),
+        Index("ix_webhook_deliveries_webhook_id_id", "webhook_id", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    webhook_id: Mapped[str] = mapped_column(ForeignKey("webhooks.id", ondelete="CASCADE"))
+    event_id: Mapped[str] = mapped_column(String(32), unique=True)
+    event: Mapped[str] = mapped_column(String(100))  # job.succeeded | ... | metric.threshold
+    job_id: Mapped[str | None] = mapped_column(String(32))
+    sweep_id: Mapped[str | None] = mapped_column(String(32))
+    # set for events that happen once per job and webhook (a metric threshold crossed)
+    dedup_key: Mapped[str | None] = mapped_column(String(300))
+    data: Mapped[dict[str, Any]] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(16))  # pending | delivered | failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

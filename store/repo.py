@@ -278,7 +278,14 @@ def existing_job_ids(session: Session, ids: Sequence[str], project_id: str) -> s
 
 
 def add_event(session: Session, job_id: str, kind: str, data: dict[str, Any], at: datetime | None = None) -> None:
-    session.add(JobEvent(job_id=job_id, kind=kind, data=data, created_at=at or utcnow()))
+    """Record a job event (what the event stream serves); a state change is also owed to the
+    project's webhooks that asked for it, in this same transaction (store.webhooks)."""
+    from store import webhooks
+
+    at = at or utcnow()
+    session.add(JobEvent(job_id=job_id, kind=kind, data=data, created_at=at))
+    if kind == "state":
+        webhooks.on_job_state(session, job_id, data, at)
 
 
 def events_after(session: Session, job_id: str, after_id: int, limit: int = 500) -> list[JobEvent]:
@@ -332,6 +339,10 @@ def claim_job(session: Session, job_id: str, worker: str, stale_after_s: float) 
     return job
 
 
+def is_preempt_requested(session: Session, job_id: str) -> bool:
+    return bool(session.scalar(select(Job.preempt_requested).where(Job.id == job_id)))
+
+
 def is_cancel_requested(session: Session, job_id: str) -> bool:
     return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
 
@@ -378,7 +389,10 @@ def record_progress(
         add_event(session, job_id, "epoch", enc, now)
         last_epoch = epoch
     if rows:
+        from store import webhooks
+
         _upsert_metrics(session, rows)
+        webhooks.on_job_epochs(session, job_id, [r["values"] for r in rows], now)  # metric thresholds
     values: dict[str, Any] = {"heartbeat_at": now, "updated_at": now}
     if last_epoch is not None:
         values["epoch"] = last_epoch
@@ -781,17 +795,21 @@ def select_job_status(job_id: str, project_id: str | None = None) -> Any:
 
 
 def requeue_job(session: Session, job_id: str, reason: str, stale_after_s: float | None = None,
-                cond: Sequence[Any] = (), stop_reason: str | None = None, detail: str | None = None) -> bool:
+                cond: Sequence[Any] = (), stop_reason: str | None = None, detail: str | None = None,
+                spare_attempt: bool = False) -> bool:
     """running -> queued: its worker is shutting down (the broker message is requeued), was lost
     (heartbeat older than ``stale_after_s``, or the extra conditions ``cond``; the caller sends a
     new message) or stalled. The event records ``reason`` (and the attempt's ``stop_reason`` and a
-    ``detail``, if given). The next claim resumes from the latest snapshot."""
+    ``detail``, if given). The next claim resumes from the latest snapshot. ``spare_attempt``: the
+    attempt ended by a decision, not a fault (a preemption), so it does not count against
+    ``max_attempts`` (like a promoted trial's new run)."""
     now = utcnow()
     where = list(cond)
     if stale_after_s is not None:
         where.append(Job.heartbeat_at < now - timedelta(seconds=stale_after_s))
     if not lifecycle.move(session, job_id, (lifecycle.RUNNING,), lifecycle.QUEUED, where=where,
-                          values=dict(updated_at=now)):
+                          values=dict(updated_at=now, preempt_requested=False,
+                                      **({"max_attempts": Job.max_attempts + 1} if spare_attempt else {}))):
         return False
     event: dict[str, Any] = {"status": "queued", "reason": reason}
     if stop_reason is not None:

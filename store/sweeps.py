@@ -18,7 +18,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, defer
 
 from config.settings import Settings
-from store import repo
+from store import repo, webhooks
 from store.floats import decode_float, to_text
 from store.ids import new_id
 from store.models import TERMINAL_STATUSES, Job, JobMetric, Sweep
@@ -338,6 +338,8 @@ def _update_best_and_finish(session: Session, sweep: Sweep, views: list[TrialVie
         sweep.finished_at = now
     sweep.updated_at = now
     session.flush()
+    if done:
+        webhooks.on_sweep_finished(session, sweep, now)
 
 
 def cancel_sweep(session: Session, sweep: Sweep) -> list[str]:
@@ -355,6 +357,7 @@ def cancel_sweep(session: Session, sweep: Sweep) -> list[str]:
     sweep.finished_at = now
     sweep.updated_at = now
     session.flush()
+    webhooks.on_sweep_finished(session, sweep, now)
     return ids
 
 
@@ -373,6 +376,9 @@ def record_error(session: Session, sweep_id: str, error: str) -> None:
         .execution_options(synchronize_session=False)
     )
     if not unfinished and res.rowcount == 1:  # type: ignore[attr-defined]
+        ended = session.get(Sweep, sweep_id, populate_existing=True)
+        if ended is not None:
+            webhooks.on_sweep_finished(session, ended, now)
         # nothing will promote its paused trials any more: they end with it
         for job_id in session.scalars(select(Job.id).where(Job.sweep_id == sweep_id, Job.status == "paused")):
             repo.end_paused_job(session, job_id, "sweep_failed", status="cancelled")
@@ -408,3 +414,18 @@ def stalled_sweep_ids(session: Session) -> list[str]:
         select(Job.id).where(Job.sweep_id == Sweep.id, Job.status.in_(("queued", "running"))).exists()
     )
     return list(session.scalars(select(Sweep.id).where(Sweep.status == "running", ~active)))
+
+
+def extend_sweep(session: Session, sweep: Sweep, max_trials: int) -> None:
+    """Raise ``max_trials`` (call with the sweep's row lock, then :func:`advance_sweep`). A sweep
+    that ended because its trials ran out (stop reason ``completed``) runs again; its sampler is
+    rebuilt from every stored trial, as always, so the new trials use what the old ones found."""
+    now = repo.utcnow()
+    sweep.max_trials = max_trials
+    config = dict(sweep.config)
+    config["max_trials"] = max_trials
+    sweep.config = config
+    if sweep.status != "running":
+        sweep.status, sweep.stop_reason, sweep.finished_at = "running", None, None
+    sweep.updated_at = now
+    session.flush()

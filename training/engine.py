@@ -471,6 +471,13 @@ class _Run:
         ):
             data = self.snapshot()
             self.reporter.on_snapshot(Snapshot(self.epoch, self.step, data, sha256(data)))
+        elif (
+            self.epoch == self.spec.epochs and self.stop_reason is None and self.has_reporter
+            and getattr(self.reporter, "wants_final_snapshot", False)
+        ):
+            # the state after the last epoch, for continuing the job with more epochs later
+            data = self.snapshot()
+            self.reporter.on_final_snapshot(Snapshot(self.epoch, self.step, data, sha256(data)))
 
     snapshot_every = 1
 
@@ -498,6 +505,7 @@ class _Run:
         np_state = np.random.get_state()
         meta = {
             "spec_digest": _spec_digest(self.spec),
+            "spec_digest_any_epochs": _spec_digest(self.spec, any_epochs=True),
             "epoch": self.epoch,
             "step": self.step,
             "lr": self.lr,
@@ -519,10 +527,27 @@ class _Run:
             meta=meta,
         )
 
+    def load_weights(self, data: bytes) -> None:
+        """Start from a checkpoint's weights (a warm start): every parameter and buffer of the
+        model, with the same names and shapes."""
+        from training.state import weights_from_bytes
+
+        try:
+            weights = weights_from_bytes(data)
+            self.model.load_state_dict({k: v.to(self.device) for k, v in weights.items()}, strict=True)
+        except (StateError, RuntimeError) as exc:
+            raise TrainingError(
+                f"init_from: the checkpoint's weights do not fit this model (same layers needed): {exc}", "resume"
+            ) from None
+
     def restore(self, data: bytes) -> None:
         state = unpack_snapshot(data)
         meta = state["meta"]
-        if meta["spec_digest"] != _spec_digest(self.spec):
+        # the same spec, or the same spec with more epochs (a job continued after it ended)
+        same = meta["spec_digest"] == _spec_digest(self.spec)
+        more_epochs = (meta.get("spec_digest_any_epochs") == _spec_digest(self.spec, any_epochs=True)
+                       and self.spec.epochs >= meta["epoch"])
+        if not (same or more_epochs):
             raise StateError("the snapshot was taken from a different job spec")
         self.model.load_state_dict({k: v.to(self.device) for k, v in state["model"].items()})
         opt_state = state["optimizer"]
@@ -641,11 +666,15 @@ def evaluate_model(
     return logs
 
 
-def _spec_digest(spec: JobSpec) -> str:
+def _spec_digest(spec: JobSpec, *, any_epochs: bool = False) -> str:
+    """sha256 of the spec; ``any_epochs``: of everything but its ``epochs``."""
     import hashlib
     import json
 
-    return hashlib.sha256(json.dumps(spec.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+    dumped = spec.model_dump(mode="json")
+    if any_epochs:
+        dumped.pop("epochs", None)
+    return hashlib.sha256(json.dumps(dumped, sort_keys=True).encode()).hexdigest()
 
 
 def _py_state_to_json(state: tuple[Any, ...]) -> list[Any]:
@@ -665,6 +694,7 @@ def fit(
     *,
     snapshot_every: int = 1,
     datasets: Callable[[str], Any] | None = None,
+    init_weights: bytes | None = None,
 ) -> FitResult:
     """Train the model a spec describes and return its history, stop reason and weights.
 
@@ -672,6 +702,8 @@ def fit(
     state snapshot every ``snapshot_every`` epochs; ``should_stop`` is polled every
     ``POLL_SECONDS`` (cancellation ends the run with stop reason ``cancelled``);
     ``resume_from`` is a snapshot's bytes: the run continues exactly where it was taken.
+    ``init_weights`` (a checkpoint's safetensors bytes; what a spec's ``init_from`` names) are
+    loaded into the model before training starts (a warm start; ignored when resuming).
     With ``"learning_rate": "find"`` the LR range test (:func:`lr_find`) runs first and training
     uses its suggestion; its output is ``info["lr_find"]`` (in ``on_start`` and the result). A
     reporter that sets ``stop_request`` in ``on_epoch`` ends the run after that epoch with that
@@ -699,6 +731,12 @@ def fit(
         run.snapshot_every = snapshot_every
         if resume_from is not None:
             run.restore(resume_from)
+        elif init_weights is not None:
+            run.load_weights(init_weights)
+        elif job.init_from is not None:
+            raise TrainingError(
+                f"init_from names job {job.init_from}: pass its checkpoint's bytes as init_weights", "resume"
+            )
         run.run()
         return run.result(time.perf_counter() - started)
 

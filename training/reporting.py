@@ -45,6 +45,7 @@ class Reporter(Protocol):
     def on_checkpoint(self, checkpoint: Checkpoint) -> None: ...
     def on_snapshot(self, snapshot: Snapshot) -> None: ...
     def wants_snapshot(self) -> bool: ...
+    def on_final_snapshot(self, snapshot: Snapshot) -> None: ...
 
 
 class BaseReporter:
@@ -53,6 +54,9 @@ class BaseReporter:
     #: Set (e.g. to ``"pruned"``) from ``on_epoch`` to end the run after that epoch with this stop
     #: reason; the run ends like an early stop (best weights restored, result recorded).
     stop_request: str | None = None
+    #: Set to have ``on_final_snapshot`` called with the state after the last epoch of a run that
+    #: ran all its epochs (what continuing the job with more epochs resumes from).
+    wants_final_snapshot: bool = False
 
     def on_start(self, info: dict[str, Any]) -> None:
         pass
@@ -64,6 +68,9 @@ class BaseReporter:
         pass
 
     def on_snapshot(self, snapshot: Snapshot) -> None:
+        pass
+
+    def on_final_snapshot(self, snapshot: Snapshot) -> None:
         pass
 
     def wants_snapshot(self) -> bool:

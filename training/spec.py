@@ -791,6 +791,11 @@ class JobSpec(StrictModel):
                     "their metadata), or all")
     callbacks: CallbacksSpec = Field(default_factory=CallbacksSpec)
     lr_find: LRFindSpec | None = Field(None, description="options of kind 'lr_find' and of \"learning_rate\": \"find\"")
+    init_from: str | None = Field(
+        None, pattern=r"^[0-9a-f]{32}$",
+        description="a job id: training starts from that job's best checkpoint (a warm start; its model must have "
+        "the same layers), resolved by the service; fit() takes the weights as init_weights",
+    )
 
     def metric_names(self) -> list[str]:
         """Names the history carries besides loss/val_loss/lr/seconds/epoch."""
@@ -1068,10 +1073,11 @@ _SHORTHANDS: dict[str, list[str]] = {
 }
 
 
-def json_schema() -> dict[str, Any]:
+def json_schema(ref_template: str = "#/$defs/{model}") -> dict[str, Any]:
     """The JSON Schema of a job spec (draft 2020-12), as published by the API; the string
-    shorthands (``"he_normal"``, ``"mse"``, ``"l2"``...) are part of it."""
-    schema = JobSpec.model_json_schema(mode="validation")
+    shorthands (``"he_normal"``, ``"mse"``, ``"l2"``...) are part of it. ``ref_template`` places
+    the definitions elsewhere (the OpenAPI document's ``#/components/schemas/{model}``)."""
+    schema = JobSpec.model_json_schema(mode="validation", ref_template=ref_template)
     defs = schema.get("$defs", {})
     for name, names in _SHORTHANDS.items():
         if name in defs:

@@ -99,6 +99,9 @@ class DbReporter(BaseReporter):
         self.buffer: list[dict[str, Any]] = []
         self.info: dict[str, Any] | None = None
         self.cancelled = False
+        # preemption (settings.preemption): the job was asked to make room; read every flush interval
+        self.preempted = False
+        self.last_preempt_check = time.monotonic()
         self.last_flush = time.monotonic()
         self.last_heartbeat = 0.0
         # The run's start counts as the last snapshot: the first one is written snapshot_interval_s
@@ -110,6 +113,8 @@ class DbReporter(BaseReporter):
         self._staged: dict[str, Stored] = {}  # files already in the artifact store, by key (see _stage)
         self.last_built: float | None = None
         self.epochs_seen = 0
+        # the state after the last epoch is kept, so the job can be continued with more epochs
+        self.wants_final_snapshot = settings.keep_final_snapshot
 
     # -- the heartbeat thread
     def start_heartbeat(self) -> None:
@@ -213,6 +218,12 @@ class DbReporter(BaseReporter):
             self.pending_snapshot = None
         self.flush(block=True)
 
+    def on_final_snapshot(self, snapshot: Snapshot) -> None:
+        """The state after the last epoch: written with the job's result (POST
+        /v1/jobs/{id}/continue resumes from it)."""
+        self.pending_snapshot = None
+        self.unwritten_snapshot = snapshot
+
     def write_snapshot(self, snapshot: Snapshot) -> None:
         """Write ``snapshot`` in one transaction with the epochs buffered so far: a snapshot is
         never ahead of the stored metrics, so a resumed run neither loses nor repeats an epoch's
@@ -229,7 +240,20 @@ class DbReporter(BaseReporter):
             return True
         if not self.cancelled and time.monotonic() - self.last_flush >= self.settings.flush_interval_s:
             self.flush()
-        return self.cancelled
+        if self.settings.preemption and not self.preempted:
+            self._read_preempt_flag()
+        return self.cancelled or self.preempted
+
+    def _read_preempt_flag(self) -> None:
+        if time.monotonic() - self.last_preempt_check < self.settings.flush_interval_s:
+            return
+        self.last_preempt_check = time.monotonic()
+        try:
+            with session_scope(write=False) as s:
+                self.preempted = repo.is_preempt_requested(s, self.job_id)
+        except Exception as exc:
+            if not leases.is_transient(exc):
+                raise  # a transient error: the next poll reads it again
 
     # -- writing
     def _cancel_flag(self, s: Any, *, write: bool) -> bool:

@@ -121,6 +121,25 @@ def _verified_snapshot(job_id: str, snapshot: Any) -> bytes:
         raise TrainingError(f"cannot resume: {exc}; refusing to load it", "resume") from None
 
 
+def _init_weights(job_id: str, source: str) -> bytes:
+    """The best checkpoint of job ``source`` (of the same project), for ``init_from``; verified
+    against its sha256 (a TrainingError if it is gone or corrupt)."""
+    from store.artifact_store import ArtifactError, get_store
+    from training import TrainingError
+
+    with session_scope(write=False) as s:
+        job = repo.get_job(s, job_id)
+        ck = repo.best_checkpoint(s, source, job.project_id if job is not None else None)
+        ref = (ck.uri, ck.sha256, ck.size, ck.epoch) if ck is not None and ck.uri is not None else None
+    if ref is None:
+        raise TrainingError(f"init_from: job {source} has no best checkpoint to start from", "resume")
+    try:
+        return get_store().read(ref[0], ref[1], ref[2], what=f"init_from: the best checkpoint of job {source} "
+                                                            f"(epoch {ref[3]})")
+    except ArtifactError as exc:
+        raise TrainingError(str(exc), "resume") from None
+
+
 def run_next_job(message_job_id: str, settings: Settings | None = None,
                  send: outbox.Send | None = None) -> tuple[str, str]:
     """What the Celery task runs: claim the best queued job of the message's queue (priority, then
@@ -205,7 +224,9 @@ def _run_claimed(job_id: str, settings: Settings, reporter: DbReporter, spec_dic
             return _run_lr_find(job_id, run_spec, reporter)
         from training import fit
 
-        result = fit(run_spec, reporter=reporter, should_stop=reporter.should_stop, resume_from=resume_from)
+        init = _init_weights(job_id, str(spec_dict["init_from"])) if spec_dict.get("init_from") and not resume_from else None
+        result = fit(run_spec, reporter=reporter, should_stop=reporter.should_stop, resume_from=resume_from,
+                     init_weights=init)
     except leases.LeaseLost:
         raise
     except (SpecError, TrainingError) as exc:
@@ -248,13 +269,17 @@ def _write(reporter: DbReporter, fn: Any, what: str) -> Any:
 
 
 def _record_result(job_id: str, reporter: DbReporter, result: Any, attempt: int) -> str:
-    if result.stop_reason == "cancelled" and SHUTDOWN.is_set():
+    if result.stop_reason == "cancelled" and (SHUTDOWN.is_set() or reporter.preempted):
+        # a worker shutdown, or a preemption (store.scheduling.request_preemptions): the job goes
+        # back to the queue with its snapshot, and its message back to the broker
+        reason = "worker shutdown" if SHUTDOWN.is_set() else "preempted"
         reporter.flush(block=True)  # also reads whether the user asked to cancel meanwhile
         if not reporter.cancelled:
             reporter.write_pending_snapshot()
-            requeued = _write(reporter, lambda s: repo.requeue_job(s, job_id, "worker shutdown"), "requeue")
+            requeued = _write(reporter, lambda s: repo.requeue_job(s, job_id, reason, spare_attempt=reason == "preempted"),
+                              "requeue")
             if requeued:
-                log.info("job %s stopped for worker shutdown; requeued", job_id)
+                log.info("job %s stopped for %s; requeued", job_id, reason)
                 return "requeued"
     stop_reason = result.stop_reason
     if stop_reason == "paused":

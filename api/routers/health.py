@@ -63,7 +63,8 @@ async def readyz(request: Request) -> Response | Readiness:
     return body
 
 
-@router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
+@router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}},
+            operation_id="prometheus_metrics")
 def metrics(request: Request) -> Response:
     """Prometheus exposition: jobs by state, queue depth, job durations."""
     return Response(generate_latest(request.app.state.registry), media_type=CONTENT_TYPE_LATEST)

@@ -16,11 +16,13 @@ from pydantic import StringConstraints
 from sqlalchemy.exc import IntegrityError
 from sse_starlette.sse import EventSourceResponse, ServerSentEvent
 
+from api import idempotency as idem
 from api.annotations import annotate, split_annotations
 from api.auth import admit, authenticate, needs_touch, touch
 from api.changes import follow
 from api.deps import DispatcherDep, PollCallerDep, ProjectDep, ReadSessionDep, SessionDep, SettingsDep
 from api.errors import SpecProblem
+from api.idempotency import REPLAY_RESPONSES, IdempotencyKey, key_reused
 from api.ids import AMBIGUOUS, is_prefix, resolve_id, resolve_id_async
 from api.limits import check_job_slots, slots_full
 from api.listing import (
@@ -32,7 +34,7 @@ from api.listing import (
     parse_label_filters,
 )
 from api.predict import MODEL_REFS
-from api.schemas.common import ErrorItem, ErrorResponse, IsoDatetime
+from api.schemas.common import LOCATION, ErrorItem, ErrorResponse, IsoDatetime
 from api.schemas.jobs import (
     BatchCreate,
     BatchItem,
@@ -143,8 +145,9 @@ def _dispatch(session: Any, dispatcher: Any, jobs: list[tuple[str, str]]) -> Non
     response_model=JobRead,
     status_code=201,
     responses={
+        201: {"headers": LOCATION},
         200: {"model": JobRead, "description": "a job with this Idempotency-Key and body already exists"},
-        409: {"description": "the Idempotency-Key was already used with a different body"},
+        **REPLAY_RESPONSES,
         422: {"model": ErrorResponse, "description": "invalid spec; each error names its JSON path"},
     },
 )
@@ -155,12 +158,13 @@ def create_job(
     project: ProjectDep,
     response: Response,
     spec: Annotated[dict[str, Any], Body(examples=[SPEC_EXAMPLE])],
-    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=200)] = None,
+    idempotency_key: IdempotencyKey = None,
     priority: PriorityQuery = 0,
 ) -> JobRead:
     """Validate, store and enqueue a job. The same Idempotency-Key with the same body again returns
-    the same job (200); with a different body it is a 409. ``labels`` (string -> string) and
-    ``notes`` may be given beside the spec's fields; they annotate the job, not its training."""
+    the same job (200); with a different body it is a 409. A new job's URL is in ``Location``.
+    ``labels`` (string -> string) and ``notes`` may be given beside the spec's fields; they
+    annotate the job, not its training."""
     body_hash = repo.request_hash(spec) if idempotency_key else None
     spec, annotations = split_annotations(spec)
     if idempotency_key:
@@ -182,6 +186,7 @@ def create_job(
         response.status_code = 200
         return _replay(existing, body_hash)
     _dispatch(session, dispatcher, [(job.id, job.queue)])
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
     return job_read(job)
 
 
@@ -215,20 +220,23 @@ def _insert_one(
 def _replay(existing: Any, body_hash: str | None) -> JobRead:
     """The job an Idempotency-Key already made, if this request's body is the one it was made with."""
     if existing.idempotency_hash is not None and existing.idempotency_hash != body_hash:
-        raise HTTPException(
-            status_code=409,
-            detail=f"Idempotency-Key {existing.idempotency_key!r} was already used with a different request body "
-            f"(job {existing.id}); use a new key for a different job",
-        )
+        raise key_reused(existing.idempotency_key, f" (job {existing.id})")
     return job_read(existing)
 
 
-@router.post("/batch", response_model=BatchResult)
+@router.post("/batch", response_model=BatchResult, responses=REPLAY_RESPONSES)
 def create_batch(
-    body: BatchCreate, session: SessionDep, settings: SettingsDep, dispatcher: DispatcherDep, project: ProjectDep
+    body: BatchCreate, session: SessionDep, settings: SettingsDep, dispatcher: DispatcherDep, project: ProjectDep,
+    idempotency_key: IdempotencyKey = None,
 ) -> BatchResult:
     """Submit up to 1000 specs: a result per item (an id, or errors with JSON paths). Valid items
-    are stored and enqueued even when others fail."""
+    are stored and enqueued even when others fail. With an Idempotency-Key, a retry with the same
+    body creates nothing and returns the first answer (the same ids); another body is a 409."""
+    digest = idem.body_hash(body.model_dump(mode="json")) if idempotency_key else None
+    if idempotency_key and digest:
+        first = idem.find(session, project, "jobs.batch", idempotency_key, digest)
+        if first is not None:
+            return BatchResult.model_validate(first)
     resolver = dataset_resolver(session, project)
     results: list[BatchItem] = []
     valid_items: list[tuple[int, Any]] = []
@@ -244,12 +252,16 @@ def create_batch(
                          priority=body.priority)
         if valid_items else []
     )
-    session.commit()
-    if jobs:
-        _dispatch(session, dispatcher, [(j.id, j.queue) for j in jobs])
     results += [BatchItem(index=i, id=j.id, status="created") for (i, _), j in zip(valid_items, jobs, strict=True)]
     results.sort(key=lambda r: r.index)
-    return BatchResult(created=len(jobs), invalid=len(body.jobs) - len(jobs), results=results)
+    result = BatchResult(created=len(jobs), invalid=len(body.jobs) - len(jobs), results=results)
+    replayed = idem.commit_once(session, project, "jobs.batch", idempotency_key, digest, result.model_dump(mode="json"),
+                                BatchResult.model_validate)
+    if replayed is not None:
+        return replayed
+    if jobs:
+        _dispatch(session, dispatcher, [(j.id, j.queue) for j in jobs])
+    return result
 
 
 @router.get("", response_model=JobList, responses={422: {"model": ErrorResponse}})

@@ -90,7 +90,7 @@ def _check_learning_rate(value: Any) -> Any:
 
 
 @router.post("/preview", response_model=SchedulePreview,
-             responses={422: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
+             responses={422: {"model": ErrorResponse}, 503: {"model": ErrorResponse}}, operation_id="preview_schedule")
 async def preview(body: SchedulePreviewRequest) -> Response:
     """The learning rate of steps 0..steps-1 (warm-up included) for a number or a schedule."""
     _check_learning_rate(body.learning_rate)

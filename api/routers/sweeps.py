@@ -14,16 +14,19 @@ import secrets
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, HTTPException, Query, Response
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from api import idempotency as idem
 from api.annotations import annotate
 from api.deps import DispatcherDep, ProjectDep, ReadSessionDep, SessionDep, SettingsDep
 from api.errors import SpecProblem
+from api.idempotency import REPLAY_RESPONSES, IdempotencyKey
 from api.ids import AMBIGUOUS, resolve_id
 from api.limits import check_job_slots
 from api.predict import MODEL_REFS
-from api.schemas.common import ErrorResponse
+from api.schemas.common import LOCATION, ErrorResponse, JsonInt
 from api.schemas.sweeps import (
+    MAX_TRIALS,
     SWEEP_EXAMPLE,
     ObjectiveRead,
     SweepCounts,
@@ -282,7 +285,10 @@ def _not_found(sweep_id: str) -> HTTPException:
     "",
     response_model=SweepRead,
     status_code=201,
-    responses={422: {"model": ErrorResponse, "description": "invalid sweep; each error names its JSON path"},
+    responses={201: {"headers": LOCATION},
+               200: {"model": SweepRead, "description": "a sweep with this Idempotency-Key and body already exists"},
+               **REPLAY_RESPONSES,
+               422: {"model": ErrorResponse, "description": "invalid sweep; each error names its JSON path"},
                429: {"model": ErrorResponse, "description": "the project's concurrent-jobs limit is reached"}},
 )
 def create_sweep(
@@ -290,10 +296,27 @@ def create_sweep(
     settings: SettingsDep,
     dispatcher: DispatcherDep,
     project: ProjectDep,
+    response: Response,
     body: Annotated[dict[str, Any], Body(examples=[SWEEP_EXAMPLE])],
+    idempotency_key: IdempotencyKey = None,
 ) -> SweepRead:
     """Validate and store a sweep, create its first trials (up to ``max_concurrent``) and enqueue
-    them. Trials are jobs (``GET /v1/jobs?sweep_id=``); workers create the next ones as trials end."""
+    them. Trials are jobs (``GET /v1/jobs?sweep_id=``); workers create the next ones as trials end.
+    With an Idempotency-Key, a retry with the same body creates nothing and returns the sweep the
+    first request made (200); another body is a 409."""
+    digest = idem.body_hash(body) if idempotency_key else None
+
+    def replay(first: dict[str, Any]) -> SweepRead:
+        response.status_code = 200
+        existing = store_sweeps.get_sweep(session, first["sweep_id"], project)
+        if existing is None:  # the sweep was deleted since
+            raise _not_found(first["sweep_id"])
+        return sweep_read(session, existing)
+
+    if idempotency_key and digest:
+        first = idem.find(session, project, "sweeps", idempotency_key, digest)
+        if first is not None:
+            return replay(first)
     config = check_sweep(body, session, project, settings)
     # its trials count toward the project's concurrent-jobs limit: 429 when not even one fits
     check_job_slots(session, project, 1, settings)
@@ -304,8 +327,11 @@ def create_sweep(
         priority=config.get("priority", 0), labels=config.get("labels") or {}, notes=config.get("notes"),
     )
     jobs = advance_sweep(session, sweep.id, settings)
-    session.commit()
+    replayed = idem.commit_once(session, project, "sweeps", idempotency_key, digest, {"sweep_id": sweep.id}, replay)
+    if replayed is not None:
+        return replayed
     _send(dispatcher, jobs)
+    response.headers["Location"] = f"/v1/sweeps/{sweep.id}"
     return sweep_read(session, sweep)
 
 
@@ -386,6 +412,48 @@ def delete_sweep(sweep_id: str, session: SessionDep, project: ProjectDep) -> Res
     session.commit()
     MODEL_REFS.forget_jobs(trials)
     return Response(status_code=204)
+
+
+class ExtendRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_trials: JsonInt = Field(ge=1, le=MAX_TRIALS, description="the new total of trials (more than now)")
+
+
+@router.post(
+    "/{sweep_id}/extend",
+    response_model=SweepRead,
+    responses={404: {"description": "no such sweep"},
+               409: {"description": "the sweep was cancelled or failed, or max_trials is not more than now, or "
+                                    "the id is a prefix of several ids"},
+               422: {"model": ErrorResponse, "description": "max_trials is out of range (a grid's size at most)"}},
+)
+def extend_sweep(sweep_id: str, session: SessionDep, settings: SettingsDep, dispatcher: DispatcherDep,
+                 project: ProjectDep, body: ExtendRequest | None = None) -> SweepRead:
+    """Raise ``max_trials``: the sweep creates the extra trials (running again if it had ended
+    because its trials ran out), its sampler told every trial so far, finished or not."""
+    sweep_id = resolve_id(session, Sweep, sweep_id, project, "sweep")
+    sweep = store_sweeps.get_sweep(session, sweep_id, project, lock=True)
+    if sweep is None:
+        raise _not_found(sweep_id)
+    if body is None:  # (an unknown id is a 404 before the body is looked at)
+        raise SpecProblem([_err(["max_trials"], "required: the new total of trials, e.g. {\"max_trials\": 40}",
+                                "missing")])
+    if sweep.status == "cancelled" or (sweep.status == "failed" and sweep.stop_reason != "completed"):
+        raise HTTPException(status_code=409, detail=f"sweep {sweep_id} ended {sweep.status}; it cannot be extended")
+    if body.max_trials <= sweep.max_trials:
+        raise HTTPException(status_code=409, detail=f"sweep {sweep_id} already has max_trials {sweep.max_trials}; "
+                                                    "ask for more")
+    if sweep.method == "grid":
+        size = grid_size(sweep.config)
+        if body.max_trials > size:
+            raise SpecProblem([_err(["max_trials"], f"the grid has {size} point(s); max_trials must be at most {size}")])
+    store_sweeps.extend_sweep(session, sweep, body.max_trials)
+    jobs = advance_sweep(session, sweep.id, settings)
+    session.commit()
+    _send(dispatcher, jobs)
+    session.expire_all()
+    return sweep_read(session, sweep)
 
 
 @router.post(

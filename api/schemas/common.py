@@ -4,7 +4,7 @@ import re
 from datetime import datetime
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, Field
+from pydantic import BaseModel, BeforeValidator, Field, Strict
 
 
 class ErrorItem(BaseModel):
@@ -14,8 +14,24 @@ class ErrorItem(BaseModel):
     type: str
 
 
-class ErrorResponse(BaseModel):
-    detail: list[ErrorItem] | str
+class Problem(BaseModel):
+    """An error answer: RFC 9457 problem details (``application/problem+json``)."""
+
+    type: str = Field("about:blank", description="a URI reference naming the problem type")
+    title: str = Field(description="the HTTP status phrase")
+    status: int = Field(description="the HTTP status code")
+    detail: str = Field(description="what went wrong, for people")
+    errors: list[ErrorItem] = Field(
+        default_factory=list, description="each problem with its location (a 422 lists at least one)"
+    )
+
+
+#: the name routers use in their ``responses`` (every error answer is a :class:`Problem`)
+ErrorResponse = Problem
+
+
+#: the documented ``Location`` header of a 201 (``responses={201: {"headers": LOCATION}}``)
+LOCATION: dict[str, Any] = {"Location": {"description": "the URL of what was created", "schema": {"type": "string"}}}
 
 
 #: A metric value: a JSON number, or "NaN" / "Infinity" / "-Infinity" for non-finite values.
@@ -42,4 +58,4 @@ def _json_int(value: Any) -> Any:
 
 
 #: An integer in a JSON body: a number with no fractional part (not a boolean, not a string).
-JsonInt = Annotated[int, BeforeValidator(_json_int)]
+JsonInt = Annotated[int, BeforeValidator(_json_int), Strict(False)]  # 5.0 too, in a strict model

@@ -5,11 +5,16 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from api.listing import STOP_REASON_FILTERS
 from api.schemas.common import ErrorItem, JsonInt, MetricValue
 from api.schemas.dashboards import Labels, Notes
 from store.scheduling import PRIORITY_MAX, PRIORITY_MIN
 
 JobStatus = Literal["queued", "running", "paused", "succeeded", "failed", "cancelled"]
+#: why a job stopped (or paused): its epochs ran out, a callback or the engine stopped it, it was
+#: cancelled, a sweep pruned or paused it, it failed (``error``), its worker was lost, or its
+#: attempt stalled (an enum in OpenAPI; the same values as the list's ``stop_reason`` filter)
+StopReason = Literal[STOP_REASON_FILTERS]  # type: ignore[valid-type]
 
 
 class Progress(BaseModel):
@@ -28,7 +33,7 @@ class JobSummary(BaseModel):
     name: str
     status: JobStatus
     queue: str
-    stop_reason: str | None = None
+    stop_reason: StopReason | None = None
     error: str | None = None
     progress: Progress
     best: Best | None = None
@@ -52,7 +57,11 @@ class JobSummary(BaseModel):
 
 class JobRead(JobSummary):
     queue_position: int | None = Field(
-        None, description="while queued: 1 = the next job its queue's next free worker starts; null otherwise")
+        None, description="while queued: 1 = the next job its queue's next free worker starts (fair share between "
+        "projects, then priority, then age; an estimate once running jobs end: README \"Scheduler\"); null otherwise")
+    estimated_start_at: datetime | None = Field(
+        None, description="while queued: when the job may start, estimated from its queue position, the running "
+        "jobs' progress and the queue's recent job lengths (README \"Scheduler\"); null otherwise")
     spec: dict[str, Any] = Field(description="the job spec with effective defaults")
     info: dict[str, Any] | None = Field(None, description="what the engine reported (device, parameters, ...)")
 

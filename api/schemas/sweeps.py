@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_val
 
 from api.schemas.common import JsonInt, MetricValue
 from api.schemas.dashboards import Labels, Notes
-from api.schemas.jobs import JobStatus
+from api.schemas.jobs import JobStatus, StopReason
 from store.scheduling import PRIORITY_MAX, PRIORITY_MIN
 
 SweepStatus = Literal["running", "succeeded", "failed", "cancelled"]
@@ -21,7 +21,8 @@ MAX_VALUES = 1000
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict, as job specs are: JSON types only (no "5" for 5), so the published schema is exact
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class ValuesParameter(_Strict):
@@ -144,7 +145,7 @@ class TrialRead(BaseModel):
     number: int = Field(description="0-based, in creation order")
     params: dict[str, Any]
     status: JobStatus
-    stop_reason: str | None = Field(None, description='"pruned" when early termination stopped it')
+    stop_reason: StopReason | None = Field(None, description='"pruned" when early termination stopped it')
     value: MetricValue = Field(None, description="the objective: its best value over the trial's epochs")
     epochs_run: int
     epochs: int = Field(description="the trial's epoch budget")
@@ -179,7 +180,7 @@ class SweepSummary(BaseModel):
     priority: int = Field(0, description="of its trials: higher starts first among queued jobs of a queue")
     best_job_id: str | None = None
     best_value: MetricValue = None
-    stop_reason: str | None = None
+    stop_reason: Literal["completed", "cancelled", "error"] | None = None
     error: str | None = None
     created_at: datetime
     updated_at: datetime

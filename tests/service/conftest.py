@@ -99,7 +99,14 @@ def service_env(pg_url: str, redis_client: redis.Redis, tmp_path_factory: pytest
         # the shared API process runs keyless (every caller in the default project); the key and
         # project tests build their own apps with auth required (tests/service/test_auth.py)
         "TRAINYARD_AUTH": "off",
+        **WEBHOOK_KNOBS,
     }
+
+
+#: webhook deliveries retried within seconds, not minutes, by every API the tests start
+WEBHOOK_KNOBS = {"TRAINYARD_WEBHOOK_POLL_S": "0.2", "TRAINYARD_WEBHOOK_RETRY_BASE_S": "0.2",
+                 "TRAINYARD_WEBHOOK_RETRY_MAX_S": "2", "TRAINYARD_WEBHOOK_TIMEOUT_S": "5",
+                 "TRAINYARD_WEBHOOK_LEASE_S": "5"}
 
 
 def cli(*args: str) -> list[str]:
@@ -165,6 +172,7 @@ def inproc_env(pg_url: str, migrated: None, redis_client: redis.Redis, tmp_path_
         "TRAINYARD_QUEUE_PREFIX": f"ty-{RUN_ID}-inproc-",
         "TRAINYARD_AUTH": "off",
         "TRAINYARD_GC_FREEZE": "0",  # apps built in the test process leave its garbage collector alone
+        **WEBHOOK_KNOBS,
     }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)

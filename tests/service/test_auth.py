@@ -151,8 +151,11 @@ def two_projects(keyed_app: Any) -> dict[str, Any]:
     up = keyed_app.post("/v1/datasets", files={"file": ("a.npz", _npz())}, data={"name": "secret-a"},
                         headers=bearer(a_token))
     assert up.status_code == 201, up.text
+    hook = keyed_app.post("/v1/webhooks", json={"url": "http://127.0.0.1:9/hook", "events": ["job.failed"]},
+                          headers=bearer(a_token))
+    assert hook.status_code == 201, hook.text
     return {"a": a_token, "a2": a2_token, "b": b_token, "job_id": job_id, "dataset_id": up.json()["id"],
-            "sweep_id": _make_sweep(keyed_app, a_token)}
+            "sweep_id": _make_sweep(keyed_app, a_token), "webhook_id": hook.json()["id"]}
 
 
 def _make_sweep(keyed_app: Any, token: str) -> str | None:
@@ -189,7 +192,8 @@ def test_another_projects_ids_are_404_on_every_route_and_method(keyed_app, two_p
     """Every route of the app with a path parameter, every method: project B gets 404 for
     project A's object, and A itself does not (so the id is real)."""
     ids = {"job_id": two_projects["job_id"], "dataset_id": two_projects["dataset_id"],
-           "epoch": "1"}  # the epoch of the job's one checkpoint
+           "epoch": "1",  # the epoch of the job's one checkpoint
+           "webhook_id": two_projects["webhook_id"]}
     if two_projects["sweep_id"]:
         ids["sweep_id"] = two_projects["sweep_id"]
     # the OpenAPI document lists every route of the app, each with its methods
@@ -204,6 +208,9 @@ def test_another_projects_ids_are_404_on_every_route_and_method(keyed_app, two_p
             if "{dataset_id}" in path:
                 spares["dataset_id"] = keyed_app.post("/v1/datasets", files={"file": ("spare.npz", _npz())},
                                                       headers=a).json()["id"]
+            if "{webhook_id}" in path:
+                spares["webhook_id"] = keyed_app.post("/v1/webhooks", json={"url": "http://127.0.0.1:9/spare",
+                                                                            "events": ["job.failed"]}, headers=a).json()["id"]
             if "{job_id}" in path:
                 spares["job_id"] = keyed_app.post("/v1/jobs", json=_small_spec(), headers=a).json()["id"]
             if "{sweep_id}" in path:
@@ -347,7 +354,7 @@ def test_cli_keys_create_list_revoke_against_a_live_api(service_env, keyed_api):
     # per-project limits: the project's own rate applies at once
     out = _run_cli(env, "projects", "set-limits", project, "--requests-per-minute", "1", "--max-concurrent-jobs", "5")
     assert out.returncode == 0 and "requests_per_minute=1" in out.stdout, out.stderr
-    with Client(keyed_api, api_key=second) as c:
+    with Client(keyed_api, api_key=second, retries=0) as c:  # (a client retries 429s by default)
         c.jobs()
         with pytest.raises(TrainyardError) as exc:
             c.jobs()

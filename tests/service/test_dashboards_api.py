@@ -82,12 +82,12 @@ def test_patch_rejects_what_it_cannot_set_naming_the_path(app_client, body, path
     job = _submit(app_client, name=f"bad-{_tag()}")
     r = app_client.patch(f"/v1/jobs/{job['id']}", json=body)
     assert r.status_code == 422, r.text
-    assert any(d["path"] == path or d["path"].startswith(path + ".") for d in r.json()["detail"]), r.json()
+    assert any(d["path"] == path or d["path"].startswith(path + ".") for d in r.json()["errors"]), r.json()
 
 
 def test_labels_at_create_are_checked_like_the_spec(app_client):
     r = app_client.post("/v1/jobs", json={**note_spec(2), "labels": {"-x": "y"}})
-    assert r.status_code == 422 and r.json()["detail"][0]["path"].startswith("labels")
+    assert r.status_code == 422 and r.json()["errors"][0]["path"].startswith("labels")
     assert app_client.patch(f"/v1/jobs/{'0' * 32}", json={"notes": "x"}).status_code == 404
 
 
@@ -164,7 +164,7 @@ def test_order_by_updated_follows_the_latest_change(app_client):
 def test_list_rejects_bad_filters_naming_the_parameter(app_client, params, path):
     r = app_client.get("/v1/jobs", params=params)
     assert r.status_code == 422, r.text
-    assert path in [d["path"] for d in r.json()["detail"]], r.json()
+    assert path in [d["path"] for d in r.json()["errors"]], r.json()
 
 
 # --------------------------------------------------------------------------- bulk metrics
@@ -224,9 +224,9 @@ def test_bulk_downsampling_keeps_the_rows_the_single_route_keeps(app_client):
 
 def test_bulk_metrics_limits(app_client):
     r = app_client.post("/v1/metrics/bulk", json={"jobs": [{"id": f"{i:032x}"} for i in range(1001)]})
-    assert r.status_code == 422 and r.json()["detail"][0]["path"] == "jobs"
+    assert r.status_code == 422 and r.json()["errors"][0]["path"] == "jobs"
     r = app_client.post("/v1/metrics/bulk", json={"jobs": [{"id": "a" * 32, "since_epoch": -1}]})
-    assert r.status_code == 422 and r.json()["detail"][0]["path"] == "jobs[0].since_epoch"
+    assert r.status_code == 422 and r.json()["errors"][0]["path"] == "jobs[0].since_epoch"
 
 
 # --------------------------------------------------------------------------- dry run
@@ -260,7 +260,7 @@ def test_dry_run_422_names_the_path(app_client):
     spec["model"]["layers"][1]["units"] = -3
     r = app_client.post("/v1/jobs/validate", json=spec)
     assert r.status_code == 422
-    assert "model.layers[1].units" in [d["path"] for d in r.json()["detail"]]
+    assert "model.layers[1].units" in [d["path"] for d in r.json()["errors"]]
 
 
 # --------------------------------------------------------------------------- browser access

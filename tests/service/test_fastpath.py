@@ -443,3 +443,36 @@ def test_poll_connections_use_the_engines_connect_arguments(inproc_env):
     finally:
         reader.close()
         engine.dispose()
+
+
+def test_a_queued_jobs_poll_has_its_position_and_estimated_start_batched_or_not(inproc_env):
+    """A queued job (a queue no worker takes) polled through the batched query and the single one:
+    the same document, with queue_position 1 and an estimated start (issue 14); the estimate is
+    compared apart (it is "now" for a queue where nothing runs, and the queue's state is re-read
+    after a second)."""
+    import json
+
+    from store import fastread as fr
+    from store import repo
+    from store.db import get_engine, session_scope
+    from training import validate_spec
+
+    _, project = _key(_unique("queued"))
+    with session_scope() as s:
+        job = repo.create_job(s, spec=validate_spec(note_spec(1)).model_dump(mode="json"),
+                              queue=_unique("no-worker"), project_id=project).id
+    engine = get_engine()
+    items = [(job, fr.Caller(project_id=project))]
+    conn = engine.raw_connection()
+    try:
+        conn.driver_connection.autocommit = True
+        [(_, batched)] = fr.job_polls(engine).run_many(conn.driver_connection, items)
+    finally:
+        conn.driver_connection.autocommit = False
+        conn.close()
+    _, single = fr.job_json(engine, job, items[0][1])
+    assert batched is not None and single is not None
+    a, b = json.loads(batched), json.loads(single)
+    assert a["queue_position"] == b["queue_position"] == 1
+    assert a.pop("estimated_start_at") and b.pop("estimated_start_at")
+    assert a == b

@@ -133,7 +133,7 @@ def test_a_project_s_datasets_have_a_quota(inproc_env: dict[str, str]) -> None:
         _, key = _project_with_limit(100)
         ids = [app.post("/v1/datasets", files={"file": ("d.npz", _npz())}, headers=key).json()["id"] for _ in range(2)]
         r = app.post("/v1/datasets", files={"file": ("d.npz", _npz())}, headers=key)
-        assert r.status_code == 422 and r.json()["detail"][0]["path"] == "file", r.text
-        assert "at most" in r.json()["detail"][0]["msg"]
+        assert r.status_code == 422 and r.json()["errors"][0]["path"] == "file", r.text
+        assert "at most" in r.json()["errors"][0]["msg"]
         assert app.delete(f"/v1/datasets/{ids[0]}", headers=key).status_code == 200
         assert app.post("/v1/datasets", files={"file": ("d.npz", _npz())}, headers=key).status_code == 201

@@ -49,7 +49,7 @@ def _spec(**over: Any) -> dict[str, Any]:
 
 
 def _paths(r: Any) -> list[str]:
-    return [e["path"] for e in r.json()["detail"]]
+    return [e["path"] for e in r.json()["errors"]]
 
 
 def test_a_body_over_the_limit_is_413_before_it_is_read(make_app):
@@ -87,13 +87,13 @@ def test_deeply_nested_or_huge_json_is_4xx_never_500_with_bounded_memory(make_ap
         for body in ("[" * 100_000 + "]" * 100_000, '{"a":' * 100_000 + "1" + "}" * 100_000,
                      json.dumps(_spec(extra=_nested(70)))):
             r = c.post("/v1/jobs", content=body, headers=h)
-            assert r.status_code == 422 and r.json()["detail"][0]["type"] == "json_too_deep", r.text[:300]
+            assert r.status_code == 422 and r.json()["errors"][0]["type"] == "json_too_deep", r.text[:300]
         # brackets inside strings do not count
         r = c.post("/v1/jobs", json=_spec(name="[" * 1000), headers=bearer(token))
         assert r.status_code == 422 and "name" in _paths(r)  # too long a name, not too deep
         # nested just under the limit is an ordinary spec error
         r = c.post("/v1/jobs", content="[" * 60 + "]" * 60, headers=h)
-        assert r.status_code == 422 and r.json()["detail"][0]["type"] == "dict_type"
+        assert r.status_code == 422 and r.json()["errors"][0]["type"] == "dict_type"
         # a body above the limit (17 MiB of one big array) is refused before it is buffered
         tracemalloc.reset_peak()
         huge = b"[" + b"1," * (17 * 2**19) + b"1]"
@@ -165,7 +165,7 @@ def test_dataset_uploads_are_limited_in_size_and_in_what_they_expand_to(make_app
     np.savez_compressed(buf, x=np.zeros((25_000, 10), np.float32), y=np.zeros(25_000, np.int64))
     assert len(buf.getvalue()) < 50_000
     r = c.post("/v1/datasets", files={"file": ("bomb.npz", buf.getvalue())}, headers=bearer(token))
-    assert r.status_code == 422 and r.json()["detail"][0]["type"] == "limit_exceeded", r.text
+    assert r.status_code == 422 and r.json()["errors"][0]["type"] == "limit_exceeded", r.text
     assert zipfile.is_zipfile(io.BytesIO(buf.getvalue()))
     small = io.BytesIO()
     np.savez(small, x=np.zeros((40, 3), np.float32), y=np.arange(40) % 2)
@@ -258,7 +258,7 @@ def test_nul_characters_are_refused_or_not_found_never_500(make_app):
     token, _ = new_key(_unique("nul"))
     h = bearer(token)
     r = c.get("/v1/jobs", params={"name": "a\x00b"}, headers=h)
-    assert r.status_code == 422 and r.json()["detail"][0]["path"] == "query.name", r.text
+    assert r.status_code == 422 and r.json()["errors"][0]["path"] == "query.name", r.text
     assert c.get("/v1/jobs", params={"sweep_id": "\x00"}, headers=h).status_code == 422
     assert c.get("/v1/jobs/ab%00cd", headers=h).status_code == 404
     assert c.get("/v1/jobs/ab%00cd/metrics", headers=h).status_code == 404
@@ -276,11 +276,11 @@ def test_nul_characters_are_refused_or_not_found_never_500(make_app):
 
 def test_unknown_or_repeated_query_parameters_are_422_and_405_lists_every_method(app_client):
     r = app_client.get("/v1/jobs", params={"statsu": "failed"})
-    assert r.status_code == 422 and r.json()["detail"][0]["path"] == "query.statsu"
-    allowed = r.json()["detail"][0]["msg"].split("allowed: ", 1)[1].split(", ")
+    assert r.status_code == 422 and r.json()["errors"][0]["path"] == "query.statsu"
+    allowed = r.json()["errors"][0]["msg"].split("allowed: ", 1)[1].split(", ")
     assert allowed == sorted(allowed) and {"created_after", "cursor", "limit", "name", "status"} <= set(allowed)
     r = app_client.get("/v1/jobs?name=a&name=b")
-    assert r.status_code == 422 and r.json()["detail"][0]["type"] == "too_many_values"
+    assert r.status_code == 422 and r.json()["errors"][0]["type"] == "too_many_values"
     assert app_client.get("/v1/jobs?status=queued&status=running").status_code == 200  # an array parameter
     r = app_client.request("DELETE", "/v1/jobs")
     assert r.status_code == 405 and set(r.headers["allow"].split(", ")) == {"GET", "POST"}

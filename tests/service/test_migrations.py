@@ -16,7 +16,8 @@ from store.models import Base
 
 TABLES = {
     "jobs", "job_metrics", "job_events", "checkpoints", "snapshots", "datasets", "alembic_version",
-    "projects", "api_keys", "sweeps", "outbox", "artifacts",
+    "projects", "api_keys", "sweeps", "outbox", "artifacts", "idempotency_records", "webhooks",
+    "webhook_deliveries",
 }
 
 
@@ -52,6 +53,10 @@ def test_migrations_from_empty_sqlite(tmp_path):
     engine.dispose()
 
 
+#: the revision 0005_i14a follows
+BEFORE_ARTIFACT_STORE = "0005_i12"
+
+
 def _move_blobs_out_and_back(url: str, store_dir: Any) -> None:
     """0005_i14a moves the checkpoint, snapshot and export blobs of an older database into the
     artifact store (keys recorded, ``data`` columns dropped), and its downgrade reads them back."""
@@ -65,7 +70,7 @@ def _move_blobs_out_and_back(url: str, store_dir: Any) -> None:
     digest = {k: hashlib.sha256(v).hexdigest() for k, v in (("w", weights), ("s", snap), ("o", onnx))}
     engine = make_engine(url)
     try:
-        upgrade(url, "0004_i11")
+        upgrade(url, BEFORE_ARTIFACT_STORE)
         with engine.begin() as conn:
             now = "2026-12-04 12:00:00"
             conn.execute(text(
@@ -91,7 +96,7 @@ def _move_blobs_out_and_back(url: str, store_dir: Any) -> None:
                 assert uri.startswith("jobs/j0/") and size == len(data)
                 assert store.read(uri, digest[name], size) == data
             assert conn.execute(text("SELECT uri FROM checkpoints WHERE epoch = 0")).scalar() is None  # not kept before either
-        downgrade(url, "0004_i11")
+        downgrade(url, BEFORE_ARTIFACT_STORE)
         with engine.connect() as conn:
             from sqlalchemy import column, table
 

@@ -150,8 +150,8 @@ def test_export_of_the_last_checkpoint_and_bad_formats(client, jobs):
     data, _ = client.export(job_id, "onnx", checkpoint="last")
     np.testing.assert_allclose(ort.InferenceSession(data).run(None, {"input": x})[0], expected, rtol=0, atol=1e-5)
     r = httpx.get(f"{client.url}/v1/jobs/{job_id}/export", params={"format": "pickle"})
-    assert r.status_code == 422 and r.json()["detail"][0]["path"] == "query.format"
-    assert "'onnx'" in r.json()["detail"][0]["msg"]  # says what is allowed
+    assert r.status_code == 422 and r.json()["errors"][0]["path"] == "query.format"
+    assert "'onnx'" in r.json()["errors"][0]["msg"]  # says what is allowed
     r = httpx.get(f"{client.url}/v1/jobs/{job_id}/export", params={"format": "onnx", "checkpoint": "worst"})
     assert r.status_code == 422
 
@@ -196,7 +196,7 @@ def test_predictions_from_uploaded_npz_and_csv(client, jobs):
     assert r.status_code == 200, r.text
     assert r.json()["labels"] == expected
     r = httpx.post(f"{client.url}/v1/jobs/{job_id}/predict/file", files={"file": ("inputs.csv", b"1,2\n3,x\n")})
-    assert r.status_code == 422 and r.json()["detail"][0]["path"] == "file.row[1].column[1]"
+    assert r.status_code == 422 and r.json()["errors"][0]["path"] == "file.row[1].column[1]"
 
 
 def test_bad_prediction_inputs_are_422s_that_say_where(client, jobs):
@@ -208,7 +208,7 @@ def test_bad_prediction_inputs_are_422s_that_say_where(client, jobs):
         r = httpx.post(url, json={"inputs": inputs}) if raw is None else httpx.post(
             url, content=raw, headers={"Content-Type": "application/json"})
         assert r.status_code == 422, r.text
-        return r.json()["detail"][0]
+        return r.json()["errors"][0]
 
     wrong = problem([row[:63]])
     assert wrong["path"] == "inputs" and "shape [1, 63]" in wrong["msg"] and "[64]" in wrong["msg"]

@@ -209,11 +209,11 @@ def test_datasets_upload_list_and_use_by_name(service_env, api_url, client, tmp_
     with httpx.Client(base_url=api_url) as h:
         r = h.post("/v1/jobs", json=spec)
     assert r.status_code == 422, r.text
-    err = r.json()["detail"][0]
+    err = r.json()["errors"][0]
     assert err["path"] == "data.dataset" and ds_id in err["msg"] and second in err["msg"] and "give the id" in err["msg"]
     with httpx.Client(base_url=api_url) as h:
         r = h.post("/v1/jobs", json={**spec, "data": {**spec["data"], "dataset": "no-such-toy"}})
-    assert r.status_code == 422 and "or the id or name of a stored dataset" in r.json()["detail"][0]["msg"]
+    assert r.status_code == 422 and "or the id or name of a stored dataset" in r.json()["errors"][0]["msg"]
 
 
 def test_sweep_show_and_its_leaderboard_fit_80_columns(service_env, api_url, tmp_path):
@@ -301,7 +301,7 @@ def test_keras_habits(client, api_url):
     with httpx.Client(base_url=api_url) as h:
         r = h.post("/v1/jobs", json=channels_last)
     assert r.status_code == 422, r.text
-    errors = r.json()["detail"]
+    errors = r.json()["errors"]
     assert [e["path"] for e in errors] == ["model.layers[0].target_shape"], errors
     assert "channels-last" in errors[0]["msg"] and "use [1, 8, 8]" in errors[0]["msg"]
     assert wait_status(client, job["id"], END, timeout=240)["status"] == "succeeded"

@@ -165,11 +165,11 @@ def test_corrupt_npz_is_422_and_leaves_no_temp_file(app_client, inproc_env):
     for content in (bytes(flipped), buf.getvalue()[:100], b"not a zip at all", members.getvalue()):
         r = app_client.post("/v1/datasets", files={"file": ("broken.npz", content)})
         assert r.status_code == 422, r.text
-        err = r.json()["detail"][0]
+        err = r.json()["errors"][0]
         assert err["path"] == "file" and "not" in err["msg"] and ".npz" in err["msg"]
     assert set(datasets_dir.glob("*")) == before  # no temp or stored file left behind
     r = app_client.post("/v1/datasets", files={"file": ("broken.npz", bytes(flipped))})
-    assert "not a valid .npz" in r.json()["detail"][0]["msg"]
+    assert "not a valid .npz" in r.json()["errors"][0]["msg"]
 
 
 def test_batch_items_that_are_not_objects_get_their_own_errors(app_client):
@@ -281,14 +281,14 @@ def test_schedule_preview_refuses_invalid_rates(app_client, lr):
     body = json.dumps({"learning_rate": lr, "steps": 5})  # NaN/Infinity as Python's json writes them
     r = app_client.post("/v1/schedules/preview", content=body, headers={"Content-Type": "application/json"})
     assert r.status_code == 422, (lr, r.text)
-    for e in r.json()["detail"]:
+    for e in r.json()["errors"]:
         assert set(e) == {"loc", "path", "msg", "type"} and e["path"].startswith("learning_rate"), e
 
 
 def test_schedule_preview_nested_errors_are_under_learning_rate(app_client):
     lr = {"schedule": "exponential", "initial_learning_rate": -1, "decay_steps": 10, "decay_rate": 0.5}
     r = app_client.post("/v1/schedules/preview", json={"learning_rate": lr, "steps": 5})
-    assert r.status_code == 422 and [e["path"] for e in r.json()["detail"]] == ["learning_rate.initial_learning_rate"]
+    assert r.status_code == 422 and [e["path"] for e in r.json()["errors"]] == ["learning_rate.initial_learning_rate"]
     ok = app_client.post("/v1/schedules/preview", json={"learning_rate": 0.5, "steps": 3})
     assert ok.status_code == 200 and ok.json()["lr"] == [0.5, 0.5, 0.5]
 
@@ -300,7 +300,7 @@ def test_schedule_preview_nested_errors_are_under_learning_rate(app_client):
 def test_malformed_json_names_the_body_and_the_position(app_client, url):
     r = app_client.post(url, content=b'{"steps": x}', headers={"Content-Type": "application/json"})
     assert r.status_code == 422, r.text
-    (err,) = r.json()["detail"]
+    (err,) = r.json()["errors"]
     assert err["path"] == "" and err["type"] == "json_invalid" and err["loc"] == ["body"]
     assert "not valid JSON" in err["msg"] and "character 10" in err["msg"]
 

@@ -176,7 +176,7 @@ def _post(client: Client, body: Any) -> Any:
 
 def _paths(r: Any) -> dict[str, str]:
     assert r.status_code == 422, r.text
-    return {e["path"]: e["msg"] for e in r.json()["detail"]}
+    return {e["path"]: e["msg"] for e in r.json()["errors"]}
 
 
 def test_bad_sweeps_are_422s_naming_the_path(client: Client) -> None:

@@ -68,7 +68,7 @@ KERAS_CASES: list[tuple[str, dict[str, Any]]] = [
     ("adam-source-note", {"name": "adam", "beta_1": 0.89, "learning_rate": NOTE_SCHEDULE}),
     ("adam-eps-amsgrad-wd", {"name": "adam", "epsilon": 1e-4, "amsgrad": True, "weight_decay": 0.05, "learning_rate": 0.003}),
     ("adam-global-clipnorm", {"name": "adam", "global_clipnorm": 0.3, "beta_2": 0.99}),
-    ("adam-clipvalue", {"name": "adam", "clipvalue": 0.01, "learning_rate": 0.002}),
+    ("adam-clipvalue", {"name": "adam", "clipvalue": 0.01, "learning_rate": 0.001}),  # at 0.002 a hidden unit sits on the relu edge by step 100 and float order decides it (0.96% apart on some CPUs)
     ("adamw-defaults", {"name": "adamw"}),
     ("adamw-wd-amsgrad-eps-schedule", {"name": "adamw", "weight_decay": 0.1, "amsgrad": True, "epsilon": 1e-5, "learning_rate": NOTE_SCHEDULE}),
     ("nadam-defaults", {"name": "nadam"}),

@@ -103,7 +103,7 @@
       preview(dry);
     } catch (e) {
       lastValid = null; implied.textContent = "Not valid yet."; implied.dataset.state = "invalid";
-      if (e.status === 422 && Array.isArray(e.body?.detail)) showErrors(e.body.detail); else showErrors([{ path: "", msg: e.message }]);
+      if (e.status === 422 && Array.isArray(e.body?.errors)) showErrors(e.body.errors); else showErrors([{ path: "", msg: e.message }]);
     }
   }
   const validateSoon = debounce(validate, 300);
@@ -127,7 +127,7 @@
       const job = await api("/v1/jobs", { method: "POST", body: spec });
       location.href = `/ui/jobs/${job.id}`;
     } catch (err) {
-      if (err.status === 422 && Array.isArray(err.body?.detail)) showErrors(err.body.detail); else alert(err.message);
+      if (err.status === 422 && Array.isArray(err.body?.errors)) showErrors(err.body.errors); else alert(err.message);
     }
   });
 
