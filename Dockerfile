@@ -13,6 +13,10 @@ COPY migrations ./migrations
 COPY api ./api
 COPY worker ./worker
 COPY client ./client
+COPY config ./config
+COPY orchestration ./orchestration
+COPY server ./server
+COPY ui ./ui
 RUN pip install $CONSTRAINTS . && useradd --create-home trainyard && mkdir /data && chown trainyard /data
 USER trainyard
 VOLUME ["/data"]

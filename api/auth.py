@@ -8,13 +8,20 @@ session, never cached), so a revoke takes effect on the next request.
 
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import HTTPException, Request
+from starlette.concurrency import run_in_threadpool
 
+from config.settings import Settings
 from store import auth as keys
+from store import fastread
 from store.db import session_scope
 from store.models import DEFAULT_PROJECT
+from store.repo import as_utc
 
 AUTH_HEADERS = {"WWW-Authenticate": "Bearer"}
 
@@ -35,15 +42,27 @@ def _unauthorized(msg: str) -> HTTPException:
     return HTTPException(status_code=401, detail=msg, headers=AUTH_HEADERS)
 
 
-def bearer_token(request: Request) -> str | None:
-    """The token of an ``Authorization: Bearer <token>`` header, if any."""
-    header = request.headers.get("authorization")
+def parse_bearer(header: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header value, None without one; 401 for
+    another scheme or an empty token."""
     if not header:
         return None
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise _unauthorized("the Authorization header must be 'Bearer <API key>'")
     return token.strip()
+
+
+def bearer_token(request: Request) -> str | None:
+    """The token of the request's ``Authorization: Bearer <token>`` header, if any."""
+    return parse_bearer(request.headers.get("authorization"))
+
+
+def key_hash_of(token: str) -> str:
+    """The stored hash of an API key; 401 for a token that cannot be one."""
+    if not keys.looks_like_key(token):
+        raise _unauthorized("invalid or revoked API key")
+    return keys.hash_key(token)
 
 
 def authenticate(request: Request) -> Caller:
@@ -92,9 +111,30 @@ def required_key_hash(request: Request) -> str | None:
     token = bearer_token(request)
     if token is None:
         return _browser_key_hash(request)
-    if not keys.looks_like_key(token):
-        raise _unauthorized("invalid or revoked API key")
-    return keys.hash_key(token)
+    return key_hash_of(token)
+
+
+def poll_caller(settings: Settings, authorization: str | None) -> fastread.Caller | None:
+    """The caller of a poll, for the poll's own query to resolve (:mod:`store.fastread`): the
+    default project when auth is off, else the hash of the bearer key (401: a malformed header or
+    a token that cannot be a key); None without an Authorization header (a browser session's
+    request: :func:`required_key_hash`). Used by the route and the fast path alike."""
+    if settings.auth == "off":
+        return fastread.Caller(project_id=DEFAULT_PROJECT)
+    token = parse_bearer(authorization)
+    return None if token is None else fastread.Caller(key_hash=key_hash_of(token))
+
+
+def poll_owner(key: fastread.KeyRow) -> keys.KeyOwner | None:
+    """The key a poll's query resolved (:data:`store.fastread.KeyRow`), None if unknown or revoked."""
+    if key is None:
+        return None
+    return keys.KeyOwner(key_id=key[0], project_id=key[1], requests_per_minute=key[2], last_used_at=as_utc(key[3]))
+
+
+def rate_of(settings: Settings, requests_per_minute: int | None) -> int:
+    """A project's request rate: its own, else the service's."""
+    return requests_per_minute if requests_per_minute is not None else settings.requests_per_minute
 
 
 def needs_touch(owner: keys.KeyOwner) -> bool:
@@ -117,8 +157,51 @@ def admit(request: Request, owner: keys.KeyOwner | None, *, record_use: bool = T
     if record_use and needs_touch(owner):
         touch(owner)
     caller = Caller(project_id=owner.project_id, key_id=owner.key_id, requests_per_minute=owner.requests_per_minute)
-    settings = request.app.state.settings
-    rpm = caller.requests_per_minute if caller.requests_per_minute is not None else settings.requests_per_minute
+    rpm = rate_of(request.app.state.settings, caller.requests_per_minute)
     request.app.state.rate_limiter.check(caller.project_id, rpm)
     request.state.caller = caller
     return caller
+
+
+async def admit_poll(request: Request, caller: fastread.Caller, key: fastread.KeyRow) -> None:
+    """401/429 for a keyed poll, from the key row its own query returned (:func:`admit`). The
+    key's use is recorded (at most once a minute) off the event loop."""
+    if caller.key_hash is None:
+        return
+    owner = poll_owner(key)
+    if owner is not None and needs_touch(owner) and _touches.claim(owner.key_id):
+        await run_in_threadpool(touch, owner)
+    admit(request, owner, record_use=False)
+
+
+class _Touches:
+    """Which keys this process recorded a use of in the last minute: polls that shared a query
+    (store.pollread) saw the same stale ``last_used_at``, and one write records them all."""
+
+    def __init__(self) -> None:
+        self._at: dict[str, float] = {}
+
+    def claim(self, key_id: str) -> bool:
+        now = time.monotonic()
+        if now - self._at.get(key_id, -math.inf) < keys.LAST_USED_RESOLUTION.total_seconds():
+            return False
+        if len(self._at) > 10_000:
+            self._at.clear()
+        self._at[key_id] = now
+        return True
+
+
+_touches = _Touches()
+
+
+def poll_admitted_at_once(settings: Settings, rate_limiter: Any, caller: fastread.Caller, key: fastread.KeyRow) -> bool:
+    """Whether :func:`admit_poll` would admit this poll with nothing to write: no key needed, or
+    a key that resolved, whose use was recorded within the minute, and whose project's bucket
+    gives a token (taken). False: the caller must go through :func:`admit_poll` (the fast path
+    hands the request to the route)."""
+    if caller.key_hash is None:
+        return True
+    owner = poll_owner(key)
+    if owner is None or needs_touch(owner):
+        return False
+    return rate_limiter.acquire(owner.project_id, rate_of(settings, owner.requests_per_minute)) == 0.0

@@ -24,7 +24,7 @@ from sqlalchemy import func, select
 from config.settings import Settings
 from store import notices
 from store.db import session_scope
-from store.models import TERMINAL_STATUSES, Job, JobEvent
+from store.models import TERMINAL_STATUSES, Job, JobEvent, Sweep
 
 log = logging.getLogger("trainyard.changes")
 
@@ -36,10 +36,10 @@ BATCH = 1000
 
 @dataclass(frozen=True)
 class Change:
-    """One job event with what a stream needs to route it."""
+    """One job event (or a sweep's own event: ``job_id`` None) with what a stream needs to route it."""
 
     id: int
-    job_id: str
+    job_id: str | None
     project_id: str
     sweep_id: str | None
     kind: str
@@ -48,11 +48,14 @@ class Change:
 
 def fetch_changes(after: int, limit: int = BATCH, *, project_id: str | None = None,
                   job_id: str | None = None) -> list[Change]:
-    """Job events after id ``after`` (of one project or job when given), in id order."""
-    q = (select(JobEvent.id, JobEvent.job_id, Job.project_id, Job.sweep_id, JobEvent.kind, JobEvent.data)
-         .join(Job, Job.id == JobEvent.job_id).where(JobEvent.id > after).order_by(JobEvent.id).limit(limit))
+    """Job and sweep events after id ``after`` (of one project or job when given), in id order."""
+    project = func.coalesce(Job.project_id, Sweep.project_id)
+    q = (select(JobEvent.id, JobEvent.job_id, project, func.coalesce(Job.sweep_id, JobEvent.sweep_id), JobEvent.kind,
+                JobEvent.data)
+         .select_from(JobEvent).outerjoin(Job, Job.id == JobEvent.job_id).outerjoin(Sweep, Sweep.id == JobEvent.sweep_id)
+         .where(JobEvent.id > after).order_by(JobEvent.id).limit(limit))
     if project_id is not None:
-        q = q.where(Job.project_id == project_id)
+        q = q.where(project == project_id)
     if job_id is not None:
         q = q.where(JobEvent.job_id == job_id)
     with session_scope(write=False) as s:
@@ -221,6 +224,18 @@ class ChangeHub:
 
 def change_payload(c: Change) -> dict[str, Any]:
     return {"job_id": c.job_id, "sweep_id": c.sweep_id, "kind": c.kind, "data": c.data}
+
+
+def project_sse(c: Change) -> list[tuple[str, dict[str, Any]]]:
+    """The (event, data) pairs of ``GET /v1/events`` for one change, all with its id: a job's
+    event is a ``job`` event, and also a ``sweep`` event (``kind: "trial_changed"``) when the job
+    is a trial; a sweep's own event is a ``sweep`` event (``kind: "created" | "trial" | "state"``)."""
+    if c.job_id is None:
+        return [("sweep", {"sweep_id": c.sweep_id, "job_id": c.data.get("job_id"), "kind": c.kind, "data": c.data})]
+    out = [("job", change_payload(c))]
+    if c.sweep_id is not None:
+        out.append(("sweep", {"sweep_id": c.sweep_id, "job_id": c.job_id, "kind": "trial_changed"}))
+    return out
 
 
 async def follow(

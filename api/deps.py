@@ -12,12 +12,12 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from api.auth import authenticate, required_key_hash
+from api.auth import poll_caller as poll_caller_of
 from api.dispatch import Dispatcher
 from api.errors import SpecProblem, error
 from config.settings import Settings
 from store import fastread
 from store.db import get_sessionmaker, session_scope
-from store.models import DEFAULT_PROJECT
 
 
 def _write_session() -> Iterator[Session]:
@@ -58,10 +58,8 @@ async def poll_caller(
     """The caller of a polled route, for its own query to resolve: the default project when auth
     is off, else the hash of the bearer token (the route answers 401/429 from what its query found).
     ``async``: it only parses a header, and a sync dependency costs a thread-pool hop per request."""
-    key_hash = required_key_hash(request)
-    if key_hash is None:
-        return fastread.Caller(project_id=DEFAULT_PROJECT)
-    return fastread.Caller(key_hash=key_hash)
+    caller = poll_caller_of(request.app.state.settings, request.headers.get("authorization"))
+    return caller if caller is not None else fastread.Caller(key_hash=required_key_hash(request))
 
 
 def operations_of(app: Any, path: str) -> dict[str, dict[str, Any]] | None:

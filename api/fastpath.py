@@ -14,9 +14,12 @@ key resolved (the same query reads it), the job is the caller's, the key's use w
 within the last minute, and the project's request-rate bucket had a token. Anything else (a 401,
 404, 422, 429, a key whose use is due to be recorded, an odd query string, a database error)
 goes to the FastAPI route, which decides it again from scratch, so errors look exactly as they
-do everywhere else. The route stays the documented operation (OpenAPI); the bodies are the same
-bytes from the same functions, and ``tests/service/test_fastpath.py`` compares the two layers'
-responses, status, headers and body, case by case.
+do everywhere else. The route stays the documented operation (OpenAPI). Both layers call the same
+functions for every rule: the caller (``api.auth.poll_caller``), the read
+(``store.fastread.read_job`` / ``read_metrics``, whose view is ``store.fastread.job_view``) and the
+admission (``api.auth.poll_owner``, ``needs_touch``, ``rate_of``); what is left here is only
+which requests to hand on. ``tests/service/test_fastpath.py`` compares the two layers' responses,
+status, headers and body, case by case.
 """
 
 from __future__ import annotations
@@ -25,13 +28,12 @@ import re
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from fastapi import HTTPException
+
+from api.auth import poll_admitted_at_once, poll_caller
 from config.settings import Settings
-from store import auth as keys
 from store import fastread
 from store.db import get_engine
-from store.models import DEFAULT_PROJECT
-from store.pollread import get_reader
-from store.repo import as_utc
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -42,8 +44,6 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 _PATH = re.compile(r"^/v1/jobs/([^/\x00]+)(/metrics)?$")
 # one parameter, given once, as the plain digits FastAPI would read as the same int
 _QUERY_PARAM = re.compile(rb"^(since_epoch|max_points)=([0-9]{1,9})$")
-MAX_POINTS = 100_000
-_BEARER = re.compile(rb"^[Bb][Ee][Aa][Rr][Ee][Rr] +(\S+) *$")
 
 
 def _query(raw: bytes) -> tuple[int, int | None] | None:
@@ -60,7 +60,7 @@ def _query(raw: bytes) -> tuple[int, int | None] | None:
         value = int(m.group(2))
         if m.group(1) == b"since_epoch":
             since = value  # 0 ... 999,999,999: within the route's bounds (ge=0, le=2**31-1)
-        elif 1 <= value <= MAX_POINTS:
+        elif 1 <= value <= fastread.MAX_POINTS:
             max_points = value
         else:
             return None
@@ -84,34 +84,17 @@ class PollFastPath:
         self.stats = stats
 
     def _caller(self, scope: Scope) -> fastread.Caller | None:
-        if self.settings.auth == "off":
-            return fastread.Caller(project_id=DEFAULT_PROJECT)
+        """The route's caller (:func:`api.auth.poll_caller`), or None to let the route answer (a
+        browser session's request, a 401)."""
         header = None
         for name, value in scope.get("headers") or ():
             if name == b"authorization":
-                if header is not None:
-                    return None  # two of them: the route decides
-                header = value
-        if header is None:
+                header = value.decode("latin-1")  # the first one, as the route's request.headers
+                break
+        try:
+            return poll_caller(self.settings, header)
+        except HTTPException:
             return None
-        m = _BEARER.match(header)
-        if m is None:
-            return None
-        token = m.group(1).decode("latin-1")
-        if not keys.looks_like_key(token):
-            return None
-        return fastread.Caller(key_hash=keys.hash_key(token))
-
-    def _admitted(self, caller: fastread.Caller, key: fastread.KeyRow) -> bool:
-        if caller.key_hash is None:
-            return True
-        if key is None:
-            return False
-        last_used = as_utc(key[3])
-        if last_used is None or keys.utcnow() - last_used >= keys.LAST_USED_RESOLUTION:
-            return False  # the route records the key's use
-        rpm = key[2] if key[2] is not None else self.settings.requests_per_minute
-        return self.rate_limiter.acquire(key[1], rpm) == 0.0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "GET":
@@ -128,18 +111,14 @@ class PollFastPath:
         job_id = m.group(1)
         engine = get_engine()
         try:
-            reader = get_reader(engine)
             if m.group(2):
-                since, max_points = params
-                key, body = await reader.run_item(
-                    (job_id, caller, since, max_points), fastread.metrics_polls(engine),
-                    (job_id, caller, since, max_points))
+                key, body = await fastread.read_metrics(engine, job_id, caller, *params)
             else:
-                key, body = await reader.run_item((job_id, caller), fastread.job_polls(engine), (job_id, caller))
+                key, body = await fastread.read_job(engine, job_id, caller)
         except Exception:  # noqa: BLE001 - the route meets the same error and answers it
             await self.app(scope, receive, send)
             return
-        if body is None or not self._admitted(caller, key):
+        if body is None or not poll_admitted_at_once(self.settings, self.rate_limiter, caller, key):
             await self.app(scope, receive, send)
             return
         self.stats.served += 1

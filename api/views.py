@@ -2,29 +2,22 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy.orm import object_session
 
-from api.schemas.jobs import Best, CheckpointRead, JobRead, JobSummary, Progress
+from api.schemas.jobs import CheckpointRead, JobRead, JobSummary
 from api.schemas.misc import DatasetRead
 from store import scheduling
+from store.fastread import JOB_COLUMNS, job_view
 from store.floats import from_text
 from store.models import Checkpoint, Dataset, Job
 from store.repo import as_utc
 
 
-def _summary_fields(job: Job) -> dict:
-    best = None
-    if job.best_monitor is not None or job.best_epoch is not None:
-        best = Best(monitor=job.best_monitor, value=from_text(job.best_value), epoch=job.best_epoch)
-    return dict(
-        id=job.id, name=job.name, status=job.status, queue=job.queue, stop_reason=job.stop_reason,
-        error=job.error, progress=Progress(epoch=job.epoch, epochs=job.epochs), best=best,
-        attempts=job.attempts, cancel_requested=job.cancel_requested, worker=job.worker, steps=job.steps,
-        run_seconds=job.run_seconds, created_at=as_utc(job.created_at), started_at=as_utc(job.started_at),
-        finished_at=as_utc(job.finished_at), heartbeat_at=as_utc(job.heartbeat_at),
-        updated_at=as_utc(job.updated_at), sweep_id=job.sweep_id, trial_number=job.trial_number,
-        trial_params=job.trial_params, priority=job.priority, labels=job.labels or {}, notes=job.notes,
-    )
+def _summary_fields(job: Job) -> dict[str, Any]:
+    """The job's view, built as every poll builds it (:func:`store.fastread.job_view`)."""
+    return job_view({c: getattr(job, c) for c in JOB_COLUMNS}, when=as_utc)
 
 
 def job_summary(job: Job) -> JobSummary:

@@ -831,7 +831,7 @@ def start_stack(st: Stack) -> tuple[str, str, Any]:
     api_port, bare_port = free_port(), free_port()
     cli = [sys.executable, "-m", "client.cli"]
     st.start("worker", [*cli, "worker", "--queues", "gpu,cpu", "--concurrency", "1", "--name", f"tyb-{RUN}"], st.env)
-    # The same flags as `trainyard worker` (client/cli.py::_celery_worker_argv), its own app and queue
+    # The same flags as `trainyard worker` (server/cli.py::_celery_worker_argv), its own app and queue
     st.start("bare-worker", [sys.executable, "-m", "celery", "-A", "bench_bare_celery", "worker", "-Q", PREFIX + "bare-cpu",
                              "--concurrency", "1", "--pool", "solo", "--loglevel", "INFO", "-n", f"tyb-{RUN}-bare@%h",
                              "--without-gossip", "--without-mingle", "--without-heartbeat"], st.bare_env)

@@ -291,7 +291,7 @@ def run_sweep(settings: Any, workers: Workers, *, asha: bool, trials: int, epoch
     with session_scope(write=False) as s:
         sweep = store_sweeps.get_sweep(s, sweep_id)
         assert sweep is not None
-        views = store_sweeps.trial_views(s, sweep)
+        views = orchestration_sweeps.trial_views(s, sweep)
         status = sweep.status
     events.sort(key=lambda e: e[2])
     to_target: dict[str, tuple[float, int] | None] = {str(t): None for t in targets}
@@ -300,7 +300,7 @@ def run_sweep(settings: Any, workers: Workers, *, asha: bool, trials: int, epoch
             if to_target[str(t)] is None and acc is not None and acc >= t:
                 to_target[str(t)] = (at - started, n)
     epoch_s = sum(e[4] for e in events)
-    board = store_sweeps.leaderboard(views, "max")
+    board = orchestration_sweeps.leaderboard(views, "max")
     return {
         "method": "asha" if asha else "random", "status": status, "trials": len(views), "workers": concurrent,
         "pruned": sum(1 for v in views if v.job.stop_reason == "pruned"),

@@ -87,6 +87,13 @@ class Settings(BaseSettings):
     max_dataset_bytes: int = Field(2**30, ge=1)  # an uploaded dataset's arrays, uncompressed
     max_project_dataset_bytes: int = Field(10 * 2**30, ge=0)  # uploaded bytes of a project's datasets (0: none)
     max_concurrent_jobs: int = Field(1000, ge=0)  # queued + running, per project
+    # Packing (README "Packed jobs"): a worker that claims a job also claims queued jobs of the
+    # same shape and trains them fused (training/fused.py), up to these budgets: members, and
+    # floats (each member's parameters plus one batch of activations, training.fused.member_cost).
+    # TRAINYARD_PACK=0 turns packing off for the server; a job spec's "pack": false for one job.
+    pack: bool = True
+    pack_max_members: int = Field(32, ge=1)
+    pack_max_params: int = Field(20_000_000, ge=1)
     requests_per_minute: int = Field(6000, ge=0)  # per project, per API process (0: unlimited)
     max_event_streams: int = Field(32, ge=0)  # open /events streams per project, per API process (0: none)
     # API process: after start-up, move every object into the garbage collector's permanent

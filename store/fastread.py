@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -21,7 +21,11 @@ from typing import Any
 from sqlalchemy import Engine
 
 from store.floats import from_text
+from store.pollread import get_reader
 from store.scheduling import position_sql, queued_view
+
+#: the most points a metrics poll may ask for (``max_points``)
+MAX_POINTS = 100_000
 
 # The job columns a view needs, in select order; spec and info come as JSON text.
 JOB_COLUMNS = (
@@ -134,8 +138,11 @@ def _json_value(value: Any) -> Any:
     return value
 
 
-def _view(row: Sequence[Any]) -> dict[str, Any]:
-    r = dict(zip(JOB_COLUMNS, row, strict=False))
+def job_view(r: Mapping[str, Any], when: Callable[[Any], Any] = _iso) -> dict[str, Any]:
+    """The JSON view of a job (``JobSummary``'s fields) from its columns (:data:`JOB_COLUMNS`, as
+    a row's values or an ORM object's attributes); ``when`` renders a timestamp (default: ISO 8601
+    text in UTC). The one builder of a job's view: the polls' bytes and the API's response models
+    (``api.views``) both come from it."""
     best = None
     if r["best_monitor"] is not None or r["best_epoch"] is not None:
         best = {"monitor": r["best_monitor"], "value": from_text(r["best_value"]), "epoch": r["best_epoch"]}
@@ -145,9 +152,9 @@ def _view(row: Sequence[Any]) -> dict[str, Any]:
         "progress": {"epoch": r["epoch"], "epochs": r["epochs"]}, "best": best,
         "attempts": r["attempts"], "cancel_requested": bool(r["cancel_requested"]), "worker": r["worker"],
         "steps": r["steps"], "run_seconds": r["run_seconds"],
-        "created_at": _iso(r["created_at"]), "started_at": _iso(r["started_at"]),
-        "finished_at": _iso(r["finished_at"]), "heartbeat_at": _iso(r["heartbeat_at"]),
-        "updated_at": _iso(r["updated_at"]),
+        "created_at": when(r["created_at"]), "started_at": when(r["started_at"]),
+        "finished_at": when(r["finished_at"]), "heartbeat_at": when(r["heartbeat_at"]),
+        "updated_at": when(r["updated_at"]),
         "sweep_id": r["sweep_id"], "trial_number": r["trial_number"], "trial_params": _json_value(r["trial_params"]),
         "priority": r["priority"],
         "labels": _json_value(r["labels"]) or {}, "notes": r["notes"],
@@ -178,7 +185,7 @@ def _job_document(engine: Engine, row: Sequence[Any]) -> bytes:
     """The job's JSON from its columns (:data:`JOB_COLUMNS`, its rank in its project's queue, its
     project, then the spec and info as text)."""
     n = len(JOB_COLUMNS)
-    view = _view(row[:n])
+    view = job_view(dict(zip(JOB_COLUMNS, row[:n], strict=True)))
     position, start = queued_view(engine, view["queue"], row[n + 1], row[n])
     view["queue_position"], view["estimated_start_at"] = position, _iso(start)
     head = json.dumps(view, separators=(",", ":"), allow_nan=False)
@@ -360,3 +367,17 @@ def job_polls(engine: Engine) -> JobPolls:
 def metrics_polls(engine: Engine) -> MetricsPolls:
     """The engine's :class:`MetricsPolls`."""
     return MetricsPolls(engine)
+
+
+async def read_job(engine: Engine, job_id: str, caller: Caller) -> tuple[KeyRow, bytes | None]:
+    """:func:`job_json`'s answer, read on the poll reader's threads (:mod:`store.pollread`) with the
+    polls waiting beside it: what the route and the fast path (``api.fastpath``) both serve."""
+    return await get_reader(engine).run_item((job_id, caller), job_polls(engine), (job_id, caller))  # type: ignore[no-any-return]
+
+
+async def read_metrics(
+    engine: Engine, job_id: str, caller: Caller, since_epoch: int, max_points: int | None
+) -> tuple[KeyRow, bytes | None]:
+    """:func:`metrics_json`'s answer, read as :func:`read_job` reads a job."""
+    item = (job_id, caller, since_epoch, max_points)
+    return await get_reader(engine).run_item(item, metrics_polls(engine), item)  # type: ignore[no-any-return]

@@ -24,6 +24,7 @@ from typing import Any
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
+from store import curves
 from store.artifact_store import drop_snapshot
 from store.models import Job
 
@@ -80,8 +81,10 @@ def move(session: Session, job_id: str, sources: Collection[str], target: str, *
         .execution_options(synchronize_session=False)
     )
     moved = res.rowcount == 1  # type: ignore[attr-defined]
-    if moved and not TRANSITIONS[target] and not _continuable(target, values):
-        drop_snapshot(session, job_id)
+    if moved and target in (SUCCEEDED, FAILED, CANCELLED):
+        curves.compact(session, job_id)  # its epochs are final: one row for bulk reads
+        if not _continuable(target, values):
+            drop_snapshot(session, job_id)
     return moved
 
 

@@ -189,16 +189,31 @@ class JobMetric(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
+class JobCurve(Base):
+    """A finished job's whole curve, compacted when it reached a terminal status (0005): its epochs'
+    stored JSON texts joined into one JSON array, so ``POST /v1/metrics/bulk`` reads one row per
+    job instead of one per epoch (:mod:`store.curves`). Writing an epoch of the job drops it."""
+
+    __tablename__ = "job_curves"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    n: Mapped[int] = mapped_column(Integer)  # epochs in the curve
+    body: Mapped[str] = mapped_column(Text)  # "[{...},{...}]", each epoch's text as stored
+
+
 class JobEvent(Base):
     """What ``GET /v1/jobs/{id}/events`` streams: state changes and epochs, with increasing ids
-    (the SSE event ids, so a client resumes with Last-Event-ID)."""
+    (the SSE event ids, so a client resumes with Last-Event-ID). A sweep's own events (created,
+    trial added, finished; 0005) share the table and its ids, with ``job_id`` null and
+    ``sweep_id`` set, so ``GET /v1/events`` resumes across both with one Last-Event-ID."""
 
     __tablename__ = "job_events"
     __table_args__ = (Index("ix_job_events_job_id_id", "job_id", "id"),)
 
     id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
-    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
-    kind: Mapped[str] = mapped_column(String(16))  # "state" | "epoch"
+    job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    sweep_id: Mapped[str | None] = mapped_column(ForeignKey("sweeps.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(16))  # "state" | "epoch"; a sweep's: "created" | "trial" | "state"
     data: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 

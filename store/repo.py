@@ -12,7 +12,7 @@ from typing import Any, overload
 from sqlalchemy import case, delete, func, select, update
 from sqlalchemy.orm import Session, defer
 
-from store import lifecycle
+from store import curves, lifecycle
 from store.artifact_store import (
     Stored,
     checkpoint_key,
@@ -92,6 +92,9 @@ def create_jobs(
     ]
     session.add_all(jobs)
     session.flush()
+    if sweep_id is not None:  # the sweep's own "trial added" events (GET /v1/events), before the trials' own
+        session.add_all([JobEvent(sweep_id=sweep_id, kind="trial", data={"job_id": j.id, "trial_number": j.trial_number},
+                                  created_at=now) for j in jobs])
     session.add_all([JobEvent(job_id=j.id, kind="state", data={"status": "queued"}, created_at=now) for j in jobs])
     # the dispatch outbox (store.outbox): each job owes the broker a message, in this transaction
     session.add_all([Outbox(job_id=j.id, queue=j.queue, attempts=0, created_at=now) for j in jobs])
@@ -288,6 +291,12 @@ def add_event(session: Session, job_id: str, kind: str, data: dict[str, Any], at
         webhooks.on_job_state(session, job_id, data, at)
 
 
+def add_sweep_event(session: Session, sweep_id: str, kind: str, data: dict[str, Any], at: datetime | None = None) -> None:
+    """A sweep's own event on the project's stream: ``created``, ``trial`` (added; written by
+    :func:`create_jobs`) or ``state`` (it ended), in the job events' table and id order."""
+    session.add(JobEvent(sweep_id=sweep_id, kind=kind, data=data, created_at=at or utcnow()))
+
+
 def events_after(session: Session, job_id: str, after_id: int, limit: int = 500) -> list[JobEvent]:
     q = (
         select(JobEvent)
@@ -316,18 +325,19 @@ def request_cancel(session: Session, job_id: str) -> str | None:
     return session.scalar(select(Job.status).where(Job.id == job_id))
 
 
-def claim_job(session: Session, job_id: str, worker: str, stale_after_s: float) -> Job | None:
+def claim_job(session: Session, job_id: str, worker: str, stale_after_s: float, *, take_over: bool = True) -> Job | None:
     """Compare-and-set queued -> running (or take over a running job whose heartbeat is older
     than ``stale_after_s``: its worker was lost and the broker redelivered). None if the job is
     not claimable, so delivering the task twice runs it once. Every claim bumps ``lease_token``
     (the fencing token of this attempt, see :mod:`store.leases`); a lost job that already used
-    ``max_attempts`` claims is not taken over (the reconciler fails it)."""
+    ``max_attempts`` claims is not taken over (the reconciler fails it). ``take_over=False``:
+    queued jobs only (the members of a pack, :mod:`store.packing`)."""
     now = utcnow()
     values = dict(
         attempts=Job.attempts + 1, lease_token=Job.lease_token + 1, heartbeat_at=now, worker=worker, updated_at=now,
     )
     if not lifecycle.move(session, job_id, (lifecycle.QUEUED,), lifecycle.RUNNING, values={"started_at": now, **values}):
-        taken_over = lifecycle.move(session, job_id, (lifecycle.RUNNING,), lifecycle.RUNNING, values=values, where=(
+        taken_over = take_over and lifecycle.move(session, job_id, (lifecycle.RUNNING,), lifecycle.RUNNING, values=values, where=(
             Job.cancel_requested.is_(False),
             Job.heartbeat_at < now - timedelta(seconds=stale_after_s),
             Job.attempts < Job.max_attempts,
@@ -358,6 +368,7 @@ def stale_running_jobs(session: Session, older_than_s: float) -> list[tuple[str,
 def _upsert_metrics(session: Session, rows: list[dict[str, Any]]) -> None:
     """Insert epoch rows, replacing any with the same (job, epoch): a resumed run that redoes an
     epoch overwrites its row. One statement for the batch (``session.merge`` read each row first)."""
+    curves.drop(session, {r["job_id"] for r in rows})  # a finished job's compacted curve is stale now
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql":
         from sqlalchemy.dialects.postgresql import insert as dialect_insert

@@ -31,10 +31,11 @@ import torch
 from training import data as data_mod
 from training.callbacks import EarlyStopping, ModelCheckpoint, ReduceLROnPlateau
 from training.card import make_card
+from training.epoch_end import EpochEnd, epoch_end_callbacks
 from training.model import BuiltModel, build_model
 from training.objectives import Objective, build_objective, prepare_targets, strip_output_activation
 from training.optim import build_optimizer, make_clipper
-from training.reporting import PAUSED, BaseReporter, Checkpoint, FitResult, Reporter, Snapshot
+from training.reporting import BaseReporter, Checkpoint, FitResult, Reporter
 from training.schedules import make_lr_fn
 from training.spec import FIND, JobSpec, ReduceOnPlateau, validate_spec
 from training.state import StateError, pack_snapshot, sha256, unpack_snapshot, weights_to_bytes
@@ -245,6 +246,8 @@ class _Run:
         self.has_penalty = bool(self.built.weight_penalties) or any(m._forward_hooks for m in self.model.modules())
         self._next_poll = 0.0
         self.extra_info: dict[str, Any] = {}  # reported in on_start and the result's info (e.g. lr_find)
+        #: the work at each epoch's end, in order (training.epoch_end)
+        self.epoch_end: list[EpochEnd] = epoch_end_callbacks(self)
 
     # ------------------------------------------------------------------ helpers
 
@@ -441,43 +444,8 @@ class _Run:
         logs.update(self.evaluate())
         logs["lr"] = self.lr
         logs["seconds"] = time.perf_counter() - started
-        epoch = self.epoch
-        if self.plateau is not None:
-            current_lr = self._current_lr(self.step)
-            new_lr = self.plateau.on_epoch_end(logs, current_lr)
-            if new_lr != current_lr:
-                self.plateau_lr = new_lr
-        if self.early is not None:
-            decision = self.early.on_epoch_end(epoch, logs)
-            if decision.hold_weights:
-                self.es_best = self._weights()
-            if decision.stop and self.stop_reason is None:
-                self.stop_reason = self.early.reason
-        if self.save_freq == "epoch" and self.checkpoint.should_save(logs, epoch):
-            self._save_checkpoint(logs.get(self.checkpoint.monitor))
-        self.history.append(logs)
-        self.epoch += 1
-        self.reporter.on_epoch(dict(logs))
-        request = getattr(self.reporter, "stop_request", None)
-        if request and self.stop_reason is None:
-            self.stop_reason = str(request)  # e.g. "pruned": a sweep's pruner ended the trial at this epoch
-        # "paused" (ASHA with promotions): the run may be resumed from this epoch, so it always
-        # leaves a snapshot of it
-        paused = self.stop_reason == PAUSED and request == PAUSED
-        if (
-            (paused or (self.stop_reason is None and self.snapshot_due()
-                        and getattr(self.reporter, "wants_snapshot", lambda: True)()))
-            and self.epoch < self.spec.epochs and self.has_reporter
-        ):
-            data = self.snapshot()
-            self.reporter.on_snapshot(Snapshot(self.epoch, self.step, data, sha256(data)))
-        elif (
-            self.epoch == self.spec.epochs and self.stop_reason is None and self.has_reporter
-            and getattr(self.reporter, "wants_final_snapshot", False)
-        ):
-            # the state after the last epoch, for continuing the job with more epochs later
-            data = self.snapshot()
-            self.reporter.on_final_snapshot(Snapshot(self.epoch, self.step, data, sha256(data)))
+        for callback in self.epoch_end:
+            callback.on_epoch_end(self, self.epoch, logs)
 
     snapshot_every = 1
 
@@ -671,7 +639,8 @@ def _spec_digest(spec: JobSpec, *, any_epochs: bool = False) -> str:
     import hashlib
     import json
 
-    dumped = spec.model_dump(mode="json")
+    # "pack" changes nothing the job computes (snapshots of a job stay valid whether it may be packed)
+    dumped = spec.model_dump(mode="json", exclude={"pack"})
     if any_epochs:
         dumped.pop("epochs", None)
     return hashlib.sha256(json.dumps(dumped, sort_keys=True).encode()).hexdigest()

@@ -21,16 +21,19 @@ trial's gradient is exactly its own). Everything a trial owns stays its own:
   tensors are compacted; the others go on.
 
 What is fused exactly (same numbers as the solo run up to float32 rounding of the batched
-kernels): dense/dropout/activation models in fp32 (:func:`why_not_fused`), and the optimizers
-:func:`_fused_optimizer_for` maps from the engine's own classes (Keras SGD, Adam/AdamW, RMSprop
-without ``centered``, Adagrad, Adamax; torch's Adam). Anything else (gradient clipping, Nadam,
-RAdam, amsgrad, ...) falls back to solo ``fit`` runs, one after another, so a fused trial never
-computes something different from its solo run. The optimizer formulas are written a second time
-here with per-trial tensors, op for op in the order of ``training.optim``; the tests hold each
-against the engine's class.
+kernels): dense/dropout/activation models in fp32 (:func:`why_not_fused`), with every optimizer
+the spec offers. The optimizer math has one home, ``training.optim``: Keras formulas run the same
+update functions (``keras_step`` and ``sgd_update``, ``adam_update``, ...) on the stacked weights
+with per-trial hyperparameters; torch formulas run each member's own ``torch.optim`` optimizer on
+its row of the stacked weights. Gradient clipping is ``training.optim.clip_gradients`` with
+per-trial norms. Anything else (other layers, precision, ``torch.compile``, learning rate
+``find``) falls back to solo ``fit`` runs, one after another, with the reason in
+``info["pack"]["fallback"]``, so a fused trial never computes something different from its solo run.
 Dropout is fused with each trial's own rate, but its masks are drawn for the pack (not from each
 trial's own RNG stream): with dropout on, a fused trial is statistically, not bitwise, the solo run.
-Snapshots (resume of a pack) are not taken in fused mode.
+Snapshots are the engine's own, per member (``_Run._end_epoch``, after the member's weights and
+optimizer state are written back into its own model and optimizer): a member resumes from its
+snapshot alone, as a solo run, and goes on as its solo run would.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from training.engine import _actionable_errors, _deterministic, _Run, fit, resolve_device
+from training.optim import _KerasForeach, clip_gradients, keras_step, operand
 from training.reporting import FitResult, Reporter
 from training.spec import FIND, JobSpec, validate_spec
 
@@ -52,7 +56,7 @@ from training.spec import FIND, JobSpec, validate_spec
 FUSED_LAYERS = frozenset({"dense", "dropout", "activation"})
 
 
-def _shape_key(job: JobSpec) -> str:
+def pack_key(job: JobSpec) -> str:
     """What must be equal for trials to share one fused model: layer types and sizes, data,
     loss family, metrics, optimizer family, device and numerics. Everything else is per trial."""
     layers = []
@@ -66,7 +70,8 @@ def _shape_key(job: JobSpec) -> str:
         "data": job.data.model_dump(mode="json"),
         "loss": (job.loss.name, job.loss.from_logits),
         "metrics": [m.model_dump(mode="json") for m in job.metrics],
-        "optimizer": (opt.name, getattr(opt, "nesterov", None), getattr(opt, "amsgrad", None), getattr(opt, "formulas", None)),
+        "optimizer": (opt.name, opt.formulas, getattr(opt, "nesterov", None), getattr(opt, "amsgrad", None), getattr(opt, "centered", None)),
+        "clipping": _clip_kind(job),
         "device": job.device,
         "precision": job.precision,
         "deterministic": job.deterministic,
@@ -76,11 +81,29 @@ def _shape_key(job: JobSpec) -> str:
     return json.dumps(key, sort_keys=True)
 
 
+def member_cost(job: JobSpec, input_shape: Sequence[int]) -> int:
+    """What one trial adds to a pack, in floats: its parameters plus one batch of its layers'
+    outputs (the activations kept for the backward pass). A pack's members sum to at most
+    ``TRAINYARD_PACK_MAX_PARAMS``."""
+    from training.shapes import count_parameters, infer_shapes
+
+    shapes = infer_shapes(job.model, tuple(input_shape))
+    return count_parameters(job.model, tuple(input_shape)) + job.data.batch_size * sum(math.prod(s) for s in shapes)
+
+
+def _clip_kind(job: JobSpec) -> str | None:
+    """Which of Keras' three clippings the trial asks for (its value may differ per trial)."""
+    return next((k for k in _CLIPS if getattr(job.optimizer, k) is not None), None)
+
+
+_CLIPS = ("clipnorm", "global_clipnorm", "clipvalue")
+
+
 def why_not_fused(jobs: Sequence[JobSpec]) -> str | None:
     """None when these specs can train as one fused model, else the reason they cannot."""
     if len(jobs) < 2:
         return "a pack needs at least two trials"
-    first = _shape_key(jobs[0])
+    first = pack_key(jobs[0])
     for i, job in enumerate(jobs):
         if job.kind != "train":
             return f"trial {i} is of kind {job.kind!r}"
@@ -93,11 +116,8 @@ def why_not_fused(jobs: Sequence[JobSpec]) -> str | None:
         bad = [layer.type for layer in job.model.layers if layer.type not in FUSED_LAYERS]
         if bad:
             return f"trial {i} has layers {sorted(set(bad))} (fused: {sorted(FUSED_LAYERS)})"
-        opt = job.optimizer
-        if opt.clipnorm is not None or opt.clipvalue is not None or opt.global_clipnorm is not None:
-            return f"trial {i} clips gradients (not fused yet)"
-        if _shape_key(job) != first:
-            return f"trial {i} differs from trial 0 in shape, data, loss family, metrics, optimizer family or device"
+        if pack_key(job) != first:
+            return f"trial {i} differs from trial 0 in shape, data, loss family, metrics, optimizer family (name, formulas, nesterov, amsgrad, centered), clipping kind or device"
     return None
 
 
@@ -112,282 +132,118 @@ def _bcast(v: Tensor, p: Tensor) -> Tensor:
     return v.view(-1, *([1] * (p.dim() - 1)))
 
 
-class _FusedOptimizer:
-    """One optimizer family for every trial of a pack, each with its own hyperparameters.
-    ``members`` are the engine-built optimizers of the trials (one per trial, built by
-    ``training.optim.build_optimizer`` from each spec): their class says which formulas to apply,
-    their param groups give each trial's hyperparameters."""
+def _member_state(opt: torch.optim.Optimizer, key: str) -> Tensor | None:
+    """A member optimizer's state ``key`` over all its parameters as one flat row (in the pack's
+    parameter order), or None when it has none yet (a fresh run; a resumed one has)."""
+    params = opt.param_groups[0]["params"]
+    parts = [opt.state.get(p, {}).get(key) for p in params]
+    if any(not isinstance(x, Tensor) for x in parts):
+        return None
+    return torch.cat([x.flatten() for x in parts])
 
-    kind: str = ""
 
-    def __init__(self, params: list[Tensor], groups: list[dict[str, Any]]) -> None:
+class _StackedKeras:
+    """The Keras optimizers of ``training.optim`` for a whole pack: the same update functions
+    (``training.optim.keras_step`` and the class's ``update``), given the stacked ``[N, P]`` weights
+    and each trial's hyperparameters as numpy arrays (broadcast along the trial axis by
+    ``training.optim.operand``). Flags (nesterov, amsgrad, centered) are equal in a pack (see
+    :func:`_shape_key`)."""
+
+    def __init__(self, params: list[Tensor], optimizers: list[torch.optim.Optimizer]) -> None:
         self.params = params
-        self.groups = groups
+        self.update = type(optimizers[0]).update  # type: ignore[attr-defined]
+        self.optimizers = optimizers
+        groups = [o.param_groups[0] for o in optimizers]
+        self.h: dict[str, Any] = {}
+        for key, value in groups[0].items():
+            if key in ("params", "iterations"):
+                continue
+            self.h[key] = value if isinstance(value, bool) else np.array([float(g[key] or 0.0) for g in groups])
+        self.t = np.array([g["iterations"] for g in groups])
         self.state: dict[str, list[Tensor]] = {}
-        self.t = [int(g.get("iterations", 0)) for g in groups]  # updates applied, per trial
 
-    def _hyper(self, key: str) -> Tensor:
-        return _col([g[key] for g in self.groups], self.params[0])
-
-    def _slots(self, key: str, fill: float = 0.0) -> list[Tensor]:
+    def slots(self, key: str, fill: Any) -> list[Tensor]:
         if key not in self.state:
-            self.state[key] = [torch.full_like(p, fill) for p in self.params]
+            p = self.params[0]
+            rows = [_member_state(o, key) for o in self.optimizers]
+            if all(r is not None for r in rows):  # resumed members: their own state
+                self.state[key] = [torch.stack(rows).to(p)]  # type: ignore[arg-type]
+            elif isinstance(fill, float):
+                self.state[key] = [torch.full_like(p, fill)]
+            else:
+                self.state[key] = [torch.zeros_like(p).add_(operand(fill, [p])[0])]
         return self.state[key]
+
+    def step(self, grads: list[Tensor], lrs: list[float]) -> None:
+        self.h["lr"] = np.array(lrs)
+        t = self.t + 1
+        with torch.no_grad():
+            keras_step(self.update, self.slots, self.h, self.params, grads, t)
+        self.t = t
+
+    def write_back(self, slot: int, opt: torch.optim.Optimizer) -> None:
+        """Give the member's own optimizer its state (slots, update count, Nadam's ``u_product``,
+        the rate) so that a snapshot of the member saves what a solo run's would."""
+        group = opt.param_groups[0]
+        group["iterations"] = int(self.t[slot])
+        for key in ("lr", "u_product"):
+            if isinstance(self.h.get(key), np.ndarray):
+                group[key] = float(self.h[key][slot])
+        params = group["params"]
+        for key, (stacked,) in self.state.items():
+            row, off = stacked[slot], 0
+            for p in params:
+                n = p.numel()
+                opt.state[p][key] = row[off : off + n].view_as(p).clone()
+                off += n
 
     def keep(self, idx: Tensor, keep_list: list[int], params: list[Tensor]) -> None:
         """Drop the trials not in ``idx`` (pack compaction)."""
         self.params = params
-        self.groups = [self.groups[i] for i in keep_list]
-        self.t = [self.t[i] for i in keep_list]
+        self.optimizers = [self.optimizers[i] for i in keep_list]
+        self.h = {k: v[keep_list] if isinstance(v, np.ndarray) else v for k, v in self.h.items()}
+        self.t = self.t[keep_list]
         self.state = {k: [s.index_select(0, idx) for s in v] for k, v in self.state.items()}
-        self._compacted()
 
-    def _compacted(self) -> None:
-        pass
+
+class _MemberOptimizers:
+    """``"formulas": "torch"`` (torch.optim's own classes): each member's own optimizer, built by
+    the engine from its spec over its own model's parameters, steps them with the member's row of
+    the pack's gradient; the updated weights are copied back into the pack's row. The optimizer is
+    the solo run's, state and all (a snapshot of the member saves it as the solo run does)."""
+
+    def __init__(self, params: list[Tensor], optimizers: list[torch.optim.Optimizer]) -> None:
+        self.flat = params[0]
+        self.optimizers = optimizers
 
     def step(self, grads: list[Tensor], lrs: list[float]) -> None:
-        raise NotImplementedError
+        (grad,) = grads
+        with torch.no_grad():
+            for k, opt in enumerate(self.optimizers):
+                group = opt.param_groups[0]
+                group["lr"] = lrs[k]
+                off = 0
+                for p in group["params"]:
+                    n = p.numel()
+                    p.grad = grad[k, off : off + n].view_as(p)
+                    off += n
+                opt.step()
+                torch.cat([p.detach().flatten() for p in group["params"]], out=self.flat[k])
+                for p in group["params"]:
+                    p.grad = None
+
+    def keep(self, idx: Tensor, keep_list: list[int], params: list[Tensor]) -> None:
+        self.flat = params[0]
+        self.optimizers = [self.optimizers[i] for i in keep_list]
+
+    def write_back(self, slot: int, opt: torch.optim.Optimizer) -> None:
+        """Nothing to do: the member's optimizer holds its own state."""
 
 
-def _coupled_decay(grads: list[Tensor], params: list[Tensor], wd: Tensor | None) -> list[Tensor]:
-    """Coupled L2 weight decay (torch's form): ``g + wd * p``."""
-    if wd is None:
-        return grads
-    return [g + p * _bcast(wd, p) for g, p in zip(grads, params, strict=True)]
-
-
-def _decoupled_decay(params: list[Tensor], wd: list[float], lrs: list[float]) -> None:
-    """Keras 3's weight decay, before the update: ``w *= 1 - wd * lr`` with float32 scalars."""
-    if not any(wd):
-        return
-    ft = np.float32
-    decay = _col([float(1 - ft(w) * ft(lr)) for w, lr in zip(wd, lrs, strict=True)], params[0])
-    for p in params:
-        p.mul_(_bcast(decay, p))
-
-
-class _FusedKerasSGD(_FusedOptimizer):
-    """The engine's ``KerasSGD`` (velocity carries ``-lr * g``); weight decay coupled (added to
-    the gradient) or decoupled (Keras 3: ``w *= 1 - wd*lr`` first), as the engine's class does."""
-
-    decoupled = False
-
-    def __init__(self, params: list[Tensor], groups: list[dict[str, Any]]) -> None:
-        super().__init__(params, groups)
-        self._compacted()
-
-    def _compacted(self) -> None:
-        self.momentum = self._hyper("momentum")
-        self.nesterov = bool(self.groups[0]["nesterov"])
-        self.any_momentum = any(g["momentum"] != 0 for g in self.groups)
-        self.wd = [float(g.get("weight_decay") or 0.0) for g in self.groups]
-        self.wd_t = _col(self.wd, self.params[0]) if any(self.wd) else None
-
-    @torch.no_grad()
-    def step(self, grads: list[Tensor], lrs: list[float]) -> None:
-        self.t = [t + 1 for t in self.t]
-        if self.decoupled:
-            _decoupled_decay(self.params, self.wd, lrs)
-        else:
-            grads = _coupled_decay(grads, self.params, self.wd_t)
-        neg_lr = -_col(lrs, self.params[0])
-        if not self.any_momentum:
-            for p, g in zip(self.params, grads, strict=True):
-                p.add_(g * _bcast(neg_lr, p))
-            return
-        vel = self._slots("velocity")
-        for p, g, v in zip(self.params, grads, vel, strict=True):
-            m, nl = _bcast(self.momentum, p), _bcast(neg_lr, p)
-            v.mul_(m).add_(g * nl)
-            if self.nesterov:  # in the engine class's order
-                if self.decoupled:
-                    p.add_(g * nl).add_(v * m)
-                else:
-                    p.add_(v * m).add_(g * nl)
-            else:
-                p.add_(v)
-
-
-class _FusedKerasSGDDecoupled(_FusedKerasSGD):
-    decoupled = True
-
-
-class _FusedTorchAdam(_FusedOptimizer):
-    """``torch.optim.Adam`` (no amsgrad; weight decay coupled as torch's): ``p -= lr/(1-b1**t) * m /
-    (sqrt(v)/sqrt(1-b2**t) + eps)``, the bias corrections in double as torch computes them."""
-
-    def __init__(self, params: list[Tensor], groups: list[dict[str, Any]]) -> None:
-        super().__init__(params, groups)
-        self._compacted()
-
-    def _compacted(self) -> None:
-        b1 = [g["betas"][0] for g in self.groups]
-        b2 = [g["betas"][1] for g in self.groups]
-        self.b1, self.b2 = b1, b2
-        self.one_minus_b1 = _col([1 - b for b in b1], self.params[0])
-        self.b2_t = _col(b2, self.params[0])
-        self.one_minus_b2 = _col([1 - b for b in b2], self.params[0])
-        self.eps = _col([g["eps"] for g in self.groups], self.params[0])
-        wd = [float(g.get("weight_decay") or 0.0) for g in self.groups]
-        self.wd_t = _col(wd, self.params[0]) if any(wd) else None
-
-    @torch.no_grad()
-    def step(self, grads: list[Tensor], lrs: list[float]) -> None:
-        self.t = [t + 1 for t in self.t]
-        grads = _coupled_decay(grads, self.params, self.wd_t)
-        like = self.params[0]
-        step_size = _col([-lr / (1 - b1**t) for lr, b1, t in zip(lrs, self.b1, self.t, strict=True)], like)
-        bc2_sqrt = _col([math.sqrt(1 - b2**t) for b2, t in zip(self.b2, self.t, strict=True)], like)
-        ms, vs = self._slots("exp_avg"), self._slots("exp_avg_sq")
-        for p, g, m, v in zip(self.params, grads, ms, vs, strict=True):
-            m.lerp_(g, _bcast(self.one_minus_b1, p))
-            v.mul_(_bcast(self.b2_t, p)).add_(g * g * _bcast(self.one_minus_b2, p))
-            denom = (v.sqrt() / _bcast(bc2_sqrt, p)).add_(_bcast(self.eps, p))
-            p.add_(m / denom * _bcast(step_size, p))
-
-
-class _FusedKerasAdam(_FusedOptimizer):
-    """The engine's ``KerasAdam`` (Keras 3 Adam/AdamW, no amsgrad): decoupled weight decay
-    ``w *= 1 - wd*lr``, ``alpha = lr*sqrt(1-b2**t)/(1-b1**t)`` in float32 as Keras computes it,
-    ``w -= alpha * m / (sqrt(v) + eps)``."""
-
-    def __init__(self, params: list[Tensor], groups: list[dict[str, Any]]) -> None:
-        super().__init__(params, groups)
-        self._compacted()
-
-    def _compacted(self) -> None:
-        like = self.params[0]
-        self.b1 = [g["beta_1"] for g in self.groups]
-        self.b2 = [g["beta_2"] for g in self.groups]
-        self.wd = [float(g["weight_decay"] or 0.0) for g in self.groups]
-        self.b1_t, self.b2_t = _col(self.b1, like), _col(self.b2, like)
-        self.one_minus_b1 = _col([1 - b for b in self.b1], like)
-        self.one_minus_b2 = _col([1 - b for b in self.b2], like)
-        self.eps = _col([g["epsilon"] for g in self.groups], like)
-
-    @torch.no_grad()
-    def step(self, grads: list[Tensor], lrs: list[float]) -> None:
-        self.t = [t + 1 for t in self.t]
-        ft = np.float32
-        like = self.params[0]
-        lr32 = [ft(lr) for lr in lrs]
-        _decoupled_decay(self.params, self.wd, lrs)
-        alpha = _col(
-            [float(lr * np.sqrt(1 - ft(b2) ** ft(t)) / (1 - ft(b1) ** ft(t)))
-             for lr, b1, b2, t in zip(lr32, self.b1, self.b2, self.t, strict=True)],
-            like,
-        )
-        ms, vs = self._slots("m"), self._slots("v")
-        for p, g, m, v in zip(self.params, grads, ms, vs, strict=True):
-            m.mul_(_bcast(self.b1_t, p)).add_(g * _bcast(self.one_minus_b1, p))
-            v.mul_(_bcast(self.b2_t, p)).add_(g * g * _bcast(self.one_minus_b2, p))
-            p.sub_(m * _bcast(alpha, p) / v.sqrt().add_(_bcast(self.eps, p)))
-
-
-class _FusedKerasRMSprop(_FusedOptimizer):
-    """The engine's ``KerasRMSprop`` (not centered): ``v = rho*v + (1-rho)*g²``,
-    ``inc = lr*g / sqrt(v + eps)``; with momentum ``b = momentum*b + inc; w -= b``, else ``w -= inc``."""
-
-    def __init__(self, params: list[Tensor], groups: list[dict[str, Any]]) -> None:
-        super().__init__(params, groups)
-        self._compacted()
-
-    def _compacted(self) -> None:
-        like = self.params[0]
-        self.wd = [float(g["weight_decay"] or 0.0) for g in self.groups]
-        self.rho, self.one_minus_rho = self._hyper("rho"), _col([1 - g["rho"] for g in self.groups], like)
-        self.eps, self.momentum = self._hyper("epsilon"), self._hyper("momentum")
-        self.any_momentum = any(g["momentum"] > 0 for g in self.groups)
-
-    @torch.no_grad()
-    def step(self, grads: list[Tensor], lrs: list[float]) -> None:
-        self.t = [t + 1 for t in self.t]
-        _decoupled_decay(self.params, self.wd, lrs)
-        lr = _col(lrs, self.params[0])
-        buffers = self._slots("momentum") if self.any_momentum else [None] * len(self.params)
-        for p, g, v, b in zip(self.params, grads, self._slots("velocity"), buffers, strict=True):
-            v.mul_(_bcast(self.rho, p)).add_(g * g * _bcast(self.one_minus_rho, p))
-            inc = g * _bcast(lr, p) / (v + _bcast(self.eps, p)).sqrt_()
-            if b is not None:
-                b.mul_(_bcast(self.momentum, p)).add_(inc)
-                p.sub_(b)
-            else:
-                p.sub_(inc)
-
-
-class _FusedKerasAdagrad(_FusedOptimizer):
-    """The engine's ``KerasAdagrad``: ``acc += g²; w -= lr*g / sqrt(acc + eps)``, ``acc`` starting
-    at each trial's ``initial_accumulator_value``."""
-
-    def __init__(self, params: list[Tensor], groups: list[dict[str, Any]]) -> None:
-        super().__init__(params, groups)
-        p = params[0]
-        self.state["accumulator"] = [torch.ones_like(p) * _bcast(self._hyper("initial_accumulator_value"), p)]
-        self._compacted()
-
-    def _compacted(self) -> None:
-        self.wd = [float(g["weight_decay"] or 0.0) for g in self.groups]
-        self.eps = self._hyper("epsilon")
-
-    @torch.no_grad()
-    def step(self, grads: list[Tensor], lrs: list[float]) -> None:
-        self.t = [t + 1 for t in self.t]
-        _decoupled_decay(self.params, self.wd, lrs)
-        lr = _col(lrs, self.params[0])
-        for p, g, acc in zip(self.params, grads, self.state["accumulator"], strict=True):
-            acc.add_(g * g)
-            p.sub_(g * _bcast(lr, p) / (acc + _bcast(self.eps, p)).sqrt_())
-
-
-class _FusedKerasAdamax(_FusedOptimizer):
-    """The engine's ``KerasAdamax``: ``m = b1*m + (1-b1)*g; u = max(b2*u, |g|);
-    w -= lr*m / ((u + eps) * (1 - b1**t))`` (``b1**t`` in float32 as Keras)."""
-
-    def __init__(self, params: list[Tensor], groups: list[dict[str, Any]]) -> None:
-        super().__init__(params, groups)
-        self._compacted()
-
-    def _compacted(self) -> None:
-        like = self.params[0]
-        self.wd = [float(g["weight_decay"] or 0.0) for g in self.groups]
-        self.b1 = [g["beta_1"] for g in self.groups]
-        self.b1_t, self.b2_t = self._hyper("beta_1"), self._hyper("beta_2")
-        self.one_minus_b1 = _col([1 - b for b in self.b1], like)
-        self.eps = self._hyper("epsilon")
-
-    @torch.no_grad()
-    def step(self, grads: list[Tensor], lrs: list[float]) -> None:
-        self.t = [t + 1 for t in self.t]
-        _decoupled_decay(self.params, self.wd, lrs)
-        ft = np.float32
-        like = self.params[0]
-        lr = _col(lrs, like)
-        corr = _col([float(1 - ft(b1) ** ft(t)) for b1, t in zip(self.b1, self.t, strict=True)], like)
-        for p, g, m, u in zip(self.params, grads, self._slots("m"), self._slots("u"), strict=True):
-            m.mul_(_bcast(self.b1_t, p)).add_(g * _bcast(self.one_minus_b1, p))
-            u.copy_(torch.maximum(u * _bcast(self.b2_t, p), g.abs()))
-            p.sub_(m * _bcast(lr, p) / ((u + _bcast(self.eps, p)) * _bcast(corr, p)))
-
-
-def _fused_optimizer_for(opt: torch.optim.Optimizer, spec: JobSpec) -> type[_FusedOptimizer] | None:
-    """The fused form of the engine's optimizer for this spec, or None when there is none (the
-    pack then falls back to solo runs)."""
-    name = type(opt).__name__
-    group = opt.param_groups[0]
-    if name == "KerasSGD":
-        # Keras 3's form (a ``_update`` method, decoupled decay) or the older coupled one
-        return _FusedKerasSGDDecoupled if hasattr(opt, "_update") else _FusedKerasSGD
-    if type(opt) is torch.optim.Adam and not group.get("amsgrad") and not group.get("maximize"):
-        return _FusedTorchAdam
-    if name == "KerasAdam" and not group.get("amsgrad"):
-        return _FusedKerasAdam
-    if name == "KerasRMSprop" and not group.get("centered"):
-        return _FusedKerasRMSprop
-    if name == "KerasAdagrad":
-        return _FusedKerasAdagrad
-    if name == "KerasAdamax":
-        return _FusedKerasAdamax
-    return None
+def _fused_optimizer_for(opt: torch.optim.Optimizer) -> type[_StackedKeras] | type[_MemberOptimizers]:
+    """Keras formulas: the stacked form of the same update functions; torch formulas: each
+    member's own torch.optim optimizer on its row."""
+    return _StackedKeras if isinstance(opt, _KerasForeach) else _MemberOptimizers
 
 
 # --------------------------------------------------------------------------- the pack
@@ -396,7 +252,7 @@ def _fused_optimizer_for(opt: torch.optim.Optimizer, spec: JobSpec) -> type[_Fus
 class _Pack:
     """The fused state of the live members: stacked parameters, data, optimizer, penalties."""
 
-    def __init__(self, members: list[_Run], opt_cls: type[_FusedOptimizer]) -> None:
+    def __init__(self, members: list[_Run], opt_cls: type[_StackedKeras] | type[_MemberOptimizers]) -> None:
         self.members = members
         self.live = list(range(len(members)))
         lead = members[0]
@@ -411,7 +267,8 @@ class _Pack:
         self.y = torch.stack([m.y_train for m in members])
         self.same_target = lead.t_train is lead.y_train
         self.t = self.y if self.same_target else torch.stack([m.t_train for m in members])
-        self.opt = opt_cls([self.flat], [m.optimizer.param_groups[0] for m in members])
+        self.opt = opt_cls([self.flat], [m.optimizer for m in members])
+        self.clip_kind = _clip_kind(lead.spec)
         self.modules = list(lead.model.named_children())
         # kernel/bias penalties per parameter: (l1, l2) columns over trials
         self.reg: list[tuple[int, Tensor | None, Tensor | None]] = []
@@ -488,6 +345,7 @@ class _Pack:
         with torch.no_grad():
             for name, p in zip(self.names, self.params, strict=True):
                 m.model.get_parameter(name).copy_(p[slot])
+        self.opt.write_back(slot, m.optimizer)
 
     def forward(self, params: list[Tensor], xb: Tensor) -> tuple[Tensor, Tensor | None]:
         """Outputs ``(L, B, ...)`` and the per-trial penalty ``(L,)`` of this pass."""
@@ -626,6 +484,9 @@ def _epoch(pack: _Pack, finished: list[int]) -> None:
                     losses = losses + penalty
         (grad,) = torch.autograd.grad(losses.sum(), flat)
         flat.requires_grad_(False)
+        if pack.clip_kind is not None:
+            values = np.array([getattr(members[i].spec.optimizer, pack.clip_kind) for i in pack.live], dtype=np.float64)
+            clip_gradients(pack.views(grad), *(values if k == pack.clip_kind else None for k in _CLIPS), stacked=True)
         pack.opt.step([grad], lrs)
         for i in pack.live:
             members[i].step += 1
@@ -689,10 +550,10 @@ def fit_fused(
         device = resolve_device(jobs[0].device)
         with _deterministic(jobs[0].deterministic, device), _actionable_errors(jobs[0], device):
             members = [_Run(job, rep, stop) for job, rep, stop in zip(jobs, reps, stops, strict=True)]
-            classes = {_fused_optimizer_for(m.optimizer, m.spec) for m in members}
+            classes = {_fused_optimizer_for(m.optimizer) for m in members}
             sizes = {(m.n_train, m.batch_size) for m in members}
-            if None in classes or len(classes) != 1:
-                reason = f"optimizer {jobs[0].optimizer.name!r} with these settings has no fused form"
+            if len(classes) != 1:
+                reason = f"optimizer {jobs[0].optimizer.name!r}: the trials' optimizers are of different kinds"
             elif len(sizes) != 1:
                 reason = "the trials' training splits differ in size"
             else:
@@ -709,9 +570,8 @@ def fit_fused(
     return out
 
 
-def _train_pack(members: list[_Run], opt_cls: type[_FusedOptimizer], started: float) -> list[FitResult]:
+def _train_pack(members: list[_Run], opt_cls: type[_StackedKeras] | type[_MemberOptimizers], started: float) -> list[FitResult]:
     for m in members:
-        m.snapshot_every = 0  # a pack is not resumed from snapshots (yet)
         m.start()
     pack = _Pack(members, opt_cls)
     finished: list[int] = []

@@ -28,6 +28,161 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 
+def operand(value: Any, like: list[Tensor]) -> Any:
+    """A hyperparameter or step scalar as the ``_foreach`` ops take it. One run: a Python float
+    (the op rounds it to the variables' dtype, as Keras' ops do). A pack of stacked trials
+    (``training/fused.py``): a numpy array of per-trial values, given as one tensor per parameter
+    shaped ``[N, 1, ...]`` so it broadcasts along the leading trial axis."""
+    if isinstance(value, np.ndarray):
+        return [torch.as_tensor(value, dtype=p.dtype, device=p.device).view(-1, *([1] * (p.dim() - 1))) for p in like]
+    return float(value)
+
+
+def _axpy_(xs: list[Tensor], ys: list[Tensor], a: Any) -> None:
+    """``xs += a * ys`` (``a``: a float, or per-trial values, see :func:`_k`)."""
+    if isinstance(a, np.ndarray):
+        torch._foreach_add_(xs, torch._foreach_mul(ys, operand(a, ys)))
+    else:
+        torch._foreach_add_(xs, ys, alpha=float(a))
+
+
+#: a slot getter: ``slots(name, fill)`` gives the optimizer state tensors ``name`` (one per
+#: parameter), created filled with ``fill`` (a float, or per-trial values) on first use
+Slots = Callable[[str, Any], list[Tensor]]
+
+
+def keras_step(update: Callable[..., None], slots: Slots, h: dict[str, Any], params: list[Tensor], grads: list[Tensor], t: Any) -> None:
+    """One Keras 3 update of ``params``: decoupled weight decay (``w *= 1 - weight_decay * lr``),
+    then ``update`` (one of the ``*_update`` functions below). The one home of the formulas: a
+    solo run calls it with its param group (floats); a fused pack (``training/fused.py``) with
+    numpy arrays of per-trial hyperparameters over stacked ``[N, ...]`` tensors. ``t``: the update's
+    1-based count (an int, or per trial). Step scalars are computed in the variables' dtype
+    (float32) as Keras computes them (see :class:`_KerasForeach`)."""
+    ft = np.float64 if params[0].dtype == torch.float64 else np.float32  # Keras: the variables' dtype
+    lr = ft(h["lr"])
+    wd = h["weight_decay"]
+    if np.any(wd):
+        torch._foreach_mul_(params, operand(1 - ft(wd) * lr, params))
+    update(slots, h, params, grads, lr, t, ft)
+
+
+def sgd_update(slots: Slots, h: dict[str, Any], params: list[Tensor], grads: list[Tensor], lr: Any, t: Any, ft: type[np.floating]) -> None:
+    """``v = momentum * v - lr * g; w += v`` (nesterov: ``w += momentum * v - lr * g``)."""
+    m, neg_lr = h["momentum"], -lr
+    if not np.any(m):
+        _axpy_(params, grads, neg_lr)
+        return
+    velocity = slots("velocity", 0.0)
+    torch._foreach_mul_(velocity, operand(m, velocity))
+    _axpy_(velocity, grads, neg_lr)
+    if h["nesterov"]:
+        _axpy_(params, grads, neg_lr)
+        _axpy_(params, velocity, m)
+    else:
+        torch._foreach_add_(params, velocity)
+
+
+def adam_update(slots: Slots, h: dict[str, Any], params: list[Tensor], grads: list[Tensor], lr: Any, t: Any, ft: type[np.floating]) -> None:
+    """Adam and AdamW: ``m = b1*m + (1-b1)*g; v = b2*v + (1-b2)*g²`` (amsgrad: ``v = max(v_hat, v)``);
+    ``w -= lr*sqrt(1-b2**t)/(1-b1**t) * m / (sqrt(v) + eps)``: epsilon on the uncorrected sqrt(v)."""
+    b1, b2 = h["beta_1"], h["beta_2"]
+    alpha = lr * np.sqrt(1 - ft(b2) ** ft(t)) / (1 - ft(b1) ** ft(t))
+    m, v = slots("m", 0.0), slots("v", 0.0)
+    torch._foreach_mul_(m, operand(b1, m))
+    _axpy_(m, grads, 1 - b1)
+    torch._foreach_mul_(v, operand(b2, v))
+    _axpy_(v, torch._foreach_mul(grads, grads), 1 - b2)
+    if h["amsgrad"]:
+        v_hat = slots("v_hat", 0.0)
+        torch._foreach_maximum_(v_hat, v)
+        v = v_hat
+    update = torch._foreach_mul(m, operand(alpha, m))
+    denominators = torch._foreach_sqrt(v)
+    torch._foreach_add_(denominators, operand(h["epsilon"], denominators))
+    torch._foreach_div_(update, denominators)
+    torch._foreach_sub_(params, update)
+
+
+def nadam_update(slots: Slots, h: dict[str, Any], params: list[Tensor], grads: list[Tensor], lr: Any, t: Any, ft: type[np.floating]) -> None:
+    """``u_t = b1*(1 - 0.5*0.96**t)``, ``P_t = u_1*...*u_t`` (kept in ``h["u_product"]``); ``m``, ``v``
+    as Adam; ``w -= lr * (u_{t+1}*m/(1-P_{t+1}) + (1-u_t)*g/(1-P_t)) / (sqrt(v/(1-b2**t)) + eps)``."""
+    b1, b2 = h["beta_1"], h["beta_2"]
+    decay, beta_1 = ft(0.96), ft(b1)
+    u_t = beta_1 * (ft(1.0) - ft(0.5) * decay ** ft(t))
+    u_t_1 = beta_1 * (ft(1.0) - ft(0.5) * decay ** ft(t + 1))
+    u_product_t = ft(h["u_product"]) * u_t
+    u_product_t_1 = u_product_t * u_t_1
+    beta_2_power = ft(b2) ** ft(t)
+    h["u_product"] = u_product_t.astype(np.float64) if isinstance(u_product_t, np.ndarray) else float(u_product_t)
+    m, v = slots("m", 0.0), slots("v", 0.0)
+    torch._foreach_mul_(m, operand(b1, m))
+    _axpy_(m, grads, 1 - b1)
+    torch._foreach_mul_(v, operand(b2, v))
+    _axpy_(v, torch._foreach_mul(grads, grads), 1 - b2)
+    m_hat = torch._foreach_mul(m, operand(u_t_1, m))
+    torch._foreach_div_(m_hat, operand(1 - u_product_t_1, m))
+    g_part = torch._foreach_mul(grads, operand(1 - u_t, grads))
+    torch._foreach_div_(g_part, operand(1 - u_product_t, grads))
+    torch._foreach_add_(m_hat, g_part)
+    denominators = torch._foreach_div(v, operand(1 - beta_2_power, v))
+    torch._foreach_sqrt_(denominators)
+    torch._foreach_add_(denominators, operand(h["epsilon"], denominators))
+    torch._foreach_mul_(m_hat, operand(lr, m_hat))
+    torch._foreach_div_(m_hat, denominators)
+    torch._foreach_sub_(params, m_hat)
+
+
+def adamax_update(slots: Slots, h: dict[str, Any], params: list[Tensor], grads: list[Tensor], lr: Any, t: Any, ft: type[np.floating]) -> None:
+    """``m = b1*m + (1-b1)*g; u = max(b2*u, |g|); w -= lr*m / ((u + eps) * (1 - b1**t))``."""
+    b1, b2 = h["beta_1"], h["beta_2"]
+    m, u = slots("m", 0.0), slots("u", 0.0)
+    torch._foreach_mul_(m, operand(b1, m))
+    _axpy_(m, grads, 1 - b1)
+    torch._foreach_mul_(u, operand(b2, u))
+    torch._foreach_maximum_(u, torch._foreach_abs(grads))
+    denominators = torch._foreach_add(u, operand(h["epsilon"], u))
+    torch._foreach_mul_(denominators, operand(1 - ft(b1) ** ft(t), u))
+    update = torch._foreach_mul(m, operand(lr, m))
+    torch._foreach_div_(update, denominators)
+    torch._foreach_sub_(params, update)
+
+
+def rmsprop_update(slots: Slots, h: dict[str, Any], params: list[Tensor], grads: list[Tensor], lr: Any, t: Any, ft: type[np.floating]) -> None:
+    """``v = rho*v + (1-rho)*g²``; ``inc = lr*g / sqrt(v + eps)`` (centered: ``sqrt(v + eps - a²)``,
+    ``a = rho*a + (1-rho)*g``); ``w -= inc``, or with momentum ``b = momentum*b + inc; w -= b``."""
+    rho = h["rho"]
+    velocities = slots("velocity", 0.0)
+    torch._foreach_mul_(velocities, operand(rho, velocities))
+    _axpy_(velocities, torch._foreach_mul(grads, grads), 1 - rho)
+    denominators = torch._foreach_add(velocities, operand(h["epsilon"], velocities))
+    if h["centered"]:
+        average_grads = slots("average_gradient", 0.0)
+        torch._foreach_mul_(average_grads, operand(rho, average_grads))
+        _axpy_(average_grads, grads, 1 - rho)
+        torch._foreach_sub_(denominators, torch._foreach_mul(average_grads, average_grads))
+    torch._foreach_sqrt_(denominators)
+    increments = torch._foreach_mul(grads, operand(lr, grads))
+    torch._foreach_div_(increments, denominators)
+    if np.any(np.asarray(h["momentum"]) > 0):
+        buffers = slots("momentum", 0.0)
+        torch._foreach_mul_(buffers, operand(h["momentum"], buffers))
+        torch._foreach_add_(buffers, increments)
+        torch._foreach_sub_(params, buffers)
+    else:
+        torch._foreach_sub_(params, increments)
+
+
+def adagrad_update(slots: Slots, h: dict[str, Any], params: list[Tensor], grads: list[Tensor], lr: Any, t: Any, ft: type[np.floating]) -> None:
+    """``acc += g²; w -= lr*g / sqrt(acc + eps)``, ``acc`` starting at ``initial_accumulator_value``."""
+    acc = slots("accumulator", h["initial_accumulator_value"])
+    torch._foreach_add_(acc, torch._foreach_mul(grads, grads))
+    denominators = torch._foreach_add(acc, operand(h["epsilon"], acc))
+    torch._foreach_sqrt_(denominators)
+    update = torch._foreach_mul(grads, operand(lr, grads))
+    torch._foreach_div_(update, denominators)
+    torch._foreach_sub_(params, update)
+
+
 class _KerasForeach(Optimizer):
     """A Keras 3 update, written op for op as Keras' torch backend computes it
     (``keras/src/backend/torch/optimizers``): the same ``_foreach`` ops in the same order, and the
@@ -39,8 +194,11 @@ class _KerasForeach(Optimizer):
     CPU (tests/training/test_optim_keras.py).
 
     ``step``: take the parameters that have a gradient, count the update (``iterations``, Keras'
-    counter, kept in the param group so it is saved with the optimizer state), apply decoupled
-    weight decay (``w *= 1 - weight_decay * lr``), then ``_update``."""
+    counter, kept in the param group so it is saved with the optimizer state), and apply
+    :func:`keras_step` with the class's ``update`` function (the formulas live in those functions,
+    shared with fused packs)."""
+
+    update: Callable[..., None]
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
         super().__init__(params, defaults | {"iterations": 0})
@@ -54,9 +212,6 @@ class _KerasForeach(Optimizer):
             out.append(state[key])
         return out
 
-    def _update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], lr: Any, t: int, ft: type[np.floating]) -> None:
-        raise NotImplementedError
-
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         loss = None
@@ -67,161 +222,58 @@ class _KerasForeach(Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            ft = np.float64 if params[0].dtype == torch.float64 else np.float32  # Keras: the variables' dtype
-            lr = ft(group["lr"])
-            wd = group["weight_decay"]
-            if wd:
-                torch._foreach_mul_(params, float(1 - ft(wd) * lr))
-            self._update(group, params, [p.grad for p in params], lr, group["iterations"] + 1, ft)
+            slots = lambda key, fill, params=params: self._slots(params, key, fill)  # noqa: E731
+            keras_step(type(self).update, slots, group, params, [p.grad for p in params], group["iterations"] + 1)
             group["iterations"] += 1
         return loss
 
 
 class KerasSGD(_KerasForeach):
-    """``v = momentum * v - lr * g; w += v`` (nesterov: ``w += momentum * v - lr * g``)."""
+    __doc__ = sgd_update.__doc__
+    update = staticmethod(sgd_update)
 
     def __init__(self, params: Iterable[Any], lr: float, momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0) -> None:
         super().__init__(params, {"lr": lr, "momentum": momentum, "nesterov": nesterov, "weight_decay": weight_decay})
 
-    def _update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], lr: Any, t: int, ft: type[np.floating]) -> None:
-        m, neg_lr = group["momentum"], -float(lr)
-        if m == 0:
-            torch._foreach_add_(params, grads, alpha=neg_lr)
-            return
-        velocity = self._slots(params, "velocity")
-        torch._foreach_mul_(velocity, m)
-        torch._foreach_add_(velocity, grads, alpha=neg_lr)
-        if group["nesterov"]:
-            torch._foreach_add_(params, grads, alpha=neg_lr)
-            torch._foreach_add_(params, velocity, alpha=m)
-        else:
-            torch._foreach_add_(params, velocity)
-
 
 class KerasAdam(_KerasForeach):
-    """Adam and AdamW: ``m = b1*m + (1-b1)*g; v = b2*v + (1-b2)*g²`` (amsgrad: ``v = max(v_hat, v)``);
-    ``w -= lr*sqrt(1-b2**t)/(1-b1**t) * m / (sqrt(v) + eps)``: epsilon on the uncorrected sqrt(v)."""
+    __doc__ = adam_update.__doc__
+    update = staticmethod(adam_update)
 
     def __init__(self, params: Iterable[Any], lr: float, beta_1: float, beta_2: float, epsilon: float, weight_decay: float, amsgrad: bool) -> None:
         super().__init__(params, {"lr": lr, "beta_1": beta_1, "beta_2": beta_2, "epsilon": epsilon, "weight_decay": weight_decay, "amsgrad": amsgrad})
 
-    def _update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], lr: Any, t: int, ft: type[np.floating]) -> None:
-        b1, b2 = group["beta_1"], group["beta_2"]
-        alpha = lr * np.sqrt(1 - ft(b2) ** ft(t)) / (1 - ft(b1) ** ft(t))
-        m, v = self._slots(params, "m"), self._slots(params, "v")
-        torch._foreach_mul_(m, b1)
-        torch._foreach_add_(m, grads, alpha=1 - b1)
-        torch._foreach_mul_(v, b2)
-        torch._foreach_add_(v, torch._foreach_mul(grads, grads), alpha=1 - b2)
-        if group["amsgrad"]:
-            v_hat = self._slots(params, "v_hat")
-            torch._foreach_maximum_(v_hat, v)
-            v = v_hat
-        update = torch._foreach_mul(m, float(alpha))
-        denominators = torch._foreach_sqrt(v)
-        torch._foreach_add_(denominators, group["epsilon"])
-        torch._foreach_div_(update, denominators)
-        torch._foreach_sub_(params, update)
-
 
 class KerasNadam(_KerasForeach):
-    """``u_t = b1*(1 - 0.5*0.96**t)``, ``P_t = u_1*...*u_t``; ``m``, ``v`` as Adam;
-    ``w -= lr * (u_{t+1}*m/(1-P_{t+1}) + (1-u_t)*g/(1-P_t)) / (sqrt(v/(1-b2**t)) + eps)``."""
+    __doc__ = nadam_update.__doc__
+    update = staticmethod(nadam_update)
 
     def __init__(self, params: Iterable[Any], lr: float, beta_1: float, beta_2: float, epsilon: float, weight_decay: float) -> None:
         super().__init__(params, {"lr": lr, "beta_1": beta_1, "beta_2": beta_2, "epsilon": epsilon, "weight_decay": weight_decay, "u_product": 1.0})
 
-    def _update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], lr: Any, t: int, ft: type[np.floating]) -> None:
-        b1, b2 = group["beta_1"], group["beta_2"]
-        decay, beta_1 = ft(0.96), ft(b1)
-        u_t = beta_1 * (ft(1.0) - ft(0.5) * decay ** ft(t))
-        u_t_1 = beta_1 * (ft(1.0) - ft(0.5) * decay ** ft(t + 1))
-        u_product_t = ft(group["u_product"]) * u_t
-        u_product_t_1 = u_product_t * u_t_1
-        beta_2_power = ft(b2) ** ft(t)
-        group["u_product"] = float(u_product_t)
-        m, v = self._slots(params, "m"), self._slots(params, "v")
-        torch._foreach_mul_(m, b1)
-        torch._foreach_add_(m, grads, alpha=1 - b1)
-        torch._foreach_mul_(v, b2)
-        torch._foreach_add_(v, torch._foreach_mul(grads, grads), alpha=1 - b2)
-        m_hat = torch._foreach_mul(m, float(u_t_1))
-        torch._foreach_div_(m_hat, float(1 - u_product_t_1))
-        g_part = torch._foreach_mul(grads, float(1 - u_t))
-        torch._foreach_div_(g_part, float(1 - u_product_t))
-        torch._foreach_add_(m_hat, g_part)
-        denominators = torch._foreach_div(v, float(1 - beta_2_power))
-        torch._foreach_sqrt_(denominators)
-        torch._foreach_add_(denominators, group["epsilon"])
-        torch._foreach_mul_(m_hat, float(lr))
-        torch._foreach_div_(m_hat, denominators)
-        torch._foreach_sub_(params, m_hat)
-
 
 class KerasAdamax(_KerasForeach):
-    """``m = b1*m + (1-b1)*g; u = max(b2*u, |g|); w -= lr*m / ((u + eps) * (1 - b1**t))``."""
+    __doc__ = adamax_update.__doc__
+    update = staticmethod(adamax_update)
 
     def __init__(self, params: Iterable[Any], lr: float, beta_1: float, beta_2: float, epsilon: float, weight_decay: float) -> None:
         super().__init__(params, {"lr": lr, "beta_1": beta_1, "beta_2": beta_2, "epsilon": epsilon, "weight_decay": weight_decay})
 
-    def _update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], lr: Any, t: int, ft: type[np.floating]) -> None:
-        b1, b2 = group["beta_1"], group["beta_2"]
-        m, u = self._slots(params, "m"), self._slots(params, "u")
-        torch._foreach_mul_(m, b1)
-        torch._foreach_add_(m, grads, alpha=1 - b1)
-        torch._foreach_mul_(u, b2)
-        torch._foreach_maximum_(u, torch._foreach_abs(grads))
-        denominators = torch._foreach_add(u, group["epsilon"])
-        torch._foreach_mul_(denominators, float(1 - ft(b1) ** ft(t)))
-        update = torch._foreach_mul(m, float(lr))
-        torch._foreach_div_(update, denominators)
-        torch._foreach_sub_(params, update)
-
 
 class KerasRMSprop(_KerasForeach):
-    """``v = rho*v + (1-rho)*g²``; ``inc = lr*g / sqrt(v + eps)`` (centered: ``sqrt(v + eps - a²)``,
-    ``a = rho*a + (1-rho)*g``); ``w -= inc``, or with momentum ``b = momentum*b + inc; w -= b``."""
+    __doc__ = rmsprop_update.__doc__
+    update = staticmethod(rmsprop_update)
 
     def __init__(self, params: Iterable[Any], lr: float, rho: float, epsilon: float, momentum: float, centered: bool, weight_decay: float) -> None:
         super().__init__(params, {"lr": lr, "rho": rho, "epsilon": epsilon, "momentum": momentum, "centered": centered, "weight_decay": weight_decay})
 
-    def _update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], lr: Any, t: int, ft: type[np.floating]) -> None:
-        rho = group["rho"]
-        velocities = self._slots(params, "velocity")
-        torch._foreach_mul_(velocities, rho)
-        torch._foreach_add_(velocities, torch._foreach_mul(grads, grads), alpha=1 - rho)
-        denominators = torch._foreach_add(velocities, group["epsilon"])
-        if group["centered"]:
-            average_grads = self._slots(params, "average_gradient")
-            torch._foreach_mul_(average_grads, rho)
-            torch._foreach_add_(average_grads, grads, alpha=1 - rho)
-            torch._foreach_sub_(denominators, torch._foreach_mul(average_grads, average_grads))
-        torch._foreach_sqrt_(denominators)
-        increments = torch._foreach_mul(grads, float(lr))
-        torch._foreach_div_(increments, denominators)
-        if group["momentum"] > 0:
-            buffers = self._slots(params, "momentum")
-            torch._foreach_mul_(buffers, group["momentum"])
-            torch._foreach_add_(buffers, increments)
-            torch._foreach_sub_(params, buffers)
-        else:
-            torch._foreach_sub_(params, increments)
-
 
 class KerasAdagrad(_KerasForeach):
-    """``acc += g²; w -= lr*g / sqrt(acc + eps)``, ``acc`` starting at ``initial_accumulator_value``."""
+    __doc__ = adagrad_update.__doc__
+    update = staticmethod(adagrad_update)
 
     def __init__(self, params: Iterable[Any], lr: float, initial_accumulator_value: float, epsilon: float, weight_decay: float) -> None:
         super().__init__(params, {"lr": lr, "initial_accumulator_value": initial_accumulator_value, "epsilon": epsilon, "weight_decay": weight_decay})
-
-    def _update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], lr: Any, t: int, ft: type[np.floating]) -> None:
-        acc = self._slots(params, "accumulator", group["initial_accumulator_value"])
-        torch._foreach_add_(acc, torch._foreach_mul(grads, grads))
-        denominators = torch._foreach_add(acc, group["epsilon"])
-        torch._foreach_sqrt_(denominators)
-        update = torch._foreach_mul(grads, float(lr))
-        torch._foreach_div_(update, denominators)
-        torch._foreach_sub_(params, update)
 
 
 @dataclass(frozen=True)
@@ -293,8 +345,37 @@ def build_optimizer(params: list[torch.nn.Parameter], opt_spec: Any, lr: float) 
     return build(params, opt_spec, lr)
 
 
+def clip_gradients(grads: list[Tensor], clipnorm: Any, global_clipnorm: Any, clipvalue: Any, stacked: bool = False) -> None:
+    """Keras 3's gradient clipping, in place (one of the three; the others None). One run: floats,
+    ``grads`` the model's gradients. A fused pack (``stacked``): ``grads`` shaped ``[N, ...]`` (the
+    trials' gradients of each parameter), the values numpy arrays of per-trial values, and norms
+    taken per trial."""
+    if clipvalue is None and stacked:
+        norms = [torch.linalg.vector_norm(g.flatten(1), dim=1).view(-1, *([1] * (g.dim() - 1))) for g in grads]
+    elif clipvalue is None:
+        norms = list(torch._foreach_norm(grads))
+    if clipnorm is not None:
+        # each tensor: g * clipnorm / max(||g||, clipnorm)
+        c = operand(clipnorm, grads)
+        torch._foreach_mul_(grads, c)
+        torch._foreach_div_(grads, [torch.clamp(n, min=c if isinstance(c, float) else c[i]) for i, n in enumerate(norms)])
+    elif global_clipnorm is not None:
+        # all tensors: g * clipnorm * min(1/||G||, 1/clipnorm)
+        if stacked:
+            total = torch.linalg.vector_norm(torch.stack([n.flatten() for n in norms]), dim=0)
+            gc = torch.as_tensor(global_clipnorm, dtype=total.dtype, device=total.device)
+            factor = gc * torch.minimum(1.0 / total, 1.0 / gc)
+            torch._foreach_mul_(grads, [factor.view(-1, *([1] * (g.dim() - 1))) for g in grads])
+        else:
+            total = torch.linalg.vector_norm(torch.stack(norms))
+            torch._foreach_mul_(grads, global_clipnorm * torch.clamp(1.0 / total, max=1.0 / global_clipnorm))
+    else:
+        torch._foreach_clamp_min_(grads, operand(-np.asarray(clipvalue) if stacked else -clipvalue, grads))
+        torch._foreach_clamp_max_(grads, operand(clipvalue, grads))
+
+
 def make_clipper(params: list[torch.nn.Parameter], opt_spec: Any) -> Callable[[], None] | None:
-    """Gradient clipping as Keras 3 applies it (one of the three), or None when the spec asks for none."""
+    """Gradient clipping as Keras 3 applies it (:func:`clip_gradients`), or None when the spec asks for none."""
     clipnorm, clipvalue, global_clipnorm = opt_spec.clipnorm, opt_spec.clipvalue, opt_spec.global_clipnorm
     if clipnorm is None and clipvalue is None and global_clipnorm is None:
         return None
@@ -302,19 +383,7 @@ def make_clipper(params: list[torch.nn.Parameter], opt_spec: Any) -> Callable[[]
     @torch.no_grad()
     def clip() -> None:
         grads = [p.grad for p in params if p.grad is not None]
-        if not grads:
-            return
-        if clipnorm is not None:
-            # each tensor: g * clipnorm / max(||g||, clipnorm)
-            norms = torch._foreach_norm(grads)
-            torch._foreach_mul_(grads, clipnorm)
-            torch._foreach_div_(grads, [torch.clamp(n, min=clipnorm) for n in norms])
-        elif global_clipnorm is not None:
-            # all tensors: g * clipnorm * min(1/||G||, 1/clipnorm)
-            total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-            torch._foreach_mul_(grads, global_clipnorm * torch.clamp(1.0 / total, max=1.0 / global_clipnorm))
-        else:
-            torch._foreach_clamp_min_(grads, -clipvalue)
-            torch._foreach_clamp_max_(grads, clipvalue)
+        if grads:
+            clip_gradients(grads, clipnorm, global_clipnorm, clipvalue)
 
     return clip

@@ -37,8 +37,16 @@ class Snapshot:
 
 
 class Reporter(Protocol):
-    """Receives progress from ``training.fit``. Every method is optional to implement when
-    subclassing :class:`BaseReporter`. Calls happen on the training thread, between steps."""
+    """Receives progress from ``training.fit``: everything the engine reads of or tells its reporter
+    (no attribute is probed). Subclass :class:`BaseReporter`, which implements all of it with
+    defaults, and override what you need; a new hook is added here and there together. Calls
+    happen on the training thread, between steps."""
+
+    #: read after each ``on_epoch``: a stop reason (``"pruned"``, ``"paused"``) ends the run after
+    #: that epoch (training.epoch_end.StopRequest)
+    stop_request: str | None
+    #: whether ``on_final_snapshot`` gets the state after the last epoch of a run that ran them all
+    wants_final_snapshot: bool
 
     def on_start(self, info: dict[str, Any]) -> None: ...
     def on_epoch(self, metrics: dict[str, float]) -> None: ...
@@ -48,8 +56,9 @@ class Reporter(Protocol):
     def on_final_snapshot(self, snapshot: Snapshot) -> None: ...
 
 
-class BaseReporter:
-    """A reporter that ignores everything; subclass and override what you need."""
+class BaseReporter(Reporter):
+    """The :class:`Reporter` interface with defaults: ignores everything, never stops the run,
+    wants every snapshot. Subclass and override what you need."""
 
     #: Set (e.g. to ``"pruned"``) from ``on_epoch`` to end the run after that epoch with this stop
     #: reason; the run ends like an early stop (best weights restored, result recorded).

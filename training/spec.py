@@ -796,6 +796,9 @@ class JobSpec(StrictModel):
         description="a job id: training starts from that job's best checkpoint (a warm start; its model must have "
         "the same layers), resolved by the service; fit() takes the weights as init_weights",
     )
+    pack: bool = Field(
+        True, description="may the service train this job fused with queued jobs of the same shape (README, "
+                          "\"Packed jobs\"); false: always alone. Changes nothing the job computes")
 
     def metric_names(self) -> list[str]:
         """Names the history carries besides loss/val_loss/lr/seconds/epoch."""

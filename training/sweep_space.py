@@ -18,7 +18,7 @@ import json
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
@@ -299,17 +299,20 @@ def is_decision_epoch(config: Mapping[str, Any], epoch: int, epochs: int) -> boo
     return step == epoch
 
 
-def _rung_attrs(values: Mapping[int, float], min_epochs: int, rf: int, offset: int, before: int | None) -> dict[str, float]:
+def _rung_attrs(values: Mapping[int, float], min_epochs: int, rf: int, offset: int, before: int | None,
+                worst: float) -> dict[str, float]:
     """The ``completed_rung_k`` system attributes Optuna's successive halving writes when it is asked
     at every epoch: the value at epoch min_epochs × rf^(offset + k) for each rung reached (before
-    epoch ``before`` for the trial being decided, whose current rung the pruner records itself)."""
+    epoch ``before`` for the trial being decided, whose current rung the pruner records itself).
+    A NaN rung value is written as ``worst``: it ranks last (Optuna sorts the competing values, and
+    NaN has no place in a sorted list: the ranking would depend on where it landed)."""
     attrs: dict[str, float] = {}
     k = 0
     while True:
         step = min_epochs * rf ** (offset + k)
         if step not in values or (before is not None and step >= before):
             return attrs
-        attrs[f"completed_rung_{k}"] = values[step]
+        attrs[f"completed_rung_{k}"] = worst if math.isnan(values[step]) else values[step]
         k += 1
 
 
@@ -348,10 +351,8 @@ def build_study(
         attrs: dict[str, Any] = {}
         if halving:
             offset = pruner._get_bracket_id(study, _NumberOnly(t.number)) if hyperband else 0
-            attrs = _rung_attrs(t.values, min_epochs, rf, offset, deciding_step if t.number == deciding else None)
-            # a NaN rung value ranks last (Optuna sorts the competing values, and NaN has no
-            # place in a sorted list: the ranking would depend on where it landed)
-            attrs = {k: (worst if math.isnan(v) else v) for k, v in attrs.items()}
+            attrs = _rung_attrs(t.values, min_epochs, rf, offset, deciding_step if t.number == deciding else None,
+                                worst)
         state = t.state if not (t.state == "complete" and t.value is None) else "fail"
         frozen = optuna.trial.create_trial(
             state=getattr(TS, _STATES[state]),
@@ -411,3 +412,58 @@ def should_prune(
     if frozen is None or frozen.state != optuna.trial.TrialState.RUNNING or epoch not in frozen.intermediate_values:
         return False
     return bool(study.pruner.prune(study, frozen))
+
+
+def promotions(
+    config: Mapping[str, Any], trials: Sequence[TrialRecord], paused: Mapping[int, int], *, study_name: str,
+    endgame: bool = False,
+) -> set[int]:
+    """Which paused trials (``paused``: trial number -> the epoch it paused after) Optuna's
+    successive halving now promotes: for each, :meth:`SuccessiveHalvingPruner.prune` is asked as if
+    the trial reported its rung value again now, and "not prune" means "promote" (see
+    :func:`make_pruner`). Equal to asking :func:`should_prune` about each, with the study built
+    once: the pruner sees the study with the asked trial's current rung value not yet recorded
+    (it records it itself; :class:`_Asking`), and every other trial as stored."""
+    if not paused or not pauses(config):
+        return set()
+    optuna = _optuna()
+    # a paused trial's values after its rung (none are written) are not the pruner's business
+    trials = [replace(t, values={e: v for e, v in t.values.items() if e <= paused[t.number]})
+              if t.number in paused else t for t in trials]
+    study = build_study(config, trials, study_name=study_name, sampler=optuna.samplers.RandomSampler(seed=0),
+                        endgame=endgame)
+    et = config["early_termination"]
+    min_epochs, rf = int(et.get("min_epochs") or 1), int(et.get("reduction_factor") or DEFAULT_REDUCTION_FACTOR)
+    worst = -math.inf if config["objective"]["mode"] == "max" else math.inf
+    stored = study.get_trials(deepcopy=False)
+    out: set[int] = set()
+    for i, frozen in enumerate(stored):
+        epoch = paused.get(frozen.number)
+        if epoch is None or frozen.state != optuna.trial.TrialState.RUNNING:
+            continue
+        if epoch not in frozen.intermediate_values:
+            out.add(frozen.number)  # not at a rung value: nothing to decide on (as should_prune)
+            continue
+        asked = copy.copy(frozen)
+        asked.system_attrs = _rung_attrs(frozen.intermediate_values, min_epochs, rf, 0, epoch, worst)
+        if not study.pruner.prune(_Asking(study, [*stored[:i], asked, *stored[i + 1:]]), asked):
+            out.add(frozen.number)
+    return out
+
+
+class _Asking:
+    """The study as :meth:`SuccessiveHalvingPruner.prune` reads it while one paused trial is asked
+    about: its trials (the asked one without its current rung value) and direction; what the
+    pruner records (the asked trial's rung value) is dropped, so the next question sees the study
+    as stored."""
+
+    def __init__(self, study: Any, trials: list[Any]) -> None:
+        self.direction = study.direction
+        self._trials = trials
+        self._storage = self
+
+    def get_trials(self, deepcopy: bool = True, states: Any = None) -> list[Any]:
+        return self._trials
+
+    def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
+        pass

@@ -191,6 +191,12 @@ def _run_job(job_id: str, settings: Settings, send: outbox.Send | None, _by_prio
     if os.environ.get(FAULT_ENV) == "1" and spec_dict.get("name") == FAULT_KILL_NAME:
         os.kill(os.getpid(), signal.SIGKILL)
 
+    from worker.packs import run_pack_if_any
+
+    # queued jobs of the same shape may train with it, fused (worker/packs.py)
+    packed = run_pack_if_any(job_id, settings, send, token, attempt, spec_dict, snapshot, sweep_id, epochs)
+    if packed is not None:
+        return packed
     from worker.sweeps import make_reporter
 
     # a sweep trial's reporter also asks its pruner (the claimed row says whether it is one)

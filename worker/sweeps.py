@@ -21,6 +21,7 @@ from dataclasses import replace
 from typing import Any
 
 from config.settings import Settings
+from orchestration import sweeps as orchestration_sweeps
 from store import sweeps as store_sweeps
 from store.db import session_scope
 from training.reporting import PAUSED  # not training.engine: no torch before the claim's heartbeat
@@ -34,7 +35,7 @@ def prune_decision(sweep_id: str, job_id: str, epoch: int, unwritten: Sequence[d
     as stored plus ``unwritten``, this trial's epochs not written yet (its reporter's buffer).
     Reads only; no lock."""
     with session_scope(write=False) as s:
-        sweep, records, number, endgame = store_sweeps.trial_records_for_decision(s, sweep_id, job_id)
+        sweep, records, number, endgame = orchestration_sweeps.trial_records_for_decision(s, sweep_id, job_id)
         if sweep is None or number is None or sweep.status != "running":
             return False
         config, metric = sweep.config, sweep.objective_metric

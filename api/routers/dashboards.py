@@ -12,7 +12,7 @@ from sse_starlette.sse import EventSourceResponse, ServerSentEvent
 
 from api.annotations import split_annotations
 from api.auth import authenticate
-from api.changes import change_payload, follow, latest_event_id
+from api.changes import follow, latest_event_id, project_sse
 from api.deps import ProjectDep, ReadSessionDep, SettingsDep
 from api.errors import SpecProblem
 from api.routers.jobs import LAST_EVENT_ID, MAX_INT64, SPEC_EXAMPLE
@@ -58,8 +58,10 @@ def validate_job(session: ReadSessionDep, settings: SettingsDep, project: Projec
     response_class=EventSourceResponse,
     tags=["dashboards"],
     responses={200: {"content": {"text/event-stream": {}},
-                     "description": "event 'job': {job_id, sweep_id, kind: state|epoch, data}; also 'sweep' "
-                                    "({sweep_id, job_id}) when the job is a sweep's trial"},
+                     "description": "event 'job': {job_id, sweep_id, kind: state|epoch, data}, and also 'sweep' "
+                                    "{sweep_id, job_id, kind: trial_changed} when the job is a sweep's trial; "
+                                    "event 'sweep': {sweep_id, job_id, kind: created|trial|state, data} for a "
+                                    "sweep's own changes (created, a trial added, ended)"},
                400: {"model": ErrorResponse, "description": "Last-Event-ID is not an event id"}},
 )
 async def project_events(
@@ -71,7 +73,7 @@ async def project_events(
     after: Annotated[int | None, Query(ge=0, le=MAX_INT64, description="like Last-Event-ID; default: from now")] = None,
 ) -> EventSourceResponse:
     """Server-Sent Events of every change to the project's jobs (state changes and epochs) and
-    sweeps (a change to one of its trials), pushed as they commit (change notices, not a poll per
+    sweeps (created, a trial added, ended, and a change to one of its trials), pushed as they commit (change notices, not a poll per
     client). Each event has an increasing id: resume with ``Last-Event-ID``. Without one, the
     stream starts from now. Comment pings every 15 s keep proxies from closing it."""
     start: int | None = after
@@ -93,11 +95,8 @@ async def project_events(
         try:
             async for c in follow(hub, project_id=project, after=start, is_disconnected=request.is_disconnected,
                                   key_id=key_id):
-                payload = change_payload(c)
-                yield ServerSentEvent(data=json.dumps(payload, allow_nan=False), event="job", id=str(c.id))
-                if c.sweep_id is not None:
-                    yield ServerSentEvent(data=json.dumps({"sweep_id": c.sweep_id, "job_id": c.job_id}),
-                                          event="sweep", id=str(c.id))
+                for event, payload in project_sse(c):
+                    yield ServerSentEvent(data=json.dumps(payload, allow_nan=False), event=event, id=str(c.id))
         finally:
             slots.close(project)
 

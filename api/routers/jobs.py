@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
-import time
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Header, HTTPException, Query, Request, Response
@@ -18,7 +16,7 @@ from sse_starlette.sse import EventSourceResponse, ServerSentEvent
 
 from api import idempotency as idem
 from api.annotations import annotate, split_annotations
-from api.auth import admit, authenticate, needs_touch, touch
+from api.auth import admit_poll, authenticate
 from api.changes import follow
 from api.deps import DispatcherDep, PollCallerDep, ProjectDep, ReadSessionDep, SessionDep, SettingsDep
 from api.errors import SpecProblem
@@ -54,8 +52,6 @@ from store import fastread, repo, scheduling, submit
 from store.artifact_store import get_store
 from store.db import get_engine, session_scope
 from store.models import TERMINAL_STATUSES, Job
-from store.pollread import get_reader
-from store.repo import as_utc
 from training import SpecError
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -311,39 +307,6 @@ def list_jobs(
 poll_router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 
-async def _admitted(request: Request, caller: fastread.Caller, key: fastread.KeyRow) -> None:
-    """401/429 for a keyed poll, from the key row its own query returned. The key's use is
-    recorded (at most once a minute) off the event loop."""
-    if caller.key_hash is None:
-        return
-    owner = None
-    if key is not None:
-        owner = keys.KeyOwner(key_id=key[0], project_id=key[1], requests_per_minute=key[2], last_used_at=as_utc(key[3]))
-        if needs_touch(owner) and _touches.claim(owner.key_id):
-            await run_in_threadpool(touch, owner)
-    admit(request, owner, record_use=False)
-
-
-class _Touches:
-    """Which keys this process recorded a use of in the last minute: polls that shared a query
-    (store.pollread) saw the same stale ``last_used_at``, and one write records them all."""
-
-    def __init__(self) -> None:
-        self._at: dict[str, float] = {}
-
-    def claim(self, key_id: str) -> bool:
-        now = time.monotonic()
-        if now - self._at.get(key_id, -math.inf) < keys.LAST_USED_RESOLUTION.total_seconds():
-            return False
-        if len(self._at) > 10_000:
-            self._at.clear()
-        self._at[key_id] = now
-        return True
-
-
-_touches = _Touches()
-
-
 def _json(body: bytes) -> Response:
     return Response(content=body, media_type="application/json")
 
@@ -354,8 +317,8 @@ async def get_job(job_id: str, request: Request, caller: PollCallerDep) -> Respo
     (Served by :mod:`store.fastread` on :mod:`store.pollread`'s connections: one query, the stored
     spec passed through as JSON text.)"""
     engine = get_engine()
-    key, body = await get_reader(engine).run_item((job_id, caller), fastread.job_polls(engine), (job_id, caller))
-    await _admitted(request, caller, key)
+    key, body = await fastread.read_job(engine, job_id, caller)
+    await admit_poll(request, caller, key)
     if body is None and (full := await _polled_prefix(job_id, caller, key)) is not None:
         key, body = await run_in_threadpool(fastread.job_json, engine, full, caller)
     if body is None:
@@ -370,13 +333,12 @@ async def get_metrics(
     request: Request,
     caller: PollCallerDep,
     since_epoch: Annotated[int, Query(ge=0, le=MAX_INT32, description="only epochs after this one")] = 0,
-    max_points: Annotated[int | None, Query(ge=1, le=100_000, description="downsample evenly (keeps the last)")] = None,
+    max_points: Annotated[int | None, Query(ge=1, le=fastread.MAX_POINTS, description="downsample evenly (keeps the last)")] = None,
 ) -> Response:
     """Per-epoch metrics. Non-finite values are the strings "NaN", "Infinity", "-Infinity"."""
     engine = get_engine()
-    item = (job_id, caller, since_epoch, max_points)
-    key, body = await get_reader(engine).run_item(item, fastread.metrics_polls(engine), item)
-    await _admitted(request, caller, key)
+    key, body = await fastread.read_metrics(engine, job_id, caller, since_epoch, max_points)
+    await admit_poll(request, caller, key)
     if body is None and (full := await _polled_prefix(job_id, caller, key)) is not None:
         key, body = await run_in_threadpool(fastread.metrics_json, engine, full, caller, since_epoch, max_points)
     if body is None:

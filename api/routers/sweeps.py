@@ -40,6 +40,7 @@ from api.schemas.sweeps import (
     ValuesParameter,
 )
 from config.settings import Settings
+from orchestration import sweeps as orchestration_sweeps
 from orchestration.admission import check_job_spec, dataset_resolver, nul_errors, objective_problem
 from orchestration.sweeps import advance_sweep
 from store import repo, scheduling
@@ -239,7 +240,7 @@ def _send(dispatcher: Any, jobs: list[tuple[str, str]]) -> None:
         dispatcher.submit(jobs)
 
 
-def _trial_read(v: store_sweeps.TrialView) -> TrialRead:
+def _trial_read(v: orchestration_sweeps.TrialView) -> TrialRead:
     j = v.job
     return TrialRead(
         job_id=j.id, number=int(j.trial_number or 0), params=dict(j.trial_params or {}), status=j.status,  # type: ignore[arg-type]
@@ -259,13 +260,13 @@ def _summary_fields(s: Sweep) -> dict[str, Any]:
 
 
 def sweep_read(session: Any, sweep: Sweep) -> SweepRead:
-    views = store_sweeps.trial_views(session, sweep)
+    views = orchestration_sweeps.trial_views(session, sweep)
     counts = SweepCounts(total=len(views))
     for v in views:
         setattr(counts, v.job.status, getattr(counts, v.job.status) + 1)
         if v.job.stop_reason == "pruned":
             counts.pruned += 1
-    board = store_sweeps.leaderboard(views, sweep.objective_mode)
+    board = orchestration_sweeps.leaderboard(views, sweep.objective_mode)
     board_read = [_trial_read(v) for v in board]
     fields = _summary_fields(sweep)
     if board_read:  # live, so it agrees with best_trial even between two advances of the sweep

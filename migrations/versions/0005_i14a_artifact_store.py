@@ -10,7 +10,7 @@ restarts from its beginning if it is ever resumed; a checkpoint's bytes are then
 whose bytes were not kept).
 
 Revision ID: 0005_i14a
-Revises: 0005_i12
+Revises: 0005_i11b
 Create Date: 2026-12-04 21:00:00
 """
 from collections.abc import Sequence
@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = '0005_i14a'
-down_revision: str | None = '0005_i12'
+down_revision: str | None = '0005_i11b'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -33,6 +33,7 @@ def test_every_knob_is_read_from_its_variable():
         "TRAINYARD_QUEUE_PREFIX": "p-", "TRAINYARD_AUTO_QUEUE": "cpu", "TRAINYARD_HEARTBEAT_STALE": "4.5",
         "TRAINYARD_FLUSH_INTERVAL": "0.2", "TRAINYARD_SNAPSHOT_INTERVAL": "0", "TRAINYARD_VISIBILITY_TIMEOUT": "9",
         "TRAINYARD_AUTH": "off", "TRAINYARD_GC_FREEZE": "0", "TRAINYARD_MAX_EPOCHS": "7", "TRAINYARD_WORKER_NICE": "0",
+        "TRAINYARD_PACK": "0", "TRAINYARD_PACK_MAX_MEMBERS": "5", "TRAINYARD_PACK_MAX_PARAMS": "1000",
         "TRAINYARD_FAIR_SHARE_WINDOW_S": "600", "TRAINYARD_PREEMPTION": "1", "TRAINYARD_PREEMPTION_GRACE_S": "2.5",
     }
     s = settings_from_env(env)
@@ -40,6 +41,7 @@ def test_every_knob_is_read_from_its_variable():
         "postgresql+psycopg://u@h/db", "redis://h:1/0", "p-", "cpu")
     assert (s.heartbeat_stale_s, s.flush_interval_s, s.snapshot_interval_s, s.visibility_timeout_s) == (4.5, 0.2, 0.0, 9)
     assert (s.auth, s.gc_freeze, s.max_epochs, s.worker_nice) == ("off", False, 7, 0)
+    assert (s.pack, s.pack_max_members, s.pack_max_params) == (False, 5, 1000)
     assert (s.fair_share_window_s, s.preemption, s.preemption_grace_s) == (600.0, True, 2.5)
     assert s.queue_for_device("auto") == "p-cpu" and s.queue_for_device("cuda:1") == "p-gpu"
     assert variable_name("heartbeat_stale_s") == "TRAINYARD_HEARTBEAT_STALE"

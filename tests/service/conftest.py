@@ -99,6 +99,9 @@ def service_env(pg_url: str, redis_client: redis.Redis, tmp_path_factory: pytest
         # the shared API process runs keyless (every caller in the default project); the key and
         # project tests build their own apps with auth required (tests/service/test_auth.py)
         "TRAINYARD_AUTH": "off",
+        # the session's worker runs every job alone: the scheduling, recovery and fault tests
+        # are about solo runs (packed jobs have their own service in tests/service/test_packing.py)
+        "TRAINYARD_PACK": "0",
         **WEBHOOK_KNOBS,
     }
 

@@ -123,19 +123,84 @@ def test_epochs_a_worker_commits_reach_open_streams_within_a_second(client, api_
         assert api.get("/v1/events", headers={"Last-Event-ID": "x"}).status_code == 400
 
 
-def test_a_sweep_trials_change_is_also_a_sweep_event(api_url, inproc_env):
+SWEEP = {"method": "grid", "max_concurrent": 1, "parameters": {"model.layers[0].units": {"values": [8, 16]}},
+         "objective": {"metric": "val_accuracy"}}
+
+
+def _sweep_events(stream: Stream, sweep_id: str, until: Any) -> list[tuple[int, str, dict[str, Any], float]]:
+    out = []
+    while not out or not until(out[-1]):
+        out.append(stream.next(lambda e: e[1] == "sweep" and e[2]["sweep_id"] == sweep_id))
+    return out
+
+
+def test_a_sweeps_own_changes_and_its_trials_changes_are_sweep_events(api_url, inproc_env):
+    """Created, a trial added, ended (the sweep's own events), and each change of a trial."""
     from .test_sweeps import base
 
     with httpx.Client(base_url=api_url) as api:
         stream = Stream(f"{api_url}/v1/events")
-        sweep = api.post("/v1/sweeps", json={
-            "name": "stream-sweep", "base": base(), "method": "grid", "max_concurrent": 1,
-            "parameters": {"model.layers[0].units": {"values": [8, 16]}}, "objective": {"metric": "val_accuracy"},
-        }).json()
-        ev = stream.next(lambda e: e[1] == "sweep" and e[2]["sweep_id"] == sweep["id"])
-        assert ev[2]["job_id"] == sweep["trials"][0]["job_id"]
+        sweep = api.post("/v1/sweeps", json={"name": "stream-sweep", "base": base(), **SWEEP}).json()
+        trial = sweep["trials"][0]["job_id"]
+        got = _sweep_events(stream, sweep["id"], lambda e: e[2]["kind"] == "trial_changed")
+        assert [e[2]["kind"] for e in got] == ["created", "trial", "trial_changed"]
+        assert got[0][2] == {"sweep_id": sweep["id"], "job_id": None, "kind": "created",
+                             "data": {"status": "running", "name": "stream-sweep"}}
+        assert got[1][2]["job_id"] == trial and got[1][2]["data"] == {"job_id": trial, "trial_number": 0}
+        assert got[2][2] == {"sweep_id": sweep["id"], "job_id": trial, "kind": "trial_changed"}
+        assert [e[0] for e in got] == sorted(e[0] for e in got)
         api.post(f"/v1/sweeps/{sweep['id']}/cancel")
+        ended = _sweep_events(stream, sweep["id"], lambda e: e[2]["kind"] == "state")[-1]
+        assert ended[2]["data"] == {"status": "cancelled", "stop_reason": "cancelled"} and ended[2]["job_id"] is None
         stream.close()
+
+
+def test_a_resumed_stream_gets_what_was_committed_while_it_was_away_in_order_then_live(api_url, inproc_env):
+    """Late events on resume: a client that reconnects with Last-Event-ID receives every event of
+    the project committed while it was away (a job's epochs, a sweep created and cancelled with
+    its trials' changes), in id order, none lost and none twice, and then the live ones."""
+    from sqlalchemy import or_, select
+
+    from store import repo
+    from store.db import session_scope
+    from store.models import Job, JobEvent
+
+    from .test_sweeps import base
+
+    with httpx.Client(base_url=api_url) as api:
+        first = Stream(f"{api_url}/v1/events")
+        job = api.post("/v1/jobs", json=note_spec(9, name="resume-late")).json()["id"]
+        mark = first.next(lambda e: e[1] == "job" and e[2]["job_id"] == job)[0]
+        first.close()  # away
+        with session_scope() as s:
+            repo.record_progress(s, job, [{"epoch": e, "loss": 1 / e} for e in (1, 2, 3)])
+        sweep = api.post("/v1/sweeps", json={"name": "resume-sweep", "base": base(), **SWEEP}).json()
+        api.post(f"/v1/sweeps/{sweep['id']}/cancel")
+        with session_scope() as s:
+            repo.record_progress(s, job, [{"epoch": 4, "loss": 0.25}])
+
+        resumed = Stream(f"{api_url}/v1/events", headers={"Last-Event-ID": str(mark)})
+        mine = lambda e: e[2].get("job_id") == job or e[2].get("sweep_id") == sweep["id"]  # noqa: E731
+        got = [resumed.next(mine)]
+        while not (got[-1][1] == "job" and got[-1][2]["kind"] == "epoch" and got[-1][2]["data"]["epoch"] == 4):
+            got.append(resumed.next(mine))
+        with session_scope() as s:  # live, after the backlog
+            repo.record_progress(s, job, [{"epoch": 5, "loss": 0.2}])
+        got.append(resumed.next(lambda e: mine(e) and e[1] == "job"))
+        resumed.close()
+
+        with session_scope(write=False) as s:
+            trials = select(Job.id).where(Job.sweep_id == sweep["id"])
+            committed = list(s.scalars(select(JobEvent.id).where(
+                JobEvent.id > mark, or_(JobEvent.job_id == job, JobEvent.sweep_id == sweep["id"],
+                                        JobEvent.job_id.in_(trials))).order_by(JobEvent.id)))
+        ids = [e[0] for e in got]
+        assert sorted(set(ids)) == committed  # none lost, nothing of before the mark
+        assert ids == sorted(ids)  # in order (a trial's change is a job and a sweep event: same id)
+        assert [e[2]["data"]["epoch"] for e in got if e[1] == "job" and e[2]["kind"] == "epoch"] == [1, 2, 3, 4, 5]
+        assert len({(e[0], e[1]) for e in got}) == len(got)  # none twice
+        assert [e[2]["kind"] for e in got if e[1] == "sweep" and e[2]["kind"] != "trial_changed"] == [
+            "created", "trial", "state"]
 
 
 def test_the_change_reader_delivers_an_event_whose_commit_came_after_a_later_id(inproc_env):

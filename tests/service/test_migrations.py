@@ -17,7 +17,7 @@ from store.models import Base
 TABLES = {
     "jobs", "job_metrics", "job_events", "checkpoints", "snapshots", "datasets", "alembic_version",
     "projects", "api_keys", "sweeps", "outbox", "artifacts", "idempotency_records", "webhooks",
-    "webhook_deliveries",
+    "webhook_deliveries", "job_curves",
 }
 
 
@@ -54,7 +54,7 @@ def test_migrations_from_empty_sqlite(tmp_path):
 
 
 #: the revision 0005_i14a follows
-BEFORE_ARTIFACT_STORE = "0005_i12"
+BEFORE_ARTIFACT_STORE = "0005_i11b"
 
 
 def _move_blobs_out_and_back(url: str, store_dir: Any) -> None:

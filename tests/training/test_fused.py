@@ -141,6 +141,59 @@ KNOBS: dict[str, list[dict[str, Any]]] = {
         {"optimizer": {"name": "adamax", "learning_rate": 0.003, "beta_1": 0.8}},
         {"optimizer": {"name": "adamax", "learning_rate": 0.01, "beta_2": 0.99}},
     ],
+    "adam_amsgrad": [
+        {"optimizer": {"name": "adam", "learning_rate": 0.003, "amsgrad": True}},
+        {"optimizer": {"name": "adam", "learning_rate": 0.01, "amsgrad": True, "beta_2": 0.99, "weight_decay": 0.01}},
+    ],
+    "nadam": [
+        {"optimizer": {"name": "nadam", "learning_rate": 0.002}},
+        {"optimizer": {"name": "nadam", "learning_rate": 0.005, "beta_1": 0.8, "weight_decay": 0.004}},
+    ],
+    "rmsprop_centered": [
+        {"optimizer": {"name": "rmsprop", "learning_rate": 0.001, "centered": True}},
+        {"optimizer": {"name": "rmsprop", "learning_rate": 0.002, "centered": True, "momentum": 0.3, "rho": 0.8}},
+    ],
+    "clipnorm": [
+        {"optimizer": {"name": "sgd", "learning_rate": 0.2, "clipnorm": 0.05}},
+        {"optimizer": {"name": "sgd", "learning_rate": 0.1, "clipnorm": 1.0}},
+    ],
+    "global_clipnorm": [
+        {"optimizer": {"name": "adam", "learning_rate": 0.01, "global_clipnorm": 0.1}},
+        {"optimizer": {"name": "adam", "learning_rate": 0.003, "global_clipnorm": 2.0}},
+    ],
+    "clipvalue": [
+        {"optimizer": {"name": "rmsprop", "learning_rate": 0.003, "clipvalue": 0.001}},
+        {"optimizer": {"name": "rmsprop", "learning_rate": 0.001, "clipvalue": 0.5}},
+    ],
+    # torch formulas: each member's own torch.optim optimizer on its row
+    "torch_sgd_nesterov": [
+        {"optimizer": {"name": "sgd", "formulas": "torch", "learning_rate": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01}},
+        {"optimizer": {"name": "sgd", "formulas": "torch", "learning_rate": 0.02, "momentum": 0.5, "nesterov": True}},
+    ],
+    "torch_adamw_amsgrad": [
+        {"optimizer": {"name": "adamw", "formulas": "torch", "learning_rate": 0.003, "amsgrad": True, "weight_decay": 0.01}},
+        {"optimizer": {"name": "adamw", "formulas": "torch", "learning_rate": 0.01, "amsgrad": True}},
+    ],
+    "torch_radam_clipnorm": [
+        {"optimizer": {"name": "radam", "formulas": "torch", "learning_rate": 0.003, "clipnorm": 2.0}},
+        {"optimizer": {"name": "radam", "formulas": "torch", "learning_rate": 0.01, "beta_1": 0.8, "clipnorm": 0.5}},
+    ],
+    "torch_nadam": [
+        {"optimizer": {"name": "nadam", "formulas": "torch", "learning_rate": 0.003}},
+        {"optimizer": {"name": "nadam", "formulas": "torch", "learning_rate": 0.01, "weight_decay": 0.01}},
+    ],
+    "torch_rmsprop_centered": [
+        {"optimizer": {"name": "rmsprop", "formulas": "torch", "learning_rate": 0.001, "centered": True, "momentum": 0.5}},
+        {"optimizer": {"name": "rmsprop", "formulas": "torch", "learning_rate": 0.003, "centered": True}},
+    ],
+    "torch_adagrad": [
+        {"optimizer": {"name": "adagrad", "formulas": "torch", "learning_rate": 0.05, "initial_accumulator_value": 0.2}},
+        {"optimizer": {"name": "adagrad", "formulas": "torch", "learning_rate": 0.1}},
+    ],
+    "torch_adamax": [
+        {"optimizer": {"name": "adamax", "formulas": "torch", "learning_rate": 0.003}},
+        {"optimizer": {"name": "adamax", "formulas": "torch", "learning_rate": 0.01, "beta_2": 0.99}},
+    ],
     # schedules (per step), warm-up, restarts, plateau
     "schedules": [
         {"optimizer": {"name": "adam", "learning_rate": {"schedule": "exponential", "initial_learning_rate": 0.01,
@@ -300,7 +353,9 @@ def test_cancel_of_one_member_leaves_the_others_untouched(monkeypatch: pytest.Mo
         ({"model": {"layers": [{"type": "dense", "units": 32, "activation": "relu"}, {"type": "dense", "units": 10}]}}, "differs"),
         ({"data": dict(BASE["data"], batch_size=64)}, "differs"),
         ({"optimizer": {"name": "sgd", "learning_rate": 0.1}}, "differs"),
-        ({"optimizer": {"name": "adam", "learning_rate": 0.01, "clipnorm": 1.0}}, "clips"),
+        ({"optimizer": {"name": "adam", "learning_rate": 0.01, "clipnorm": 1.0}}, "clipping kind"),
+        ({"optimizer": {"name": "adam", "learning_rate": 0.01, "amsgrad": True}}, "amsgrad"),
+        ({"optimizer": {"name": "adam", "formulas": "torch", "learning_rate": 0.01}}, "formulas"),
     ],
 )
 def test_what_cannot_be_fused_says_why(change: dict[str, Any], reason: str) -> None:
@@ -311,9 +366,8 @@ def test_what_cannot_be_fused_says_why(change: dict[str, Any], reason: str) -> N
 
 
 def test_unsupported_pack_falls_back_to_solo_runs() -> None:
-    # nadam has no fused form yet: the pack falls back
-    specs = [trial(1, epochs=2, optimizer={"name": "nadam", "learning_rate": 0.001}),
-             trial(2, epochs=2, optimizer={"name": "nadam", "learning_rate": 0.003})]
+    # bf16 is not fused: the pack falls back, saying why
+    specs = [trial(1, epochs=2, precision="bf16"), trial(2, epochs=2, precision="bf16", optimizer__learning_rate=0.01)]
     results = fit_fused(specs)
     for spec, r in zip(specs, results, strict=True):
         assert r.info["pack"]["fused"] is False and r.info["pack"]["fallback"]
@@ -321,3 +375,35 @@ def test_unsupported_pack_falls_back_to_solo_runs() -> None:
         assert [h["loss"] for h in r.history] == [h["loss"] for h in solo.history]
     with pytest.raises(ValueError, match="cannot be fused"):
         fit_fused(specs, fallback=False)
+
+
+# --------------------------------------------------------------------------- snapshots of members
+
+
+class Snapshots(BaseReporter):
+    def __init__(self) -> None:
+        self.snapshots: dict[int, bytes] = {}
+
+    def on_snapshot(self, snapshot: Any) -> None:
+        self.snapshots[snapshot.epoch] = snapshot.data
+
+
+@pytest.mark.parametrize("optimizer", [
+    {"name": "nadam", "learning_rate": 0.003, "clipnorm": 0.5},  # Keras formulas: the pack's stacked state
+    {"name": "sgd", "formulas": "torch", "learning_rate": 0.05, "momentum": 0.9},  # torch: the member's own
+])
+def test_a_member_resumes_alone_from_its_snapshot_as_its_solo_run(optimizer: dict[str, Any]) -> None:
+    """A member's snapshot holds its weights, optimizer state and data order: resumed alone (as a
+    requeued job is), it goes on exactly as its solo run."""
+    specs = [trial(21, optimizer=optimizer), trial(22, optimizer=dict(optimizer, learning_rate=0.01))]
+    reps = [Snapshots(), Snapshots()]
+    fit_fused(specs, reps)
+    for spec, rep in zip(specs, reps, strict=True):
+        assert sorted(rep.snapshots) == list(range(1, EPOCHS))  # every epoch but the last
+        solo = training.fit(spec)
+        resumed = training.fit(spec, resume_from=rep.snapshots[2])
+        for e, (r, s) in enumerate(zip(resumed.history, solo.history, strict=True)):
+            for k in set(s) - {"seconds"}:
+                assert close(r[k], s[k]), f"epoch {e + 1} {k}: resumed {r[k]!r} vs solo {s[k]!r}"
+        for k in solo.weights:
+            torch.testing.assert_close(resumed.weights[k], solo.weights[k], rtol=1e-4, atol=1e-5)

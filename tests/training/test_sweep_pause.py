@@ -76,3 +76,86 @@ def test_a_nan_at_a_rung_ranks_last():
         assert decide(order, deciding, 1) is False  # the best real value goes on
         other = next(r.number for r in order if r.values[1] == 0.4)
         assert decide(order, other, 1) is True
+
+
+def _scenario(seed: int) -> tuple[dict[str, Any], list[TrialRecord], dict[int, int]]:
+    """A random sweep's trials: paused ones (stopped exactly at a rung), finished ones (complete,
+    pruned, failed) and running ones, with distinct finite values; returns its config, the trials
+    and the paused ones (number -> epoch)."""
+    import random
+
+    r = random.Random(seed)
+    min_epochs, rf = r.choice((1, 2)), r.choice((2, 3))
+    mode = r.choice(("min", "max"))
+    rungs = [min_epochs * rf**k for k in range(3)]
+    et = {"type": "asha", "min_epochs": min_epochs, "reduction_factor": rf, "max_epochs": rungs[-1] + 1,
+          "pause": True}
+    config = {**CONFIG, "objective": {"metric": "val_accuracy", "mode": mode}, "early_termination": et}
+    trials, paused = [], {}
+    for n in range(r.randint(1, 14)):
+        state = r.choice(("paused", "paused", "complete", "pruned", "fail", "running"))
+        last = r.choice(rungs) if state == "paused" else r.randint(1, rungs[-1] + 1)
+        values = {e: r.random() for e in range(1, last + 1)}
+        best = (max if mode == "max" else min)(values.values())
+        trials.append(TrialRecord(number=n, params={"optimizer.learning_rate": 0.01},
+                                  state="running" if state == "paused" else state,  # type: ignore[arg-type]
+                                  values=values, value=best if state != "fail" else None))
+        if state == "paused":
+            paused[n] = last
+    return config, trials, paused
+
+
+def _optuna_promotes(config: dict[str, Any], trials: list[TrialRecord], number: int, epoch: int,
+                     endgame: bool) -> bool:
+    """Optuna's own answer, from a live study: every other trial reports its values epoch by epoch
+    (the pruner asked after each, so it records the rung values itself) and ends as it did; then
+    the paused trial reports its values, and is promoted if the pruner does not stop it at its rung."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    et = config["early_termination"]
+    rf = et["reduction_factor"]
+    pruner = optuna.pruners.SuccessiveHalvingPruner(
+        min_resource=et["min_epochs"], reduction_factor=rf, min_early_stopping_rate=0,
+        bootstrap_count=0 if endgame else rf - 1)
+    study = optuna.create_study(direction="maximize" if config["objective"]["mode"] == "max" else "minimize",
+                                pruner=pruner)
+
+    def report(t: Any, values: dict[int, float]) -> bool:
+        stop = False
+        for e in sorted(values):
+            t.report(values[e], e)
+            stop = t.should_prune()
+        return stop
+
+    for rec_ in trials:
+        if rec_.number == number:
+            continue
+        t = study.ask()
+        report(t, rec_.values)
+        if rec_.state == "complete":
+            study.tell(t, rec_.value)
+        elif rec_.state != "running":
+            study.tell(t, state=getattr(optuna.trial.TrialState, rec_.state.upper()))
+    me = next(r for r in trials if r.number == number)
+    return not report(study.ask(), {e: v for e, v in me.values.items() if e <= epoch})
+
+
+def test_promotions_are_optunas_decisions_on_the_same_values():
+    """``promotions`` (one study, Optuna's pruner asked about each paused trial) promotes exactly
+    the paused trials that a live Optuna study's successive halving lets go on, and agrees with
+    asking ``should_prune`` about each trial on its own."""
+    from training.sweep_space import promotions
+
+    asked = promoted = 0
+    for seed in range(60):
+        config, trials, paused = _scenario(seed)
+        for endgame in (False, True):
+            got = promotions(config, trials, paused, study_name="s", endgame=endgame)
+            live = {n for n, e in paused.items() if _optuna_promotes(config, trials, n, e, endgame)}
+            one_by_one = {n for n, e in paused.items()
+                          if not should_prune(config, trials, n, e, study_name="s", endgame=endgame)}
+            assert got == live == one_by_one, (seed, endgame, paused)
+            asked += len(paused)
+            promoted += len(got)
+    assert 0 < promoted < asked  # the scenarios hold both outcomes

@@ -1,0 +1,201 @@
+"""Benchmark: packed jobs (issue 13) against today's one-job-at-a-time path, through the service.
+
+Usage (repo root, in the venv; needs nothing running)::
+
+    python bench/packing.py                                    # 27-trial sweep x 27 epochs, 200-job batch
+    python bench/packing.py --epochs 5 --batch-epochs 2        # shorter (a busy machine)
+    python bench/packing.py --asha --json bench/out/packing.json
+
+Each mode starts its own ``trainyard serve`` (API + one worker + SQLite + the embedded broker,
+exactly as a user runs it; same worker count) on a fresh data directory, the only difference
+being ``TRAINYARD_PACK`` (0: **solo**, today's path; 1: **packed**). In each it runs, one after
+the other:
+
+- **sweep**: ``POST /v1/sweeps``, method random, 27 trials (``--trials``), all ready at once
+  (``max_concurrent`` = trials), of the digits MLP (64 relu units, dropout, 10 logits, batch 64,
+  Adam) with the learning rate, ``beta_1``, the hidden layer's L2 penalty, the dropout rate and
+  the kernel initializer drawn per trial; ``--asha`` adds ASHA early termination. Timed from the
+  POST until the sweep's status is terminal.
+- **batch**: ``POST /v1/jobs/batch`` of 200 same-shape jobs (``--batch``; own seeds and rates, 3
+  epochs each, ``--batch-epochs``), timed from the POST until every job is terminal: jobs per
+  minute.
+
+Both modes run in this one invocation, so the ratios (packed / solo wall time, and packed / solo
+jobs per minute) are measured side by side. The load average (``os.getloadavg``) before and after
+each mode is printed with the figures: on a shared machine, quote it with them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+BASE: dict[str, Any] = {
+    "name": "bench-packing",
+    "device": "cpu",
+    "data": {"dataset": "digits", "validation_split": 0.2, "batch_size": 64, "standardize": True},
+    "model": {"layers": [{"type": "dense", "units": 64, "activation": "relu", "kernel_regularizer": {"l2": 1e-4}},
+                         {"type": "dropout", "rate": 0.1},
+                         {"type": "dense", "units": 10}]},
+    "loss": "sparse_categorical_crossentropy",
+    "metrics": ["accuracy"],
+    "optimizer": {"name": "adam", "learning_rate": 0.001},
+    "epochs": 27,
+}
+
+SPACE: dict[str, Any] = {
+    "optimizer.learning_rate": {"distribution": "log_uniform", "min": 1e-4, "max": 3e-2},
+    "optimizer.beta_1": {"distribution": "uniform", "min": 0.8, "max": 0.95},
+    "model.layers[0].kernel_regularizer.l2": {"distribution": "log_uniform", "min": 1e-5, "max": 1e-2},
+    "model.layers[1].rate": {"distribution": "uniform", "min": 0.0, "max": 0.5},
+    "model.layers[0].kernel_initializer": {"values": ["glorot_uniform", "he_normal", "lecun_normal"]},
+}
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+class Serve:
+    """``trainyard serve`` on a free port and a fresh data directory."""
+
+    def __init__(self, pack: bool, data_dir: Path) -> None:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINYARD_")}
+        env.update(PYTHONPATH=str(ROOT), TRAINYARD_PACK="1" if pack else "0")
+        data_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.log = (data_dir.parent / f"serve-{'packed' if pack else 'solo'}.log").open("wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "client.cli", "serve", "--port", str(self.port),
+                                      "--data-dir", str(data_dir)], cwd=ROOT, env=env, stdout=self.log,
+                                     stderr=subprocess.STDOUT)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.http = httpx.Client(base_url=self.url, timeout=60)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if self.http.get("/readyz").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"trainyard serve exited ({self.log.name})")
+            time.sleep(0.5)
+        raise RuntimeError("trainyard serve did not get ready in 120 s")
+
+    def close(self) -> None:
+        self.http.close()
+        self.proc.terminate()
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+def run_sweep(srv: Serve, trials: int, epochs: int, asha: bool) -> dict[str, Any]:
+    base = copy.deepcopy(BASE)
+    base["epochs"] = epochs
+    body: dict[str, Any] = {"name": "bench-packing", "base": base, "method": "random", "parameters": SPACE,
+                            "objective": {"metric": "val_accuracy", "mode": "max"}, "max_trials": trials,
+                            "max_concurrent": trials, "seed": 7}
+    if asha:
+        body["early_termination"] = {"type": "asha", "min_epochs": 1, "reduction_factor": 3}
+    t0 = time.perf_counter()
+    r = srv.http.post("/v1/sweeps", json=body)
+    r.raise_for_status()
+    sweep_id = r.json()["id"]
+    while True:
+        sw = srv.http.get(f"/v1/sweeps/{sweep_id}").json()
+        if sw["status"] in TERMINAL:
+            break
+        time.sleep(0.2)
+    seconds = time.perf_counter() - t0
+    trials = [t["job_id"] for t in sw["leaderboard"]]
+    packed = sum(bool((srv.http.get(f"/v1/jobs/{i}").json().get("info") or {}).get("pack", {}).get("fused")) for i in trials)
+    best = (sw.get("best_trial") or {}).get("value")
+    return {"seconds": seconds, "status": sw["status"], "trials": len(trials), "trials_packed": packed, "best": best}
+
+
+def run_batch(srv: Serve, n: int, epochs: int) -> dict[str, Any]:
+    specs = []
+    for k in range(n):
+        s = copy.deepcopy(BASE)
+        s.update(name=f"bench-batch-{k}", seed=k, epochs=epochs)
+        s["optimizer"] = {"name": "adam", "learning_rate": 1e-3 * (1 + k % 10)}
+        specs.append(s)
+    t0 = time.perf_counter()
+    ids = []
+    for lo in range(0, n, 1000):
+        r = srv.http.post("/v1/jobs/batch", json={"jobs": specs[lo:lo + 1000]})
+        r.raise_for_status()
+        ids += [x["id"] for x in r.json()["results"]]
+    pending = set(ids)
+    statuses: dict[str, str] = {}
+    packed = 0
+    while pending:
+        for job_id in list(pending):
+            j = srv.http.get(f"/v1/jobs/{job_id}").json()
+            if j["status"] in TERMINAL:
+                pending.discard(job_id)
+                statuses[j["status"]] = statuses.get(j["status"], 0) + 1  # type: ignore[assignment]
+                packed += bool((j.get("info") or {}).get("pack", {}).get("fused"))
+        if pending:
+            time.sleep(0.5)
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "jobs_per_minute": n / seconds * 60, "statuses": statuses, "packed": packed}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--trials", type=int, default=27)
+    ap.add_argument("--epochs", type=int, default=27, help="epochs of each sweep trial")
+    ap.add_argument("--asha", action="store_true", help="the sweep with ASHA early termination")
+    ap.add_argument("--batch", type=int, default=200)
+    ap.add_argument("--batch-epochs", type=int, default=3)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+
+    out: dict[str, Any] = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+    with tempfile.TemporaryDirectory(prefix="bench-packing-") as tmp:
+        for mode in ("solo", "packed"):
+            load_before = os.getloadavg()[0]
+            srv = Serve(mode == "packed", Path(tmp) / mode / "data")
+            try:
+                sweep = run_sweep(srv, args.trials, args.epochs, args.asha)
+                batch = run_batch(srv, args.batch, args.batch_epochs)
+            finally:
+                srv.close()
+            out[mode] = {"sweep": sweep, "batch": batch, "load": [load_before, os.getloadavg()[0]]}
+            print(f"{mode:>6}: sweep {sweep['seconds']:.1f} s ({sweep['status']}, {sweep['trials_packed']} trials packed); "
+                  f"batch {batch['seconds']:.1f} s = {batch['jobs_per_minute']:.0f} jobs/min "
+                  f"({batch['statuses']}, {batch['packed']} packed); load {load_before:.1f} -> {os.getloadavg()[0]:.1f}",
+                  flush=True)
+    s, p = out["solo"], out["packed"]
+    out["ratios"] = {
+        "sweep_wall_packed_over_solo": p["sweep"]["seconds"] / s["sweep"]["seconds"],
+        "batch_jobs_per_minute_packed_over_solo": p["batch"]["jobs_per_minute"] / s["batch"]["jobs_per_minute"],
+    }
+    print(f"sweep wall time packed/solo: {out['ratios']['sweep_wall_packed_over_solo']:.3f} (goal <= 0.2 on CPU)")
+    print(f"batch jobs/min packed/solo: {out['ratios']['batch_jobs_per_minute_packed_over_solo']:.2f}x (goal >= 5x)")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The server side of the command line (``serve``, ``api``, ``worker``, ``migrate``, ``keys``, ``projects``)."""

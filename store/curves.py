@@ -1,0 +1,34 @@
+"""Finished jobs' curves, compacted: when a job reaches a terminal status, its epochs' stored JSON
+texts are joined, in epoch order, into one JSON array in ``job_curves`` (one row per job).
+
+Why: ``POST /v1/metrics/bulk`` answers the curves of up to 1,000 jobs, and a dashboard's jobs are
+mostly finished. Read one row per epoch, 1,000 jobs x 100 epochs is 100,000 rows to fetch and
+aggregate on every request; read one row per job, it is 1,000 (bench/dashboards.py, BENCHMARKS.md).
+A terminal job's epochs do not change (terminal statuses move nowhere, :mod:`store.lifecycle`);
+should one be written anyway, :func:`drop` (called by every epoch write) removes the compacted
+curve and readers fall back to the rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from typing import Any
+
+from sqlalchemy import Text, cast, delete, insert, select
+
+from store.models import JobCurve, JobMetric
+
+
+def compact(conn: Any, job_id: str) -> None:
+    """Store the job's whole curve as one row (a Session or a Connection; in its transaction)."""
+    texts = conn.execute(
+        select(cast(JobMetric.values, Text)).where(JobMetric.job_id == job_id).order_by(JobMetric.epoch)
+    ).scalars().all()
+    conn.execute(delete(JobCurve).where(JobCurve.job_id == job_id))
+    if texts:
+        conn.execute(insert(JobCurve).values(job_id=job_id, n=len(texts), body=f"[{','.join(texts)}]"))
+
+
+def drop(conn: Any, job_ids: Collection[str]) -> None:
+    """Forget the compacted curves of jobs whose epochs are being written."""
+    conn.execute(delete(JobCurve).where(JobCurve.job_id.in_(list(job_ids))).execution_options(synchronize_session=False))

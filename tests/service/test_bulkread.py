@@ -1,0 +1,148 @@
+"""``POST /v1/metrics/bulk``'s reader (:mod:`store.bulkread`) on PostgreSQL and on SQLite, for jobs
+in every state: a finished job's whole curve comes from its compacted row (:mod:`store.curves`),
+the rest from the epoch rows; both must say exactly what each job's epochs say (every key, a
+``since_epoch``, ``keys``, ``max_points``), with and without the process's cache of compacted
+curves. An epoch written after the compaction is seen (the compacted curve is dropped, and the
+cached copy no longer used), and the migration compacts jobs that finished before it."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import pytest
+from alembic.script import ScriptDirectory
+from sqlalchemy import insert, select
+from sqlalchemy.orm import Session
+
+from api.schemas.jobs import MetricsRead
+from store import auth as store_auth
+from store import bulkread, fastread, repo
+from store.db import make_engine
+from store.ids import new_id
+from store.migrate import alembic_config, upgrade
+from store.models import DEFAULT_PROJECT, Job, JobCurve, JobMetric
+from training import validate_spec
+
+from .helpers import note_spec
+
+
+def _epochs(n: int, shift: float = 0.0) -> list[dict[str, Any]]:
+    out = []
+    for e in range(1, n + 1):
+        row: dict[str, Any] = {"epoch": e, "loss": 1 / e + shift, "lr": 1e-3 / e, "seconds": 0.25}
+        if e % 3:  # some epochs lack val_loss (a key an epoch does not have is left out)
+            row["val_loss"] = 1.5 / e + shift
+        if e == 2:
+            row["loss"] = math.nan
+            row["val_loss"] = -math.inf
+        out.append(row)
+    return out
+
+
+def _finish(s: Session, job_id: str) -> None:
+    repo.claim_job(s, job_id, "host:1", 300)
+    repo.finish_job(s, job_id, status="succeeded", stop_reason="completed")
+
+
+def _expected(s: Session, job_id: str, since: int, keys: list[str] | None, max_points: int | None) -> dict[str, Any]:
+    epochs = MetricsRead(job_id=job_id, epochs=repo.metrics(s, job_id, since), total=0).model_dump(mode="json")["epochs"]
+    total = len(epochs)
+    if keys:
+        epochs = [{k: e[k] for k in ["epoch", *keys] if k in e} for e in epochs]
+    if max_points is not None:
+        epochs = fastread.downsample(epochs, max_points)
+    return {"epochs": epochs, "total": total}
+
+
+def _check(url: str) -> None:
+    engine = make_engine(url)
+    try:
+        spec = validate_spec(note_spec(3)).model_dump(mode="json")
+        with Session(engine) as s:
+            done, running, queued, redone, other = (repo.create_job(s, spec=spec, queue="cpu") for _ in range(5))
+            s.flush()
+            other.project_id = store_auth.ensure_project(s, "bulkread-other").id
+            for job, n in ((done, 7), (running, 5), (redone, 4), (other, 3)):
+                repo.claim_job(s, job.id, "host:1", 300)
+                repo.record_progress(s, job.id, _epochs(n))
+            for job in (done, redone, other):
+                repo.finish_job(s, job.id, status="succeeded", stop_reason="completed")
+            s.commit()
+            # finished: compacted, in epoch order; the running one is not
+            curves = dict(s.execute(select(JobCurve.job_id, JobCurve.n)).all())
+            assert curves == {done.id: 7, redone.id: 4, other.id: 3}
+            body = s.scalar(select(JobCurve.body).where(JobCurve.job_id == done.id))
+            assert [e["epoch"] for e in json.loads(body)] == list(range(1, 8))
+            # an epoch written after the job finished (a late writer): its compacted curve goes
+            repo.record_progress(s, redone.id, [{"epoch": 3, "loss": 42.0}])
+            s.commit()
+            assert s.get(JobCurve, redone.id) is None
+            ids = [done.id, running.id, queued.id, redone.id]
+
+            for since in (0, 2):
+                for keys in (None, ["val_loss"], ["val_loss", "lr", "epoch", "val_loss"], ["nope"]):
+                    for max_points in (None, 1, 3, 50):
+                        wanted = {i: since for i in ids} | {other.id: 0, "f" * 32: 0}
+                        got = json.loads(bulkread.bulk_metrics_json(engine, DEFAULT_PROJECT, wanted, keys, max_points))
+                        case = (since, keys, max_points)
+                        assert sorted(got["missing"]) == sorted([other.id, "f" * 32]), case
+                        assert set(got["jobs"]) == set(ids), case
+                        for i in ids:
+                            assert got["jobs"][i] == _expected(s, i, since, keys, max_points), (case, i)
+            # per-job since_epoch: the compacted job's whole curve beside another's tail
+            got = json.loads(bulkread.bulk_metrics_json(engine, DEFAULT_PROJECT, {done.id: 0, running.id: 4}))
+            assert got["jobs"][done.id] == _expected(s, done.id, 0, None, None)
+            assert got["jobs"][running.id] == _expected(s, running.id, 4, None, None)
+            assert got["jobs"][done.id]["epochs"][1]["loss"] == "NaN"
+            # the process's cache of compacted curves answered the whole curves above; without it, the same
+            assert bulkread.CURVES.snapshot([done.id, running.id, redone.id]).keys() == {done.id}
+            assert (bulkread.bulk_metrics_json(engine, DEFAULT_PROJECT, {done.id: 0, running.id: 0}, cache=None)
+                    == bulkread.bulk_metrics_json(engine, DEFAULT_PROJECT, {done.id: 0, running.id: 0}))
+            # a late epoch drops the compacted row: the cached copy is no longer used
+            repo.record_progress(s, done.id, [{"epoch": 8, "loss": 0.125}])
+            s.commit()
+            got = json.loads(bulkread.bulk_metrics_json(engine, DEFAULT_PROJECT, {done.id: 0}))
+            assert got["jobs"][done.id] == _expected(s, done.id, 0, None, None) and got["jobs"][done.id]["total"] == 8
+    finally:
+        engine.dispose()
+
+
+def test_bulk_reader_on_postgresql(pg):
+    url = pg.create("bulkread")
+    upgrade(url)
+    _check(url)
+
+
+def test_bulk_reader_on_sqlite(tmp_path):
+    url = f"sqlite:///{tmp_path / 'bulk.db'}"
+    upgrade(url)
+    _check(url)
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "sqlite"])
+def test_the_migration_compacts_jobs_that_finished_before_it(backend, pg, tmp_path):
+    url = pg.create("bulkread_migration") if backend == "postgresql" else f"sqlite:///{tmp_path / 'm.db'}"
+    before = ScriptDirectory.from_config(alembic_config(url)).get_revision("0005_i11b").down_revision
+    upgrade(url, before)
+    engine = make_engine(url)
+    try:
+        with Session(engine) as s:  # jobs and epochs as the revision before holds them (jobs unchanged)
+            spec = validate_spec(note_spec(3)).model_dump(mode="json")
+            now = repo.utcnow()
+            rows = {status: new_id() for status in ("succeeded", "running")}
+            s.add_all([Job(id=job_id, project_id=DEFAULT_PROJECT, name="m", status=status, queue="cpu", spec=spec,
+                           epoch=3, epochs=3, created_at=now, updated_at=now) for status, job_id in rows.items()])
+            s.flush()
+            s.execute(insert(JobMetric), [{"job_id": j, "epoch": e, "values": {"epoch": e, "loss": 1 / e}, "created_at": now}
+                                          for j in rows.values() for e in (2, 1, 3)])  # inserted out of order
+            s.commit()
+        upgrade(url)
+        with Session(engine) as s:
+            curves = {c.job_id: c for c in s.scalars(select(JobCurve))}
+            assert set(curves) == {rows["succeeded"]}
+            assert curves[rows["succeeded"]].n == 3
+            assert json.loads(curves[rows["succeeded"]].body) == [{"epoch": e, "loss": 1 / e} for e in (1, 2, 3)]
+    finally:
+        engine.dispose()

@@ -1,0 +1,183 @@
+"""Packed jobs end to end (issue 13): a real worker that claims one job of a batch of same-shape
+jobs trains the batch as one fused pack, and records each member on its own job exactly as a solo
+run: status, per-epoch metrics (1e-5 relative to ``training.fit`` of the same spec), best
+checkpoint, stop reason, and ``info.pack`` saying which pack it ran in. Run against the embedded
+set-up (``trainyard serve``: SQLite + the SQLAlchemy broker) and PostgreSQL + Redis (``trainyard
+api`` + ``trainyard worker``); the embedded run also packs a sweep's trials, and keeps them alone
+with ``"pack": false`` in the sweep's base."""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import training
+from client import Client
+
+from .conftest import RUN_ID, cli
+from .helpers import ROOT, free_port, stop, wait_for_log, wait_http, wait_status
+
+MEMBERS = 8
+EPOCHS = 5
+BASE: dict[str, Any] = {
+    "device": "cpu",
+    "deterministic": True,
+    "data": {"dataset": "digits", "validation_split": 0.2, "batch_size": 128, "standardize": True},
+    "model": {"layers": [{"type": "dense", "units": 16, "activation": "relu"}, {"type": "dropout", "rate": 0.0},
+                         {"type": "dense", "units": 10}]},
+    "loss": "sparse_categorical_crossentropy",
+    "metrics": ["accuracy"],
+    "epochs": EPOCHS,
+}
+
+
+def batch_specs() -> list[dict[str, Any]]:
+    """Eight same-shape jobs: own seeds, rates, betas, L2 and epochs (epochs are not part of the key)."""
+    specs = []
+    for k in range(MEMBERS):
+        spec = copy.deepcopy(BASE)
+        spec["name"] = f"pack-{k}"
+        spec["seed"] = 100 + k
+        spec["epochs"] = EPOCHS - (k % 2)
+        spec["optimizer"] = {"name": "adam", "learning_rate": 0.002 * (k + 1), "beta_1": 0.85 + 0.01 * k}
+        if k % 3 == 0:
+            spec["model"]["layers"][0]["kernel_regularizer"] = {"l2": 0.001 * (k + 1)}
+        specs.append(spec)
+    return specs
+
+
+def close(a: float, b: float) -> bool:
+    return a == b or abs(a - b) <= 1e-5 * max(abs(a), abs(b))
+
+
+def check_batch_is_packed(c: Client) -> None:
+    specs = batch_specs()
+    alone = dict(copy.deepcopy(specs[0]), name="alone", pack=False)
+    ids = [j["id"] for j in c.submit_batch([*specs, alone])["results"]]
+    done = [wait_status(c, i, ("succeeded", "failed", "cancelled"), timeout=300) for i in ids]
+    assert [d["status"] for d in done] == ["succeeded"] * (MEMBERS + 1), done
+    packs = [d["info"]["pack"] for d in done[:MEMBERS]]
+    assert all(p["fused"] is True for p in packs), packs
+    assert {p["id"] for p in packs} == {packs[0]["id"]} and sorted(packs[0]["jobs"]) == sorted(ids[:MEMBERS])
+    assert sorted(p["index"] for p in packs) == list(range(MEMBERS)) and {p["size"] for p in packs} == {MEMBERS}
+    assert "pack" not in (done[MEMBERS]["info"] or {})  # "pack": false ran alone
+    for job_id, spec, d in zip(ids, [*specs, alone], done, strict=True):
+        solo = training.fit(spec)
+        rows = c.metrics(job_id)
+        assert len(rows) == len(solo.history) == spec["epochs"]
+        for row, ref in zip(rows, solo.history, strict=True):
+            for key in ("loss", "val_loss", "accuracy", "val_accuracy", "lr"):
+                assert close(row[key], ref[key]), (job_id, row["epoch"], key, row[key], ref[key])
+        assert d["stop_reason"] == solo.stop_reason
+        assert d["best"]["epoch"] == solo.best_epoch and close(d["best"]["value"], solo.best_value)
+        assert d["progress"]["epoch"] == spec["epochs"] and not math.isnan(rows[-1]["loss"])
+        assert any(ck["is_best"] for ck in c.checkpoints(job_id))
+
+
+def check_sweeps(c: Client) -> None:
+    """A random sweep's trials, queued together, run as one pack; with ``"pack": false`` in the
+    sweep's base, each runs alone. Both sweeps complete."""
+    base = dict(copy.deepcopy(BASE), epochs=2)
+    for pack in (True, False):
+        sweep = c.create_sweep({
+            "name": f"pack-{pack}", "base": dict(base, pack=pack), "method": "random", "seed": 3,
+            "parameters": {"optimizer.learning_rate": {"distribution": "log_uniform", "min": 1e-3, "max": 3e-2},
+                           "model.layers[1].rate": {"values": [0.0, 0.2]}},
+            "objective": {"metric": "val_accuracy"}, "max_trials": 4, "max_concurrent": 4,
+        })
+        done = c.wait_sweep(sweep["id"], timeout=300)
+        assert done["status"] == "succeeded" and len(done["trials"]) == 4, done
+        packs = [(c.job(t["job_id"])["info"] or {}).get("pack") for t in done["trials"]]
+        if pack:
+            assert all(p and p["fused"] for p in packs) and len({p["id"] for p in packs}) == 1, packs
+        else:
+            assert packs == [None] * 4, packs
+
+
+@pytest.fixture()
+def pg_service(service_env: dict[str, str], migrated: None, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[str]:
+    """An API and a worker of their own (own queues, packing on, plus the test's ``pack_env``
+    settings), on the session's PostgreSQL + Redis."""
+    extra = getattr(request, "param", {})
+    tag = "-".join(f"{k[-7:]}{v}" for k, v in sorted(extra.items())).lower()
+    env = {**service_env, "TRAINYARD_QUEUE_PREFIX": f"ty-{RUN_ID}-pack{tag}-", "TRAINYARD_PACK": "1", **extra}
+    port = free_port()
+    with (tmp_path / "api.log").open("wb") as f:
+        api = subprocess.Popen(cli("api", "--port", str(port)), env=env, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    log = tmp_path / "worker.log"
+    with log.open("wb") as f:
+        worker = subprocess.Popen(cli("worker", "--queues", "gpu,cpu", "--name", f"ty-{RUN_ID}-pack"), env=env,
+                                  cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(f"{url}/healthz", api)
+        wait_for_log(log, " ready.", worker)
+        yield url
+    finally:
+        stop(worker)
+        stop(api)
+
+
+def test_a_batch_of_same_shape_jobs_runs_as_one_pack_on_postgres_and_redis(pg_service: str) -> None:
+    with Client(pg_service) as c:
+        check_batch_is_packed(c)
+
+
+def test_cancelling_one_packed_job_leaves_the_others_to_finish(pg_service: str) -> None:
+    specs = batch_specs()[:3]
+    specs[1] = dict(specs[1], epochs=100_000)  # runs until cancelled
+    specs[0], specs[2] = dict(specs[0], epochs=40), dict(specs[2], epochs=40)
+    with Client(pg_service) as c:
+        ids = [j["id"] for j in c.submit_batch(specs)["results"]]
+        wait_status(c, ids[1], ("running",), timeout=120)
+        c.cancel(ids[1])
+        cancelled = wait_status(c, ids[1], ("succeeded", "failed", "cancelled"), timeout=120)
+        others = [wait_status(c, i, ("succeeded", "failed", "cancelled"), timeout=300) for i in (ids[0], ids[2])]
+    assert cancelled["status"] == "cancelled" and cancelled["stop_reason"] == "cancelled", cancelled
+    assert [o["status"] for o in others] == ["succeeded"] * 2 and [o["progress"]["epoch"] for o in others] == [40, 40]
+    assert {o["info"]["pack"]["id"] for o in others} == {cancelled["info"]["pack"]["id"]}  # one pack
+
+
+@pytest.mark.parametrize("pg_service", [{"TRAINYARD_PACK_MAX_MEMBERS": "3"}], indirect=True)
+def test_packs_stay_within_the_member_budget(pg_service: str) -> None:
+    specs = [dict(s, epochs=1) for s in batch_specs()[:5]]
+    with Client(pg_service) as c:
+        ids = [j["id"] for j in c.submit_batch(specs)["results"]]
+        done = [wait_status(c, i, ("succeeded", "failed", "cancelled"), timeout=300) for i in ids]
+    assert [d["status"] for d in done] == ["succeeded"] * 5, done
+    packs = [(d["info"] or {}).get("pack") for d in done]
+    sizes = {p["id"]: p["size"] for p in packs if p}
+    assert sizes and max(sizes.values()) == 3 and all(2 <= n <= 3 for n in sizes.values()), packs
+
+
+@pytest.mark.parametrize("pg_service", [{"TRAINYARD_PACK_MAX_PARAMS": "1000"}], indirect=True)
+def test_a_job_over_the_parameter_budget_runs_alone(pg_service: str) -> None:
+    specs = [dict(s, epochs=1) for s in batch_specs()[:3]]  # 474 parameters + one batch of activations each
+    with Client(pg_service) as c:
+        ids = [j["id"] for j in c.submit_batch(specs)["results"]]
+        done = [wait_status(c, i, ("succeeded", "failed", "cancelled"), timeout=300) for i in ids]
+    assert [d["status"] for d in done] == ["succeeded"] * 3, done
+    assert all("pack" not in (d["info"] or {}) for d in done), done
+
+
+def test_a_batch_of_same_shape_jobs_runs_as_one_pack_embedded(tmp_path: Path) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINYARD_")}
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.Popen([sys.executable, "-m", "client.cli", "serve", "--port", str(port), "--data-dir", str(tmp_path / "data")],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        proc.stdout.readline()  # type: ignore[union-attr]  # the URL line: the API is up
+        with Client(f"http://127.0.0.1:{port}") as c:
+            check_batch_is_packed(c)
+            check_sweeps(c)
+    finally:
+        stop(proc)

@@ -1,0 +1,178 @@
+"""Packed jobs: a worker that claims a packable job also claims queued jobs of the same shape and
+trains them as one fused model (``training/fused.py``), each recorded on its own job exactly as
+a solo run (README, "Packed jobs").
+
+``run_pack_if_any`` is called by ``worker/runner.py`` right after a claim. It packs only a first
+attempt (a requeued job resumes alone from its snapshot) of kind ``train``, not a warm start
+(``init_from``), whose spec allows it
+(``"pack": false`` keeps a job alone; a sweep's ``base`` passes it to every trial) on a server
+that allows it (``TRAINYARD_PACK``). Members are the next queued first-attempt jobs of the same
+queue, in claim order, with the same pack key (``training.fused.pack_key``: layers and sizes,
+batch size, data, loss family, metrics, optimizer family, device; epochs, hyperparameters and
+seeds may differ), while the pack stays within ``TRAINYARD_PACK_MAX_MEMBERS`` and
+``TRAINYARD_PACK_MAX_PARAMS`` (``training.fused.member_cost``). They are claimed through
+``store.packing`` (compare-and-set, ``FOR UPDATE SKIP LOCKED`` on PostgreSQL).
+
+Each member has its own reporter (heartbeat, lease fence, cancel, sweep pruner), its own result
+recording (``worker.runner._record_result``: metrics, best and last checkpoints, stop reason,
+status) and, for a sweep trial, its own sweep step (``orchestration.sweeps.after_job``; the Celery
+task does the claimed job's). ``info.pack`` of each job says which pack it ran in: the id of the
+job whose claim formed it, the members' ids, the size and the member's index.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from typing import Any
+
+from config.logs import job_context
+from config.settings import Settings
+from store import leases, packing, repo
+from store.db import session_scope
+from worker.reporter import DbReporter
+
+log = logging.getLogger("trainyard.worker")
+
+#: queued jobs read per claim when looking for members
+SCAN_LIMIT = 500
+
+
+def _packable(spec: dict[str, Any]) -> bool:
+    """Allowed by its spec, of kind train, and not a warm start (``init_from``: it runs alone)."""
+    return spec.get("pack", True) is not False and spec.get("kind", "train") == "train" and not spec.get("init_from")
+
+
+def _plan(job_id: str, run_spec: dict[str, Any], spec_dict: dict[str, Any], settings: Settings) -> tuple[Any, int] | None:
+    """(pack key, the claimed job's cost), or None when the job cannot lead a pack."""
+    from training import data as data_mod
+    from training.fused import member_cost, pack_key, why_not_fused
+    from training.spec import validate_spec
+
+    try:
+        lead = validate_spec(run_spec)
+        if why_not_fused([lead, lead]) is not None:
+            return None
+        info = data_mod.describe(lead.data, lead.seed)
+        cost = member_cost(lead, info.input_shape)
+    except Exception:  # noqa: BLE001 - an unpackable job simply runs alone (its own run reports errors)
+        log.debug("job %s: not packable", job_id, exc_info=True)
+        return None
+    if cost > settings.pack_max_params or settings.pack_max_members < 2:
+        return None
+    return pack_key(lead), cost
+
+
+def _claim_members(job_id: str, spec_dict: dict[str, Any], run_spec: dict[str, Any], key: str, cost: int,
+                   settings: Settings) -> list[tuple[str, int, dict[str, Any], dict[str, Any], str | None, int]]:
+    """Claim the pack's other members: (id, lease token, spec, run spec, sweep id, epochs) each."""
+    from training.fused import pack_key
+    from training.spec import validate_spec
+    from worker.runner import worker_name
+
+    with session_scope() as s:
+        chosen: list[tuple[str, dict[str, Any]]] = []
+        total = cost
+        for c in packing.queued_candidates(s, job_id, SCAN_LIMIT):
+            if len(chosen) + 1 >= settings.pack_max_members or total + cost > settings.pack_max_params:
+                break
+            if not _packable(c.spec) or c.spec.get("data") != spec_dict.get("data"):
+                continue
+            member_run = {**c.spec, "data": run_spec["data"]}  # same data: the claimed job's resolved one
+            try:
+                if pack_key(validate_spec(member_run)) != key:
+                    continue
+            except Exception:  # noqa: BLE001 - a spec that no longer validates runs alone and reports it
+                continue
+            chosen.append((c.id, member_run))
+            total += cost  # same shapes and batch size: the same cost
+        runs = dict(chosen)
+        jobs = packing.claim_members(s, [i for i, _ in chosen], worker_name(), settings.heartbeat_stale_s)
+        ids = [job_id] + [j.id for j in jobs]
+        for k, i in enumerate(ids):
+            repo.add_event(s, i, "pack", {"pack": job_id, "size": len(ids), "index": k})
+        return [(j.id, j.lease_token, dict(j.spec), runs[j.id], j.sweep_id, j.epochs) for j in jobs]
+
+
+def run_pack_if_any(job_id: str, settings: Settings, send: Any, token: int, attempt: int, spec_dict: dict[str, Any],
+                    snapshot: Any, sweep_id: str | None, epochs: int) -> str | None:
+    """Train the claimed job in a pack when queued jobs of its shape wait; the claimed job's final
+    status, or None when it runs alone (the caller then runs it as usual)."""
+    if not settings.pack or snapshot is not None or attempt != 1 or not _packable(spec_dict):
+        return None
+    from worker.runner import _resolve_dataset
+
+    try:
+        run_spec = _resolve_dataset(spec_dict, settings)
+    except Exception:  # noqa: BLE001 - the solo path reports it
+        return None
+    plan = _plan(job_id, run_spec, spec_dict, settings)
+    if plan is None:
+        return None
+    key, cost = plan
+    others = leases.retry_transient(lambda: _claim_members(job_id, spec_dict, run_spec, key, cost, settings),
+                                    deadline_s=30.0, what=f"claim a pack for {job_id}")
+    if not others:
+        return None
+    members = [(job_id, token, spec_dict, run_spec, sweep_id, epochs), *others]
+    ids = [m[0] for m in members]
+    log.info("job %s: packed with %d queued job(s) of its shape: %s", job_id, len(others), ", ".join(ids[1:]))
+    return _run_pack(members, settings, send)
+
+
+def _run_pack(members: list[tuple[str, int, dict[str, Any], dict[str, Any], str | None, int]], settings: Settings,
+              send: Any) -> str:
+    from training import SpecError, TrainingError
+    from training.fused import fit_fused
+    from worker.runner import _finish_failed, _record_result
+    from worker.sweeps import make_reporter
+
+    ids = [m[0] for m in members]
+    reporters: list[DbReporter] = []
+    for job_id, token, spec, _, sweep_id, epochs in members:
+        reporters.append(make_reporter(job_id, settings, sweep_id=sweep_id, epochs=epochs, lease_token=token,
+                                       stall_timeout_s=spec.get("stall_timeout_s") or settings.stall_timeout_s, send=send))
+    for r in reporters:
+        r.start_heartbeat()
+    statuses: dict[str, str] = {}
+    try:
+        try:
+            results = fit_fused([m[3] for m in members], reporters, [r.should_stop for r in reporters])
+        except leases.LeaseLost:
+            # another attempt owns one member: the pack stops; the others' heartbeats stop with it
+            # and recovery requeues them (each then runs from its first epoch)
+            log.warning("pack of %s: a member lost its lease; the pack stopped, its members are requeued by recovery", ids[0])
+            return "lease_lost"
+        except (SpecError, TrainingError) as exc:
+            for job_id, r in zip(ids, reporters, strict=True):
+                _finish_failed(job_id, r, str(exc))
+            return "failed"
+        except BaseException as exc:
+            for job_id, r in zip(ids, reporters, strict=True):
+                _finish_failed(job_id, r, f"internal error: {type(exc).__name__}: {exc}")
+            log.error("pack of %s crashed:\n%s", ids[0], traceback.format_exc())
+            raise
+        for k, (job_id, r, result) in enumerate(zip(ids, reporters, results, strict=True)):
+            result.info["pack"] = {**result.info.get("pack", {}), "id": ids[0], "jobs": ids, "index": k}
+            with job_context(job_id):
+                try:
+                    statuses[job_id] = _record_result(job_id, r, result, 1)
+                except leases.LeaseLost:
+                    statuses[job_id] = "lease_lost"
+                except Exception as exc:  # noqa: BLE001 - one member's failure to record leaves the others'
+                    log.error("job %s: recording its result failed:\n%s", job_id, traceback.format_exc())
+                    try:
+                        _finish_failed(job_id, r, f"internal error while recording the result: {type(exc).__name__}: {exc}")
+                    except Exception:  # noqa: BLE001
+                        log.exception("job %s: could not record the failure", job_id)
+                    statuses[job_id] = "failed"
+                log.info("job %s: %s (pack of %s)", job_id, statuses[job_id], ids[0])
+    finally:
+        for r in reporters:
+            r.stop_heartbeat()
+    from orchestration.sweeps import after_job
+
+    for job_id, m in zip(ids[1:], members[1:], strict=True):
+        if m[4]:
+            after_job(job_id, settings, send)  # the Celery task advances the claimed job's sweep
+    return statuses[ids[0]]
