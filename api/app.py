@@ -19,6 +19,7 @@ from api.deps import current_project, known_query_parameters, operations_of
 from api.dispatch import Dispatcher
 from api.errors import (
     SpecProblem,
+    artifact_error_handler,
     database_unavailable_handler,
     document_problems,
     http_exception_handler,
@@ -47,6 +48,7 @@ from api.schemas.specs import add_components
 from api.webhook_delivery import WebhookDeliverer
 from config.logs import configure_logging
 from config.settings import Settings, get_settings
+from store.artifact_store import ArtifactError
 from store.pollread import close_readers
 from ui import routes as ui_routes
 
@@ -142,6 +144,7 @@ def create_app(settings: Settings | None = None, *, poll_fast_path: bool = True)
     app.state.registry = make_registry(app.state.dispatcher, app.state.poll_stats)
     app.add_exception_handler(RequestValidationError, request_validation_handler)  # type: ignore[arg-type]
     app.add_exception_handler(SpecProblem, spec_problem_handler)  # type: ignore[arg-type]
+    app.add_exception_handler(ArtifactError, artifact_error_handler)
     app.add_exception_handler(StarletteHTTPException, _http_exception)  # type: ignore[arg-type]
     for unavailable in (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError):
         app.add_exception_handler(unavailable, database_unavailable_handler)

@@ -151,3 +151,11 @@ def document_problems(openapi: dict[str, Any]) -> dict[str, Any]:
     for name in ("HTTPValidationError", "ValidationError", "ErrorResponse"):
         schemas.pop(name, None)
     return openapi
+
+
+async def artifact_error_handler(_request: Request, exc: Exception) -> JSONResponse:
+    """A stored checkpoint, snapshot or export whose file is missing from the artifact store or
+    is not the recorded bytes (store.artifact_store.ArtifactError): a 500 problem that says which
+    and why; the bytes are never served."""
+    log.error("artifact store: %s", exc)
+    return problem_response(500, f"{exc}; refusing to serve it")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,6 +102,13 @@ class RefCache:
     def clear(self) -> None:
         with self._lock:
             self._refs.clear()
+
+    def forget_jobs(self, job_ids: Iterable[str]) -> None:
+        """Drop the refs of these (deleted) jobs, whatever their project and selector."""
+        gone = set(job_ids)
+        with self._lock:
+            for key in [k for k in self._refs if k[1] in gone]:
+                del self._refs[key]
 
 
 MODEL_REFS = RefCache()

@@ -286,12 +286,11 @@ class Client:
 
     def best_checkpoint(self, job_id: str) -> tuple[bytes, str]:
         """The best weights (safetensors bytes) and their sha256, verified."""
-        r = self._check(self._http.get(f"/v1/jobs/{job_id}/checkpoints/best"))
-        digest = hashlib.sha256(r.content).hexdigest()
-        expected = r.headers.get("X-Checkpoint-SHA256")
-        if expected and expected != digest:
-            raise TrainyardError(502, f"checkpoint digest mismatch: header {expected}, body {digest}")
-        return r.content, digest
+        return self.checkpoint(job_id, "best")
+
+    def delete(self, job_id: str) -> None:
+        """Delete a job that ended, with its checkpoints and their files (409 while it runs)."""
+        self._check(self._http.delete(f"/v1/jobs/{job_id}"))
 
     def download_best(self, job_id: str, path: str | Path) -> str:
         """Write the best checkpoint to ``path``; returns its sha256."""
@@ -301,8 +300,10 @@ class Client:
 
     @staticmethod
     def _verified(r: httpx.Response, header: str) -> tuple[bytes, str]:
+        """The body and its sha256, checked against ``header`` (sent by the API, also when it
+        redirected the download to the artifact store's presigned URL)."""
         digest = hashlib.sha256(r.content).hexdigest()
-        expected = r.headers.get(header)
+        expected = next((h.headers[header] for h in (r, *r.history) if header in h.headers), None)
         if expected and expected != digest:
             raise TrainyardError(502, f"digest mismatch: header {expected}, body {digest}")
         return r.content, digest
@@ -310,7 +311,9 @@ class Client:
     def checkpoint(self, job_id: str, which: str | int = "best") -> tuple[bytes, str]:
         """A checkpoint's safetensors bytes and their sha256, verified: ``"best"``, ``"last"`` (the
         last epoch's weights) or an epoch number (if its bytes are kept)."""
-        return self._verified(self._check(self._http.get(f"/v1/jobs/{job_id}/checkpoints/{which}")), "X-Checkpoint-SHA256")
+        # an S3 artifact store answers with a redirect to a presigned URL (the API key is not sent there)
+        r = self._http.get(f"/v1/jobs/{job_id}/checkpoints/{which}", follow_redirects=True)
+        return self._verified(self._check(r), "X-Checkpoint-SHA256")
 
     def export(self, job_id: str, format: str, *, checkpoint: str | int = "best", timeout: float = 300.0) -> tuple[bytes, str]:
         """A checkpoint exported as ``torchscript``, ``onnx`` or ``keras`` (bytes and their sha256,

@@ -128,6 +128,18 @@ class Settings(BaseSettings):
     webhook_max_age_s: float = Field(3 * 24 * 3600.0, gt=0)
     webhook_lease_s: float = Field(60.0, gt=0)
     webhook_concurrency: int = Field(8, ge=1, le=256)
+    # The artifact store (store/artifact_store.py): where checkpoints, resume snapshots and
+    # exports are written; the database keeps their size, sha256 and key. A directory path,
+    # file://..., or s3://bucket/prefix (s3fs; endpoint and credentials below, or the standard
+    # AWS_* variables / config files when empty). Empty: data_dir/artifacts.
+    artifacts_url: str = ""
+    artifacts_endpoint_url: str = ""  # an S3-compatible server (MinIO, Ceph, ...); "" = AWS
+    artifacts_region: str = ""
+    artifacts_key: str = ""  # access key id ("" = the standard AWS credential chain)
+    artifacts_secret: str = ""
+    # Downloads from a store that can presign URLs (S3) redirect there (307) for this long; 0:
+    # the API streams the file itself.
+    artifacts_presign_s: int = Field(3600, ge=0)
 
     @field_validator("data_dir", mode="after")
     @classmethod
@@ -146,6 +158,8 @@ class Settings(BaseSettings):
             object.__setattr__(self, "database_url", default_database_url(self.data_dir))
         if not self.broker_url:
             object.__setattr__(self, "broker_url", default_broker_url(self.data_dir))
+        if not self.artifacts_url:
+            object.__setattr__(self, "artifacts_url", str(self.data_dir / "artifacts"))
         return self
 
     @property

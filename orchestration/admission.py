@@ -54,7 +54,7 @@ class SpecResolver:
         can)."""
         if not repo.job_exists(self.session, job_id, self.project_id):
             return f"no job {job_id!r} (init_from names a job of this project)"
-        if repo.best_checkpoint_meta(self.session, job_id, self.project_id) is None:
+        if repo.best_checkpoint(self.session, job_id, self.project_id) is None:
             return f"job {job_id} has no best checkpoint (yet) to start from"
         return None
 

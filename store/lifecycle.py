@@ -25,6 +25,7 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from store import curves
+from store.artifact_store import drop_snapshot
 from store.models import Job
 
 QUEUED, RUNNING, PAUSED, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "paused", "succeeded", "failed", "cancelled"
@@ -67,7 +68,11 @@ def move(session: Session, job_id: str, sources: Collection[str], target: str, *
          values: Mapping[str, Any] | None = None) -> bool:
     """Compare-and-set the job's status from one of ``sources`` to ``target`` (each pair checked
     against :data:`TRANSITIONS` first), if the row also matches ``where``, setting ``values`` too.
-    Returns whether the row moved (False: it was in another status, or ``where`` did not hold)."""
+    Returns whether the row moved (False: it was in another status, or ``where`` did not hold).
+    A job that ends (a terminal ``target``) loses its resume snapshot here, in the same
+    transaction (its file after the commit), unless it ran all its epochs (succeeded,
+    ``completed``) and ``keep_final_snapshot`` is on: that job keeps the state of its last epoch
+    for ``POST /v1/jobs/{id}/continue`` (store.continuation)."""
     check(sources, target)
     res = session.execute(
         update(Job)
@@ -78,4 +83,12 @@ def move(session: Session, job_id: str, sources: Collection[str], target: str, *
     moved = res.rowcount == 1  # type: ignore[attr-defined]
     if moved and target in (SUCCEEDED, FAILED, CANCELLED):
         curves.compact(session, job_id)  # its epochs are final: one row for bulk reads
+        if not _continuable(target, values):
+            drop_snapshot(session, job_id)
     return moved
+
+
+def _continuable(target: str, values: Mapping[str, Any] | None) -> bool:
+    from config.settings import get_settings
+
+    return target == SUCCEEDED and (values or {}).get("stop_reason") == "completed" and get_settings().keep_final_snapshot

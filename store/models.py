@@ -19,7 +19,6 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
-    LargeBinary,
     MetaData,
     String,
     Text,
@@ -220,9 +219,10 @@ class JobEvent(Base):
 
 
 class Checkpoint(Base):
-    """Model weights as safetensors bytes with their sha256. ``is_best`` marks the job's best.
-    Bytes are kept for the best and the newest checkpoint of a job; older ones keep their
-    metadata (``data`` is NULL)."""
+    """Model weights: a safetensors file in the artifact store (``uri``, a key relative to
+    ``TRAINYARD_ARTIFACTS_URL``; store/artifact_store.py) with its size and sha256. ``is_best``
+    marks the job's best. Files are kept for the best and the newest checkpoint of a job; older
+    ones keep their metadata (``uri`` is NULL)."""
 
     __tablename__ = "checkpoints"
     __table_args__ = (Index("ix_checkpoints_job_id_epoch", "job_id", "epoch"),)
@@ -236,15 +236,15 @@ class Checkpoint(Base):
     size: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
     is_best: Mapped[bool] = mapped_column(Boolean, default=False)
-    data: Mapped[bytes | None] = mapped_column(LargeBinary)
+    uri: Mapped[str | None] = mapped_column(String(400))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
 class Artifact(Base):
     """A job's model exported to another format (``torchscript``, ``onnx``, ``keras``) from one
     of its checkpoints (``checkpoint_sha256``). Produced by a worker (``trainyard.export``):
-    ``pending`` until then, ``ready`` with ``data`` and its ``sha256``, or ``failed`` with
-    ``error``."""
+    ``pending`` until then, ``ready`` with its file in the artifact store (``uri``) and its
+    ``sha256``, or ``failed`` with ``error``."""
 
     __tablename__ = "artifacts"
     __table_args__ = (UniqueConstraint("job_id", "format", "checkpoint_sha256", name="uq_artifacts_job_format_checkpoint"),)
@@ -258,14 +258,15 @@ class Artifact(Base):
     error: Mapped[str | None] = mapped_column(Text)
     size: Mapped[int | None] = mapped_column(BigInteger)
     sha256: Mapped[str | None] = mapped_column(String(64))
-    data: Mapped[bytes | None] = mapped_column(LargeBinary)
+    uri: Mapped[str | None] = mapped_column(String(400))
     card: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # the model card (training.card) of the checkpoint
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
 class Snapshot(Base):
-    """The latest full training state of a job (for resuming after a lost worker)."""
+    """The latest full training state of a job (for resuming after a lost worker, or a paused
+    sweep trial): a file in the artifact store (``uri``). Deleted when the job ends."""
 
     __tablename__ = "snapshots"
 
@@ -274,7 +275,7 @@ class Snapshot(Base):
     step: Mapped[int] = mapped_column(Integer)
     size: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
-    data: Mapped[bytes] = mapped_column(LargeBinary)
+    uri: Mapped[str] = mapped_column(String(400))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 

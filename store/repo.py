@@ -13,6 +13,14 @@ from sqlalchemy import case, delete, func, select, update
 from sqlalchemy.orm import Session, defer
 
 from store import curves, lifecycle
+from store.artifact_store import (
+    Stored,
+    checkpoint_key,
+    discard_after_commit,
+    get_store,
+    job_prefix,
+    snapshot_key,
+)
 from store.floats import encode_metrics, finite_or_none, to_text
 from store.ids import new_id
 from store.models import (
@@ -541,6 +549,10 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+#: a checkpoint whose file is kept (the best and the newest of a job; see :func:`_drop_unkept`)
+STORED = Checkpoint.uri.is_not(None)
+
+
 def add_checkpoint(
     session: Session,
     job_id: str,
@@ -552,26 +564,37 @@ def add_checkpoint(
     data: bytes,
     sha256: str,
     is_best: bool,
+    stored: Stored | None = None,
 ) -> Checkpoint:
+    """Write the checkpoint's file to the artifact store (unless the caller did: ``stored``) and
+    record it; the files of the job's other checkpoints except the best are dropped (after the
+    commit)."""
     if is_best:
         _clear_best(session, job_id)
+    stored = stored or get_store().put(checkpoint_key(job_id, sha256), data, sha256)
     ck = Checkpoint(
-        job_id=job_id, epoch=epoch, step=step, monitor=monitor, value=to_text(value), size=len(data),
-        sha256=sha256, is_best=is_best, data=data, created_at=utcnow(),
+        job_id=job_id, epoch=epoch, step=step, monitor=monitor, value=to_text(value), size=stored.size,
+        sha256=sha256, is_best=is_best, uri=stored.uri, created_at=utcnow(),
     )
     session.add(ck)
     session.flush()
-    # keep bytes only for the best and the newest checkpoint
-    session.execute(
-        update(Checkpoint)
-        .where(
-            Checkpoint.job_id == job_id, Checkpoint.id != ck.id, Checkpoint.is_best.is_(False),
-            Checkpoint.data.is_not(None),
-        )
-        .values(data=None)
-        .execution_options(synchronize_session=False)
-    )
+    _drop_unkept(session, job_id, keep=(ck.id,))
     return ck
+
+
+def _drop_unkept(session: Session, job_id: str, keep: Sequence[int]) -> None:
+    """Forget the files of the job's checkpoints other than ``keep`` and its best (their rows
+    keep the metadata), unless the job's spec says ``"keep_checkpoints": "all"``; a file is
+    deleted after the commit unless a kept row shares it (the same bytes recorded twice)."""
+    if session.scalar(select(Job.spec["keep_checkpoints"].as_string()).where(Job.id == job_id)) == "all":
+        return  # the spec keeps every checkpoint's file
+    unkept = (Checkpoint.job_id == job_id, Checkpoint.id.not_in(list(keep)), Checkpoint.is_best.is_(False), STORED)
+    dropped = set(session.scalars(select(Checkpoint.uri).where(*unkept)))
+    if not dropped:
+        return
+    session.execute(update(Checkpoint).where(*unkept).values(uri=None).execution_options(synchronize_session=False))
+    still = set(session.scalars(select(Checkpoint.uri).where(Checkpoint.job_id == job_id, STORED)))
+    discard_after_commit(session, dropped - still)
 
 
 def _clear_best(session: Session, job_id: str) -> None:
@@ -585,12 +608,12 @@ def _clear_best(session: Session, job_id: str) -> None:
 
 def mark_best_checkpoint(session: Session, job_id: str, sha256: str, data: bytes | None = None) -> bool:
     """Make the newest checkpoint with this digest the job's best; False if no row has it (or
-    its bytes were dropped and ``data`` does not bring them back). Bytes are kept for the best and
-    the newest checkpoint; the others' are dropped. The best's bytes are never dropped."""
+    its file was dropped and ``data`` does not bring it back). Files are kept for the best and
+    the newest checkpoint; the others' are dropped. The best's file is never dropped."""
     row = session.execute(
-        select(Checkpoint.id, Checkpoint.data.is_not(None))
+        select(Checkpoint.id, STORED)
         .where(Checkpoint.job_id == job_id, Checkpoint.sha256 == sha256)
-        .order_by(Checkpoint.data.is_not(None).desc(), Checkpoint.id.desc())
+        .order_by(STORED.desc(), Checkpoint.id.desc())
         .limit(1)
     ).first()
     if row is None:
@@ -600,48 +623,24 @@ def mark_best_checkpoint(session: Session, job_id: str, sha256: str, data: bytes
     if not stored:
         if data is None or sha256_hex(data) != sha256:
             return False
-        values.update(data=data, size=len(data))
+        put = get_store().put(checkpoint_key(job_id, sha256), data, sha256)
+        values.update(uri=put.uri, size=put.size)
     _clear_best(session, job_id)
     session.execute(
         update(Checkpoint).where(Checkpoint.id == ck_id).values(**values).execution_options(synchronize_session=False)
     )
     newest = session.scalar(select(func.max(Checkpoint.id)).where(Checkpoint.job_id == job_id))
-    session.execute(
-        update(Checkpoint)
-        .where(
-            Checkpoint.job_id == job_id, Checkpoint.id.not_in([ck_id, newest]), Checkpoint.is_best.is_(False),
-            Checkpoint.data.is_not(None),
-        )
-        .values(data=None)
-        .execution_options(synchronize_session=False)
-    )
+    _drop_unkept(session, job_id, keep=(ck_id, newest))
     return True
 
 
 def list_checkpoints(session: Session, job_id: str, project_id: str | None = None) -> list[tuple[Checkpoint, bool]]:
-    """Checkpoints (without their bytes) and whether their bytes are still stored (none when
-    the job is not in ``project_id``, if given)."""
-    q = (
-        select(Checkpoint, Checkpoint.data.is_not(None))
-        .options(defer(Checkpoint.data))
-        .where(Checkpoint.job_id == job_id)
-        .order_by(Checkpoint.id)
-    )
+    """Checkpoints and whether their files are still stored (none when the job is not in
+    ``project_id``, if given)."""
+    q = select(Checkpoint, STORED).where(Checkpoint.job_id == job_id).order_by(Checkpoint.id)
     if project_id is not None:
         q = q.join(Job, Job.id == Checkpoint.job_id).where(Job.project_id == project_id)
     return [(ck, bool(stored)) for ck, stored in session.execute(q)]
-
-
-def best_checkpoint(session: Session, job_id: str, project_id: str | None = None) -> Checkpoint | None:
-    q = (
-        select(Checkpoint)
-        .where(Checkpoint.job_id == job_id, Checkpoint.is_best.is_(True), Checkpoint.data.is_not(None))
-        .order_by(Checkpoint.id.desc())
-        .limit(1)
-    )
-    if project_id is not None:
-        q = q.join(Job, Job.id == Checkpoint.job_id).where(Job.project_id == project_id)
-    return session.scalars(q).first()
 
 
 def _job_checkpoints(job_id: str, project_id: str | None) -> Any:
@@ -651,22 +650,27 @@ def _job_checkpoints(job_id: str, project_id: str | None) -> Any:
     return q
 
 
+def best_checkpoint(session: Session, job_id: str, project_id: str | None = None) -> Checkpoint | None:
+    """The job's best checkpoint whose file is stored (its bytes: ``get_store().read``)."""
+    q = _job_checkpoints(job_id, project_id).where(Checkpoint.is_best.is_(True), STORED)
+    return session.scalars(q.order_by(Checkpoint.id.desc()).limit(1)).first()
+
+
 def last_checkpoint(session: Session, job_id: str, project_id: str | None = None) -> Checkpoint | None:
-    """The newest checkpoint whose bytes are stored (loaded without them: :func:`checkpoint_chunk`):
-    the last epoch's weights once the job ended (the worker stores them at the end,
-    :func:`add_last_checkpoint`)."""
-    q = _job_checkpoints(job_id, project_id).where(Checkpoint.data.is_not(None)).order_by(Checkpoint.id.desc()).limit(1)
-    return session.scalars(q.options(defer(Checkpoint.data))).first()
+    """The newest checkpoint whose file is stored: the last epoch's weights once the job ended
+    (the worker stores them at the end, :func:`add_last_checkpoint`)."""
+    q = _job_checkpoints(job_id, project_id).where(STORED).order_by(Checkpoint.id.desc()).limit(1)
+    return session.scalars(q).first()
 
 
 def checkpoint_at_epoch(
     session: Session, job_id: str, epoch: int, project_id: str | None = None
 ) -> tuple[Checkpoint | None, bool]:
     """The newest stored checkpoint taken at ``epoch`` (1-based), and whether any checkpoint of
-    that epoch was recorded (its bytes may have been dropped: only the best and the newest keep
+    that epoch was recorded (its file may have been dropped: only the best and the newest keep
     theirs)."""
-    q = _job_checkpoints(job_id, project_id).where(Checkpoint.epoch == epoch).options(defer(Checkpoint.data))
-    stored = session.scalars(q.where(Checkpoint.data.is_not(None)).order_by(Checkpoint.id.desc()).limit(1)).first()
+    q = _job_checkpoints(job_id, project_id).where(Checkpoint.epoch == epoch)
+    stored = session.scalars(q.where(STORED).order_by(Checkpoint.id.desc()).limit(1)).first()
     if stored is not None:
         return stored, True
     recorded = session.scalar(select(func.count()).select_from(q.subquery()))
@@ -674,7 +678,7 @@ def checkpoint_at_epoch(
 
 
 def add_last_checkpoint(session: Session, job_id: str, *, epoch: int, step: int, monitor: str | None,
-                        value: Any, data: bytes, sha256: str) -> bool:
+                        value: Any, data: bytes, sha256: str, stored: Stored | None = None) -> bool:
     """Store the last epoch's weights as the job's newest checkpoint, unless the newest one
     already is them (same digest). Returns whether a row was added."""
     newest = session.scalar(
@@ -683,43 +687,63 @@ def add_last_checkpoint(session: Session, job_id: str, *, epoch: int, step: int,
     if newest == sha256:
         return False
     add_checkpoint(session, job_id, epoch=epoch, step=step, monitor=monitor, value=value, data=data,
-                   sha256=sha256, is_best=False)
+                   sha256=sha256, is_best=False, stored=stored)
     return True
 
 
-def best_checkpoint_meta(session: Session, job_id: str, project_id: str | None = None) -> Checkpoint | None:
-    """The job's best checkpoint that has bytes, without loading them (see :func:`checkpoint_chunks`)."""
-    q = (
-        select(Checkpoint)
-        .options(defer(Checkpoint.data))
-        .where(Checkpoint.job_id == job_id, Checkpoint.is_best.is_(True), Checkpoint.data.is_not(None))
-        .order_by(Checkpoint.id.desc())
-        .limit(1)
-    )
-    if project_id is not None:
-        q = q.join(Job, Job.id == Checkpoint.job_id).where(Job.project_id == project_id)
-    return session.scalars(q).first()
-
-
-def checkpoint_chunk(session: Session, checkpoint_id: int, offset: int, size: int) -> bytes:
-    """``size`` bytes of a checkpoint's data from ``offset`` (fewer at its end), read by the
-    database (``substr``), so a download never holds the whole blob."""
-    chunk = session.scalar(
-        select(func.substr(Checkpoint.data, offset + 1, size)).where(Checkpoint.id == checkpoint_id)
-    )
-    return bytes(chunk or b"")
-
-
-def save_snapshot(session: Session, job_id: str, *, epoch: int, step: int, data: bytes, sha256: str) -> None:
-    """Keep only the newest training-state snapshot of a job."""
+def save_snapshot(session: Session, job_id: str, *, epoch: int, step: int, data: bytes, sha256: str,
+                  stored: Stored | None = None) -> None:
+    """Write the job's training-state snapshot to the artifact store (unless the caller did:
+    ``stored``) and keep only it (the previous one's file is deleted after the commit)."""
+    stored = stored or get_store().put(snapshot_key(job_id, sha256), data, sha256)
+    previous = session.scalar(select(Snapshot.uri).where(Snapshot.job_id == job_id))
     session.execute(delete(Snapshot).where(Snapshot.job_id == job_id))
     session.add(
-        Snapshot(job_id=job_id, epoch=epoch, step=step, size=len(data), sha256=sha256, data=data, created_at=utcnow())
+        Snapshot(job_id=job_id, epoch=epoch, step=step, size=stored.size, sha256=sha256, uri=stored.uri,
+                 created_at=utcnow())
     )
+    if previous != stored.uri:
+        discard_after_commit(session, [previous])
 
 
 def get_snapshot(session: Session, job_id: str) -> Snapshot | None:
+    """The job's snapshot row (its bytes: :func:`snapshot_bytes`)."""
     return session.get(Snapshot, job_id)
+
+
+def snapshot_bytes(snapshot: Snapshot) -> bytes:
+    """The snapshot's bytes, verified (:class:`store.artifact_store.ArtifactError` if its file is
+    missing or not the recorded one)."""
+    return get_store().read(snapshot.uri, snapshot.sha256, snapshot.size,
+                            what=f"the training-state snapshot of epoch {snapshot.epoch}")
+
+
+def delete_jobs(session: Session, job_ids: Sequence[str]) -> list[str]:
+    """Delete those of these jobs that have ended (succeeded, failed or cancelled) with their
+    rows (metrics, events, checkpoints, snapshot, exports: the foreign keys cascade) and, after
+    the commit, their folders in the artifact store (every file of theirs, any a rolled-back
+    write left included). Returns the ids deleted; a job not ended is left alone."""
+    if not job_ids:
+        return []
+    gone = list(session.scalars(
+        delete(Job).where(Job.id.in_(list(job_ids)), Job.status.in_(TERMINAL_STATUSES)).returning(Job.id)
+    ))
+    discard_after_commit(session, [], prefixes=[job_prefix(j) for j in gone])
+    return gone
+
+
+def delete_sweep(session: Session, sweep_id: str) -> tuple[list[str], int]:
+    """Delete an ended sweep with its trials (and their artifacts, :func:`delete_jobs`). Returns
+    the trials deleted and how many have not ended yet: if any, the sweep is not deleted and the
+    caller rolls back."""
+    from store.models import Sweep
+
+    trials = list(session.scalars(select(Job.id).where(Job.sweep_id == sweep_id)))
+    gone = delete_jobs(session, trials)
+    left = len(trials) - len(gone)
+    if not left:
+        session.execute(delete(Sweep).where(Sweep.id == sweep_id))
+    return gone, left
 
 
 # --------------------------------------------------------------------------- datasets

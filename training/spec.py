@@ -785,6 +785,10 @@ class JobSpec(StrictModel):
         None, gt=0, le=7 * 24 * 3600,
         description="seconds without a training step after which the service ends the attempt as 'stalled' and "
                     "requeues the job (default: the server's TRAINYARD_STALL_TIMEOUT_S)")
+    keep_checkpoints: Literal["best_and_last", "all"] = Field(
+        "best_and_last",
+        description="which checkpoint files the service keeps: the best and the newest (default; the others keep "
+                    "their metadata), or all")
     callbacks: CallbacksSpec = Field(default_factory=CallbacksSpec)
     lr_find: LRFindSpec | None = Field(None, description="options of kind 'lr_find' and of \"learning_rate\": \"find\"")
     init_from: str | None = Field(

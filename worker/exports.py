@@ -12,7 +12,8 @@ from typing import Any
 from sqlalchemy import select
 
 from config.settings import Settings
-from store import artifacts
+from store import artifacts, repo
+from store.artifact_store import get_store
 from store.db import session_scope
 from store.models import Checkpoint, Job
 
@@ -29,15 +30,16 @@ def run_export(artifact_id: int, settings: Settings) -> str:
         if row.status == "ready":
             return "ready"
         fmt, job_id, digest = row.format, row.job_id, row.checkpoint_sha256
-        data = s.scalar(
-            select(Checkpoint.data).where(Checkpoint.job_id == job_id, Checkpoint.sha256 == digest,
-                                          Checkpoint.data.is_not(None)).limit(1)
-        )
+        ck = s.execute(
+            select(Checkpoint.uri, Checkpoint.size, Checkpoint.epoch)
+            .where(Checkpoint.job_id == job_id, Checkpoint.sha256 == digest, repo.STORED).limit(1)
+        ).first()
         job = s.get(Job, job_id)
         spec = dict(job.spec) if job is not None else None
     try:
-        if data is None:
-            raise RuntimeError("the checkpoint's bytes are no longer stored (only the best and the last are kept)")
+        if ck is None:
+            raise RuntimeError("the checkpoint's file is no longer stored (only the best and the last are kept)")
+        data = get_store().read(ck.uri, digest, ck.size, what=f"the checkpoint of epoch {ck.epoch} of job {job_id}")
         output, card = _export(data, spec, fmt, settings)
     except Exception as exc:  # noqa: BLE001 - recorded on the row: the API reports it
         log.warning("export %s (%s of job %s) failed: %s", artifact_id, fmt, job_id, exc)

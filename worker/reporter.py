@@ -12,6 +12,7 @@ from typing import Any
 from config.logs import in_current_context
 from config.settings import Settings
 from store import leases, repo
+from store.artifact_store import Stored, checkpoint_key, get_store, snapshot_key
 from store.db import session_scope
 from store.floats import encode_float
 from training import BaseReporter, Checkpoint, Snapshot
@@ -109,6 +110,7 @@ class DbReporter(BaseReporter):
         self.last_snapshot: float | None = time.monotonic()
         self.pending_snapshot: Snapshot | None = None
         self.pending_checkpoints: list[Checkpoint] = []
+        self._staged: dict[str, Stored] = {}  # files already in the artifact store, by key (see _stage)
         self.last_built: float | None = None
         self.epochs_seen = 0
         # the state after the last epoch is kept, so the job can be continued with more epochs
@@ -268,17 +270,42 @@ class DbReporter(BaseReporter):
         log.warning("job %s: database unavailable for %.1f s (%s); keeping %d epoch(s) to write later",
                     self.job_id, now - self.db_down_since, type(exc).__name__, len(self.buffer))
 
+    def _stage(self, checkpoints: list[Checkpoint], snapshot: Snapshot | None) -> None:
+        """Write the files of these checkpoints and snapshot to the artifact store before the
+        transaction that records them opens: that transaction starts with the fence, which locks
+        the job's row, and an upload inside it would hold the lock (and block the heartbeat and a
+        cancel) for as long as the upload takes. A file written here and not recorded (the
+        transaction failed) is written again by key, or removed with the job's folder."""
+        store = get_store()
+        items = [(checkpoint_key(self.job_id, c.sha256), c) for c in checkpoints]
+        if snapshot is not None:
+            items.append((snapshot_key(self.job_id, snapshot.sha256), snapshot))
+        for key, item in items:
+            if key not in self._staged:
+                self._staged[key] = store.put(key, item.data, item.sha256)
+
+    def stage_buffered(self, *extra: Checkpoint | None) -> None:
+        """:meth:`_stage` what :meth:`write_buffered` will record (before its transaction), and the
+        ``extra`` checkpoints the caller records in it (the last epoch's weights)."""
+        self._stage([*self.pending_checkpoints, *(c for c in extra if c is not None)], self.unwritten_snapshot)
+
+    def staged(self, checkpoint: Checkpoint) -> Stored | None:
+        """The file of ``checkpoint`` if :meth:`_stage` wrote it."""
+        return self._staged.get(checkpoint_key(self.job_id, checkpoint.sha256))
+
     def _write_items(self, s: Any, batch: list[dict[str, Any]], info: dict[str, Any] | None,
                      checkpoints: list[Checkpoint], snapshot: Snapshot | None) -> bool:
         for c in checkpoints:
             repo.add_checkpoint(
                 s, self.job_id, epoch=c.epoch, step=c.step, monitor=c.monitor,
                 value=c.value, data=c.data, sha256=c.sha256, is_best=c.is_best,
+                stored=self.staged(c),
             )
         cancelled = repo.record_progress(s, self.job_id, batch, info=info)
         if snapshot is not None:
             repo.save_snapshot(
                 s, self.job_id, epoch=snapshot.epoch, step=snapshot.step, data=snapshot.data, sha256=snapshot.sha256,
+                stored=self._staged.get(snapshot_key(self.job_id, snapshot.sha256)),
             )
         return cancelled
 
@@ -294,6 +321,7 @@ class DbReporter(BaseReporter):
     def buffered_written(self) -> None:
         """The transaction of :meth:`write_buffered` committed."""
         self.buffer, self.info, self.pending_checkpoints, self.unwritten_snapshot = [], None, [], None
+        self._staged.clear()
 
     def flush(self, *, block: bool = False, force: bool = False) -> None:
         """Write buffered epochs, checkpoints and the due snapshot + heartbeat (+ info once) in
@@ -328,6 +356,7 @@ class DbReporter(BaseReporter):
                 return self._write_items(s, batch, info, checkpoints, snapshot) or cancelled
 
         try:
+            self._stage(checkpoints, snapshot)
             if block:
                 cancelled = leases.retry_transient(write, deadline_s=WRITE_RETRY_DEADLINE_S, what=f"job {self.job_id}")
             else:
@@ -344,6 +373,7 @@ class DbReporter(BaseReporter):
             self.last_flush = time.monotonic()
         self.last_heartbeat = now
         self.db_down_since = None
+        self._staged.clear()
         if self.unwritten_snapshot is snapshot:
             self.unwritten_snapshot = None
         self.cancelled = cancelled or self.cancelled

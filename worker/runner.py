@@ -109,33 +109,35 @@ def claim_by_priority(s: Any, message_job_id: str, settings: Settings) -> Any:
 
 
 def _verified_snapshot(job_id: str, snapshot: Any) -> bytes:
-    """The snapshot's bytes if their sha256 is the stored one; a TrainingError otherwise (a
-    corrupt snapshot is never deserialized)."""
+    """The snapshot's bytes, read from the artifact store, if they are the recorded ones (size,
+    sha256); a TrainingError otherwise (a missing file fails the resume with its reason, a
+    corrupt one is never deserialized)."""
+    from store.artifact_store import ArtifactError
     from training import TrainingError
 
-    digest = repo.sha256_hex(snapshot.data)
-    if digest != snapshot.sha256:
-        raise TrainingError(
-            f"cannot resume: the training-state snapshot of epoch {snapshot.epoch} is corrupt (stored sha256 "
-            f"{snapshot.sha256[:12]}…, its bytes hash to {digest[:12]}…); refusing to load it", "resume",
-        )
-    return bytes(snapshot.data)
+    try:
+        return repo.snapshot_bytes(snapshot)
+    except ArtifactError as exc:
+        raise TrainingError(f"cannot resume: {exc}; refusing to load it", "resume") from None
 
 
 def _init_weights(job_id: str, source: str) -> bytes:
     """The best checkpoint of job ``source`` (of the same project), for ``init_from``; verified
     against its sha256 (a TrainingError if it is gone or corrupt)."""
+    from store.artifact_store import ArtifactError, get_store
     from training import TrainingError
 
     with session_scope(write=False) as s:
         job = repo.get_job(s, job_id)
         ck = repo.best_checkpoint(s, source, job.project_id if job is not None else None)
-        data, digest = (bytes(ck.data), ck.sha256) if ck is not None and ck.data is not None else (None, None)
-    if data is None:
+        ref = (ck.uri, ck.sha256, ck.size, ck.epoch) if ck is not None and ck.uri is not None else None
+    if ref is None:
         raise TrainingError(f"init_from: job {source} has no best checkpoint to start from", "resume")
-    if repo.sha256_hex(data) != digest:
-        raise TrainingError(f"init_from: the best checkpoint of job {source} is corrupt (sha256 mismatch)", "resume")
-    return data
+    try:
+        return get_store().read(ref[0], ref[1], ref[2], what=f"init_from: the best checkpoint of job {source} "
+                                                            f"(epoch {ref[3]})")
+    except ArtifactError as exc:
+        raise TrainingError(str(exc), "resume") from None
 
 
 def run_next_job(message_job_id: str, settings: Settings | None = None,
@@ -298,6 +300,7 @@ def _record_result(job_id: str, reporter: DbReporter, result: Any, attempt: int)
             _store_best(s, job_id, result)  # what a pruned trial keeps, should it never resume
             return True
 
+        reporter.stage_buffered()
         if _write(reporter, pause, "pause"):
             reporter.buffered_written()
             return "paused"
@@ -314,7 +317,7 @@ def _record_result(job_id: str, reporter: DbReporter, result: Any, attempt: int)
         reporter.write_buffered(s)
         s.flush()  # the best checkpoint may be among them
         _store_best(s, job_id, result)
-        _store_last(s, job_id, result)
+        _store_last(s, job_id, result, reporter)
         repo.finish_job(
             s, job_id, status=status, stop_reason=stop_reason, error=error,
             best=(result.monitor, result.best_value, result.best_epoch) if result.monitor else None,
@@ -325,6 +328,8 @@ def _record_result(job_id: str, reporter: DbReporter, result: Any, attempt: int)
                             "stopped_epoch": result.stopped_epoch, "attempt": attempt}),
         )
 
+    # the last files, before the transaction (see DbReporter._stage)
+    reporter.stage_buffered(getattr(result, "last_checkpoint", None))
     _write(reporter, finish, "finish")
     reporter.buffered_written()
     return status
@@ -352,13 +357,14 @@ def _store_best(s: Any, job_id: str, result: Any) -> None:
     )
 
 
-def _store_last(s: Any, job_id: str, result: Any) -> None:
+def _store_last(s: Any, job_id: str, result: Any, reporter: DbReporter) -> None:
     """Keep the last epoch's weights (before early stopping restored the best) as the job's
-    newest checkpoint, so they can be downloaded as well as the best."""
+    newest checkpoint, so they can be downloaded as well as the best (its file was written before
+    this transaction: ``reporter.stage_buffered``)."""
     last = getattr(result, "last_checkpoint", None)
     if last is not None:
         repo.add_last_checkpoint(s, job_id, epoch=last.epoch, step=last.step, monitor=last.monitor,
-                                 value=last.value, data=last.data, sha256=last.sha256)
+                                 value=last.value, data=last.data, sha256=last.sha256, stored=reporter.staged(last))
 
 
 def _run_lr_find(job_id: str, spec: dict[str, Any], reporter: DbReporter) -> str:

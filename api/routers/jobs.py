@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Header, HTTPException, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import StreamingResponse
+from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
 from pydantic import StringConstraints
 from sqlalchemy.exc import IntegrityError
 from sse_starlette.sse import EventSourceResponse, ServerSentEvent
@@ -31,6 +31,7 @@ from api.listing import (
     encode_cursor,
     parse_label_filters,
 )
+from api.predict import MODEL_REFS
 from api.schemas.common import LOCATION, ErrorItem, ErrorResponse, IsoDatetime
 from api.schemas.jobs import (
     BatchCreate,
@@ -44,9 +45,11 @@ from api.schemas.jobs import (
     MetricsRead,
 )
 from api.views import checkpoint_read, job_read, job_summary
+from config.settings import get_settings
 from orchestration.admission import check_job_spec, dataset_resolver
 from store import auth as keys
 from store import fastread, repo, scheduling, submit
+from store.artifact_store import get_store
 from store.db import get_engine, session_scope
 from store.models import TERMINAL_STATUSES, Job
 from training import SpecError
@@ -79,34 +82,10 @@ SPEC_EXAMPLE: dict[str, Any] = {
 }
 
 
-#: bytes of a checkpoint read per database query when it is checked and sent
-CHECKPOINT_CHUNK = 1 << 20
-#: the first bytes kept for the safetensors header check (the header of a model this service
-#: trains is a few kB; one larger than this is checked by its length prefix only)
-CHECKPOINT_HEAD = 1 << 20
-
-
-def _checkpoint_chunks(checkpoint_id: int) -> Any:
-    """The checkpoint's bytes, CHECKPOINT_CHUNK at a time, each read in its own short session."""
-    offset = 0
-    while True:
-        with session_scope(write=False) as s:
-            chunk = repo.checkpoint_chunk(s, checkpoint_id, offset, CHECKPOINT_CHUNK)
-        if not chunk:
-            return
-        yield chunk
-        offset += len(chunk)
-        if len(chunk) < CHECKPOINT_CHUNK:
-            return
-
-
-def _checkpoint_problem(head: bytes, sha256: str, digest: str, size: int) -> str | None:
-    """Why stored checkpoint bytes must not be served (None if they are sound): their sha256
-    (``digest``, of all ``size`` bytes) differs from the stored one, or they are not a safetensors
-    file (a length-prefixed JSON header, checked on ``head``, their first bytes; a pickle, say, is
-    not)."""
-    if digest != sha256:
-        return f"its bytes hash to sha256 {digest[:12]}…, not the stored {sha256[:12]}…"
+def _checkpoint_problem(head: bytes, size: int) -> str | None:
+    """Why checkpoint bytes whose sha256 is the recorded one must still not be served (None if
+    they are sound): they are not a safetensors file (a length-prefixed JSON header, checked on
+    ``head``, their first bytes; a pickle, say, is not)."""
     n = int.from_bytes(head[:8], "little") if len(head) >= 8 else -1
     if not 0 < n <= size - 8:
         return "it is not a safetensors file"
@@ -118,6 +97,15 @@ def _checkpoint_problem(head: bytes, sha256: str, digest: str, size: int) -> str
         if not isinstance(header, dict):
             return "it is not a safetensors file"
     return None
+
+
+#: the other answers of a file download (checkpoints)
+DOWNLOAD_RESPONSES: dict[int | str, dict[str, Any]] = {
+    206: {"content": {"application/octet-stream": {}}, "description": "the byte range asked for (Range header)"},
+    307: {"description": "the artifact store serves the file: a presigned URL in Location (S3), valid for "
+                         "TRAINYARD_ARTIFACTS_PRESIGN_S; the sha256 is in X-Checkpoint-SHA256"},
+    416: {"description": "the Range asked for is not within the file"},
+}
 
 
 def _not_found(job_id: str) -> HTTPException:
@@ -459,6 +447,34 @@ def cancel_job(job_id: str, session: SessionDep, project: ProjectDep) -> JobRead
     return job_read(job)
 
 
+@router.delete(
+    "/{job_id}",
+    status_code=204,
+    response_class=Response,
+    responses={404: {"description": "no such job"},
+               409: {"description": "the job has not ended (cancel it first), or it is a sweep trial (delete its "
+                                    "sweep), or the id is a prefix of several ids"}},
+)
+def delete_job(job_id: str, session: SessionDep, project: ProjectDep) -> Response:
+    """Delete a job that ended (succeeded, failed or cancelled): its row, metrics, events,
+    checkpoints and exports, and their files in the artifact store. A queued, running or paused
+    job is a 409 (cancel it first); so is a sweep's trial (``DELETE /v1/sweeps/{id}`` deletes the
+    sweep with its trials)."""
+    job_id = _full_id(session, job_id, project)
+    job = repo.get_job(session, job_id, project)
+    if job is None:
+        raise _not_found(job_id)
+    if job.sweep_id is not None:
+        raise HTTPException(status_code=409, detail=f"job {job_id} is a trial of sweep {job.sweep_id}: delete the "
+                                                    "sweep (DELETE /v1/sweeps/{id}) to delete its trials")
+    if not repo.delete_jobs(session, [job_id]):
+        raise HTTPException(status_code=409, detail=f"job {job_id} is {job.status}: only a job that ended "
+                                                    "(succeeded, failed or cancelled) can be deleted; cancel it first")
+    session.commit()
+    MODEL_REFS.forget_jobs([job_id])  # its cached prediction model (this process's)
+    return Response(status_code=204)
+
+
 @router.patch(
     "/{job_id}",
     response_model=JobRead,
@@ -502,20 +518,22 @@ def list_checkpoints(job_id: str, session: ReadSessionDep, project: ProjectDep) 
     responses={
         200: {"content": {"application/octet-stream": {}},
               "description": "safetensors file; its sha256 (hex) in X-Checkpoint-SHA256 and ETag"},
+        **DOWNLOAD_RESPONSES,
         404: {"description": "no such job, or no checkpoint yet"},
         **AMBIGUOUS,
         500: {"model": ErrorResponse, "description": "the stored checkpoint is corrupt (its bytes no longer match "
-                                                     "their sha256, or are not a safetensors file); never served"},
+                                                     "their sha256, or are not a safetensors file) or missing from "
+                                                     "the artifact store; never served"},
     },
 )
 def best_checkpoint(job_id: str, session: ReadSessionDep, project: ProjectDep) -> Response:
-    """The best weights as a ``.safetensors`` file. Bytes whose sha256 is not the stored one, or
-    that are not a safetensors file, are refused (500), never served. The file is read from the
-    database in chunks twice (once to check it, once to send it): a download holds one chunk,
-    not the file (six downloads of a 101 MB checkpoint held 3.4 GB). HEAD answers the same status
-    and headers without the body."""
+    """The best weights as a ``.safetensors`` file, from the artifact store (see
+    :func:`serve_checkpoint`: Range requests, or a redirect to a presigned URL). Bytes whose
+    sha256 is not the recorded one, or that are not a safetensors file, are refused (500), never
+    served; so is a file missing from the store. HEAD answers the same status and headers without
+    the body."""
     job_id = _full_id(session, job_id, project)
-    ck = repo.best_checkpoint_meta(session, job_id, project)
+    ck = repo.best_checkpoint(session, job_id, project)
     if ck is None:
         status = session.scalar(repo.select_job_status(job_id, project))
         if status is None:
@@ -527,42 +545,40 @@ def best_checkpoint(job_id: str, session: ReadSessionDep, project: ProjectDep) -
 
 
 def serve_checkpoint(job_id: str, ck: Any, label: str) -> Response:
-    """Stream checkpoint ``ck`` (a row without its bytes) as ``{job_id}-{label}.safetensors``,
-    checked first (500 if corrupt): the best's route and those of the others
-    (api.routers.models) share it."""
-    ck_id, sha256, epoch = ck.id, ck.sha256, ck.epoch
-    digest, first = hashlib.sha256(), b""
-    size = 0
-    for chunk in _checkpoint_chunks(ck_id):
-        first = first or chunk[:CHECKPOINT_HEAD]
-        digest.update(chunk)
-        size += len(chunk)
-    problem = _checkpoint_problem(first, sha256, digest.hexdigest(), size)
+    """Serve checkpoint ``ck`` (its row) as ``{job_id}-{label}.safetensors``: the best's route
+    and those of the others (api.routers.models) share it.
+
+    - A store that presigns URLs (S3) answers 307 to one, with the sha256 in the headers: the
+      bytes go from the bucket to the client, which verifies them (client/api.py does).
+    - Otherwise the file is checked first (its sha256, hashed in chunks, and the safetensors
+      format: 500 if either is wrong, 500 if it is missing) and sent by Starlette's FileResponse,
+      which answers Range requests (206) and HEAD. A local file checked once is not re-hashed
+      until it changes (store.artifact_store.ArtifactStore.verify)."""
+    store = get_store()
+    sha256, epoch, what = ck.sha256, ck.epoch, f"the {label} checkpoint of job {job_id} (epoch {ck.epoch})"
+    headers = {"X-Checkpoint-SHA256": sha256, "X-Checkpoint-Epoch": str(epoch), "ETag": f'"{sha256}"'}
+    filename = f"{job_id}-{label}.safetensors"
+    url = store.presign(ck.uri, get_settings().artifacts_presign_s)
+    if url is not None:
+        return RedirectResponse(url, status_code=307, headers=headers)
+    head = store.verify(ck.uri, sha256, ck.size, what)
+    problem = _checkpoint_problem(head, ck.size)
     if problem is not None:
-        raise HTTPException(
-            status_code=500,
-            detail=f"the {label} checkpoint of job {job_id} (epoch {epoch}) is corrupt: {problem}; refusing to serve it",
-        )
+        raise HTTPException(status_code=500, detail=f"{what} is corrupt: {problem}; refusing to serve it")
+    path = store.local_path(ck.uri)
+    if path is not None:
+        return FileResponse(path, media_type="application/octet-stream", headers=headers, filename=filename)
 
     def send() -> Any:
         again = hashlib.sha256()
-        for chunk in _checkpoint_chunks(ck_id):
+        for chunk in store.chunks(ck.uri):
             again.update(chunk)
             yield chunk
         if again.hexdigest() != sha256:  # changed between the check and the send: cut the download
-            raise RuntimeError(f"the {label} checkpoint of job {job_id} changed while it was sent")
+            raise RuntimeError(f"{what} changed while it was sent")
 
-    return StreamingResponse(
-        send(),
-        media_type="application/octet-stream",
-        headers={
-            "Content-Length": str(size),
-            "X-Checkpoint-SHA256": sha256,
-            "X-Checkpoint-Epoch": str(epoch),
-            "ETag": f'"{sha256}"',
-            "Content-Disposition": f'attachment; filename="{job_id}-{label}.safetensors"',
-        },
-    )
+    return StreamingResponse(send(), media_type="application/octet-stream", headers={
+        **headers, "Content-Length": str(ck.size), "Content-Disposition": f'attachment; filename="{filename}"'})
 
 
 # HEAD on the checkpoint URL (download tools and proxies ask before fetching): the GET route's

@@ -27,7 +27,7 @@ from api.dispatch import DispatchError
 from api.errors import SpecProblem, error
 from api.ids import AMBIGUOUS
 from api.predict import MODEL_REFS, SESSIONS, ModelRef, predict
-from api.routers.jobs import MAX_INT32, _full_id, serve_checkpoint
+from api.routers.jobs import DOWNLOAD_RESPONSES, MAX_INT32, _full_id, serve_checkpoint
 from api.schemas.common import ErrorResponse
 from store import artifacts, repo
 from store.db import session_scope
@@ -98,9 +98,11 @@ def _no_checkpoint(session: Any, job_id: str, project: str, which: str) -> HTTPE
 CHECKPOINT_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"content": {"application/octet-stream": {}},
           "description": "safetensors file (with its model card); its sha256 (hex) in X-Checkpoint-SHA256 and ETag"},
+    **DOWNLOAD_RESPONSES,
     404: {"model": ErrorResponse, "description": "no such job, or no such checkpoint"},
     **AMBIGUOUS,
-    500: {"model": ErrorResponse, "description": "the stored checkpoint is corrupt; never served"},
+    500: {"model": ErrorResponse, "description": "the stored checkpoint is corrupt or missing from the artifact "
+                                                 "store; never served"},
 }
 
 
@@ -144,7 +146,7 @@ def _artifact(session: Any, dispatcher: Any, job_id: str, project: str, which: s
     if ref is None:
         raise _no_checkpoint(session, job_id, project, which)
     digest, epoch = ref
-    row = artifacts.find(session, job_id, fmt, digest, with_data=False)
+    row = artifacts.find(session, job_id, fmt, digest)
     if row is not None and row.status == "ready":
         return row  # the common case: two reads, no write
     session.rollback()
@@ -169,7 +171,7 @@ def _artifact(session: Any, dispatcher: Any, job_id: str, project: str, which: s
     deadline = time.monotonic() + wait
     while True:
         session.rollback()  # a new read transaction: it sees the worker's commit
-        current = artifacts.find(session, job_id, fmt, digest, with_data=False)
+        current = artifacts.find(session, job_id, fmt, digest)
         if current is None:  # the job was deleted meanwhile
             raise HTTPException(status_code=404, detail=f"no job {job_id!r}")
         if current.status == "ready":
@@ -214,11 +216,8 @@ def export_model(
     got = _artifact(session, dispatcher, job_id, project, checkpoint, format, wait)
     if isinstance(got, JSONResponse):
         return got
-    data = artifacts.data_of(session, got.id)
+    data = artifacts.data_of(session, got.id)  # verified: a missing or changed file is a 500 (api.errors)
     assert data is not None and got.sha256 is not None
-    if repo.sha256_hex(data) != got.sha256:
-        raise HTTPException(status_code=500, detail=f"the stored {format} export of job {job_id} is corrupt "
-                                                    "(its bytes no longer match their sha256); refusing to serve it")
     label = checkpoint if checkpoint in ("best", "last") else f"epoch-{checkpoint}"
     return Response(content=data, media_type=MEDIA_TYPES[format], headers={
         "X-Artifact-SHA256": got.sha256, "ETag": f'"{got.sha256}"',
@@ -240,9 +239,9 @@ def _model_ref(session: Any, dispatcher: Any, job_id: str, project: str, which: 
     assert digest is not None
 
     def load() -> bytes:  # on a cache miss only
-        data = artifacts.data_of(session, got.id)
-        if data is None or repo.sha256_hex(data) != digest:
-            raise HTTPException(status_code=500, detail=f"the stored onnx export of job {job_id} is corrupt")
+        data = artifacts.data_of(session, got.id)  # verified against its sha256
+        if data is None:
+            raise HTTPException(status_code=500, detail=f"the onnx export of job {job_id} is not stored")
         return data
 
     SESSIONS.get(digest, load)

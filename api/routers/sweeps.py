@@ -23,6 +23,7 @@ from api.errors import SpecProblem
 from api.idempotency import REPLAY_RESPONSES, IdempotencyKey
 from api.ids import AMBIGUOUS, resolve_id
 from api.limits import check_job_slots
+from api.predict import MODEL_REFS
 from api.schemas.common import LOCATION, ErrorResponse, JsonInt
 from api.schemas.sweeps import (
     MAX_TRIALS,
@@ -384,6 +385,34 @@ def patch_sweep(sweep_id: str, session: SessionDep, project: ProjectDep, body: S
     session.commit()
     session.expire_all()
     return sweep_read(session, sweep)
+
+
+@router.delete(
+    "/{sweep_id}",
+    status_code=204,
+    response_class=Response,
+    responses={404: {"description": "no such sweep"},
+               409: {"description": "the sweep is running (cancel it first) or some of its trials have not ended "
+                                    "yet, or the id is a prefix of several ids"}},
+)
+def delete_sweep(sweep_id: str, session: SessionDep, project: ProjectDep) -> Response:
+    """Delete an ended sweep with its trials: their rows, checkpoints and exports, and their
+    files in the artifact store. A running sweep is a 409 (cancel it first), and so is one whose
+    trials are still stopping."""
+    sweep_id = resolve_id(session, Sweep, sweep_id, project, "sweep")
+    sweep = store_sweeps.get_sweep(session, sweep_id, project, lock=True)
+    if sweep is None:
+        raise _not_found(sweep_id)
+    if sweep.status == "running":
+        raise HTTPException(status_code=409, detail=f"sweep {sweep_id} is running: cancel it first")
+    trials, left = repo.delete_sweep(session, sweep_id)
+    if left:
+        session.rollback()
+        raise HTTPException(status_code=409, detail=f"{left} trial(s) of sweep {sweep_id} have not ended yet; "
+                                                    "retry once they stop")
+    session.commit()
+    MODEL_REFS.forget_jobs(trials)
+    return Response(status_code=204)
 
 
 class ExtendRequest(BaseModel):

@@ -21,8 +21,9 @@ def test_defaults_come_from_the_class_and_the_embedded_urls_from_data_dir(tmp_pa
     assert s.data_dir == tmp_path.resolve()
     assert s.database_url == f"sqlite:///{tmp_path.resolve() / 'trainyard.db'}"
     assert s.broker_url == f"sqla+sqlite:///{tmp_path.resolve() / 'broker.sqlite'}"
+    assert s.artifacts_url == str(tmp_path.resolve() / "artifacts")
     for name, field in Settings.model_fields.items():
-        if name not in ("data_dir", "database_url", "broker_url"):
+        if name not in ("data_dir", "database_url", "broker_url", "artifacts_url"):
             assert getattr(s, name) == field.default, name
 
 

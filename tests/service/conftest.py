@@ -77,11 +77,20 @@ def redis_client() -> Iterator[redis.Redis]:
 
 
 @pytest.fixture(scope="session")
-def service_env(pg_url: str, redis_client: redis.Redis, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+def artifacts_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session's artifact store (a directory): the API and worker processes and the tests'
+    in-process code share it, as an API and its workers share one store in production."""
+    return tmp_path_factory.mktemp("artifacts")
+
+
+@pytest.fixture(scope="session")
+def service_env(pg_url: str, redis_client: redis.Redis, tmp_path_factory: pytest.TempPathFactory,
+                artifacts_dir: Path) -> dict[str, str]:
     """Environment of the session's API and worker processes."""
     data_dir = tmp_path_factory.mktemp("trainyard-data")
     return {
         **os.environ,
+        "TRAINYARD_ARTIFACTS_URL": str(artifacts_dir),
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
         "TRAINYARD_DATABASE_URL": pg_url,
         "TRAINYARD_BROKER_URL": REDIS_URL,
@@ -152,12 +161,14 @@ def client(api_url: str, worker_proc: subprocess.Popen[Any]) -> Iterator[Client]
 
 
 @pytest.fixture(scope="session")
-def inproc_env(pg_url: str, migrated: None, redis_client: redis.Redis, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """Point this process's settings at the session database, with a queue prefix no worker
-    consumes (so tests can inspect what was enqueued)."""
+def inproc_env(pg_url: str, migrated: None, redis_client: redis.Redis, tmp_path_factory: pytest.TempPathFactory,
+               artifacts_dir: Path) -> Iterator[dict[str, str]]:
+    """Point this process's settings at the session database and artifact store, with a queue
+    prefix no worker consumes (so tests can inspect what was enqueued)."""
     from store.db import reset_caches
 
     env = {
+        "TRAINYARD_ARTIFACTS_URL": str(artifacts_dir),
         "TRAINYARD_DATABASE_URL": pg_url,
         "TRAINYARD_BROKER_URL": REDIS_URL,
         "TRAINYARD_DATA_DIR": str(tmp_path_factory.mktemp("inproc-data")),

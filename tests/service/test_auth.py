@@ -202,13 +202,20 @@ def test_another_projects_ids_are_404_on_every_route_and_method(keyed_app, two_p
     assert len(routes) >= 6
     checked = []
     for path, method in routes:
-        if method == "DELETE" and "{dataset_id}" in path:  # A's own call really deletes: a throwaway of A's
-            spare = keyed_app.post("/v1/datasets", files={"file": ("spare.npz", _npz())}, headers=bearer(two_projects["a"]))
-            url = _fill(path, {**ids, "dataset_id": spare.json()["id"]})
-        elif method == "DELETE" and "{webhook_id}" in path:
-            spare = keyed_app.post("/v1/webhooks", json={"url": "http://127.0.0.1:9/spare", "events": ["job.failed"]},
-                                   headers=bearer(two_projects["a"]))
-            url = _fill(path, {**ids, "webhook_id": spare.json()["id"]})
+        if method == "DELETE":  # A's own call really deletes: give it a throwaway object of A's
+            a = bearer(two_projects["a"])
+            spares = {}
+            if "{dataset_id}" in path:
+                spares["dataset_id"] = keyed_app.post("/v1/datasets", files={"file": ("spare.npz", _npz())},
+                                                      headers=a).json()["id"]
+            if "{webhook_id}" in path:
+                spares["webhook_id"] = keyed_app.post("/v1/webhooks", json={"url": "http://127.0.0.1:9/spare",
+                                                                            "events": ["job.failed"]}, headers=a).json()["id"]
+            if "{job_id}" in path:
+                spares["job_id"] = keyed_app.post("/v1/jobs", json=_small_spec(), headers=a).json()["id"]
+            if "{sweep_id}" in path:
+                spares["sweep_id"] = _make_sweep(keyed_app, two_projects["a"])
+            url = _fill(path, {**ids, **spares})
         else:
             url = _fill(path, ids)
         kw: dict[str, Any] = {"params": {"after": 0}} if url.endswith("/events") else {}

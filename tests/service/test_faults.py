@@ -122,10 +122,12 @@ def test_sigkill_mid_epoch_resumes_from_the_snapshot_on_a_restarted_worker(fault
     from sqlalchemy import select
     from sqlalchemy.orm import Session
 
+    from store.artifact_store import get_store
     from store.models import Checkpoint
 
     with Session(probe.engine) as s:
-        stored = s.scalars(select(Checkpoint.data).where(Checkpoint.job_id == job_id, Checkpoint.is_best.is_(True))).one()
+        best = s.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.is_best.is_(True))).one()
+    stored = get_store(settings_from_env(env)).read(best.uri, best.sha256, best.size)  # the workers' artifact store
     assert reference.best_checkpoint is not None
     got, want = load(stored), load(reference.best_checkpoint)
     assert got.keys() == want.keys()

@@ -50,10 +50,16 @@ def test_serve_runs_a_job_and_stops_on_ctrl_c(tmp_path):
             c.cancel(long["id"])
             assert wait_status(c, long["id"], ("cancelled",), timeout=30)["stop_reason"] == "cancelled"
 
+            # the embedded artifact store: data_dir/artifacts; deleting a job removes its files
+            assert (data_dir / "artifacts" / "jobs" / job["id"] / "checkpoints" / f"{digest}.safetensors").is_file()
+            c.delete(job["id"])
+            assert not (data_dir / "artifacts" / "jobs" / job["id"]).exists()
+
         assert (data_dir / "trainyard.db").exists() and (data_dir / "broker.sqlite").exists()
         with sqlite3.connect(data_dir / "trainyard.db") as db:
             assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-            assert db.execute("SELECT status FROM jobs WHERE id = ?", (job["id"],)).fetchone()[0] == "succeeded"
+            assert db.execute("SELECT status FROM jobs WHERE id = ?", (long["id"],)).fetchone()[0] == "cancelled"
+            assert db.execute("SELECT count(*) FROM jobs WHERE id = ?", (job["id"],)).fetchone()[0] == 0  # deleted
 
         children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
         assert len(children) == 2  # the API and the worker
