@@ -2791,6 +2791,13 @@ class JobCreate(BaseModel):
             title='Init From',
         ),
     ] = None
+    keep_checkpoints: Annotated[
+        Literal['best_and_last', 'all'] | None,
+        Field(
+            description='which checkpoint files the service keeps: the best and the newest (default; the others keep their metadata), or all',
+            title='Keep Checkpoints',
+        ),
+    ] = 'best_and_last'
     kind: Annotated[Literal['train', 'lr_find'] | None, Field(title='Kind')] = 'train'
     labels: Annotated[
         dict[
@@ -2887,6 +2894,13 @@ class JobSpec(BaseModel):
             title='Init From',
         ),
     ] = None
+    keep_checkpoints: Annotated[
+        Literal['best_and_last', 'all'] | None,
+        Field(
+            description='which checkpoint files the service keeps: the best and the newest (default; the others keep their metadata), or all',
+            title='Keep Checkpoints',
+        ),
+    ] = 'best_and_last'
     kind: Annotated[Literal['train', 'lr_find'] | None, Field(title='Kind')] = 'train'
     loss: Loss
     lr_find: Annotated[
