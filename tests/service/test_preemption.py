@@ -68,8 +68,11 @@ def test_a_high_priority_job_preempts_a_low_one_which_resumes_exactly(pg: Any, t
     assert preempted_at <= _at(high_done, "started_at") <= _at(high_done, "finished_at") <= resumed_at
     assert probe.metric_epochs(low["id"]) == list(range(1, 15))  # no epoch lost
     first, second = probe.runs(low["id"])
-    assert len(first) >= 3 and second[0] >= first[-1]  # resumed from its snapshot, not from epoch 1
-    assert len(set(first) & set(second)) <= 1, (first, second)  # at most the interrupted epoch again
+    # resumed from its snapshot, not from epoch 1. A snapshot is built at most every
+    # SNAPSHOT_BUILD_EVERY_S (1 s) of training, so with this job's short epochs the preempted
+    # attempt redoes the epochs of at most that last second (their metrics are stored once: above)
+    assert len(first) >= 3 and second[0] >= 2, (first, second)
+    assert second[0] <= first[-1] + 1, (first, second)  # no epoch skipped
     assert "preempted for a queued job of higher priority" in (tmp_path / "api.log").read_text()
     probe.close()
 
