@@ -28,6 +28,11 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
+#: job ids one request may name: ``GET /v1/jobs?id=...`` (each id a query parameter: 500 of them
+#: make a ~20 KB URL, under the server's 32 KiB header cap) and ``POST /v1/jobs/query`` (a JSON body)
+MAX_LIST_IDS = 500
+MAX_QUERY_IDS = 10_000
+
 #: multipart bodies carry a file of up to ``max_upload_bytes`` plus form fields and boundaries
 MULTIPART_OVERHEAD = 64 * 1024
 

@@ -40,8 +40,8 @@ def format_detail(detail: Any) -> str:
 
 #: answers worth trying again (with backoff, honouring Retry-After)
 RETRY_STATUSES = (429, 502, 503, 504)
-#: ids per multi-id list request (``GET /v1/jobs?id=...``: the API takes up to 500)
-MULTI_ID = 500
+#: ids per multi-id read (``POST /v1/jobs/query``: the API takes up to 10,000 in one body)
+MULTI_ID = 10_000
 
 
 def metrics_frame(curves: dict[str, list[dict[str, Any]]]) -> Any:
@@ -377,20 +377,20 @@ class Client:
             self._check(r)
 
     def jobs_by_id(self, ids: Iterable[str]) -> list[dict[str, Any]]:
-        """The jobs ``ids`` (summaries, as listed), with one list request per 500 ids
-        (``GET /v1/jobs?id=...``); ids that are not jobs of the project are left out."""
+        """The jobs ``ids`` (summaries, as listed), with one ``POST /v1/jobs/query`` per 10,000
+        ids; ids that are not jobs of the project are left out. (A read: retried like a GET.)"""
         ids = list(dict.fromkeys(ids))
         out: list[dict[str, Any]] = []
         for start in range(0, len(ids), MULTI_ID):
-            chunk = ids[start:start + MULTI_ID]
-            out += self._json("GET", "/v1/jobs", params={"id": chunk, "limit": len(chunk)})["jobs"]
+            out += self._json("POST", "/v1/jobs/query", json={"ids": ids[start:start + MULTI_ID]},
+                              extensions={"retry": self._retry_post})["jobs"]
         return out
 
     def wait(self, ids: str | Iterable[str], *, poll: float = 1.0, timeout: float | None = None,
              on_update: Callable[[dict[str, dict[str, Any]]], None] | None = None) -> Any:
         """Wait until the job ``ids`` (one id, or any number of them) end; returns the ended job
         (for one id) or ``{id: job}`` in the order given. Each cycle asks only for the jobs still
-        unfinished, with one list request per 500 of them (never one per job); ``on_update`` is
+        unfinished, in one ``POST /v1/jobs/query`` (up to 10,000 of them; never one per job); ``on_update`` is
         called with every job's latest summary after each cycle. A dropped connection or a 429,
         502, 503 or 504 that outlasts the client's retries is waited out (until ``timeout``)."""
         if isinstance(ids, str):
@@ -579,13 +579,13 @@ class AsyncClient:
         ids = list(dict.fromkeys(ids))
         out: list[dict[str, Any]] = []
         for start in range(0, len(ids), MULTI_ID):
-            chunk = ids[start:start + MULTI_ID]
-            out += (await self._json("GET", "/v1/jobs", params={"id": chunk, "limit": len(chunk)}))["jobs"]
+            out += (await self._json("POST", "/v1/jobs/query", json={"ids": ids[start:start + MULTI_ID]},
+                                     extensions={"retry": self._retry_post}))["jobs"]
         return out
 
     async def wait(self, ids: str | Iterable[str], *, poll: float = 1.0, timeout: float | None = None,
                    on_update: Callable[[dict[str, dict[str, Any]]], None] | None = None) -> Any:
-        """As :meth:`Client.wait`: one list request per cycle (per 500 unfinished jobs)."""
+        """As :meth:`Client.wait`: one ``POST /v1/jobs/query`` per cycle (per 10,000 unfinished jobs)."""
         import asyncio
 
         if isinstance(ids, str):

@@ -157,8 +157,8 @@ def _ended_line(c: Client, job: dict[str, Any], lr_find: set[str]) -> None:
 
 
 def _wait_with_progress(c: Client, jobs: list[tuple[str, str]], lr_find: set[str]) -> dict[str, dict[str, Any]]:
-    """Follow the jobs until every one ends (:meth:`Client.wait`: one list request per cycle for
-    up to 500 unfinished jobs; a 429 or a dropped connection is waited out). On a terminal: one
+    """Follow the jobs until every one ends (:meth:`Client.wait`: one ``POST /v1/jobs/query`` per cycle for
+    up to 10,000 unfinished jobs; a 429 or a dropped connection is waited out). On a terminal: one
     overall progress bar with the counts by status and a live line for a few running jobs, then a
     summary table. Otherwise: a line per job as it ends, then the counts. The ended jobs by id,
     in submission order."""

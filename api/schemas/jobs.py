@@ -3,9 +3,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from api.listing import STOP_REASON_FILTERS
+from api.limits import MAX_QUERY_IDS
+from api.listing import ID, STOP_REASON_FILTERS
 from api.schemas.common import ErrorItem, JsonInt, MetricValue
 from api.schemas.dashboards import Labels, Notes
 from store.scheduling import PRIORITY_MAX, PRIORITY_MIN
@@ -69,6 +70,18 @@ class JobRead(JobSummary):
 class JobList(BaseModel):
     jobs: list[JobSummary]
     next_cursor: str | None = Field(None, description="pass as ?cursor= for the next (older) page")
+
+
+class JobQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    ids: list[Annotated[str, StringConstraints(pattern=ID.pattern)]] = Field(
+        min_length=1, max_length=MAX_QUERY_IDS,
+        description=f"job ids (32 hex digits), 1 to {MAX_QUERY_IDS:,}; repeats are answered once")
+
+
+class JobQueryResult(BaseModel):
+    jobs: list[JobSummary] = Field(description="the jobs found, in the order their ids were given")
+    missing: list[str] = Field(description="ids that are not jobs of the caller's project")
 
 
 class BatchCreate(BaseModel):

@@ -1,5 +1,5 @@
 """Batch scripts against the live stack (API, PostgreSQL, Redis, a worker): ``Client.wait(ids)``
-follows many jobs with one list request per cycle, ``metrics(ids)`` goes through the bulk
+follows many jobs with one request per cycle (``POST /v1/jobs/query``, 1,200 jobs too), ``metrics(ids)`` goes through the bulk
 endpoint (and into a DataFrame), the CLI's ``submit DIR --wait`` / ``jobs --output`` / ``metrics
 --csv``, and examples/grid_batch.py (200 jobs) runs as written."""
 
@@ -31,7 +31,7 @@ def test_wait_follows_many_jobs_with_one_request_per_cycle_and_metrics_in_bulk(c
     client._http.event_hooks["request"].append(lambda req: sent.append(f"{req.method} {req.url.path}"))
     ended = client.wait(ids, poll=0.3, timeout=300, on_update=lambda latest: cycles.append(len(latest)))
     assert list(ended) == ids and {j["status"] for j in ended.values()} == {"succeeded"}
-    assert len(cycles) >= 1 and sent == ["GET /v1/jobs"] * len(cycles)  # never GET /v1/jobs/{id}
+    assert len(cycles) >= 1 and sent == ["POST /v1/jobs/query"] * len(cycles)  # never GET /v1/jobs/{id}
     assert client.wait(ids[0])["id"] == ids[0]  # one id: the job itself
 
     sent.clear()
@@ -42,6 +42,56 @@ def test_wait_follows_many_jobs_with_one_request_per_cycle_and_metrics_in_bulk(c
     frame = client.metrics(ids, frame=True)
     assert len(frame) == 8 and set(frame["job_id"]) == set(ids) and {"epoch", "loss", "val_loss"} <= set(frame.columns)
     assert frame["loss"].dtype.kind == "f"
+
+
+def _ended_jobs(n: int) -> list[str]:
+    """``n`` jobs of the default project, made and cancelled straight in the session's database
+    (in one transaction, their dispatch messages dropped): cheap jobs that have ended."""
+    from sqlalchemy import delete
+
+    from store import repo
+    from store.db import session_scope
+    from store.models import Outbox
+
+    with session_scope() as s:
+        ids = [j.id for j in repo.create_jobs(s, [(note_spec(1, name="ended"), "cpu", None)] * n)]
+        s.execute(delete(Outbox).where(Outbox.job_id.in_(ids)))
+        assert all(repo.request_cancel(s, j) == "cancelled" for j in ids)
+    return ids
+
+
+def test_wait_follows_1200_jobs_with_one_request_per_cycle(client: Client, inproc_env: dict[str, str]):
+    """More jobs than ``GET /v1/jobs?id=`` takes (500): each cycle is still one request, carrying
+    only the unfinished ids (all 1,202 first, then the two that run)."""
+    ended = _ended_jobs(1200)
+    running = [r["id"] for r in client.submit_many([note_spec(2, name=f"wait-many-{s}", seed=s) for s in range(2)])]
+    ids = ended[:600] + running + ended[600:]
+    asked: list[int] = []
+    client._http.event_hooks["request"].append(
+        lambda req: asked.append(len(json.loads(req.content)["ids"]) if req.url.path == "/v1/jobs/query" else -1))
+    got = client.wait(ids, poll=0.3, timeout=300)
+    assert list(got) == ids
+    assert [got[j]["status"] for j in running] == ["succeeded"] * 2
+    assert {got[j]["status"] for j in ended} == {"cancelled"}
+    assert asked[0] == 1202 and len(asked) >= 2 and set(asked[1:]) <= {1, 2}  # one request a cycle, never GET
+
+
+def test_the_job_query_answers_many_ids_in_order_and_lists_the_missing(app_client, inproc_env: dict[str, str]):
+    ids = _ended_jobs(700)
+    unknown = [uuid.uuid4().hex for _ in range(3)]
+    asked = [unknown[0], *ids[::-1], unknown[1], ids[0], unknown[2]]  # a repeat is answered once
+    r = app_client.post("/v1/jobs/query", json={"ids": asked})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [j["id"] for j in body["jobs"]] == ids[::-1] and body["missing"] == unknown
+    assert body["jobs"][0] == app_client.get("/v1/jobs", params={"id": ids[-1]}).json()["jobs"][0]  # the list's view
+    # bad bodies: 422 naming the JSON path
+    too_many = app_client.post("/v1/jobs/query", json={"ids": [uuid.uuid4().hex for _ in range(10_001)]})
+    assert too_many.status_code == 422 and too_many.json()["errors"][0]["path"] == "ids", too_many.text
+    for bad, path in (({"ids": [ids[0], 5]}, "ids[1]"), ({"ids": [ids[0], "X" * 32]}, "ids[1]"), ({"ids": []}, "ids"),
+                      ({}, "ids"), ({"ids": ids[:1], "other": 1}, "other")):
+        r = app_client.post("/v1/jobs/query", json=bad)
+        assert r.status_code == 422 and [e["path"] for e in r.json()["errors"]] == [path], (bad, r.text)
 
 
 def _run(service_env: dict[str, str], api_url: str, *args: str) -> subprocess.CompletedProcess[str]:

@@ -156,7 +156,7 @@ def test_async_client_retries_and_submits_many(client: Client):
             listed = [j["id"] async for j in c.iter_jobs(name=name, page_size=2)]
             for job_id in listed:
                 await c.cancel(job_id)
-            ended = await c.wait(listed, poll=0.2, timeout=120)  # one list request per cycle
+            ended = await c.wait(listed, poll=0.2, timeout=120)  # one POST /v1/jobs/query per cycle
             assert list(ended) == listed and all(j["status"] in ("cancelled", "succeeded") for j in ended.values())
             return made, listed
 
@@ -171,4 +171,13 @@ def test_wait_waits_out_a_busy_or_absent_server_and_refuses_an_unknown_id():
         with pytest.raises(TrainyardError) as err:
             c.wait(["a" * 32], poll=0.05, timeout=30)
     assert err.value.status_code == 404 and "no job" in str(err.value)  # the third answer: no such job
-    assert [r["path"].split("?")[0] for r in srv.requests] == ["/v1/jobs"] * 3
+    assert [(r["method"], r["path"]) for r in srv.requests] == [("POST", "/v1/jobs/query")] * 3
+
+
+def test_the_job_query_is_a_read_retried_honouring_retry_after_without_a_key():
+    with Flaky([(429, {"Retry-After": "1"}), (503, {})]) as srv, \
+            Client(f"http://127.0.0.1:{srv.port}", backoff=0.05) as c:
+        assert c.jobs_by_id(["a" * 32]) == []
+    assert [r["path"] for r in srv.requests] == ["/v1/jobs/query"] * 3
+    assert srv.requests[1]["at"] - srv.requests[0]["at"] >= 0.9  # Retry-After: 1 honoured
+    assert not any("Idempotency-Key" in r["headers"] for r in srv.requests)
