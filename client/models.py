@@ -961,6 +961,25 @@ class JobPatch(BaseModel):
     ] = None
 
 
+class Id(RootModel[str]):
+    root: Annotated[str, Field(pattern='^[0-9a-f]{32}$')]
+
+
+class JobQuery(BaseModel):
+    model_config = ConfigDict(
+        extra='forbid',
+    )
+    ids: Annotated[
+        list[Id],
+        Field(
+            description='job ids (32 hex digits), 1 to 10,000; repeats are answered once',
+            max_length=10000,
+            min_length=1,
+            title='Ids',
+        ),
+    ]
+
+
 class LRFindSpec(BaseModel):
     model_config = ConfigDict(
         extra='forbid',
@@ -2863,6 +2882,22 @@ class JobList(BaseModel):
             title='Next Cursor',
         ),
     ] = None
+
+
+class JobQueryResult(BaseModel):
+    jobs: Annotated[
+        list[JobSummary],
+        Field(
+            description='the jobs found, in the order their ids were given',
+            title='Jobs',
+        ),
+    ]
+    missing: Annotated[
+        list[str],
+        Field(
+            description="ids that are not jobs of the caller's project", title='Missing'
+        ),
+    ]
 
 
 class JobSpec(BaseModel):
