@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
 from client.webhooks import EVENT_HEADER, EVENT_ID_HEADER, SIGNATURE_HEADER, sign
 from config.settings import Settings
+from orchestration.services.base import LoopService
 from store import webhooks
 from store.db import session_scope
 
@@ -39,14 +39,14 @@ def event_body(due: webhooks.Due) -> bytes:
     ).encode()
 
 
-class WebhookDeliverer:
+class WebhookDeliverer(LoopService):
     """Runs :meth:`run_once` every ``webhook_poll_s`` (and at once again while there is more due)."""
 
     def __init__(self, settings: Settings, *, name: str = "trainyard-webhooks") -> None:
+        super().__init__()
         self.settings = settings
         self.name = name
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self.interval = settings.webhook_poll_s
         self._http: httpx.Client | None = None
         self._pool: ThreadPoolExecutor | None = None
 
@@ -91,28 +91,11 @@ class WebhookDeliverer:
             log.info("webhooks: %d of %d deliveries failed (retried later)", failed, len(outcomes))
         return len(due)
 
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                more = self.run_once() >= BATCH
-            except Exception:  # noqa: BLE001 - the database is down, say: try again next pass
-                log.exception("webhooks: delivery pass failed")
-                more = False
-            if not more:
-                self._stop.wait(self.settings.webhook_poll_s)
-
-    def start(self) -> WebhookDeliverer:
-        if self._thread is None:
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
-            self._thread.start()
-        return self
+    def more(self, result: int) -> bool:
+        return result >= BATCH  # a full batch: more may be due
 
     def stop(self, timeout: float = 5.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+        super().stop(timeout)
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None

@@ -8,7 +8,6 @@ from typing import Annotated, Any
 import json_merge_patch
 from fastapi import APIRouter, Body, HTTPException, Response
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy.exc import IntegrityError
 
 from api.annotations import split_annotations
 from api.deps import DispatcherDep, ProjectDep, SessionDep, SettingsDep
@@ -19,10 +18,8 @@ from api.limits import check_job_slots
 from api.schemas.common import LOCATION, ErrorResponse, JsonInt
 from api.schemas.jobs import JobRead
 from api.views import job_read
-from orchestration.admission import check_job_spec, dataset_resolver
 from store import continuation, repo
 from store.models import Job
-from training import SpecError
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -112,7 +109,7 @@ def clone_job(
     and submitted like ``POST /v1/jobs`` (Idempotency-Key included), with the job's labels, notes
     and priority. Nothing of the old job's
     training state is used; for weights, set ``init_from`` to a job id."""
-    from api.routers.jobs import _dispatch, _insert_one, _replay
+    from api.routers.jobs import submit_one
 
     source = _job(session, job_id, project)
     patch = patch or {}
@@ -123,24 +120,5 @@ def clone_job(
     if isinstance(spec.get("data"), dict):
         spec["data"] = {k: v for k, v in spec["data"].items() if k != "path" or v is not None}
     digest = repo.request_hash({"clone_of": job_id, "patch": patch}) if idempotency_key else None
-    if idempotency_key:
-        existing = repo.get_job_by_idempotency_key(session, idempotency_key, project)
-        if existing is not None:
-            response.status_code = 200
-            return _replay(existing, digest)
-    try:
-        valid = check_job_spec(spec, dataset_resolver(session, project), settings)
-    except SpecError as exc:
-        raise SpecProblem(exc.errors) from None
-    try:
-        job = _insert_one(session, settings, project, valid, idempotency_key, digest, annotations, source.priority)
-    except IntegrityError:  # a concurrent request with the same key won
-        session.rollback()
-        existing = repo.get_job_by_idempotency_key(session, idempotency_key, project) if idempotency_key else None
-        if existing is None:
-            raise
-        response.status_code = 200
-        return _replay(existing, digest)
-    _dispatch(session, dispatcher, [(job.id, job.queue)])
-    response.headers["Location"] = f"/v1/jobs/{job.id}"
-    return job_read(job)
+    return submit_one(session, settings, dispatcher, project, response, spec, annotations, idempotency_key, digest,
+                      source.priority)

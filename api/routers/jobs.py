@@ -165,6 +165,14 @@ def create_job(
     annotate the job, not its training."""
     body_hash = repo.request_hash(spec) if idempotency_key else None
     spec, annotations = split_annotations(spec)
+    return submit_one(session, settings, dispatcher, project, response, spec, annotations, idempotency_key,
+                      body_hash, priority)
+
+
+def submit_one(session: Any, settings: Any, dispatcher: Any, project: str, response: Response, spec: dict[str, Any],
+               annotations: Any, idempotency_key: str | None, body_hash: str | None, priority: int) -> JobRead:
+    """Submit one job spec as ``POST /v1/jobs`` does (a clone too): replay a known Idempotency-Key
+    (200), admit the spec (422 at its paths), store and enqueue it (201 with ``Location``)."""
     if idempotency_key:
         existing = repo.get_job_by_idempotency_key(session, idempotency_key, project)
         if existing is not None:
@@ -176,7 +184,7 @@ def create_job(
         raise SpecProblem(exc.errors) from None
     try:
         job = _insert_one(session, settings, project, valid, idempotency_key, body_hash, annotations, priority)
-    except IntegrityError:
+    except IntegrityError:  # a concurrent request with the same key won
         session.rollback()
         existing = repo.get_job_by_idempotency_key(session, idempotency_key, project) if idempotency_key else None
         if existing is None:

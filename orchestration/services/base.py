@@ -26,13 +26,20 @@ class LoopService:
         """One pass; returns what it did (for tests and logs)."""
         raise NotImplementedError
 
+    def more(self, result: Any) -> bool:
+        """Whether a pass that returned ``result`` left work behind, so the next starts at once
+        (default: never; a loop that works in batches says when a batch was full)."""
+        return False
+
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
-                self.run_once()
+                again = self.more(self.run_once())
             except Exception as exc:  # noqa: BLE001 - keep going after a database or broker hiccup
                 log.warning("%s: pass failed: %s: %s", self.name, type(exc).__name__, exc)
-            self._stop.wait(self.interval)
+                again = False
+            if not again:
+                self._stop.wait(self.interval)
 
     def start(self) -> LoopService:
         """Start the thread (once; a second call does nothing). Returns self."""
