@@ -223,9 +223,9 @@ def jobs(
         with _client(url) as c:
             found = list(itertools.islice(c.iter_jobs(page_size=min(max(limit, 1), 500), **filters), limit))
     except TrainyardError as exc:
-        raise _fail(f"trainyard: {exc}", 2) from None
+        raise _fail(f"trainyard: {exc}") from None
     except httpx.HTTPError as exc:
-        raise _fail(f"trainyard: the server cannot be reached: {exc}", 2) from None
+        raise _fail(f"trainyard: the server cannot be reached: {exc}") from None
     if as_json or output == "json":
         typer.echo(json.dumps({"jobs": found}, indent=2))
         return
@@ -250,9 +250,9 @@ def metrics(
         with _client(url) as c:
             curves = c.metrics_of(job_ids, keys=keys)
     except TrainyardError as exc:
-        raise _fail(f"trainyard: {exc}", 2) from None
+        raise _fail(f"trainyard: {exc}") from None
     except httpx.HTTPError as exc:
-        raise _fail(f"trainyard: the server cannot be reached: {exc}", 2) from None
+        raise _fail(f"trainyard: the server cannot be reached: {exc}") from None
     columns = views.metric_columns(curves)
     if csv_out:
         import csv

@@ -133,7 +133,7 @@ def test_cli_submit_a_directory_wait_list_and_metrics_csv(client: Client, servic
     first = [r for r in parsed if r["job_id"] == ids[0]]
     assert [float(r["val_loss"]) for r in first] == [e["val_loss"] for e in client.metrics(ids[0])]
     unknown = _run(service_env, api_url, "metrics", "0" * 32)
-    assert unknown.returncode == 2 and "no job" in unknown.stderr and "Traceback" not in unknown.stderr
+    assert unknown.returncode == 1 and "no job" in unknown.stderr and "Traceback" not in unknown.stderr
 
 
 def test_the_grid_example_submits_200_jobs_waits_and_prints_a_table(client: Client, service_env: dict[str, str],
