@@ -388,13 +388,14 @@ class Client:
 
     def wait(self, ids: str | Iterable[str], *, poll: float = 1.0, timeout: float | None = None,
              on_update: Callable[[dict[str, dict[str, Any]]], None] | None = None) -> Any:
-        """Wait until the job ``ids`` (one id, or any number of them) end; returns the ended job
-        (for one id) or ``{id: job}`` in the order given. Each cycle asks only for the jobs still
+        """Wait until the job ``ids`` (one id, or any number of them) end; returns the ended job's
+        whole view (for one id, as :meth:`job`) or ``{id: job summary}`` in the order given. Each cycle asks only for the jobs still
         unfinished, in one ``POST /v1/jobs/query`` (up to 10,000 of them; never one per job); ``on_update`` is
         called with every job's latest summary after each cycle. A dropped connection or a 429,
         502, 503 or 504 that outlasts the client's retries is waited out (until ``timeout``)."""
-        if isinstance(ids, str):
-            return self.wait([ids], poll=poll, timeout=timeout, on_update=on_update)[ids]
+        if isinstance(ids, str):  # one job: its whole view once it has ended, as job() gives it
+            self.wait([ids], poll=poll, timeout=timeout, on_update=on_update)
+            return self.job(ids)
         follow = _Following(ids, timeout)
         while True:
             pending = follow.pending()
@@ -588,8 +589,9 @@ class AsyncClient:
         """As :meth:`Client.wait`: one ``POST /v1/jobs/query`` per cycle (per 10,000 unfinished jobs)."""
         import asyncio
 
-        if isinstance(ids, str):
-            return (await self.wait([ids], poll=poll, timeout=timeout, on_update=on_update))[ids]
+        if isinstance(ids, str):  # one job: its whole view once it has ended, as job() gives it
+            await self.wait([ids], poll=poll, timeout=timeout, on_update=on_update)
+            return await self.job(ids)
         follow = _Following(ids, timeout)
         while True:
             pending = follow.pending()
