@@ -16,8 +16,16 @@ seeds may differ), while the pack stays within ``TRAINYARD_PACK_MAX_MEMBERS`` an
 Each member has its own reporter (heartbeat, lease fence, cancel, sweep pruner), its own result
 recording (``worker.runner._record_result``: metrics, best and last checkpoints, stop reason,
 status) and, for a sweep trial, its own sweep step (``orchestration.sweeps.after_job``; the Celery
-task does the claimed job's). ``info.pack`` of each job says which pack it ran in: the id of the
-job whose claim formed it, the members' ids, the size and the member's index.
+task does the claimed job's). ``info.pack`` of each job says which pack it runs in from the
+moment the pack is formed (``store.packing.mark_pack``; kept by the reporter's ``on_start``, and
+in the recorded result): the id of the job whose claim formed it, the members' ids, the size, the
+member's index, and once training starts whether it is ``fused``.
+
+A member whose lease is lost (another attempt took the job over, or its own watchdog ended the
+attempt as stalled) leaves the pack alone: ``fit_fused`` isolates the ``LeaseLost`` its reporter
+or cancel poll raises, the others train on, and nothing more is written to that job (the attempt
+that owns it records it). A cancelled member ends alone too (status and stop reason
+``cancelled``), as in a solo run.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ from typing import Any
 
 from config.logs import job_context
 from config.settings import Settings
-from store import leases, packing, repo
+from store import leases, packing
 from store.db import session_scope
 from worker.reporter import DbReporter
 
@@ -88,9 +96,8 @@ def _claim_members(job_id: str, spec_dict: dict[str, Any], run_spec: dict[str, A
             total += cost  # same shapes and batch size: the same cost
         runs = dict(chosen)
         jobs = packing.claim_members(s, [i for i, _ in chosen], worker_name(), settings.heartbeat_stale_s)
-        ids = [job_id] + [j.id for j in jobs]
-        for k, i in enumerate(ids):
-            repo.add_event(s, i, "pack", {"pack": job_id, "size": len(ids), "index": k})
+        if jobs:
+            packing.mark_pack(s, [job_id] + [j.id for j in jobs])  # the job view says so from now on
         return [(j.id, j.lease_token, dict(j.spec), runs[j.id], j.sweep_id, j.epochs) for j in jobs]
 
 
@@ -129,30 +136,43 @@ def _run_pack(members: list[tuple[str, int, dict[str, Any], dict[str, Any], str 
 
     ids = [m[0] for m in members]
     reporters: list[DbReporter] = []
-    for job_id, token, spec, _, sweep_id, epochs in members:
-        reporters.append(make_reporter(job_id, settings, sweep_id=sweep_id, epochs=epochs, lease_token=token,
-                                       stall_timeout_s=spec.get("stall_timeout_s") or settings.stall_timeout_s, send=send))
+    for k, (job_id, token, spec, _, sweep_id, epochs) in enumerate(members):
+        r = make_reporter(job_id, settings, sweep_id=sweep_id, epochs=epochs, lease_token=token,
+                          stall_timeout_s=spec.get("stall_timeout_s") or settings.stall_timeout_s, send=send)
+        r.pack = {"id": ids[0], "jobs": ids, "size": len(ids), "index": k}  # kept in the info it writes
+        reporters.append(r)
     for r in reporters:
         r.start_heartbeat()
     statuses: dict[str, str] = {}
     try:
         try:
-            results = fit_fused([m[3] for m in members], reporters, [r.should_stop for r in reporters])
+            # a member whose lease is lost leaves the pack alone (its result's stop reason: LOST)
+            results = fit_fused([m[3] for m in members], reporters, [r.should_stop for r in reporters],
+                                isolate=(leases.LeaseLost,))
         except leases.LeaseLost:
-            # another attempt owns one member: the pack stops; the others' heartbeats stop with it
-            # and recovery requeues them (each then runs from its first epoch)
-            log.warning("pack of %s: a member lost its lease; the pack stopped, its members are requeued by recovery", ids[0])
+            # not from one member's reporter or poll (those are isolated above): the pack stops;
+            # the members' heartbeats stop with it and recovery requeues them
+            log.warning("pack of %s: the pack lost its lease outside a member's run; stopped, recovery requeues its members", ids[0])
             return "lease_lost"
         except (SpecError, TrainingError) as exc:
-            for job_id, r in zip(ids, reporters, strict=True):
-                _finish_failed(job_id, r, str(exc))
+            _fail_all(ids, reporters, str(exc))
             return "failed"
         except BaseException as exc:
-            for job_id, r in zip(ids, reporters, strict=True):
-                _finish_failed(job_id, r, f"internal error: {type(exc).__name__}: {exc}")
+            _fail_all(ids, reporters, f"internal error: {type(exc).__name__}: {exc}")
             log.error("pack of %s crashed:\n%s", ids[0], traceback.format_exc())
             raise
+        from training.fused import LOST
+
         for k, (job_id, r, result) in enumerate(zip(ids, reporters, results, strict=True)):
+            if result.stop_reason == LOST:
+                # another attempt owns this job (or its watchdog ended it as stalled): it left the
+                # pack at once, the others trained on; that attempt records the job, not this one
+                statuses[job_id] = "stalled" if r.stalled else "lease_lost"
+                with job_context(job_id):
+                    log.warning("job %s: %s in the pack of %s (%s); it left the pack, nothing more recorded, "
+                                "the other members went on", job_id, "stalled" if r.stalled else "lost its lease",
+                                ids[0], result.info.get("pack", {}).get("lost"))
+                continue
             result.info["pack"] = {**result.info.get("pack", {}), "id": ids[0], "jobs": ids, "index": k}
             with job_context(job_id):
                 try:
@@ -173,6 +193,18 @@ def _run_pack(members: list[tuple[str, int, dict[str, Any], dict[str, Any], str 
     from orchestration.sweeps import after_job
 
     for job_id, m in zip(ids[1:], members[1:], strict=True):
-        if m[4]:
+        if m[4] and statuses.get(job_id) not in ("lease_lost", "stalled"):
             after_job(job_id, settings, send)  # the Celery task advances the claimed job's sweep
     return statuses[ids[0]]
+
+
+def _fail_all(ids: list[str], reporters: list[DbReporter], error: str) -> None:
+    """Record the pack's failure on each member still this worker's (a member another attempt
+    owns is left to it)."""
+    from worker.runner import _finish_failed
+
+    for job_id, r in zip(ids, reporters, strict=True):
+        try:
+            _finish_failed(job_id, r, error)
+        except leases.LeaseLost:
+            log.warning("job %s: not recorded as failed: another attempt owns it", job_id)

@@ -98,6 +98,9 @@ class DbReporter(BaseReporter):
         self._beat_thread: threading.Thread | None = None
         self.buffer: list[dict[str, Any]] = []
         self.info: dict[str, Any] | None = None
+        # a packed job's pack (worker/packs.py): merged into the info on_start writes, so the job
+        # view keeps saying which pack the job runs in
+        self.pack: dict[str, Any] | None = None
         self.cancelled = False
         # preemption (settings.preemption): the job was asked to make room; read every flush interval
         self.preempted = False
@@ -175,6 +178,8 @@ class DbReporter(BaseReporter):
     # -- engine callbacks
     def on_start(self, info: dict[str, Any]) -> None:
         self.last_progress = time.monotonic()
+        if self.pack is not None:
+            info = {**info, "pack": {**info.get("pack", {}), **self.pack}}
         self.info = json_safe(info)
         self.flush()
 
