@@ -13,16 +13,17 @@ seeds may differ), while the pack stays within ``TRAINYARD_PACK_MAX_MEMBERS`` an
 ``TRAINYARD_PACK_MAX_PARAMS`` (``training.fused.member_cost``). They are claimed through
 ``store.packing`` (compare-and-set, ``FOR UPDATE SKIP LOCKED`` on PostgreSQL).
 
-Each member has its own reporter (heartbeat, lease fence, cancel, sweep pruner), its own result
-recording (``worker.runner._record_result``: metrics, best and last checkpoints, stop reason,
-status) and, for a sweep trial, its own sweep step (``orchestration.sweeps.after_job``; the Celery
-task does the claimed job's). ``info.pack`` of each job says which pack it runs in from the
-moment the pack is formed (``store.packing.mark_pack``; kept by the reporter's ``on_start``, and
-in the recorded result): the id of the job whose claim formed it, the members' ids, the size, the
-member's index, and once training starts whether it is ``fused``.
+Each member has its own record (``worker.record.RunRecord``, as a solo run: heartbeat, lease
+fence, cancel, sweep pruner, and its result recorded by ``RunRecord.finish``: metrics, best and
+last checkpoints, stop reason, status) and, for a sweep trial, its own sweep step
+(``orchestration.sweeps.after_job``; the Celery task does the claimed job's). ``info.pack`` of
+each job says which pack it runs in from the moment the pack is formed
+(``store.packing.mark_pack``; kept by the record's ``on_start``, and in the recorded result): the
+id of the job whose claim formed it, the members' ids, the size, the member's index, and once
+training starts whether it is ``fused``.
 
 A member whose lease is lost (another attempt took the job over, or its own watchdog ended the
-attempt as stalled) leaves the pack alone: ``fit_fused`` isolates the ``LeaseLost`` its reporter
+attempt as stalled) leaves the pack alone: ``fit_fused`` isolates the ``LeaseLost`` its record
 or cancel poll raises, the others train on, and nothing more is written to that job (the attempt
 that owns it records it). A cancelled member ends alone too (status and stop reason
 ``cancelled``), as in a solo run.
@@ -32,13 +33,14 @@ from __future__ import annotations
 
 import logging
 import traceback
+from contextlib import ExitStack
 from typing import Any
 
 from config.logs import job_context
 from config.settings import Settings
 from store import leases, packing
 from store.db import session_scope
-from worker.reporter import DbReporter
+from worker.record import RunRecord
 
 log = logging.getLogger("trainyard.worker")
 
@@ -96,8 +98,9 @@ def _claim_members(job_id: str, spec_dict: dict[str, Any], run_spec: dict[str, A
             total += cost  # same shapes and batch size: the same cost
         runs = dict(chosen)
         jobs = packing.claim_members(s, [i for i, _ in chosen], worker_name(), settings.heartbeat_stale_s)
+        ids = [job_id] + [j.id for j in jobs]
         if jobs:
-            packing.mark_pack(s, [job_id] + [j.id for j in jobs])  # the job view says so from now on
+            packing.mark_pack(s, ids)  # the job view says so from now on
         return [(j.id, j.lease_token, dict(j.spec), runs[j.id], j.sweep_id, j.epochs) for j in jobs]
 
 
@@ -131,39 +134,37 @@ def _run_pack(members: list[tuple[str, int, dict[str, Any], dict[str, Any], str 
               send: Any) -> str:
     from training import SpecError, TrainingError
     from training.fused import fit_fused
-    from worker.runner import _finish_failed, _record_result
-    from worker.sweeps import make_reporter
 
     ids = [m[0] for m in members]
-    reporters: list[DbReporter] = []
-    for k, (job_id, token, spec, _, sweep_id, epochs) in enumerate(members):
-        r = make_reporter(job_id, settings, sweep_id=sweep_id, epochs=epochs, lease_token=token,
-                          stall_timeout_s=spec.get("stall_timeout_s") or settings.stall_timeout_s, send=send)
-        r.pack = {"id": ids[0], "jobs": ids, "size": len(ids), "index": k}  # kept in the info it writes
-        reporters.append(r)
-    for r in reporters:
-        r.start_heartbeat()
+    # every member is a first attempt (run_pack_if_any, store.packing)
+    records = [RunRecord.open(job_id, settings, lease_token=token, attempt=1, spec=spec, sweep_id=sweep_id, epochs=epochs,
+                              send=send)
+               for job_id, token, spec, _, sweep_id, epochs in members]
+    for k, r in enumerate(records):
+        r.pack = {"id": ids[0], "jobs": ids, "size": len(ids), "index": k}  # kept in the info on_start writes
     statuses: dict[str, str] = {}
-    try:
+    with ExitStack() as heartbeats:
+        for r in records:
+            heartbeats.enter_context(r.heartbeat())
         try:
             # a member whose lease is lost leaves the pack alone (its result's stop reason: LOST)
-            results = fit_fused([m[3] for m in members], reporters, [r.should_stop for r in reporters],
+            results = fit_fused([m[3] for m in members], records, [r.should_stop for r in records],
                                 isolate=(leases.LeaseLost,))
         except leases.LeaseLost:
-            # not from one member's reporter or poll (those are isolated above): the pack stops;
+            # not from one member's record or poll (those are isolated above): the pack stops;
             # the members' heartbeats stop with it and recovery requeues them
             log.warning("pack of %s: the pack lost its lease outside a member's run; stopped, recovery requeues its members", ids[0])
             return "lease_lost"
         except (SpecError, TrainingError) as exc:
-            _fail_all(ids, reporters, str(exc))
+            _fail_all(records, str(exc))
             return "failed"
         except BaseException as exc:
-            _fail_all(ids, reporters, f"internal error: {type(exc).__name__}: {exc}")
+            _fail_all(records, f"internal error: {type(exc).__name__}: {exc}")
             log.error("pack of %s crashed:\n%s", ids[0], traceback.format_exc())
             raise
         from training.fused import LOST
 
-        for k, (job_id, r, result) in enumerate(zip(ids, reporters, results, strict=True)):
+        for k, (job_id, r, result) in enumerate(zip(ids, records, results, strict=True)):
             if result.stop_reason == LOST:
                 # another attempt owns this job (or its watchdog ended it as stalled): it left the
                 # pack at once, the others trained on; that attempt records the job, not this one
@@ -176,20 +177,12 @@ def _run_pack(members: list[tuple[str, int, dict[str, Any], dict[str, Any], str 
             result.info["pack"] = {**result.info.get("pack", {}), "id": ids[0], "jobs": ids, "index": k}
             with job_context(job_id):
                 try:
-                    statuses[job_id] = _record_result(job_id, r, result, 1)
+                    statuses[job_id] = r.finish(result)
                 except leases.LeaseLost:
                     statuses[job_id] = "lease_lost"
-                except Exception as exc:  # noqa: BLE001 - one member's failure to record leaves the others'
-                    log.error("job %s: recording its result failed:\n%s", job_id, traceback.format_exc())
-                    try:
-                        _finish_failed(job_id, r, f"internal error while recording the result: {type(exc).__name__}: {exc}")
-                    except Exception:  # noqa: BLE001
-                        log.exception("job %s: could not record the failure", job_id)
+                except Exception:  # noqa: BLE001 - recorded failed by finish(); the others' results stay
                     statuses[job_id] = "failed"
                 log.info("job %s: %s (pack of %s)", job_id, statuses[job_id], ids[0])
-    finally:
-        for r in reporters:
-            r.stop_heartbeat()
     from orchestration.sweeps import after_job
 
     for job_id, m in zip(ids[1:], members[1:], strict=True):
@@ -198,13 +191,11 @@ def _run_pack(members: list[tuple[str, int, dict[str, Any], dict[str, Any], str 
     return statuses[ids[0]]
 
 
-def _fail_all(ids: list[str], reporters: list[DbReporter], error: str) -> None:
+def _fail_all(records: list[RunRecord], error: str) -> None:
     """Record the pack's failure on each member still this worker's (a member another attempt
     owns is left to it)."""
-    from worker.runner import _finish_failed
-
-    for job_id, r in zip(ids, reporters, strict=True):
+    for r in records:
         try:
-            _finish_failed(job_id, r, error)
+            r.fail(error)
         except leases.LeaseLost:
-            log.warning("job %s: not recorded as failed: another attempt owns it", job_id)
+            log.warning("job %s: not recorded as failed: another attempt owns it", r.job_id)
