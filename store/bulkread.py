@@ -283,7 +283,9 @@ def _pg_curves(
                 if (pre or "") != have.xmins:  # a kept epoch's row changed: read the job again
                     stale.append(job_id)
                     continue
-                have = fresh[job_id] = have.extended(epochs, xmins, texts, sealed=compacted)
+                new = have.extended(epochs, xmins, texts, sealed=compacted)
+                if new is not have:
+                    have = fresh[job_id] = new
             out[job_id] = have.render(since[job_id], max_points)
         if not stale:
             break
