@@ -374,6 +374,9 @@ def main() -> None:
     ap.add_argument("--parts", default="streams,list,bulk", help="comma-separated: streams, list, bulk")
     args = ap.parse_args()
     clients, seconds = (30, 4.0) if args.quick else (100, 8.0)
+    import logging
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request (the app logs at INFO)
     name, admin = setup()
     try:
         out: dict[str, Any] = {}

@@ -67,9 +67,10 @@ class Epochs:
 
     __slots__ = ("epochs", "texts", "xmins", "sealed", "chars")
 
-    def __init__(self, epochs: list[int], texts: list[str], xmins: str, sealed: bool) -> None:
+    def __init__(self, epochs: list[int], texts: list[str], xmins: str, sealed: bool, chars: int | None = None) -> None:
         self.epochs, self.texts, self.xmins, self.sealed = epochs, texts, xmins, sealed
-        self.chars = sum(map(len, texts)) + len(xmins) + 64 * len(texts)  # ~ the objects' overhead
+        # its size for the cache's bound: characters, and ~ the objects' overhead (bytes)
+        self.chars = sum(map(len, texts)) + len(xmins) + 96 * len(texts) if chars is None else chars
 
     @property
     def k(self) -> int:
@@ -79,10 +80,13 @@ class Epochs:
         """This list with the epochs read after it (``epochs`` and ``xmins`` comma-joined,
         ``texts`` joined by U+0001, which JSON text cannot contain unescaped)."""
         if epochs is None:
-            return self if self.sealed == sealed else Epochs(self.epochs, self.texts, self.xmins, sealed)
+            return self if self.sealed == sealed else Epochs(self.epochs, self.texts, self.xmins, sealed, self.chars)
         assert xmins is not None and texts is not None
-        return Epochs(self.epochs + [int(e) for e in epochs.split(",")], self.texts + texts.split("\x01"),
-                      f"{self.xmins},{xmins}" if self.xmins else xmins, sealed)
+        more = texts.split("\x01")
+        out = Epochs(self.epochs + [int(e) for e in epochs.split(",")], self.texts + more,
+                     f"{self.xmins},{xmins}" if self.xmins else xmins, sealed, chars=self.chars)
+        out.chars += sum(map(len, more)) + len(xmins) + 1 + 96 * len(more)
+        return out
 
     def render(self, since: int, max_points: int | None) -> tuple[int, str]:
         texts = self.texts[bisect_right(self.epochs, since):] if since else self.texts
