@@ -10,7 +10,7 @@ A fresh PostgreSQL database ``trainyard_artifacts_<run>`` (schema by the migrati
 the end) and a temporary local artifact store. Each round runs, in an order that alternates from
 round to round, three arms of one job (digits, an MLP of two hidden layers of ``--units``, Adam,
 ``--epochs`` epochs) through ``training.fit`` with the worker's own reporter
-(``worker.reporter.DbReporter``, a claimed job, its lease fenced, a snapshot written at every
+(``worker.record.RunRecord``, a claimed job, its lease fenced, a snapshot written at every
 epoch end and a checkpoint at every improvement):
 
 * ``store``: the service as it is: files written to the store before the fenced transaction that
@@ -60,7 +60,7 @@ def spec(units: int, epochs: int) -> dict[str, Any]:
 
 
 def run_arm(arm: str, job_spec: dict[str, Any]) -> tuple[float, int, int]:
-    """One job through fit + DbReporter; (mean epoch seconds, database bytes written for the job,
+    """One job through fit + RunRecord; (mean epoch seconds, database bytes written for the job,
     bytes of its files left in the store)."""
     from sqlalchemy import text
 
@@ -69,7 +69,7 @@ def run_arm(arm: str, job_spec: dict[str, Any]) -> tuple[float, int, int]:
     from store.artifact_store import Stored, checkpoint_key, snapshot_key
     from store.db import session_scope
     from training import fit, validate_spec
-    from worker.reporter import DbReporter
+    from worker.record import RunRecord
 
     settings = get_settings()
     with session_scope() as s:
@@ -79,7 +79,7 @@ def run_arm(arm: str, job_spec: dict[str, Any]) -> tuple[float, int, int]:
         assert job is not None
         token = job.lease_token
 
-    class InDatabase(DbReporter):
+    class InDatabase(RunRecord):
         """The worker's reporter as before the artifact store: the bytes go into the database, in
         the fenced transaction; the metadata rows are the store arm's (no file is written)."""
 
@@ -95,11 +95,11 @@ def run_arm(arm: str, job_spec: dict[str, Any]) -> tuple[float, int, int]:
                 s.execute(text("INSERT INTO bench_blobs (job_id, data) VALUES (:j, :d)"), {"j": job_id, "d": item.data})
             return super()._write_items(s, batch, info, checkpoints, snapshot)
 
-    class NoSnapshots(DbReporter):
+    class NoSnapshots(RunRecord):
         def wants_snapshot(self) -> bool:
             return False
 
-    cls = {"store": DbReporter, "database": InDatabase, "none": NoSnapshots}[arm]
+    cls = {"store": RunRecord, "database": InDatabase, "none": NoSnapshots}[arm]
     reporter = cls(job_id, settings, lease_token=token)
     started = time.perf_counter()
     result = fit(job_spec, reporter=reporter, should_stop=reporter.should_stop)

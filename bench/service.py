@@ -667,15 +667,15 @@ def worker_threads(st: Stack) -> dict[str, Any]:
 
 
 def _timed_db_reporter(st: Stack) -> Any:
-    """The worker's DbReporter, in this process against the bench database, with the time spent
+    """The worker's record of a run (its reporter: ``worker.record.RunRecord``), in this process against the bench database, with the time spent
     in each of its methods recorded (inclusive; ``flush`` is also counted inside its callers)."""
     try:
         from config.settings import get_settings
         from store import repo
         from store.db import session_scope
-        from worker.reporter import DbReporter
+        from worker.record import RunRecord
     except Exception as exc:  # noqa: BLE001
-        log(f"  in-process DbReporter unavailable: {exc}")
+        log(f"  in-process RunRecord unavailable: {exc}")
         return None
     settings = get_settings()  # count_round_trips pointed this process at the bench database
     if settings.database_url != st.db_url:
@@ -699,7 +699,7 @@ def _timed_db_reporter(st: Stack) -> Any:
                     timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
             return wrapper
 
-        rep = DbReporter(job_id, settings, lease_token=token)
+        rep = RunRecord(job_id, settings, lease_token=token)
         for name in ("on_start", "on_epoch", "on_snapshot", "on_checkpoint", "should_stop", "flush", "write_snapshot"):
             setattr(rep, name, timed(name, getattr(rep, name)))
         return rep, timings
@@ -710,7 +710,7 @@ def _timed_db_reporter(st: Stack) -> Any:
 def bench_epochs(st: Stack, api: str, epochs: int, rounds: int, threads: int) -> dict[str, Any]:
     """Interleaved rounds of: the engine alone (reporter=None), the engine with a reporter that
     does nothing plus a should_stop poll (what the engine itself spends on reporting: snapshots
-    every epoch, callbacks), and the job through the service (DbReporter: database writes too)."""
+    every epoch, callbacks), and the job through the service (RunRecord: database writes too)."""
     import torch
 
     from training import BaseReporter, fit
@@ -903,9 +903,9 @@ def table(r: dict[str, Any]) -> str:
          f"{ep['ratio_fit']:.3f}x", "<= 1.05x", ok(ep["ratio_fit"] <= 1.05)),
         ("3   engine + no-op reporter (fit / epoch)", f"{ep['nop_fit_per_epoch_ms']:.1f} / {ep['nop_epoch_median_ms']:.1f} ms",
          f"{ep['ratio_fit_nop_reporter']:.3f}x", "(attribution)", ""),
-        ("3   engine + worker's DbReporter in-process (fit/epoch)", f"{ep.get('inproc_db_fit_per_epoch_ms', float('nan')):.1f} / {ep.get('inproc_db_epoch_median_ms', float('nan')):.1f} ms",
+        ("3   engine + worker's RunRecord in-process (fit/epoch)", f"{ep.get('inproc_db_fit_per_epoch_ms', float('nan')):.1f} / {ep.get('inproc_db_epoch_median_ms', float('nan')):.1f} ms",
          f"{ep.get('inproc_db_fit_per_epoch_ms', float('nan')) / ep['engine_fit_per_epoch_ms']:.3f}x", "(attribution)", ""),
-        ("3     DbReporter ms/fit: start/epoch/checkpoint/snapshot/should_stop (flush/snapshot write)",
+        ("3     RunRecord ms/fit: start/epoch/checkpoint/snapshot/should_stop (flush/snapshot write)",
          "/".join(f"{ep.get(f'inproc_db_in_{m}_ms_per_fit', 0):.0f}" for m in ("on_start", "on_epoch", "on_checkpoint", "on_snapshot", "should_stop"))
          + " (" + "/".join(f"{ep.get(f'inproc_db_in_{m}_ms_per_fit', 0):.0f}" for m in ("flush", "write_snapshot")) + ")", "", "", ""),
         ("3   time outside epochs per fit (job/nop/engine)",

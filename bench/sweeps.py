@@ -10,8 +10,8 @@ the Alembic migrations), with real worker processes: the sweep is validated and 
 ``POST /v1/sweeps`` does (``api.routers.sweeps.check_sweep``, ``orchestration.sweeps.advance_sweep``) and
 its trials' job ids are put on a queue (the broker); ``--workers`` worker processes (forked, as
 Celery's prefork pool forks its children; 1 torch thread each) take them one at a time and do what
-the Celery task does: ``worker.runner.run_job`` (whose reporter asks the sweep's Optuna pruner at
-the rung epochs: ``worker.sweeps.TrialReporter``), then ``orchestration.sweeps.after_job``, which advances
+the Celery task does: ``worker.runner.run_job`` (whose record asks the sweep's Optuna pruner at
+the rung epochs: ``worker.record.RunRecord`` with a ``worker.sweeps.TrialPruner``), then ``orchestration.sweeps.after_job``, which advances
 the sweep and sends the new trials to the queue. Both sweeps have ``max_concurrent`` = workers.
 
 Both sweeps evaluate the same configurations in the same order: random search draws trial k's
@@ -121,29 +121,22 @@ def _worker_main(index: int, tasks: Any, done: Any, threads: int) -> None:
     _warm_up(threads)
 
     import orchestration.sweeps as orchestration_sweeps
-    import worker.sweeps as worker_sweeps
     from config.settings import get_settings
+    from worker.record import RunRecord
     from worker.runner import run_job
 
     settings = get_settings()
     events: list[tuple[str, int, float, float | None, float]] = []
-    make_reporter = worker_sweeps.make_reporter
+    on_epoch = RunRecord.on_epoch
 
-    def timed_reporter(job_id: str, settings: Any, **kwargs: Any) -> Any:
-        # the epoch's end, as the engine hands it to the reporter (before that epoch's writes)
-        reporter = make_reporter(job_id, settings, **kwargs)
-        on_epoch = reporter.on_epoch
+    def on_epoch_timed(record: RunRecord, metrics: dict[str, float]) -> None:
+        # the epoch's end, as the engine hands it to the record (before that epoch's writes)
+        acc = metrics.get("val_accuracy")
+        events.append((record.job_id, int(metrics["epoch"]), time.perf_counter(),
+                       float(acc) if isinstance(acc, float) else None, float(metrics["seconds"])))
+        on_epoch(record, metrics)
 
-        def on_epoch_timed(metrics: dict[str, float]) -> None:
-            acc = metrics.get("val_accuracy")
-            events.append((job_id, int(metrics["epoch"]), time.perf_counter(),
-                           float(acc) if isinstance(acc, float) else None, float(metrics["seconds"])))
-            on_epoch(metrics)
-
-        reporter.on_epoch = on_epoch_timed
-        return reporter
-
-    worker_sweeps.make_reporter = timed_reporter  # run_job imports it from worker.sweeps at each call
+    RunRecord.on_epoch = on_epoch_timed  # type: ignore[method-assign]  # this worker process only
     sent: list[str] = []
 
     def send(jobs: Any) -> None:  # the broker: new trials go to the queue any worker takes from
@@ -433,7 +426,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="trainyard-bench-sweeps-") as tmp:
         settings = _setup(Path(tmp))
         import training.engine  # noqa: F401 - imported before the fork, as the Celery worker does
-        import worker.reporter  # noqa: F401
+        import worker.record  # noqa: F401
         from training.sweep_space import _optuna
 
         _optuna()  # the API process (check_sweep, the first advance) has it loaded too

@@ -41,7 +41,7 @@ class QuietHandBack(logging.Filter):
 
 
 def _on_shutdown(**_: Any) -> None:
-    from worker.reporter import SHUTDOWN
+    from worker.record import SHUTDOWN
 
     SHUTDOWN.set()
 
@@ -70,8 +70,8 @@ def _forks(worker: Any) -> bool:
 
 def _on_worker_init(**signal: Any) -> None:
     lower_priority(get_settings().worker_nice)
-    # Create the shutdown event (worker.reporter) before the prefork pool forks, so children share it.
-    import worker.reporter  # noqa: F401
+    # Create the shutdown event (worker.record) before the prefork pool forks, so children share it.
+    import worker.record  # noqa: F401
 
     # Import torch once at start-up, so the first job does not pay for it (submit -> running). A
     # prefork parent imports it now, before it forks (never fork while a thread imports); a solo

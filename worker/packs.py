@@ -13,10 +13,10 @@ seeds may differ), while the pack stays within ``TRAINYARD_PACK_MAX_MEMBERS`` an
 ``TRAINYARD_PACK_MAX_PARAMS`` (``training.fused.member_cost``). They are claimed through
 ``store.packing`` (compare-and-set, ``FOR UPDATE SKIP LOCKED`` on PostgreSQL).
 
-Each member has its own reporter (heartbeat, lease fence, cancel, sweep pruner), its own result
-recording (``worker.runner._record_result``: metrics, best and last checkpoints, stop reason,
-status) and, for a sweep trial, its own sweep step (``orchestration.sweeps.after_job``; the Celery
-task does the claimed job's). ``info.pack`` of each job says which pack it ran in: the id of the
+Each member has its own record (``worker.record.RunRecord``, as a solo run: heartbeat, lease
+fence, cancel, sweep pruner, and its result recorded by ``RunRecord.finish``: metrics, best and
+last checkpoints, stop reason, status) and, for a sweep trial, its own sweep step
+(``orchestration.sweeps.after_job``; the Celery task does the claimed job's). ``info.pack`` of each job says which pack it ran in: the id of the
 job whose claim formed it, the members' ids, the size and the member's index.
 """
 
@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import logging
 import traceback
+from contextlib import ExitStack
 from typing import Any
 
 from config.logs import job_context
 from config.settings import Settings
 from store import leases, packing, repo
 from store.db import session_scope
-from worker.reporter import DbReporter
+from worker.record import RunRecord
 
 log = logging.getLogger("trainyard.worker")
 
@@ -124,52 +125,42 @@ def _run_pack(members: list[tuple[str, int, dict[str, Any], dict[str, Any], str 
               send: Any) -> str:
     from training import SpecError, TrainingError
     from training.fused import fit_fused
-    from worker.runner import _finish_failed, _record_result
-    from worker.sweeps import make_reporter
 
     ids = [m[0] for m in members]
-    reporters: list[DbReporter] = []
-    for job_id, token, spec, _, sweep_id, epochs in members:
-        reporters.append(make_reporter(job_id, settings, sweep_id=sweep_id, epochs=epochs, lease_token=token,
-                                       stall_timeout_s=spec.get("stall_timeout_s") or settings.stall_timeout_s, send=send))
-    for r in reporters:
-        r.start_heartbeat()
+    # every member is a first attempt (run_pack_if_any, store.packing)
+    records = [RunRecord.open(job_id, settings, lease_token=token, attempt=1, spec=spec, sweep_id=sweep_id, epochs=epochs,
+                              send=send)
+               for job_id, token, spec, _, sweep_id, epochs in members]
     statuses: dict[str, str] = {}
-    try:
+    with ExitStack() as heartbeats:
+        for r in records:
+            heartbeats.enter_context(r.heartbeat())
         try:
-            results = fit_fused([m[3] for m in members], reporters, [r.should_stop for r in reporters])
+            results = fit_fused([m[3] for m in members], records, [r.should_stop for r in records])
         except leases.LeaseLost:
             # another attempt owns one member: the pack stops; the others' heartbeats stop with it
             # and recovery requeues them (each then runs from its first epoch)
             log.warning("pack of %s: a member lost its lease; the pack stopped, its members are requeued by recovery", ids[0])
             return "lease_lost"
         except (SpecError, TrainingError) as exc:
-            for job_id, r in zip(ids, reporters, strict=True):
-                _finish_failed(job_id, r, str(exc))
+            for r in records:
+                r.fail(str(exc))
             return "failed"
         except BaseException as exc:
-            for job_id, r in zip(ids, reporters, strict=True):
-                _finish_failed(job_id, r, f"internal error: {type(exc).__name__}: {exc}")
+            for r in records:
+                r.fail(f"internal error: {type(exc).__name__}: {exc}")
             log.error("pack of %s crashed:\n%s", ids[0], traceback.format_exc())
             raise
-        for k, (job_id, r, result) in enumerate(zip(ids, reporters, results, strict=True)):
+        for k, (job_id, r, result) in enumerate(zip(ids, records, results, strict=True)):
             result.info["pack"] = {**result.info.get("pack", {}), "id": ids[0], "jobs": ids, "index": k}
             with job_context(job_id):
                 try:
-                    statuses[job_id] = _record_result(job_id, r, result, 1)
+                    statuses[job_id] = r.finish(result)
                 except leases.LeaseLost:
                     statuses[job_id] = "lease_lost"
-                except Exception as exc:  # noqa: BLE001 - one member's failure to record leaves the others'
-                    log.error("job %s: recording its result failed:\n%s", job_id, traceback.format_exc())
-                    try:
-                        _finish_failed(job_id, r, f"internal error while recording the result: {type(exc).__name__}: {exc}")
-                    except Exception:  # noqa: BLE001
-                        log.exception("job %s: could not record the failure", job_id)
+                except Exception:  # noqa: BLE001 - recorded failed by finish(); the others' results stay
                     statuses[job_id] = "failed"
                 log.info("job %s: %s (pack of %s)", job_id, statuses[job_id], ids[0])
-    finally:
-        for r in reporters:
-            r.stop_heartbeat()
     from orchestration.sweeps import after_job
 
     for job_id, m in zip(ids[1:], members[1:], strict=True):

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from alembic.script import ScriptDirectory
-from sqlalchemy import insert, select
+from sqlalchemy import delete, insert, select, update
 from sqlalchemy.orm import Session
 
 from api.schemas.jobs import MetricsRead
@@ -144,5 +144,78 @@ def test_the_migration_compacts_jobs_that_finished_before_it(backend, pg, tmp_pa
             assert set(curves) == {rows["succeeded"]}
             assert curves[rows["succeeded"]].n == 3
             assert json.loads(curves[rows["succeeded"]].body) == [{"epoch": e, "loss": 1 / e} for e in (1, 2, 3)]
+    finally:
+        engine.dispose()
+
+
+def test_kept_epochs_are_extended_and_checked_on_postgresql(pg, monkeypatch):
+    """On PostgreSQL the process keeps each job's epochs it read (per choice of keys) and reads
+    only the ones after them, checking the kept ones by their rows' xmin: a rewritten, updated
+    or deleted epoch is seen (the job is read again whole), and so is the last epoch a job's
+    terminal move commits with its result, and an epoch written after it."""
+    url = pg.create("bulkread_kept")
+    upgrade(url)
+    engine = make_engine(url)
+    cache = bulkread.CurveCache()
+    queries: list[int] = []
+    real = bulkread._fetch_without_jit
+
+    def counted(*args: Any) -> Any:
+        queries[-1] += 1
+        return real(*args)
+
+    monkeypatch.setattr(bulkread, "_fetch_without_jit", counted)
+    variants = [(0, None, None), (2, None, 3), (0, ["val_loss"], None), (1, ["lr", "epoch"], 2)]
+    try:
+        spec = validate_spec(note_spec(3)).model_dump(mode="json")
+        with Session(engine) as s:
+            job = repo.create_job(s, spec=spec, queue="cpu")
+            s.flush()
+            repo.claim_job(s, job.id, "host:1", 300)
+            repo.record_progress(s, job.id, _epochs(5))
+            s.commit()
+
+            def check() -> list[int]:
+                queries.clear()
+                for since, keys, max_points in variants:
+                    queries.append(0)
+                    got = json.loads(bulkread.bulk_metrics_json(engine, DEFAULT_PROJECT, {job.id: since}, keys,
+                                                                max_points, cache=cache))
+                    assert got["jobs"][job.id] == _expected(s, job.id, since, keys, max_points), (since, keys)
+                return queries
+
+            assert check() == [1, 1, 1, 1]  # read whole, then kept
+            kept = cache.lists([job.id], ())
+            assert kept[job.id].epochs == [1, 2, 3, 4, 5] and not kept[job.id].sealed
+            repo.record_progress(s, job.id, [{"epoch": 6, "loss": 0.1, "val_loss": 0.2}])
+            s.commit()
+            assert check() == [1, 1, 1, 1]  # the kept ones hold: only epoch 6 read
+            assert cache.lists([job.id], ())[job.id].epochs == [1, 2, 3, 4, 5, 6]
+            # a resumed run redoes epoch 3: its row's xmin changed, so the job is read again whole
+            repo.record_progress(s, job.id, [{"epoch": 3, "loss": 9.0, "val_loss": 8.0, "lr": 7.0}])
+            s.commit()
+            assert check() == [2, 1, 2, 2]  # once per choice of keys (the first two share every key)
+            s.execute(update(JobMetric).where(JobMetric.job_id == job.id, JobMetric.epoch == 5)
+                      .values(values={"epoch": 5, "loss": 5.5}))  # any writer, not only the upsert
+            s.commit()
+            assert check()[0] == 2
+            s.execute(delete(JobMetric).where(JobMetric.job_id == job.id, JobMetric.epoch == 4))
+            s.commit()
+            assert check()[0] == 2
+            # its last epoch commits with the terminal move (which compacts the curve): lists kept
+            # while it ran are checked as usual, then sealed
+            repo.record_progress(s, job.id, [{"epoch": 7, "loss": 0.05}])
+            repo.finish_job(s, job.id, status="succeeded", stop_reason="completed")
+            s.commit()
+            assert s.get(JobCurve, job.id) is not None
+            check()
+            assert all(e.sealed for e in (cache.lists([job.id], bulkread._projection(k))[job.id]
+                                          for _, k, _ in variants))
+            assert check() == [1, 1, 1, 1]
+            # an epoch written after the job finished drops the compacted curve: sealed lists are checked again
+            repo.record_progress(s, job.id, [{"epoch": 8, "loss": 0.025}])
+            s.commit()
+            check()
+            assert not cache.lists([job.id], ())[job.id].sealed
     finally:
         engine.dispose()

@@ -15,7 +15,7 @@ import torch
 from safetensors.numpy import load as load_safetensors
 
 from training import preview_schedule
-from worker.reporter import HEARTBEAT_EVERY_S
+from worker.record import HEARTBEAT_EVERY_S
 
 from .helpers import ROOT, long_spec, note_spec, wait_status
 

@@ -24,7 +24,7 @@ from store.db import make_engine, session_scope
 from store.migrate import alembic_config
 from store.models import Checkpoint, Job, JobMetric, Outbox
 from training import BaseReporter, fit, validate_spec
-from worker.reporter import DbReporter
+from worker.record import RunRecord
 from worker.runner import run_job
 
 from .helpers import ROOT, wait_status
@@ -61,7 +61,7 @@ def test_a_second_claim_fences_the_first_attempt(inproc_env):
     job_id = _job(tiny_spec(epochs=5), settings.queue_name("cpu"))
     first = _claim(job_id)
     assert (first.attempts, first.lease_token) == (1, 1)
-    old = DbReporter(job_id, settings, lease_token=first.lease_token)
+    old = RunRecord(job_id, settings, lease_token=first.lease_token)
     old.on_epoch({"epoch": 1, "loss": 1.0})
     old.flush(force=True)
     assert _metric_epochs(job_id) == [1]
@@ -76,12 +76,12 @@ def test_a_second_claim_fences_the_first_attempt(inproc_env):
     with pytest.raises(leases.LeaseLost):
         old.flush(force=True)
     with pytest.raises(leases.LeaseLost):  # the read-only poll notices too
-        DbReporter(job_id, settings, lease_token=1).flush()
+        RunRecord(job_id, settings, lease_token=1).flush()
     with session_scope() as s, pytest.raises(leases.LeaseLost):
         leases.fence(s, job_id, first.lease_token)
     assert _metric_epochs(job_id) == [1]  # nothing of the old attempt landed
 
-    new = DbReporter(job_id, settings, lease_token=second.lease_token)
+    new = RunRecord(job_id, settings, lease_token=second.lease_token)
     new.on_epoch({"epoch": 2, "loss": 0.4})
     new.flush(force=True)
     with session_scope() as s:

@@ -47,8 +47,7 @@ def test_a_cancel_during_the_pause_ends_the_trial_cancelled(inproc_env: dict[str
     from store import sweeps as store_sweeps
     from store.db import session_scope
     from store.models import Job
-    from worker.reporter import DbReporter
-    from worker.runner import _record_result
+    from worker.record import RunRecord
 
     sid, (a, _b) = _sweep("cancel-race")
     with session_scope() as s:
@@ -58,12 +57,13 @@ def test_a_cancel_during_the_pause_ends_the_trial_cancelled(inproc_env: dict[str
     for j in ids:
         with session_scope() as s:
             repo.request_cancel(s, j)
-    reporter = DbReporter(a, get_settings(), lease_token=token)
-    reporter.buffer = [{"epoch": 1, "val_accuracy": 0.5, "loss": 1.0}]
+    # a flush interval longer than this test: the epoch stays buffered until the pause's transaction
+    record = RunRecord(a, get_settings().replace(flush_interval_s=3600.0), lease_token=token)
+    record.on_epoch({"epoch": 1, "val_accuracy": 0.5, "loss": 1.0})
     result = SimpleNamespace(stop_reason="paused", steps=10, epochs_run=1, monitor=None, best_value=None,
                              best_epoch=None, best_checkpoint=None, best_checkpoint_sha256=None, weights=None,
-                             seconds=0.1, info={}, stopped_epoch=1)
-    assert _record_result(a, reporter, result, 1) == "cancelled"
+                             last_checkpoint=None, seconds=0.1, info={}, stopped_epoch=1)
+    assert record.finish(result) == "cancelled"
     with session_scope() as s:
         job = s.get(Job, a)
         assert (job.status, job.stop_reason) == ("cancelled", "cancelled")

@@ -1,5 +1,24 @@
-"""The reporter the worker hands to ``training.fit``: batches metric writes, keeps a heartbeat,
-stores checkpoints and resume snapshots, and answers ``should_stop`` from the database."""
+"""The worker's record of one attempt at a job (:class:`RunRecord`): everything the attempt
+writes, in one class, in the order a run writes it.
+
+* **Claimed**: :meth:`RunRecord.open` builds the record of a claimed attempt (its lease token,
+  attempt, stall timeout, and for a sweep trial its pruner, ``worker.sweeps.TrialPruner``);
+  :meth:`RunRecord.heartbeat` keeps the lease from a thread while the attempt runs, and ends
+  a stalled attempt.
+* **Training**: the record is the run's ``training.Reporter``. It buffers the epochs, checkpoints
+  and start info the engine reports and writes them at most every ``flush_interval_s`` in one
+  transaction (:meth:`RunRecord.flush`), decides which resume snapshots are built and written,
+  answers ``should_stop`` (cancel, preemption, shutdown, a lost lease), and asks a sweep trial's
+  pruner at its decision epochs (``stop_request``).
+* **Ended**: one transaction records how the attempt ended, with whatever is still buffered:
+  :meth:`RunRecord.finish` (the result; or a requeue on shutdown or preemption; or a sweep
+  trial's pause), :meth:`RunRecord.fail`, :meth:`RunRecord.finish_lr_find`.
+
+With a ``lease_token`` (the claim's fencing token, :mod:`store.leases`) every write transaction
+starts with the fence: once another claim took the job, the next write raises
+:class:`store.leases.LeaseLost` and writes nothing. Files (checkpoints, snapshots) go to the
+artifact store before the transaction that records them opens (:meth:`RunRecord._stage`).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +26,9 @@ import logging
 import multiprocessing
 import threading
 import time
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from config.logs import in_current_context
@@ -15,7 +37,9 @@ from store import leases, repo
 from store.artifact_store import Stored, checkpoint_key, get_store, snapshot_key
 from store.db import session_scope
 from store.floats import encode_float
-from training import BaseReporter, Checkpoint, Snapshot
+from training import BaseReporter, Checkpoint, FitResult, Snapshot
+from training.reporting import PAUSED  # not training.engine: no torch before the claim's heartbeat
+from worker.sweeps import TrialPruner, trial_pruner
 
 
 class SharedFlag:
@@ -54,6 +78,12 @@ SNAPSHOT_BUILD_EVERY_S = 1.0
 #: training: on such an error they keep their batch and try again at the next flush.
 WRITE_RETRY_DEADLINE_S = 120.0
 
+#: Stop reasons after which the job counts as failed (training blew up), not succeeded.
+FAILED_STOP_REASONS = {
+    "non_finite_loss": "training stopped: the loss became NaN or infinite",
+    "diverged": "training stopped: the monitored value crossed the divergence threshold",
+}
+
 log = logging.getLogger("trainyard.worker")
 
 
@@ -70,19 +100,18 @@ def json_safe(value: Any) -> Any:
     return str(value)
 
 
-class DbReporter(BaseReporter):
-    """Writes what the engine reports. Every ``flush_interval_s`` at most one transaction writes
-    the buffered epochs, bumps the heartbeat and reads the cancel flag.
+class RunRecord(BaseReporter):
+    """The record of one attempt at a job: see the module's docstring. Every ``flush_interval_s`` at
+    most one transaction writes the buffered epochs, bumps the heartbeat and reads the cancel flag."""
 
-    With a ``lease_token`` (the claim's fencing token, :mod:`store.leases`) every write
-    transaction starts with the fence: once another claim took the job, the next flush raises
-    :class:`store.leases.LeaseLost` and writes nothing."""
-
-    def __init__(self, job_id: str, settings: Settings, lease_token: int | None = None, stall_timeout_s: float = 0.0,
-                 send: Any = None) -> None:
+    def __init__(self, job_id: str, settings: Settings, *, lease_token: int | None = None, attempt: int = 1,
+                 stall_timeout_s: float = 0.0, send: Any = None, pruner: TrialPruner | None = None) -> None:
         self.job_id = job_id
         self.settings = settings
         self.lease_token = lease_token
+        self.attempt = attempt
+        # a sweep trial's pruner, asked at its decision epochs (None: not a trial, or no early termination)
+        self.pruner = pruner
         # the watchdog (in the heartbeat thread): no sign of training progress (a step polled, an
         # epoch end, a checkpoint, a snapshot) for this long after the engine started training (0:
         # never) ends the attempt as "stalled"; its message is sent with ``send`` (or relayed)
@@ -91,7 +120,7 @@ class DbReporter(BaseReporter):
         self.last_progress: float | None = None  # set by on_start: loading data and building the model do not count
         self.stalled = False
         self.db_down_since: float | None = None
-        self.unwritten_snapshot: Snapshot | None = None  # due, but its transaction failed
+        self.unwritten_snapshot: Snapshot | None = None  # due (or a pause's, or the final one), not written yet
         self.heartbeat_every_s = min(HEARTBEAT_EVERY_S, settings.heartbeat_stale_s / 4)
         self.lease_lost = threading.Event()
         self._beating = threading.Event()
@@ -113,15 +142,35 @@ class DbReporter(BaseReporter):
         self._staged: dict[str, Stored] = {}  # files already in the artifact store, by key (see _stage)
         self.last_built: float | None = None
         self.epochs_seen = 0
+        self.stop_request: str | None = None  # set by a trial's pruner (PAUSED or "pruned")
         # the state after the last epoch is kept, so the job can be continued with more epochs
         self.wants_final_snapshot = settings.keep_final_snapshot
 
+    @classmethod
+    def open(cls, job_id: str, settings: Settings, *, lease_token: int, attempt: int, spec: dict[str, Any],
+             sweep_id: str | None, epochs: int, send: Any = None) -> RunRecord:
+        """The record of a claimed attempt, from what its claim read (lease token, attempt, spec,
+        sweep id, epochs): its stall timeout is the spec's, else the server's; a trial of a sweep
+        with early termination gets its sweep's pruner (only a trial costs a query)."""
+        return cls(job_id, settings, lease_token=lease_token, attempt=attempt,
+                   stall_timeout_s=spec.get("stall_timeout_s") or settings.stall_timeout_s, send=send,
+                   pruner=trial_pruner(job_id, sweep_id, epochs))
+
     # -- the heartbeat thread
-    def start_heartbeat(self) -> None:
+    @contextmanager
+    def heartbeat(self) -> Iterator[None]:
         """Bump the job's heartbeat (fenced) every ``heartbeat_every_s`` from a daemon thread
-        while the job runs: the lease says the process is alive, so loading a large dataset or
+        while the block runs: the lease says the process is alive, so loading a large dataset or
         one long step does not make the job look lost. If the fence fails the lease is gone: the
-        training thread raises LeaseLost at its next poll."""
+        training thread raises LeaseLost at its next poll. The same thread ends a stalled attempt."""
+        self._start_heartbeat()
+        try:
+            yield
+        finally:
+            self._beating.clear()
+            self._beat_thread = None
+
+    def _start_heartbeat(self) -> None:
         if self.lease_token is None or self._beat_thread is not None:
             return
         self._beating.set()
@@ -168,15 +217,15 @@ class DbReporter(BaseReporter):
                         self.job_id, idle, self.stall_timeout_s, done)
         self.lease_lost.set()
 
-    def stop_heartbeat(self) -> None:
-        self._beating.clear()
-        self._beat_thread = None
-
     # -- engine callbacks
     def on_start(self, info: dict[str, Any]) -> None:
         self.last_progress = time.monotonic()
         self.info = json_safe(info)
-        self.flush()
+        if self.pruner is None:
+            self.flush()
+        # A trial's start info (device, parameter count) waits for its first epoch's write instead
+        # of costing a transaction of its own: trials are short, and a sweep runs many
+        # (bench/sweeps.py: per-trial overhead is what ASHA's short trials pay most for).
 
     def on_epoch(self, metrics: dict[str, float]) -> None:
         self.last_progress = time.monotonic()
@@ -184,6 +233,29 @@ class DbReporter(BaseReporter):
         self.epochs_seen += 1
         if time.monotonic() - self.last_flush >= self.settings.flush_interval_s:
             self.flush()
+        if self.pruner is not None and self.stop_request is None:
+            self._ask_pruner(int(metrics["epoch"]))
+
+    def _ask_pruner(self, epoch: int) -> None:
+        """At a trial's decision epoch, ask its sweep's pruner, from the stored trials plus this
+        trial's buffered epochs, before they are written: a stopped trial ends at once and its last
+        epochs are written with its result (one transaction fewer per pruned trial); a trial that
+        goes on writes them right after the decision, so the decisions of trials running beside it
+        see its value at this rung."""
+        assert self.pruner is not None
+        if not self.pruner.decides_at(epoch):
+            return
+        try:
+            request = self.pruner.decide(epoch, list(self.buffer))
+            if request is not None:
+                # ASHA with promotions pauses the trial (the engine hands over a snapshot of this
+                # epoch; the sweep may resume it from there), plain pruning stops it for good
+                self.stop_request = request
+                log.info("trial %s of sweep %s %s after epoch %d", self.job_id, self.pruner.sweep_id, request, epoch)
+                return  # the engine stops after this epoch; finish() writes the buffer with the result
+        except Exception:  # noqa: BLE001 - a failed decision must not fail the trial: it trains on
+            log.exception("trial %s: the pruning decision at epoch %d failed; the trial continues", self.job_id, epoch)
+        self.flush()
 
     def on_checkpoint(self, checkpoint: Checkpoint) -> None:
         self.last_progress = time.monotonic()
@@ -201,6 +273,9 @@ class DbReporter(BaseReporter):
         return self.last_built is None or time.monotonic() - self.last_built >= every
 
     def on_snapshot(self, snapshot: Snapshot) -> None:
+        if self.stop_request == PAUSED:
+            self.unwritten_snapshot = snapshot  # written with the paused state, in finish()'s transaction
+            return
         self.last_progress = time.monotonic()
         now = time.monotonic()
         self.last_built = now
@@ -210,13 +285,6 @@ class DbReporter(BaseReporter):
         self.last_snapshot = now
         self.pending_snapshot = None
         self.write_snapshot(snapshot)
-
-    def write_pending_snapshot(self) -> None:
-        """Write the newest snapshot not written yet (before handing the job back)."""
-        if self.pending_snapshot is not None:
-            self.unwritten_snapshot = self.pending_snapshot
-            self.pending_snapshot = None
-        self.flush(block=True)
 
     def on_final_snapshot(self, snapshot: Snapshot) -> None:
         """The state after the last epoch: written with the job's result (POST
@@ -284,12 +352,12 @@ class DbReporter(BaseReporter):
             if key not in self._staged:
                 self._staged[key] = store.put(key, item.data, item.sha256)
 
-    def stage_buffered(self, *extra: Checkpoint | None) -> None:
-        """:meth:`_stage` what :meth:`write_buffered` will record (before its transaction), and the
-        ``extra`` checkpoints the caller records in it (the last epoch's weights)."""
+    def _stage_buffered(self, *extra: Checkpoint | None) -> None:
+        """:meth:`_stage` what :meth:`_write_buffered` will record (before its transaction), and the
+        ``extra`` checkpoints recorded in it too (the last epoch's weights)."""
         self._stage([*self.pending_checkpoints, *(c for c in extra if c is not None)], self.unwritten_snapshot)
 
-    def staged(self, checkpoint: Checkpoint) -> Stored | None:
+    def _staged_file(self, checkpoint: Checkpoint) -> Stored | None:
         """The file of ``checkpoint`` if :meth:`_stage` wrote it."""
         return self._staged.get(checkpoint_key(self.job_id, checkpoint.sha256))
 
@@ -299,7 +367,7 @@ class DbReporter(BaseReporter):
             repo.add_checkpoint(
                 s, self.job_id, epoch=c.epoch, step=c.step, monitor=c.monitor,
                 value=c.value, data=c.data, sha256=c.sha256, is_best=c.is_best,
-                stored=self.staged(c),
+                stored=self._staged_file(c),
             )
         cancelled = repo.record_progress(s, self.job_id, batch, info=info)
         if snapshot is not None:
@@ -309,17 +377,17 @@ class DbReporter(BaseReporter):
             )
         return cancelled
 
-    def write_buffered(self, s: Any) -> None:
+    def _write_buffered(self, s: Any) -> None:
         """Write everything buffered (epochs, checkpoints, info, the unwritten snapshot) in the
-        caller's transaction, which it has fenced: the runner writes a job's last epochs together
-        with its result. Nothing leaves the buffers until :meth:`buffered_written` (the caller's
-        retry of a failed transaction writes them again)."""
+        fenced transaction ``s`` that ends the attempt: a job's last epochs commit together with
+        its result. Nothing leaves the buffers until :meth:`_buffered_written` (a retry of a failed
+        transaction writes them again)."""
         if not (self.buffer or self.info is not None or self.pending_checkpoints or self.unwritten_snapshot):
             return
         self._write_items(s, self.buffer, self.info, self.pending_checkpoints, self.unwritten_snapshot)
 
-    def buffered_written(self) -> None:
-        """The transaction of :meth:`write_buffered` committed."""
+    def _buffered_written(self) -> None:
+        """The transaction of :meth:`_write_buffered` committed."""
         self.buffer, self.info, self.pending_checkpoints, self.unwritten_snapshot = [], None, [], None
         self._staged.clear()
 
@@ -377,3 +445,162 @@ class DbReporter(BaseReporter):
         if self.unwritten_snapshot is snapshot:
             self.unwritten_snapshot = None
         self.cancelled = cancelled or self.cancelled
+
+    # -- the end of the attempt: one transaction, with whatever is still buffered
+    def _transaction(self, fn: Callable[[Any], Any], what: str) -> Any:
+        """Run ``fn(session)`` in a transaction that starts with the lease fence, retrying transient
+        database errors with backoff (store.leases.retry_transient)."""
+
+        def tx() -> Any:
+            with session_scope() as s:
+                if self.lease_token is not None:
+                    leases.fence(s, self.job_id, self.lease_token)
+                return fn(s)
+
+        return leases.retry_transient(tx, deadline_s=WRITE_RETRY_DEADLINE_S, what=f"job {self.job_id}: {what}")
+
+    def finish(self, result: FitResult) -> str:
+        """Record how the run ended and return the job's status: ``requeued`` (a worker shutdown or a
+        preemption: back to the queue with its newest snapshot), ``paused`` (a sweep trial paused
+        at a rung), or the final status with the result. Raises LeaseLost if another attempt owns
+        the job. Whatever else fails here (the last metrics, the best checkpoint, the final row),
+        the job is recorded failed (it must not stay 'running': the reaper would requeue it
+        forever) and the error is re-raised."""
+        try:
+            return self._finish(result)
+        except leases.LeaseLost:
+            raise
+        except BaseException as exc:
+            try:
+                self.fail(f"internal error while recording the result: {type(exc).__name__}: {exc}")
+            except Exception:  # noqa: BLE001 - re-raise the original error below
+                log.exception("job %s: could not record the failure", self.job_id)
+            log.error("job %s: recording its result failed:\n%s", self.job_id, traceback.format_exc())
+            raise
+
+    def _finish(self, result: FitResult) -> str:
+        if result.stop_reason == "cancelled" and (SHUTDOWN.is_set() or self.preempted) and self._requeue():
+            return "requeued"
+        stop_reason = result.stop_reason
+        if stop_reason == PAUSED:
+            if self._pause(result):
+                return PAUSED
+            stop_reason = "cancelled"  # cancelled meanwhile: it ends cancelled, not paused
+        status = "succeeded"
+        error = None
+        if stop_reason == "cancelled":
+            status = "cancelled"
+        elif stop_reason in FAILED_STOP_REASONS:
+            status, error = "failed", FAILED_STOP_REASONS[stop_reason]
+
+        def finish(s: Any) -> None:
+            # the last epochs and checkpoints commit with the result: one transaction, not two
+            self._write_buffered(s)
+            s.flush()  # the best checkpoint may be among them
+            self._store_best(s, result)
+            self._store_last(s, result)
+            repo.finish_job(
+                s, self.job_id, status=status, stop_reason=stop_reason, error=error,
+                best=(result.monitor, result.best_value, result.best_epoch) if result.monitor else None,
+                steps=result.steps, epochs_run=result.epochs_run, run_seconds=result.seconds,
+                # the engine's info repeats the spec (with a "find" rate replaced by the finder's
+                # suggestion, which info.lr_find holds): the job already serves its spec once
+                info=json_safe({**{k: v for k, v in (result.info or {}).items() if k != "spec"},
+                                "stopped_epoch": result.stopped_epoch, "attempt": self.attempt}),
+            )
+
+        self._stage_buffered(result.last_checkpoint)  # the last files, before the transaction (see _stage)
+        self._transaction(finish, "finish")
+        self._buffered_written()
+        return status
+
+    def _requeue(self) -> bool:
+        """A worker shutdown, or a preemption (store.scheduling.request_preemptions): the job goes
+        back to the queue with its newest snapshot (and its message back to the broker), unless the
+        user asked to cancel it meanwhile. Whether it was requeued."""
+        reason = "worker shutdown" if SHUTDOWN.is_set() else "preempted"
+        self.flush(block=True)  # also reads whether the user asked to cancel meanwhile
+        if self.cancelled:
+            return False
+        if self.pending_snapshot is not None:  # the newest snapshot not written yet
+            self.unwritten_snapshot = self.pending_snapshot
+            self.pending_snapshot = None
+        self.flush(block=True)
+        requeued = self._transaction(
+            lambda s: repo.requeue_job(s, self.job_id, reason, spare_attempt=reason == "preempted"), "requeue")
+        if requeued:
+            log.info("job %s stopped for %s; requeued", self.job_id, reason)
+        return bool(requeued)
+
+    def _pause(self, result: FitResult) -> bool:
+        """A sweep trial paused at an ASHA rung: its last epochs, the snapshot of this epoch and the
+        paused state commit together; the sweep resumes it from there, or ends it. False if the
+        job was cancelled meanwhile (nothing written)."""
+
+        def pause(s: Any) -> bool:
+            if not repo.pause_job(s, self.job_id, steps=result.steps, epochs_run=result.epochs_run,
+                                  run_seconds=result.seconds,
+                                  best=(result.monitor, result.best_value, result.best_epoch) if result.monitor else None):
+                return False
+            self._write_buffered(s)
+            s.flush()
+            self._store_best(s, result)  # what a pruned trial keeps, should it never resume
+            return True
+
+        self._stage_buffered()
+        if not self._transaction(pause, "pause"):
+            return False
+        self._buffered_written()
+        return True
+
+    def _store_best(self, s: Any, result: FitResult) -> None:
+        """Mark the engine's best checkpoint; store it (or the final weights) if no row has it."""
+        if result.best_checkpoint_sha256 and repo.mark_best_checkpoint(
+            s, self.job_id, result.best_checkpoint_sha256, result.best_checkpoint
+        ):
+            return
+        data = result.best_checkpoint
+        last = result.last_checkpoint
+        if data is None and last is not None:
+            data = last.data  # no checkpoint was saved: the final weights, with their card
+        if data is None and result.weights:
+            from safetensors.torch import save
+
+            data = save({k: v.detach().cpu().contiguous() for k, v in result.weights.items()})
+        if data is None:
+            return
+        repo.add_checkpoint(
+            s, self.job_id, epoch=result.best_epoch or result.epochs_run, step=result.steps, monitor=result.monitor,
+            value=result.best_value, data=data, sha256=repo.sha256_hex(data), is_best=True,
+        )
+
+    def _store_last(self, s: Any, result: FitResult) -> None:
+        """Keep the last epoch's weights (before early stopping restored the best) as the job's
+        newest checkpoint, so they can be downloaded as well as the best (its file was written
+        before this transaction: :meth:`_stage_buffered`)."""
+        last = result.last_checkpoint
+        if last is not None:
+            repo.add_last_checkpoint(s, self.job_id, epoch=last.epoch, step=last.step, monitor=last.monitor,
+                                     value=last.value, data=last.data, sha256=last.sha256,
+                                     stored=self._staged_file(last))
+
+    def fail(self, error: str) -> None:
+        """Record the attempt failed with ``error``, after writing what is buffered (if that fails,
+        the failure is recorded anyway). Raises LeaseLost if another attempt owns the job."""
+        try:
+            self.flush(block=True)
+        except leases.LeaseLost:
+            raise
+        except Exception:  # noqa: BLE001 - recording the failure matters more than the last metrics
+            log.exception("could not write the last metrics of job %s", self.job_id)
+        self._transaction(lambda s: repo.finish_job(s, self.job_id, status="failed", stop_reason="error",
+                                                    error=error[:10_000]), "record the failure")
+
+    def finish_lr_find(self, out: dict[str, Any]) -> str:
+        """Record an ``lr_find`` job's curve and suggestion (``out``) with its status."""
+        status = "cancelled" if self.cancelled else "succeeded"
+        self._transaction(lambda s: repo.finish_job(
+            s, self.job_id, status=status, stop_reason="cancelled" if self.cancelled else "completed",
+            info=json_safe({"lr_find": out}),
+        ), "finish")
+        return status
