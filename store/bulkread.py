@@ -288,7 +288,7 @@ def _pg_curves(
         "CROSS JOIN LATERAL (SELECT string_agg(CAST(m.epoch AS TEXT), ',') AS e, "
         f"string_agg({epoch_sql}, chr(1)) AS t FROM (SELECT m.epoch, m.\"values\" FROM job_metrics m "
         "WHERE m.job_id = w.id AND m.\"values\" IS NOT NULL "
-        f"AND (c.job_id IS NULL OR w.f = 'n' OR NOT {same}) "
+        f"AND (c.job_id IS NULL OR w.f = 'n' OR (w.f = 's' AND NOT {same})) "
         f"AND m.epoch > CASE WHEN {same} THEN w.k ELSE 0 END ORDER BY m.epoch) m) x"
     ))
     out: dict[str, tuple[int, str]] = {}
