@@ -61,7 +61,8 @@ class Epochs:
     """One job's epochs as this process read them, oldest first, for one choice of keys (``proj``):
     their numbers, and their JSON texts as the answer's array ``body`` (``"[t1,t2,...]"``, built
     once and extended as epochs are appended, so a whole curve is answered without joining its
-    epochs again) with where each text starts in it (``starts``). ``rev``: the job's
+    epochs again) with where each text starts in it (``starts``, and one more item: where a
+    next one would). ``rev``: the job's
     ``metrics_rewrites`` when they were read (0006): while the job's row still has it, no kept
     epoch was overwritten, deleted or filled in below the last one, so the list is still the
     job's curve up to ``k`` and only epochs after ``k`` are new. ``sealed``: read while the job's
@@ -88,25 +89,26 @@ class Epochs:
             return Epochs(self.epochs, self.starts, self.body, rev, sealed)
         assert texts is not None
         more = texts.split("\x01")
-        starts = self.starts.copy()
+        starts = self.starts[:-1]  # without the end mark
         at = len(self.body) if self.epochs else 1  # where the next text goes: after "…," or "["
         for t in more:
             starts.append(at)
             at += len(t) + 1
+        starts.append(at)  # the end mark: the next text's start, as if the last were followed by ","
         head = self.body[:-1] + "," if self.epochs else "["
         return Epochs(self.epochs + [int(e) for e in epochs.split(",")], starts,
                       head + ",".join(more) + "]", rev, sealed)
-
-    def text(self, i: int) -> str:
-        """The ``i``-th epoch's JSON text."""
-        end = self.starts[i + 1] - 1 if i + 1 < len(self.starts) else len(self.body) - 1
-        return self.body[self.starts[i]:end]
 
     def render(self, since: int, max_points: int | None) -> tuple[int, str]:
         first = bisect_right(self.epochs, since) if since else 0
         total = len(self.epochs) - first
         if max_points is not None and total > max_points:
-            return total, f"[{','.join(self.text(first + i) for i in _kept(total, max_points))}]"
+            # epoch i's text is body[starts[i]:starts[i + 1] - 1] (the end mark makes it so for the last)
+            body, starts = self.body, self.starts
+            picked = _kept(total, max_points)
+            if first:
+                picked = tuple(first + i for i in picked)
+            return total, f"[{','.join([body[starts[i]:starts[i + 1] - 1] for i in picked])}]"
         if first == 0:
             return total, self.body
         if total == 0:
@@ -114,7 +116,7 @@ class Epochs:
         return total, "[" + self.body[self.starts[first]:]
 
 
-EMPTY = Epochs([], [], "[]", -1, False)
+EMPTY = Epochs([], [1], "[]", -1, False)
 
 
 class CurveCache:
@@ -212,10 +214,13 @@ def bulk_metrics_json(
         found = _pg_curves(engine, project_id, since, keys, max_points, cache)
     else:
         found = _portable(engine, project_id, since, keys, max_points, cache)
-    # one join of every piece (each curve's body as kept: not copied into a per-job string first)
+    # one join of every piece (each curve's body as kept: not copied into a per-job string first),
+    # the jobs in the order they were asked for
     parts = ['{"jobs":{']
-    for job_id, (total, body) in found.items():
-        parts += ('"', job_id, '":{"epochs":', body, ',"total":', str(total), '},')
+    for job_id in since:
+        got = found.get(job_id)
+        if got is not None:
+            parts += ('"', job_id, '":{"epochs":', got[1], ',"total":', str(got[0]), '},')
     if found:
         parts[-1] = "}"
     missing = [i for i in since if i not in found]
