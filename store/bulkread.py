@@ -59,22 +59,21 @@ def _epoch_expr(dialect: str, keys: Sequence[str] | None) -> tuple[str, dict[str
 
 class Epochs:
     """One job's epochs as this process read them, oldest first, for one choice of keys (``proj``):
-    their numbers, and their JSON texts as the answer's array ``body`` (``"[t1,t2,...]"``, built
-    once and extended as epochs are appended, so a whole curve is answered without joining its
-    epochs again) with where each text starts in it (``starts``, and one more item: where a
-    next one would). ``rev``: the job's
-    ``metrics_rewrites`` when they were read (0006): while the job's row still has it, no kept
-    epoch was overwritten, deleted or filled in below the last one, so the list is still the
-    job's curve up to ``k`` and only epochs after ``k`` are new. ``sealed``: read while the job's
-    curve was compacted, so, while it still is (and ``rev`` holds), it cannot have changed
-    (:mod:`store.curves`) and its rows are not read at all."""
+    their numbers, and their JSON texts comma-joined (``inner``: the answer's array without its
+    brackets, built once and extended as epochs are appended, so a whole curve is answered without
+    joining its epochs again) with where each text starts in it (``starts``, and one more item:
+    where a next one would). ``rev``: the job's ``metrics_rewrites`` when they were read (0006):
+    while the job's row still has it, no kept epoch was overwritten, deleted or filled in below
+    the last one, so the list is still the job's curve up to ``k`` and only epochs after ``k`` are
+    new. ``sealed``: read while the job's curve was compacted, so, while it still is (and ``rev``
+    holds), it cannot have changed (:mod:`store.curves`) and its rows are not read at all."""
 
-    __slots__ = ("epochs", "starts", "body", "rev", "sealed", "chars")
+    __slots__ = ("epochs", "starts", "inner", "rev", "sealed", "chars")
 
-    def __init__(self, epochs: list[int], starts: list[int], body: str, rev: int, sealed: bool) -> None:
-        self.epochs, self.starts, self.body, self.rev, self.sealed = epochs, starts, body, rev, sealed
+    def __init__(self, epochs: list[int], starts: list[int], inner: str, rev: int, sealed: bool) -> None:
+        self.epochs, self.starts, self.inner, self.rev, self.sealed = epochs, starts, inner, rev, sealed
         # its size for the cache's bound: characters, and ~ the ints' and lists' overhead (bytes)
-        self.chars = len(body) + 72 * len(epochs)
+        self.chars = len(inner) + 72 * len(epochs)
 
     @property
     def k(self) -> int:
@@ -86,37 +85,36 @@ class Epochs:
         if epochs is None:
             if self.sealed == sealed and self.rev == rev:
                 return self
-            return Epochs(self.epochs, self.starts, self.body, rev, sealed)
+            return Epochs(self.epochs, self.starts, self.inner, rev, sealed)
         assert texts is not None
         more = texts.split("\x01")
         starts = self.starts[:-1]  # without the end mark
-        at = len(self.body) if self.epochs else 1  # where the next text goes: after "…," or "["
+        at = self.starts[-1]  # where the next text goes (after the ",")
         for t in more:
             starts.append(at)
             at += len(t) + 1
-        starts.append(at)  # the end mark: the next text's start, as if the last were followed by ","
-        head = self.body[:-1] + "," if self.epochs else "["
-        return Epochs(self.epochs + [int(e) for e in epochs.split(",")], starts,
-                      head + ",".join(more) + "]", rev, sealed)
+        starts.append(at)  # the end mark: where a next text would go, as if the last were followed by ","
+        # one copy of the kept text (a + between three strings made four)
+        inner = ",".join([self.inner, *more]) if self.epochs else ",".join(more)
+        return Epochs(self.epochs + [int(e) for e in epochs.split(",")], starts, inner, rev, sealed)
 
-    def render(self, since: int, max_points: int | None) -> tuple[int, str]:
+    def render(self, since: int, max_points: int | None) -> tuple[int, tuple[str, ...]]:
+        """(epochs after ``since``, the pieces of their JSON array: joined by the caller)."""
         first = bisect_right(self.epochs, since) if since else 0
         total = len(self.epochs) - first
         if max_points is not None and total > max_points:
-            # epoch i's text is body[starts[i]:starts[i + 1] - 1] (the end mark makes it so for the last)
-            body, starts = self.body, self.starts
+            # epoch i's text is inner[starts[i]:starts[i + 1] - 1] (the end mark makes it so for the last)
+            inner, starts = self.inner, self.starts
             picked = _kept(total, max_points)
             if first:
                 picked = tuple(first + i for i in picked)
-            return total, f"[{','.join([body[starts[i]:starts[i + 1] - 1] for i in picked])}]"
+            return total, ("[", ",".join([inner[starts[i]:starts[i + 1] - 1] for i in picked]), "]")
         if first == 0:
-            return total, self.body
-        if total == 0:
-            return 0, "[]"
-        return total, "[" + self.body[self.starts[first]:]
+            return total, ("[", self.inner, "]")
+        return total, ("[", self.inner[self.starts[first]:] if total else "", "]")
 
 
-EMPTY = Epochs([], [1], "[]", -1, False)
+EMPTY = Epochs([], [0], "", -1, False)
 
 
 class CurveCache:
@@ -220,7 +218,7 @@ def bulk_metrics_json(
     for job_id in since:
         got = found.get(job_id)
         if got is not None:
-            parts += ('"', job_id, '":{"epochs":', got[1], ',"total":', str(got[0]), '},')
+            parts += ('"', job_id, '":{"epochs":', *got[1], ',"total":', str(got[0]), '},')
     if found:
         parts[-1] = "}"
     missing = [i for i in since if i not in found]
@@ -231,7 +229,7 @@ def bulk_metrics_json(
 def _portable(
     engine: Engine, project_id: str, since: dict[str, int], keys: Sequence[str] | None, max_points: int | None,
     cache: CurveCache | None,
-) -> dict[str, tuple[int, str]]:
+) -> dict[str, tuple[int, tuple[str, ...]]]:
     whole = not keys and max_points is None
     cached = cache.snapshot(i for i, s in since.items() if s == 0) if cache is not None and whole else {}
     out = {}
@@ -241,7 +239,7 @@ def _portable(
             body = cached[job_id]
         elif compacted and cache is not None:
             cache.put(job_id, body)
-        out[job_id] = (total, body)
+        out[job_id] = (total, (body,))
     return out
 
 
@@ -254,7 +252,7 @@ def _projection(keys: Sequence[str] | None) -> tuple[str, ...]:
 def _pg_curves(
     engine: Engine, project_id: str, since: dict[str, int], keys: Sequence[str] | None, max_points: int | None,
     cache: CurveCache | None,
-) -> dict[str, tuple[int, str]]:
+) -> dict[str, tuple[int, tuple[str, ...]]]:
     """On PostgreSQL, one query, one row per job of the project:
 
     - a finished job's whole curve, asked from its first epoch with every key, is its compacted
@@ -296,7 +294,7 @@ def _pg_curves(
         f"AND (c.job_id IS NULL OR w.f = 'n' OR (w.f = 's' AND NOT {same})) "
         f"AND m.epoch > CASE WHEN {same} THEN w.k ELSE 0 END ORDER BY m.epoch) m) x"
     ))
-    out: dict[str, tuple[int, str]] = {}
+    out: dict[str, tuple[int, tuple[str, ...]]] = {}
     fresh: dict[str, Epochs] = {}
     ids = list(since)
     params = {"ids": ",".join(ids), "ks": ",".join(str(kept[i].k if i in kept else 0) for i in ids),
@@ -309,7 +307,7 @@ def _pg_curves(
                 body = bodies[job_id]
             elif cache is not None:
                 cache.put(job_id, body)
-            out[job_id] = (int(n), body)
+            out[job_id] = (int(n), (body,))
             continue
         have = kept.get(job_id, EMPTY)
         if not (compacted and flag == "s" and rev == have.rev):
