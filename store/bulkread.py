@@ -59,10 +59,10 @@ def _epoch_expr(dialect: str, keys: Sequence[str] | None) -> tuple[str, dict[str
 
 class Epochs:
     """One job's epochs as this process read them, oldest first, for one choice of keys (``proj``):
-    their numbers, and their JSON texts comma-joined (``inner``: the answer's array without its
-    brackets, built once and extended as epochs are appended, so a whole curve is answered without
-    joining its epochs again) with where each text starts in it (``starts``, and one more item:
-    where a next one would). ``rev``: the job's ``metrics_rewrites`` when they were read (0006):
+    their numbers, and their JSON texts comma-joined, UTF-8 (``inner``: the answer's array without
+    its brackets, built once and extended as epochs are appended, so a whole curve is answered without
+    joining its epochs again) with where each text starts in it (``starts``, byte offsets, and one
+    more item: where a next one would). ``rev``: the job's ``metrics_rewrites`` when they were read (0006):
     while the job's row still has it, no kept epoch was overwritten, deleted or filled in below
     the last one, so the list is still the job's curve up to ``k`` and only epochs after ``k`` are
     new. ``sealed``: read while the job's curve was compacted, so, while it still is (and ``rev``
@@ -70,7 +70,7 @@ class Epochs:
 
     __slots__ = ("epochs", "starts", "inner", "rev", "sealed", "chars")
 
-    def __init__(self, epochs: list[int], starts: list[int], inner: str, rev: int, sealed: bool) -> None:
+    def __init__(self, epochs: list[int], starts: list[int], inner: bytes, rev: int, sealed: bool) -> None:
         self.epochs, self.starts, self.inner, self.rev, self.sealed = epochs, starts, inner, rev, sealed
         # its size for the cache's bound: characters, and ~ the ints' and lists' overhead (bytes)
         self.chars = len(inner) + 72 * len(epochs)
@@ -90,15 +90,17 @@ class Epochs:
         more = texts.split("\x01")
         starts = self.starts[:-1]  # without the end mark
         at = self.starts[-1]  # where the next text goes (after the ",")
+        ascii_only = texts.isascii()  # then a character is a byte
         for t in more:
             starts.append(at)
-            at += len(t) + 1
+            at += (len(t) if ascii_only else len(t.encode())) + 1
         starts.append(at)  # the end mark: where a next text would go, as if the last were followed by ","
+        new = ",".join(more).encode()
         # one copy of the kept text (a + between three strings made four)
-        inner = ",".join([self.inner, *more]) if self.epochs else ",".join(more)
+        inner = b",".join([self.inner, new]) if self.epochs else new
         return Epochs(self.epochs + [int(e) for e in epochs.split(",")], starts, inner, rev, sealed)
 
-    def render(self, since: int, max_points: int | None) -> tuple[int, tuple[str, ...]]:
+    def render(self, since: int, max_points: int | None) -> tuple[int, tuple[bytes, ...]]:
         """(epochs after ``since``, the pieces of their JSON array: joined by the caller)."""
         first = bisect_right(self.epochs, since) if since else 0
         total = len(self.epochs) - first
@@ -108,13 +110,13 @@ class Epochs:
             picked = _kept(total, max_points)
             if first:
                 picked = tuple(first + i for i in picked)
-            return total, ("[", ",".join([inner[starts[i]:starts[i + 1] - 1] for i in picked]), "]")
+            return total, (b"[", b",".join([inner[starts[i]:starts[i + 1] - 1] for i in picked]), b"]")
         if first == 0:
-            return total, ("[", self.inner, "]")
-        return total, ("[", self.inner[self.starts[first]:] if total else "", "]")
+            return total, (b"[", self.inner, b"]")
+        return total, (b"[", self.inner[self.starts[first]:] if total else b"", b"]")
 
 
-EMPTY = Epochs([], [0], "", -1, False)
+EMPTY = Epochs([], [0], b"", -1, False)
 
 
 class CurveCache:
@@ -134,20 +136,20 @@ class CurveCache:
 
     def __init__(self, max_chars: int = 64_000_000) -> None:
         self.max_chars = max_chars
-        self._curves: OrderedDict[str, str] = OrderedDict()
+        self._curves: OrderedDict[str, bytes] = OrderedDict()
         self._chars = 0
         self._lists: OrderedDict[tuple[str, tuple[str, ...]], Epochs] = OrderedDict()
         self._list_chars = 0
         self._lock = threading.Lock()
 
-    def snapshot(self, job_ids: Iterable[str]) -> dict[str, str]:
+    def snapshot(self, job_ids: Iterable[str]) -> dict[str, bytes]:
         with self._lock:
             out = {i: self._curves[i] for i in job_ids if i in self._curves}
             for i in out:
                 self._curves.move_to_end(i)
             return out
 
-    def put(self, job_id: str, body: str) -> None:
+    def put(self, job_id: str, body: bytes) -> None:
         if len(body) > self.max_chars:
             return
         with self._lock:
@@ -214,31 +216,34 @@ def bulk_metrics_json(
         found = _portable(engine, project_id, since, keys, max_points, cache)
     # one join of every piece (each curve's body as kept: not copied into a per-job string first),
     # the jobs in the order they were asked for
-    parts = ['{"jobs":{']
+    # (as bytes: a str joined, then encoded, was one more copy of the ~16 MB)
+    parts = [b'{"jobs":{']
     for job_id in since:
         got = found.get(job_id)
         if got is not None:
-            parts += ('"', job_id, '":{"epochs":', *got[1], ',"total":', str(got[0]), '},')
+            parts += (f'"{job_id}":{{"epochs":'.encode(), *got[1], f',"total":{got[0]}}},'.encode())
     if found:
-        parts[-1] = "}"
+        parts[-1] = parts[-1][:-1]  # the last job's ","
     missing = [i for i in since if i not in found]
-    parts.append(f'}},"missing":{json.dumps(missing)}}}')
-    return "".join(parts).encode()
+    parts.append(f'}},"missing":{json.dumps(missing)}}}'.encode())
+    return b"".join(parts)
 
 
 def _portable(
     engine: Engine, project_id: str, since: dict[str, int], keys: Sequence[str] | None, max_points: int | None,
     cache: CurveCache | None,
-) -> dict[str, tuple[int, tuple[str, ...]]]:
+) -> dict[str, tuple[int, tuple[bytes, ...]]]:
     whole = not keys and max_points is None
     cached = cache.snapshot(i for i, s in since.items() if s == 0) if cache is not None and whole else {}
     out = {}
-    for job_id, (total, body, compacted) in _portable_curves(engine, project_id, since, keys, max_points,
-                                                             cached).items():
-        if body is None:
+    for job_id, (total, curve, compacted) in _portable_curves(engine, project_id, since, keys, max_points,
+                                                              cached).items():
+        if curve is None:
             body = cached[job_id]
-        elif compacted and cache is not None:
-            cache.put(job_id, body)
+        else:
+            body = curve.encode()
+            if compacted and cache is not None:
+                cache.put(job_id, body)
         out[job_id] = (total, (body,))
     return out
 
@@ -252,7 +257,7 @@ def _projection(keys: Sequence[str] | None) -> tuple[str, ...]:
 def _pg_curves(
     engine: Engine, project_id: str, since: dict[str, int], keys: Sequence[str] | None, max_points: int | None,
     cache: CurveCache | None,
-) -> dict[str, tuple[int, tuple[str, ...]]]:
+) -> dict[str, tuple[int, tuple[bytes, ...]]]:
     """On PostgreSQL, one query, one row per job of the project:
 
     - a finished job's whole curve, asked from its first epoch with every key, is its compacted
@@ -294,7 +299,7 @@ def _pg_curves(
         f"AND (c.job_id IS NULL OR w.f = 'n' OR (w.f = 's' AND NOT {same})) "
         f"AND m.epoch > CASE WHEN {same} THEN w.k ELSE 0 END ORDER BY m.epoch) m) x"
     ))
-    out: dict[str, tuple[int, tuple[str, ...]]] = {}
+    out: dict[str, tuple[int, tuple[bytes, ...]]] = {}
     fresh: dict[str, Epochs] = {}
     ids = list(since)
     params = {"ids": ",".join(ids), "ks": ",".join(str(kept[i].k if i in kept else 0) for i in ids),
@@ -303,11 +308,10 @@ def _pg_curves(
     for job_id, compacted, n, body, rev, epochs, texts in _fetch_without_jit(engine, sql, params):
         flag = flags[job_id]
         if compacted and flag in "Bb":
-            if body is None:
-                body = bodies[job_id]
-            elif cache is not None:
-                cache.put(job_id, body)
-            out[job_id] = (int(n), (body,))
+            got = bodies[job_id] if body is None else body.encode()
+            if body is not None and cache is not None:
+                cache.put(job_id, got)
+            out[job_id] = (int(n), (got,))
             continue
         have = kept.get(job_id, EMPTY)
         if not (compacted and flag == "s" and rev == have.rev):
@@ -345,7 +349,7 @@ def _fetch_without_jit(engine: Engine, sql: str, params: dict[str, Any]) -> list
 
 def _portable_curves(
     engine: Engine, project_id: str, since: dict[str, int], keys: Sequence[str] | None, max_points: int | None,
-    cached: dict[str, str],
+    cached: dict[str, bytes],
 ) -> Found:
     """Elsewhere (SQLite, embedded mode): finished jobs' compacted curves when whole curves are
     asked for; the other jobs' epochs one row each, spliced together here."""

@@ -207,12 +207,21 @@ def test_kept_epochs_are_extended_and_checked_on_postgresql(pg, monkeypatch):
             assert check() == [1, 1, 1, 1]
             assert all(lists()[p] is before[p] for p in projections)  # nothing new: the kept lists answer
             rev = revision()
-            repo.record_progress(s, job.id, [{"epoch": 6, "loss": 0.1, "val_loss": 0.2}])
+            # appended by a plain INSERT (the trigger does not fire on one), its JSON text not ASCII: the
+            # kept lists' offsets are in bytes, not characters (the ORM's writes escape to ASCII)
+            s.execute(text('INSERT INTO job_metrics (job_id, epoch, "values", created_at) '
+                           "VALUES (:j, 6, CAST(:v AS json), now())"),
+                      {"j": job.id, "v": '{"epoch": 6, "loss": 0.1, "val_loss": 0.2, "größe": 0.3}'})
             s.commit()
             assert revision() == rev  # an append is not a rewrite
             assert check() == [1, 1, 1, 1]  # the kept ones hold: only epoch 6 read
             assert cache.lists([job.id], ())[job.id].epochs == [1, 2, 3, 4, 5, 6]
-            assert all(lists()[p].inner.startswith(before[p].inner + ",") for p in projections)  # extended
+            assert all(lists()[p].inner.startswith(before[p].inner + b",") for p in projections)  # extended
+            repo.record_progress(s, job.id, [{"epoch": 7, "loss": 0.07, "lr": 0.7}])  # the worker's append
+            s.commit()
+            assert revision() == rev
+            assert check() == [1, 1, 1, 1]
+            assert cache.lists([job.id], ())[job.id].epochs == [1, 2, 3, 4, 5, 6, 7]
             # each way an epoch a reader kept can change, then the answers must follow
             changes = [
                 # a resumed run redoes epoch 3 (the upsert overwrites its row)
@@ -224,7 +233,7 @@ def test_kept_epochs_are_extended_and_checked_on_postgresql(pg, monkeypatch):
                 # epoch 4 written again below the highest (a row inserted, none overwritten)
                 lambda: repo.record_progress(s, job.id, [{"epoch": 4, "loss": 4.4, "lr": 0.4}]),
                 # a rewrite and an append in one batch
-                lambda: repo.record_progress(s, job.id, [{"epoch": 6, "loss": 6.6}, {"epoch": 7, "loss": 0.07}]),
+                lambda: repo.record_progress(s, job.id, [{"epoch": 7, "loss": 7.7}, {"epoch": 8, "loss": 0.08}]),
             ]
             for change in changes:
                 rev = revision()
@@ -235,7 +244,7 @@ def test_kept_epochs_are_extended_and_checked_on_postgresql(pg, monkeypatch):
                 assert {p: e.rev for p, e in lists().items()} == dict.fromkeys(projections, revision())
             # its last epoch commits with the terminal move (which compacts the curve): lists kept
             # while it ran are checked as usual, then sealed
-            repo.record_progress(s, job.id, [{"epoch": 8, "loss": 0.05}])
+            repo.record_progress(s, job.id, [{"epoch": 9, "loss": 0.05}])
             repo.finish_job(s, job.id, status="succeeded", stop_reason="completed")
             s.commit()
             assert s.get(JobCurve, job.id) is not None
@@ -243,7 +252,7 @@ def test_kept_epochs_are_extended_and_checked_on_postgresql(pg, monkeypatch):
             assert all(e.sealed for e in lists().values())
             assert check() == [1, 1, 1, 1]
             # an epoch written after the job finished drops the compacted curve: sealed lists are checked again
-            repo.record_progress(s, job.id, [{"epoch": 9, "loss": 0.025}])
+            repo.record_progress(s, job.id, [{"epoch": 10, "loss": 0.025}])
             s.commit()
             check()
             assert not cache.lists([job.id], ())[job.id].sealed
