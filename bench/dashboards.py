@@ -112,7 +112,7 @@ def make_jobs(n: int, epochs: int = 0, labelled_every: int = 10, status: str = "
                 s.execute(update(Job).where(Job.id == j.id).values(
                     status=status, stop_reason="completed" if status == "succeeded" else None,
                     best_monitor="val_loss", best_value=repr(v),
-                    best_number=v, best_epoch=1, epoch=max(1, epochs)))
+                    best_number=v, best_epoch=1, epoch=max(1, epochs), metrics_top=epochs))
             if epochs:
                 now = repo.utcnow()
                 rows = [{"job_id": j.id, "epoch": e, "created_at": now,
@@ -301,13 +301,13 @@ def bench_list(n_jobs: int, rounds: int) -> dict[str, Any]:
 
 def bench_bulk(n_jobs: int, epochs: int, rounds: int) -> dict[str, Any]:
     import httpx
-    from sqlalchemy import insert
+    from sqlalchemy import insert, update
 
     from api.app import create_app
     from store import repo
     from store.bulkread import CURVES
     from store.db import session_scope
-    from store.models import JobMetric
+    from store.models import Job, JobMetric
 
     done = make_jobs(n_jobs, epochs)
     running = make_jobs(n_jobs, epochs, status="running")
@@ -323,6 +323,9 @@ def bench_bulk(n_jobs: int, epochs: int, rounds: int) -> dict[str, Any]:
                                            "values": {"epoch": e, "loss": 1 / e, "val_loss": 1.2 / e, "accuracy": 0.9,
                                                       "val_accuracy": 0.9, "lr": 0.001, "seconds": 0.01}}
                                           for j in running])
+            # and their rows, as repo.record_progress updates them (progress, heartbeat, revision)
+            s.execute(update(Job).where(Job.id.in_(running)).values(
+                epoch=e, heartbeat_at=repo.utcnow(), updated_at=repo.utcnow(), metrics_top=e))
 
     def body(ids: list[str], **kw: Any) -> dict[str, Any]:
         return {"jobs": [{"id": i} for i in ids], **kw}

@@ -4,7 +4,8 @@ finished jobs' whole curves come precompacted, one row each (:mod:`store.curves`
 
 On PostgreSQL the API process also keeps each job's epochs it has read (:class:`CurveCache`,
 per job and choice of ``keys``) and asks the database only for the epochs after them, with a
-proof that those it keeps are unchanged (the rows' ``xmin``); ``since_epoch`` and
+proof that those it keeps are unchanged (the job row's ``metrics_rewrites``, migration 0006:
+one column per job, not one row per epoch); ``since_epoch`` and
 ``max_points`` are then picked from the kept list in Python (BENCHMARKS.md, dashboards)."""
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 from sqlalchemy import Engine, bindparam, text
 
-from store.fastread import downsample
+from store.fastread import _kept, downsample
 
 
 def _name(i: int) -> str:
@@ -58,45 +59,64 @@ def _epoch_expr(dialect: str, keys: Sequence[str] | None) -> tuple[str, dict[str
 
 class Epochs:
     """One job's epochs as this process read them, oldest first, for one choice of keys (``proj``):
-    each epoch's number and JSON text, and the ``xmin`` of each row they came from (the id of the
-    transaction that wrote it), comma-joined in epoch order. A row rewritten, deleted or written
-    below ``k`` since changes that string (a new row version has its writer's ``xmin``, which no
-    row read before had), so comparing it with the database's own says whether the list is still
-    the job's curve up to ``k``. ``sealed``: read while the job's curve was compacted, so, while
-    it still is, it cannot have changed (:mod:`store.curves`) and is not checked again."""
+    their numbers, and their JSON texts comma-joined, UTF-8 (``inner``: the answer's array without
+    its brackets, built once and extended as epochs are appended, so a whole curve is answered without
+    joining its epochs again) with where each text starts in it (``starts``, byte offsets, and one
+    more item: where a next one would). ``rev``: the job's ``metrics_rewrites`` when they were read (0006):
+    while the job's row still has it, no kept epoch was overwritten, deleted or filled in below
+    the last one, so the list is still the job's curve up to ``k`` and only epochs after ``k`` are
+    new. ``sealed``: read while the job's curve was compacted, so, while it still is (and ``rev``
+    holds), it cannot have changed (:mod:`store.curves`) and its rows are not read at all."""
 
-    __slots__ = ("epochs", "texts", "xmins", "sealed", "chars")
+    __slots__ = ("epochs", "starts", "inner", "rev", "sealed", "chars")
 
-    def __init__(self, epochs: list[int], texts: list[str], xmins: str, sealed: bool, chars: int | None = None) -> None:
-        self.epochs, self.texts, self.xmins, self.sealed = epochs, texts, xmins, sealed
-        # its size for the cache's bound: characters, and ~ the objects' overhead (bytes)
-        self.chars = sum(map(len, texts)) + len(xmins) + 96 * len(texts) if chars is None else chars
+    def __init__(self, epochs: list[int], starts: list[int], inner: bytes, rev: int, sealed: bool) -> None:
+        self.epochs, self.starts, self.inner, self.rev, self.sealed = epochs, starts, inner, rev, sealed
+        # its size for the cache's bound: characters, and ~ the ints' and lists' overhead (bytes)
+        self.chars = len(inner) + 72 * len(epochs)
 
     @property
     def k(self) -> int:
         return self.epochs[-1] if self.epochs else 0
 
-    def extended(self, epochs: str | None, xmins: str | None, texts: str | None, sealed: bool) -> Epochs:
-        """This list with the epochs read after it (``epochs`` and ``xmins`` comma-joined,
-        ``texts`` joined by U+0001, which JSON text cannot contain unescaped)."""
+    def extended(self, epochs: str | None, texts: str | None, rev: int, sealed: bool) -> Epochs:
+        """This list with the epochs read after it (``epochs`` comma-joined, ``texts`` joined by
+        U+0001, which JSON text cannot contain unescaped), as of revision ``rev``."""
         if epochs is None:
-            return self if self.sealed == sealed else Epochs(self.epochs, self.texts, self.xmins, sealed, self.chars)
-        assert xmins is not None and texts is not None
+            if self.sealed == sealed and self.rev == rev:
+                return self
+            return Epochs(self.epochs, self.starts, self.inner, rev, sealed)
+        assert texts is not None
         more = texts.split("\x01")
-        out = Epochs(self.epochs + [int(e) for e in epochs.split(",")], self.texts + more,
-                     f"{self.xmins},{xmins}" if self.xmins else xmins, sealed, chars=self.chars)
-        out.chars += sum(map(len, more)) + len(xmins) + 1 + 96 * len(more)
-        return out
+        starts = self.starts[:-1]  # without the end mark
+        at = self.starts[-1]  # where the next text goes (after the ",")
+        ascii_only = texts.isascii()  # then a character is a byte
+        for t in more:
+            starts.append(at)
+            at += (len(t) if ascii_only else len(t.encode())) + 1
+        starts.append(at)  # the end mark: where a next text would go, as if the last were followed by ","
+        new = ",".join(more).encode()
+        # one copy of the kept text (a + between three strings made four)
+        inner = b",".join([self.inner, new]) if self.epochs else new
+        return Epochs(self.epochs + [int(e) for e in epochs.split(",")], starts, inner, rev, sealed)
 
-    def render(self, since: int, max_points: int | None) -> tuple[int, str]:
-        texts = self.texts[bisect_right(self.epochs, since):] if since else self.texts
-        total = len(texts)
-        if max_points is not None:
-            texts = downsample(texts, max_points)
-        return total, f"[{','.join(texts)}]"
+    def render(self, since: int, max_points: int | None) -> tuple[int, tuple[bytes, ...]]:
+        """(epochs after ``since``, the pieces of their JSON array: joined by the caller)."""
+        first = bisect_right(self.epochs, since) if since else 0
+        total = len(self.epochs) - first
+        if max_points is not None and total > max_points:
+            # epoch i's text is inner[starts[i]:starts[i + 1] - 1] (the end mark makes it so for the last)
+            inner, starts = self.inner, self.starts
+            picked = _kept(total, max_points)
+            if first:
+                picked = tuple(first + i for i in picked)
+            return total, (b"[", b",".join([inner[starts[i]:starts[i + 1] - 1] for i in picked]), b"]")
+        if first == 0:
+            return total, (b"[", self.inner, b"]")
+        return total, (b"[", self.inner[self.starts[first]:] if total else b"", b"]")
 
 
-EMPTY = Epochs([], [], "", False)
+EMPTY = Epochs([], [0], b"", -1, False)
 
 
 class CurveCache:
@@ -110,25 +130,26 @@ class CurveCache:
       what the cache saves is the 16 MB of curve text per 1,000 x 100 epochs, read, decompressed
       and sent by the database on every request (BENCHMARKS.md, dashboards);
     - on PostgreSQL, any job's epochs as read (:class:`Epochs`), per job and choice of keys: each
-      request reads only the epochs after them, and checks the rest by their rows' ``xmin``
-      (unless sealed: read from a compacted curve's rows, and the job still has it)."""
+      request reads only the epochs after them, and checks the rest by the job row's
+      ``metrics_rewrites`` (unless sealed: read from a compacted curve's rows, and the job still
+      has it at the same revision: then no row is read)."""
 
     def __init__(self, max_chars: int = 64_000_000) -> None:
         self.max_chars = max_chars
-        self._curves: OrderedDict[str, str] = OrderedDict()
+        self._curves: OrderedDict[str, bytes] = OrderedDict()
         self._chars = 0
         self._lists: OrderedDict[tuple[str, tuple[str, ...]], Epochs] = OrderedDict()
         self._list_chars = 0
         self._lock = threading.Lock()
 
-    def snapshot(self, job_ids: Iterable[str]) -> dict[str, str]:
+    def snapshot(self, job_ids: Iterable[str]) -> dict[str, bytes]:
         with self._lock:
             out = {i: self._curves[i] for i in job_ids if i in self._curves}
             for i in out:
                 self._curves.move_to_end(i)
             return out
 
-    def put(self, job_id: str, body: str) -> None:
+    def put(self, job_id: str, body: bytes) -> None:
         if len(body) > self.max_chars:
             return
         with self._lock:
@@ -193,25 +214,37 @@ def bulk_metrics_json(
         found = _pg_curves(engine, project_id, since, keys, max_points, cache)
     else:
         found = _portable(engine, project_id, since, keys, max_points, cache)
-    parts = [f'"{job_id}":{{"epochs":{body},"total":{total}}}' for job_id, (total, body) in found.items()]
+    # one join of every piece (each curve's body as kept: not copied into a per-job string first),
+    # the jobs in the order they were asked for
+    # (as bytes: a str joined, then encoded, was one more copy of the ~16 MB)
+    parts = [b'{"jobs":{']
+    for job_id in since:
+        got = found.get(job_id)
+        if got is not None:
+            parts += (f'"{job_id}":{{"epochs":'.encode(), *got[1], f',"total":{got[0]}}},'.encode())
+    if found:
+        parts[-1] = parts[-1][:-1]  # the last job's ","
     missing = [i for i in since if i not in found]
-    return f'{{"jobs":{{{",".join(parts)}}},"missing":{json.dumps(missing)}}}'.encode()
+    parts.append(f'}},"missing":{json.dumps(missing)}}}'.encode())
+    return b"".join(parts)
 
 
 def _portable(
     engine: Engine, project_id: str, since: dict[str, int], keys: Sequence[str] | None, max_points: int | None,
     cache: CurveCache | None,
-) -> dict[str, tuple[int, str]]:
+) -> dict[str, tuple[int, tuple[bytes, ...]]]:
     whole = not keys and max_points is None
     cached = cache.snapshot(i for i, s in since.items() if s == 0) if cache is not None and whole else {}
     out = {}
-    for job_id, (total, body, compacted) in _portable_curves(engine, project_id, since, keys, max_points,
-                                                             cached).items():
-        if body is None:
+    for job_id, (total, curve, compacted) in _portable_curves(engine, project_id, since, keys, max_points,
+                                                              cached).items():
+        if curve is None:
             body = cached[job_id]
-        elif compacted and cache is not None:
-            cache.put(job_id, body)
-        out[job_id] = (total, body)
+        else:
+            body = curve.encode()
+            if compacted and cache is not None:
+                cache.put(job_id, body)
+        out[job_id] = (total, (body,))
     return out
 
 
@@ -224,18 +257,19 @@ def _projection(keys: Sequence[str] | None) -> tuple[str, ...]:
 def _pg_curves(
     engine: Engine, project_id: str, since: dict[str, int], keys: Sequence[str] | None, max_points: int | None,
     cache: CurveCache | None,
-) -> dict[str, tuple[int, str]]:
+) -> dict[str, tuple[int, tuple[bytes, ...]]]:
     """On PostgreSQL, one query, one row per job of the project:
 
     - a finished job's whole curve, asked from its first epoch with every key, is its compacted
       row (:mod:`store.curves`), or this process's copy of it when the row is still there;
     - any other is the job's epochs as this process keeps them (:class:`Epochs`, per choice of
       keys) and those the database has after them, read job by job (a LATERAL subquery over the
-      primary key's index: no sort of all the rows, which spilled to disk at 100,000 epochs)
-      with, for the kept ones, their rows' ``xmin``: a kept list whose rows changed is read again
-      whole (a second query, for those jobs only). A sealed list of a job still compacted is not
-      read at all. ``since_epoch`` and ``max_points`` are picked from the list here, so the
-      database only parses an epoch's JSON (``keys``) once per process and epoch."""
+      primary key's index: no sort of all the rows, which spilled to disk at 100,000 epochs).
+      The kept epochs are checked by the job row's ``metrics_rewrites`` alone (0006): when it
+      changed, the same subquery reads the job's epochs from its first, and the list is replaced.
+      A sealed list of a job still compacted, at the same revision, reads no row at all.
+      ``since_epoch`` and ``max_points`` are picked from the list here, so the database only
+      parses an epoch's JSON (``keys``) once per process and epoch."""
     from store.fastread import _sql
 
     proj = _projection(keys)
@@ -244,60 +278,48 @@ def _pg_curves(
     bodies = cache.snapshot(i for i, s in since.items() if s == 0) if cache is not None and whole else {}
     kept = cache.lists(since, proj) if cache is not None else {}
     # per job: 'B' / 'b' its compacted curve is wanted (and this process has it / has not), 's' a
-    # sealed list is kept (enough while the job is compacted), 'n' neither: read its rows
+    # sealed list is kept (enough while the job is compacted at that revision), 'n' neither
     flags = {i: ("B" if i in bodies else "b") if whole and s == 0 else "s" if i in kept and kept[i].sealed else "n"
              for i, s in since.items()}
-    # a job's rows, unless its compacted curve or a sealed list answers (a one-time filter)
-    rows = ("job_metrics m WHERE m.job_id = w.id AND m.\"values\" IS NOT NULL "
-            "AND (c.job_id IS NULL OR w.f = 'n')")
+    same = "j.metrics_rewrites = w.r"  # the kept epochs are still the job's (w.r is -1 when none is kept)
     sql = _sql(engine, (
-        "SELECT w.id, c.job_id IS NOT NULL, c.n, CASE WHEN w.f = 'b' THEN c.body END, p.pre, x.e, x.x, x.t "
-        # the ids, the kept lists' last epochs and the flags as comma-separated strings: psycopg
-        # adapts a 1,000-item list to an array in Python (~3 ms each on the 2-core VM)
+        "SELECT w.id, c.job_id IS NOT NULL, c.n, CASE WHEN w.f = 'b' THEN c.body END, j.metrics_rewrites, x.e, x.t "
+        # the ids, the kept lists' last epochs and revisions and the flags as comma-separated
+        # strings: psycopg adapts a 1,000-item list to an array in Python (~3 ms each on the 2-core VM)
         "FROM unnest(string_to_array(:ids, ','), CAST(string_to_array(:ks, ',') AS int[]), "
-        "string_to_array(:flags, ',')) AS w(id, k, f) "
+        "CAST(string_to_array(:rs, ',') AS int[]), string_to_array(:flags, ',')) AS w(id, k, r, f) "
         "JOIN jobs j ON j.id = w.id AND j.project_id = :project "
         "LEFT JOIN job_curves c ON c.job_id = w.id "
-        # the kept epochs' rows: only their xmin (no JSON read); the rest: what the answer needs.
-        # Each in epoch order, as the index gives them (an ORDER BY in the aggregate sorted each job's rows)
-        f"CROSS JOIN LATERAL (SELECT string_agg(CAST(m.xmin AS TEXT), ',') AS pre FROM (SELECT m.xmin FROM {rows} "
-        "AND m.epoch <= w.k ORDER BY m.epoch) m) p "
-        "CROSS JOIN LATERAL (SELECT string_agg(CAST(m.epoch AS TEXT), ',') AS e, string_agg(CAST(m.x AS TEXT), ',') AS x, "
-        f"string_agg({epoch_sql}, chr(1)) AS t FROM (SELECT m.xmin AS x, m.epoch, m.\"values\" FROM {rows} "
-        "AND m.epoch > w.k ORDER BY m.epoch) m) x"
+        # the epochs after the kept ones (all of them if the job was rewritten since), in epoch
+        # order as the index gives them (an ORDER BY in the aggregate sorted each job's rows);
+        # none read when the compacted curve or a sealed list answers (a one-time filter)
+        "CROSS JOIN LATERAL (SELECT string_agg(CAST(m.epoch AS TEXT), ',') AS e, "
+        f"string_agg({epoch_sql}, chr(1)) AS t FROM (SELECT m.epoch, m.\"values\" FROM job_metrics m "
+        "WHERE m.job_id = w.id AND m.\"values\" IS NOT NULL "
+        f"AND (c.job_id IS NULL OR w.f = 'n' OR (w.f = 's' AND NOT {same})) "
+        f"AND m.epoch > CASE WHEN {same} THEN w.k ELSE 0 END ORDER BY m.epoch) m) x"
     ))
-    out: dict[str, tuple[int, str]] = {}
+    out: dict[str, tuple[int, tuple[bytes, ...]]] = {}
     fresh: dict[str, Epochs] = {}
     ids = list(since)
-    for attempt in range(2):
-        stale = []
-        params = {"ids": ",".join(ids), "ks": ",".join(str(kept[i].k if i in kept else 0) for i in ids),
-                  "flags": ",".join(flags[i] for i in ids), "project": project_id, **key_params}
-        for job_id, compacted, n, body, pre, epochs, xmins, texts in _fetch_without_jit(engine, sql, params):
-            flag = flags[job_id]
-            if compacted and flag in "Bb":
-                if body is None:
-                    body = bodies[job_id]
-                elif cache is not None:
-                    cache.put(job_id, body)
-                out[job_id] = (int(n), body)
-                continue
-            have = kept.get(job_id, EMPTY)
-            if not (compacted and flag == "s"):
-                if (pre or "") != have.xmins:  # a kept epoch's row changed: read the job again
-                    stale.append(job_id)
-                    continue
-                new = have.extended(epochs, xmins, texts, sealed=compacted)
-                if new is not have:
-                    have = fresh[job_id] = new
-            out[job_id] = have.render(since[job_id], max_points)
-        if not stale:
-            break
-        assert attempt == 0, "a list read whole cannot be stale"
-        ids = stale
-        for i in stale:
-            kept.pop(i, None)
-            flags[i] = "n"
+    params = {"ids": ",".join(ids), "ks": ",".join(str(kept[i].k if i in kept else 0) for i in ids),
+              "rs": ",".join(str(kept[i].rev if i in kept else -1) for i in ids),
+              "flags": ",".join(flags[i] for i in ids), "project": project_id, **key_params}
+    for job_id, compacted, n, body, rev, epochs, texts in _fetch_without_jit(engine, sql, params):
+        flag = flags[job_id]
+        if compacted and flag in "Bb":
+            got = bodies[job_id] if body is None else body.encode()
+            if body is not None and cache is not None:
+                cache.put(job_id, got)
+            out[job_id] = (int(n), (got,))
+            continue
+        have = kept.get(job_id, EMPTY)
+        if not (compacted and flag == "s" and rev == have.rev):
+            # rewritten since it was kept: what was read is the whole curve
+            new = (have if rev == have.rev else EMPTY).extended(epochs, texts, rev, sealed=compacted)
+            if new is not have:
+                have = fresh[job_id] = new
+        out[job_id] = have.render(since[job_id], max_points)
     if cache is not None and fresh:
         cache.put_lists(proj, fresh)
     return out
@@ -327,7 +349,7 @@ def _fetch_without_jit(engine: Engine, sql: str, params: dict[str, Any]) -> list
 
 def _portable_curves(
     engine: Engine, project_id: str, since: dict[str, int], keys: Sequence[str] | None, max_points: int | None,
-    cached: dict[str, str],
+    cached: dict[str, bytes],
 ) -> Found:
     """Elsewhere (SQLite, embedded mode): finished jobs' compacted curves when whole curves are
     asked for; the other jobs' epochs one row each, spliced together here."""
