@@ -5,12 +5,20 @@ response echoes it as ``X-Request-ID``. With ``TRAINYARD_ACCESS_LOG`` on, one li
 
 A plain ASGI layer (no BaseHTTPMiddleware): it is the outermost one, in front of the poll fast
 path, and costs a context-variable set and one header.
+
+A new id comes from a per-process generator (``random.Random``, seeded from the OS and again in
+each forked child), not from ``os.urandom``: that call releases the GIL, once per request on the
+event loop's thread, and a poll thread (``store.pollread``) woken by the first poll of a burst then
+took its query at once instead of after the burst, so concurrent polls stopped sharing queries
+(0.035 -> 0.2 queries per poll under 64 clients, +40 % server CPU per poll; BENCHMARKS.md,
+"Service", issue 10). The ids only need to be unique, not unpredictable.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import random
 import re
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -25,6 +33,13 @@ ASGIApp = Callable[[Scope, Callable[[], Awaitable[Message]], Callable[[Message],
 HEADER = b"x-request-id"
 _SANE = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
 access_log = logging.getLogger(ACCESS_LOGGER)
+_ids = random.Random()  # seeded from os.urandom once; see the module's docstring
+os.register_at_fork(after_in_child=_ids.seed)  # a forked server process gets a sequence of its own
+
+
+def new_id() -> str:
+    """A fresh request id: 32 hex digits (128 random bits, as a uuid4's), without a system call."""
+    return f"{_ids.getrandbits(128):032x}"
 
 
 def _incoming(scope: Scope) -> str | None:
@@ -44,7 +59,7 @@ class RequestIds:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        rid = _incoming(scope) or os.urandom(16).hex()  # 32 hex digits, like a uuid4's, at a third of the cost
+        rid = _incoming(scope) or new_id()
         token = request_id.set(rid)
         header = (HEADER, rid.encode("ascii"))
         status = 0

@@ -199,10 +199,16 @@ def downsample(rows: list[Any], max_points: int) -> list[Any]:
     n = len(rows)
     if n <= max_points:
         return rows
+    return [rows[i] for i in _kept(n, max_points)]
+
+
+@lru_cache(maxsize=256)
+def _kept(n: int, max_points: int) -> tuple[int, ...]:
+    """Which of ``n`` rows :func:`downsample` keeps (the same for every job of a bulk request
+    with as many epochs: computed once, not once per job)."""
     if max_points == 1:
-        return [rows[-1]]
-    idx = sorted({round(i * (n - 1) / (max_points - 1)) for i in range(max_points)})
-    return [rows[i] for i in idx]
+        return (n - 1,)
+    return tuple(sorted({round(i * (n - 1) / (max_points - 1)) for i in range(max_points)}))
 
 
 def metrics_json(

@@ -163,6 +163,11 @@ class Job(Base):
     max_attempts: Mapped[int] = mapped_column(Integer, default=3, server_default="3")
     # fencing token: bumped by every claim; a worker's writes only apply while it still holds it
     lease_token: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # the highest epoch ever written, and a count bumped whenever an epoch row is overwritten,
+    # deleted or written below it (0006): a reader that kept a job's epochs checks them by these
+    # (store.bulkread); written by store.repo.record_progress and, on PostgreSQL, a row trigger.
+    metrics_top: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    metrics_rewrites: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     # preemption (store.scheduling.request_preemptions): stop at the next step and requeue
     preempt_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())

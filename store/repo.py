@@ -407,6 +407,13 @@ def record_progress(
     values: dict[str, Any] = {"heartbeat_at": now, "updated_at": now}
     if last_epoch is not None:
         values["epoch"] = last_epoch
+    if rows:
+        # the metrics revision (0006, store.bulkread): epochs above the highest ever written are
+        # appended; any at or below it overwrite or fill in what a reader may have kept. Both SET
+        # expressions see the row's old metrics_top; the row lock orders concurrent writers.
+        low, high = min(r["epoch"] for r in rows), max(r["epoch"] for r in rows)
+        values["metrics_top"] = case((Job.metrics_top < high, high), else_=Job.metrics_top)
+        values["metrics_rewrites"] = Job.metrics_rewrites + case((Job.metrics_top >= low, 1), else_=0)
     if info is not None:
         values["info"] = info
     session.execute(

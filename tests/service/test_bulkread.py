@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from alembic.script import ScriptDirectory
-from sqlalchemy import insert, select
+from sqlalchemy import delete, insert, select, text, update
 from sqlalchemy.orm import Session
 
 from api.schemas.jobs import MetricsRead
@@ -84,11 +84,11 @@ def _check(url: str) -> None:
             for since in (0, 2):
                 for keys in (None, ["val_loss"], ["val_loss", "lr", "epoch", "val_loss"], ["nope"]):
                     for max_points in (None, 1, 3, 50):
-                        wanted = {i: since for i in ids} | {other.id: 0, "f" * 32: 0}
+                        wanted = {i: since for i in reversed(ids)} | {other.id: 0, "f" * 32: 0}
                         got = json.loads(bulkread.bulk_metrics_json(engine, DEFAULT_PROJECT, wanted, keys, max_points))
                         case = (since, keys, max_points)
                         assert sorted(got["missing"]) == sorted([other.id, "f" * 32]), case
-                        assert set(got["jobs"]) == set(ids), case
+                        assert list(got["jobs"]) == [i for i in wanted if i in ids], case  # in the order asked
                         for i in ids:
                             assert got["jobs"][i] == _expected(s, i, since, keys, max_points), (case, i)
             # per-job since_epoch: the compacted job's whole curve beside another's tail
@@ -132,9 +132,12 @@ def test_the_migration_compacts_jobs_that_finished_before_it(backend, pg, tmp_pa
             spec = validate_spec(note_spec(3)).model_dump(mode="json")
             now = repo.utcnow()
             rows = {status: new_id() for status in ("succeeded", "running")}
-            s.add_all([Job(id=job_id, project_id=DEFAULT_PROJECT, name="m", status=status, queue="cpu", spec=spec,
-                           epoch=3, epochs=3, created_at=now, updated_at=now) for status, job_id in rows.items()])
-            s.flush()
+            # (the jobs table as it was then: not the model's, which has later columns)
+            for status, job_id in rows.items():
+                s.execute(text("INSERT INTO jobs (id, project_id, name, status, queue, spec, epoch, epochs, attempts, "
+                               "cancel_requested, created_at, updated_at) VALUES (:i, :p, 'm', :s, 'cpu', :spec, 3, 3, "
+                               "0, false, :t, :t)"),
+                          {"i": job_id, "p": DEFAULT_PROJECT, "s": status, "spec": json.dumps(spec), "t": now})
             s.execute(insert(JobMetric), [{"job_id": j, "epoch": e, "values": {"epoch": e, "loss": 1 / e}, "created_at": now}
                                           for j in rows.values() for e in (2, 1, 3)])  # inserted out of order
             s.commit()
@@ -143,6 +146,135 @@ def test_the_migration_compacts_jobs_that_finished_before_it(backend, pg, tmp_pa
             curves = {c.job_id: c for c in s.scalars(select(JobCurve))}
             assert set(curves) == {rows["succeeded"]}
             assert curves[rows["succeeded"]].n == 3
+            # and every job's highest epoch (0006), which store.repo.record_progress then keeps
+            assert set(s.scalars(select(Job.metrics_top).where(Job.id.in_(rows.values())))) == {3}
             assert json.loads(curves[rows["succeeded"]].body) == [{"epoch": e, "loss": 1 / e} for e in (1, 2, 3)]
+    finally:
+        engine.dispose()
+
+
+def test_kept_epochs_are_extended_and_checked_on_postgresql(pg, monkeypatch):
+    """On PostgreSQL the process keeps each job's epochs it read (per choice of keys) and reads
+    only the ones after them, checking the kept ones by the job row's ``metrics_rewrites``
+    (0006): an unchanged job reads no epoch, an appended one only the new epochs, and a
+    rewritten (a resumed run's upsert), updated, deleted or filled-in epoch is seen (the job is
+    read again whole, in the same query); so are the last epoch a job's terminal move commits
+    with its result, and an epoch written after it."""
+    url = pg.create("bulkread_kept")
+    upgrade(url)
+    engine = make_engine(url)
+    cache = bulkread.CurveCache()
+    queries: list[int] = []
+    real = bulkread._fetch_without_jit
+
+    def counted(*args: Any) -> Any:
+        queries[-1] += 1
+        return real(*args)
+
+    monkeypatch.setattr(bulkread, "_fetch_without_jit", counted)
+    variants = [(0, None, None), (2, None, 3), (0, ["val_loss"], None), (1, ["lr", "epoch"], 2)]
+    projections = {bulkread._projection(k) for _, k, _ in variants}
+    try:
+        spec = validate_spec(note_spec(3)).model_dump(mode="json")
+        with Session(engine) as s:
+            job = repo.create_job(s, spec=spec, queue="cpu")
+            s.flush()
+            repo.claim_job(s, job.id, "host:1", 300)
+            repo.record_progress(s, job.id, _epochs(5))
+            s.commit()
+
+            def lists() -> dict[tuple[str, ...], bulkread.Epochs]:
+                return {p: cache.lists([job.id], p)[job.id] for p in projections}
+
+            def check() -> list[int]:
+                """Every variant's answer is exactly what the job's rows say (a missed rewrite fails here)."""
+                queries.clear()
+                for since, keys, max_points in variants:
+                    queries.append(0)
+                    got = json.loads(bulkread.bulk_metrics_json(engine, DEFAULT_PROJECT, {job.id: since}, keys,
+                                                                max_points, cache=cache))
+                    assert got["jobs"][job.id] == _expected(s, job.id, since, keys, max_points), (since, keys)
+                return queries
+
+            def revision() -> int:
+                return s.scalar(select(Job.metrics_rewrites).where(Job.id == job.id).execution_options(
+                    populate_existing=True))
+
+            assert check() == [1, 1, 1, 1]  # read whole, then kept
+            kept = cache.lists([job.id], ())
+            assert kept[job.id].epochs == [1, 2, 3, 4, 5] and not kept[job.id].sealed
+            before = lists()
+            assert check() == [1, 1, 1, 1]
+            assert all(lists()[p] is before[p] for p in projections)  # nothing new: the kept lists answer
+            rev = revision()
+            # appended by a plain INSERT (the trigger does not fire on one), its JSON text not ASCII: the
+            # kept lists' offsets are in bytes, not characters (the ORM's writes escape to ASCII)
+            s.execute(text('INSERT INTO job_metrics (job_id, epoch, "values", created_at) '
+                           "VALUES (:j, 6, CAST(:v AS json), now())"),
+                      {"j": job.id, "v": '{"epoch": 6, "loss": 0.1, "val_loss": 0.2, "größe": 0.3}'})
+            s.commit()
+            assert revision() == rev  # an append is not a rewrite
+            assert check() == [1, 1, 1, 1]  # the kept ones hold: only epoch 6 read
+            assert cache.lists([job.id], ())[job.id].epochs == [1, 2, 3, 4, 5, 6]
+            assert all(lists()[p].inner.startswith(before[p].inner + b",") for p in projections)  # extended
+            repo.record_progress(s, job.id, [{"epoch": 7, "loss": 0.07, "lr": 0.7}])  # the worker's append
+            s.commit()
+            assert revision() == rev
+            assert check() == [1, 1, 1, 1]
+            assert cache.lists([job.id], ())[job.id].epochs == [1, 2, 3, 4, 5, 6, 7]
+            # each way an epoch a reader kept can change, then the answers must follow
+            changes = [
+                # a resumed run redoes epoch 3 (the upsert overwrites its row)
+                lambda: repo.record_progress(s, job.id, [{"epoch": 3, "loss": 9.0, "val_loss": 8.0, "lr": 7.0}]),
+                # any writer's UPDATE, not only the upsert's
+                lambda: s.execute(update(JobMetric).where(JobMetric.job_id == job.id, JobMetric.epoch == 5)
+                                  .values(values={"epoch": 5, "loss": 5.5})),
+                lambda: s.execute(delete(JobMetric).where(JobMetric.job_id == job.id, JobMetric.epoch == 4)),
+                # epoch 4 written again below the highest (a row inserted, none overwritten)
+                lambda: repo.record_progress(s, job.id, [{"epoch": 4, "loss": 4.4, "lr": 0.4}]),
+                # a rewrite and an append in one batch
+                lambda: repo.record_progress(s, job.id, [{"epoch": 7, "loss": 7.7}, {"epoch": 8, "loss": 0.08}]),
+            ]
+            for change in changes:
+                rev = revision()
+                change()
+                s.commit()
+                assert revision() > rev
+                assert check() == [1, 1, 1, 1]  # read again whole, in the same query
+                assert {p: e.rev for p, e in lists().items()} == dict.fromkeys(projections, revision())
+            # its last epoch commits with the terminal move (which compacts the curve): lists kept
+            # while it ran are checked as usual, then sealed
+            repo.record_progress(s, job.id, [{"epoch": 9, "loss": 0.05}])
+            repo.finish_job(s, job.id, status="succeeded", stop_reason="completed")
+            s.commit()
+            assert s.get(JobCurve, job.id) is not None
+            check()
+            assert all(e.sealed for e in lists().values())
+            assert check() == [1, 1, 1, 1]
+            # an epoch written after the job finished drops the compacted curve: sealed lists are checked again
+            repo.record_progress(s, job.id, [{"epoch": 10, "loss": 0.025}])
+            s.commit()
+            check()
+            assert not cache.lists([job.id], ())[job.id].sealed
+            # an operator's UPDATE of a finished job's epoch: its compacted curve and sealed lists go too
+            done = repo.create_job(s, spec=spec, queue="cpu")
+            s.flush()
+            repo.claim_job(s, done.id, "host:1", 300)
+            repo.record_progress(s, done.id, _epochs(4))
+            _finish(s, done.id)
+            s.commit()
+            job = done
+            check()
+            assert check() == [1, 1, 1, 1] and all(e.sealed for e in lists().values())
+            s.execute(update(JobMetric).where(JobMetric.job_id == done.id, JobMetric.epoch == 1)
+                      .values(values={"epoch": 1, "loss": 1.1, "val_loss": 1.2, "lr": 1.3}))
+            s.commit()
+            assert s.get(JobCurve, done.id, populate_existing=True) is None
+            check()
+            # deleting the job cascades to its epochs, whose trigger then finds no job row to bump
+            s.execute(delete(Job).where(Job.id == done.id))
+            s.commit()
+            got = json.loads(bulkread.bulk_metrics_json(engine, DEFAULT_PROJECT, {done.id: 0}, cache=cache))
+            assert got == {"jobs": {}, "missing": [done.id]}
     finally:
         engine.dispose()

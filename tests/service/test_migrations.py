@@ -30,7 +30,7 @@ def _check_roundtrip(url: str) -> None:
         with engine.connect() as conn:
             diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata)
             assert diff == [], f"migrations and models disagree: {diff}"
-            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0005_i14a"
+            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0006_bulk2"
         downgrade(url, "base")
         assert set(inspect(engine).get_table_names()) <= {"alembic_version"}
         upgrade(url)
