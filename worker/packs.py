@@ -40,7 +40,7 @@ from config.logs import job_context
 from config.settings import Settings
 from store import leases, packing
 from store.db import session_scope
-from worker.record import RunRecord
+from worker.record import FlushGroup, RunRecord
 
 log = logging.getLogger("trainyard.worker")
 
@@ -142,6 +142,7 @@ def _run_pack(members: list[tuple[str, int, dict[str, Any], dict[str, Any], str 
                for job_id, token, spec, _, sweep_id, epochs in members]
     for k, r in enumerate(records):
         r.pack = {"id": ids[0], "jobs": ids, "size": len(ids), "index": k}  # kept in the info on_start writes
+    FlushGroup(records)  # one transaction per flush interval for the whole pack, not one per member
     statuses: dict[str, str] = {}
     with ExitStack() as heartbeats:
         for r in records:
