@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -47,6 +48,12 @@ def main() -> None:
         ids = [j.id for j in repo.create_jobs(s, [(sp, "default", None) for sp in specs])]
     import torch  # noqa: F401 - imported before timing, as a warm worker has it
 
+    from sqlalchemy import event
+
+    from store.db import get_engine
+    commits = [0]
+    event.listen(get_engine(), "commit", 
+                 lambda conn: commits.__setitem__(0, commits[0] + (threading.current_thread() is threading.main_thread())))
     prof = None
     if args.profile:
         import cProfile
@@ -64,7 +71,7 @@ def main() -> None:
         fused = sum(bool((j.info or {}).get("pack", {}).get("fused")) for j in jobs)
     print(f"status {status}; {statuses.count('succeeded')}/{len(ids)} succeeded, {fused} fused; "
           f"wall {wall:.2f} s, cpu {cpu:.2f} s; per epoch wall {wall / args.epochs:.2f} s cpu {cpu / args.epochs:.2f} s; "
-          f"load {os.getloadavg()[0]:.2f}")
+          f"{commits[0]} commits by the training thread; load {os.getloadavg()[0]:.2f}")
     if prof is not None:
         import pstats
         pstats.Stats(args.profile).sort_stats("cumulative").print_stats(45)
