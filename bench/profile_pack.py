@@ -47,12 +47,11 @@ def main() -> None:
     with session_scope() as s:
         ids = [j.id for j in repo.create_jobs(s, [(sp, "default", None) for sp in specs])]
     import torch  # noqa: F401 - imported before timing, as a warm worker has it
-
     from sqlalchemy import event
 
     from store.db import get_engine
     commits = [0]
-    event.listen(get_engine(), "commit", 
+    event.listen(get_engine(), "commit",
                  lambda conn: commits.__setitem__(0, commits[0] + (threading.current_thread() is threading.main_thread())))
     prof = None
     if args.profile:
