@@ -27,6 +27,7 @@ def main() -> None:
     ap.add_argument("--members", type=int, default=27)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--profile", default=None)
+    ap.add_argument("--warm", action="store_true", help="run a 2-job pack first (imports, data cache), as a warm worker has")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="ty-profpack-"))
     os.environ.update(TRAINYARD_DATABASE_URL=f"sqlite:///{tmp}/db.sqlite", TRAINYARD_ARTIFACTS_URL=str(tmp / "art"),
@@ -44,6 +45,10 @@ def main() -> None:
         s.update(name=f"p{k}", seed=1000 + k, epochs=args.epochs)
         s["optimizer"] = {"name": "adam", "learning_rate": 0.001 * (1 + k % 5)}
         specs.append(s)
+    if args.warm:
+        with session_scope() as s:
+            warm = [j.id for j in repo.create_jobs(s, [(sp, "default", None) for sp in specs[:2]])]
+        run_job(warm[0], send=lambda *a, **k: None)
     with session_scope() as s:
         ids = [j.id for j in repo.create_jobs(s, [(sp, "default", None) for sp in specs])]
     import torch  # noqa: F401 - imported before timing, as a warm worker has it
