@@ -2,27 +2,31 @@
 
 Usage (repo root, in the venv; needs nothing running)::
 
-    python bench/packing.py                                    # 27-trial sweep x 27 epochs, 200-job batch
-    python bench/packing.py --epochs 5 --batch-epochs 2        # shorter (a busy machine)
-    python bench/packing.py --asha --json bench/out/packing.json
+    python bench/packing.py                                    # the issue's sizes: 27 x 27 sweeps, 200-job batch
+    python bench/packing.py --epochs 5 --batch 60 --batch-epochs 2   # shorter (a busy machine)
+    python bench/packing.py --parts asha --json bench/out/packing-asha.json   # one part only
 
-Each mode starts its own ``trainyard serve`` (API + one worker + SQLite + the embedded broker,
-exactly as a user runs it; same worker count) on a fresh data directory, the only difference
-being ``TRAINYARD_PACK`` (0: **solo**, today's path; 1: **packed**). In each it runs, one after
-the other:
+Parts (``--parts``, in this order; default all three):
 
 - **sweep**: ``POST /v1/sweeps``, method random, 27 trials (``--trials``), all ready at once
   (``max_concurrent`` = trials), of the digits MLP (64 relu units, dropout, 10 logits, batch 64,
-  Adam) with the learning rate, ``beta_1``, the hidden layer's L2 penalty, the dropout rate and
-  the kernel initializer drawn per trial; ``--asha`` adds ASHA early termination. Timed from the
-  POST until the sweep's status is terminal.
+  Adam, 27 epochs: ``--epochs``) with the learning rate, ``beta_1``, the hidden layer's L2
+  penalty, the dropout rate and the kernel initializer drawn per trial. Timed from the POST until
+  the sweep's status is terminal.
+- **asha**: the same sweep (same seed, so the same configurations) with ASHA early termination
+  (``min_epochs`` 1, reduction factor 3): the base rung's trials are queued together and packed;
+  a promoted trial resumes alone from its snapshot.
 - **batch**: ``POST /v1/jobs/batch`` of 200 same-shape jobs (``--batch``; own seeds and rates, 3
   epochs each, ``--batch-epochs``), timed from the POST until every job is terminal: jobs per
   minute.
 
-Both modes run in this one invocation, so the ratios (packed / solo wall time, and packed / solo
-jobs per minute) are measured side by side. The load average (``os.getloadavg``) before and after
-each mode is printed with the figures: on a shared machine, quote it with them.
+Each part runs in both modes, back to back: **solo** (``TRAINYARD_PACK=0``, today's path: one
+job after another) then **packed** (``TRAINYARD_PACK=1``), each on its own ``trainyard serve``
+(API + one worker + SQLite + the embedded broker, exactly as a user runs it; same worker count)
+on a fresh data directory. So each part's ratio (packed / solo wall time; packed / solo jobs per
+minute) is measured side by side, and a part's figures are printed (and written to ``--json``) as
+soon as it is done. The load average (``os.getloadavg``, 1 minute) before and after each mode is
+printed with the figures: on a shared machine, quote it with them.
 """
 
 from __future__ import annotations
@@ -160,41 +164,61 @@ def run_batch(srv: Serve, n: int, epochs: int) -> dict[str, Any]:
     return {"seconds": seconds, "jobs_per_minute": n / seconds * 60, "statuses": statuses, "packed": packed}
 
 
+PARTS = ("sweep", "asha", "batch")
+
+
+def run_part(part: str, pack: bool, data_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    load_before = os.getloadavg()[0]
+    srv = Serve(pack, data_dir)
+    try:
+        if part == "batch":
+            out = run_batch(srv, args.batch, args.batch_epochs)
+        else:
+            out = run_sweep(srv, args.trials, args.epochs, part == "asha")
+    finally:
+        srv.close()
+    out["load"] = [load_before, os.getloadavg()[0]]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
     ap.add_argument("--trials", type=int, default=27)
     ap.add_argument("--epochs", type=int, default=27, help="epochs of each sweep trial")
-    ap.add_argument("--asha", action="store_true", help="the sweep with ASHA early termination")
     ap.add_argument("--batch", type=int, default=200)
     ap.add_argument("--batch-epochs", type=int, default=3)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    if not parts or any(p not in PARTS for p in parts):
+        ap.error(f"--parts: comma-separated, of {', '.join(PARTS)}")
 
-    out: dict[str, Any] = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+    out: dict[str, Any] = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                           "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     with tempfile.TemporaryDirectory(prefix="bench-packing-") as tmp:
-        for mode in ("solo", "packed"):
-            load_before = os.getloadavg()[0]
-            srv = Serve(mode == "packed", Path(tmp) / mode / "data")
-            try:
-                sweep = run_sweep(srv, args.trials, args.epochs, args.asha)
-                batch = run_batch(srv, args.batch, args.batch_epochs)
-            finally:
-                srv.close()
-            out[mode] = {"sweep": sweep, "batch": batch, "load": [load_before, os.getloadavg()[0]]}
-            print(f"{mode:>6}: sweep {sweep['seconds']:.1f} s ({sweep['status']}, {sweep['trials_packed']} trials packed); "
-                  f"batch {batch['seconds']:.1f} s = {batch['jobs_per_minute']:.0f} jobs/min "
-                  f"({batch['statuses']}, {batch['packed']} packed); load {load_before:.1f} -> {os.getloadavg()[0]:.1f}",
-                  flush=True)
-    s, p = out["solo"], out["packed"]
-    out["ratios"] = {
-        "sweep_wall_packed_over_solo": p["sweep"]["seconds"] / s["sweep"]["seconds"],
-        "batch_jobs_per_minute_packed_over_solo": p["batch"]["jobs_per_minute"] / s["batch"]["jobs_per_minute"],
-    }
-    print(f"sweep wall time packed/solo: {out['ratios']['sweep_wall_packed_over_solo']:.3f} (goal <= 0.2 on CPU)")
-    print(f"batch jobs/min packed/solo: {out['ratios']['batch_jobs_per_minute_packed_over_solo']:.2f}x (goal >= 5x)")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=2))
+        for part in parts:
+            res = {}
+            for mode in ("solo", "packed"):
+                r = res[mode] = run_part(part, mode == "packed", Path(tmp) / part / mode / "data", args)
+                load = f"load {r['load'][0]:.1f} -> {r['load'][1]:.1f}"
+                if part == "batch":
+                    print(f"{part:>5} {mode:>6}: {r['seconds']:.1f} s = {r['jobs_per_minute']:.1f} jobs/min "
+                          f"({r['statuses']}, {r['packed']} packed); {load}", flush=True)
+                else:
+                    print(f"{part:>5} {mode:>6}: {r['seconds']:.1f} s ({r['status']}, {r['trials']} trials, "
+                          f"{r['trials_packed']} packed, best {r['best']}); {load}", flush=True)
+            s, p = res["solo"], res["packed"]
+            if part == "batch":
+                res["ratio"] = p["jobs_per_minute"] / s["jobs_per_minute"]
+                print(f"{part:>5}: jobs/min packed/solo {res['ratio']:.2f}x (goal >= 5x)", flush=True)
+            else:
+                res["ratio"] = p["seconds"] / s["seconds"]
+                print(f"{part:>5}: wall time packed/solo {res['ratio']:.3f} (goal <= 0.2 on CPU)", flush=True)
+            out[part] = res
+            if args.json:
+                args.json.parent.mkdir(parents=True, exist_ok=True)
+                args.json.write_text(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":

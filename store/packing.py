@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import exists, select
+from sqlalchemy import exists, select, update
 from sqlalchemy.orm import Session
 
 from store import repo
@@ -46,6 +46,19 @@ def queued_candidates(session: Session, job_id: str, limit: int) -> list[Candida
         .with_for_update(skip_locked=True)
     )
     return [Candidate(i, dict(spec)) for i, spec in session.execute(q)]
+
+
+def mark_pack(session: Session, ids: list[str]) -> None:
+    """Record on each member of a pack (``ids``, the claimed job first) which pack it trains in,
+    as soon as the pack is formed: ``info.pack`` (``id``: the job whose claim formed it, ``jobs``,
+    ``size``, ``index``; the worker's reporter keeps it when the run's own info is written) and a
+    ``pack`` event."""
+    for k, job_id in enumerate(ids):
+        pack = {"id": ids[0], "jobs": list(ids), "size": len(ids), "index": k}
+        info = session.scalar(select(Job.info).where(Job.id == job_id)) or {}
+        session.execute(update(Job).where(Job.id == job_id).values(info={**info, "pack": pack})
+                        .execution_options(synchronize_session=False))
+        repo.add_event(session, job_id, "pack", {"pack": ids[0], "size": len(ids), "index": k})
 
 
 def claim_members(session: Session, job_ids: list[str], worker: str, stale_after_s: float) -> list[Job]:

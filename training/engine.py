@@ -285,8 +285,9 @@ class _Run:
 
     # ------------------------------------------------------------------ training
 
-    def start(self) -> None:
-        """Tell the reporter what is about to train (``fit`` and a fused pack both call this)."""
+    def start(self, extra: dict[str, Any] | None = None) -> None:
+        """Tell the reporter what is about to train (``fit`` and a fused pack both call this; a
+        pack adds ``extra``: which pack the run trains in)."""
         self.reporter.on_start(
             {
                 "device": str(self.device),
@@ -296,6 +297,7 @@ class _Run:
                 "steps_per_epoch": self.steps_per_epoch,
                 "resumed_from_epoch": self.epoch,
                 **self.extra_info,
+                **(extra or {}),
             }
         )
 

@@ -18,7 +18,10 @@ trial's gradient is exactly its own). Everything a trial owns stays its own:
   weights are copied back into it, and its result is ``_Run.result``;
 - its life: a member that stops (early stopping, non-finite loss, ``max_steps``, its own epoch
   count, cancel through its ``should_stop``, a reporter's ``stop_request``) leaves the pack, whose
-  tensors are compacted; the others go on.
+  tensors are compacted; the others go on. So does a member whose reporter or ``should_stop``
+  raises one of the caller's ``isolate`` exceptions (the worker's ``LeaseLost``: another attempt
+  owns that job): its result says ``stop_reason == "lost"`` and ``info["pack"]["lost"]`` what
+  was raised.
 
 What is fused exactly (same numbers as the solo run up to float32 rounding of the batched
 kernels): dense/dropout/activation models in fp32 (:func:`why_not_fused`), with every optimizer
@@ -54,6 +57,10 @@ from training.spec import FIND, JobSpec, validate_spec
 
 #: layer types a fused model can hold (the rest fall back to solo runs)
 FUSED_LAYERS = frozenset({"dense", "dropout", "activation"})
+
+#: the stop reason of a member whose reporter or ``should_stop`` raised one of ``fit_fused``'s
+#: ``isolate`` exceptions: it left the pack, and its result is not the caller's to record
+LOST = "lost"
 
 
 def pack_key(job: JobSpec) -> str:
@@ -252,9 +259,12 @@ def _fused_optimizer_for(opt: torch.optim.Optimizer) -> type[_StackedKeras] | ty
 class _Pack:
     """The fused state of the live members: stacked parameters, data, optimizer, penalties."""
 
-    def __init__(self, members: list[_Run], opt_cls: type[_StackedKeras] | type[_MemberOptimizers]) -> None:
+    def __init__(self, members: list[_Run], opt_cls: type[_StackedKeras] | type[_MemberOptimizers],
+                 isolate: tuple[type[BaseException], ...] = ()) -> None:
         self.members = members
         self.live = list(range(len(members)))
+        self.isolate = isolate
+        self.lost: dict[int, str] = {}  # member index -> what its reporter or should_stop raised
         lead = members[0]
         self.device = lead.device
         self.names = [n for n, p in lead.model.named_parameters() if p.requires_grad]
@@ -338,6 +348,28 @@ class _Pack:
             out.append(flat[:, start : start + n].view(flat.shape[0], *shape))
             start += n
         return out
+
+    def call(self, i: int, fn: Callable[..., Any], *args: Any) -> bool:
+        """Run member ``i``'s ``fn`` (one that reaches its reporter or ``should_stop``); False if it
+        raised one of ``isolate``: the member is lost (stop reason ``LOST``) and must leave."""
+        try:
+            fn(*args)
+            return True
+        except self.isolate as exc:
+            self._lose(i, exc)
+            return False
+
+    def poll(self, i: int) -> bool | None:
+        """Member ``i``'s cancel poll: True (cancelled), False, or None (lost, see :meth:`call`)."""
+        try:
+            return bool(self.members[i]._poll_cancel())
+        except self.isolate as exc:
+            self._lose(i, exc)
+            return None
+
+    def _lose(self, i: int, exc: BaseException) -> None:
+        self.members[i].stop_reason = LOST
+        self.lost[i] = f"{type(exc).__name__}: {exc}"
 
     def sync(self, slot: int) -> None:
         """Copy slot's fused weights into its member's own model."""
@@ -425,7 +457,7 @@ def _epoch(pack: _Pack, finished: list[int]) -> None:
             pack.sync(s)
             if end_epoch:
                 m.lr = lrs[s]
-                m._end_epoch(loss_sum[s], {k: v[s] for k, v in sums.items()}, max(seen, 1), started)
+                pack.call(pack.live[s], m._end_epoch, loss_sum[s], {k: v[s] for k, v in sums.items()}, max(seen, 1), started)
             finished.append(pack.live[s])
         keep = torch.tensor([s for s in range(len(pack.live)) if s not in slots], device=dev, dtype=torch.long)
         loss_sum = loss_sum.index_select(0, keep)
@@ -496,21 +528,32 @@ def _epoch(pack: _Pack, finished: list[int]) -> None:
             o = out.detach()
             for k, fn in metric_fns:
                 sums[k].add_(fn(o, yb, tb))
+        lost = []  # slots whose reporter or should_stop raised one of pack.isolate
         for s, i in enumerate(pack.live):
             m = members[i]
             if isinstance(m.save_freq, int) and m.step % m.save_freq == 0:
                 pack.sync(s)
-                m._step_checkpoint(loss_sum[s], {k: v[s] for k, v in sums.items()}, seen)
-        ending = [s for s, i in enumerate(pack.live) if members[i].spec.max_steps is not None and members[i].step >= members[i].spec.max_steps]
+                if not pack.call(i, m._step_checkpoint, loss_sum[s], {k: v[s] for k, v in sums.items()}, seen):
+                    lost.append(s)
+        ending = [s for s, i in enumerate(pack.live)
+                  if s not in lost and members[i].spec.max_steps is not None and members[i].step >= members[i].spec.max_steps]
         for s in ending:
             members[pack.live[s]].stop_reason = "max_steps"
-        cancelled = [s for s, i in enumerate(pack.live) if s not in ending and members[i]._poll_cancel()]
-        for s in cancelled:
-            members[pack.live[s]].stop_reason = "cancelled"
-        if cancelled:
-            # a cancelled solo run returns without ending its epoch
-            leave(cancelled, end_epoch=False)
-            ending = [s - sum(1 for c in cancelled if c < s) for s in ending]
+        cancelled = []
+        for s, i in enumerate(pack.live):
+            if s in ending or s in lost:
+                continue
+            polled = pack.poll(i)
+            if polled is None:
+                lost.append(s)
+            elif polled:
+                members[i].stop_reason = "cancelled"
+                cancelled.append(s)
+        if cancelled or lost:
+            # a cancelled solo run returns without ending its epoch; a lost member just leaves
+            gone_now = sorted(cancelled + lost)
+            leave(gone_now, end_epoch=False)
+            ending = [s - sum(1 for c in gone_now if c < s) for s in ending]
         if ending:
             leave(ending, end_epoch=True)
     gone = []
@@ -518,8 +561,8 @@ def _epoch(pack: _Pack, finished: list[int]) -> None:
         m = members[i]
         pack.sync(s)
         m.lr = lrs[s]
-        m._end_epoch(loss_sum[s], {k: v[s] for k, v in sums.items()}, max(seen, 1), started)
-        if m.stop_reason is not None or m.epoch >= m.spec.epochs:
+        pack.call(i, m._end_epoch, loss_sum[s], {k: v[s] for k, v in sums.items()}, max(seen, 1), started)
+        if m.stop_reason is not None or m.epoch >= m.spec.epochs:  # a lost member's is LOST
             gone.append(s)
             finished.append(i)
     if gone:
@@ -533,11 +576,18 @@ def fit_fused(
     *,
     datasets: Callable[[str], Any] | None = None,
     fallback: bool = True,
+    isolate: tuple[type[BaseException], ...] = (),
 ) -> list[FitResult]:
     """Train ``specs`` as one fused model when :func:`why_not_fused` allows it and the engine's
     optimizer for them has a fused form; otherwise (``fallback``) train them one after another
     with ``training.fit``. Returns one ``FitResult`` per spec, in order; each result's
-    ``info["pack"]`` says whether it was fused (``size``, ``index``) or why not (``fallback``)."""
+    ``info["pack"]`` says whether it was fused (``size``, ``index``) or why not (``fallback``).
+
+    ``isolate``: exception types that, raised by one member's reporter or ``should_stop``, end
+    that member alone (the others go on): its result has ``stop_reason`` ``LOST`` and
+    ``info["pack"]["lost"]`` says what was raised; its history is what it reported before. Any
+    other exception ends the whole call. Each fused member's reporter gets ``{"pack": {"fused":
+    True, "size": n, "index": k}}`` in its ``on_start`` info."""
     jobs = [validate_spec(s, datasets) for s in specs]
     reps = list(reporters) if reporters is not None else [None] * len(jobs)
     stops = list(should_stops) if should_stops is not None else [None] * len(jobs)
@@ -557,30 +607,39 @@ def fit_fused(
             elif len(sizes) != 1:
                 reason = "the trials' training splits differ in size"
             else:
-                results = _train_pack(members, classes.pop(), started)
+                results = _train_pack(members, classes.pop(), started, isolate)
     if results is not None:
         return results
     if not fallback:
         raise ValueError(f"these trials cannot be fused: {reason}")
     out = []
     for job, rep, stop in zip(jobs, reps, stops, strict=True):
-        r = fit(job, rep, stop, datasets=datasets)
-        r.info["pack"] = {"fused": False, "fallback": reason}
+        try:
+            r = fit(job, rep, stop, datasets=datasets)
+        except isolate as exc:
+            r = FitResult(history=[], stop_reason=LOST, best_epoch=None, best_value=None, monitor=None,
+                          stopped_epoch=None, epochs_run=0, steps=0, weights={}, best_checkpoint=None,
+                          info={"lost": f"{type(exc).__name__}: {exc}"})
+        r.info["pack"] = {"fused": False, "fallback": reason, **({"lost": r.info.pop("lost")} if "lost" in r.info else {})}
         out.append(r)
     return out
 
 
-def _train_pack(members: list[_Run], opt_cls: type[_StackedKeras] | type[_MemberOptimizers], started: float) -> list[FitResult]:
-    for m in members:
-        m.start()
-    pack = _Pack(members, opt_cls)
+def _train_pack(members: list[_Run], opt_cls: type[_StackedKeras] | type[_MemberOptimizers], started: float,
+                isolate: tuple[type[BaseException], ...] = ()) -> list[FitResult]:
+    pack = _Pack(members, opt_cls, isolate)
     finished: list[int] = []
+    lost = [k for k, m in enumerate(members)
+            if not pack.call(k, m.start, {"pack": {"fused": True, "size": len(members), "index": k}})]
+    if lost:
+        finished.extend(lost)
+        pack.drop(lost)
     while pack.live:
         _epoch(pack, finished)
     seconds = time.perf_counter() - started
     results = []
     for k, m in enumerate(members):
         r = m.result(seconds)
-        r.info["pack"] = {"fused": True, "size": len(members), "index": k}
+        r.info["pack"] = {"fused": True, "size": len(members), "index": k, **({"lost": pack.lost[k]} if k in pack.lost else {})}
         results.append(r)
     return results

@@ -16,8 +16,17 @@ seeds may differ), while the pack stays within ``TRAINYARD_PACK_MAX_MEMBERS`` an
 Each member has its own record (``worker.record.RunRecord``, as a solo run: heartbeat, lease
 fence, cancel, sweep pruner, and its result recorded by ``RunRecord.finish``: metrics, best and
 last checkpoints, stop reason, status) and, for a sweep trial, its own sweep step
-(``orchestration.sweeps.after_job``; the Celery task does the claimed job's). ``info.pack`` of each job says which pack it ran in: the id of the
-job whose claim formed it, the members' ids, the size and the member's index.
+(``orchestration.sweeps.after_job``; the Celery task does the claimed job's). ``info.pack`` of
+each job says which pack it runs in from the moment the pack is formed
+(``store.packing.mark_pack``; kept by the record's ``on_start``, and in the recorded result): the
+id of the job whose claim formed it, the members' ids, the size, the member's index, and once
+training starts whether it is ``fused``.
+
+A member whose lease is lost (another attempt took the job over, or its own watchdog ended the
+attempt as stalled) leaves the pack alone: ``fit_fused`` isolates the ``LeaseLost`` its record
+or cancel poll raises, the others train on, and nothing more is written to that job (the attempt
+that owns it records it). A cancelled member ends alone too (status and stop reason
+``cancelled``), as in a solo run.
 """
 
 from __future__ import annotations
@@ -29,7 +38,7 @@ from typing import Any
 
 from config.logs import job_context
 from config.settings import Settings
-from store import leases, packing, repo
+from store import leases, packing
 from store.db import session_scope
 from worker.record import RunRecord
 
@@ -90,8 +99,8 @@ def _claim_members(job_id: str, spec_dict: dict[str, Any], run_spec: dict[str, A
         runs = dict(chosen)
         jobs = packing.claim_members(s, [i for i, _ in chosen], worker_name(), settings.heartbeat_stale_s)
         ids = [job_id] + [j.id for j in jobs]
-        for k, i in enumerate(ids):
-            repo.add_event(s, i, "pack", {"pack": job_id, "size": len(ids), "index": k})
+        if jobs:
+            packing.mark_pack(s, ids)  # the job view says so from now on
         return [(j.id, j.lease_token, dict(j.spec), runs[j.id], j.sweep_id, j.epochs) for j in jobs]
 
 
@@ -131,27 +140,40 @@ def _run_pack(members: list[tuple[str, int, dict[str, Any], dict[str, Any], str 
     records = [RunRecord.open(job_id, settings, lease_token=token, attempt=1, spec=spec, sweep_id=sweep_id, epochs=epochs,
                               send=send)
                for job_id, token, spec, _, sweep_id, epochs in members]
+    for k, r in enumerate(records):
+        r.pack = {"id": ids[0], "jobs": ids, "size": len(ids), "index": k}  # kept in the info on_start writes
     statuses: dict[str, str] = {}
     with ExitStack() as heartbeats:
         for r in records:
             heartbeats.enter_context(r.heartbeat())
         try:
-            results = fit_fused([m[3] for m in members], records, [r.should_stop for r in records])
+            # a member whose lease is lost leaves the pack alone (its result's stop reason: LOST)
+            results = fit_fused([m[3] for m in members], records, [r.should_stop for r in records],
+                                isolate=(leases.LeaseLost,))
         except leases.LeaseLost:
-            # another attempt owns one member: the pack stops; the others' heartbeats stop with it
-            # and recovery requeues them (each then runs from its first epoch)
-            log.warning("pack of %s: a member lost its lease; the pack stopped, its members are requeued by recovery", ids[0])
+            # not from one member's record or poll (those are isolated above): the pack stops;
+            # the members' heartbeats stop with it and recovery requeues them
+            log.warning("pack of %s: the pack lost its lease outside a member's run; stopped, recovery requeues its members", ids[0])
             return "lease_lost"
         except (SpecError, TrainingError) as exc:
-            for r in records:
-                r.fail(str(exc))
+            _fail_all(records, str(exc))
             return "failed"
         except BaseException as exc:
-            for r in records:
-                r.fail(f"internal error: {type(exc).__name__}: {exc}")
+            _fail_all(records, f"internal error: {type(exc).__name__}: {exc}")
             log.error("pack of %s crashed:\n%s", ids[0], traceback.format_exc())
             raise
+        from training.fused import LOST
+
         for k, (job_id, r, result) in enumerate(zip(ids, records, results, strict=True)):
+            if result.stop_reason == LOST:
+                # another attempt owns this job (or its watchdog ended it as stalled): it left the
+                # pack at once, the others trained on; that attempt records the job, not this one
+                statuses[job_id] = "stalled" if r.stalled else "lease_lost"
+                with job_context(job_id):
+                    log.warning("job %s: %s in the pack of %s (%s); it left the pack, nothing more recorded, "
+                                "the other members went on", job_id, "stalled" if r.stalled else "lost its lease",
+                                ids[0], result.info.get("pack", {}).get("lost"))
+                continue
             result.info["pack"] = {**result.info.get("pack", {}), "id": ids[0], "jobs": ids, "index": k}
             with job_context(job_id):
                 try:
@@ -164,6 +186,16 @@ def _run_pack(members: list[tuple[str, int, dict[str, Any], dict[str, Any], str 
     from orchestration.sweeps import after_job
 
     for job_id, m in zip(ids[1:], members[1:], strict=True):
-        if m[4]:
+        if m[4] and statuses.get(job_id) not in ("lease_lost", "stalled"):
             after_job(job_id, settings, send)  # the Celery task advances the claimed job's sweep
     return statuses[ids[0]]
+
+
+def _fail_all(records: list[RunRecord], error: str) -> None:
+    """Record the pack's failure on each member still this worker's (a member another attempt
+    owns is left to it)."""
+    for r in records:
+        try:
+            r.fail(error)
+        except leases.LeaseLost:
+            log.warning("job %s: not recorded as failed: another attempt owns it", r.job_id)

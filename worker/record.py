@@ -127,6 +127,9 @@ class RunRecord(BaseReporter):
         self._beat_thread: threading.Thread | None = None
         self.buffer: list[dict[str, Any]] = []
         self.info: dict[str, Any] | None = None
+        # a packed job's pack (worker/packs.py): merged into the info on_start writes, so the job
+        # view keeps saying which pack the job runs in
+        self.pack: dict[str, Any] | None = None
         self.cancelled = False
         # preemption (settings.preemption): the job was asked to make room; read every flush interval
         self.preempted = False
@@ -220,6 +223,8 @@ class RunRecord(BaseReporter):
     # -- engine callbacks
     def on_start(self, info: dict[str, Any]) -> None:
         self.last_progress = time.monotonic()
+        if self.pack is not None:
+            info = {**info, "pack": {**info.get("pack", {}), **self.pack}}
         self.info = json_safe(info)
         if self.pruner is None:
             self.flush()

@@ -13,14 +13,20 @@ import math
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import func, select, update
 
 import training
 from client import Client
+from store import repo
+from store.db import session_scope
+from store.models import Job, JobMetric
 
 from .conftest import RUN_ID, cli
 from .helpers import ROOT, free_port, stop, wait_for_log, wait_http, wait_status
@@ -131,19 +137,83 @@ def test_a_batch_of_same_shape_jobs_runs_as_one_pack_on_postgres_and_redis(pg_se
         check_batch_is_packed(c)
 
 
-def test_cancelling_one_packed_job_leaves_the_others_to_finish(pg_service: str) -> None:
+def wait_view(c: Client, job_id: str, ok: Callable[[dict[str, Any]], bool], timeout: float = 120.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        view = c.job(job_id)
+        if ok(view):
+            return view
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"job {job_id}: {view}")
+        time.sleep(0.1)
+
+
+def one_long_member(epochs: int = 40) -> list[dict[str, Any]]:
+    """Three same-shape jobs; the second runs until something ends it."""
     specs = batch_specs()[:3]
-    specs[1] = dict(specs[1], epochs=100_000)  # runs until cancelled
-    specs[0], specs[2] = dict(specs[0], epochs=40), dict(specs[2], epochs=40)
+    return [dict(specs[0], epochs=epochs), dict(specs[1], epochs=100_000), dict(specs[2], epochs=epochs)]
+
+
+def test_cancelling_one_packed_job_leaves_the_others_to_finish(pg_service: str) -> None:
+    specs = one_long_member()
     with Client(pg_service) as c:
         ids = [j["id"] for j in c.submit_batch(specs)["results"]]
         wait_status(c, ids[1], ("running",), timeout=120)
+        # while it runs, the job view says which pack it runs in (set when the pack is formed)
+        running = wait_view(c, ids[1], lambda v: "pack" in (v["info"] or {}))
+        pack = running["info"]["pack"]
+        assert running["status"] == "running" and sorted(pack["jobs"]) == sorted(ids), running
+        assert pack["id"] == pack["jobs"][0] and pack["jobs"][pack["index"]] == ids[1] and pack["size"] == 3
         c.cancel(ids[1])
         cancelled = wait_status(c, ids[1], ("succeeded", "failed", "cancelled"), timeout=120)
         others = [wait_status(c, i, ("succeeded", "failed", "cancelled"), timeout=300) for i in (ids[0], ids[2])]
     assert cancelled["status"] == "cancelled" and cancelled["stop_reason"] == "cancelled", cancelled
     assert [o["status"] for o in others] == ["succeeded"] * 2 and [o["progress"]["epoch"] for o in others] == [40, 40]
     assert {o["info"]["pack"]["id"] for o in others} == {cancelled["info"]["pack"]["id"]}  # one pack
+
+
+def test_a_member_that_loses_its_lease_leaves_the_pack_alone(pg_service: str, inproc_env: dict[str, str],
+                                                            tmp_path: Path) -> None:
+    """Another attempt takes one running member over (its worker looked lost: heartbeat aged, then
+    claimed, as a redelivered task does): that member leaves the pack, the worker writes nothing
+    more to it, and the other members train on to their own end."""
+    specs = one_long_member()
+    with Client(pg_service) as c:
+        ids = [j["id"] for j in c.submit_batch(specs)["results"]]
+        # training started, and the view says so while it runs: fused, in which pack, which member
+        view = wait_view(c, ids[1], lambda v: v["status"] == "running" and (v["progress"] or {}).get("epoch", 0) >= 1
+                         and (v["info"] or {}).get("pack", {}).get("fused") is True)
+        pack = view["info"]["pack"]  # the pack's order is the claim order (priority, age, id)
+        assert sorted(pack["jobs"]) == sorted(ids) and pack["jobs"][pack["index"]] == ids[1], view["info"]
+        assert pack["id"] == pack["jobs"][0] and pack["size"] == 3, view["info"]
+        with session_scope() as s:  # one transaction: the worker's heartbeat cannot slip in between
+            s.execute(update(Job).where(Job.id == ids[1]).values(heartbeat_at=repo.utcnow() - timedelta(hours=1)))
+            taken = repo.claim_job(s, ids[1], "test-taker", 60.0)
+            assert taken is not None and taken.attempts == 2
+            token = taken.lease_token
+            rows = s.scalar(select(func.count()).select_from(JobMetric).where(JobMetric.job_id == ids[1]))
+        others = [wait_status(c, i, ("succeeded", "failed", "cancelled"), timeout=300) for i in (ids[0], ids[2])]
+        wait_for_text(tmp_path / "worker.log", f"job {ids[1]}: lost its lease in the pack of {pack['id']}")
+        after, rows0 = c.job(ids[1]), c.metrics(ids[0])
+    assert [o["status"] for o in others] == ["succeeded"] * 2, others
+    assert [o["progress"]["epoch"] for o in others] == [40, 40] and len(rows0) == 40
+    assert {o["info"]["pack"]["id"] for o in others} == {pack["id"]}
+    # the taken-over job is the new attempt's: still running under its lease, nothing more written
+    assert after["status"] == "running", after
+    with session_scope() as s:
+        job = s.get(Job, ids[1])
+        assert job is not None and (job.lease_token, job.worker) == (token, "test-taker")
+        assert s.scalar(select(func.count()).select_from(JobMetric).where(JobMetric.job_id == ids[1])) == rows
+        assert [s.get(Job, i).attempts for i in (ids[0], ids[2])] == [1, 1]  # trained on in the pack, not requeued
+        assert repo.finish_job(s, ids[1], status="cancelled", stop_reason="cancelled")  # the new attempt ends it
+
+
+def wait_for_text(path: Path, text: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in path.read_text(errors="replace"):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{text!r} not in {path}")
+        time.sleep(0.2)
 
 
 @pytest.mark.parametrize("pg_service", [{"TRAINYARD_PACK_MAX_MEMBERS": "3"}], indirect=True)

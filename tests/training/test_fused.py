@@ -344,6 +344,44 @@ def test_cancel_of_one_member_leaves_the_others_untouched(monkeypatch: pytest.Mo
     assert fused[0].epochs_run == fused[2].epochs_run == EPOCHS
 
 
+class Gone(Exception):
+    """Stands for the worker's LeaseLost: the caller no longer owns this member's job."""
+
+
+def test_a_member_whose_reporter_or_poll_raises_an_isolated_exception_leaves_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(engine, "POLL_SECONDS", 0.0)
+
+    class GoneAtEpoch2(Recorder):
+        def on_epoch(self, metrics: dict[str, float]) -> None:
+            super().on_epoch(metrics)
+            if metrics["epoch"] == 2:
+                raise Gone("lease 1 of job a is no longer held")
+
+    def gone_after(n: int):
+        calls = {"n": 0}
+
+        def should_stop() -> bool:
+            calls["n"] += 1
+            if calls["n"] > n:
+                raise Gone("lease 1 of job b is no longer held")
+            return False
+
+        return should_stop
+
+    specs = [trial(12), trial(13, optimizer__learning_rate=0.01), trial(14, optimizer__beta_1=0.8), trial(15)]
+    reps = [Recorder(), GoneAtEpoch2(), Recorder(), Recorder()]
+    fused = fit_fused(specs, reps, [None, None, gone_after(30), None], isolate=(Gone,))
+    for k in (0, 3):  # the others go on, as their solo runs
+        assert_same_run(fused[k], training.fit(specs[k]))
+        assert [e["epoch"] for e in reps[k].epochs] == list(range(1, EPOCHS + 1))
+    assert fused[1].stop_reason == fused[2].stop_reason == "lost"
+    assert fused[1].info["pack"]["lost"] == "Gone: lease 1 of job a is no longer held"
+    assert [e["epoch"] for e in reps[1].epochs] == [1, 2] and fused[1].epochs_run == 2  # nothing after it
+    assert fused[2].steps == 31 and [e["epoch"] for e in reps[2].epochs] == [1, 2]  # polled after each update (12 an epoch)
+    with pytest.raises(Gone):  # not isolated: the whole call ends, as a solo fit would
+        fit_fused(specs[:2], [Recorder(), GoneAtEpoch2()])
+
+
 # --------------------------------------------------------------------------- what is not fused
 
 
