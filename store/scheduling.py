@@ -45,8 +45,8 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, func, select, text, update
-from sqlalchemy.orm import Session
+from sqlalchemy import Engine, bindparam, func, select, text, update
+from sqlalchemy.orm import Session, aliased
 
 from config.settings import get_settings
 from store.models import Job, Project, Sweep
@@ -153,22 +153,52 @@ def pick_next(session: Session, job_id: str, now: datetime | None = None) -> str
     """The id of the best queued job in the queue of ``job_id`` (the message that arrived): the
     fair-share project first, then its best job (see the module's docstring), row-locked on
     PostgreSQL (skipping rows another worker is claiming: then the project's next job, or the
-    next project's), or None when none is queued."""
-    queue = session.scalar(select(Job.queue).where(Job.id == job_id))
-    if queue is None:
+    next project's), or None when none is queued.
+
+    The common case costs two statements: when the queued jobs of the queue all belong to one
+    project (``min(project_id) = max(project_id)``, two index probes), the fair-share order has one
+    entry and its state is not read; the queue's state (four queries) is read only when two or more
+    projects have queued jobs (:func:`pick_fair`)."""
+    row = session.execute(_HEAD, {"job_id": job_id}).one_or_none()
+    queue, low, high = row if row is not None else (None, None, None)
+    if queue is None or low is None:
         return None
+    if low == high:
+        return _best_of(session, queue, low)
+    return pick_fair(session, queue, now)
+
+
+def pick_fair(session: Session, queue: str, now: datetime | None = None) -> str | None:
+    """The fair-share pick of ``queue`` from its full state (any number of competing projects)."""
     state = queue_state(session, queue, now)
     for project_id in state.order():
-        found = session.scalar(
-            select(Job.id)
-            .where(Job.queue == queue, Job.status == "queued", Job.project_id == project_id)
-            .order_by(*_WITHIN)
-            .limit(1)
-            .with_for_update(skip_locked=True)
-        )
+        found = _best_of(session, queue, project_id)
         if found is not None:
             return found
     return None
+
+
+def _best_of(session: Session, queue: str, project_id: str) -> str | None:
+    """The project's best queued job in the queue (priority, age, id), row-locked on PostgreSQL
+    skipping the rows other workers are claiming."""
+    return session.scalar(_BEST, {"queue": queue, "project_id": project_id})
+
+
+def _statements() -> tuple[Any, Any]:
+    """The pick's two statements, built once (building them costs more CPU than running them)."""
+    msg = aliased(Job)
+    queued = (Job.queue == msg.queue, Job.status == "queued")
+    head = (select(msg.queue,
+                   select(func.min(Job.project_id)).where(*queued).scalar_subquery(),
+                   select(func.max(Job.project_id)).where(*queued).scalar_subquery())
+            .where(msg.id == bindparam("job_id")))
+    best = (select(Job.id)
+            .where(Job.queue == bindparam("queue"), Job.status == "queued", Job.project_id == bindparam("project_id"))
+            .order_by(*_WITHIN).limit(1).with_for_update(skip_locked=True))
+    return head, best
+
+
+_HEAD, _BEST = _statements()
 
 
 def position_sql(alias: str) -> str:

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from datetime import datetime, timedelta
 
 import pytest
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, event, select, update
 from sqlalchemy.orm import Session
 
 from store import auth, lifecycle, repo, scheduling
@@ -218,3 +218,48 @@ def test_preemption_marks_the_lowest_priority_newest_job_of_the_waiting_jobs_pro
         _start(s, new_low, t0)  # (new_low runs again)
         _queue(s, p["y"], 1, queue)
         assert scheduling.request_preemptions(s, grace_s=10, now=t0) == []
+
+
+def test_a_project_alone_in_its_queue_is_picked_in_two_statements(engine: Engine) -> None:
+    """When one project has queued jobs in the queue (others only running or finished there), the
+    pick reads no fair-share state: two statements, priority then age, the same job as the full
+    state's pick; on PostgreSQL a row another worker holds is skipped for the project's next job.
+    A second project's queued job brings the full state back (the fair-share order)."""
+    queue = f"{QUEUE}-{uuid.uuid4().hex[:6]}"
+    t0 = repo.utcnow()
+    with Session(engine) as s, s.begin():
+        p = _projects(s, {"alone": 1.0, "other": 1.0})
+        [ran] = _queue(s, p["other"], 1, queue)
+        _start(s, ran, t0 - timedelta(seconds=5))
+        low = _queue(s, p["alone"], 2, queue)
+        [high] = _queue(s, p["alone"], 1, queue, priority=3)
+    statements: list[str] = []
+
+    def count(conn: object, cursor: object, statement: str, *args: object) -> None:
+        if not statement.lstrip().upper().startswith("BEGIN"):  # SQLite's BEGIN IMMEDIATE
+            statements.append(statement)
+
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        with Session(engine) as s, s.begin():
+            statements.clear()
+            assert scheduling.pick_next(s, low[0], now=t0) == high
+            assert len(statements) == 2, statements
+            assert scheduling.pick_fair(s, queue, now=t0) == high
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+    if engine.dialect.name == "postgresql":
+        with Session(engine) as holder, holder.begin():
+            assert scheduling.pick_next(holder, low[0], now=t0) == high  # row-locked until this ends
+            with Session(engine) as s, s.begin():
+                assert scheduling.pick_next(s, low[0], now=t0) == min(low)
+    with Session(engine) as s, s.begin():
+        [late] = _queue(s, p["other"], 1, queue, priority=scheduling.PRIORITY_MIN)
+    with Session(engine) as s, s.begin():
+        # other's usage is one running job (charged a typical job), alone's none: alone first
+        assert scheduling.pick_next(s, late, now=t0) == high
+        _start(s, high, t0)
+        _start(s, min(low), t0)
+    with Session(engine) as s, s.begin():
+        # now alone runs two jobs to other's one: other's queued job, despite its priority
+        assert scheduling.pick_next(s, low[0], now=t0) == late
