@@ -191,6 +191,9 @@ def test_a_member_that_loses_its_lease_leaves_the_pack_alone(pg_service: str, in
             taken = repo.claim_job(s, ids[1], "test-taker", 60.0)
             assert taken is not None and taken.attempts == 2
             token = taken.lease_token
+            # the new attempt stays alive for the test's length (it sends no heartbeats; a stale one
+            # would be taken over again by the reconciler after heartbeat_stale_s on a slow machine)
+            s.execute(update(Job).where(Job.id == ids[1]).values(heartbeat_at=repo.utcnow() + timedelta(hours=1)))
             rows = s.scalar(select(func.count()).select_from(JobMetric).where(JobMetric.job_id == ids[1]))
         others = [wait_status(c, i, ("succeeded", "failed", "cancelled"), timeout=300) for i in (ids[0], ids[2])]
         wait_for_text(tmp_path / "worker.log", f"job {ids[1]}: lost its lease in the pack of {pack['id']}")
