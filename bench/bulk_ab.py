@@ -43,12 +43,11 @@ def main() -> None:
                          check=True).stdout
     name, admin = dashboards.setup()
     try:
-        from sqlalchemy import insert, update
+        from sqlalchemy import update
 
         from store import bulkread as new
-        from store import repo
         from store.db import get_engine, session_scope
-        from store.models import DEFAULT_PROJECT, Job, JobMetric
+        from store.models import DEFAULT_PROJECT, JobMetric
 
         old = types.ModuleType("bulkread_old")
         exec(compile(src, f"{args.ref}:store/bulkread.py", "exec"), old.__dict__)  # noqa: S102
@@ -58,14 +57,7 @@ def main() -> None:
 
         def one_more_epoch() -> None:
             last[0] += 1
-            e = last[0]
-            with session_scope() as s:
-                s.execute(insert(JobMetric), [{"job_id": j, "epoch": e, "created_at": repo.utcnow(),
-                                               "values": {"epoch": e, "loss": 1 / e, "val_loss": 1.2 / e, "accuracy": 0.9,
-                                                          "val_accuracy": 0.9, "lr": 0.001, "seconds": 0.01}}
-                                              for j in running])
-                s.execute(update(Job).where(Job.id.in_(running)).values(
-                    epoch=e, heartbeat_at=repo.utcnow(), updated_at=repo.utcnow(), metrics_top=e))
+            dashboards.add_epoch(running, last[0])
 
         def rewrite_ten() -> None:
             with session_scope() as s:

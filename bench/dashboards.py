@@ -86,6 +86,24 @@ def teardown(name: str, admin: Any) -> None:
         r.delete(key)
 
 
+def add_epoch(running: list[str], e: int) -> None:
+    """Epoch ``e`` for each running job, committed (one transaction, as 1,000 workers' would be),
+    and their rows as repo.record_progress updates them (progress, heartbeat, revision)."""
+    from sqlalchemy import insert, update
+
+    from store import repo
+    from store.db import session_scope
+    from store.models import Job, JobMetric
+
+    with session_scope() as s:
+        s.execute(insert(JobMetric), [{"job_id": j, "epoch": e, "created_at": repo.utcnow(),
+                                       "values": {"epoch": e, "loss": 1 / e, "val_loss": 1.2 / e, "accuracy": 0.9,
+                                                  "val_accuracy": 0.9, "lr": 0.001, "seconds": 0.01}}
+                                      for j in running])
+        s.execute(update(Job).where(Job.id.in_(running)).values(
+            epoch=e, heartbeat_at=repo.utcnow(), updated_at=repo.utcnow(), metrics_top=e))
+
+
 def make_jobs(n: int, epochs: int = 0, labelled_every: int = 10, status: str = "succeeded") -> list[str]:
     """``n`` finished jobs with best values (and ``epochs`` metric rows each), inserted in bulk;
     finished ones get what their terminal move writes (the compacted curve, store.curves);
@@ -301,13 +319,9 @@ def bench_list(n_jobs: int, rounds: int) -> dict[str, Any]:
 
 def bench_bulk(n_jobs: int, epochs: int, rounds: int) -> dict[str, Any]:
     import httpx
-    from sqlalchemy import insert, update
 
     from api.app import create_app
-    from store import repo
     from store.bulkread import CURVES
-    from store.db import session_scope
-    from store.models import Job, JobMetric
 
     done = make_jobs(n_jobs, epochs)
     running = make_jobs(n_jobs, epochs, status="running")
@@ -315,17 +329,8 @@ def bench_bulk(n_jobs: int, epochs: int, rounds: int) -> dict[str, Any]:
     last = [epochs]
 
     def one_more_epoch() -> None:
-        """An epoch more for each running job, committed (one transaction, as 1,000 workers' would be)."""
         last[0] += 1
-        e = last[0]
-        with session_scope() as s:
-            s.execute(insert(JobMetric), [{"job_id": j, "epoch": e, "created_at": repo.utcnow(),
-                                           "values": {"epoch": e, "loss": 1 / e, "val_loss": 1.2 / e, "accuracy": 0.9,
-                                                      "val_accuracy": 0.9, "lr": 0.001, "seconds": 0.01}}
-                                          for j in running])
-            # and their rows, as repo.record_progress updates them (progress, heartbeat, revision)
-            s.execute(update(Job).where(Job.id.in_(running)).values(
-                epoch=e, heartbeat_at=repo.utcnow(), updated_at=repo.utcnow(), metrics_top=e))
+        add_epoch(running, last[0])
 
     def body(ids: list[str], **kw: Any) -> dict[str, Any]:
         return {"jobs": [{"id": i} for i in ids], **kw}
