@@ -937,6 +937,21 @@ def table(r: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n" + extra
 
 
+def latency_only(st: Stack, api: str, bare: Any, n: int, results: dict[str, Any], json_path: Path | None) -> int:
+    """``--latency-only N``: part 1 alone, printed as one line (and all samples in ``--json``)."""
+    log(f"1. submit->running: {n} jobs, {n} bare tasks")
+    lat = results["latency"] = bench_latency(st, api, bare, n, n)
+    results["load_avg_end"] = os.getloadavg()
+    print(f"submit->running p50 {lat['p50_ms']:.1f} / {lat['bare_p50_ms']:.1f} ms = {lat['ratio_p50']:.2f}x, "
+          f"p95 {lat['p95_ms']:.1f} / {lat['bare_p95_ms']:.1f} ms = {lat['ratio_p95']:.2f}x, max {lat['max_ms']:.1f} ms, "
+          f"POST p50 {lat['post_p50_ms']:.1f} ms (client); load average {results['load_avg_start'][0]:.2f} -> "
+          f"{results['load_avg_end'][0]:.2f}")
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(results, indent=2, default=str))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smaller N and shorter load windows")
@@ -944,6 +959,8 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=64)
     ap.add_argument("--load", choices=("wrk", "httpx"), default="wrk" if shutil.which("wrk") else "httpx",
                     help="load generator for the polling windows (default: wrk when installed, apt-get install wrk)")
+    ap.add_argument("--latency-only", type=int, metavar="N",
+                    help="measure only submit->running, N jobs and N bare tasks interleaved (A/B runs of the latency)")
     args = ap.parse_args()
     n, n_bare, secs, ep_rounds, k_jobs, k_tasks = (8, 20, 4.0, 2, 10, 100) if args.quick else (50, 50, 8.0, 5, 20, 300)
 
@@ -958,6 +975,8 @@ def main() -> int:
     try:
         log(f"starting stack (database {DB_NAME}, Redis prefix {PREFIX})")
         api, bare_url, bare = start_stack(st)
+        if args.latency_only:
+            return latency_only(st, api, bare, args.latency_only, results, args.json)
         results["threads"] = worker_threads(st)
         log(f"1. submit->running: {n} jobs, {n_bare} bare tasks")
         with Phase(st) as ph:
