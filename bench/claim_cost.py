@@ -1,15 +1,17 @@
 """Benchmark: the cost of one worker claim (issue 10's submit->running path), in process, on real
 database rows: the fair-share pick as it was (main at bf79aa4, copied here: the message's queue,
-the queue's full state, one query per project), the pick now (``scheduling.pick_next``: two
-statements when one project has queued jobs in the queue), and the claim before fair share
-(f59becf: the message's own job, ``repo.claim_job`` alone), measured in the same run, alternated.
+the queue's full state, one query per project), the pick of 41a9820 (``scheduling.pick_next``: two
+statements when one project has queued jobs in the queue) then ``repo.claim_job``, the claim now
+(``scheduling.claim_next``: pick and claim in one UPDATE when one project has queued jobs), and
+the claim before fair share (f59becf: the message's own job, ``repo.claim_job`` alone), measured in
+the same run, alternated.
 
 Usage (repo root, in the venv)::
 
     python bench/claim_cost.py --url postgresql+psycopg://postgres@127.0.0.1:5432/some_empty_db
     python bench/claim_cost.py                     # SQLite file
 
-Each claim is one transaction (pick + claim_job + commit), as in worker/runner.py ``_claim``.
+Each claim is one transaction (pick + claim + commit), as in worker/runner.py ``_claim``.
 Printed per scenario and way: statements per claim, median CPU ms (process_time) and wall ms
 per claim. Scenarios: ``one``: one project with ``--jobs`` queued jobs in the queue (the common
 case); ``two``: two projects with ``--jobs`` each (the full state is read either way).
@@ -61,8 +63,25 @@ def direct(s: Session, job_id: str) -> str | None:
     return job_id
 
 
-WAYS: dict[str, Callable[[Session, str], str | None]] = {"fair-before": old_pick, "fair-now": new_pick,
-                                                         "f59becf-direct": direct}
+def claim_after(pick: Callable[[Session, str], str | None]) -> Callable[[Session, str], object]:
+    """A pick, then ``repo.claim_job`` of what it picked (the claim of bf79aa4 to 5a3b590)."""
+
+    def claim(s: Session, job_id: str) -> object:
+        best = pick(s, job_id)
+        return None if best is None else repo.claim_job(s, best, "bench", 60.0)
+
+    return claim
+
+
+def claim_next(s: Session, job_id: str) -> object:
+    """The claim now: pick and claim in one statement (``scheduling.claim_next``)."""
+    return scheduling.claim_next(s, job_id, "bench", 60.0)
+
+
+WAYS: dict[str, Callable[[Session, str], object]] = {
+    "fair-before": claim_after(old_pick), "pick-then-claim": claim_after(new_pick), "claim-next": claim_next,
+    "f59becf-direct": claim_after(direct),
+}
 
 
 def main() -> None:
@@ -90,13 +109,12 @@ def main() -> None:
                 queues[way] = (q, ids)
         stats: dict[str, list[tuple[int, float, float]]] = {w: [] for w in WAYS}
         for i in range(args.claims):
-            for way, pick in WAYS.items():
+            for way, claim in WAYS.items():
                 message = queues[way][1][i]
                 count[0] = 0
                 c0, w0 = time.process_time(), time.perf_counter()
                 with Session(engine) as s, s.begin():
-                    best = pick(s, message)
-                    assert best is not None and repo.claim_job(s, best, "bench", 60.0) is not None
+                    assert claim(s, message) is not None
                 stats[way].append((count[0], time.process_time() - c0, time.perf_counter() - w0))
         for way, rows in stats.items():
             print(f"  {scenario:3} {way:15} statements/claim {statistics.median(r[0] for r in rows):4.0f}  "

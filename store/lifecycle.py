@@ -73,19 +73,43 @@ def move(session: Session, job_id: str, sources: Collection[str], target: str, *
     transaction (its file after the commit), unless it ran all its epochs (succeeded,
     ``completed``) and ``keep_final_snapshot`` is on: that job keeps the state of its last epoch
     for ``POST /v1/jobs/{id}/continue`` (store.continuation)."""
+    res = session.execute(_update(job_id, sources, target, where, values))
+    moved = res.rowcount == 1  # type: ignore[attr-defined]
+    if moved:
+        _ended(session, job_id, target, values)
+    return moved
+
+
+def move_chosen(session: Session, chosen: Any, sources: Collection[str], target: str, *,
+                values: Mapping[str, Any] | None = None, params: Mapping[str, Any] | None = None) -> Job | None:
+    """:func:`move` of the job that ``chosen``, a scalar subquery (bound by ``params``), picks in
+    the same statement (``UPDATE ... WHERE id = (SELECT ...) RETURNING *``: a pick, its
+    compare-and-set and the row as it is now in one round trip, :func:`store.scheduling.claim_next`).
+    Returns the job moved (its row as the UPDATE left it), or None."""
+    moved = session.execute(_update(chosen, sources, target, (), values).returning(Job), dict(params or {}))
+    job = moved.scalars().one_or_none()
+    if job is not None:
+        _ended(session, job.id, target, values)
+    return job
+
+
+def _update(job_id: Any, sources: Collection[str], target: str, where: Sequence[Any],
+            values: Mapping[str, Any] | None) -> Any:
+    """The compare-and-set UPDATE (the move checked against :data:`TRANSITIONS` first)."""
     check(sources, target)
-    res = session.execute(
+    return (
         update(Job)
         .where(Job.id == job_id, Job.status.in_(list(sources)), *where)
         .values(status=target, **(values or {}))
         .execution_options(synchronize_session=False)
     )
-    moved = res.rowcount == 1  # type: ignore[attr-defined]
-    if moved and target in (SUCCEEDED, FAILED, CANCELLED):
+
+
+def _ended(session: Session, job_id: str, target: str, values: Mapping[str, Any] | None) -> None:
+    if target in (SUCCEEDED, FAILED, CANCELLED):
         curves.compact(session, job_id)  # its epochs are final: one row for bulk reads
         if not _continuable(target, values):
             drop_snapshot(session, job_id)
-    return moved
 
 
 def _continuable(target: str, values: Mapping[str, Any] | None) -> bool:

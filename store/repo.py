@@ -333,9 +333,7 @@ def claim_job(session: Session, job_id: str, worker: str, stale_after_s: float, 
     ``max_attempts`` claims is not taken over (the reconciler fails it). ``take_over=False``:
     queued jobs only (the members of a pack, :mod:`store.packing`)."""
     now = utcnow()
-    values = dict(
-        attempts=Job.attempts + 1, lease_token=Job.lease_token + 1, heartbeat_at=now, worker=worker, updated_at=now,
-    )
+    values = _claim_values(worker, now)
     if not lifecycle.move(session, job_id, (lifecycle.QUEUED,), lifecycle.RUNNING, values={"started_at": now, **values}):
         taken_over = take_over and lifecycle.move(session, job_id, (lifecycle.RUNNING,), lifecycle.RUNNING, values=values, where=(
             Job.cancel_requested.is_(False),
@@ -344,9 +342,34 @@ def claim_job(session: Session, job_id: str, worker: str, stale_after_s: float, 
         ))
         if not taken_over:
             return None
-    job = session.get(Job, job_id, populate_existing=True)
-    add_event(session, job_id, "state", {"status": "running", "attempt": job.attempts if job else None}, now)
+    return _claimed(session, job_id, now)
+
+
+def claim_chosen(session: Session, chosen: Any, params: dict[str, Any], worker: str) -> Job | None:
+    """Claim the queued job that ``chosen`` (a scalar subquery bound by ``params``) picks, in the
+    same statement as the pick (:func:`store.lifecycle.move_chosen`); None if it picks none.
+    Queued jobs only (no take-over)."""
+    now = utcnow()
+    job = lifecycle.move_chosen(session, chosen, (lifecycle.QUEUED,), lifecycle.RUNNING,
+                                values={"started_at": now, **_claim_values(worker, now)}, params=params)
+    if job is not None:
+        _claimed_event(session, job, now)
     return job
+
+
+def _claim_values(worker: str, now: datetime) -> dict[str, Any]:
+    return dict(attempts=Job.attempts + 1, lease_token=Job.lease_token + 1, heartbeat_at=now, worker=worker, updated_at=now)
+
+
+def _claimed(session: Session, job_id: str, now: datetime) -> Job | None:
+    job = session.get(Job, job_id, populate_existing=True)
+    if job is not None:
+        _claimed_event(session, job, now)
+    return job
+
+
+def _claimed_event(session: Session, job: Job, now: datetime) -> None:
+    add_event(session, job.id, "state", {"status": "running", "attempt": job.attempts}, now)
 
 
 def is_preempt_requested(session: Session, job_id: str) -> bool:

@@ -49,6 +49,7 @@ from sqlalchemy import Engine, bindparam, func, select, text, update
 from sqlalchemy.orm import Session, aliased
 
 from config.settings import get_settings
+from store import repo
 from store.models import Job, Project, Sweep
 from store.repo import as_utc, to_utc, utcnow
 
@@ -62,8 +63,11 @@ _DECIMALS = 6
 #: how long the job view reuses a queue's state (polls of queued jobs add one query a second per
 #: queue and process, not one per poll)
 VIEW_STATE_TTL_S = 1.0
-#: the order within a project (the same as :func:`position_sql` counts)
-_WITHIN = (Job.priority.desc(), Job.created_at, Job.id)
+
+
+def _within(job: Any = Job) -> tuple[Any, ...]:
+    """The order within a project (the same as :func:`position_sql` counts), of ``job`` (an alias)."""
+    return job.priority.desc(), job.created_at, job.id
 
 
 @dataclass(frozen=True)
@@ -159,13 +163,18 @@ def pick_next(session: Session, job_id: str, now: datetime | None = None) -> str
     project (``min(project_id) = max(project_id)``, two index probes), the fair-share order has one
     entry and its state is not read; the queue's state (four queries) is read only when two or more
     projects have queued jobs (:func:`pick_fair`)."""
+    return _pick(session, job_id, now)[0]
+
+
+def _pick(session: Session, job_id: str, now: datetime | None = None) -> tuple[str | None, bool]:
+    """:func:`pick_next`'s job, and whether two or more projects had queued jobs in the queue."""
     row = session.execute(_HEAD, {"job_id": job_id}).one_or_none()
     queue, low, high = row if row is not None else (None, None, None)
     if queue is None or low is None:
-        return None
+        return None, False
     if low == high:
-        return _best_of(session, queue, low)
-    return pick_fair(session, queue, now)
+        return _best_of(session, queue, low), False
+    return pick_fair(session, queue, now), True
 
 
 def pick_fair(session: Session, queue: str, now: datetime | None = None) -> str | None:
@@ -184,21 +193,61 @@ def _best_of(session: Session, queue: str, project_id: str) -> str | None:
     return session.scalar(_BEST, {"queue": queue, "project_id": project_id})
 
 
-def _statements() -> tuple[Any, Any]:
-    """The pick's two statements, built once (building them costs more CPU than running them)."""
+#: whether this process's last claim (claim_next) found two or more projects queued: then the next
+#: claim reads the fair-share state first instead of trying the one-statement claim
+_competing = threading.Event()
+
+
+def claim_next(session: Session, message_job_id: str, worker: str, stale_after_s: float) -> Job | None:
+    """Claim the job :func:`pick_next` picks (``repo.claim_job``), or None when none is queued.
+
+    When the queued jobs of the message's queue belong to one project (the common case), the pick
+    and the claim are one statement (``UPDATE ... WHERE id = (the project's best queued job, FOR
+    UPDATE SKIP LOCKED) RETURNING id``): the claim's ``started_at`` is stamped before the worker's
+    first round trip, as it was before the pick existed (submit->running latency, BENCHMARKS.md).
+    Otherwise (two or more projects queued, or none) that statement moves nothing and the pick
+    reads the fair-share state as :func:`pick_next` does. While projects compete (the process's
+    last claim found two or more queued) the pick comes first, so a claim then costs what the pick
+    and ``claim_job`` cost, and the one statement is tried again once one project is left."""
+    if not _competing.is_set():
+        job = repo.claim_chosen(session, _CHOSEN, {"job_id": message_job_id}, worker)
+        if job is not None:
+            return job
+    best, competing = _pick(session, message_job_id)
+    if competing:
+        _competing.set()
+    else:
+        _competing.clear()
+    return None if best is None else repo.claim_job(session, best, worker, stale_after_s)
+
+
+def _statements() -> tuple[Any, Any, Any]:
+    """The pick's statements, built once (building them costs more CPU than running them): the
+    head (the message's queue, and the lowest and highest project id with queued jobs in it), the
+    best queued job of one project, and the claim's chosen job (the best queued job of the queue
+    when one project has queued jobs there: the head and the best in one subquery)."""
+
+    def bounds(queue: Any) -> tuple[Any, Any]:
+        other = aliased(Job)
+        queued = (other.queue == queue, other.status == "queued")
+        return (select(func.min(other.project_id)).where(*queued).scalar_subquery(),
+                select(func.max(other.project_id)).where(*queued).scalar_subquery())
+
     msg = aliased(Job)
-    queued = (Job.queue == msg.queue, Job.status == "queued")
-    head = (select(msg.queue,
-                   select(func.min(Job.project_id)).where(*queued).scalar_subquery(),
-                   select(func.max(Job.project_id)).where(*queued).scalar_subquery())
-            .where(msg.id == bindparam("job_id")))
-    best = (select(Job.id)
-            .where(Job.queue == bindparam("queue"), Job.status == "queued", Job.project_id == bindparam("project_id"))
-            .order_by(*_WITHIN).limit(1).with_for_update(skip_locked=True))
-    return head, best
+    head = select(msg.queue, *bounds(msg.queue)).where(msg.id == bindparam("job_id"))
+
+    def best_of(job: Any, queue: Any, project_id: Any, *also: Any) -> Any:
+        return (select(job.id).where(job.queue == queue, job.status == "queued", job.project_id == project_id, *also)
+                .order_by(*_within(job)).limit(1).with_for_update(skip_locked=True))
+
+    best = best_of(Job, bindparam("queue"), bindparam("project_id"))
+    queue = select(msg.queue).where(msg.id == bindparam("job_id")).scalar_subquery()
+    low, high = bounds(queue)
+    chosen = best_of(aliased(Job), queue, low, low == high).scalar_subquery()
+    return head, best, chosen
 
 
-_HEAD, _BEST = _statements()
+_HEAD, _BEST, _CHOSEN = _statements()
 
 
 def position_sql(alias: str) -> str:

@@ -169,14 +169,11 @@ def _claim(job_id: str, settings: Settings, by_priority: bool = False) -> tuple[
 
 def claim_by_priority(s: Any, message_job_id: str, settings: Settings) -> Any:
     """Claim the best queued job of the queue ``message_job_id``'s message came on
-    (:func:`store.scheduling.pick_next`), or None when none is queued (the caller then tries the
+    (:func:`store.scheduling.claim_next`), or None when none is queued (the caller then tries the
     message's own job: the take-over of a lost one). The message's outbox rows are dropped by the
     caller (it arrived); those of the job taken stay, so its message, sent or still to be sent,
     starts the next job."""
-    best = scheduling.pick_next(s, message_job_id)
-    if best is None:
-        return None
-    return repo.claim_job(s, best, worker_name(), settings.heartbeat_stale_s)
+    return scheduling.claim_next(s, message_job_id, worker_name(), settings.heartbeat_stale_s)
 
 
 def _resolve_dataset(spec: dict[str, Any], settings: Settings) -> dict[str, Any]:

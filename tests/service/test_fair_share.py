@@ -10,6 +10,7 @@ import heapq
 import random
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 
 import pytest
@@ -220,11 +221,9 @@ def test_preemption_marks_the_lowest_priority_newest_job_of_the_waiting_jobs_pro
         assert scheduling.request_preemptions(s, grace_s=10, now=t0) == []
 
 
-def test_a_project_alone_in_its_queue_is_picked_in_two_statements(engine: Engine) -> None:
-    """When one project has queued jobs in the queue (others only running or finished there), the
-    pick reads no fair-share state: two statements, priority then age, the same job as the full
-    state's pick; on PostgreSQL a row another worker holds is skipped for the project's next job.
-    A second project's queued job brings the full state back (the fair-share order)."""
+def _one_project_queued(engine: Engine) -> tuple[str, datetime, dict[str, str], list[str], str]:
+    """A fresh queue where project "other" has a running job and project "alone" three queued ones:
+    (queue, now, project ids, alone's two of priority 0, alone's one of priority 3)."""
     queue = f"{QUEUE}-{uuid.uuid4().hex[:6]}"
     t0 = repo.utcnow()
     with Session(engine) as s, s.begin():
@@ -233,21 +232,37 @@ def test_a_project_alone_in_its_queue_is_picked_in_two_statements(engine: Engine
         _start(s, ran, t0 - timedelta(seconds=5))
         low = _queue(s, p["alone"], 2, queue)
         [high] = _queue(s, p["alone"], 1, queue, priority=3)
+    return queue, t0, p, low, high
+
+
+@contextmanager
+def _statements(engine: Engine) -> Iterator[list[str]]:
+    """The statements ``engine`` sends meanwhile (SQLite's BEGIN IMMEDIATE left out)."""
     statements: list[str] = []
 
     def count(conn: object, cursor: object, statement: str, *args: object) -> None:
-        if not statement.lstrip().upper().startswith("BEGIN"):  # SQLite's BEGIN IMMEDIATE
-            statements.append(statement)
+        if not statement.lstrip().upper().startswith("BEGIN"):
+            statements.append(statement.lstrip())
 
     event.listen(engine, "before_cursor_execute", count)
     try:
+        yield statements
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+
+
+def test_a_project_alone_in_its_queue_is_picked_in_two_statements(engine: Engine) -> None:
+    """When one project has queued jobs in the queue (others only running or finished there), the
+    pick reads no fair-share state: two statements, priority then age, the same job as the full
+    state's pick; on PostgreSQL a row another worker holds is skipped for the project's next job.
+    A second project's queued job brings the full state back (the fair-share order)."""
+    queue, t0, p, low, high = _one_project_queued(engine)
+    with _statements(engine) as statements:
         with Session(engine) as s, s.begin():
             statements.clear()
             assert scheduling.pick_next(s, low[0], now=t0) == high
             assert len(statements) == 2, statements
             assert scheduling.pick_fair(s, queue, now=t0) == high
-    finally:
-        event.remove(engine, "before_cursor_execute", count)
     if engine.dialect.name == "postgresql":
         with Session(engine) as holder, holder.begin():
             assert scheduling.pick_next(holder, low[0], now=t0) == high  # row-locked until this ends
@@ -263,3 +278,55 @@ def test_a_project_alone_in_its_queue_is_picked_in_two_statements(engine: Engine
     with Session(engine) as s, s.begin():
         # now alone runs two jobs to other's one: other's queued job, despite its priority
         assert scheduling.pick_next(s, low[0], now=t0) == late
+
+
+def test_a_project_alone_in_its_queue_is_claimed_in_one_statement(engine: Engine) -> None:
+    """The worker's claim (scheduling.claim_next): when one project has queued jobs in the queue,
+    the pick and the claim are one UPDATE, the first statement of the claim (its started_at is
+    stamped before any round trip: submit->running), and it claims pick_next's job; on PostgreSQL
+    a row another worker holds is skipped. With a second project queued, or none, that statement
+    claims nothing and the fair-share pick decides, as pick_next does; while projects compete the
+    pick comes first."""
+    scheduling._competing.clear()  # this process's earlier claims do not decide this test's way
+    queue, t0, p, low, high = _one_project_queued(engine)
+    with _statements(engine) as statements:
+        with Session(engine) as s, s.begin():
+            statements.clear()
+            job = scheduling.claim_next(s, low[0], "w:1", 60.0)
+            assert job is not None and job.id == high and job.status == lifecycle.RUNNING and job.attempts == 1
+            assert statements[0].upper().startswith("UPDATE JOBS"), statements
+            assert sum(st.upper().startswith("UPDATE JOBS") for st in statements) == 1, statements
+            assert job.started_at is not None and repo.as_utc(job.started_at) >= t0
+    if engine.dialect.name == "postgresql":
+        with Session(engine) as holder, holder.begin():
+            held = scheduling.claim_next(holder, low[0], "w:1", 60.0)  # row-locked until this ends
+            assert held is not None and held.id == min(low)
+            with Session(engine) as s, s.begin():
+                other = scheduling.claim_next(s, low[0], "w:2", 60.0)
+                assert other is not None and other.id == max(low)
+            holder.rollback()
+        with Session(engine) as s, s.begin():
+            _start(s, min(low), t0)
+            lifecycle.move(s, max(low), (lifecycle.RUNNING,), lifecycle.QUEUED, values={"attempts": 0})
+    else:
+        with Session(engine) as s, s.begin():
+            _start(s, min(low), t0)
+    with Session(engine) as s, s.begin():
+        [late] = _queue(s, p["other"], 1, queue, priority=scheduling.PRIORITY_MIN)
+    with Session(engine) as s, s.begin():
+        # two projects queued: the fair-share pick (other's usage is one running job, alone's two)
+        assert scheduling.pick_next(s, late, now=repo.utcnow()) == late
+        job = scheduling.claim_next(s, late, "w:1", 60.0)
+        assert job is not None and job.id == late
+    with _statements(engine) as statements, Session(engine) as s, s.begin():
+        # the last claim found projects competing, so the pick comes first (alone is alone again)
+        job = scheduling.claim_next(s, late, "w:1", 60.0)
+        assert job is not None and job.id == max(low)
+        assert not statements[0].upper().startswith("UPDATE"), statements
+    with Session(engine) as s, s.begin():
+        [more] = _queue(s, p["alone"], 1, queue)
+    with _statements(engine) as statements, Session(engine) as s, s.begin():
+        job = scheduling.claim_next(s, late, "w:1", 60.0)
+        assert job is not None and job.id == more
+        assert statements[0].upper().startswith("UPDATE JOBS"), statements  # one project: the one statement again
+        assert scheduling.claim_next(s, late, "w:1", 60.0) is None  # none queued
