@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from typing import Any
 
 from sqlalchemy import Engine, event
@@ -56,6 +57,19 @@ class Publisher:
                 log.warning("change notice not published (%s); readers fall back to polling", exc)
 
 
+#: each engine's publisher (engines with Redis only)
+_publishers: weakref.WeakKeyDictionary[Engine, Publisher] = weakref.WeakKeyDictionary()
+
+
+def publish(engine: Engine) -> None:
+    """Publish a notice now for a committed write on ``engine`` that was not marked through its
+    connection's events (``store.submit.insert_queued_jobs(..., notice=False)``: the API sends the
+    jobs' broker messages first, then says so); nothing without Redis."""
+    publisher = _publishers.get(engine)
+    if publisher is not None:
+        publisher.publish()
+
+
 def install(engine: Engine, settings: Settings) -> Publisher | None:
     """Publish a notice after each committed writing transaction on ``engine`` (None: no Redis).
 
@@ -63,7 +77,7 @@ def install(engine: Engine, settings: Settings) -> Publisher | None:
     the notice goes out when the connection returns to the pool, after the commit."""
     if not uses_redis(settings):
         return None
-    publisher = Publisher(settings)
+    publisher = _publishers[engine] = Publisher(settings)
 
     @event.listens_for(engine, "before_cursor_execute")
     def _mark(conn: Any, _cursor: Any, statement: str, *_: Any) -> None:

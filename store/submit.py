@@ -57,6 +57,7 @@ def insert_queued_jobs(
     priority: int = 0,
     labels: dict[str, str] | None = None,
     notes: str | None = None,
+    notice: bool = True,
 ) -> list[Job]:
     """Insert queued jobs (same items as :func:`store.repo.create_jobs`) with their events and
     outbox rows, on PostgreSQL, in one pipelined transaction: ``BEGIN; SELECT ... FOR UPDATE`` of
@@ -65,7 +66,10 @@ def insert_queued_jobs(
     0 = no limit); ``COMMIT``. The INSERT runs after the lock is held, so its snapshot sees every
     committed submission: the limit is exact under concurrency. Returns detached :class:`Job`
     objects holding what was written; raises :class:`SlotsFull` (nothing written) over the limit,
-    and SQLAlchemy's ``IntegrityError`` for a duplicate Idempotency-Key."""
+    and SQLAlchemy's ``IntegrityError`` for a duplicate Idempotency-Key. The change notice
+    (:mod:`store.notices`) goes out as the connection returns to the pool, unless ``notice`` is
+    False: then the caller publishes it (``notices.publish``), after the jobs' broker messages
+    (the API: its Redis round trip is not between the commit and the send)."""
     from store.repo import utcnow
 
     assert engine.dialect.name == "postgresql"
@@ -100,7 +104,7 @@ def insert_queued_jobs(
     )
     for attempt in range(3):
         try:
-            active, limit, written = _run_pipeline(engine, project_id, sql, params)
+            active, limit, written = _run_pipeline(engine, project_id, sql, params, notice)
             break
         except engine.dialect.dbapi.OperationalError as exc:  # type: ignore[union-attr]
             # a deadlock or serialization failure rolled everything back: run it again (issue 18
@@ -112,7 +116,8 @@ def insert_queued_jobs(
     return jobs
 
 
-def _run_pipeline(engine: Engine, project_id: str, sql: str, params: dict[str, Any]) -> tuple[Any, Any, Any]:
+def _run_pipeline(engine: Engine, project_id: str, sql: str, params: dict[str, Any],
+                  notice: bool = True) -> tuple[Any, Any, Any]:
     raw = engine.raw_connection()
     dbapi = raw.driver_connection
     try:
@@ -127,7 +132,7 @@ def _run_pipeline(engine: Engine, project_id: str, sql: str, params: dict[str, A
                 counts = dbapi.execute(sql, params)
                 dbapi.execute("COMMIT")
             active, limit, written = counts.fetchone()
-            if written:
+            if written and notice:
                 raw.info["ty_notify"] = True  # a change notice when the connection is back (store.notices)
         except engine.dialect.dbapi.IntegrityError as exc:  # type: ignore[union-attr]
             raise IntegrityError(sql[:200], None, exc) from exc

@@ -50,7 +50,7 @@ from api.views import checkpoint_read, job_read, job_summary
 from config.settings import get_settings
 from orchestration.admission import check_job_spec, dataset_resolver
 from store import auth as keys
-from store import fastread, repo, scheduling, submit
+from store import fastread, notices, repo, scheduling, submit
 from store.artifact_store import get_store
 from store.db import get_engine, session_scope
 from store.models import TERMINAL_STATUSES, Job
@@ -131,11 +131,15 @@ async def _polled_prefix(job_id: str, caller: fastread.Caller, key: fastread.Key
     return full if full != job_id else None
 
 
-def _dispatch(session: Any, dispatcher: Any, jobs: list[tuple[str, str]]) -> None:
+def _dispatch(session: Any, dispatcher: Any, jobs: list[tuple[str, str]], notice: bool = False) -> None:
     """Send the messages of committed jobs. Their outbox rows were committed with them, so if
     the broker is down the jobs stay queued and the outbox relay sends them when it is back
-    (store.outbox): a broker outage delays jobs, it does not fail them."""
+    (store.outbox): a broker outage delays jobs, it does not fail them. ``notice``: then publish
+    the change notice that :func:`_insert_one` left to us (store.submit), after the send, so that
+    its Redis round trip is not inside submit->running."""
     dispatcher.submit(jobs)
+    if notice:
+        notices.publish(get_engine())
 
 
 @router.post(
@@ -191,7 +195,7 @@ def submit_one(session: Any, settings: Any, dispatcher: Any, project: str, respo
             raise
         response.status_code = 200
         return _replay(existing, body_hash)
-    _dispatch(session, dispatcher, [(job.id, job.queue)])
+    _dispatch(session, dispatcher, [(job.id, job.queue)], notice=get_engine().dialect.name == "postgresql")
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return job_read(job)
 
@@ -210,7 +214,7 @@ def _insert_one(
             return submit.insert_queued_jobs(
                 engine, [(valid.spec, valid.queue, idempotency_key)], project_id=project,
                 idempotency_hash=body_hash, max_active=settings.max_concurrent_jobs, priority=priority,
-                labels=annotations.labels, notes=annotations.notes,
+                labels=annotations.labels, notes=annotations.notes, notice=False,
             )[0]
         except submit.SlotsFull as full:
             raise slots_full(full.active, full.limit, 1) from None

@@ -88,3 +88,39 @@ def test_over_the_limit_nothing_is_written(inproc_env):
     assert _count(project) == 1
     submit.insert_queued_jobs(engine, [(note_spec(1), "cpu", None)], project_id=project, max_active=0)
     assert _count(project) == 2
+
+
+def test_post_sends_the_message_then_publishes_the_change_notice(app_client, inproc_env, redis_client):
+    """POST /v1/jobs commits, sends the job's message, and only then publishes the change notice
+    (the pipeline leaves it to the route, so that its Redis round trip is not inside
+    submit->running); the notice is still published, once the message is in the broker's queue."""
+    from config.settings import get_settings
+    from store import notices
+    from store.db import get_engine
+
+    settings = get_settings()
+
+    def waiting() -> int:  # messages in the broker's queues (nothing consumes this prefix)
+        return sum(int(redis_client.llen(settings.queue_prefix + q)) for q in settings.queue_names())
+
+    publisher = notices._publishers[get_engine()]
+    seen: list[int] = []
+    publish = publisher.publish
+
+    def spy() -> None:  # records the broker queue's length at the moment of the notice, then publishes
+        seen.append(waiting())
+        publish()
+
+    pubsub = redis_client.pubsub()
+    pubsub.subscribe(notices.channel(settings))
+    assert pubsub.get_message(timeout=5)["type"] == "subscribe"
+    before = waiting()
+    publisher.publish = spy  # type: ignore[method-assign]
+    try:
+        r = app_client.post("/v1/jobs", json=note_spec(1))
+    finally:
+        del publisher.publish
+    assert r.status_code == 201, r.text
+    assert seen == [before + 1]  # one notice, after the message was in the queue
+    assert pubsub.get_message(timeout=5)["type"] == "message"
+    pubsub.close()
