@@ -85,8 +85,12 @@ def _check(url: str) -> None:
                 for keys in (None, ["val_loss"], ["val_loss", "lr", "epoch", "val_loss"], ["nope"]):
                     for max_points in (None, 1, 3, 50):
                         wanted = {i: since for i in reversed(ids)} | {other.id: 0, "f" * 32: 0}
-                        got = json.loads(bulkread.bulk_metrics_json(engine, DEFAULT_PROJECT, wanted, keys, max_points))
+                        raw = bulkread.bulk_metrics_json(engine, DEFAULT_PROJECT, wanted, keys, max_points)
+                        got = json.loads(raw)
                         case = (since, keys, max_points)
+                        # nothing kept (a process's first request): the same bytes
+                        assert bulkread.bulk_metrics_json(engine, DEFAULT_PROJECT, wanted, keys, max_points,
+                                                          cache=None) == raw, case
                         assert sorted(got["missing"]) == sorted([other.id, "f" * 32]), case
                         assert list(got["jobs"]) == [i for i in wanted if i in ids], case  # in the order asked
                         for i in ids:
@@ -113,6 +117,28 @@ def test_bulk_reader_on_postgresql(pg):
     url = pg.create("bulkread")
     upgrade(url)
     _check(url)
+
+
+def test_bulk_reader_split_in_parts_on_postgresql(pg, monkeypatch):
+    """A request with many jobs to read whole (a process's first for a choice of keys, or with
+    nothing kept) is split in ``PARTS`` queries run at once on as many connections: the same
+    answers, each job asked once."""
+    monkeypatch.setattr(bulkread, "PARALLEL_FROM", 1)
+    asked: list[list[str]] = []
+    real = bulkread._fetch_without_jit
+
+    def counted(engine: Any, sql: str, params: dict[str, Any]) -> Any:
+        asked.append(params["ids"].split(","))
+        return real(engine, sql, params)
+
+    monkeypatch.setattr(bulkread, "_fetch_without_jit", counted)
+    bulkread.CURVES.clear()
+    url = pg.create("bulkread_parts")
+    upgrade(url)
+    _check(url)
+    split = [a for a in asked if len(a) == 3]  # the 6 ids of _check's requests, dealt out in 2 parts
+    assert len(split) >= 2 and len(split) % 2 == 0
+    assert len(set(split[0]) | set(split[1])) == 6
 
 
 def test_bulk_reader_on_sqlite(tmp_path):
