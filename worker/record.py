@@ -507,6 +507,24 @@ class RunRecord(BaseReporter):
             if self._pause(result):
                 return PAUSED
             stop_reason = "cancelled"  # cancelled meanwhile: it ends cancelled, not paused
+        status, finish = self._final(result, stop_reason)
+        self._stage_buffered(result.last_checkpoint)  # the last files, before the transaction (see _stage)
+        self._transaction(finish, "finish")
+        self._buffered_written()
+        return status
+
+    def ends_plainly(self, result: FitResult) -> bool:
+        """Whether :meth:`finish` records ``result`` as the job's final status (not a requeue on
+        shutdown or preemption, nor a sweep trial's pause): what a pack's members can record
+        together (:meth:`FlushGroup.finish`)."""
+        if result.stop_reason == PAUSED:
+            return False
+        return not (result.stop_reason == "cancelled" and (SHUTDOWN.is_set() or self.preempted))
+
+    def _final(self, result: FitResult, stop_reason: str | None) -> tuple[str, Callable[[Any], None]]:
+        """The final status of a run that ended with ``stop_reason``, and the body of the fenced
+        transaction that records it with whatever is still buffered (the files staged first:
+        ``self._stage_buffered(result.last_checkpoint)``)."""
         status = "succeeded"
         error = None
         if stop_reason == "cancelled":
@@ -530,10 +548,7 @@ class RunRecord(BaseReporter):
                                 "stopped_epoch": result.stopped_epoch, "attempt": self.attempt}),
             )
 
-        self._stage_buffered(result.last_checkpoint)  # the last files, before the transaction (see _stage)
-        self._transaction(finish, "finish")
-        self._buffered_written()
-        return status
+        return status, finish
 
     def _requeue(self) -> bool:
         """A worker shutdown, or a preemption (store.scheduling.request_preemptions): the job goes
@@ -689,3 +704,41 @@ class FlushGroup:
             r.db_down_since = None
             r._staged.clear()
             r.cancelled = done[k] or r.cancelled
+
+    def finish(self, results: list[tuple[RunRecord, FitResult]]) -> dict[str, str]:
+        """Record the final results of the pack's members in one transaction, instead of one per
+        member: each member's part starts with its own fence and is what its own :meth:`RunRecord.finish`
+        writes (buffered epochs and checkpoints, best and last checkpoints, the final row). Returns
+        the status of each member recorded here, by job id (``"lease_lost"`` for a member whose
+        fence failed: nothing written for it). Members not in the answer finish on their own
+        (:meth:`RunRecord.finish`): those whose run did not end plainly (a requeue, a pause), and
+        all of them if the shared transaction failed (it is rolled back whole; each member's own
+        transaction then retries, or records its own failure, as a solo run's)."""
+        plain = [(r, res) for r, res in results
+                 if r.lease_token is not None and not r.lease_lost.is_set() and r.ends_plainly(res)]
+        if len(plain) < 2:
+            return {}
+        parts = []
+        out: dict[str, str] = {}
+        try:
+            for r, res in plain:
+                status, body = r._final(res, res.stop_reason)
+                r._stage_buffered(res.last_checkpoint)  # the files, before the transaction (see _stage)
+                parts.append((r, status, body))
+            with session_scope() as s:
+                for r, status, body in parts:
+                    try:
+                        leases.fence(s, r.job_id, r.lease_token)  # type: ignore[arg-type]  # raises before writing
+                    except leases.LeaseLost:
+                        out[r.job_id] = "lease_lost"
+                        continue
+                    body(s)
+                    out[r.job_id] = status
+        except Exception as exc:  # noqa: BLE001 - rolled back: every member finishes on its own
+            log.warning("pack of %s: the members' results could not be recorded together (%s: %s); "
+                        "each is recorded on its own", self.records[0].job_id, type(exc).__name__, exc)
+            return {}
+        for r, status, _ in parts:
+            if out.get(r.job_id) == status:
+                r._buffered_written()
+        return out
