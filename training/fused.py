@@ -415,7 +415,7 @@ class _Pack:
         obj = lead.objective
         loss_sum = torch.zeros(len(self.live), device=self.device)
         sums = {k: torch.zeros(len(self.live), device=self.device) for k in obj.metrics}
-        metric_fns = [(k, torch.func.vmap(fn)) for k, fn in obj.metrics.items()]
+        metric_fns = _per_trial_metrics(obj)
         for start in range(0, n, VAL_CHUNK):
             xb = self.xv[:, start : start + VAL_CHUNK]
             yb, tb = self.yv[:, start : start + VAL_CHUNK], self.tv[:, start : start + VAL_CHUNK]
@@ -489,6 +489,21 @@ def _rows(t: Tensor, idx: Tensor) -> Tensor:
     return t.flatten(0, 1).index_select(0, idx).view(t.shape[0], -1, *t.shape[2:])
 
 
+def _per_trial_metrics(obj: Any) -> list[tuple[str, Callable[[Tensor, Tensor, Tensor], Tensor]]]:
+    """Each metric as ``(out, labels, target) -> (L,)`` sums over stacked ``(L, B, ...)`` tensors:
+    the objective's per-sample values summed over the batch axis (``vmap`` of the per-batch sum,
+    a few times slower, for a metric without them)."""
+    out = []
+    for k, fn in obj.metrics.items():
+        each = obj.per_sample.get(k)
+        out.append((k, torch.func.vmap(fn) if each is None else _summed_per_trial(each)))
+    return out
+
+
+def _summed_per_trial(each: Callable[[Tensor, Tensor, Tensor], Tensor]) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    return lambda o, y, t: each(o, y, t).flatten(1).sum(1)
+
+
 def _stacked_loss(loss: Callable[[Tensor, Tensor], Tensor], out: Tensor, target: Tensor) -> Tensor:
     """Each trial's mean loss ``(L,)`` of stacked outputs ``(L, B, ...)``: the trial's own loss
     function over its rows (``vmap``); plain cross-entropy (the mean of the per-sample losses, no
@@ -517,7 +532,7 @@ def _epoch(pack: _Pack, finished: list[int]) -> None:
     loss_sum = torch.zeros(L, device=dev)
     obj = lead.objective
     sums = {k: torch.zeros(L, device=dev, dtype=torch.long if k in obj.count_metrics else torch.float32) for k in obj.metrics}
-    metric_fns = [(k, torch.func.vmap(fn)) for k, fn in obj.metrics.items()]
+    metric_fns = _per_trial_metrics(obj)
     lr_constant = [isinstance(members[i].spec.optimizer.learning_rate, float | int) and members[i].plateau is None for i in pack.live]
     lrs = [members[i].lr for i in pack.live]
     seen = 0
