@@ -74,7 +74,7 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 class Serve:
     """``trainyard serve`` on a free port and a fresh data directory."""
 
-    def __init__(self, pack: bool, data_dir: Path) -> None:
+    def __init__(self, pack: bool, data_dir: Path, torch_threads: int = 0) -> None:
         import socket
 
         with socket.socket() as s:
@@ -82,6 +82,8 @@ class Serve:
             self.port = s.getsockname()[1]
         env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINYARD_")}
         env.update(PYTHONPATH=str(ROOT), TRAINYARD_PACK="1" if pack else "0")
+        if torch_threads:
+            env["TRAINYARD_TORCH_THREADS"] = str(torch_threads)
         data_dir.parent.mkdir(parents=True, exist_ok=True)
         self.log = (data_dir.parent / f"serve-{'packed' if pack else 'solo'}.log").open("wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "client.cli", "serve", "--port", str(self.port),
@@ -169,7 +171,7 @@ PARTS = ("sweep", "asha", "batch")
 
 def run_part(part: str, pack: bool, data_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     load_before = os.getloadavg()[0]
-    srv = Serve(pack, data_dir)
+    srv = Serve(pack, data_dir, args.torch_threads)
     try:
         if part == "batch":
             out = run_batch(srv, args.batch, args.batch_epochs)
@@ -188,6 +190,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=27, help="epochs of each sweep trial")
     ap.add_argument("--batch", type=int, default=200)
     ap.add_argument("--batch-epochs", type=int, default=3)
+    ap.add_argument("--torch-threads", type=int, default=0,
+                    help="TRAINYARD_TORCH_THREADS for both modes' worker (0: torch's default, one per core)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
