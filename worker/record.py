@@ -373,12 +373,11 @@ class RunRecord(BaseReporter):
 
     def _write_items(self, s: Any, batch: list[dict[str, Any]], info: dict[str, Any] | None,
                      checkpoints: list[Checkpoint], snapshot: Snapshot | None) -> bool:
-        for c in checkpoints:
-            repo.add_checkpoint(
-                s, self.job_id, epoch=c.epoch, step=c.step, monitor=c.monitor,
-                value=c.value, data=c.data, sha256=c.sha256, is_best=c.is_best,
-                stored=self._staged_file(c),
-            )
+        repo.add_checkpoints(s, self.job_id, [
+            dict(epoch=c.epoch, step=c.step, monitor=c.monitor, value=c.value, data=c.data, sha256=c.sha256,
+                 is_best=c.is_best, stored=self._staged_file(c))
+            for c in checkpoints
+        ])
         cancelled = repo.record_progress(s, self.job_id, batch, info=info)
         if snapshot is not None:
             repo.save_snapshot(

@@ -311,6 +311,44 @@ def test_a_job_keeps_the_files_of_its_best_and_newest_checkpoint_or_all_of_them(
     assert not store.fs.exists(store.path(f"jobs/{job_id}"))
 
 
+def test_checkpoints_added_as_one_batch_leave_what_one_at_a_time_leaves(inproc_env: dict[str, str]) -> None:
+    """``repo.add_checkpoints`` (a flush's checkpoints in one round of queries) against
+    ``repo.add_checkpoint`` once per checkpoint: the same rows, the same best, the same files kept
+    (the best and the newest) and dropped, on a job that already has a best from an earlier flush."""
+    settings = settings_from_env(inproc_env)
+    store = get_store(settings)
+    spec = validate_spec(note_spec(5, device="cpu")).model_dump(mode="json")
+    bests = [True, False, True, False, False]  # epochs 1..5: 1 is best, 3 becomes best, 4 and 5 follow
+
+    def items(tag: str) -> list[dict[str, Any]]:
+        out = []
+        for epoch, best in enumerate(bests, start=1):
+            data = f"{tag} weights of epoch {epoch}".encode()
+            out.append(dict(epoch=epoch, step=epoch, monitor="val_loss", value=1.0 / epoch, data=data,
+                            sha256=hashlib.sha256(data).hexdigest(), is_best=best))
+        return out
+
+    state = []
+    for tag in ("one-by-one", "batch"):
+        with session_scope() as s:
+            job_id = repo.create_job(s, spec=spec, queue=settings.queue_name("cpu")).id
+        first, rest = items(tag)[:1], items(tag)[1:]
+        with session_scope() as s:  # an earlier flush: epoch 1, the best so far
+            repo.add_checkpoint(s, job_id, **first[0])
+        with session_scope() as s:
+            if tag == "batch":
+                repo.add_checkpoints(s, job_id, rest)
+            else:
+                for it in rest:
+                    repo.add_checkpoint(s, job_id, **it)
+        with session_scope(write=False) as s:
+            rows = repo.list_checkpoints(s, job_id)
+        state.append([(ck.epoch, ck.is_best, stored, store.exists(checkpoint_key(job_id, ck.sha256))) for ck, stored in rows])
+    assert state[0] == state[1], state
+    assert sorted((e, b, st) for e, b, st, _ in state[1]) == [(1, False, False), (2, False, False), (3, True, True),
+                                                              (4, False, False), (5, False, True)]
+
+
 # --------------------------------------------------------------------------- the live service
 
 
