@@ -55,11 +55,11 @@ def _export(data: bytes, spec: dict[str, Any] | None, fmt: str, settings: Settin
     from training.card import card_of
     from training.export import export
     from training.inference import load_model
-    from worker.runner import _resolve_dataset
+    from worker.datasets import resolve_dataset
 
     # the spec is read only for a checkpoint without a model card (written before cards existed)
     fallback = None
     if card_of(data) is None and spec is not None:
-        fallback = _resolve_dataset(spec, settings)
+        fallback = resolve_dataset(spec, settings)
     model = load_model(data, spec=fallback)
     return export(model, fmt), model.card

@@ -110,10 +110,10 @@ def run_pack_if_any(job_id: str, settings: Settings, send: Any, token: int, atte
     status, or None when it runs alone (the caller then runs it as usual)."""
     if not settings.pack or snapshot is not None or attempt != 1 or not _packable(spec_dict):
         return None
-    from worker.runner import _resolve_dataset
+    from worker.datasets import resolve_dataset
 
     try:
-        run_spec = _resolve_dataset(spec_dict, settings)
+        run_spec = resolve_dataset(spec_dict, settings)
     except Exception:  # noqa: BLE001 - the solo path reports it
         return None
     plan = _plan(job_id, run_spec, spec_dict, settings)

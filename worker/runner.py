@@ -18,6 +18,7 @@ from config.logs import job_context, set_attempt
 from config.settings import Settings, get_settings
 from store import leases, outbox, repo, scheduling
 from store.db import session_scope
+from worker.datasets import resolve_dataset
 from worker.record import SHUTDOWN, RunRecord
 
 log = logging.getLogger("trainyard.worker")
@@ -126,7 +127,7 @@ def _train(job_id: str, settings: Settings, record: RunRecord, spec_dict: dict[s
 
     try:
         resume_from = _verified_snapshot(job_id, snapshot) if snapshot is not None else None
-        run_spec = _resolve_dataset(spec_dict, settings)
+        run_spec = resolve_dataset(spec_dict, settings)
         if run_spec.get("kind") == "lr_find":
             from training import lr_find
 
@@ -181,26 +182,6 @@ def claim_by_priority(s: Any, message_job_id: str, settings: Settings) -> Any:
     if best is None:
         return None
     return repo.claim_job(s, best, worker_name(), settings.heartbeat_stale_s)
-
-
-def _resolve_dataset(spec: dict[str, Any], settings: Settings) -> dict[str, Any]:
-    """A stored dataset id in data.dataset gets data.path set to the stored file."""
-    from training.data import BUILTIN_DATASETS
-
-    data = dict(spec.get("data") or {})
-    name = data.get("dataset")
-    if name in BUILTIN_DATASETS:
-        data["path"] = None
-        return {**spec, "data": data}
-    with session_scope(write=False) as s:
-        ds = repo.get_dataset(s, str(name))
-        stored = ds.file if ds is not None else None
-    if stored is None:
-        from training import SpecError
-
-        raise SpecError([{"loc": ["data", "dataset"], "path": "data.dataset", "msg": f"stored dataset {name!r} no longer exists", "type": "value_error"}])
-    data["path"] = str(settings.datasets_dir / stored)
-    return {**spec, "data": data}
 
 
 def _verified_snapshot(job_id: str, snapshot: Any) -> bytes:
