@@ -584,7 +584,9 @@ def add_checkpoints(session: Session, job_id: str, items: Sequence[dict[str, Any
     """Record checkpoints of one job in their order (each ``items`` entry: ``add_checkpoint``'s
     keywords), leaving what ``add_checkpoint`` called once per item leaves (every row; the last
     best item marked best; files kept for the last item and the best only), with one round of
-    queries for the batch instead of one per checkpoint (a run's flush writes several)."""
+    queries for the batch instead of one per checkpoint (a run's flush writes several). An item
+    with ``superseded`` true is recorded without a file (its row as the batch's own drop would
+    leave it): the caller knows the batch drops it and the job does not keep every file."""
     if not items:
         return []
     bests = [k for k, it in enumerate(items) if it["is_best"]]
@@ -592,11 +594,14 @@ def add_checkpoints(session: Session, job_id: str, items: Sequence[dict[str, Any
         _clear_best(session, job_id)
     rows = []
     for k, it in enumerate(items):
-        stored = it.get("stored") or get_store().put(checkpoint_key(job_id, it["sha256"]), it["data"], it["sha256"])
+        if it.get("superseded"):
+            uri, size = None, len(it["data"])
+        else:
+            stored = it.get("stored") or get_store().put(checkpoint_key(job_id, it["sha256"]), it["data"], it["sha256"])
+            uri, size = stored.uri, stored.size
         rows.append(Checkpoint(
             job_id=job_id, epoch=it["epoch"], step=it["step"], monitor=it["monitor"], value=to_text(it["value"]),
-            size=stored.size, sha256=it["sha256"], is_best=bool(bests) and k == bests[-1], uri=stored.uri,
-            created_at=utcnow(),
+            size=size, sha256=it["sha256"], is_best=bool(bests) and k == bests[-1], uri=uri, created_at=utcnow(),
         ))
     session.add_all(rows)
     session.flush()

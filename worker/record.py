@@ -146,6 +146,9 @@ class RunRecord(BaseReporter):
         self.last_snapshot: float | None = time.monotonic()
         self.pending_snapshot: Snapshot | None = None
         self.pending_checkpoints: list[Checkpoint] = []
+        # the job does not keep every checkpoint's file (its spec's keep_checkpoints is not "all"):
+        # a flush writes no file for a checkpoint that the same flush supersedes (see _superseded)
+        self.drop_superseded = False
         self._staged: dict[str, Stored] = {}  # files already in the artifact store, by key (see _stage)
         self.last_built: float | None = None
         self.epochs_seen = 0
@@ -159,9 +162,11 @@ class RunRecord(BaseReporter):
         """The record of a claimed attempt, from what its claim read (lease token, attempt, spec,
         sweep id, epochs): its stall timeout is the spec's, else the server's; a trial of a sweep
         with early termination gets its sweep's pruner (only a trial costs a query)."""
-        return cls(job_id, settings, lease_token=lease_token, attempt=attempt,
-                   stall_timeout_s=spec.get("stall_timeout_s") or settings.stall_timeout_s, send=send,
-                   pruner=trial_pruner(job_id, sweep_id, epochs))
+        record = cls(job_id, settings, lease_token=lease_token, attempt=attempt,
+                     stall_timeout_s=spec.get("stall_timeout_s") or settings.stall_timeout_s, send=send,
+                     pruner=trial_pruner(job_id, sweep_id, epochs))
+        record.drop_superseded = spec.get("keep_checkpoints") != "all"
+        return record
 
     # -- the heartbeat thread
     @contextmanager
@@ -348,14 +353,26 @@ class RunRecord(BaseReporter):
         log.warning("job %s: database unavailable for %.1f s (%s); keeping %d epoch(s) to write later",
                     self.job_id, now - self.db_down_since, type(exc).__name__, len(self.buffer))
 
-    def _stage(self, checkpoints: list[Checkpoint], snapshot: Snapshot | None) -> None:
+    def _superseded(self, checkpoints: list[Checkpoint]) -> set[int]:
+        """Positions of ``checkpoints`` (one flush's, in order) whose files recording them would
+        drop at once (``store.repo.add_checkpoints`` keeps the files of the last one and of the
+        best only): none are written. Empty when the job keeps every file."""
+        if not self.drop_superseded or len(checkpoints) < 2:
+            return set()
+        bests = [k for k, c in enumerate(checkpoints) if c.is_best]
+        keep = {len(checkpoints) - 1, *bests[-1:]}
+        return {k for k in range(len(checkpoints)) if k not in keep}
+
+    def _stage(self, checkpoints: list[Checkpoint], snapshot: Snapshot | None, extra: tuple[Checkpoint, ...] = ()) -> None:
         """Write the files of these checkpoints and snapshot to the artifact store before the
         transaction that records them opens: that transaction starts with the fence, which locks
         the job's row, and an upload inside it would hold the lock (and block the heartbeat and a
         cancel) for as long as the upload takes. A file written here and not recorded (the
         transaction failed) is written again by key, or removed with the job's folder."""
         store = get_store()
-        items = [(checkpoint_key(self.job_id, c.sha256), c) for c in checkpoints]
+        skip = self._superseded(checkpoints)
+        kept = [c for k, c in enumerate(checkpoints) if k not in skip] + list(extra)
+        items = [(checkpoint_key(self.job_id, c.sha256), c) for c in kept]
         if snapshot is not None:
             items.append((snapshot_key(self.job_id, snapshot.sha256), snapshot))
         for key, item in items:
@@ -365,7 +382,7 @@ class RunRecord(BaseReporter):
     def _stage_buffered(self, *extra: Checkpoint | None) -> None:
         """:meth:`_stage` what :meth:`_write_buffered` will record (before its transaction), and the
         ``extra`` checkpoints recorded in it too (the last epoch's weights)."""
-        self._stage([*self.pending_checkpoints, *(c for c in extra if c is not None)], self.unwritten_snapshot)
+        self._stage(self.pending_checkpoints, self.unwritten_snapshot, tuple(c for c in extra if c is not None))
 
     def _staged_file(self, checkpoint: Checkpoint) -> Stored | None:
         """The file of ``checkpoint`` if :meth:`_stage` wrote it."""
@@ -373,10 +390,11 @@ class RunRecord(BaseReporter):
 
     def _write_items(self, s: Any, batch: list[dict[str, Any]], info: dict[str, Any] | None,
                      checkpoints: list[Checkpoint], snapshot: Snapshot | None) -> bool:
+        skip = self._superseded(checkpoints)
         repo.add_checkpoints(s, self.job_id, [
             dict(epoch=c.epoch, step=c.step, monitor=c.monitor, value=c.value, data=c.data, sha256=c.sha256,
-                 is_best=c.is_best, stored=self._staged_file(c))
-            for c in checkpoints
+                 is_best=c.is_best, stored=self._staged_file(c), superseded=k in skip)
+            for k, c in enumerate(checkpoints)
         ])
         cancelled = repo.record_progress(s, self.job_id, batch, info=info)
         if snapshot is not None:

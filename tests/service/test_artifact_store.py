@@ -349,6 +349,40 @@ def test_checkpoints_added_as_one_batch_leave_what_one_at_a_time_leaves(inproc_e
                                                               (4, False, False), (5, False, True)]
 
 
+@pytest.mark.parametrize("keep", ["best_and_last", "all"])
+def test_a_flush_writes_no_file_for_a_checkpoint_it_supersedes(inproc_env: dict[str, str], keep: str,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run's record flushes five checkpoints at once: the rows are all there, the best and the
+    newest keep their files, and (unless the job keeps every file) the three others' files are
+    never written, not written and dropped."""
+    from training import Checkpoint as Ckpt
+    from worker.record import RunRecord
+
+    settings = settings_from_env(inproc_env)
+    store = get_store(settings)
+    spec = validate_spec(note_spec(5, device="cpu", keep_checkpoints=keep)).model_dump(mode="json")
+    with session_scope() as s:
+        job_id = repo.create_job(s, spec=spec, queue=settings.queue_name("cpu")).id
+        token = repo.claim_job(s, job_id, "w:1", 300.0).lease_token
+    record = RunRecord.open(job_id, settings, lease_token=token, attempt=1, spec=spec, sweep_id=None, epochs=5)
+    written: list[str] = []
+    put = type(store).put
+    monkeypatch.setattr(type(store), "put", lambda self, key, data, sha: written.append(key) or put(self, key, data, sha))
+    for epoch, best in enumerate([True, False, True, False, False], start=1):
+        data = f"weights of epoch {epoch}".encode()
+        record.pending_checkpoints.append(Ckpt(epoch, epoch, "val_loss", 1.0 / epoch, data, hashlib.sha256(data).hexdigest(), best))
+    record.flush(force=True)
+    with session_scope(write=False) as s:
+        rows = sorted(repo.list_checkpoints(s, job_id), key=lambda r: r[0].epoch)
+    assert [(ck.epoch, ck.is_best) for ck, _ in rows] == [(1, False), (2, False), (3, True), (4, False), (5, False)]
+    kept = {ck.epoch for ck, stored in rows if stored}
+    assert kept == ({1, 2, 3, 4, 5} if keep == "all" else {3, 5}), kept
+    for ck, stored in rows:
+        assert store.exists(checkpoint_key(job_id, ck.sha256)) == stored, (ck.epoch, stored)
+        assert ck.size == len(f"weights of epoch {ck.epoch}".encode())
+    assert len(written) == (5 if keep == "all" else 2), written
+
+
 # --------------------------------------------------------------------------- the live service
 
 
