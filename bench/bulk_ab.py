@@ -6,7 +6,11 @@ change of a case is made once per pair) and must give the same answer.
 
 Usage (repo root, in the venv)::
 
-    python bench/bulk_ab.py [--ref main] [--rounds 10]
+    python bench/bulk_ab.py [--ref main] [--rounds 10] [--cold]
+
+With ``--cold``, only cold cases: 1,000 finished and 1,000 running jobs x 100 epochs, every key,
+one key, max_points 50, both, each request with a fresh cache (a process's first request for a
+choice of keys: nothing kept, every job read whole).
 
 Cases: running jobs asked again (nothing new); with one new epoch per job committed before each
 request (as a live page's poll; the jobs' rows updated as record_progress does); the same with
@@ -38,6 +42,8 @@ def main() -> None:
     ap.add_argument("--ref", default="main")
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--jobs", type=int, default=1000)
+    ap.add_argument("--cold", action="store_true",
+                    help="only the cold cases: each request with a fresh cache (nothing kept), finished and running jobs")
     args = ap.parse_args()
     src = subprocess.run(["git", "show", f"{args.ref}:store/bulkread.py"], cwd=ROOT, capture_output=True, text=True,
                          check=True).stdout
@@ -52,6 +58,7 @@ def main() -> None:
         old = types.ModuleType("bulkread_old")
         exec(compile(src, f"{args.ref}:store/bulkread.py", "exec"), old.__dict__)  # noqa: S102
         running = dashboards.make_jobs(args.jobs, 100, status="running")
+        done = dashboards.make_jobs(args.jobs, 100) if args.cold else []
         engine = get_engine()
         last = [100]
 
@@ -74,6 +81,12 @@ def main() -> None:
             ("running, max_points=50, +1 epoch each", one_more_epoch, {"max_points": 50}),
             ("running, all keys, 10 jobs' epoch 50 rewritten", rewrite_ten, {}),
         ]
+        if args.cold:  # a fresh cache for every request: nothing kept, every job read whole (100 epochs)
+            cases = [(f"cold, {what}, {label}", None, {**kw, "cold": ids})
+                     for what, ids in (("finished", done), ("running", running))
+                     for label, kw in (("all keys", {}), ("keys=[val_loss]", {"keys": ["val_loss"]}),
+                                       ("max_points=50", {"max_points": 50}),
+                                       ("keys=[val_loss], max_points=50", {"keys": ["val_loss"], "max_points": 50}))]
         print(f"load average {os.getloadavg()}", flush=True)
         for label, before, kw in cases:
             res: dict[str, tuple[list[float], list[float]]] = {"old": ([], []), "new": ([], [])}
@@ -81,9 +94,14 @@ def main() -> None:
                 if before is not None:
                     before()  # once per pair: both versions answer the same database state
                 bodies = {}
+                ask = dict(kw)
+                ids = ask.pop("cold", None)
                 for v in ("old", "new") if i % 2 else ("new", "old"):  # either goes first every other round
+                    if ids is not None:
+                        caches[v] = mods[v].CurveCache()  # nothing kept
                     t, c = time.perf_counter(), time.process_time()
-                    body = mods[v].bulk_metrics_json(engine, DEFAULT_PROJECT, since, cache=caches[v], **kw)
+                    body = mods[v].bulk_metrics_json(engine, DEFAULT_PROJECT, since if ids is None else
+                                                     dict.fromkeys(ids, 0), cache=caches[v], **ask)
                     dt, dc = time.perf_counter() - t, time.process_time() - c
                     if i:
                         res[v][0].append(dt * 1000)

@@ -15,8 +15,11 @@ import threading
 from bisect import bisect_right
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from itertools import accumulate
 from typing import Any
 
+from psycopg.adapt import Loader
 from sqlalchemy import Engine, bindparam, text
 
 from store.fastread import _kept, downsample
@@ -49,7 +52,14 @@ def _epoch_expr(dialect: str, keys: Sequence[str] | None) -> tuple[str, dict[str
         params[label] = "," + json.dumps(k) + ":"
         if dialect == "postgresql":
             params[path] = k
-            value = f'CAST(m."values" -> CAST(:{path} AS TEXT) AS TEXT)'
+            # picked from the row's jsonb copy (0007: a lookup, where json's -> parses the
+            # epoch's text once per key), as that value's text: a row has a copy only when every
+            # value of it reads from jsonb's text as from the stored one (no exponent jsonb would
+            # write as a long integer, no negative zero: see the migration), so no value needs a
+            # check here (a check per value and key cost 18-47 % of a cold request); a row
+            # without one, from the stored text, as before
+            value = (f'CASE WHEN m.values_b IS NULL THEN CAST(m."values" -> CAST(:{path} AS TEXT) AS TEXT) '
+                     f"ELSE CAST(m.values_b -> CAST(:{path} AS TEXT) AS TEXT) END")
         else:
             params[path] = "$." + json.dumps(k)
             value = f'(m."values" -> :{path})'
@@ -59,64 +69,80 @@ def _epoch_expr(dialect: str, keys: Sequence[str] | None) -> tuple[str, dict[str
 
 class Epochs:
     """One job's epochs as this process read them, oldest first, for one choice of keys (``proj``):
-    their numbers, and their JSON texts comma-joined, UTF-8 (``inner``: the answer's array without
-    its brackets, built once and extended as epochs are appended, so a whole curve is answered without
-    joining its epochs again) with where each text starts in it (``starts``, byte offsets, and one
-    more item: where a next one would). ``rev``: the job's ``metrics_rewrites`` when they were read (0006):
-    while the job's row still has it, no kept epoch was overwritten, deleted or filled in below
-    the last one, so the list is still the job's curve up to ``k`` and only epochs after ``k`` are
-    new. ``sealed``: read while the job's curve was compacted, so, while it still is (and ``rev``
-    holds), it cannot have changed (:mod:`store.curves`) and its rows are not read at all."""
+    their JSON texts comma-joined, UTF-8 (``inner``: the answer's array without its brackets, built
+    by the database and extended as epochs are appended, so a whole curve is answered without
+    joining its epochs again); their numbers and the texts' byte lengths, kept as the database sent
+    them (comma-joined digits) and parsed only when a request needs them (a ``since_epoch`` or
+    ``max_points`` pick), so that reading a job whole (a process's first request for a choice of
+    keys) costs Python no work per epoch. ``rev``: the job's ``metrics_rewrites`` when they were
+    read (0006): while the job's row still has it, no kept epoch was overwritten, deleted or filled
+    in below the last one, so the list is still the job's curve up to ``k`` and only epochs after
+    ``k`` are new. ``sealed``: read while the job's curve was compacted, so, while it still is (and
+    ``rev`` holds), it cannot have changed (:mod:`store.curves`) and its rows are not read at all."""
 
-    __slots__ = ("epochs", "starts", "inner", "rev", "sealed", "chars")
+    __slots__ = ("inner", "rev", "sealed", "chars", "k", "n", "_e", "_l", "_epochs", "_cum")
 
-    def __init__(self, epochs: list[int], starts: list[int], inner: bytes, rev: int, sealed: bool) -> None:
-        self.epochs, self.starts, self.inner, self.rev, self.sealed = epochs, starts, inner, rev, sealed
-        # its size for the cache's bound: characters, and ~ the ints' and lists' overhead (bytes)
-        self.chars = len(inner) + 72 * len(epochs)
+    def __init__(self, e: bytes, lens: bytes, inner: bytes, n: int, rev: int, sealed: bool,
+                 epochs: list[int] | None = None, cum: list[int] | None = None) -> None:
+        self.inner, self.rev, self.sealed, self.n = inner, rev, sealed, n
+        self._e, self._l = e, lens  # b"1,2,3", b"120,121,121" (b"" when empty)
+        self._epochs, self._cum = epochs, cum  # parsed, when a request needed them
+        self.k = int(e[e.rfind(b",") + 1:]) if n else 0  # the last epoch
+        # its size for the cache's bound: characters, and ~ the parsed lists' overhead (bytes) once parsed
+        self.chars = len(inner) + len(e) + len(lens) + 72 * n
 
     @property
-    def k(self) -> int:
-        return self.epochs[-1] if self.epochs else 0
+    def epochs(self) -> list[int]:
+        if self._epochs is None:
+            self._epochs = list(map(int, self._e.split(b","))) if self.n else []
+        return self._epochs
 
-    def extended(self, epochs: str | None, texts: str | None, rev: int, sealed: bool) -> Epochs:
-        """This list with the epochs read after it (``epochs`` comma-joined, ``texts`` joined by
-        U+0001, which JSON text cannot contain unescaped), as of revision ``rev``."""
-        if epochs is None:
+    @property
+    def cum(self) -> list[int]:
+        """The texts' byte lengths summed: text i is ``inner[cum[i] + i:cum[i + 1] + i]`` (with the
+        commas between them), and epoch i's tail starts at ``cum[i] + i``."""
+        if self._cum is None:
+            self._cum = list(accumulate(map(int, self._l.split(b",")), initial=0)) if self.n else [0]
+        return self._cum
+
+    def extended(self, n: int, epochs: bytes | None, texts: bytes | None, lens: bytes | None, rev: int,
+                 sealed: bool) -> Epochs:
+        """This list with the ``n`` epochs read after it (``epochs``, ``texts``, ``lens``
+        comma-joined, as :func:`_pg_curves` reads them), as of revision ``rev``."""
+        if not n:
             if self.sealed == sealed and self.rev == rev:
                 return self
-            return Epochs(self.epochs, self.starts, self.inner, rev, sealed)
-        assert texts is not None
-        more = texts.split("\x01")
-        starts = self.starts[:-1]  # without the end mark
-        at = self.starts[-1]  # where the next text goes (after the ",")
-        ascii_only = texts.isascii()  # then a character is a byte
-        for t in more:
-            starts.append(at)
-            at += (len(t) if ascii_only else len(t.encode())) + 1
-        starts.append(at)  # the end mark: where a next text would go, as if the last were followed by ","
-        new = ",".join(more).encode()
-        # one copy of the kept text (a + between three strings made four)
-        inner = b",".join([self.inner, new]) if self.epochs else new
-        return Epochs(self.epochs + [int(e) for e in epochs.split(",")], starts, inner, rev, sealed)
+            return Epochs(self._e, self._l, self.inner, self.n, rev, sealed, self._epochs, self._cum)
+        assert epochs is not None and texts is not None and lens is not None
+        if not self.n:
+            return Epochs(epochs, lens, texts, n, rev, sealed)
+        # one copy of the kept text (a + between three strings made four); what was parsed stays parsed
+        parsed_e = parsed_c = None
+        if self._epochs is not None:
+            parsed_e = self._epochs + list(map(int, epochs.split(b",")))
+        if self._cum is not None:
+            parsed_c = self._cum + list(accumulate(map(int, lens.split(b",")), initial=self._cum[-1]))[1:]
+        return Epochs(b",".join([self._e, epochs]), b",".join([self._l, lens]), b",".join([self.inner, texts]),
+                      self.n + n, rev, sealed, parsed_e, parsed_c)
 
     def render(self, since: int, max_points: int | None) -> tuple[int, tuple[bytes, ...]]:
         """(epochs after ``since``, the pieces of their JSON array: joined by the caller)."""
+        if since >= self.k:
+            return 0, (b"[]",)
         first = bisect_right(self.epochs, since) if since else 0
-        total = len(self.epochs) - first
+        total = self.n - first
         if max_points is not None and total > max_points:
-            # epoch i's text is inner[starts[i]:starts[i + 1] - 1] (the end mark makes it so for the last)
-            inner, starts = self.inner, self.starts
+            inner, cum = self.inner, self.cum
             picked = _kept(total, max_points)
             if first:
                 picked = tuple(first + i for i in picked)
-            return total, (b"[", b",".join([inner[starts[i]:starts[i + 1] - 1] for i in picked]), b"]")
+            return total, (b"[", b",".join([inner[cum[i] + i:cum[i + 1] + i] for i in picked]), b"]")
         if first == 0:
             return total, (b"[", self.inner, b"]")
-        return total, (b"[", self.inner[self.starts[first]:] if total else b"", b"]")
+        return total, (b"[", self.inner[self.cum[first] + first:], b"]")
 
 
-EMPTY = Epochs([], [0], b"", -1, False)
+EMPTY = Epochs(b"", b"", b"", 0, -1, False)
 
 
 class CurveCache:
@@ -254,6 +280,23 @@ def _projection(keys: Sequence[str] | None) -> tuple[str, ...]:
     return tuple(dict.fromkeys(["epoch", *keys])) if keys else ()
 
 
+#: jobs a request reads whole (none of their epochs kept) from which its query is split in
+#: :data:`PARTS` queries on as many pooled connections, run at once (PostgreSQL runs one query on
+#: one core; a process's first request for a choice of keys reads 100,000 epochs: BENCHMARKS.md)
+PARALLEL_FROM = 200
+PARTS = 2
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max_workers=2 * PARTS, thread_name_prefix="bulkread")
+        return _POOL
+
+
 def _pg_curves(
     engine: Engine, project_id: str, since: dict[str, int], keys: Sequence[str] | None, max_points: int | None,
     cache: CurveCache | None,
@@ -265,11 +308,17 @@ def _pg_curves(
     - any other is the job's epochs as this process keeps them (:class:`Epochs`, per choice of
       keys) and those the database has after them, read job by job (a LATERAL subquery over the
       primary key's index: no sort of all the rows, which spilled to disk at 100,000 epochs).
+      The database joins them into the answer's text, with their numbers and byte lengths
+      (comma-joined digits, parsed only when ``since_epoch`` or ``max_points`` needs them), and
+      the driver hands them over as bytes: no per-epoch work in Python to read a job whole.
       The kept epochs are checked by the job row's ``metrics_rewrites`` alone (0006): when it
       changed, the same subquery reads the job's epochs from its first, and the list is replaced.
       A sealed list of a job still compacted, at the same revision, reads no row at all.
       ``since_epoch`` and ``max_points`` are picked from the list here, so the database only
-      parses an epoch's JSON (``keys``) once per process and epoch."""
+      parses an epoch's JSON (``keys``) once per process and epoch.
+
+    With :data:`PARALLEL_FROM` or more jobs to read whole, the query is split in :data:`PARTS`
+    (the jobs dealt out in turn), run at once on as many connections."""
     from store.fastread import _sql
 
     proj = _projection(keys)
@@ -282,8 +331,12 @@ def _pg_curves(
     flags = {i: ("B" if i in bodies else "b") if whole and s == 0 else "s" if i in kept and kept[i].sealed else "n"
              for i, s in since.items()}
     same = "j.metrics_rewrites = w.r"  # the kept epochs are still the job's (w.r is -1 when none is kept)
+    rows = ("job_metrics m WHERE m.job_id = w.id AND m.\"values\" IS NOT NULL "
+            f"AND (c.job_id IS NULL OR w.f = 'n' OR (w.f = 's' AND NOT {same})) "
+            f"AND m.epoch > CASE WHEN {same} THEN w.k ELSE 0 END ORDER BY m.epoch")
     sql = _sql(engine, (
-        "SELECT w.id, c.job_id IS NOT NULL, c.n, CASE WHEN w.f = 'b' THEN c.body END, j.metrics_rewrites, x.e, x.t "
+        "SELECT CAST(w.id AS VARCHAR), c.job_id IS NOT NULL, c.n, CASE WHEN w.f = 'b' THEN c.body END, "
+        "j.metrics_rewrites, x.n, x.e, x.t, x.l "
         # the ids, the kept lists' last epochs and revisions and the flags as comma-separated
         # strings: psycopg adapts a 1,000-item list to an array in Python (~3 ms each on the 2-core VM)
         "FROM unnest(string_to_array(:ids, ','), CAST(string_to_array(:ks, ',') AS int[]), "
@@ -292,23 +345,34 @@ def _pg_curves(
         "LEFT JOIN job_curves c ON c.job_id = w.id "
         # the epochs after the kept ones (all of them if the job was rewritten since), in epoch
         # order as the index gives them (an ORDER BY in the aggregate sorted each job's rows);
-        # none read when the compacted curve or a sealed list answers (a one-time filter)
-        "CROSS JOIN LATERAL (SELECT string_agg(CAST(m.epoch AS TEXT), ',') AS e, "
-        f"string_agg({epoch_sql}, chr(1)) AS t FROM (SELECT m.epoch, m.\"values\" FROM job_metrics m "
-        "WHERE m.job_id = w.id AND m.\"values\" IS NOT NULL "
-        f"AND (c.job_id IS NULL OR w.f = 'n' OR (w.f = 's' AND NOT {same})) "
-        f"AND m.epoch > CASE WHEN {same} THEN w.k ELSE 0 END ORDER BY m.epoch) m) x"
+        # none read when the compacted curve or a sealed list answers (a one-time filter).
+        # Per job: how many, their numbers, their texts comma-joined (the answer's array without
+        # its brackets) and the texts' byte lengths
+        "CROSS JOIN LATERAL (SELECT count(*) AS n, string_agg(CAST(m.epoch AS TEXT), ',') AS e, "
+        "string_agg(m.v, ',') AS t, string_agg(CAST(octet_length(m.v) AS TEXT), ',') AS l "
+        f"FROM (SELECT m.epoch, {epoch_sql} AS v FROM {rows}) m) x"
     ))
+
+    def params(ids: list[str]) -> dict[str, Any]:
+        return {"ids": ",".join(ids), "ks": ",".join(str(kept[i].k if i in kept else 0) for i in ids),
+                "rs": ",".join(str(kept[i].rev if i in kept else -1) for i in ids),
+                "flags": ",".join(flags[i] for i in ids), "project": project_id, **key_params}
+
+    ids = list(since)
+    if sum(1 for i in ids if flags[i] == "n" and i not in kept) >= PARALLEL_FROM:
+        parts = [ids[p::PARTS] for p in range(PARTS)]
+        futures = [_pool().submit(_fetch_without_jit, engine, sql, params(part)) for part in parts[1:]]
+        rows = _fetch_without_jit(engine, sql, params(parts[0]))
+        for f in futures:
+            rows += f.result()
+    else:
+        rows = _fetch_without_jit(engine, sql, params(ids))
     out: dict[str, tuple[int, tuple[bytes, ...]]] = {}
     fresh: dict[str, Epochs] = {}
-    ids = list(since)
-    params = {"ids": ",".join(ids), "ks": ",".join(str(kept[i].k if i in kept else 0) for i in ids),
-              "rs": ",".join(str(kept[i].rev if i in kept else -1) for i in ids),
-              "flags": ",".join(flags[i] for i in ids), "project": project_id, **key_params}
-    for job_id, compacted, n, body, rev, epochs, texts in _fetch_without_jit(engine, sql, params):
+    for job_id, compacted, n, body, rev, count, epochs, texts, lens in rows:
         flag = flags[job_id]
         if compacted and flag in "Bb":
-            got = bodies[job_id] if body is None else body.encode()
+            got = bodies[job_id] if body is None else body
             if body is not None and cache is not None:
                 cache.put(job_id, got)
             out[job_id] = (int(n), (got,))
@@ -316,7 +380,7 @@ def _pg_curves(
         have = kept.get(job_id, EMPTY)
         if not (compacted and flag == "s" and rev == have.rev):
             # rewritten since it was kept: what was read is the whole curve
-            new = (have if rev == have.rev else EMPTY).extended(epochs, texts, rev, sealed=compacted)
+            new = (have if rev == have.rev else EMPTY).extended(count, epochs, texts, lens, rev, sealed=compacted)
             if new is not have:
                 have = fresh[job_id] = new
         out[job_id] = have.render(since[job_id], max_points)
@@ -325,15 +389,25 @@ def _pg_curves(
     return out
 
 
+class _Bytes(Loader):
+    """``text`` columns as the bytes the server sent (UTF-8): the answer is bytes, so not decoded
+    to ``str`` and encoded back (two copies of ~16 MB for 1,000 x 100 epochs)."""
+
+    def load(self, data: Any) -> bytes:
+        return bytes(data)
+
+
 def _fetch_without_jit(engine: Engine, sql: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
     """The rows of one SELECT, in autocommit, with PostgreSQL's JIT compilation off for it: the
     query's estimated cost (an index scan per job) is over ``jit_above_cost``, and compiling it
-    took ~30 ms of a 40 ms answer, every time (EXPLAIN ANALYZE: "JIT ... Emission 24.7 ms")."""
+    took ~30 ms of a 40 ms answer, every time (EXPLAIN ANALYZE: "JIT ... Emission 24.7 ms").
+    ``text`` columns come as bytes (:class:`_Bytes`; ``varchar`` ones as ``str``)."""
     conn = engine.raw_connection()
     try:
         conn.driver_connection.autocommit = True
         cur = conn.cursor()
         try:
+            cur.adapters.register_loader("text", _Bytes)
             cur.execute("SET jit = off")
             try:
                 cur.execute(sql, params)

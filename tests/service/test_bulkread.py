@@ -85,8 +85,12 @@ def _check(url: str) -> None:
                 for keys in (None, ["val_loss"], ["val_loss", "lr", "epoch", "val_loss"], ["nope"]):
                     for max_points in (None, 1, 3, 50):
                         wanted = {i: since for i in reversed(ids)} | {other.id: 0, "f" * 32: 0}
-                        got = json.loads(bulkread.bulk_metrics_json(engine, DEFAULT_PROJECT, wanted, keys, max_points))
+                        raw = bulkread.bulk_metrics_json(engine, DEFAULT_PROJECT, wanted, keys, max_points)
+                        got = json.loads(raw)
                         case = (since, keys, max_points)
+                        # nothing kept (a process's first request): the same bytes
+                        assert bulkread.bulk_metrics_json(engine, DEFAULT_PROJECT, wanted, keys, max_points,
+                                                          cache=None) == raw, case
                         assert sorted(got["missing"]) == sorted([other.id, "f" * 32]), case
                         assert list(got["jobs"]) == [i for i in wanted if i in ids], case  # in the order asked
                         for i in ids:
@@ -113,6 +117,28 @@ def test_bulk_reader_on_postgresql(pg):
     url = pg.create("bulkread")
     upgrade(url)
     _check(url)
+
+
+def test_bulk_reader_split_in_parts_on_postgresql(pg, monkeypatch):
+    """A request with many jobs to read whole (a process's first for a choice of keys, or with
+    nothing kept) is split in ``PARTS`` queries run at once on as many connections: the same
+    answers, each job asked once."""
+    monkeypatch.setattr(bulkread, "PARALLEL_FROM", 1)
+    asked: list[list[str]] = []
+    real = bulkread._fetch_without_jit
+
+    def counted(engine: Any, sql: str, params: dict[str, Any]) -> Any:
+        asked.append(params["ids"].split(","))
+        return real(engine, sql, params)
+
+    monkeypatch.setattr(bulkread, "_fetch_without_jit", counted)
+    bulkread.CURVES.clear()
+    url = pg.create("bulkread_parts")
+    upgrade(url)
+    _check(url)
+    split = [a for a in asked if len(a) == 3]  # the 6 ids of _check's requests, dealt out in 2 parts
+    assert len(split) >= 2 and len(split) % 2 == 0
+    assert len(set(split[0]) | set(split[1])) == 6
 
 
 def test_bulk_reader_on_sqlite(tmp_path):
@@ -276,5 +302,62 @@ def test_kept_epochs_are_extended_and_checked_on_postgresql(pg, monkeypatch):
             s.commit()
             got = json.loads(bulkread.bulk_metrics_json(engine, DEFAULT_PROJECT, {done.id: 0}, cache=cache))
             assert got == {"jobs": {}, "missing": [done.id]}
+    finally:
+        engine.dispose()
+
+
+def test_keys_picked_from_jsonb_read_as_the_stored_text_on_postgresql(pg):
+    """On PostgreSQL ``keys`` are picked from each epoch's jsonb copy (0007), whose text of a value
+    can differ from the stored one. A row gets a copy only when every value of it reads the same
+    from it; every value must read back as the same Python value, of the same type and sign,
+    with and without kept epochs, whichever way it is answered. A row jsonb refuses (a \\u0000,
+    a lone surrogate) is still written, without a copy."""
+    url = pg.create("bulkread_jsonb")
+    upgrade(url)
+    engine = make_engine(url)
+    rows = [
+        # no copy: an exponent jsonb writes as a long integer (1e+300: 301 digits; 1.5e+20), a
+        # negative zero (jsonb drops its sign), a \\u escape (Python's default for non-ASCII),
+        # an exponent without its sign (written by hand below)
+        {"epoch": 1, "loss": 1e300, "val_loss": 0.5, "lr": 1e-05},
+        {"epoch": 2, "loss": 0.25, "val_loss": 1.5e20, "lr": 0.1},
+        {"epoch": 3, "loss": 0.25, "val_loss": -0.0, "lr": 0.1},
+        {"epoch": 4, "loss": [0.5, -0.0], "val_loss": 0.5, "lr": 0.1},
+        {"epoch": 5, "loss": "ünï", "val_loss": 0.5, "lr": 0.1},
+        # a copy: negative exponents (1e-05 is written 0.00001), -0.05 and -0.001 (not zeros),
+        # long integers, nested values, strings with escapes and non-ASCII (as UTF-8), null, true,
+        # a missing key, a zero
+        {"epoch": 6, "loss": 1e-05, "val_loss": -3.4e-38, "lr": 1.5e-300, "n": 12345678901234567890},
+        {"epoch": 7, "loss": -0.05, "val_loss": -0.001, "lr": 0.0, "n": 10**15, "s": "a\\b \"q\" ünï é"},
+        {"epoch": 8, "loss": [1.5, 2.5e-7, {"b": 1, "a": -2}], "val_loss": {"z": 0.5, "a": None}, "lr": True,
+         "n": None, "s": "x.y"},
+        {"epoch": 9, "loss": 0.30000000000000004, "lr": -7, "n": 0},
+    ]
+    texts = [json.dumps(r, ensure_ascii=r["epoch"] == 5) for r in rows] + ['{"epoch": 10, "loss": 2e5}']
+    try:
+        spec = validate_spec(note_spec(3)).model_dump(mode="json")
+        with Session(engine) as s:
+            job, other = repo.create_job(s, spec=spec, queue="cpu"), repo.create_job(s, spec=spec, queue="cpu")
+            s.flush()
+            insert_epoch = text('INSERT INTO job_metrics (job_id, epoch, "values", created_at) '
+                                "VALUES (:j, :e, CAST(:v AS json), now())")
+            for e, t in enumerate(texts, 1):
+                s.execute(insert_epoch, {"j": job.id, "e": e, "v": t})
+            # (json's own -> refuses these two when it reads them: so did the reader before 0007)
+            s.execute(insert_epoch, {"j": other.id, "e": 1, "v": '{"epoch": 1, "note": "nul \\u0000"}'})
+            s.execute(insert_epoch, {"j": other.id, "e": 2, "v": '{"epoch": 2, "note": "\\ud800"}'})
+            s.commit()
+            copies = dict(s.execute(text("SELECT epoch, values_b IS NOT NULL FROM job_metrics WHERE job_id = :j"),
+                                    {"j": job.id}).all())
+            assert copies == {e: 6 <= e <= 9 for e in range(1, 11)}
+            assert s.scalar(text("SELECT count(values_b) FROM job_metrics WHERE job_id = :j"), {"j": other.id}) == 0
+            stored = [json.loads(t) for t in texts]
+            cache = bulkread.CurveCache()
+            for keys in (["loss"], ["val_loss", "lr"], ["n", "s", "nope"], ["loss", "val_loss", "lr", "n", "s"]):
+                for c in (None, cache, cache):
+                    got = json.loads(bulkread.bulk_metrics_json(engine, DEFAULT_PROJECT, {job.id: 0}, keys, cache=c))
+                    want = [{k: r[k] for k in ["epoch", *keys] if k in r} for r in stored]
+                    # the same values, types and signs (nested objects' keys may come in jsonb's order)
+                    assert json.dumps(got["jobs"][job.id]["epochs"], sort_keys=True) == json.dumps(want, sort_keys=True)
     finally:
         engine.dispose()
