@@ -344,6 +344,7 @@ def test_checkpoints_added_as_one_batch_leave_what_one_at_a_time_leaves(inproc_e
         with session_scope(write=False) as s:
             rows = repo.list_checkpoints(s, job_id)
         state.append([(ck.epoch, ck.is_best, stored, store.exists(checkpoint_key(job_id, ck.sha256))) for ck, stored in rows])
+        _forget(job_id)
     assert state[0] == state[1], state
     assert sorted((e, b, st) for e, b, st, _ in state[1]) == [(1, False, False), (2, False, False), (3, True, True),
                                                               (4, False, False), (5, False, True)]
@@ -381,6 +382,18 @@ def test_a_flush_writes_no_file_for_a_checkpoint_it_supersedes(inproc_env: dict[
         assert store.exists(checkpoint_key(job_id, ck.sha256)) == stored, (ck.epoch, stored)
         assert ck.size == len(f"weights of epoch {ck.epoch}".encode())
     assert len(written) == (5 if keep == "all" else 2), written
+    _forget(job_id)
+
+
+def _forget(job_id: str) -> None:
+    """Cancel and delete a job this test made, so no later test's worker claims it."""
+    with session_scope() as s:
+        repo.request_cancel(s, job_id)
+    with session_scope() as s:
+        if s.get(Job, job_id).status == "running":
+            assert repo.finish_job(s, job_id, status="cancelled", stop_reason="cancelled")
+    with session_scope() as s:
+        assert repo.delete_jobs(s, [job_id]) == [job_id]
 
 
 # --------------------------------------------------------------------------- the live service

@@ -320,3 +320,5 @@ def test_a_packs_results_commit_in_one_transaction_and_a_taken_member_writes_not
         assert (jobs[2].status, jobs[2].lease_token, jobs[2].worker) == ("running", taken.lease_token, "w:2")
     assert [_metric_epochs(i) for i in ids] == [[1], [1], []]  # the taken member's epoch was not written
     assert records[0].buffer == [] and records[2].buffer == [{"epoch": 1, "loss": 0.5}]
+    with session_scope() as s:  # the new attempt ends it (no later test's worker may take it over)
+        assert repo.finish_job(s, ids[2], status="cancelled", stop_reason="cancelled")
