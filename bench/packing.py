@@ -23,7 +23,8 @@ Parts (``--parts``, in this order; default all three):
 Each part runs in both modes, back to back: **solo** (``TRAINYARD_PACK=0``, today's path: one
 job after another) then **packed** (``TRAINYARD_PACK=1``), each on its own ``trainyard serve``
 (API + one worker + SQLite + the embedded broker, exactly as a user runs it; same worker count)
-on a fresh data directory. So each part's ratio (packed / solo wall time; packed / solo jobs per
+on a fresh data directory (``--warm``: after one 1-epoch job of the same model has run there, so
+the worker's first-use costs are paid before the timed part, in both modes). So each part's ratio (packed / solo wall time; packed / solo jobs per
 minute) is measured side by side, and a part's figures are printed (and written to ``--json``) as
 soon as it is done. The load average (``os.getloadavg``, 1 minute) before and after each mode is
 printed with the figures: on a shared machine, quote it with them.
@@ -74,7 +75,7 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 class Serve:
     """``trainyard serve`` on a free port and a fresh data directory."""
 
-    def __init__(self, pack: bool, data_dir: Path) -> None:
+    def __init__(self, pack: bool, data_dir: Path, torch_threads: int = 0) -> None:
         import socket
 
         with socket.socket() as s:
@@ -82,6 +83,8 @@ class Serve:
             self.port = s.getsockname()[1]
         env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINYARD_")}
         env.update(PYTHONPATH=str(ROOT), TRAINYARD_PACK="1" if pack else "0")
+        if torch_threads:
+            env["TRAINYARD_TORCH_THREADS"] = str(torch_threads)
         data_dir.parent.mkdir(parents=True, exist_ok=True)
         self.log = (data_dir.parent / f"serve-{'packed' if pack else 'solo'}.log").open("wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "client.cli", "serve", "--port", str(self.port),
@@ -167,10 +170,24 @@ def run_batch(srv: Serve, n: int, epochs: int) -> dict[str, Any]:
 PARTS = ("sweep", "asha", "batch")
 
 
+def warm_up(srv: Serve) -> None:
+    """One 1-epoch job of the same model, alone (``"pack": false``), run to its end before the
+    timed part: the worker has then paid its first-use costs (torch and scikit-learn imports, the
+    dataset's first load), as a worker that has been up for a while has."""
+    spec = dict(copy.deepcopy(BASE), name="bench-warm-up", epochs=1, pack=False, seed=0)
+    r = srv.http.post("/v1/jobs", json=spec)
+    r.raise_for_status()
+    job_id = r.json()["id"]
+    while srv.http.get(f"/v1/jobs/{job_id}").json()["status"] not in TERMINAL:
+        time.sleep(0.2)
+
+
 def run_part(part: str, pack: bool, data_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
-    load_before = os.getloadavg()[0]
-    srv = Serve(pack, data_dir)
+    srv = Serve(pack, data_dir, args.torch_threads)
     try:
+        if args.warm:
+            warm_up(srv)
+        load_before = os.getloadavg()[0]
         if part == "batch":
             out = run_batch(srv, args.batch, args.batch_epochs)
         else:
@@ -188,6 +205,10 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=27, help="epochs of each sweep trial")
     ap.add_argument("--batch", type=int, default=200)
     ap.add_argument("--batch-epochs", type=int, default=3)
+    ap.add_argument("--torch-threads", type=int, default=0,
+                    help="TRAINYARD_TORCH_THREADS for both modes' worker (0: torch's default, one per core)")
+    ap.add_argument("--warm", action="store_true",
+                    help="in both modes, run one 1-epoch job to its end before the timed part (a worker that has been up a while)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]

@@ -103,6 +103,11 @@ class Settings(BaseSettings):
     gc_freeze: bool = True
     # Worker: the nice value it trains at (worker.app.lower_priority; 0 = the caller's own).
     worker_nice: int = Field(10, ge=0, le=19)
+    # Worker: torch's intra-op CPU threads for every job it trains (0 = torch's default, one per
+    # core). On a machine whose cores are busy with other work, 1 avoids the stalls of a parallel
+    # op waiting for a descheduled thread, which hit a fused pack's larger ops hardest
+    # (BENCHMARKS.md, "Packed jobs").
+    torch_threads: int = Field(0, ge=0)
     # Logging (config.logs): "text" for a terminal, "json" for one JSON object per line; the API's
     # one line per request (trainyard.access) only when access_log is on.
     log_format: Literal["text", "json"] = "text"

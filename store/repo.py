@@ -599,17 +599,37 @@ def add_checkpoint(
     """Write the checkpoint's file to the artifact store (unless the caller did: ``stored``) and
     record it; the files of the job's other checkpoints except the best are dropped (after the
     commit)."""
-    if is_best:
+    return add_checkpoints(session, job_id, [dict(epoch=epoch, step=step, monitor=monitor, value=value, data=data,
+                                                  sha256=sha256, is_best=is_best, stored=stored)])[0]
+
+
+def add_checkpoints(session: Session, job_id: str, items: Sequence[dict[str, Any]]) -> list[Checkpoint]:
+    """Record checkpoints of one job in their order (each ``items`` entry: ``add_checkpoint``'s
+    keywords), leaving what ``add_checkpoint`` called once per item leaves (every row; the last
+    best item marked best; files kept for the last item and the best only), with one round of
+    queries for the batch instead of one per checkpoint (a run's flush writes several). An item
+    with ``superseded`` true is recorded without a file (its row as the batch's own drop would
+    leave it): the caller knows the batch drops it and the job does not keep every file."""
+    if not items:
+        return []
+    bests = [k for k, it in enumerate(items) if it["is_best"]]
+    if bests:
         _clear_best(session, job_id)
-    stored = stored or get_store().put(checkpoint_key(job_id, sha256), data, sha256)
-    ck = Checkpoint(
-        job_id=job_id, epoch=epoch, step=step, monitor=monitor, value=to_text(value), size=stored.size,
-        sha256=sha256, is_best=is_best, uri=stored.uri, created_at=utcnow(),
-    )
-    session.add(ck)
+    rows = []
+    for k, it in enumerate(items):
+        if it.get("superseded"):
+            uri, size = None, len(it["data"])
+        else:
+            stored = it.get("stored") or get_store().put(checkpoint_key(job_id, it["sha256"]), it["data"], it["sha256"])
+            uri, size = stored.uri, stored.size
+        rows.append(Checkpoint(
+            job_id=job_id, epoch=it["epoch"], step=it["step"], monitor=it["monitor"], value=to_text(it["value"]),
+            size=size, sha256=it["sha256"], is_best=bool(bests) and k == bests[-1], uri=uri, created_at=utcnow(),
+        ))
+    session.add_all(rows)
     session.flush()
-    _drop_unkept(session, job_id, keep=(ck.id,))
-    return ck
+    _drop_unkept(session, job_id, keep=(rows[-1].id,))
+    return rows
 
 
 def _drop_unkept(session: Session, job_id: str, keep: Sequence[int]) -> None:

@@ -440,10 +440,13 @@ class _Run:
             self._pending_checkpoint = None
         return self.best_checkpoint
 
-    def _end_epoch(self, loss_sum: torch.Tensor, sums: dict[str, torch.Tensor], seen: int, started: float) -> None:
+    def _end_epoch(self, loss_sum: torch.Tensor, sums: dict[str, torch.Tensor], seen: int, started: float,
+                   val: dict[str, float] | None = None) -> None:
+        """``val``: the epoch's validation logs when the caller computed them (a fused pack
+        validates all its trials in one pass, ``training.fused``); else :meth:`evaluate`."""
         logs: dict[str, float] = {"epoch": self.epoch + 1}
         logs.update(self._train_logs(loss_sum, sums, seen))
-        logs.update(self.evaluate())
+        logs.update(self.evaluate() if val is None else val)
         logs["lr"] = self.lr
         logs["seconds"] = time.perf_counter() - started
         for callback in self.epoch_end:
@@ -629,11 +632,25 @@ def evaluate_model(
         out = out.float()
         for k, fn in objective.metrics.items():
             sums[k] += fn(out, yb, tb)
-    values = torch.stack([loss_sum, *sums.values()]).double().cpu().tolist()
+    return finish_logs(objective, torch.stack([loss_sum, *sums.values()]).double().cpu().tolist(), n)
+
+
+def finish_logs(objective: Objective, values: list[float], n: int) -> dict[str, float]:
+    """Validation logs from ``values``: the loss sum then the objective's metric sums over ``n``
+    samples (``evaluate_model``'s, and a fused pack's per trial)."""
     logs = {"loss": values[0] / n}
-    for k, v in zip(sums, values[1:], strict=True):
+    for k, v in zip(objective.metrics, values[1:], strict=True):
         logs[k] = objective.finalize.get(k, float)(v / n)
     return logs
+
+
+def warm_up() -> None:
+    """Import what a first job would otherwise import on first use: ``torch._dynamo`` (torch.optim
+    imports it at an optimizer's first step, ~1.4 s) and scikit-learn's dataset loaders (the
+    built-in datasets, ~1.5 s; ``training.data``). A worker calls this when it starts, so its first
+    job (solo or a pack) does not pay for them. Imports only: no RNG, thread or device state."""
+    import sklearn.datasets  # noqa: F401
+    import torch._dynamo  # noqa: F401
 
 
 def _spec_digest(spec: JobSpec, *, any_epochs: bool = False) -> str:

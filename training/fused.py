@@ -48,9 +48,18 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from training.engine import _actionable_errors, _deterministic, _Run, fit, resolve_device
+from training.engine import (
+    VAL_CHUNK,
+    _actionable_errors,
+    _deterministic,
+    _Run,
+    finish_logs,
+    fit,
+    resolve_device,
+)
 from training.optim import _KerasForeach, clip_gradients, keras_step, operand
 from training.reporting import FitResult, Reporter
 from training.spec import FIND, JobSpec, validate_spec
@@ -272,18 +281,22 @@ class _Pack:
         self.shapes = [t.shape[1:] for t in stacked]
         # every weight of a trial in one row: the optimizer updates one (trials, parameters) tensor
         self.flat = torch.cat([t.flatten(1) for t in stacked], 1).contiguous()
-        self.params = self.views(self.flat)
+        self.params = self.leaves()
         self.x = torch.stack([m.x_train for m in members])
         self.y = torch.stack([m.y_train for m in members])
         self.same_target = lead.t_train is lead.y_train
         self.t = self.y if self.same_target else torch.stack([m.t_train for m in members])
+        # the validation splits (each trial's own: the split follows its seed), validated as one
+        self.xv = torch.stack([m.x_val for m in members])
+        self.yv = torch.stack([m.y_val for m in members])
+        self.tv = self.yv if self.same_target else torch.stack([m.t_val for m in members])
         self.opt = opt_cls([self.flat], [m.optimizer for m in members])
         self.clip_kind = _clip_kind(lead.spec)
         self.modules = list(lead.model.named_children())
         # kernel/bias penalties per parameter: (l1, l2) columns over trials
         self.reg: list[tuple[int, Tensor | None, Tensor | None]] = []
         self.activity: dict[str, tuple[Tensor, Tensor]] = {}
-        self.dropout: dict[str, Tensor] = {}
+        self.dropout: dict[str, tuple[Tensor, Tensor]] = {}
         self._build_hyper()
         # objectives: trials with the same loss settings share one vmapped loss
         groups: dict[str, list[int]] = {}
@@ -313,7 +326,9 @@ class _Pack:
             if isinstance(mod, nn.Dropout):
                 rates = [m.spec.model.layers[layer_i].rate for m in members]
                 if any(rates):
-                    self.dropout[mod_name] = _col(rates, like)
+                    # (rate, 1 / (1 - rate)) per trial: torch's inverted dropout scales the kept
+                    # units by the reciprocal (its mask is bernoulli(1 - p) / (1 - p))
+                    self.dropout[mod_name] = (_col(rates, like), _col([1 / (1 - r) for r in rates], like))
 
     @staticmethod
     def _activity_reg(m: _Run, layer_i: int, mod_name: str) -> tuple[float, float]:
@@ -330,15 +345,23 @@ class _Pack:
             return
         idx = torch.tensor(keep_list, device=self.device, dtype=torch.long)
         self.flat = self.flat.detach().index_select(0, idx).contiguous()
-        self.params = self.views(self.flat)
+        self.params = self.leaves()
         self.x, self.y = self.x.index_select(0, idx), self.y.index_select(0, idx)
         self.t = self.y if self.same_target else self.t.index_select(0, idx)
+        self.xv, self.yv = self.xv.index_select(0, idx), self.yv.index_select(0, idx)
+        self.tv = self.yv if self.same_target else self.tv.index_select(0, idx)
         self.opt.keep(idx, keep_list, [self.flat])
         self.live = [self.live[i] for i in keep_list]
         remap = {old: new for new, old in enumerate(keep_list)}
         self.loss_groups = [[remap[k] for k in g if k in remap] for g in self.loss_groups]
         self.loss_groups = [g for g in self.loss_groups if g]
         self._build_hyper()
+
+    def leaves(self) -> list[Tensor]:
+        """The parameters the forward pass differentiates: each a leaf sharing the flat tensor's
+        memory (the optimizer's in-place update of the flat tensor is theirs), so the backward pass
+        gives one gradient per parameter, not one flat-sized gradient per slice."""
+        return [v.detach().requires_grad_() for v in self.views(self.flat)]
 
     def views(self, flat: Tensor) -> list[Tensor]:
         """Each parameter, stacked over trials, as a view of the flat tensor."""
@@ -379,22 +402,51 @@ class _Pack:
                 m.model.get_parameter(name).copy_(p[slot])
         self.opt.write_back(slot, m.optimizer)
 
-    def forward(self, params: list[Tensor], xb: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Outputs ``(L, B, ...)`` and the per-trial penalty ``(L,)`` of this pass."""
+    @torch.no_grad()
+    def validate(self) -> list[dict[str, float]]:
+        """Every live trial's validation logs (``val_loss``, ``val_<metric>``), from one pass of
+        the fused model in eval mode over the stacked validation splits: the numbers of
+        ``training.engine.evaluate_model`` on each trial's own model (same chunks of ``VAL_CHUNK``
+        rows, penalties per chunk, sums in float32), so ``_Run._end_epoch`` takes them as its own."""
+        lead = self.members[self.live[0]]
+        n = lead.n_val
+        if n == 0:
+            return [{} for _ in self.live]
+        obj = lead.objective
+        loss_sum = torch.zeros(len(self.live), device=self.device)
+        sums = {k: torch.zeros(len(self.live), device=self.device) for k in obj.metrics}
+        metric_fns = _per_trial_metrics(obj)
+        for start in range(0, n, VAL_CHUNK):
+            xb = self.xv[:, start : start + VAL_CHUNK]
+            yb, tb = self.yv[:, start : start + VAL_CHUNK], self.tv[:, start : start + VAL_CHUNK]
+            out, penalty = self.forward(self.params, xb, training=False)
+            loss = self.losses(out, tb)
+            if penalty is not None:
+                loss = loss + penalty
+            loss_sum += loss.float() * xb.shape[1]
+            out = out.float()
+            for k, fn in metric_fns:
+                sums[k] += fn(out, yb, tb)
+        rows = torch.stack([loss_sum, *sums.values()], 1).double().cpu().tolist()
+        return [{f"val_{k}": v for k, v in finish_logs(obj, row, n).items()} for row in rows]
+
+    def forward(self, params: list[Tensor], xb: Tensor, training: bool = True) -> tuple[Tensor, Tensor | None]:
+        """Outputs ``(L, B, ...)`` and the per-trial penalty ``(L,)`` of this pass (``training``:
+        dropout on)."""
         by_name = dict(zip(self.names, params, strict=True))
         h = xb
         penalty: Tensor | None = None
-        training = True
         for mod_name, mod in self.modules:
             if isinstance(mod, nn.Linear):
                 w = by_name[f"{mod_name}.weight"].transpose(1, 2)
                 b = by_name.get(f"{mod_name}.bias")
                 h = torch.bmm(h, w) if b is None else torch.baddbmm(b.unsqueeze(1), h, w)
             elif isinstance(mod, nn.Dropout):
-                rate = self.dropout.get(mod_name)
-                if rate is not None and training:
-                    r = _bcast(rate, h)
-                    h = h * (torch.rand_like(h) >= r) / (1 - r)
+                rates = self.dropout.get(mod_name)
+                if rates is not None and training:
+                    with torch.no_grad():  # the mask, scaled: one multiply forward and backward
+                        scale = torch.rand_like(h).ge_(_bcast(rates[0], h)).mul_(_bcast(rates[1], h))
+                    h = h * scale
             else:
                 h = mod.forward(h)  # not mod(h): the lead member's activity hooks must not fire
             act = self.activity.get(mod_name)
@@ -421,7 +473,7 @@ class _Pack:
             idx = torch.tensor(g, device=self.device)
             o = out if len(g) == len(self.live) else out.index_select(0, idx)
             t = tb if len(g) == len(self.live) else tb.index_select(0, idx)
-            parts.append(torch.func.vmap(member.objective.loss)(o, t))
+            parts.append(_stacked_loss(member.objective.loss, o, t))
             order.extend(g)
         if len(parts) == 1:
             return parts[0]
@@ -429,6 +481,41 @@ class _Pack:
         inv = torch.empty(len(order), dtype=torch.long, device=self.device)
         inv[torch.tensor(order, device=self.device)] = torch.arange(len(order), device=self.device)
         return cat.index_select(0, inv)
+
+
+def _rows(t: Tensor, idx: Tensor) -> Tensor:
+    """Rows ``idx`` (numbers into ``t``'s first two axes flattened) of ``t`` ``(L, n, ...)``, as
+    ``(L, len(idx) // L, ...)``."""
+    return t.flatten(0, 1).index_select(0, idx).view(t.shape[0], -1, *t.shape[2:])
+
+
+def _per_trial_metrics(obj: Any) -> list[tuple[str, Callable[[Tensor, Tensor, Tensor], Tensor]]]:
+    """Each metric as ``(out, labels, target) -> (L,)`` sums over stacked ``(L, B, ...)`` tensors:
+    the objective's per-sample values summed over the batch axis (``vmap`` of the per-batch sum,
+    a few times slower, for a metric without them)."""
+    out = []
+    for k, fn in obj.metrics.items():
+        each = obj.per_sample.get(k)
+        out.append((k, torch.func.vmap(fn) if each is None else _summed_per_trial(each)))
+    return out
+
+
+def _summed_per_trial(each: Callable[[Tensor, Tensor, Tensor], Tensor]) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    return lambda o, y, t: each(o, y, t).flatten(1).sum(1)
+
+
+def _stacked_loss(loss: Callable[[Tensor, Tensor], Tensor], out: Tensor, target: Tensor) -> Tensor:
+    """Each trial's mean loss ``(L,)`` of stacked outputs ``(L, B, ...)``: the trial's own loss
+    function over its rows (``vmap``); plain cross-entropy (the mean of the per-sample losses, no
+    weights) as one call over all trials' samples, then the mean per trial."""
+    if loss is F.cross_entropy:
+        # torch's CPU log_softmax over a short last axis (10 classes) is slow; over the first
+        # axis of the transposed logits it is the same function, ~3x faster with its backward
+        logp = F.log_softmax(out.flatten(0, 1).t().contiguous(), 0).t()
+        t = target.flatten(0, 1)
+        per_sample = F.nll_loss(logp, t, reduction="none") if t.dim() == 1 else -(t * logp).sum(-1)
+        return per_sample.view(out.shape[0], out.shape[1]).mean(1)
+    return torch.func.vmap(loss)(out, target)
 
 
 def _epoch(pack: _Pack, finished: list[int]) -> None:
@@ -445,7 +532,7 @@ def _epoch(pack: _Pack, finished: list[int]) -> None:
     loss_sum = torch.zeros(L, device=dev)
     obj = lead.objective
     sums = {k: torch.zeros(L, device=dev, dtype=torch.long if k in obj.count_metrics else torch.float32) for k in obj.metrics}
-    metric_fns = [(k, torch.func.vmap(fn)) for k, fn in obj.metrics.items()]
+    metric_fns = _per_trial_metrics(obj)
     lr_constant = [isinstance(members[i].spec.optimizer.learning_rate, float | int) and members[i].plateau is None for i in pack.live]
     lrs = [members[i].lr for i in pack.live]
     seen = 0
@@ -472,18 +559,17 @@ def _epoch(pack: _Pack, finished: list[int]) -> None:
         if not pack.live:
             return
         lo, hi = b * bs, (b + 1) * bs
-        rows = torch.arange(len(pack.live), device=dev).unsqueeze(1)
         if perms is None:
             xb, yb, tb = pack.x[:, lo:hi], pack.y[:, lo:hi], pack.t[:, lo:hi]
         else:
-            idx = perms[:, lo:hi]
-            xb, yb = pack.x[rows, idx], pack.y[rows, idx]
-            tb = yb if pack.same_target else pack.t[rows, idx]
+            # each trial's rows of its own order, as flat row numbers (index_select is the fast gather)
+            idx = (perms[:, lo:hi] + torch.arange(0, len(pack.live) * n, n, device=dev).unsqueeze(1)).flatten()
+            xb, yb = _rows(pack.x, idx), _rows(pack.y, idx)
+            tb = yb if pack.same_target else _rows(pack.t, idx)
         for s, i in enumerate(pack.live):
             if not lr_constant[s]:
                 lrs[s] = members[i]._current_lr(members[i].step)
-        flat = pack.flat.requires_grad_()
-        params = pack.views(flat)
+        params = pack.params
         out, penalty = pack.forward(params, xb)
         losses = pack.losses(out, tb)
         if penalty is not None:
@@ -507,15 +593,14 @@ def _epoch(pack: _Pack, finished: list[int]) -> None:
                 losses = losses.index_select(0, sel)
                 out = out.index_select(0, sel)
                 yb, tb = yb.index_select(0, sel), tb.index_select(0, sel)
-                flat = pack.flat.requires_grad_()
-                params = pack.views(flat)
+                params = pack.params
                 # recompute on the compacted pack (the dropped slots must not be updated)
                 out, penalty = pack.forward(params, xb.index_select(0, sel))
                 losses = pack.losses(out, tb)
                 if penalty is not None:
                     losses = losses + penalty
-        (grad,) = torch.autograd.grad(losses.sum(), flat)
-        flat.requires_grad_(False)
+        grads = torch.autograd.grad(losses.sum(), params)
+        grad = torch.cat([g.flatten(1) for g in grads], 1)
         if pack.clip_kind is not None:
             values = np.array([getattr(members[i].spec.optimizer, pack.clip_kind) for i in pack.live], dtype=np.float64)
             clip_gradients(pack.views(grad), *(values if k == pack.clip_kind else None for k in _CLIPS), stacked=True)
@@ -557,11 +642,12 @@ def _epoch(pack: _Pack, finished: list[int]) -> None:
         if ending:
             leave(ending, end_epoch=True)
     gone = []
+    val = pack.validate()
     for s, i in enumerate(pack.live):
         m = members[i]
         pack.sync(s)
         m.lr = lrs[s]
-        pack.call(i, m._end_epoch, loss_sum[s], {k: v[s] for k, v in sums.items()}, max(seen, 1), started)
+        pack.call(i, m._end_epoch, loss_sum[s], {k: v[s] for k, v in sums.items()}, max(seen, 1), started, val[s])
         if m.stop_reason is not None or m.epoch >= m.spec.epochs:  # a lost member's is LOST
             gone.append(s)
             finished.append(i)

@@ -9,7 +9,7 @@ by the sample count once per epoch (so there is no host sync per step).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,10 @@ class Objective:
     finalize: dict[str, Callable[[float], float]]
     outputs_are_logits: bool
     count_metrics: frozenset[str] = frozenset()  # metrics whose per-batch sum is an integer count
+    #: each metric's per-sample values (the last axis of the outputs reduced, every leading axis
+    #: kept), whose sum is the metric's per-batch sum: a fused pack (``training.fused``) sums them
+    #: per trial over stacked ``(trials, batch, ...)`` outputs
+    per_sample: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = field(default_factory=dict)
 
 
 def strip_output_activation(spec: JobSpec) -> bool:
@@ -92,24 +96,30 @@ def build_objective(spec: JobSpec, n_classes: int | None) -> Objective:
         loss = lambda o, t: F.huber_loss(o, t, delta=delta)  # noqa: E731
     del last_act
 
-    metrics: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {}
+    per_sample: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {}
     finalize: dict[str, Callable[[float], float]] = {}
     binary = name == "binary_crossentropy"
     threshold = 0.0 if logits else 0.5
     for m in spec.metrics:
         if m.name == "accuracy":
             if binary:
-                metrics[m.key] = lambda o, y, t, th=threshold: ((o.squeeze(-1) > th).long() == y).sum()
+                per_sample[m.key] = lambda o, y, t, th=threshold: (o.squeeze(-1) > th).long() == y
             else:
-                metrics[m.key] = lambda o, y, t: (o.argmax(dim=-1) == y).sum()
+                per_sample[m.key] = lambda o, y, t: o.argmax(dim=-1) == y
         elif m.name == "top_k_accuracy":
             k = m.k
-            metrics[m.key] = lambda o, y, t, k=k: (o.topk(min(k, o.shape[-1]), dim=-1).indices == y.unsqueeze(-1)).any(dim=-1).sum()
+            per_sample[m.key] = lambda o, y, t, k=k: (o.topk(min(k, o.shape[-1]), dim=-1).indices == y.unsqueeze(-1)).any(dim=-1)
         elif m.name == "mae":
-            metrics[m.key] = lambda o, y, t: (o.to(t.dtype) - t).abs().mean(dim=-1).sum()
+            per_sample[m.key] = lambda o, y, t: (o.to(t.dtype) - t).abs().mean(dim=-1)
         elif m.name in ("mse", "rmse"):
-            metrics[m.key] = lambda o, y, t: (o.to(t.dtype) - t).square().mean(dim=-1).sum()
+            per_sample[m.key] = lambda o, y, t: (o.to(t.dtype) - t).square().mean(dim=-1)
             if m.name == "rmse":
                 finalize[m.key] = lambda v: v**0.5
+    metrics = {k: _summed(fn) for k, fn in per_sample.items()}
     counts = frozenset(m.key for m in spec.metrics if m.name in ("accuracy", "top_k_accuracy"))
-    return Objective(loss=loss, metrics=metrics, finalize=finalize, outputs_are_logits=logits, count_metrics=counts)
+    return Objective(loss=loss, metrics=metrics, finalize=finalize, outputs_are_logits=logits, count_metrics=counts,
+                     per_sample=per_sample)
+
+
+def _summed(fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    return lambda o, y, t: fn(o, y, t).sum()

@@ -73,12 +73,15 @@ def _on_worker_init(**signal: Any) -> None:
     # Create the shutdown event (worker.record) before the prefork pool forks, so children share it.
     import worker.record  # noqa: F401
 
-    # Import torch once at start-up, so the first job does not pay for it (submit -> running). A
+    # Import torch (and what a first job imports on first use: training.engine.warm_up) once at
+    # start-up, so the first job does not pay for it (submit -> running). A
     # prefork parent imports it now, before it forks (never fork while a thread imports); a solo
     # worker imports it in a thread once it is ready, so it starts consuming (and resumes the jobs
     # of this host's dead workers) ~10 s sooner on a busy machine: a claim needs no torch.
     if _forks(signal.get("sender")):
-        import training.engine  # noqa: F401
+        from training.engine import warm_up
+
+        warm_up()
 
     alive = os.environ.get("TRAINYARD_WORKER_HEARTBEAT_FILE")
     if alive:
@@ -86,7 +89,12 @@ def _on_worker_init(**signal: Any) -> None:
 
 
 def _warm_up() -> None:
-    threading.Thread(target=lambda: __import__("training.engine"), name="trainyard-warm-up", daemon=True).start()
+    def imports() -> None:
+        from training.engine import warm_up
+
+        warm_up()
+
+    threading.Thread(target=imports, name="trainyard-warm-up", daemon=True).start()
 
 
 def _on_worker_process_init(**_: Any) -> None:

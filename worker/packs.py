@@ -142,7 +142,7 @@ def _run_pack(members: list[tuple[str, int, dict[str, Any], dict[str, Any], str 
                for job_id, token, spec, _, sweep_id, epochs in members]
     for k, r in enumerate(records):
         r.pack = {"id": ids[0], "jobs": ids, "size": len(ids), "index": k}  # kept in the info on_start writes
-    FlushGroup(records)  # one transaction per flush interval for the whole pack, not one per member
+    group = FlushGroup(records)  # one transaction per flush interval for the whole pack, not one per member
     statuses: dict[str, str] = {}
     with ExitStack() as heartbeats:
         for r in records:
@@ -165,7 +165,12 @@ def _run_pack(members: list[tuple[str, int, dict[str, Any], dict[str, Any], str 
             raise
         from training.fused import LOST
 
-        for k, (job_id, r, result) in enumerate(zip(ids, records, results, strict=True)):
+        for k, result in enumerate(results):
+            if result.stop_reason != LOST:
+                result.info["pack"] = {**result.info.get("pack", {}), "id": ids[0], "jobs": ids, "index": k}
+        # the members' results in one transaction (those that end plainly); the others on their own
+        together = group.finish([(r, res) for r, res in zip(records, results, strict=True) if res.stop_reason != LOST])
+        for job_id, r, result in zip(ids, records, results, strict=True):
             if result.stop_reason == LOST:
                 # another attempt owns this job (or its watchdog ended it as stalled): it left the
                 # pack at once, the others trained on; that attempt records the job, not this one
@@ -175,8 +180,11 @@ def _run_pack(members: list[tuple[str, int, dict[str, Any], dict[str, Any], str 
                                 "the other members went on", job_id, "stalled" if r.stalled else "lost its lease",
                                 ids[0], result.info.get("pack", {}).get("lost"))
                 continue
-            result.info["pack"] = {**result.info.get("pack", {}), "id": ids[0], "jobs": ids, "index": k}
             with job_context(job_id):
+                if job_id in together:
+                    statuses[job_id] = together[job_id]
+                    log.info("job %s: %s (pack of %s)", job_id, statuses[job_id], ids[0])
+                    continue
                 try:
                     statuses[job_id] = r.finish(result)
                 except leases.LeaseLost:

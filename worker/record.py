@@ -146,6 +146,9 @@ class RunRecord(BaseReporter):
         self.last_snapshot: float | None = time.monotonic()
         self.pending_snapshot: Snapshot | None = None
         self.pending_checkpoints: list[Checkpoint] = []
+        # the job does not keep every checkpoint's file (its spec's keep_checkpoints is not "all"):
+        # a flush writes no file for a checkpoint that the same flush supersedes (see _superseded)
+        self.drop_superseded = False
         self._staged: dict[str, Stored] = {}  # files already in the artifact store, by key (see _stage)
         self.last_built: float | None = None
         self.epochs_seen = 0
@@ -159,9 +162,11 @@ class RunRecord(BaseReporter):
         """The record of a claimed attempt, from what its claim read (lease token, attempt, spec,
         sweep id, epochs): its stall timeout is the spec's, else the server's; a trial of a sweep
         with early termination gets its sweep's pruner (only a trial costs a query)."""
-        return cls(job_id, settings, lease_token=lease_token, attempt=attempt,
-                   stall_timeout_s=spec.get("stall_timeout_s") or settings.stall_timeout_s, send=send,
-                   pruner=trial_pruner(job_id, sweep_id, epochs))
+        record = cls(job_id, settings, lease_token=lease_token, attempt=attempt,
+                     stall_timeout_s=spec.get("stall_timeout_s") or settings.stall_timeout_s, send=send,
+                     pruner=trial_pruner(job_id, sweep_id, epochs))
+        record.drop_superseded = spec.get("keep_checkpoints") != "all"
+        return record
 
     # -- the heartbeat thread
     @contextmanager
@@ -348,14 +353,26 @@ class RunRecord(BaseReporter):
         log.warning("job %s: database unavailable for %.1f s (%s); keeping %d epoch(s) to write later",
                     self.job_id, now - self.db_down_since, type(exc).__name__, len(self.buffer))
 
-    def _stage(self, checkpoints: list[Checkpoint], snapshot: Snapshot | None) -> None:
+    def _superseded(self, checkpoints: list[Checkpoint]) -> set[int]:
+        """Positions of ``checkpoints`` (one flush's, in order) whose files recording them would
+        drop at once (``store.repo.add_checkpoints`` keeps the files of the last one and of the
+        best only): none are written. Empty when the job keeps every file."""
+        if not self.drop_superseded or len(checkpoints) < 2:
+            return set()
+        bests = [k for k, c in enumerate(checkpoints) if c.is_best]
+        keep = {len(checkpoints) - 1, *bests[-1:]}
+        return {k for k in range(len(checkpoints)) if k not in keep}
+
+    def _stage(self, checkpoints: list[Checkpoint], snapshot: Snapshot | None, extra: tuple[Checkpoint, ...] = ()) -> None:
         """Write the files of these checkpoints and snapshot to the artifact store before the
         transaction that records them opens: that transaction starts with the fence, which locks
         the job's row, and an upload inside it would hold the lock (and block the heartbeat and a
         cancel) for as long as the upload takes. A file written here and not recorded (the
         transaction failed) is written again by key, or removed with the job's folder."""
         store = get_store()
-        items = [(checkpoint_key(self.job_id, c.sha256), c) for c in checkpoints]
+        skip = self._superseded(checkpoints)
+        kept = [c for k, c in enumerate(checkpoints) if k not in skip] + list(extra)
+        items = [(checkpoint_key(self.job_id, c.sha256), c) for c in kept]
         if snapshot is not None:
             items.append((snapshot_key(self.job_id, snapshot.sha256), snapshot))
         for key, item in items:
@@ -365,7 +382,7 @@ class RunRecord(BaseReporter):
     def _stage_buffered(self, *extra: Checkpoint | None) -> None:
         """:meth:`_stage` what :meth:`_write_buffered` will record (before its transaction), and the
         ``extra`` checkpoints recorded in it too (the last epoch's weights)."""
-        self._stage([*self.pending_checkpoints, *(c for c in extra if c is not None)], self.unwritten_snapshot)
+        self._stage(self.pending_checkpoints, self.unwritten_snapshot, tuple(c for c in extra if c is not None))
 
     def _staged_file(self, checkpoint: Checkpoint) -> Stored | None:
         """The file of ``checkpoint`` if :meth:`_stage` wrote it."""
@@ -373,12 +390,12 @@ class RunRecord(BaseReporter):
 
     def _write_items(self, s: Any, batch: list[dict[str, Any]], info: dict[str, Any] | None,
                      checkpoints: list[Checkpoint], snapshot: Snapshot | None) -> bool:
-        for c in checkpoints:
-            repo.add_checkpoint(
-                s, self.job_id, epoch=c.epoch, step=c.step, monitor=c.monitor,
-                value=c.value, data=c.data, sha256=c.sha256, is_best=c.is_best,
-                stored=self._staged_file(c),
-            )
+        skip = self._superseded(checkpoints)
+        repo.add_checkpoints(s, self.job_id, [
+            dict(epoch=c.epoch, step=c.step, monitor=c.monitor, value=c.value, data=c.data, sha256=c.sha256,
+                 is_best=c.is_best, stored=self._staged_file(c), superseded=k in skip)
+            for k, c in enumerate(checkpoints)
+        ])
         cancelled = repo.record_progress(s, self.job_id, batch, info=info)
         if snapshot is not None:
             repo.save_snapshot(
@@ -507,6 +524,24 @@ class RunRecord(BaseReporter):
             if self._pause(result):
                 return PAUSED
             stop_reason = "cancelled"  # cancelled meanwhile: it ends cancelled, not paused
+        status, finish = self._final(result, stop_reason)
+        self._stage_buffered(result.last_checkpoint)  # the last files, before the transaction (see _stage)
+        self._transaction(finish, "finish")
+        self._buffered_written()
+        return status
+
+    def ends_plainly(self, result: FitResult) -> bool:
+        """Whether :meth:`finish` records ``result`` as the job's final status (not a requeue on
+        shutdown or preemption, nor a sweep trial's pause): what a pack's members can record
+        together (:meth:`FlushGroup.finish`)."""
+        if result.stop_reason == PAUSED:
+            return False
+        return not (result.stop_reason == "cancelled" and (SHUTDOWN.is_set() or self.preempted))
+
+    def _final(self, result: FitResult, stop_reason: str | None) -> tuple[str, Callable[[Any], None]]:
+        """The final status of a run that ended with ``stop_reason``, and the body of the fenced
+        transaction that records it with whatever is still buffered (the files staged first:
+        ``self._stage_buffered(result.last_checkpoint)``)."""
         status = "succeeded"
         error = None
         if stop_reason == "cancelled":
@@ -530,10 +565,7 @@ class RunRecord(BaseReporter):
                                 "stopped_epoch": result.stopped_epoch, "attempt": self.attempt}),
             )
 
-        self._stage_buffered(result.last_checkpoint)  # the last files, before the transaction (see _stage)
-        self._transaction(finish, "finish")
-        self._buffered_written()
-        return status
+        return status, finish
 
     def _requeue(self) -> bool:
         """A worker shutdown, or a preemption (store.scheduling.request_preemptions): the job goes
@@ -689,3 +721,41 @@ class FlushGroup:
             r.db_down_since = None
             r._staged.clear()
             r.cancelled = done[k] or r.cancelled
+
+    def finish(self, results: list[tuple[RunRecord, FitResult]]) -> dict[str, str]:
+        """Record the final results of the pack's members in one transaction, instead of one per
+        member: each member's part starts with its own fence and is what its own :meth:`RunRecord.finish`
+        writes (buffered epochs and checkpoints, best and last checkpoints, the final row). Returns
+        the status of each member recorded here, by job id (``"lease_lost"`` for a member whose
+        fence failed: nothing written for it). Members not in the answer finish on their own
+        (:meth:`RunRecord.finish`): those whose run did not end plainly (a requeue, a pause), and
+        all of them if the shared transaction failed (it is rolled back whole; each member's own
+        transaction then retries, or records its own failure, as a solo run's)."""
+        plain = [(r, res) for r, res in results
+                 if r.lease_token is not None and not r.lease_lost.is_set() and r.ends_plainly(res)]
+        if len(plain) < 2:
+            return {}
+        parts = []
+        out: dict[str, str] = {}
+        try:
+            for r, res in plain:
+                status, body = r._final(res, res.stop_reason)
+                r._stage_buffered(res.last_checkpoint)  # the files, before the transaction (see _stage)
+                parts.append((r, status, body))
+            with session_scope() as s:
+                for r, status, body in parts:
+                    try:
+                        leases.fence(s, r.job_id, r.lease_token)  # type: ignore[arg-type]  # raises before writing
+                    except leases.LeaseLost:
+                        out[r.job_id] = "lease_lost"
+                        continue
+                    body(s)
+                    out[r.job_id] = status
+        except Exception as exc:  # noqa: BLE001 - rolled back: every member finishes on its own
+            log.warning("pack of %s: the members' results could not be recorded together (%s: %s); "
+                        "each is recorded on its own", self.records[0].job_id, type(exc).__name__, exc)
+            return {}
+        for r, status, _ in parts:
+            if out.get(r.job_id) == status:
+                r._buffered_written()
+        return out

@@ -92,6 +92,10 @@ def _run_job(job_id: str, settings: Settings, send: outbox.Send | None, _by_prio
     if os.environ.get(FAULT_ENV) == "1" and spec_dict.get("name") == FAULT_KILL_NAME:
         os.kill(os.getpid(), signal.SIGKILL)
 
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)  # TRAINYARD_TORCH_THREADS: solo and packed jobs alike
     from worker.packs import run_pack_if_any
 
     # queued jobs of the same shape may train with it, fused (worker/packs.py)

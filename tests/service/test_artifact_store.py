@@ -311,6 +311,91 @@ def test_a_job_keeps_the_files_of_its_best_and_newest_checkpoint_or_all_of_them(
     assert not store.fs.exists(store.path(f"jobs/{job_id}"))
 
 
+def test_checkpoints_added_as_one_batch_leave_what_one_at_a_time_leaves(inproc_env: dict[str, str]) -> None:
+    """``repo.add_checkpoints`` (a flush's checkpoints in one round of queries) against
+    ``repo.add_checkpoint`` once per checkpoint: the same rows, the same best, the same files kept
+    (the best and the newest) and dropped, on a job that already has a best from an earlier flush."""
+    settings = settings_from_env(inproc_env)
+    store = get_store(settings)
+    spec = validate_spec(note_spec(5, device="cpu")).model_dump(mode="json")
+    bests = [True, False, True, False, False]  # epochs 1..5: 1 is best, 3 becomes best, 4 and 5 follow
+
+    def items(tag: str) -> list[dict[str, Any]]:
+        out = []
+        for epoch, best in enumerate(bests, start=1):
+            data = f"{tag} weights of epoch {epoch}".encode()
+            out.append(dict(epoch=epoch, step=epoch, monitor="val_loss", value=1.0 / epoch, data=data,
+                            sha256=hashlib.sha256(data).hexdigest(), is_best=best))
+        return out
+
+    state = []
+    for tag in ("one-by-one", "batch"):
+        with session_scope() as s:
+            job_id = repo.create_job(s, spec=spec, queue=settings.queue_name("cpu")).id
+        first, rest = items(tag)[:1], items(tag)[1:]
+        with session_scope() as s:  # an earlier flush: epoch 1, the best so far
+            repo.add_checkpoint(s, job_id, **first[0])
+        with session_scope() as s:
+            if tag == "batch":
+                repo.add_checkpoints(s, job_id, rest)
+            else:
+                for it in rest:
+                    repo.add_checkpoint(s, job_id, **it)
+        with session_scope(write=False) as s:
+            rows = repo.list_checkpoints(s, job_id)
+        state.append([(ck.epoch, ck.is_best, stored, store.exists(checkpoint_key(job_id, ck.sha256))) for ck, stored in rows])
+        _forget(job_id)
+    assert state[0] == state[1], state
+    assert sorted((e, b, st) for e, b, st, _ in state[1]) == [(1, False, False), (2, False, False), (3, True, True),
+                                                              (4, False, False), (5, False, True)]
+
+
+@pytest.mark.parametrize("keep", ["best_and_last", "all"])
+def test_a_flush_writes_no_file_for_a_checkpoint_it_supersedes(inproc_env: dict[str, str], keep: str,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run's record flushes five checkpoints at once: the rows are all there, the best and the
+    newest keep their files, and (unless the job keeps every file) the three others' files are
+    never written, not written and dropped."""
+    from training import Checkpoint as Ckpt
+    from worker.record import RunRecord
+
+    settings = settings_from_env(inproc_env)
+    store = get_store(settings)
+    spec = validate_spec(note_spec(5, device="cpu", keep_checkpoints=keep)).model_dump(mode="json")
+    with session_scope() as s:
+        job_id = repo.create_job(s, spec=spec, queue=settings.queue_name("cpu")).id
+        token = repo.claim_job(s, job_id, "w:1", 300.0).lease_token
+    record = RunRecord.open(job_id, settings, lease_token=token, attempt=1, spec=spec, sweep_id=None, epochs=5)
+    written: list[str] = []
+    put = type(store).put
+    monkeypatch.setattr(type(store), "put", lambda self, key, data, sha: written.append(key) or put(self, key, data, sha))
+    for epoch, best in enumerate([True, False, True, False, False], start=1):
+        data = f"weights of epoch {epoch}".encode()
+        record.pending_checkpoints.append(Ckpt(epoch, epoch, "val_loss", 1.0 / epoch, data, hashlib.sha256(data).hexdigest(), best))
+    record.flush(force=True)
+    with session_scope(write=False) as s:
+        rows = sorted(repo.list_checkpoints(s, job_id), key=lambda r: r[0].epoch)
+    assert [(ck.epoch, ck.is_best) for ck, _ in rows] == [(1, False), (2, False), (3, True), (4, False), (5, False)]
+    kept = {ck.epoch for ck, stored in rows if stored}
+    assert kept == ({1, 2, 3, 4, 5} if keep == "all" else {3, 5}), kept
+    for ck, stored in rows:
+        assert store.exists(checkpoint_key(job_id, ck.sha256)) == stored, (ck.epoch, stored)
+        assert ck.size == len(f"weights of epoch {ck.epoch}".encode())
+    assert len(written) == (5 if keep == "all" else 2), written
+    _forget(job_id)
+
+
+def _forget(job_id: str) -> None:
+    """Cancel and delete a job this test made, so no later test's worker claims it."""
+    with session_scope() as s:
+        repo.request_cancel(s, job_id)
+    with session_scope() as s:
+        if s.get(Job, job_id).status == "running":
+            assert repo.finish_job(s, job_id, status="cancelled", stop_reason="cancelled")
+    with session_scope() as s:
+        assert repo.delete_jobs(s, [job_id]) == [job_id]
+
+
 # --------------------------------------------------------------------------- the live service
 
 

@@ -275,3 +275,50 @@ def test_queued_jobs_whose_messages_redis_lost_are_sent_again(inproc_env, redis_
     finally:
         for key in redis_client.scan_iter(match=f"{settings.queue_prefix}*"):
             redis_client.delete(key)
+
+
+def test_a_packs_results_commit_in_one_transaction_and_a_taken_member_writes_nothing(inproc_env):
+    """``FlushGroup.finish``: the members' results (their last buffered epochs and the final rows)
+    commit in one transaction, each part behind its own fence; a member another attempt took over
+    writes nothing and is answered ``lease_lost``, and its new owner's lease is untouched."""
+    import threading
+
+    from sqlalchemy import event
+
+    from store.db import get_engine
+    from training import FitResult
+    from worker.record import FlushGroup
+
+    settings = settings_from_env(inproc_env)
+    ids = [_job(tiny_spec(epochs=1), settings.queue_name("cpu")) for _ in range(3)]
+    records = [RunRecord(i, settings, lease_token=_claim(i).lease_token) for i in ids]
+    group = FlushGroup(records)
+    for r in records:
+        r.on_epoch({"epoch": 1, "loss": 0.5})  # buffered (flush_interval_s has not passed)
+    _age_heartbeat(ids[2])
+    taken = _claim(ids[2], "w:2")  # another attempt owns the third member now
+
+    def result(reason: str) -> FitResult:
+        return FitResult(history=[{"epoch": 1, "loss": 0.5}], stop_reason=reason, best_epoch=None, best_value=None,
+                         monitor=None, stopped_epoch=None, epochs_run=1, steps=3, weights={}, best_checkpoint=None)
+
+    commits: list[int] = []
+    me = threading.current_thread()
+    listener = lambda conn: commits.append(1) if threading.current_thread() is me else None  # noqa: E731  # not other tests' threads
+    event.listen(get_engine(), "commit", listener)
+    try:
+        out = group.finish([(records[0], result("completed")), (records[1], result("early_stopping")),
+                            (records[2], result("completed"))])
+    finally:
+        event.remove(get_engine(), "commit", listener)
+    assert out == {ids[0]: "succeeded", ids[1]: "succeeded", ids[2]: "lease_lost"}
+    assert len(commits) == 1
+    with session_scope(write=False) as s:
+        jobs = [s.get(Job, i) for i in ids]
+        assert [(j.status, j.stop_reason, j.steps) for j in jobs[:2]] == [("succeeded", "completed", 3),
+                                                                           ("succeeded", "early_stopping", 3)]
+        assert (jobs[2].status, jobs[2].lease_token, jobs[2].worker) == ("running", taken.lease_token, "w:2")
+    assert [_metric_epochs(i) for i in ids] == [[1], [1], []]  # the taken member's epoch was not written
+    assert records[0].buffer == [] and records[2].buffer == [{"epoch": 1, "loss": 0.5}]
+    with session_scope() as s:  # the new attempt ends it (no later test's worker may take it over)
+        assert repo.finish_job(s, ids[2], status="cancelled", stop_reason="cancelled")
