@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from sqlalchemy import select, update
+from sqlalchemy import and_, select, tuple_, update
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
@@ -42,17 +42,32 @@ class LeaseLost(Exception):  # noqa: N818 - a state, not a programming error
 def fence(session: Session, job_id: str, token: int) -> bool:
     """Bump the heartbeat of ``job_id`` if ``token`` still holds its lease and return its cancel
     flag; raise :class:`LeaseLost` otherwise. Call first in every write transaction of a worker."""
-    now = repo.utcnow()
-    row = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.lease_token == token, Job.status == "running")
-        .values(heartbeat_at=now)
-        .returning(Job.cancel_requested)
-        .execution_options(synchronize_session=False)
-    ).first()
-    if row is None:
+    held = fence_many(session, {job_id: token})
+    if job_id not in held:
         raise LeaseLost(f"job {job_id}: lease {token} is no longer held")
-    return bool(row[0])
+    return held[job_id]
+
+
+def fence_many(session: Session, tokens: dict[str, int]) -> dict[str, bool]:
+    """:func:`fence` for several jobs (a pack's members) in one statement: the cancel flag of each
+    job whose lease its token still holds (heartbeat bumped); a job missing from the answer has
+    lost its lease (nothing bumped for it)."""
+    if not tokens:
+        return {}
+    now = repo.utcnow()
+    if len(tokens) == 1:  # a solo run's every flush: the plain equality (the same plan as ever)
+        [(one, token)] = tokens.items()
+        held = and_(Job.id == one, Job.lease_token == token)
+    else:
+        held = tuple_(Job.id, Job.lease_token).in_(list(tokens.items()))
+    rows = session.execute(
+        update(Job)
+        .where(held, Job.status == "running")
+        .values(heartbeat_at=now)
+        .returning(Job.id, Job.cancel_requested)
+        .execution_options(synchronize_session=False)
+    ).all()
+    return {job_id: bool(cancel) for job_id, cancel in rows}
 
 
 def check(session: Session, job_id: str, token: int) -> bool:

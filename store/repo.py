@@ -413,36 +413,61 @@ def record_progress(
 ) -> bool:
     """Write a batch of epoch metrics (1-based ``epoch`` key), bump the heartbeat and progress,
     and return whether a cancel was requested: one transaction per batch."""
-    now = utcnow()
-    last_epoch = None
-    rows = []
-    for m in epochs:
-        enc = encode_metrics(m)
-        epoch = int(m["epoch"])
-        rows.append({"job_id": job_id, "epoch": epoch, "values": enc, "created_at": now})
-        add_event(session, job_id, "epoch", enc, now)
-        last_epoch = epoch
-    if rows:
-        from store import webhooks
+    return record_progress_many(session, [(job_id, epochs, info)])[job_id]
 
-        _upsert_metrics(session, rows)
-        webhooks.on_job_epochs(session, job_id, [r["values"] for r in rows], now)  # metric thresholds
-    values: dict[str, Any] = {"heartbeat_at": now, "updated_at": now}
-    if last_epoch is not None:
-        values["epoch"] = last_epoch
+
+def record_progress_many(
+    session: Session, items: Sequence[tuple[str, Iterable[dict[str, Any]], dict[str, Any] | None]]
+) -> dict[str, bool]:
+    """:func:`record_progress` for several jobs at once, each ``(job_id, epochs, info)`` (a pack's
+    flush: its members' rows in a few statements for all of them, not ~7 per member). Returns
+    each job's cancel flag."""
+    from sqlalchemy import bindparam
+
+    from store import webhooks
+
+    now = utcnow()
+    rows: list[dict[str, Any]] = []
+    written: dict[str, list[dict[str, Any]]] = {}
+    updates: dict[tuple[bool, bool], list[dict[str, Any]]] = {}
+    for job_id, epochs, info in items:
+        mine = []
+        for m in epochs:
+            enc = encode_metrics(m)
+            mine.append({"job_id": job_id, "epoch": int(m["epoch"]), "values": enc, "created_at": now})
+        rows += mine
+        if mine:
+            written[job_id] = [r["values"] for r in mine]
+        params: dict[str, Any] = {"b_id": job_id, "b_now": now}
+        if mine:
+            # the metrics revision (0006, store.bulkread): epochs above the highest ever written are
+            # appended; any at or below it overwrite or fill in what a reader may have kept. Both SET
+            # expressions see the row's old metrics_top; the row lock orders concurrent writers.
+            params.update(b_last=mine[-1]["epoch"], b_low=min(r["epoch"] for r in mine),
+                          b_high=max(r["epoch"] for r in mine))
+        if info is not None:
+            params["b_info"] = info
+        updates.setdefault((bool(mine), info is not None), []).append(params)
     if rows:
-        # the metrics revision (0006, store.bulkread): epochs above the highest ever written are
-        # appended; any at or below it overwrite or fill in what a reader may have kept. Both SET
-        # expressions see the row's old metrics_top; the row lock orders concurrent writers.
-        low, high = min(r["epoch"] for r in rows), max(r["epoch"] for r in rows)
-        values["metrics_top"] = case((Job.metrics_top < high, high), else_=Job.metrics_top)
-        values["metrics_rewrites"] = Job.metrics_rewrites + case((Job.metrics_top >= low, 1), else_=0)
-    if info is not None:
-        values["info"] = info
-    session.execute(
-        update(Job).where(Job.id == job_id).values(**values).execution_options(synchronize_session=False)
-    )
-    return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
+        session.add_all([JobEvent(job_id=r["job_id"], kind="epoch", data=r["values"], created_at=now) for r in rows])
+        _upsert_metrics(session, rows)
+        webhooks.on_jobs_epochs(session, written, now)  # metric thresholds
+    for (has_rows, has_info), params_list in updates.items():
+        values: dict[str, Any] = {"heartbeat_at": bindparam("b_now"), "updated_at": bindparam("b_now")}
+        if has_rows:
+            values["epoch"] = bindparam("b_last")
+            values["metrics_top"] = case((Job.metrics_top < bindparam("b_high"), bindparam("b_high")),
+                                         else_=Job.metrics_top)
+            values["metrics_rewrites"] = Job.metrics_rewrites + case((Job.metrics_top >= bindparam("b_low"), 1), else_=0)
+        if has_info:
+            values["info"] = bindparam("b_info", type_=Job.__table__.c.info.type)
+        # Core executemany: one statement, one round of parameters (an ORM update would want
+        # primary-key parameters and no expressions)
+        session.connection().execute(update(Job.__table__).where(Job.__table__.c.id == bindparam("b_id")).values(**values),
+                                     params_list)
+    ids = [job_id for job_id, _, _ in items]
+    flags = dict(session.execute(select(Job.id, Job.cancel_requested).where(Job.id.in_(ids))).all())
+    return {job_id: bool(flags.get(job_id)) for job_id in ids}
 
 
 def finish_job(

@@ -165,7 +165,12 @@ def _insert(session: Session, rows: list[dict[str, Any]], *, skip_duplicates: bo
 
 def _job_subscribers(session: Session, job_id: str) -> list[tuple[str, list[Any], Job]]:
     """(webhook id, events, job) of every webhook of the job's project."""
-    q = select(Webhook.id, Webhook.events, Job).join(Job, Job.project_id == Webhook.project_id).where(Job.id == job_id)
+    return _jobs_subscribers(session, [job_id])
+
+
+def _jobs_subscribers(session: Session, job_ids: list[str]) -> list[tuple[str, list[Any], Job]]:
+    """(webhook id, events, job) of every webhook of each job's project."""
+    q = select(Webhook.id, Webhook.events, Job).join(Job, Job.project_id == Webhook.project_id).where(Job.id.in_(job_ids))
     return [(w, list(ev or ()), job) for w, ev, job in session.execute(q)]
 
 
@@ -193,11 +198,17 @@ def on_job_state(session: Session, job_id: str, data: dict[str, Any], at: dateti
 def on_job_epochs(session: Session, job_id: str, epochs: Iterable[dict[str, Any]], at: datetime) -> None:
     """Epoch metrics (in epoch order): owe each webhook threshold the first epoch that meets it
     (once per job: a second crossing, or the same epoch written again, is skipped)."""
-    epochs = list(epochs)
-    if not epochs:
+    on_jobs_epochs(session, {job_id: list(epochs)}, at)
+
+
+def on_jobs_epochs(session: Session, epochs_by_job: dict[str, list[dict[str, Any]]], at: datetime) -> None:
+    """:func:`on_job_epochs` for several jobs: one query for their webhooks."""
+    epochs_by_job = {j: e for j, e in epochs_by_job.items() if e}
+    if not epochs_by_job:
         return
     rows = []
-    for w, events, job in _job_subscribers(session, job_id):
+    for w, events, job in _jobs_subscribers(session, list(epochs_by_job)):
+        epochs = epochs_by_job[job.id]
         for text in events:
             if text in EVENTS:
                 continue
@@ -208,7 +219,7 @@ def on_job_epochs(session: Session, job_id: str, epochs: Iterable[dict[str, Any]
                 value = float(hit[th.metric])
                 rows.append(_row(w, THRESHOLD_EVENT, _job_data(job, {
                     "threshold": th.text, "metric": th.metric, "value": value, "epoch": hit.get("epoch"),
-                }), at, job_id=job_id, dedup_key=f"{job_id}:{th.text}"))
+                }), at, job_id=job.id, dedup_key=f"{job.id}:{th.text}"))
     _insert(session, rows, skip_duplicates=True)
 
 

@@ -388,21 +388,36 @@ class RunRecord(BaseReporter):
         """The file of ``checkpoint`` if :meth:`_stage` wrote it."""
         return self._staged.get(checkpoint_key(self.job_id, checkpoint.sha256))
 
-    def _write_items(self, s: Any, batch: list[dict[str, Any]], info: dict[str, Any] | None,
-                     checkpoints: list[Checkpoint], snapshot: Snapshot | None) -> bool:
+    def _write_checkpoints(self, s: Any, checkpoints: list[Checkpoint]) -> None:
         skip = self._superseded(checkpoints)
         repo.add_checkpoints(s, self.job_id, [
             dict(epoch=c.epoch, step=c.step, monitor=c.monitor, value=c.value, data=c.data, sha256=c.sha256,
                  is_best=c.is_best, stored=self._staged_file(c), superseded=k in skip)
             for k, c in enumerate(checkpoints)
         ])
+
+    def _write_items(self, s: Any, batch: list[dict[str, Any]], info: dict[str, Any] | None,
+                     checkpoints: list[Checkpoint], snapshot: Snapshot | None) -> bool:
+        self._write_checkpoints(s, checkpoints)
         cancelled = repo.record_progress(s, self.job_id, batch, info=info)
+        self._write_snapshot(s, snapshot)
+        return cancelled
+
+    def _write_snapshot(self, s: Any, snapshot: Snapshot | None) -> None:
         if snapshot is not None:
             repo.save_snapshot(
                 s, self.job_id, epoch=snapshot.epoch, step=snapshot.step, data=snapshot.data, sha256=snapshot.sha256,
                 stored=self._staged.get(snapshot_key(self.job_id, snapshot.sha256)),
             )
-        return cancelled
+
+    def _write_buffered_but_progress(self, s: Any) -> tuple[str, list[dict[str, Any]], dict[str, Any] | None] | None:
+        """:meth:`_write_buffered` but the epochs and info, which are returned for the caller to
+        write (``repo.record_progress_many``: a pack's members together); None if there are none."""
+        self._write_checkpoints(s, self.pending_checkpoints)
+        self._write_snapshot(s, self.unwritten_snapshot)
+        if not self.buffer and self.info is None:
+            return None
+        return self.job_id, self.buffer, self.info
 
     def _write_buffered(self, s: Any) -> None:
         """Write everything buffered (epochs, checkpoints, info, the unwritten snapshot) in the
@@ -538,10 +553,11 @@ class RunRecord(BaseReporter):
             return False
         return not (result.stop_reason == "cancelled" and (SHUTDOWN.is_set() or self.preempted))
 
-    def _final(self, result: FitResult, stop_reason: str | None) -> tuple[str, Callable[[Any], None]]:
+    def _final(self, result: FitResult, stop_reason: str | None) -> tuple[str, Callable[..., None]]:
         """The final status of a run that ended with ``stop_reason``, and the body of the fenced
         transaction that records it with whatever is still buffered (the files staged first:
-        ``self._stage_buffered(result.last_checkpoint)``)."""
+        ``self._stage_buffered(result.last_checkpoint)``; ``buffered_written=True``: the caller
+        wrote the buffers in this transaction already, :class:`FlushGroup`)."""
         status = "succeeded"
         error = None
         if stop_reason == "cancelled":
@@ -549,9 +565,10 @@ class RunRecord(BaseReporter):
         elif stop_reason in FAILED_STOP_REASONS:
             status, error = "failed", FAILED_STOP_REASONS[stop_reason]
 
-        def finish(s: Any) -> None:
+        def finish(s: Any, *, buffered_written: bool = False) -> None:
             # the last epochs and checkpoints commit with the result: one transaction, not two
-            self._write_buffered(s)
+            if not buffered_written:
+                self._write_buffered(s)
             s.flush()  # the best checkpoint may be among them
             self._store_best(s, result)
             self._store_last(s, result)
@@ -693,15 +710,26 @@ class FlushGroup:
             for r, _, _, checkpoints in taken:
                 r._stage(checkpoints, None)
             with session_scope() as s:
+                # the fences first, all in one statement: a member whose lease is gone writes nothing
+                held = leases.fence_many(s, {r.job_id: r.lease_token for r, *_ in taken if r.lease_token is not None})
+                progress = []
                 for k, (r, batch, info, checkpoints) in enumerate(taken):
-                    try:
-                        cancelled = r._cancel_flag(s, write=True)  # the fence: raises before writing anything
-                    except leases.LeaseLost:
+                    if r.lease_token is None:
+                        cancelled = r._cancel_flag(s, write=True)
+                    elif r.job_id in held:
+                        cancelled = held[r.job_id]
+                    else:
                         r.lease_lost.set()  # its next poll raises LeaseLost: it leaves the pack
                         continue
                     if batch or info is not None or checkpoints:  # else the fence was all (as a solo idle flush)
-                        cancelled = r._write_items(s, batch, info, checkpoints, None) or cancelled
+                        r._write_checkpoints(s, checkpoints)
+                        progress.append((r.job_id, batch, info))
                     done[k] = cancelled
+                # then every member's epochs in a few statements for all of them
+                flags = repo.record_progress_many(s, progress)
+                for k, (r, *_) in enumerate(taken):
+                    if k in done:
+                        done[k] = flags.get(r.job_id, False) or done[k]
         except Exception as exc:
             for r, batch, info, checkpoints in taken:
                 restore(r, batch, info, checkpoints)
@@ -743,14 +771,18 @@ class FlushGroup:
                 r._stage_buffered(res.last_checkpoint)  # the files, before the transaction (see _stage)
                 parts.append((r, status, body))
             with session_scope() as s:
-                for r, status, body in parts:
-                    try:
-                        leases.fence(s, r.job_id, r.lease_token)  # type: ignore[arg-type]  # raises before writing
-                    except leases.LeaseLost:
+                held = leases.fence_many(s, {r.job_id: r.lease_token for r, _, _ in parts})  # type: ignore[misc]
+                progress = []
+                for r, _, _ in parts:
+                    if r.job_id not in held:  # its fence failed: nothing written for it
                         out[r.job_id] = "lease_lost"
-                        continue
-                    body(s)
-                    out[r.job_id] = status
+                    elif (mine := r._write_buffered_but_progress(s)) is not None:
+                        progress.append(mine)
+                repo.record_progress_many(s, progress)  # every member's last epochs in a few statements
+                for r, status, body in parts:
+                    if r.job_id in held:
+                        body(s, buffered_written=True)
+                        out[r.job_id] = status
         except Exception as exc:  # noqa: BLE001 - rolled back: every member finishes on its own
             log.warning("pack of %s: the members' results could not be recorded together (%s: %s); "
                         "each is recorded on its own", self.records[0].job_id, type(exc).__name__, exc)

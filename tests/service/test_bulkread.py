@@ -361,3 +361,80 @@ def test_keys_picked_from_jsonb_read_as_the_stored_text_on_postgresql(pg):
                     assert json.dumps(got["jobs"][job.id]["epochs"], sort_keys=True) == json.dumps(want, sort_keys=True)
     finally:
         engine.dispose()
+
+
+def _progress_state(s: Session, job_ids: list[str]) -> list[Any]:
+    """What record_progress leaves of each job: its epoch rows, epoch events, and the job row's
+    progress columns (heartbeat aside)."""
+    from store.models import JobEvent
+
+    out = []
+    for j in job_ids:
+        rows = [(m.epoch, m.values) for m in s.scalars(select(JobMetric).where(JobMetric.job_id == j).order_by(JobMetric.epoch))]
+        events = [e.data for e in s.scalars(select(JobEvent).where(JobEvent.job_id == j, JobEvent.kind == "epoch").order_by(JobEvent.id))]
+        job = s.get(Job, j)
+        assert job is not None
+        s.refresh(job)
+        out.append((rows, events, job.epoch, job.metrics_top, job.metrics_rewrites, job.info))
+    return out
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "sqlite"])
+def test_progress_of_many_jobs_at_once_leaves_what_one_at_a_time_leaves(backend, pg, tmp_path):
+    """A pack's flush writes its members' epochs with ``record_progress_many`` (a few statements for
+    all of them) and fences them with ``fence_many``: the same rows, events, revision counters,
+    info and cancel flags as one ``record_progress`` per job; a member whose lease is gone is
+    not fenced (nothing bumped), the others are."""
+    from store import leases
+
+    url = pg.create("bulkread_many") if backend == "postgresql" else f"sqlite:///{tmp_path / 'many.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    spec = validate_spec(note_spec(3)).model_dump(mode="json")
+    # per job, the batches written: appends, an overwrite below the top (a resume), info, nothing
+    plan = [
+        [(_epochs(3), None), ([{"epoch": 4, "loss": 0.4}], {"pack": {"fused": True}})],
+        [(_epochs(2), {"k": 1}), ([{"epoch": 2, "loss": 9.0}, {"epoch": 3, "loss": 0.3}], None)],
+        [([], {"only": "info"}), (_epochs(1), None)],
+        [([], None), ([], None)],
+    ]
+    with Session(engine) as s:
+        one = [repo.create_job(s, spec=spec, queue="cpu") for _ in plan]
+        many = [repo.create_job(s, spec=spec, queue="cpu") for _ in plan]
+        s.flush()
+        tokens = {}
+        for job in one + many:
+            claimed = repo.claim_job(s, job.id, "host:1", 300)
+            assert claimed is not None
+            tokens[job.id] = claimed.lease_token
+        s.get(Job, one[1].id).cancel_requested = True
+        s.get(Job, many[1].id).cancel_requested = True
+        s.commit()
+        for step in range(2):
+            flags_one = {job.id: repo.record_progress(s, job.id, batches[step][0], info=batches[step][1])
+                         for job, batches in zip(one, plan, strict=True)}
+            flags_many = repo.record_progress_many(
+                s, [(job.id, batches[step][0], batches[step][1]) for job, batches in zip(many, plan, strict=True)])
+            s.commit()
+            assert list(flags_one.values()) == list(flags_many.values()) == [False, True, False, False]
+        assert _progress_state(s, [j.id for j in one]) == _progress_state(s, [j.id for j in many])
+        state = _progress_state(s, [j.id for j in many])
+        assert [e for e, _ in state[0][0]] == [1, 2, 3, 4] and state[0][2:4] == (4, 4)
+        assert state[0][5] == {"pack": {"fused": True}} and state[2][5] == {"only": "info"}
+        assert [v["loss"] for _, v in state[1][0]] == [1.0, 9.0, 0.3] and len(state[1][1]) == 4
+        assert state[3][0] == [] and state[3][2] == 0
+        # the overwrite counted (on PostgreSQL the 0006 trigger counts it too)
+        assert [r[4] > 0 for r in _progress_state(s, [j.id for j in many])] == [False, True, False, False]
+
+        # fences: all held, then one lease taken over by another attempt
+        held = leases.fence_many(s, {j.id: tokens[j.id] for j in many})
+        assert held == {many[0].id: False, many[1].id: True, many[2].id: False, many[3].id: False}
+        s.execute(update(Job).where(Job.id == many[2].id).values(lease_token=Job.lease_token + 1))
+        before = s.scalar(select(Job.heartbeat_at).where(Job.id == many[2].id))
+        held = leases.fence_many(s, {j.id: tokens[j.id] for j in many})
+        assert sorted(held) == sorted([many[0].id, many[1].id, many[3].id])
+        assert s.scalar(select(Job.heartbeat_at).where(Job.id == many[2].id)) == before
+        with pytest.raises(leases.LeaseLost):
+            leases.fence(s, many[2].id, tokens[many[2].id])
+        assert leases.fence(s, many[1].id, tokens[many[1].id]) is True
+    engine.dispose()
