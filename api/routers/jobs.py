@@ -137,9 +137,11 @@ def _dispatch(session: Any, dispatcher: Any, jobs: list[tuple[str, str]], notice
     (store.outbox): a broker outage delays jobs, it does not fail them. ``notice``: then publish
     the change notice that :func:`_insert_one` left to us (store.submit), after the send, so that
     its Redis round trip is not inside submit->running."""
-    dispatcher.submit(jobs)
-    if notice:
-        notices.publish(get_engine())
+    try:
+        dispatcher.submit(jobs)
+    finally:  # the jobs are committed either way: readers hear of them even if the send failed
+        if notice:
+            notices.publish(get_engine())
 
 
 @router.post(
