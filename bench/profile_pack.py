@@ -3,7 +3,9 @@ BASE) through the real worker path (``worker.runner.run_job`` -> ``worker.packs`
 
     python bench/profile_pack.py --members 27 --epochs 3 [--profile out.prof]
 
-Prints wall and process CPU seconds of the pack, per fused epoch, and (with --profile) the top cumulative entries.
+Prints wall and process CPU seconds of the pack, per fused epoch, the commits and SQL statements of the
+training thread (the pack's claim, writes and results; not the heartbeat threads), and (with --profile)
+the top cumulative entries.
 """
 
 from __future__ import annotations
@@ -55,9 +57,11 @@ def main() -> None:
     from sqlalchemy import event
 
     from store.db import get_engine
-    commits = [0]
+    commits, statements = [0], [0]
     event.listen(get_engine(), "commit",
                  lambda conn: commits.__setitem__(0, commits[0] + (threading.current_thread() is threading.main_thread())))
+    event.listen(get_engine(), "before_cursor_execute",
+                 lambda *a: statements.__setitem__(0, statements[0] + (threading.current_thread() is threading.main_thread())))
     prof = None
     if args.profile:
         import cProfile
@@ -75,7 +79,7 @@ def main() -> None:
         fused = sum(bool((j.info or {}).get("pack", {}).get("fused")) for j in jobs)
     print(f"status {status}; {statuses.count('succeeded')}/{len(ids)} succeeded, {fused} fused; "
           f"wall {wall:.2f} s, cpu {cpu:.2f} s; per epoch wall {wall / args.epochs:.2f} s cpu {cpu / args.epochs:.2f} s; "
-          f"{commits[0]} commits by the training thread; load {os.getloadavg()[0]:.2f}")
+          f"{commits[0]} commits and {statements[0]} statements by the training thread; load {os.getloadavg()[0]:.2f}")
     if prof is not None:
         import pstats
         pstats.Stats(args.profile).sort_stats("cumulative").print_stats(45)

@@ -281,13 +281,23 @@ def advance(sweep_id: str, settings: Settings, send: Send) -> list[tuple[str, st
 def after_job(job_id: str, settings: Settings, send: Send) -> None:
     """Called after the worker handled ``job_id``: if it is a trial of a sweep and has ended,
     advance the sweep. Never raises."""
+    after_jobs([job_id], settings, send)
+
+
+def after_jobs(job_ids: list[str], settings: Settings, send: Send) -> None:
+    """:func:`after_job` of several jobs (a pack's members): one read of their sweeps, and each
+    sweep with an ended trial among them advanced once (an advance reads all its trials under
+    the sweep's lock, so one sees every trial that ended before it). Never raises."""
+    if not job_ids:
+        return
     try:
         with session_scope(write=False) as s:
-            sweep_id, status = store_sweeps.sweep_of_job(s, job_id)
+            of = store_sweeps.sweeps_of_jobs(s, job_ids)
     except Exception:  # noqa: BLE001
-        log.exception("job %s: could not look up its sweep", job_id)
+        log.exception("jobs %s: could not look up their sweeps", ", ".join(job_ids))
         return
-    if sweep_id and (status in TERMINAL_STATUSES or status == "paused"):
+    ended = [sweep_id for sweep_id, status in of if sweep_id and (status in TERMINAL_STATUSES or status == "paused")]
+    for sweep_id in dict.fromkeys(ended):
         advance(sweep_id, settings, send)
 
 

@@ -27,7 +27,7 @@ import logging
 import os
 import threading
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -315,10 +315,18 @@ def _after_rollback(session: Session, previous_transaction: Any) -> None:
 
 def drop_snapshot(session: Session, job_id: str) -> None:
     """Delete a job's resume snapshot (row now, file after the commit): the job ended."""
+    drop_snapshots(session, [job_id])
+
+
+def drop_snapshots(session: Session, job_ids: Sequence[str]) -> None:
+    """:func:`drop_snapshot` of several jobs (a pack's members that ended together): one read,
+    one delete."""
     from store.models import Snapshot
 
-    uri = session.scalar(select(Snapshot.uri).where(Snapshot.job_id == job_id))
-    if uri is None:
+    if not job_ids:
         return
-    session.execute(delete(Snapshot).where(Snapshot.job_id == job_id))
-    discard_after_commit(session, [uri])
+    found = dict(session.execute(select(Snapshot.job_id, Snapshot.uri).where(Snapshot.job_id.in_(list(job_ids)))).all())
+    if not found:
+        return
+    session.execute(delete(Snapshot).where(Snapshot.job_id.in_(list(found))))
+    discard_after_commit(session, list(found.values()))

@@ -21,12 +21,22 @@ from store.models import JobCurve, JobMetric
 
 def compact(conn: Any, job_id: str) -> None:
     """Store the job's whole curve as one row (a Session or a Connection; in its transaction)."""
-    texts = conn.execute(
-        select(cast(JobMetric.values, Text)).where(JobMetric.job_id == job_id).order_by(JobMetric.epoch)
-    ).scalars().all()
-    conn.execute(delete(JobCurve).where(JobCurve.job_id == job_id))
+    compact_many(conn, [job_id])
+
+
+def compact_many(conn: Any, job_ids: Collection[str]) -> None:
+    """:func:`compact` of several jobs (a pack's members that ended together): one read, one
+    delete, one insert."""
+    ids = list(job_ids)
+    texts: dict[str, list[str]] = {}
+    for job_id, text in conn.execute(
+        select(JobMetric.job_id, cast(JobMetric.values, Text)).where(JobMetric.job_id.in_(ids))
+        .order_by(JobMetric.job_id, JobMetric.epoch)
+    ):
+        texts.setdefault(job_id, []).append(text)
+    conn.execute(delete(JobCurve).where(JobCurve.job_id.in_(ids)))
     if texts:
-        conn.execute(insert(JobCurve).values(job_id=job_id, n=len(texts), body=f"[{','.join(texts)}]"))
+        conn.execute(insert(JobCurve), [{"job_id": j, "n": len(t), "body": f"[{','.join(t)}]"} for j, t in texts.items()])
 
 
 def drop(conn: Any, job_ids: Collection[str]) -> None:

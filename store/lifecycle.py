@@ -21,11 +21,11 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import bindparam, func, update
 from sqlalchemy.orm import Session
 
 from store import curves
-from store.artifact_store import drop_snapshot
+from store.artifact_store import drop_snapshots
 from store.models import Job
 
 QUEUED, RUNNING, PAUSED, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "paused", "succeeded", "failed", "cancelled"
@@ -80,6 +80,43 @@ def move(session: Session, job_id: str, sources: Collection[str], target: str, *
     return moved
 
 
+def move_many(session: Session, moves: Mapping[str, Mapping[str, Any]], sources: Collection[str], target: str, *,
+              values: Mapping[str, Any] | None = None, added: Collection[str] = ()) -> list[str]:
+    """:func:`move` of several jobs (a pack's members): ``moves`` gives each job's own values
+    (plain values; a column in ``added`` is added to the stored value, taken as 0 when NULL),
+    ``values`` those common to all. The compare-and-set is one ``UPDATE ... WHERE id IN (...)
+    RETURNING id``, each moved job's own values one executemany (one statement for a single job);
+    then what ending does, for all of them at once. Returns the ids moved, in ``moves``' order."""
+    if not moves:
+        return []
+    table = Job.__table__
+
+    def own(column: str, value: Any) -> Any:
+        return func.coalesce(table.c[column], 0) + value if column in added else value
+
+    common = dict(values or {})
+    if len(moves) == 1:  # a solo run's every end: one statement, as move() always was
+        [(one, mine)] = moves.items()
+        common.update({k: own(k, v) for k, v in mine.items()})
+    check(sources, target)
+    moved = set(session.execute(
+        update(Job).where(Job.id.in_(list(moves)), Job.status.in_(list(sources)))
+        .values(status=target, **common).returning(Job.id).execution_options(synchronize_session=False)
+    ).scalars())
+    if len(moves) > 1:
+        groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+        for job_id, mine in moves.items():
+            if job_id in moved and mine:
+                groups.setdefault(tuple(sorted(mine)), []).append({"b_id": job_id, **{f"b_{k}": v for k, v in mine.items()}})
+        for keys, params in groups.items():
+            session.connection().execute(
+                update(table).where(table.c.id == bindparam("b_id"))
+                .values({k: own(k, bindparam(f"b_{k}", type_=table.c[k].type)) for k in keys}), params)
+    order = [j for j in moves if j in moved]
+    _ended_many(session, {j: {**common, **moves[j]} for j in order}, target)
+    return order
+
+
 def move_chosen(session: Session, chosen: Any, sources: Collection[str], target: str, *,
                 values: Mapping[str, Any] | None = None, params: Mapping[str, Any] | None = None) -> Job | None:
     """:func:`move` of the job that ``chosen``, a scalar subquery (bound by ``params``), picks in
@@ -106,10 +143,15 @@ def _update(job_id: Any, sources: Collection[str], target: str, where: Sequence[
 
 
 def _ended(session: Session, job_id: str, target: str, values: Mapping[str, Any] | None) -> None:
-    if target in (SUCCEEDED, FAILED, CANCELLED):
-        curves.compact(session, job_id)  # its epochs are final: one row for bulk reads
-        if not _continuable(target, values):
-            drop_snapshot(session, job_id)
+    _ended_many(session, {job_id: values or {}}, target)
+
+
+def _ended_many(session: Session, values: Mapping[str, Mapping[str, Any]], target: str) -> None:
+    """What ending does to each of these jobs (``values``: what moved it, by job id): its curve
+    compacted; its snapshot dropped unless it may be continued."""
+    if target in (SUCCEEDED, FAILED, CANCELLED) and values:
+        curves.compact_many(session, list(values))  # their epochs are final: one row each for bulk reads
+        drop_snapshots(session, [j for j, v in values.items() if not _continuable(target, v)])
 
 
 def _continuable(target: str, values: Mapping[str, Any] | None) -> bool:

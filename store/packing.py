@@ -2,7 +2,7 @@
 
 A worker that claims a packable job (``worker/packs.py``) reads the next queued jobs of the same
 queue, in claim order (:mod:`store.scheduling`: priority, then age), and claims those of the same
-shape, each through :func:`store.repo.claim_job` (the compare-and-set of ``store/lifecycle.py``;
+shape, all in one compare-and-set (:func:`store.repo.claim_queued`, ``store/lifecycle.py``;
 queued jobs only, no take-over). On PostgreSQL the read is ``SELECT ... FOR UPDATE SKIP LOCKED``,
 so two workers never read the same candidates at once; SQLite serializes writers. Kept apart from
 :func:`store.scheduling.pick_next`, which picks one job.
@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import exists, select, update
+from sqlalchemy import bindparam, exists, select, update
 from sqlalchemy.orm import Session
 
 from store import repo
@@ -52,21 +52,19 @@ def mark_pack(session: Session, ids: list[str]) -> None:
     """Record on each member of a pack (``ids``, the claimed job first) which pack it trains in,
     as soon as the pack is formed: ``info.pack`` (``id``: the job whose claim formed it, ``jobs``,
     ``size``, ``index``; the worker's reporter keeps it when the run's own info is written) and a
-    ``pack`` event."""
-    for k, job_id in enumerate(ids):
-        pack = {"id": ids[0], "jobs": list(ids), "size": len(ids), "index": k}
-        info = session.scalar(select(Job.info).where(Job.id == job_id)) or {}
-        session.execute(update(Job).where(Job.id == job_id).values(info={**info, "pack": pack})
-                        .execution_options(synchronize_session=False))
-        repo.add_event(session, job_id, "pack", {"pack": ids[0], "size": len(ids), "index": k})
+    ``pack`` event. One read, one executemany and one insert of events for all members."""
+    infos = dict(session.execute(select(Job.id, Job.info).where(Job.id.in_(ids))).all())
+    table = Job.__table__
+    session.connection().execute(
+        update(table).where(table.c.id == bindparam("b_id")).values(info=bindparam("b_info", type_=table.c.info.type)),
+        [{"b_id": job_id, "b_info": {**(infos.get(job_id) or {}),
+                                     "pack": {"id": ids[0], "jobs": list(ids), "size": len(ids), "index": k}}}
+         for k, job_id in enumerate(ids)])
+    repo.add_events(session, [(job_id, "pack", {"pack": ids[0], "size": len(ids), "index": k}) for k, job_id in enumerate(ids)])
 
 
 def claim_members(session: Session, job_ids: list[str], worker: str, stale_after_s: float) -> list[Job]:
-    """Claim each of ``job_ids`` (queued -> running, a new lease token each); the jobs claimed, in
-    order (one another worker took meanwhile is left out)."""
-    claimed = []
-    for job_id in job_ids:
-        job = repo.claim_job(session, job_id, worker, stale_after_s, take_over=False)
-        if job is not None:
-            claimed.append(job)
-    return claimed
+    """Claim those of ``job_ids`` still queued (queued -> running, a new lease token each) in one
+    compare-and-set for all (:func:`store.repo.claim_queued`); the jobs claimed, in order (one
+    another worker took meanwhile is left out)."""
+    return repo.claim_queued(session, job_ids, worker)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, overload
 
-from sqlalchemy import case, delete, func, select, update
+from sqlalchemy import and_, case, delete, func, select, tuple_, update
 from sqlalchemy.orm import Session, defer
 
 from store import curves, lifecycle
@@ -283,12 +283,19 @@ def existing_job_ids(session: Session, ids: Sequence[str], project_id: str) -> s
 def add_event(session: Session, job_id: str, kind: str, data: dict[str, Any], at: datetime | None = None) -> None:
     """Record a job event (what the event stream serves); a state change is also owed to the
     project's webhooks that asked for it, in this same transaction (store.webhooks)."""
+    add_events(session, [(job_id, kind, data)], at)
+
+
+def add_events(session: Session, items: Sequence[tuple[str, str, dict[str, Any]]], at: datetime | None = None) -> None:
+    """:func:`add_event` of several ``(job_id, kind, data)`` events at once (a pack's members):
+    one query for the webhooks their state changes are owed to."""
     from store import webhooks
 
     at = at or utcnow()
-    session.add(JobEvent(job_id=job_id, kind=kind, data=data, created_at=at))
-    if kind == "state":
-        webhooks.on_job_state(session, job_id, data, at)
+    session.add_all([JobEvent(job_id=job_id, kind=kind, data=data, created_at=at) for job_id, kind, data in items])
+    states = [(job_id, data) for job_id, kind, data in items if kind == "state"]
+    if states:
+        webhooks.on_jobs_state(session, states, at)
 
 
 def add_sweep_event(session: Session, sweep_id: str, kind: str, data: dict[str, Any], at: datetime | None = None) -> None:
@@ -332,17 +339,35 @@ def claim_job(session: Session, job_id: str, worker: str, stale_after_s: float, 
     (the fencing token of this attempt, see :mod:`store.leases`); a lost job that already used
     ``max_attempts`` claims is not taken over (the reconciler fails it). ``take_over=False``:
     queued jobs only (the members of a pack, :mod:`store.packing`)."""
+    claimed = claim_queued(session, [job_id], worker)
+    if claimed:
+        return claimed[0]
     now = utcnow()
-    values = _claim_values(worker, now)
-    if not lifecycle.move(session, job_id, (lifecycle.QUEUED,), lifecycle.RUNNING, values={"started_at": now, **values}):
-        taken_over = take_over and lifecycle.move(session, job_id, (lifecycle.RUNNING,), lifecycle.RUNNING, values=values, where=(
-            Job.cancel_requested.is_(False),
-            Job.heartbeat_at < now - timedelta(seconds=stale_after_s),
-            Job.attempts < Job.max_attempts,
-        ))
-        if not taken_over:
-            return None
+    taken_over = take_over and lifecycle.move(session, job_id, (lifecycle.RUNNING,), lifecycle.RUNNING,
+                                              values=_claim_values(worker, now), where=(
+        Job.cancel_requested.is_(False),
+        Job.heartbeat_at < now - timedelta(seconds=stale_after_s),
+        Job.attempts < Job.max_attempts,
+    ))
+    if not taken_over:
+        return None
     return _claimed(session, job_id, now)
+
+
+def claim_queued(session: Session, job_ids: Sequence[str], worker: str) -> list[Job]:
+    """Claim those of ``job_ids`` that are queued (queued -> running, a new lease token each; no
+    take-over) in one compare-and-set for all of them (:func:`store.lifecycle.move_many`: a pack's
+    members), each with its state event; the jobs claimed, as they are now, in ``job_ids``' order."""
+    now = utcnow()
+    moved = lifecycle.move_many(session, {j: {} for j in job_ids}, (lifecycle.QUEUED,), lifecycle.RUNNING,
+                                values={"started_at": now, **_claim_values(worker, now)})
+    if not moved:
+        return []
+    rows = {j.id: j for j in session.scalars(select(Job).where(Job.id.in_(moved))
+                                              .execution_options(populate_existing=True))}
+    jobs = [rows[j] for j in moved]
+    add_events(session, [(j.id, "state", {"status": "running", "attempt": j.attempts}) for j in jobs], now)
+    return jobs
 
 
 def claim_chosen(session: Session, chosen: Any, params: dict[str, Any], worker: str) -> Job | None:
@@ -485,31 +510,48 @@ def finish_job(
 ) -> bool:
     """Record a terminal state (only from ``running``). Returns False if the job had already
     left ``running`` (e.g. taken over by another worker)."""
-    assert status in TERMINAL_STATUSES
+    return bool(finish_jobs(session, {job_id: dict(status=status, stop_reason=stop_reason, error=error, best=best,
+                                                   steps=steps, epochs_run=epochs_run, run_seconds=run_seconds,
+                                                   info=info)}))
+
+
+def finish_jobs(session: Session, ends: dict[str, dict[str, Any]]) -> list[str]:
+    """:func:`finish_job` of several jobs, each with its keywords (``ends``, by job id; a pack's
+    members): one compare-and-set per final status for all of them, their own values in one
+    executemany, their state events and webhooks together. Returns the ids that ended (those
+    still ``running``)."""
     now = utcnow()
-    values: dict[str, Any] = dict(
-        stop_reason=stop_reason, error=error, finished_at=now, updated_at=now, heartbeat_at=now
-    )
-    if best is not None:
-        values.update(best_monitor=best[0], best_value=to_text(best[1]), best_epoch=best[2],
-                      best_number=finite_or_none(best[1]))
-    if steps is not None:
-        values["steps"] = steps
-    if epochs_run is not None:
-        values["epoch"] = epochs_run
-    if run_seconds is not None:
-        # added to what earlier runs of the job recorded (a sweep trial paused and resumed runs
-        # several times; other jobs record it once)
-        values["run_seconds"] = func.coalesce(Job.run_seconds, 0.0) + run_seconds
-    if info is not None:
-        values["info"] = info
-    if not lifecycle.move(session, job_id, (lifecycle.RUNNING,), status, values=values):
-        return False
-    event: dict[str, Any] = {"status": status, "stop_reason": stop_reason}
-    if error:
-        event["error"] = error
-    add_event(session, job_id, "state", event, now)
-    return True
+    by_status: dict[str, dict[str, dict[str, Any]]] = {}
+    for job_id, end in ends.items():
+        assert end["status"] in TERMINAL_STATUSES
+        values: dict[str, Any] = dict(stop_reason=end.get("stop_reason"), error=end.get("error"))
+        best = end.get("best")
+        if best is not None:
+            values.update(best_monitor=best[0], best_value=to_text(best[1]), best_epoch=best[2],
+                          best_number=finite_or_none(best[1]))
+        if end.get("steps") is not None:
+            values["steps"] = end["steps"]
+        if end.get("epochs_run") is not None:
+            values["epoch"] = end["epochs_run"]
+        if end.get("run_seconds") is not None:
+            # added to what earlier runs of the job recorded (a sweep trial paused and resumed runs
+            # several times; other jobs record it once)
+            values["run_seconds"] = end["run_seconds"]
+        if end.get("info") is not None:
+            values["info"] = end["info"]
+        by_status.setdefault(end["status"], {})[job_id] = values
+    ended: list[str] = []
+    events: list[tuple[str, str, dict[str, Any]]] = []
+    for status, moves in by_status.items():
+        for job_id in lifecycle.move_many(session, moves, (lifecycle.RUNNING,), status, added=("run_seconds",),
+                                          values=dict(finished_at=now, updated_at=now, heartbeat_at=now)):
+            event: dict[str, Any] = {"status": status, "stop_reason": ends[job_id].get("stop_reason")}
+            if ends[job_id].get("error"):
+                event["error"] = ends[job_id]["error"]
+            events.append((job_id, "state", event))
+            ended.append(job_id)
+    add_events(session, events, now)
+    return ended
 
 
 def pause_job(
@@ -635,47 +677,68 @@ def add_checkpoints(session: Session, job_id: str, items: Sequence[dict[str, Any
     queries for the batch instead of one per checkpoint (a run's flush writes several). An item
     with ``superseded`` true is recorded without a file (its row as the batch's own drop would
     leave it): the caller knows the batch drops it and the job does not keep every file."""
-    if not items:
-        return []
-    bests = [k for k, it in enumerate(items) if it["is_best"]]
-    if bests:
-        _clear_best(session, job_id)
-    rows = []
-    for k, it in enumerate(items):
-        if it.get("superseded"):
-            uri, size = None, len(it["data"])
-        else:
-            stored = it.get("stored") or get_store().put(checkpoint_key(job_id, it["sha256"]), it["data"], it["sha256"])
-            uri, size = stored.uri, stored.size
-        rows.append(Checkpoint(
-            job_id=job_id, epoch=it["epoch"], step=it["step"], monitor=it["monitor"], value=to_text(it["value"]),
-            size=size, sha256=it["sha256"], is_best=bool(bests) and k == bests[-1], uri=uri, created_at=utcnow(),
-        ))
-    session.add_all(rows)
+    return add_checkpoints_many(session, {job_id: items}).get(job_id, [])
+
+
+def add_checkpoints_many(session: Session, batches: dict[str, Sequence[dict[str, Any]]]) -> dict[str, list[Checkpoint]]:
+    """:func:`add_checkpoints` of several jobs (``batches``: each job's items; a pack's members), in
+    one round of queries for all of them: one clearing of their bests, one insert, one drop of
+    the files they no longer keep. The rows recorded, by job id."""
+    batches = {job_id: items for job_id, items in batches.items() if items}
+    if not batches:
+        return {}
+    _clear_best_many(session, [j for j, items in batches.items() if any(it["is_best"] for it in items)])
+    out: dict[str, list[Checkpoint]] = {}
+    for job_id, items in batches.items():
+        bests = [k for k, it in enumerate(items) if it["is_best"]]
+        rows = out[job_id] = []
+        for k, it in enumerate(items):
+            if it.get("superseded"):
+                uri, size = None, len(it["data"])
+            else:
+                stored = it.get("stored") or get_store().put(checkpoint_key(job_id, it["sha256"]), it["data"], it["sha256"])
+                uri, size = stored.uri, stored.size
+            rows.append(Checkpoint(
+                job_id=job_id, epoch=it["epoch"], step=it["step"], monitor=it["monitor"], value=to_text(it["value"]),
+                size=size, sha256=it["sha256"], is_best=bool(bests) and k == bests[-1], uri=uri, created_at=utcnow(),
+            ))
+    session.add_all([r for rows in out.values() for r in rows])
     session.flush()
-    _drop_unkept(session, job_id, keep=(rows[-1].id,))
-    return rows
+    _drop_unkept_many(session, {job_id: (rows[-1].id,) for job_id, rows in out.items()})
+    return out
 
 
 def _drop_unkept(session: Session, job_id: str, keep: Sequence[int]) -> None:
     """Forget the files of the job's checkpoints other than ``keep`` and its best (their rows
     keep the metadata), unless the job's spec says ``"keep_checkpoints": "all"``; a file is
     deleted after the commit unless a kept row shares it (the same bytes recorded twice)."""
-    if session.scalar(select(Job.spec["keep_checkpoints"].as_string()).where(Job.id == job_id)) == "all":
-        return  # the spec keeps every checkpoint's file
-    unkept = (Checkpoint.job_id == job_id, Checkpoint.id.not_in(list(keep)), Checkpoint.is_best.is_(False), STORED)
+    _drop_unkept_many(session, {job_id: keep})
+
+
+def _drop_unkept_many(session: Session, keep: dict[str, Sequence[int]]) -> None:
+    """:func:`_drop_unkept` of several jobs (``keep``: each job's kept checkpoint ids): one read of
+    their specs, one of the files dropped, one update, one read of the files still kept."""
+    specs = dict(session.execute(select(Job.id, Job.spec["keep_checkpoints"].as_string()).where(Job.id.in_(list(keep)))).all())
+    jobs = [j for j in keep if specs.get(j) != "all"]  # a job whose spec says "all" keeps every checkpoint's file
+    if not jobs:
+        return
+    # checkpoint ids are unique across jobs: every job's kept ids in one list leave each job's own
+    unkept = (Checkpoint.job_id.in_(jobs), Checkpoint.id.not_in([i for j in jobs for i in keep[j]]),
+              Checkpoint.is_best.is_(False), STORED)
     dropped = set(session.scalars(select(Checkpoint.uri).where(*unkept)))
     if not dropped:
         return
     session.execute(update(Checkpoint).where(*unkept).values(uri=None).execution_options(synchronize_session=False))
-    still = set(session.scalars(select(Checkpoint.uri).where(Checkpoint.job_id == job_id, STORED)))
+    still = set(session.scalars(select(Checkpoint.uri).where(Checkpoint.job_id.in_(jobs), STORED)))
     discard_after_commit(session, dropped - still)
 
 
-def _clear_best(session: Session, job_id: str) -> None:
+def _clear_best_many(session: Session, job_ids: Sequence[str]) -> None:
+    if not job_ids:
+        return
     session.execute(
         update(Checkpoint)
-        .where(Checkpoint.job_id == job_id, Checkpoint.is_best.is_(True))
+        .where(Checkpoint.job_id.in_(list(job_ids)), Checkpoint.is_best.is_(True))
         .values(is_best=False)
         .execution_options(synchronize_session=False)
     )
@@ -685,28 +748,53 @@ def mark_best_checkpoint(session: Session, job_id: str, sha256: str, data: bytes
     """Make the newest checkpoint with this digest the job's best; False if no row has it (or
     its file was dropped and ``data`` does not bring it back). Files are kept for the best and
     the newest checkpoint; the others' are dropped. The best's file is never dropped."""
-    row = session.execute(
-        select(Checkpoint.id, STORED)
-        .where(Checkpoint.job_id == job_id, Checkpoint.sha256 == sha256)
+    return mark_best_checkpoints(session, [(job_id, sha256, data)])[job_id]
+
+
+def mark_best_checkpoints(session: Session, items: Sequence[tuple[str, str, bytes | None]]) -> dict[str, bool]:
+    """:func:`mark_best_checkpoint` of several jobs, ``(job_id, sha256, data)`` each (a pack's
+    members), in one round of queries for all of them; whether each job's best was marked."""
+    if not items:
+        return {}
+    pairs = [(job_id, sha256) for job_id, sha256, _ in items]
+    if len(pairs) == 1:  # a solo run's end: the plain equality (the same plan as ever)
+        [(one, digest)] = pairs
+        which = and_(Checkpoint.job_id == one, Checkpoint.sha256 == digest)
+    else:
+        which = tuple_(Checkpoint.job_id, Checkpoint.sha256).in_(pairs)
+    found: dict[tuple[str, str], tuple[int, bool]] = {}
+    for job_id, digest, ck_id, stored in session.execute(
+        select(Checkpoint.job_id, Checkpoint.sha256, Checkpoint.id, STORED).where(which)
         .order_by(STORED.desc(), Checkpoint.id.desc())
-        .limit(1)
-    ).first()
-    if row is None:
-        return False
-    ck_id, stored = row
-    values: dict[str, Any] = {"is_best": True}
-    if not stored:
-        if data is None or sha256_hex(data) != sha256:
-            return False
-        put = get_store().put(checkpoint_key(job_id, sha256), data, sha256)
-        values.update(uri=put.uri, size=put.size)
-    _clear_best(session, job_id)
-    session.execute(
-        update(Checkpoint).where(Checkpoint.id == ck_id).values(**values).execution_options(synchronize_session=False)
-    )
-    newest = session.scalar(select(func.max(Checkpoint.id)).where(Checkpoint.job_id == job_id))
-    _drop_unkept(session, job_id, keep=(ck_id, newest))
-    return True
+    ):
+        found.setdefault((job_id, digest), (ck_id, bool(stored)))  # the first: stored first, then the newest
+    out: dict[str, bool] = {}
+    marked: dict[str, int] = {}
+    restored: dict[int, Stored] = {}
+    for job_id, sha256, data in items:
+        out[job_id] = False
+        row = found.get((job_id, sha256))
+        if row is None:
+            continue
+        ck_id, stored = row
+        if not stored:
+            if data is None or sha256_hex(data) != sha256:
+                continue
+            restored[ck_id] = get_store().put(checkpoint_key(job_id, sha256), data, sha256)
+        marked[job_id] = ck_id
+        out[job_id] = True
+    if not marked:
+        return out
+    _clear_best_many(session, list(marked))
+    session.execute(update(Checkpoint).where(Checkpoint.id.in_(list(marked.values()))).values(is_best=True)
+                    .execution_options(synchronize_session=False))
+    for ck_id, put in restored.items():
+        session.execute(update(Checkpoint).where(Checkpoint.id == ck_id).values(uri=put.uri, size=put.size)
+                        .execution_options(synchronize_session=False))
+    newest = dict(session.execute(select(Checkpoint.job_id, func.max(Checkpoint.id))
+                                  .where(Checkpoint.job_id.in_(list(marked))).group_by(Checkpoint.job_id)).all())
+    _drop_unkept_many(session, {job_id: (ck_id, newest[job_id]) for job_id, ck_id in marked.items()})
+    return out
 
 
 def list_checkpoints(session: Session, job_id: str, project_id: str | None = None) -> list[tuple[Checkpoint, bool]]:
@@ -756,14 +844,22 @@ def add_last_checkpoint(session: Session, job_id: str, *, epoch: int, step: int,
                         value: Any, data: bytes, sha256: str, stored: Stored | None = None) -> bool:
     """Store the last epoch's weights as the job's newest checkpoint, unless the newest one
     already is them (same digest). Returns whether a row was added."""
-    newest = session.scalar(
-        select(Checkpoint.sha256).where(Checkpoint.job_id == job_id).order_by(Checkpoint.id.desc()).limit(1)
-    )
-    if newest == sha256:
-        return False
-    add_checkpoint(session, job_id, epoch=epoch, step=step, monitor=monitor, value=value, data=data,
-                   sha256=sha256, is_best=False, stored=stored)
-    return True
+    return add_last_checkpoints(session, {job_id: dict(epoch=epoch, step=step, monitor=monitor, value=value, data=data,
+                                                       sha256=sha256, stored=stored)})[job_id]
+
+
+def add_last_checkpoints(session: Session, items: dict[str, dict[str, Any]]) -> dict[str, bool]:
+    """:func:`add_last_checkpoint` of several jobs (``items``: each job's keywords; a pack's
+    members): one read of their newest digests, the rows added together
+    (:func:`add_checkpoints_many`). Whether a row was added, by job id."""
+    if not items:
+        return {}
+    ids = list(items)
+    newest_ids = select(func.max(Checkpoint.id)).where(Checkpoint.job_id.in_(ids)).group_by(Checkpoint.job_id)
+    newest = dict(session.execute(select(Checkpoint.job_id, Checkpoint.sha256).where(Checkpoint.id.in_(newest_ids))).all())
+    added = {job_id: [dict(it, is_best=False)] for job_id, it in items.items() if newest.get(job_id) != it["sha256"]}
+    add_checkpoints_many(session, added)
+    return {job_id: job_id in added for job_id in items}
 
 
 def save_snapshot(session: Session, job_id: str, *, epoch: int, step: int, data: bytes, sha256: str,

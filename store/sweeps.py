@@ -155,10 +155,11 @@ def record_error(session: Session, sweep_id: str, error: str) -> None:
             repo.end_paused_job(session, job_id, "sweep_failed", status="cancelled")
 
 
-def sweep_of_job(session: Session, job_id: str) -> tuple[str | None, str | None]:
-    """(sweep_id, status) of a job (``(None, None)`` if it does not exist)."""
-    row = session.execute(select(Job.sweep_id, Job.status).where(Job.id == job_id)).first()
-    return (row[0], row[1]) if row else (None, None)
+def sweeps_of_jobs(session: Session, job_ids: list[str]) -> list[tuple[str | None, str | None]]:
+    """(sweep_id, status) of each job, in their order (``(None, None)`` for one that does not
+    exist), in one query."""
+    rows = {i: (sw, st) for i, sw, st in session.execute(select(Job.id, Job.sweep_id, Job.status).where(Job.id.in_(job_ids)))}
+    return [rows.get(i, (None, None)) for i in job_ids]
 
 
 def stalled_sweep_ids(session: Session) -> list[str]:

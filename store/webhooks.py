@@ -187,11 +187,21 @@ def _job_data(job: Job, extra: dict[str, Any]) -> dict[str, Any]:
 def on_job_state(session: Session, job_id: str, data: dict[str, Any], at: datetime) -> None:
     """A job's state event (``data`` as streamed: status, stop_reason, error...): owe it to every
     webhook of the job's project that asked for it."""
-    event = JOB_EVENTS.get(str(data.get("status")))
-    if event is None:
+    on_jobs_state(session, [(job_id, data)], at)
+
+
+def on_jobs_state(session: Session, states: Sequence[tuple[str, dict[str, Any]]], at: datetime) -> None:
+    """:func:`on_job_state` for several jobs' state events, ``(job id, data)`` each (a pack's
+    members): one query for their webhooks."""
+    owed = [(job_id, data, JOB_EVENTS.get(str(data.get("status")))) for job_id, data in states]
+    owed = [(job_id, data, event) for job_id, data, event in owed if event is not None]
+    if not owed:
         return
-    subs = _job_subscribers(session, job_id)
-    rows = [_row(w, event, _job_data(job, data), at, job_id=job_id) for w, events, job in subs if event in events]
+    subs: dict[str, list[tuple[str, list[Any], Job]]] = {}
+    for w, events, job in _jobs_subscribers(session, list(dict.fromkeys(j for j, _, _ in owed))):
+        subs.setdefault(job.id, []).append((w, events, job))
+    rows = [_row(w, event, _job_data(job, data), at, job_id=job_id)
+            for job_id, data, event in owed for w, events, job in subs.get(job_id, ()) if event in events]
     _insert(session, rows)
 
 

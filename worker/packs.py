@@ -16,7 +16,8 @@ seeds may differ), while the pack stays within ``TRAINYARD_PACK_MAX_MEMBERS`` an
 Each member has its own record (``worker.record.RunRecord``, as a solo run: heartbeat, lease
 fence, cancel, sweep pruner, and its result recorded by ``RunRecord.finish``: metrics, best and
 last checkpoints, stop reason, status) and, for a sweep trial, its own sweep step
-(``orchestration.sweeps.after_job``; the Celery task does the claimed job's). ``info.pack`` of
+(``orchestration.sweeps.after_jobs``: once per sweep after the pack; the Celery task does
+the claimed job's). ``info.pack`` of
 each job says which pack it runs in from the moment the pack is formed
 (``store.packing.mark_pack``; kept by the record's ``on_start``, and in the recorded result): the
 id of the job whose claim formed it, the members' ids, the size, the member's index, and once
@@ -192,11 +193,12 @@ def _run_pack(members: list[tuple[str, int, dict[str, Any], dict[str, Any], str 
                 except Exception:  # noqa: BLE001 - recorded failed by finish(); the others' results stay
                     statuses[job_id] = "failed"
                 log.info("job %s: %s (pack of %s)", job_id, statuses[job_id], ids[0])
-    from orchestration.sweeps import after_job
+    from orchestration.sweeps import after_jobs
 
-    for job_id, m in zip(ids[1:], members[1:], strict=True):
-        if m[4] and statuses.get(job_id) not in ("lease_lost", "stalled"):
-            after_job(job_id, settings, send)  # the Celery task advances the claimed job's sweep
+    # each sweep with an ended trial among the members advanced once, not once per trial (the
+    # Celery task advances the claimed job's sweep)
+    after_jobs([job_id for job_id, m in zip(ids[1:], members[1:], strict=True)
+                if m[4] and statuses.get(job_id) not in ("lease_lost", "stalled")], settings, send)
     return statuses[ids[0]]
 
 

@@ -235,8 +235,11 @@ class RunRecord(BaseReporter):
         if self.pack is not None:
             info = {**info, "pack": {**info.get("pack", {}), **self.pack}}
         self.info = json_safe(info)
-        if self.pruner is None:
-            self.flush(force=self.group is not None)  # a pack member's start info: its own transaction
+        if self.group is not None:
+            if self is self.group.records[-1]:
+                self.group.flush()  # the pack's last member started: every member's start info in one transaction
+        elif self.pruner is None:
+            self.flush()
         # A trial's start info (device, parameter count) waits for its first epoch's write instead
         # of costing a transaction of its own: trials are short, and a sweep runs many
         # (bench/sweeps.py: per-trial overhead is what ASHA's short trials pay most for).
@@ -388,20 +391,16 @@ class RunRecord(BaseReporter):
         """The file of ``checkpoint`` if :meth:`_stage` wrote it."""
         return self._staged.get(checkpoint_key(self.job_id, checkpoint.sha256))
 
-    def _write_checkpoints(self, s: Any, checkpoints: list[Checkpoint]) -> None:
+    def _checkpoint_items(self, checkpoints: list[Checkpoint]) -> list[dict[str, Any]]:
+        """What ``store.repo.add_checkpoints`` records of these checkpoints (one flush's)."""
         skip = self._superseded(checkpoints)
-        repo.add_checkpoints(s, self.job_id, [
-            dict(epoch=c.epoch, step=c.step, monitor=c.monitor, value=c.value, data=c.data, sha256=c.sha256,
-                 is_best=c.is_best, stored=self._staged_file(c), superseded=k in skip)
-            for k, c in enumerate(checkpoints)
-        ])
+        return [dict(epoch=c.epoch, step=c.step, monitor=c.monitor, value=c.value, data=c.data, sha256=c.sha256,
+                     is_best=c.is_best, stored=self._staged_file(c), superseded=k in skip)
+                for k, c in enumerate(checkpoints)]
 
     def _write_items(self, s: Any, batch: list[dict[str, Any]], info: dict[str, Any] | None,
                      checkpoints: list[Checkpoint], snapshot: Snapshot | None) -> bool:
-        self._write_checkpoints(s, checkpoints)
-        cancelled = repo.record_progress(s, self.job_id, batch, info=info)
-        self._write_snapshot(s, snapshot)
-        return cancelled
+        return write_items(s, [(self, batch, info, checkpoints, snapshot)])[self.job_id]
 
     def _write_snapshot(self, s: Any, snapshot: Snapshot | None) -> None:
         if snapshot is not None:
@@ -410,14 +409,9 @@ class RunRecord(BaseReporter):
                 stored=self._staged.get(snapshot_key(self.job_id, snapshot.sha256)),
             )
 
-    def _write_buffered_but_progress(self, s: Any) -> tuple[str, list[dict[str, Any]], dict[str, Any] | None] | None:
-        """:meth:`_write_buffered` but the epochs and info, which are returned for the caller to
-        write (``repo.record_progress_many``: a pack's members together); None if there are none."""
-        self._write_checkpoints(s, self.pending_checkpoints)
-        self._write_snapshot(s, self.unwritten_snapshot)
-        if not self.buffer and self.info is None:
-            return None
-        return self.job_id, self.buffer, self.info
+    def _buffered(self) -> WriteItems:
+        """What :meth:`_write_buffered` writes, for :func:`write_items`."""
+        return self, self.buffer, self.info, self.pending_checkpoints, self.unwritten_snapshot
 
     def _write_buffered(self, s: Any) -> None:
         """Write everything buffered (epochs, checkpoints, info, the unwritten snapshot) in the
@@ -426,7 +420,7 @@ class RunRecord(BaseReporter):
         transaction writes them again)."""
         if not (self.buffer or self.info is not None or self.pending_checkpoints or self.unwritten_snapshot):
             return
-        self._write_items(s, self.buffer, self.info, self.pending_checkpoints, self.unwritten_snapshot)
+        write_items(s, [self._buffered()])
 
     def _buffered_written(self) -> None:
         """The transaction of :meth:`_write_buffered` committed."""
@@ -556,8 +550,20 @@ class RunRecord(BaseReporter):
     def _final(self, result: FitResult, stop_reason: str | None) -> tuple[str, Callable[..., None]]:
         """The final status of a run that ended with ``stop_reason``, and the body of the fenced
         transaction that records it with whatever is still buffered (the files staged first:
-        ``self._stage_buffered(result.last_checkpoint)``; ``buffered_written=True``: the caller
-        wrote the buffers in this transaction already, :class:`FlushGroup`)."""
+        ``self._stage_buffered(result.last_checkpoint)``). A pack's members record theirs together:
+        :meth:`FlushGroup.finish`, through the same :func:`record_ends`."""
+        status, end = self._end(result, stop_reason)
+
+        def finish(s: Any) -> None:
+            # the last epochs and checkpoints commit with the result: one transaction, not two
+            self._write_buffered(s)
+            record_ends(s, [(self, result, end)])
+
+        return status, finish
+
+    def _end(self, result: FitResult, stop_reason: str | None) -> tuple[str, dict[str, Any]]:
+        """The final status of a run that ended with ``stop_reason``, and the keywords of
+        ``store.repo.finish_job`` that record it."""
         status = "succeeded"
         error = None
         if stop_reason == "cancelled":
@@ -565,24 +571,15 @@ class RunRecord(BaseReporter):
         elif stop_reason in FAILED_STOP_REASONS:
             status, error = "failed", FAILED_STOP_REASONS[stop_reason]
 
-        def finish(s: Any, *, buffered_written: bool = False) -> None:
-            # the last epochs and checkpoints commit with the result: one transaction, not two
-            if not buffered_written:
-                self._write_buffered(s)
-            s.flush()  # the best checkpoint may be among them
-            self._store_best(s, result)
-            self._store_last(s, result)
-            repo.finish_job(
-                s, self.job_id, status=status, stop_reason=stop_reason, error=error,
-                best=(result.monitor, result.best_value, result.best_epoch) if result.monitor else None,
-                steps=result.steps, epochs_run=result.epochs_run, run_seconds=result.seconds,
-                # the engine's info repeats the spec (with a "find" rate replaced by the finder's
-                # suggestion, which info.lr_find holds): the job already serves its spec once
-                info=json_safe({**{k: v for k, v in (result.info or {}).items() if k != "spec"},
-                                "stopped_epoch": result.stopped_epoch, "attempt": self.attempt}),
-            )
-
-        return status, finish
+        return status, dict(
+            status=status, stop_reason=stop_reason, error=error,
+            best=(result.monitor, result.best_value, result.best_epoch) if result.monitor else None,
+            steps=result.steps, epochs_run=result.epochs_run, run_seconds=result.seconds,
+            # the engine's info repeats the spec (with a "find" rate replaced by the finder's
+            # suggestion, which info.lr_find holds): the job already serves its spec once
+            info=json_safe({**{k: v for k, v in (result.info or {}).items() if k != "spec"},
+                            "stopped_epoch": result.stopped_epoch, "attempt": self.attempt}),
+        )
 
     def _requeue(self) -> bool:
         """A worker shutdown, or a preemption (store.scheduling.request_preemptions): the job goes
@@ -625,10 +622,10 @@ class RunRecord(BaseReporter):
 
     def _store_best(self, s: Any, result: FitResult) -> None:
         """Mark the engine's best checkpoint; store it (or the final weights) if no row has it."""
-        if result.best_checkpoint_sha256 and repo.mark_best_checkpoint(
-            s, self.job_id, result.best_checkpoint_sha256, result.best_checkpoint
-        ):
-            return
+        store_bests(s, [(self, result)])
+
+    def _store_unmarked_best(self, s: Any, result: FitResult) -> None:
+        """The engine's best when no checkpoint row has it: its bytes, else the final weights."""
         data = result.best_checkpoint
         last = result.last_checkpoint
         if data is None and last is not None:
@@ -644,15 +641,13 @@ class RunRecord(BaseReporter):
             value=result.best_value, data=data, sha256=repo.sha256_hex(data), is_best=True,
         )
 
-    def _store_last(self, s: Any, result: FitResult) -> None:
-        """Keep the last epoch's weights (before early stopping restored the best) as the job's
-        newest checkpoint, so they can be downloaded as well as the best (its file was written
-        before this transaction: :meth:`_stage_buffered`)."""
-        last = result.last_checkpoint
-        if last is not None:
-            repo.add_last_checkpoint(s, self.job_id, epoch=last.epoch, step=last.step, monitor=last.monitor,
-                                     value=last.value, data=last.data, sha256=last.sha256,
-                                     stored=self._staged_file(last))
+    def _last_item(self, last: Checkpoint) -> dict[str, Any]:
+        """The last epoch's weights (before early stopping restored the best), as
+        ``store.repo.add_last_checkpoint`` keeps them: the job's newest checkpoint, so they can be
+        downloaded as well as the best (its file was written before the transaction:
+        :meth:`_stage_buffered`)."""
+        return dict(epoch=last.epoch, step=last.step, monitor=last.monitor, value=last.value, data=last.data,
+                    sha256=last.sha256, stored=self._staged_file(last))
 
     def fail(self, error: str) -> None:
         """Record the attempt failed with ``error``, after writing what is buffered (if that fails,
@@ -674,6 +669,45 @@ class RunRecord(BaseReporter):
             info=json_safe({"lr_find": out}),
         ), "finish")
         return status
+
+
+#: what :func:`write_items` writes for one record: (record, epochs, info, checkpoints, snapshot)
+WriteItems = tuple[RunRecord, list[dict[str, Any]], "dict[str, Any] | None", list[Checkpoint], "Snapshot | None"]
+
+
+def write_items(s: Any, parts: list[WriteItems]) -> dict[str, bool]:
+    """Write each record's epochs, info, checkpoints and snapshot in the transaction ``s``: one
+    record's flush, or a pack's members' in the same few statements for all of them (their
+    checkpoints in one ``add_checkpoints_many``, their epochs in one ``record_progress_many``).
+    Each job's cancel flag."""
+    if not parts:
+        return {}
+    repo.add_checkpoints_many(s, {r.job_id: r._checkpoint_items(checkpoints) for r, _, _, checkpoints, _ in parts})
+    flags = repo.record_progress_many(s, [(r.job_id, batch, info) for r, batch, info, _, _ in parts])
+    for r, *_, snapshot in parts:
+        r._write_snapshot(s, snapshot)
+    return flags
+
+
+def store_bests(s: Any, ended: list[tuple[RunRecord, FitResult]]) -> None:
+    """Mark each run's best checkpoint (one ``mark_best_checkpoints`` for all of them); a run whose
+    best no row has stores it (or its final weights) on its own."""
+    marked = repo.mark_best_checkpoints(s, [(r.job_id, res.best_checkpoint_sha256, res.best_checkpoint)
+                                            for r, res in ended if res.best_checkpoint_sha256])
+    for r, res in ended:
+        if not marked.get(r.job_id):
+            r._store_unmarked_best(s, res)
+
+
+def record_ends(s: Any, ends: list[tuple[RunRecord, FitResult, dict[str, Any]]]) -> None:
+    """Record how each run ended (``(record, result, finish_job's keywords)``), its buffers
+    already written in ``s``: the best checkpoint marked, the last epoch's weights kept, the final
+    row, for one run (:meth:`RunRecord.finish`) or a pack's members together (:meth:`FlushGroup.finish`)."""
+    s.flush()  # the best checkpoint may be among the rows just written
+    store_bests(s, [(r, res) for r, res, _ in ends])
+    repo.add_last_checkpoints(s, {r.job_id: r._last_item(res.last_checkpoint) for r, res, _ in ends
+                                  if res.last_checkpoint is not None})
+    repo.finish_jobs(s, {r.job_id: end for r, _, end in ends})
 
 
 class FlushGroup:
@@ -712,7 +746,7 @@ class FlushGroup:
             with session_scope() as s:
                 # the fences first, all in one statement: a member whose lease is gone writes nothing
                 held = leases.fence_many(s, {r.job_id: r.lease_token for r, *_ in taken if r.lease_token is not None})
-                progress = []
+                parts: list[WriteItems] = []
                 for k, (r, batch, info, checkpoints) in enumerate(taken):
                     if r.lease_token is None:
                         cancelled = r._cancel_flag(s, write=True)
@@ -722,11 +756,10 @@ class FlushGroup:
                         r.lease_lost.set()  # its next poll raises LeaseLost: it leaves the pack
                         continue
                     if batch or info is not None or checkpoints:  # else the fence was all (as a solo idle flush)
-                        r._write_checkpoints(s, checkpoints)
-                        progress.append((r.job_id, batch, info))
+                        parts.append((r, batch, info, checkpoints, None))
                     done[k] = cancelled
-                # then every member's epochs in a few statements for all of them
-                flags = repo.record_progress_many(s, progress)
+                # then every member's checkpoints and epochs in a few statements for all of them
+                flags = write_items(s, parts)
                 for k, (r, *_) in enumerate(taken):
                     if k in done:
                         done[k] = flags.get(r.job_id, False) or done[k]
@@ -767,27 +800,22 @@ class FlushGroup:
         out: dict[str, str] = {}
         try:
             for r, res in plain:
-                status, body = r._final(res, res.stop_reason)
+                status, end = r._end(res, res.stop_reason)
                 r._stage_buffered(res.last_checkpoint)  # the files, before the transaction (see _stage)
-                parts.append((r, status, body))
+                parts.append((r, res, status, end))
             with session_scope() as s:
-                held = leases.fence_many(s, {r.job_id: r.lease_token for r, _, _ in parts})  # type: ignore[misc]
-                progress = []
-                for r, _, _ in parts:
-                    if r.job_id not in held:  # its fence failed: nothing written for it
-                        out[r.job_id] = "lease_lost"
-                    elif (mine := r._write_buffered_but_progress(s)) is not None:
-                        progress.append(mine)
-                repo.record_progress_many(s, progress)  # every member's last epochs in a few statements
-                for r, status, body in parts:
-                    if r.job_id in held:
-                        body(s, buffered_written=True)
-                        out[r.job_id] = status
+                held = leases.fence_many(s, {r.job_id: r.lease_token for r, *_ in parts})  # type: ignore[misc]
+                mine = [(r, res, status, end) for r, res, status, end in parts if r.job_id in held]
+                out.update({r.job_id: "lease_lost" for r, *_ in parts if r.job_id not in held})  # nothing written for it
+                # what each member's own finish writes, in a few statements for all of them
+                write_items(s, [r._buffered() for r, *_ in mine])
+                record_ends(s, [(r, res, end) for r, res, _, end in mine])
+                out.update({r.job_id: status for r, _, status, _ in mine})
         except Exception as exc:  # noqa: BLE001 - rolled back: every member finishes on its own
             log.warning("pack of %s: the members' results could not be recorded together (%s: %s); "
                         "each is recorded on its own", self.records[0].job_id, type(exc).__name__, exc)
             return {}
-        for r, status, _ in parts:
+        for r, _, status, _ in parts:
             if out.get(r.job_id) == status:
                 r._buffered_written()
         return out
