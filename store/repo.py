@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, overload
 
-from sqlalchemy import and_, case, delete, func, select, tuple_, update
+from sqlalchemy import and_, case, delete, func, insert, select, tuple_, update
 from sqlalchemy.orm import Session, defer
 
 from store import curves, lifecycle
@@ -93,12 +93,12 @@ def create_jobs(
     session.add_all(jobs)
     session.flush()
     if sweep_id is not None:  # the sweep's own "trial added" events (GET /v1/events), before the trials' own
-        session.add_all([JobEvent(sweep_id=sweep_id, kind="trial", data={"job_id": j.id, "trial_number": j.trial_number},
-                                  created_at=now) for j in jobs])
-    session.add_all([JobEvent(job_id=j.id, kind="state", data={"status": "queued"}, created_at=now) for j in jobs])
+        _insert_events(session, [dict(job_id=None, sweep_id=sweep_id, kind="trial",
+                                      data={"job_id": j.id, "trial_number": j.trial_number}, created_at=now) for j in jobs])
+    _insert_events(session, [dict(job_id=j.id, sweep_id=None, kind="state", data={"status": "queued"}, created_at=now)
+                             for j in jobs])
     # the dispatch outbox (store.outbox): each job owes the broker a message, in this transaction
-    session.add_all([Outbox(job_id=j.id, queue=j.queue, attempts=0, created_at=now) for j in jobs])
-    session.flush()
+    session.execute(insert(Outbox), [dict(job_id=j.id, queue=j.queue, attempts=0, created_at=now) for j in jobs])
     return jobs
 
 
@@ -292,10 +292,19 @@ def add_events(session: Session, items: Sequence[tuple[str, str, dict[str, Any]]
     from store import webhooks
 
     at = at or utcnow()
-    session.add_all([JobEvent(job_id=job_id, kind=kind, data=data, created_at=at) for job_id, kind, data in items])
+    _insert_events(session, [dict(job_id=job_id, sweep_id=None, kind=kind, data=data, created_at=at)
+                             for job_id, kind, data in items])
     states = [(job_id, data) for job_id, kind, data in items if kind == "state"]
     if states:
         webhooks.on_jobs_state(session, states, at)
+
+
+def _insert_events(session: Session, rows: list[dict[str, Any]]) -> None:
+    """Insert event rows (``job_id``, ``sweep_id``, ``kind``, ``data``, ``created_at`` each), in
+    their order, as one executemany: their ids are not read back (an ORM flush reads back each
+    new row's id, which on SQLite costs one statement per row: 200 for a 200-job batch)."""
+    if rows:
+        session.execute(insert(JobEvent), rows)
 
 
 def add_sweep_event(session: Session, sweep_id: str, kind: str, data: dict[str, Any], at: datetime | None = None) -> None:
@@ -474,7 +483,8 @@ def record_progress_many(
             params["b_info"] = info
         updates.setdefault((bool(mine), info is not None), []).append(params)
     if rows:
-        session.add_all([JobEvent(job_id=r["job_id"], kind="epoch", data=r["values"], created_at=now) for r in rows])
+        _insert_events(session, [dict(job_id=r["job_id"], sweep_id=None, kind="epoch", data=r["values"], created_at=now)
+                                 for r in rows])
         _upsert_metrics(session, rows)
         webhooks.on_jobs_epochs(session, written, now)  # metric thresholds
     for (has_rows, has_info), params_list in updates.items():
@@ -662,7 +672,7 @@ def add_checkpoint(
     sha256: str,
     is_best: bool,
     stored: Stored | None = None,
-) -> Checkpoint:
+) -> int:
     """Write the checkpoint's file to the artifact store (unless the caller did: ``stored``) and
     record it; the files of the job's other checkpoints except the best are dropped (after the
     commit)."""
@@ -670,7 +680,7 @@ def add_checkpoint(
                                                   sha256=sha256, is_best=is_best, stored=stored)])[0]
 
 
-def add_checkpoints(session: Session, job_id: str, items: Sequence[dict[str, Any]]) -> list[Checkpoint]:
+def add_checkpoints(session: Session, job_id: str, items: Sequence[dict[str, Any]]) -> list[int]:
     """Record checkpoints of one job in their order (each ``items`` entry: ``add_checkpoint``'s
     keywords), leaving what ``add_checkpoint`` called once per item leaves (every row; the last
     best item marked best; files kept for the last item and the best only), with one round of
@@ -680,31 +690,33 @@ def add_checkpoints(session: Session, job_id: str, items: Sequence[dict[str, Any
     return add_checkpoints_many(session, {job_id: items}).get(job_id, [])
 
 
-def add_checkpoints_many(session: Session, batches: dict[str, Sequence[dict[str, Any]]]) -> dict[str, list[Checkpoint]]:
+def add_checkpoints_many(session: Session, batches: dict[str, Sequence[dict[str, Any]]]) -> dict[str, list[int]]:
     """:func:`add_checkpoints` of several jobs (``batches``: each job's items; a pack's members), in
     one round of queries for all of them: one clearing of their bests, one insert, one drop of
-    the files they no longer keep. The rows recorded, by job id."""
+    the files they no longer keep. The ids of the rows recorded, by job id."""
     batches = {job_id: items for job_id, items in batches.items() if items}
     if not batches:
         return {}
     _clear_best_many(session, [j for j, items in batches.items() if any(it["is_best"] for it in items)])
-    out: dict[str, list[Checkpoint]] = {}
+    rows = []
     for job_id, items in batches.items():
         bests = [k for k, it in enumerate(items) if it["is_best"]]
-        rows = out[job_id] = []
         for k, it in enumerate(items):
             if it.get("superseded"):
                 uri, size = None, len(it["data"])
             else:
                 stored = it.get("stored") or get_store().put(checkpoint_key(job_id, it["sha256"]), it["data"], it["sha256"])
                 uri, size = stored.uri, stored.size
-            rows.append(Checkpoint(
+            rows.append(dict(
                 job_id=job_id, epoch=it["epoch"], step=it["step"], monitor=it["monitor"], value=to_text(it["value"]),
                 size=size, sha256=it["sha256"], is_best=bool(bests) and k == bests[-1], uri=uri, created_at=utcnow(),
             ))
-    session.add_all([r for rows in out.values() for r in rows])
-    session.flush()
-    _drop_unkept_many(session, {job_id: (rows[-1].id,) for job_id, rows in out.items()})
+    # one multi-row insert (an ORM flush would insert row by row on SQLite to read each id back):
+    # the rows get ascending ids in their order, so each job's newest is its highest new id
+    out: dict[str, list[int]] = {}
+    for ck_id, job_id in sorted(session.execute(insert(Checkpoint).returning(Checkpoint.id, Checkpoint.job_id), rows)):
+        out.setdefault(job_id, []).append(ck_id)
+    _drop_unkept_many(session, {job_id: (ids[-1],) for job_id, ids in out.items()})
     return out
 
 
@@ -866,15 +878,22 @@ def save_snapshot(session: Session, job_id: str, *, epoch: int, step: int, data:
                   stored: Stored | None = None) -> None:
     """Write the job's training-state snapshot to the artifact store (unless the caller did:
     ``stored``) and keep only it (the previous one's file is deleted after the commit)."""
-    stored = stored or get_store().put(snapshot_key(job_id, sha256), data, sha256)
-    previous = session.scalar(select(Snapshot.uri).where(Snapshot.job_id == job_id))
-    session.execute(delete(Snapshot).where(Snapshot.job_id == job_id))
-    session.add(
-        Snapshot(job_id=job_id, epoch=epoch, step=step, size=stored.size, sha256=sha256, uri=stored.uri,
-                 created_at=utcnow())
-    )
-    if previous != stored.uri:
-        discard_after_commit(session, [previous])
+    save_snapshots(session, {job_id: dict(epoch=epoch, step=step, data=data, sha256=sha256, stored=stored)})
+
+
+def save_snapshots(session: Session, items: dict[str, dict[str, Any]]) -> None:
+    """:func:`save_snapshot` of several jobs (``items``: each job's keywords; a pack's members'
+    final snapshots): one read of the previous ones, one delete, one insert."""
+    if not items:
+        return
+    stored = {job_id: it.get("stored") or get_store().put(snapshot_key(job_id, it["sha256"]), it["data"], it["sha256"])
+              for job_id, it in items.items()}
+    previous = dict(session.execute(select(Snapshot.job_id, Snapshot.uri).where(Snapshot.job_id.in_(list(items)))).all())
+    session.execute(delete(Snapshot).where(Snapshot.job_id.in_(list(items))))
+    session.add_all([Snapshot(job_id=job_id, epoch=it["epoch"], step=it["step"], size=stored[job_id].size,
+                              sha256=it["sha256"], uri=stored[job_id].uri, created_at=utcnow())
+                     for job_id, it in items.items()])
+    discard_after_commit(session, [uri for job_id, uri in previous.items() if uri != stored[job_id].uri])
 
 
 def get_snapshot(session: Session, job_id: str) -> Snapshot | None:

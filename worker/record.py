@@ -402,12 +402,10 @@ class RunRecord(BaseReporter):
                      checkpoints: list[Checkpoint], snapshot: Snapshot | None) -> bool:
         return write_items(s, [(self, batch, info, checkpoints, snapshot)])[self.job_id]
 
-    def _write_snapshot(self, s: Any, snapshot: Snapshot | None) -> None:
-        if snapshot is not None:
-            repo.save_snapshot(
-                s, self.job_id, epoch=snapshot.epoch, step=snapshot.step, data=snapshot.data, sha256=snapshot.sha256,
-                stored=self._staged.get(snapshot_key(self.job_id, snapshot.sha256)),
-            )
+    def _snapshot_item(self, snapshot: Snapshot) -> dict[str, Any]:
+        """What ``store.repo.save_snapshot`` records of ``snapshot`` (its file staged: :meth:`_stage`)."""
+        return dict(epoch=snapshot.epoch, step=snapshot.step, data=snapshot.data, sha256=snapshot.sha256,
+                    stored=self._staged.get(snapshot_key(self.job_id, snapshot.sha256)))
 
     def _buffered(self) -> WriteItems:
         """What :meth:`_write_buffered` writes, for :func:`write_items`."""
@@ -684,8 +682,7 @@ def write_items(s: Any, parts: list[WriteItems]) -> dict[str, bool]:
         return {}
     repo.add_checkpoints_many(s, {r.job_id: r._checkpoint_items(checkpoints) for r, _, _, checkpoints, _ in parts})
     flags = repo.record_progress_many(s, [(r.job_id, batch, info) for r, batch, info, _, _ in parts])
-    for r, *_, snapshot in parts:
-        r._write_snapshot(s, snapshot)
+    repo.save_snapshots(s, {r.job_id: r._snapshot_item(snapshot) for r, *_, snapshot in parts if snapshot is not None})
     return flags
 
 
