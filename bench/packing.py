@@ -157,24 +157,23 @@ def timeline(db: Path, job_ids: list[str]) -> list[dict[str, Any]]:
     t = [datetime.fromisoformat(r[3]) for r in rows]
     t0 = min(t) if t else None
     runs: dict[str, dict[str, Any]] = {}
-    open_run: dict[str, dict[str, Any]] = {}
+    last: dict[str, dict[str, Any]] = {}  # each job's latest run (its last epochs commit with its end)
     for (job_id, kind, data, _), at in zip(rows, t, strict=True):
         d = json.loads(data)
         sec = (at - t0).total_seconds()
-        run = open_run.get(job_id)
+        run = last.get(job_id)
         if kind == "state" and d.get("status") == "running":
-            open_run[job_id] = {"job": job_id, "start": sec, "epochs": [], "pack": None}
+            last[job_id] = {"job": job_id, "start": sec, "epochs": [], "pack": None, "ended": None}
         elif run is not None and kind == "pack":
             run["pack"] = d["pack"]
         elif run is not None and kind == "epoch":
             run["epochs"].append(int(d["epoch"]))
-        elif run is not None and kind == "state":
-            run.update(end=sec, ended=d.get("status"))
+        elif run is not None and kind == "state" and run["ended"] is None:
+            run["ended"] = d.get("status")
             key = run["pack"] or job_id + f"@{run['start']:.3f}"
             group = runs.setdefault(key, {"pack": run["pack"], "start": run["start"], "end": sec, "members": []})
             group["start"], group["end"] = min(group["start"], run["start"]), max(group["end"], sec)
-            group["members"].append({"job": job_id, "epochs": run["epochs"], "ended": run["ended"]})
-            del open_run[job_id]
+            group["members"].append(run)
     return sorted(runs.values(), key=lambda g: g["start"])
 
 
