@@ -218,13 +218,17 @@ def _run_pack(members: list[Member], settings: Settings, send: Any) -> str:
 
 
 def _after_sweeps(members: list[Member], statuses: dict[str, str], settings: Settings, send: Any) -> str:
-    """Advance the sweep of each member that is a trial (but the claimed job's: the Celery task
-    does it) and that this worker recorded; the claimed job's status."""
+    """Advance the sweeps of the members that are trials and that this worker recorded (the
+    Celery task does the claimed job's), each sweep once: advancing a sweep looks at all its
+    trials, and every member has ended by now (an ASHA rung's pack of 27 trials: 1 sweep step,
+    not 26). The claimed job's status."""
     from orchestration.sweeps import after_job
 
+    advanced: set[str] = set()
     for m in members[1:]:
-        if m[4] and statuses.get(m[0]) not in ("lease_lost", "stalled"):
-            after_job(m[0], settings, send)  # the Celery task advances the claimed job's sweep
+        if m[4] and m[4] not in advanced and statuses.get(m[0]) not in ("lease_lost", "stalled"):
+            advanced.add(m[4])
+            after_job(m[0], settings, send)
     return statuses[members[0][0]]
 
 
