@@ -1,14 +1,20 @@
-"""Where the polled routes' queries run: a few dedicated threads, each with its own persistent
-connection. Identical polls that arrive while the same query is still waiting for a thread share
+"""Where the polled routes' queries run. On PostgreSQL, a poll awaited on an event loop (the API's
+routes and fast path, ``store.fastread.read_job`` / ``read_metrics``) runs on that loop's own
+asynchronous connections (:class:`_LoopReader`, a few per loop, persistent); anything else
+(a synchronous caller, SQLite) runs on a few dedicated threads, each with its own persistent
+connection. Identical polls that arrive while the same query is still waiting to be sent share
 it, and waiting polls of different jobs are answered together by one query
-(``store.fastread.JobPolls``, ``MetricsPolls``).
+(``store.fastread.JobPolls``, ``MetricsPolls``), on the loop and on the threads alike.
 
 Why not the request thread pool and the engine's pool: under 64 concurrent pollers, FastAPI ran
 up to 40 polls at once in its thread pool, more than the engine pool's 10 connections, so the
 overflow connections were opened and closed on every few requests (a PostgreSQL backend forked
 per connection: ``bench/service.py`` found a quarter of the API's CPU in ``connect``). Here the
 number of connections is fixed and small (a poll is one short query; more connections than
-cores only queue inside PostgreSQL), and no request ever opens one.
+cores only queue inside PostgreSQL), and no request ever opens one. Why the loop's own
+connections rather than the threads for the API: a poll answered by a thread crossed threads
+twice, and the thread waited for the GIL while the loop was busy; on the loop a poll costs half
+the CPU (:class:`_LoopReader`).
 
 Sharing (request coalescing, "single flight"): a poll joins a query only if that query has not yet
 been sent, so every answer reflects the database as it was after the request arrived; a poll that
@@ -17,9 +23,10 @@ every input (the route, the job id, the query parameters and the API key's hash)
 caller receives is exactly what its own query would have returned. Each request is still admitted
 on its own (key check result, rate limit).
 
-Batching: a thread that becomes free takes the oldest waiting poll and every other waiting poll of
-the same kind; the kind's query answers each item with the single poll's rules. A lone poll is
-still one round trip; under load, queries grow with the number of threads, not of requests.
+Batching: a connection that becomes free takes the oldest waiting poll and every other waiting
+poll of the same kind; the kind's query answers each item with the single poll's rules. A lone
+poll is still one round trip; under load, queries grow with the number of connections, not of
+requests.
 """
 
 from __future__ import annotations
