@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Header, HTTPException, Query, Request, Response
@@ -132,26 +131,19 @@ async def _polled_prefix(job_id: str, caller: fastread.Caller, key: fastread.Key
     return full if full != job_id else None
 
 
-#: threads that wait for the disk while the request thread sends the broker message (_dispatch)
-_FLUSHES = ThreadPoolExecutor(max_workers=4, thread_name_prefix="wal-flush")
-
-
 def _dispatch(session: Any, dispatcher: Any, jobs: list[tuple[str, str]], pipelined: bool = False) -> None:
     """Send the messages of committed jobs. Their outbox rows were committed with them, so if
     the broker is down the jobs stay queued and the outbox relay sends them when it is back
     (store.outbox): a broker outage delays jobs, it does not fail them. ``pipelined`` (PostgreSQL,
-    :func:`_insert_one`): the jobs were committed without waiting for the disk; the wait for it
-    (``store.submit.wait_durable``) runs on another thread while this one sends the message, and
-    ends before the answer: no one is told of a job before it is on disk, and neither the worker's
-    start nor the answer waits for the flush and the send one after the other. Then the change
-    notice that :func:`_insert_one` left to us is published, so that its Redis round trip is not
-    inside submit->running."""
-    durable = _FLUSHES.submit(submit.wait_durable, get_engine()) if pipelined else None
+    :func:`_insert_one`): the jobs were committed without waiting for the disk; wait for it
+    after the send (``store.submit.wait_durable``: no one is told of a job before it is on disk,
+    and the worker's start does not wait for the flush), then publish the change notice that
+    :func:`_insert_one` left to us, so that its Redis round trip is not inside submit->running."""
     try:
         dispatcher.submit(jobs)
     finally:  # the jobs are committed either way: readers hear of them even if the send failed
-        if durable is not None:
-            durable.result()
+        if pipelined:
+            submit.wait_durable(get_engine())
             notices.publish(get_engine())
 
 
