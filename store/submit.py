@@ -58,7 +58,6 @@ def insert_queued_jobs(
     labels: dict[str, str] | None = None,
     notes: str | None = None,
     notice: bool = True,
-    durable: bool = True,
 ) -> list[Job]:
     """Insert queued jobs (same items as :func:`store.repo.create_jobs`) with their events and
     outbox rows, on PostgreSQL, in one pipelined transaction: ``BEGIN; SELECT ... FOR UPDATE`` of
@@ -70,16 +69,7 @@ def insert_queued_jobs(
     and SQLAlchemy's ``IntegrityError`` for a duplicate Idempotency-Key. The change notice
     (:mod:`store.notices`) goes out as the connection returns to the pool, unless ``notice`` is
     False: then the caller publishes it (``notices.publish``), after the jobs' broker messages
-    (the API: its Redis round trip is not between the commit and the send).
-
-    ``durable=False``: the transaction commits without waiting for its WAL to reach the disk
-    (``synchronous_commit = off`` for it alone): the jobs are visible to every reader (a worker
-    can claim them) as soon as this returns, but the caller must call :func:`wait_durable` before
-    it tells anyone they exist. The API sends the jobs' broker messages in between, so the
-    worker's start does not wait for the disk's flush (2.7 ms median on this VM's disk, most of
-    what submit->running cost beyond a bare Celery task; BENCHMARKS.md, "Service"). A crash
-    before :func:`wait_durable` returns can lose jobs no caller was told of; a worker that claimed
-    one in that window committed its claim durably, and with it the job."""
+    (the API: its Redis round trip is not between the commit and the send)."""
     from store.repo import utcnow
 
     assert engine.dialect.name == "postgresql"
@@ -114,7 +104,7 @@ def insert_queued_jobs(
     )
     for attempt in range(3):
         try:
-            active, limit, written = _run_pipeline(engine, project_id, sql, params, notice, durable)
+            active, limit, written = _run_pipeline(engine, project_id, sql, params, notice)
             break
         except engine.dialect.dbapi.OperationalError as exc:  # type: ignore[union-attr]
             # a deadlock or serialization failure rolled everything back: run it again (issue 18
@@ -127,7 +117,7 @@ def insert_queued_jobs(
 
 
 def _run_pipeline(engine: Engine, project_id: str, sql: str, params: dict[str, Any],
-                  notice: bool = True, durable: bool = True) -> tuple[Any, Any, Any]:
+                  notice: bool = True) -> tuple[Any, Any, Any]:
     raw = engine.raw_connection()
     dbapi = raw.driver_connection
     try:
@@ -138,8 +128,6 @@ def _run_pipeline(engine: Engine, project_id: str, sql: str, params: dict[str, A
                 # pipeline's end waits once for all the answers: one round trip (the INSERT writes
                 # nothing over the limit, so committing before reading its counts is safe)
                 dbapi.execute("BEGIN")
-                if not durable:
-                    dbapi.execute("SET LOCAL synchronous_commit = off")  # see insert_queued_jobs
                 dbapi.execute("SELECT 1 FROM projects WHERE id = %(project)s FOR UPDATE", {"project": project_id})
                 counts = dbapi.execute(sql, params)
                 dbapi.execute("COMMIT")
@@ -156,32 +144,3 @@ def _run_pipeline(engine: Engine, project_id: str, sql: str, params: dict[str, A
     finally:
         raw.close()
     return active, limit, written
-
-
-def wait_durable(engine: Engine) -> str:
-    """Return once every transaction committed so far on this server is on disk (the jobs of
-    ``insert_queued_jobs(..., durable=False)`` among them): a transaction that writes a WAL record
-    (an empty transactional logical message: no table, no lock, callable by any role) commits
-    synchronously, which flushes the WAL up to its commit record, past every earlier commit. (A
-    transaction that only takes an id writes no record of its own and does not wait.) One round
-    trip (pipelined). Returns the WAL position flushed (for tests)."""
-    assert engine.dialect.name == "postgresql"
-    raw = engine.raw_connection()
-    dbapi = raw.driver_connection
-    try:
-        dbapi.autocommit = True
-        try:
-            with dbapi.pipeline():
-                dbapi.execute("BEGIN")
-                dbapi.execute("SET LOCAL synchronous_commit = on")
-                dbapi.execute("SELECT pg_logical_emit_message(true, 'trainyard.durable', '')")
-                dbapi.execute("COMMIT")
-                flushed = dbapi.execute("SELECT pg_current_wal_flush_lsn()::text")
-            return str(flushed.fetchone()[0])
-        finally:
-            if not dbapi.broken:
-                if dbapi.info.transaction_status != dbapi.info.transaction_status.IDLE:
-                    dbapi.execute("ROLLBACK")
-                dbapi.autocommit = False
-    finally:
-        raw.close()

@@ -131,19 +131,16 @@ async def _polled_prefix(job_id: str, caller: fastread.Caller, key: fastread.Key
     return full if full != job_id else None
 
 
-def _dispatch(session: Any, dispatcher: Any, jobs: list[tuple[str, str]], pipelined: bool = False) -> None:
+def _dispatch(session: Any, dispatcher: Any, jobs: list[tuple[str, str]], notice: bool = False) -> None:
     """Send the messages of committed jobs. Their outbox rows were committed with them, so if
     the broker is down the jobs stay queued and the outbox relay sends them when it is back
-    (store.outbox): a broker outage delays jobs, it does not fail them. ``pipelined`` (PostgreSQL,
-    :func:`_insert_one`): the jobs were committed without waiting for the disk; wait for it
-    after the send (``store.submit.wait_durable``: no one is told of a job before it is on disk,
-    and the worker's start does not wait for the flush), then publish the change notice that
-    :func:`_insert_one` left to us, so that its Redis round trip is not inside submit->running."""
+    (store.outbox): a broker outage delays jobs, it does not fail them. ``notice``: then publish
+    the change notice that :func:`_insert_one` left to us (store.submit), after the send, so that
+    its Redis round trip is not inside submit->running."""
     try:
         dispatcher.submit(jobs)
     finally:  # the jobs are committed either way: readers hear of them even if the send failed
-        if pipelined:
-            submit.wait_durable(get_engine())
+        if notice:
             notices.publish(get_engine())
 
 
@@ -200,7 +197,7 @@ def submit_one(session: Any, settings: Any, dispatcher: Any, project: str, respo
             raise
         response.status_code = 200
         return _replay(existing, body_hash)
-    _dispatch(session, dispatcher, [(job.id, job.queue)], pipelined=get_engine().dialect.name == "postgresql")
+    _dispatch(session, dispatcher, [(job.id, job.queue)], notice=get_engine().dialect.name == "postgresql")
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return job_read(job)
 
@@ -219,7 +216,7 @@ def _insert_one(
             return submit.insert_queued_jobs(
                 engine, [(valid.spec, valid.queue, idempotency_key)], project_id=project,
                 idempotency_hash=body_hash, max_active=settings.max_concurrent_jobs, priority=priority,
-                labels=annotations.labels, notes=annotations.notes, notice=False, durable=False,
+                labels=annotations.labels, notes=annotations.notes, notice=False,
             )[0]
         except submit.SlotsFull as full:
             raise slots_full(full.active, full.limit, 1) from None

@@ -5,7 +5,6 @@ the project's concurrent-jobs limit writes nothing when it is exceeded."""
 from __future__ import annotations
 
 import uuid
-from typing import Any
 
 import pytest
 from sqlalchemy import func, select
@@ -78,27 +77,6 @@ def test_a_duplicate_idempotency_key_raises_and_leaves_the_connection_clean(inpr
     assert _count(project) == 4
 
 
-def test_a_submission_not_waiting_for_the_disk_is_visible_at_once_and_flushed_by_wait_durable(inproc_env):
-    """``durable=False`` (the API's submit): the job is visible to another connection as soon as
-    the call returns (a worker can claim it), and :func:`store.submit.wait_durable` returns only
-    once the WAL is flushed past the job's commit."""
-    import psycopg
-
-    from store import submit
-    from store.db import get_engine
-
-    engine, project = get_engine(), _project()
-    url = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
-    job = submit.insert_queued_jobs(engine, [(note_spec(1), "cpu", None)], project_id=project, max_active=0,
-                                    durable=False)[0]
-    with psycopg.connect(url, autocommit=True) as other:
-        assert other.execute("SELECT status FROM jobs WHERE id = %s", (job.id,)).fetchone()[0] == "queued"
-        written = other.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()[0]  # past its commit record
-        flushed = submit.wait_durable(engine)
-        assert other.execute("SELECT %s::pg_lsn >= %s::pg_lsn", (flushed, written)).fetchone()[0]
-        assert other.execute("SELECT count(*) FROM outbox WHERE job_id = %s", (job.id,)).fetchone()[0] == 1
-
-
 def test_over_the_limit_nothing_is_written(inproc_env):
     from store import submit
     from store.db import get_engine
@@ -125,35 +103,24 @@ def test_post_sends_the_message_then_publishes_the_change_notice(app_client, inp
     def waiting() -> int:  # messages in the broker's queues (nothing consumes this prefix)
         return sum(int(redis_client.llen(settings.queue_prefix + q)) for q in settings.queue_names())
 
-    from store import submit
-
     publisher = notices._publishers[get_engine()]
-    seen: list[tuple[str, int]] = []
+    seen: list[int] = []
     publish = publisher.publish
-    wait_durable = submit.wait_durable
 
     def spy() -> None:  # records the broker queue's length at the moment of the notice, then publishes
-        seen.append(("notice", waiting()))
+        seen.append(waiting())
         publish()
-
-    def durable_spy(engine: Any) -> str:
-        seen.append(("durable", waiting()))
-        return wait_durable(engine)
 
     pubsub = redis_client.pubsub()
     pubsub.subscribe(notices.channel(settings))
     assert pubsub.get_message(timeout=5)["type"] == "subscribe"
     before = waiting()
     publisher.publish = spy  # type: ignore[method-assign]
-    submit.wait_durable = durable_spy  # type: ignore[assignment]
     try:
         r = app_client.post("/v1/jobs", json=note_spec(1))
     finally:
         del publisher.publish
-        submit.wait_durable = wait_durable  # type: ignore[assignment]
     assert r.status_code == 201, r.text
-    # the message first (the worker's start does not wait for the disk), then the wait for the
-    # disk, then one notice; all before the answer
-    assert seen == [("durable", before + 1), ("notice", before + 1)]
+    assert seen == [before + 1]  # one notice, after the message was in the queue
     assert pubsub.get_message(timeout=5)["type"] == "message"
     pubsub.close()
