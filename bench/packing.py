@@ -15,7 +15,9 @@ Parts (``--parts``, in this order; default all three):
   the sweep's status is terminal.
 - **asha**: the same sweep (same seed, so the same configurations) with ASHA early termination
   (``min_epochs`` 1, reduction factor 3): the base rung's trials are queued together and packed;
-  a promoted trial resumes alone from its snapshot.
+  the trials ASHA promotes together resume together as a pack, each from its own snapshot (one
+  promoted alone runs alone). ``--timeline`` prints where each sweep's time went: its packs and
+  solo runs, from the trials' events.
 - **batch**: ``POST /v1/jobs/batch`` of 200 same-shape jobs (``--batch``; own seeds and rates, 3
   epochs each, ``--batch-epochs``), timed from the POST until every job is terminal: jobs per
   minute.
@@ -90,6 +92,7 @@ class Serve:
         self.proc = subprocess.Popen([sys.executable, "-m", "client.cli", "serve", "--port", str(self.port),
                                       "--data-dir", str(data_dir)], cwd=ROOT, env=env, stdout=self.log,
                                      stderr=subprocess.STDOUT)
+        self.data_dir = data_dir
         self.url = f"http://127.0.0.1:{self.port}"
         self.http = httpx.Client(base_url=self.url, timeout=60)
         deadline = time.monotonic() + 120
@@ -135,7 +138,53 @@ def run_sweep(srv: Serve, trials: int, epochs: int, asha: bool) -> dict[str, Any
     trials = [t["job_id"] for t in sw["leaderboard"]]
     packed = sum(bool((srv.http.get(f"/v1/jobs/{i}").json().get("info") or {}).get("pack", {}).get("fused")) for i in trials)
     best = (sw.get("best_trial") or {}).get("value")
-    return {"seconds": seconds, "status": sw["status"], "trials": len(trials), "trials_packed": packed, "best": best}
+    return {"seconds": seconds, "status": sw["status"], "trials": len(trials), "trials_packed": packed, "best": best,
+            "runs": timeline(srv.data_dir / "trainyard.db", trials)}
+
+
+def timeline(db: Path, job_ids: list[str]) -> list[dict[str, Any]]:
+    """Where a sweep's time went, from its trials' events (the server's SQLite file): each run of a
+    trial (a ``running`` state event to the next state event) grouped into the pack it ran in
+    (its ``pack`` event) or alone: start and end in seconds from the first trial's first event,
+    members, epochs trained by each, and how each run ended."""
+    import sqlite3
+    from datetime import datetime
+
+    marks = ",".join("?" * len(job_ids))
+    with sqlite3.connect(db) as con:
+        rows = con.execute(f"SELECT job_id, kind, data, created_at FROM job_events WHERE job_id IN ({marks}) "
+                           "AND kind IN ('state', 'epoch', 'pack') ORDER BY id", job_ids).fetchall()
+    t = [datetime.fromisoformat(r[3]) for r in rows]
+    t0 = min(t) if t else None
+    runs: dict[str, dict[str, Any]] = {}
+    last: dict[str, dict[str, Any]] = {}  # each job's latest run (its last epochs commit with its end)
+    for (job_id, kind, data, _), at in zip(rows, t, strict=True):
+        d = json.loads(data)
+        sec = (at - t0).total_seconds()
+        run = last.get(job_id)
+        if kind == "state" and d.get("status") == "running":
+            last[job_id] = {"job": job_id, "start": sec, "epochs": [], "pack": None, "ended": None}
+        elif run is not None and kind == "pack":
+            run["pack"] = d["pack"]
+        elif run is not None and kind == "epoch":
+            run["epochs"].append(int(d["epoch"]))
+        elif run is not None and kind == "state" and run["ended"] is None:
+            run["ended"] = d.get("status")
+            key = run["pack"] or job_id + f"@{run['start']:.3f}"
+            group = runs.setdefault(key, {"pack": run["pack"], "start": run["start"], "end": sec, "members": []})
+            group["start"], group["end"] = min(group["start"], run["start"]), max(group["end"], sec)
+            group["members"].append(run)
+    return sorted(runs.values(), key=lambda g: g["start"])
+
+
+def print_timeline(runs: list[dict[str, Any]]) -> None:
+    for g in runs:
+        eps = sorted({len(m["epochs"]) for m in g["members"]})
+        first = min((m["epochs"][0] for m in g["members"] if m["epochs"]), default=0)
+        last = max((m["epochs"][-1] for m in g["members"] if m["epochs"]), default=0)
+        what = f"pack of {len(g['members'])}" if g["pack"] else "alone"
+        print(f"        {g['start']:6.2f}-{g['end']:6.2f} s ({g['end'] - g['start']:5.2f} s) {what:>11}: epochs {first}-{last} "
+              f"({'/'.join(map(str, eps))} each), ended {sorted({m['ended'] for m in g['members']})}", flush=True)
 
 
 def run_batch(srv: Serve, n: int, epochs: int) -> dict[str, Any]:
@@ -211,6 +260,8 @@ def main() -> None:
                     help="TRAINYARD_TORCH_THREADS for both modes' worker (0: torch's default, one per core)")
     ap.add_argument("--warm", action="store_true",
                     help="in both modes, run one 1-epoch job to its end before the timed part (a worker that has been up a while)")
+    ap.add_argument("--timeline", action="store_true",
+                    help="print each sweep's runs (packs and solo runs: when, how many members, which epochs), from its events")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
@@ -231,6 +282,8 @@ def main() -> None:
                 else:
                     print(f"{part:>5} {mode:>6}: {r['seconds']:.1f} s ({r['status']}, {r['trials']} trials, "
                           f"{r['trials_packed']} packed, best {r['best']}); {load}", flush=True)
+                    if args.timeline:
+                        print_timeline(r["runs"])
             s, p = res["solo"], res["packed"]
             if part == "batch":
                 res["ratio"] = p["jobs_per_minute"] / s["jobs_per_minute"]

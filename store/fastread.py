@@ -305,22 +305,61 @@ def _who(caller: Caller) -> str | None:
     return caller.key_hash if caller.key_hash is not None else caller.project_id
 
 
-class JobPolls:
+class _BatchKind:
+    """A ``store.pollread`` batch kind of PostgreSQL queries: :meth:`queries` says what to ask for
+    a batch of items, :meth:`answer` turns the rows into each item's result. The reader runs the
+    queries on a thread's connection (:meth:`run_many`) or on the event loop's own asynchronous
+    connection (:meth:`run_many_async`); both give the same results from the same rows."""
+
+    limit = 64
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def queries(self, items: Sequence[Any]) -> list[tuple[bool, list[int], str, dict[str, Any]]]:
+        raise NotImplementedError
+
+    def answer(self, items: Sequence[Any], parts: list[tuple[bool, list[int], list[tuple[Any, ...]]]]) -> list[Any]:
+        raise NotImplementedError
+
+    def run_one(self, conn: Any, item: Any) -> Any:
+        """An item's result without the batched query (SQLite)."""
+        raise NotImplementedError
+
+    def run_many(self, conn: Any, items: Sequence[Any]) -> list[Any]:
+        if self.engine.dialect.name != "postgresql":
+            return [self.run_one(conn, it) for it in items]
+        return self.answer(items, [(keyed, idx, _fetch(self.engine, sql, params, conn))
+                                   for keyed, idx, sql, params in self.queries(items)])
+
+    async def run_many_async(self, conn: Any, items: Sequence[Any]) -> list[Any]:
+        """:meth:`run_many` on a psycopg ``AsyncConnection`` (PostgreSQL, autocommit)."""
+        parts = []
+        for keyed, idx, sql, params in self.queries(items):
+            async with conn.cursor() as cur:
+                await cur.execute(sql, params)
+                parts.append((keyed, idx, await cur.fetchall()))
+        return self.answer(items, parts)
+
+
+class JobPolls(_BatchKind):
     """``GET /v1/jobs/{id}`` for many (job id, caller) items at once (a ``store.pollread`` batch
     kind): the results are :func:`job_json`'s, item by item."""
 
     limit = 128  # items per query
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+    def run_one(self, conn: Any, item: tuple[str, Caller]) -> tuple[KeyRow, bytes | None]:
+        return job_json(self.engine, item[0], item[1], conn)
 
-    def run_many(self, conn: Any, items: Sequence[tuple[str, Caller]]) -> list[tuple[KeyRow, bytes | None]]:
-        if self.engine.dialect.name != "postgresql":
-            return [job_json(self.engine, job_id, caller, conn) for job_id, caller in items]
+    def queries(self, items: Sequence[tuple[str, Caller]]) -> list[tuple[bool, list[int], str, dict[str, Any]]]:
+        return [(keyed, idx, _jobs_batch_sql(keyed),
+                 {"ids": [items[i][0] for i in idx], "who": [_who(items[i][1]) for i in idx]})
+                for keyed, idx in _split(items)]
+
+    def answer(self, items: Sequence[tuple[str, Caller]],
+               parts: list[tuple[bool, list[int], list[tuple[Any, ...]]]]) -> list[tuple[KeyRow, bytes | None]]:
         out: list[tuple[KeyRow, bytes | None]] = [(None, None)] * len(items)
-        for keyed, idx in _split(items):
-            rows = _fetch(self.engine, _jobs_batch_sql(keyed),
-                          {"ids": [items[i][0] for i in idx], "who": [_who(items[i][1]) for i in idx]}, conn)
+        for keyed, idx, rows in parts:
             for row in rows:
                 pos = idx[row[0] - 1]
                 key: KeyRow = tuple(row[1:5]) if keyed else None  # type: ignore[assignment]
@@ -329,25 +368,26 @@ class JobPolls:
         return out
 
 
-class MetricsPolls:
+class MetricsPolls(_BatchKind):
     """``GET /v1/jobs/{id}/metrics`` for many (job id, caller, since_epoch, max_points) items at
     once: the results are :func:`metrics_json`'s, item by item."""
 
     limit = 64
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+    def run_one(self, conn: Any, item: tuple[str, Caller, int, int | None]) -> tuple[KeyRow, bytes | None]:
+        job_id, caller, since, max_points = item
+        return metrics_json(self.engine, job_id, caller, since, max_points, conn)
 
-    def run_many(
-        self, conn: Any, items: Sequence[tuple[str, Caller, int, int | None]]
-    ) -> list[tuple[KeyRow, bytes | None]]:
-        if self.engine.dialect.name != "postgresql":
-            return [metrics_json(self.engine, job_id, caller, since, mp, conn) for job_id, caller, since, mp in items]
+    def queries(self, items: Sequence[tuple[str, Caller, int, int | None]]) -> list[tuple[bool, list[int], str, dict[str, Any]]]:
+        return [(keyed, idx, _metrics_batch_sql(keyed),
+                 {"ids": [items[i][0] for i in idx], "who": [_who(items[i][1]) for i in idx],
+                  "since": [items[i][2] for i in idx]})
+                for keyed, idx in _split(items)]
+
+    def answer(self, items: Sequence[tuple[str, Caller, int, int | None]],
+               parts: list[tuple[bool, list[int], list[tuple[Any, ...]]]]) -> list[tuple[KeyRow, bytes | None]]:
         out: list[tuple[KeyRow, bytes | None]] = [(None, None)] * len(items)
-        for keyed, idx in _split(items):
-            rows = _fetch(self.engine, _metrics_batch_sql(keyed),
-                          {"ids": [items[i][0] for i in idx], "who": [_who(items[i][1]) for i in idx],
-                           "since": [items[i][2] for i in idx]}, conn)
+        for keyed, idx, rows in parts:
             groups: dict[int, list[Any]] = {}
             for row in rows:
                 groups.setdefault(row[0], []).append(row)

@@ -13,11 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import bindparam, exists, select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
 
 from store import repo
-from store.models import Job, Snapshot
+from store.models import Job
 
 
 @dataclass(frozen=True)
@@ -29,18 +29,18 @@ class Candidate:
 
 
 def queued_candidates(session: Session, job_id: str, limit: int) -> list[Candidate]:
-    """Up to ``limit`` queued first-attempt jobs of ``job_id``'s queue and project, in claim order,
-    row-locked on PostgreSQL (skipping rows another worker holds). Jobs with an earlier attempt or
-    a snapshot are left out: they resume alone from their snapshots. Other projects' jobs are left
-    out too: the fair share between projects (:mod:`store.scheduling`) picks whose job runs next,
-    and a pack never carries another project's jobs past it."""
+    """Up to ``limit`` queued jobs of ``job_id``'s queue and project, in claim order, row-locked on
+    PostgreSQL (skipping rows another worker holds). First attempts and jobs that resume from a
+    snapshot alike (a sweep's promoted trials, the requeued members of a pack whose worker died):
+    the worker resumes each member from its own snapshot. Other projects' jobs are left out: the
+    fair share between projects (:mod:`store.scheduling`) picks whose job runs next, and a pack
+    never carries another project's jobs past it."""
     lead = select(Job.queue, Job.project_id).where(Job.id == job_id).subquery()
     q = (
         select(Job.id, Job.spec)
         .where(Job.queue == select(lead.c.queue).scalar_subquery(),
                Job.project_id == select(lead.c.project_id).scalar_subquery(),
-               Job.status == "queued", Job.attempts == 0, Job.cancel_requested.is_(False), Job.id != job_id,
-               ~exists().where(Snapshot.job_id == Job.id))
+               Job.status == "queued", Job.cancel_requested.is_(False), Job.id != job_id)
         .order_by(Job.priority.desc(), Job.created_at, Job.id)
         .limit(limit)
         .with_for_update(skip_locked=True)

@@ -1,14 +1,20 @@
-"""Where the polled routes' queries run: a few dedicated threads, each with its own persistent
-connection. Identical polls that arrive while the same query is still waiting for a thread share
+"""Where the polled routes' queries run. On PostgreSQL, a poll awaited on an event loop (the API's
+routes and fast path, ``store.fastread.read_job`` / ``read_metrics``) runs on that loop's own
+asynchronous connections (:class:`_LoopReader`, a few per loop, persistent); anything else
+(a synchronous caller, SQLite) runs on a few dedicated threads, each with its own persistent
+connection. Identical polls that arrive while the same query is still waiting to be sent share
 it, and waiting polls of different jobs are answered together by one query
-(``store.fastread.JobPolls``, ``MetricsPolls``).
+(``store.fastread.JobPolls``, ``MetricsPolls``), on the loop and on the threads alike.
 
 Why not the request thread pool and the engine's pool: under 64 concurrent pollers, FastAPI ran
 up to 40 polls at once in its thread pool, more than the engine pool's 10 connections, so the
 overflow connections were opened and closed on every few requests (a PostgreSQL backend forked
 per connection: ``bench/service.py`` found a quarter of the API's CPU in ``connect``). Here the
 number of connections is fixed and small (a poll is one short query; more connections than
-cores only queue inside PostgreSQL), and no request ever opens one.
+cores only queue inside PostgreSQL), and no request ever opens one. Why the loop's own
+connections rather than the threads for the API: a poll answered by a thread crossed threads
+twice, and the thread waited for the GIL while the loop was busy; on the loop a poll costs half
+the CPU (:class:`_LoopReader`).
 
 Sharing (request coalescing, "single flight"): a poll joins a query only if that query has not yet
 been sent, so every answer reflects the database as it was after the request arrived; a poll that
@@ -17,9 +23,10 @@ every input (the route, the job id, the query parameters and the API key's hash)
 caller receives is exactly what its own query would have returned. Each request is still admitted
 on its own (key check result, rate limit).
 
-Batching: a thread that becomes free takes the oldest waiting poll and every other waiting poll of
-the same kind; the kind's query answers each item with the single poll's rules. A lone poll is
-still one round trip; under load, queries grow with the number of threads, not of requests.
+Batching: a connection that becomes free takes the oldest waiting poll and every other waiting
+poll of the same kind; the kind's query answers each item with the single poll's rules. A lone
+poll is still one round trip; under load, queries grow with the number of connections, not of
+requests.
 """
 
 from __future__ import annotations
@@ -52,6 +59,8 @@ class BatchKind(Protocol):
     limit: int
 
     def run_many(self, conn: Any, items: Sequence[Any]) -> list[Any]: ...
+
+    async def run_many_async(self, conn: Any, items: Sequence[Any]) -> list[Any]: ...
 
 
 @dataclass(eq=False)
@@ -86,6 +95,7 @@ class PollReader:
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._waiting: dict[Hashable, _Flight] = {}  # in arrival order
+        self._loops: dict[asyncio.AbstractEventLoop, _LoopReader] = {}  # PostgreSQL polls from event loops
         self.queries = 0  # queries run (for tests and the benchmark: requests / queries = sharing)
 
     # ---- connections
@@ -218,8 +228,34 @@ class PollReader:
         return await asyncio.shield(asyncio.wrap_future(self.submit(key, fn)))
 
     async def run_item(self, key: Hashable, kind: BatchKind, item: Any) -> Any:
-        """``submit_item`` awaited from the event loop (shielded, as :meth:`run`)."""
-        return await asyncio.shield(asyncio.wrap_future(self.submit_item(key, kind, item)))
+        """``submit_item`` awaited from the event loop (shielded, as :meth:`run`). On PostgreSQL
+        the query runs on the loop itself (:class:`_LoopReader`), with the same sharing and
+        batching as the threads'."""
+        if not self._pg:
+            return await asyncio.shield(asyncio.wrap_future(self.submit_item(key, kind, item)))
+        loop = asyncio.get_running_loop()
+        reader = self._loops.get(loop)
+        if reader is None:
+            reader = self._loop_reader(loop)
+        return await asyncio.shield(reader.submit((kind, key), kind, item))
+
+    def _loop_reader(self, loop: asyncio.AbstractEventLoop) -> _LoopReader:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the poll reader is closed")
+            # a finished asyncio.run's or test client's loop: its connections are closed below
+            gone = [self._loops.pop(lp) for lp in [lp for lp in self._loops if lp.is_closed()]]
+            reader = self._loops[loop] = _LoopReader(self, loop, self._max_threads)
+        for old in gone:
+            old.close()
+        return reader
+
+    def _count_query(self) -> None:
+        global _total_queries
+        with self._lock:
+            self.queries += 1
+        with _readers_lock:
+            _total_queries += 1
 
     def close(self) -> None:
         """Finish the waiting polls, stop the threads, close the connections."""
@@ -227,6 +263,9 @@ class PollReader:
             self._closed = True
             self._wake.notify_all()
             threads = list(self._threads)
+            loops, self._loops = list(self._loops.values()), {}
+        for lr in loops:
+            lr.close()  # its connections leave self._conns
         for t in threads:
             if t is not threading.current_thread():
                 t.join(timeout=30)
@@ -237,6 +276,159 @@ class PollReader:
                 conn.close()
             except Exception:  # noqa: BLE001
                 pass
+
+
+class _LoopReader:
+    """A :class:`PollReader`'s polls from one event loop, on PostgreSQL: up to ``limit`` psycopg
+    ``AsyncConnection`` objects of that loop, in autocommit. The same rules as the threads': a
+    poll joins a waiting query of the same key, never one already sent; the oldest waiting poll
+    goes first, with every other waiting one of its kind (up to the kind's ``limit``).
+
+    Why on the loop: a poll answered by a thread crossed threads twice (the request's future handed
+    to a thread, the answer handed back with ``call_soon_threadsafe``, once per waiting request),
+    and the answering thread waited for the GIL while the loop was busy. Measured in-process, 64
+    concurrent polls of one job at a time (BENCHMARKS.md, "Service"): CPU per poll 64 -> 34 us and
+    the loop's idle time per poll 29 -> 10 us. Waiting polls are sent once per loop iteration
+    (``call_soon``), so a burst of requests read in one iteration shares one query."""
+
+    def __init__(self, owner: PollReader, loop: asyncio.AbstractEventLoop, limit: int) -> None:
+        self.owner = owner
+        self.loop = loop
+        self.limit = max(1, limit)
+        self.conns: list[Any] = []  # every connection of this loop
+        self.born: dict[int, float] = {}
+        self.idle: list[Any] = []
+        self.opening = 0
+        self.waiting: dict[Hashable, tuple[asyncio.Future[Any], BatchKind, Any]] = {}  # in arrival order
+        self.scheduled = False
+        self.closed = False
+
+    def submit(self, key: Hashable, kind: BatchKind, item: Any) -> asyncio.Future[Any]:
+        if self.closed:
+            raise RuntimeError("the poll reader is closed")
+        got = self.waiting.get(key)
+        if got is not None:
+            return got[0]
+        fut: asyncio.Future[Any] = self.loop.create_future()
+        self.waiting[key] = (fut, kind, item)
+        if not self.scheduled:
+            self.scheduled = True
+            self.loop.call_soon(self._dispatch)
+        return fut
+
+    def _take(self) -> list[tuple[asyncio.Future[Any], BatchKind, Any]]:
+        key = next(iter(self.waiting))
+        first = self.waiting.pop(key)
+        kind = first[1]
+        same = [k for k, w in self.waiting.items() if w[1] is kind][: kind.limit - 1]
+        return [first] + [self.waiting.pop(k) for k in same]
+
+    def _dispatch(self) -> None:
+        self.scheduled = False
+        while self.waiting and not self.closed:
+            if self.idle:
+                self.loop.create_task(self._run(self.idle.pop(), self._take()))
+            elif len(self.conns) + self.opening < self.limit:
+                self.opening += 1
+                self.loop.create_task(self._run(None, self._take()))
+            else:
+                return  # a connection that comes back dispatches the rest
+
+    async def _connect(self) -> Any:
+        cargs, cparams = self.owner.engine.dialect.create_connect_args(self.owner.engine.url)
+        conn = await psycopg.AsyncConnection.connect(*cargs, **{**KEEPALIVES, **cparams}, autocommit=True)
+        for hook in CONNECT_HOOKS:
+            hook(conn)
+        self.born[id(conn)] = time.monotonic()
+        self.conns.append(conn)
+        with self.owner._lock:
+            self.owner._conns.append(conn)  # listed with the threads' (tests look at their backends)
+        return conn
+
+    def _forget(self, conn: Any) -> None:
+        if conn in self.conns:
+            self.conns.remove(conn)
+        self.born.pop(id(conn), None)
+        with self.owner._lock:
+            if conn in self.owner._conns:
+                self.owner._conns.remove(conn)
+
+    async def _drop(self, conn: Any) -> None:
+        self._forget(conn)
+        try:
+            await conn.close()
+        except Exception:  # noqa: BLE001 - it is broken already
+            pass
+
+    async def _run(self, conn: Any, batch: list[tuple[asyncio.Future[Any], BatchKind, Any]]) -> None:
+        batch = [b for b in batch if not b[0].done()]
+        try:
+            if conn is None:
+                try:
+                    conn = await self._connect()
+                finally:
+                    self.opening -= 1
+            elif conn.closed or time.monotonic() - self.born.get(id(conn), 0.0) > RECYCLE_S:
+                await self._drop(conn)
+                conn = await self._connect()
+            if batch:
+                self.owner._count_query()
+                kind = batch[0][1]
+                items = [b[2] for b in batch]
+                try:
+                    results = await kind.run_many_async(conn, items)
+                except Exception:
+                    if not (conn.broken or conn.closed):
+                        raise
+                    # the server ended the connection while it sat idle (a restart, an idle
+                    # timeout): polls only read, so they are asked once more on a new one
+                    await self._drop(conn)
+                    conn = await self._connect()
+                    results = await kind.run_many_async(conn, items)
+                for (fut, _, _), result in zip(batch, results, strict=True):
+                    if not fut.done():
+                        fut.set_result(result)
+        except BaseException as exc:  # noqa: BLE001 - handed to every waiter
+            if conn is not None and (conn.broken or conn.closed):
+                await self._drop(conn)  # still broken (the database is down): the next polls reconnect
+                conn = None
+            for fut, _, _ in batch:
+                if not fut.done():
+                    fut.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            if conn is not None:
+                if self.closed:
+                    await self._drop(conn)
+                else:
+                    self.idle.append(conn)
+            if self.waiting and not self.closed:
+                self._dispatch()
+
+    def close(self) -> None:
+        """Close this loop's connections, from any thread: on the loop if it runs in another
+        thread, else at once (libpq's own close; nothing is waited for)."""
+        self.closed = True
+        conns, self.idle = list(self.conns), []
+        for conn in conns:
+            self._forget(conn)
+        try:
+            on_loop = asyncio.get_running_loop() is self.loop
+        except RuntimeError:
+            on_loop = False
+        for conn in conns:
+            if not on_loop and self.loop.is_running():
+                asyncio.run_coroutine_threadsafe(conn.close(), self.loop)
+            else:
+                _finish(conn)
+
+
+def _finish(conn: Any) -> None:
+    try:
+        conn.pgconn.finish()
+    except Exception:  # noqa: BLE001 - it is broken already
+        pass
 
 
 _readers: dict[str, PollReader] = {}

@@ -36,7 +36,9 @@ Dropout is fused with each trial's own rate, but its masks are drawn for the pac
 trial's own RNG stream): with dropout on, a fused trial is statistically, not bitwise, the solo run.
 Snapshots are the engine's own, per member (``_Run._end_epoch``, after the member's weights and
 optimizer state are written back into its own model and optimizer): a member resumes from its
-snapshot alone, as a solo run, and goes on as its solo run would.
+snapshot alone (``fit(resume_from=...)``) or in a pack (``fit_fused(..., resume_from=[...])``,
+each member restored by ``_Run.restore`` as its solo resume is, at its own epoch), and goes on as
+its solo run would.
 """
 
 from __future__ import annotations
@@ -179,15 +181,18 @@ class _StackedKeras:
         self.state: dict[str, list[Tensor]] = {}
 
     def slots(self, key: str, fill: Any) -> list[Tensor]:
+        """The stacked state ``key``, made on first use: each row is its member's own state when it
+        has one (a member resumed from a snapshot), else ``fill`` (a fresh member, as its solo
+        run's optimizer fills it); a pack may mix both."""
         if key not in self.state:
             p = self.params[0]
-            rows = [_member_state(o, key) for o in self.optimizers]
-            if all(r is not None for r in rows):  # resumed members: their own state
-                self.state[key] = [torch.stack(rows).to(p)]  # type: ignore[arg-type]
-            elif isinstance(fill, float):
-                self.state[key] = [torch.full_like(p, fill)]
-            else:
-                self.state[key] = [torch.zeros_like(p).add_(operand(fill, [p])[0])]
+            stacked = torch.full_like(p, fill) if isinstance(fill, float) else torch.zeros_like(p).add_(operand(fill, [p])[0])
+            with torch.no_grad():
+                for k, o in enumerate(self.optimizers):
+                    row = _member_state(o, key)
+                    if row is not None:
+                        stacked[k].copy_(row)
+            self.state[key] = [stacked]
         return self.state[key]
 
     def step(self, grads: list[Tensor], lrs: list[float]) -> None:
@@ -663,6 +668,7 @@ def fit_fused(
     datasets: Callable[[str], Any] | None = None,
     fallback: bool = True,
     isolate: tuple[type[BaseException], ...] = (),
+    resume_from: Sequence[bytes | None] | None = None,
 ) -> list[FitResult]:
     """Train ``specs`` as one fused model when :func:`why_not_fused` allows it and the engine's
     optimizer for them has a fused form; otherwise (``fallback``) train them one after another
@@ -673,12 +679,21 @@ def fit_fused(
     that member alone (the others go on): its result has ``stop_reason`` ``LOST`` and
     ``info["pack"]["lost"]`` says what was raised; its history is what it reported before. Any
     other exception ends the whole call. Each fused member's reporter gets ``{"pack": {"fused":
-    True, "size": n, "index": k}}`` in its ``on_start`` info."""
+    True, "size": n, "index": k}}`` in its ``on_start`` info.
+
+    ``resume_from``: per member, a snapshot's bytes (``None``: a fresh start), as ``fit``'s
+    ``resume_from``: the member is restored exactly as its solo resume restores it
+    (``_Run.restore``: weights, optimizer state and update count, epoch and step, history,
+    schedule, plateau, early-stopping and checkpoint state, its batch-order generator) before the
+    pack is formed, and goes on from its own epoch; members may resume from different epochs, and
+    fresh and resumed members may share a pack. A member whose snapshot already holds all its
+    epochs trains none (as solo)."""
     jobs = [validate_spec(s, datasets) for s in specs]
     reps = list(reporters) if reporters is not None else [None] * len(jobs)
     stops = list(should_stops) if should_stops is not None else [None] * len(jobs)
-    if len(reps) != len(jobs) or len(stops) != len(jobs):
-        raise ValueError("reporters and should_stops must have one entry per spec")
+    resumes = list(resume_from) if resume_from is not None else [None] * len(jobs)
+    if len(reps) != len(jobs) or len(stops) != len(jobs) or len(resumes) != len(jobs):
+        raise ValueError("reporters, should_stops and resume_from must have one entry per spec")
     reason = why_not_fused(jobs)
     started = time.perf_counter()
     results: list[FitResult] | None = None
@@ -686,6 +701,9 @@ def fit_fused(
         device = resolve_device(jobs[0].device)
         with _deterministic(jobs[0].deterministic, device), _actionable_errors(jobs[0], device):
             members = [_Run(job, rep, stop) for job, rep, stop in zip(jobs, reps, stops, strict=True)]
+            for m, data in zip(members, resumes, strict=True):
+                if data is not None:
+                    m.restore(data)
             classes = {_fused_optimizer_for(m.optimizer) for m in members}
             sizes = {(m.n_train, m.batch_size) for m in members}
             if len(classes) != 1:
@@ -699,9 +717,9 @@ def fit_fused(
     if not fallback:
         raise ValueError(f"these trials cannot be fused: {reason}")
     out = []
-    for job, rep, stop in zip(jobs, reps, stops, strict=True):
+    for job, rep, stop, data in zip(jobs, reps, stops, resumes, strict=True):
         try:
-            r = fit(job, rep, stop, datasets=datasets)
+            r = fit(job, rep, stop, data, datasets=datasets)
         except isolate as exc:
             r = FitResult(history=[], stop_reason=LOST, best_epoch=None, best_value=None, monitor=None,
                           stopped_epoch=None, epochs_run=0, steps=0, weights={}, best_checkpoint=None,
@@ -717,9 +735,12 @@ def _train_pack(members: list[_Run], opt_cls: type[_StackedKeras] | type[_Member
     finished: list[int] = []
     lost = [k for k, m in enumerate(members)
             if not pack.call(k, m.start, {"pack": {"fused": True, "size": len(members), "index": k}})]
-    if lost:
-        finished.extend(lost)
-        pack.drop(lost)
+    # (the pack's slots are the members' indices until the first drop) a member resumed from a
+    # snapshot that holds all its epochs trains none, as solo (``_Run.run``)
+    gone = [k for k, m in enumerate(members) if k in lost or m.epoch >= m.spec.epochs]
+    if gone:
+        finished.extend(gone)
+        pack.drop(gone)
     while pack.live:
         _epoch(pack, finished)
     seconds = time.perf_counter() - started

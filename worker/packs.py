@@ -2,16 +2,24 @@
 trains them as one fused model (``training/fused.py``), each recorded on its own job exactly as
 a solo run (README, "Packed jobs").
 
-``run_pack_if_any`` is called by ``worker/runner.py`` right after a claim. It packs only a first
-attempt (a requeued job resumes alone from its snapshot) of kind ``train``, not a warm start
-(``init_from``), whose spec allows it
-(``"pack": false`` keeps a job alone; a sweep's ``base`` passes it to every trial) on a server
-that allows it (``TRAINYARD_PACK``). Members are the next queued first-attempt jobs of the same
-queue, in claim order, with the same pack key (``training.fused.pack_key``: layers and sizes,
+``run_pack_if_any`` is called by ``worker/runner.py`` right after a claim. It packs a job of kind
+``train``, not a warm start (``init_from``), whose spec allows it (``"pack": false`` keeps a job
+alone; a sweep's ``base`` passes it to every trial) on a server that allows it
+(``TRAINYARD_PACK``), whether it starts fresh or resumes from a snapshot (a sweep's promoted
+trial, a requeued member of a pack whose worker died, a continued job). Members are the next
+queued jobs of the same queue and project, in claim order, fresh or resuming alike, with the same
+pack key (``training.fused.pack_key``: layers and sizes,
 batch size, data, loss family, metrics, optimizer family, device; epochs, hyperparameters and
 seeds may differ), while the pack stays within ``TRAINYARD_PACK_MAX_MEMBERS`` and
 ``TRAINYARD_PACK_MAX_PARAMS`` (``training.fused.member_cost``). They are claimed through
 ``store.packing`` (compare-and-set, ``FOR UPDATE SKIP LOCKED`` on PostgreSQL).
+
+Each member resumes from what its solo claim would resume from (``worker.runner.resume_snapshot``:
+the job's latest snapshot on an attempt after the first), restored in the pack by
+``fit_fused(resume_from=...)`` exactly as a solo ``fit(resume_from=...)`` restores it; its record
+is opened with its own attempt number, and its start info says ``resumed_from_epoch``. A member
+whose snapshot cannot be read is recorded failed with the reason, as its solo run would be; the
+others train.
 
 Each member has its own record (``worker.record.RunRecord``, as a solo run: heartbeat, lease
 fence, cancel, sweep pruner, and its result recorded by ``RunRecord.finish``: metrics, best and
@@ -74,12 +82,16 @@ def _plan(job_id: str, run_spec: dict[str, Any], spec_dict: dict[str, Any], sett
     return pack_key(lead), cost
 
 
+#: a pack member: (id, lease token, spec, run spec, sweep id, epochs, attempt, snapshot row or None)
+Member = tuple[str, int, dict[str, Any], dict[str, Any], str | None, int, int, Any]
+
+
 def _claim_members(job_id: str, spec_dict: dict[str, Any], run_spec: dict[str, Any], key: str, cost: int,
-                   settings: Settings) -> list[tuple[str, int, dict[str, Any], dict[str, Any], str | None, int]]:
-    """Claim the pack's other members: (id, lease token, spec, run spec, sweep id, epochs) each."""
+                   settings: Settings) -> list[Member]:
+    """Claim the pack's other members (see :data:`Member`)."""
     from training.fused import pack_key
     from training.spec import validate_spec
-    from worker.runner import worker_name
+    from worker.runner import resume_snapshot, worker_name
 
     with session_scope() as s:
         chosen: list[tuple[str, dict[str, Any]]] = []
@@ -102,14 +114,16 @@ def _claim_members(job_id: str, spec_dict: dict[str, Any], run_spec: dict[str, A
         ids = [job_id] + [j.id for j in jobs]
         if jobs:
             packing.mark_pack(s, ids)  # the job view says so from now on
-        return [(j.id, j.lease_token, dict(j.spec), runs[j.id], j.sweep_id, j.epochs) for j in jobs]
+        return [(j.id, j.lease_token, dict(j.spec), runs[j.id], j.sweep_id, j.epochs, j.attempts, resume_snapshot(s, j))
+                for j in jobs]
 
 
 def run_pack_if_any(job_id: str, settings: Settings, send: Any, token: int, attempt: int, spec_dict: dict[str, Any],
                     snapshot: Any, sweep_id: str | None, epochs: int) -> str | None:
     """Train the claimed job in a pack when queued jobs of its shape wait; the claimed job's final
-    status, or None when it runs alone (the caller then runs it as usual)."""
-    if not settings.pack or snapshot is not None or attempt != 1 or not _packable(spec_dict):
+    status, or None when it runs alone (the caller then runs it as usual). ``snapshot``: what the
+    claimed job resumes from (``worker.runner.resume_snapshot``), or None."""
+    if not settings.pack or not _packable(spec_dict):
         return None
     from worker.datasets import resolve_dataset
 
@@ -125,33 +139,40 @@ def run_pack_if_any(job_id: str, settings: Settings, send: Any, token: int, atte
                                     deadline_s=30.0, what=f"claim a pack for {job_id}")
     if not others:
         return None
-    members = [(job_id, token, spec_dict, run_spec, sweep_id, epochs), *others]
+    members: list[Member] = [(job_id, token, spec_dict, run_spec, sweep_id, epochs, attempt, snapshot), *others]
     ids = [m[0] for m in members]
     log.info("job %s: packed with %d queued job(s) of its shape: %s", job_id, len(others), ", ".join(ids[1:]))
     return _run_pack(members, settings, send)
 
 
-def _run_pack(members: list[tuple[str, int, dict[str, Any], dict[str, Any], str | None, int]], settings: Settings,
-              send: Any) -> str:
+def _run_pack(members: list[Member], settings: Settings, send: Any) -> str:
     from training import SpecError, TrainingError
     from training.fused import fit_fused
 
     ids = [m[0] for m in members]
-    # every member is a first attempt (run_pack_if_any, store.packing)
-    records = [RunRecord.open(job_id, settings, lease_token=token, attempt=1, spec=spec, sweep_id=sweep_id, epochs=epochs,
-                              send=send)
-               for job_id, token, spec, _, sweep_id, epochs in members]
+    # each member's own attempt number, as its solo claim records it
+    records = [RunRecord.open(job_id, settings, lease_token=token, attempt=attempt, spec=spec, sweep_id=sweep_id,
+                              epochs=epochs, send=send)
+               for job_id, token, spec, _, sweep_id, epochs, attempt, _ in members]
     for k, r in enumerate(records):
         r.pack = {"id": ids[0], "jobs": ids, "size": len(ids), "index": k}  # kept in the info on_start writes
-    group = FlushGroup(records)  # one transaction per flush interval for the whole pack, not one per member
     statuses: dict[str, str] = {}
+    resumes = _resume_bytes(members, records, statuses)
+    formed, pack_ids = members, ids  # the pack as formed (info.pack); those whose snapshot could not be read are failed
+    members = [m for m in members if m[0] not in statuses]
+    records = [r for r in records if r.job_id not in statuses]
+    resumes = [resumes[k] for k, i in enumerate(ids) if i not in statuses]
+    ids = [m[0] for m in members]
+    if not members:
+        return _after_sweeps(formed, statuses, settings, send)
+    group = FlushGroup(records)  # one transaction per flush interval for the whole pack, not one per member
     with ExitStack() as heartbeats:
         for r in records:
             heartbeats.enter_context(r.heartbeat())
         try:
             # a member whose lease is lost leaves the pack alone (its result's stop reason: LOST)
             results = fit_fused([m[3] for m in members], records, [r.should_stop for r in records],
-                                isolate=(leases.LeaseLost,))
+                                isolate=(leases.LeaseLost,), resume_from=resumes)
         except leases.LeaseLost:
             # not from one member's record or poll (those are isolated above): the pack stops;
             # the members' heartbeats stop with it and recovery requeues them
@@ -166,9 +187,10 @@ def _run_pack(members: list[tuple[str, int, dict[str, Any], dict[str, Any], str 
             raise
         from training.fused import LOST
 
-        for k, result in enumerate(results):
+        for job_id, result in zip(ids, results, strict=True):
             if result.stop_reason != LOST:
-                result.info["pack"] = {**result.info.get("pack", {}), "id": ids[0], "jobs": ids, "index": k}
+                result.info["pack"] = {**result.info.get("pack", {}), "id": pack_ids[0], "jobs": pack_ids,
+                                       "index": pack_ids.index(job_id)}
         # the members' results in one transaction (those that end plainly); the others on their own
         together = group.finish([(r, res) for r, res in zip(records, results, strict=True) if res.stop_reason != LOST])
         for job_id, r, result in zip(ids, records, results, strict=True):
@@ -193,13 +215,45 @@ def _run_pack(members: list[tuple[str, int, dict[str, Any], dict[str, Any], str 
                 except Exception:  # noqa: BLE001 - recorded failed by finish(); the others' results stay
                     statuses[job_id] = "failed"
                 log.info("job %s: %s (pack of %s)", job_id, statuses[job_id], ids[0])
+    return _after_sweeps(formed, statuses, settings, send)
+
+
+def _after_sweeps(members: list[Member], statuses: dict[str, str], settings: Settings, send: Any) -> str:
+    """Advance the sweeps of the members that are trials and that this worker recorded (the
+    Celery task does the claimed job's), each sweep once: advancing a sweep looks at all its
+    trials, and every member has ended by now (an ASHA rung's pack of 27 trials: 1 sweep step,
+    not 26). The claimed job's status."""
     from orchestration.sweeps import after_jobs
 
-    # each sweep with an ended trial among the members advanced once, not once per trial (the
-    # Celery task advances the claimed job's sweep)
-    after_jobs([job_id for job_id, m in zip(ids[1:], members[1:], strict=True)
-                if m[4] and statuses.get(job_id) not in ("lease_lost", "stalled")], settings, send)
-    return statuses[ids[0]]
+    # one read of the members' sweeps, then each sweep with an ended trial among them advanced once
+    after_jobs([m[0] for m in members[1:] if m[4] and statuses.get(m[0]) not in ("lease_lost", "stalled")],
+               settings, send)
+    return statuses[members[0][0]]
+
+
+def _resume_bytes(members: list[Member], records: list[RunRecord], statuses: dict[str, str]) -> list[bytes | None]:
+    """Each member's snapshot bytes (None: it starts fresh), read and verified as a solo resume
+    reads them (``worker.runner._verified_snapshot``). A member whose snapshot cannot be read is
+    recorded failed with the reason, as its solo run is (``statuses``: ``failed``); the others
+    train without it."""
+    from training import TrainingError
+    from worker.runner import _verified_snapshot
+
+    out: list[bytes | None] = []
+    for m, r in zip(members, records, strict=True):
+        job_id, attempt, snapshot = m[0], m[6], m[7]
+        if snapshot is None:
+            out.append(None)
+            continue
+        with job_context(job_id):
+            log.info("job %s: attempt %d resumes from its snapshot of epoch %s in the pack", job_id, attempt, snapshot.epoch)
+            try:
+                out.append(_verified_snapshot(job_id, snapshot))
+            except TrainingError as exc:
+                out.append(None)
+                _fail_all([r], str(exc))
+                statuses[job_id] = "failed"
+    return out
 
 
 def _fail_all(records: list[RunRecord], error: str) -> None:

@@ -165,11 +165,19 @@ def _claim(job_id: str, settings: Settings, by_priority: bool = False) -> tuple[
         outbox.forget_jobs(s, [job_id])
         if job is None:
             return None
-        attempt = job.attempts
-        snapshot = repo.get_snapshot(s, job.id) if attempt > 1 else None
-        if snapshot is not None:
-            s.expunge(snapshot)
-        return job.lease_token, attempt, dict(job.spec), snapshot, job.sweep_id, job.epochs, job.id
+        return job.lease_token, job.attempts, dict(job.spec), resume_snapshot(s, job), job.sweep_id, job.epochs, job.id
+
+
+def resume_snapshot(s: Any, job: Any) -> Any:
+    """The snapshot row a just-claimed attempt of ``job`` resumes from (detached from the session;
+    its bytes: :func:`_verified_snapshot`), or None: a first attempt starts fresh, a later one (a
+    requeued job, a promoted or continued one) resumes from the job's latest snapshot if it has
+    one. The one home of this rule: a solo claim (:func:`_claim`) and a pack's members
+    (``worker/packs.py``) both use it."""
+    snapshot = repo.get_snapshot(s, job.id) if job.attempts > 1 else None
+    if snapshot is not None:
+        s.expunge(snapshot)
+    return snapshot
 
 
 def claim_by_priority(s: Any, message_job_id: str, settings: Settings) -> Any:

@@ -425,6 +425,66 @@ def test_waiting_polls_of_different_jobs_share_one_query(inproc_env):
         reader.close()
 
 
+def test_polls_from_an_event_loop_share_a_query_not_yet_sent_and_only_that(inproc_env):
+    """On PostgreSQL a poll awaited on an event loop runs on that loop's own connection
+    (store.pollread._LoopReader) under the threads' rules: the polls that arrive before a query is
+    sent share it (different jobs in one batched query), a poll that arrives once it is under way
+    waits for a query of its own, and every answer is the single poll's."""
+    import asyncio
+
+    from store import fastread as fr
+    from store.db import get_engine
+    from store.pollread import PollReader
+
+    engine = get_engine()
+    callers, jobs = _callers_and_jobs()
+    reader = PollReader(engine, threads=1)
+    kind = fr.job_polls(engine)
+    item = (jobs[0], callers[0])
+
+    async def main() -> tuple[list[Any], list[Any], int]:
+        loop = asyncio.get_running_loop()
+        first = [asyncio.ensure_future(reader.run_item(item, kind, item)) for _ in range(10)]
+        first += [asyncio.ensure_future(reader.run_item((j, c), kind, (j, c))) for c in callers for j in jobs]
+        while not reader._loops.get(loop) or reader._loops[loop].waiting or not reader._loops[loop].opening:
+            await asyncio.sleep(0)  # until the burst's query is taken (its connection is still opening)
+        later = [asyncio.ensure_future(reader.run_item(item, kind, item)) for _ in range(5)]
+        return await asyncio.gather(*first), await asyncio.gather(*later), len(reader._conns)
+
+    try:
+        first, later, conns = asyncio.run(main())
+        assert first == [fr.job_json(engine, *item)] * 10 + [fr.job_json(engine, j, c) for c in callers for j in jobs]
+        assert later == [fr.job_json(engine, *item)] * 5
+        # one query for the whole first burst (25 different polls), one for the late ones
+        assert reader.queries == 2
+        assert conns == 1  # threads=1: one connection on the loop as well
+    finally:
+        reader.close()
+    assert not reader._conns
+
+
+def test_metrics_polls_from_an_event_loop_answer_what_single_polls_answer(inproc_env):
+    import asyncio
+
+    from store import fastread as fr
+    from store.db import get_engine
+    from store.pollread import PollReader
+
+    engine = get_engine()
+    callers, jobs = _callers_and_jobs()
+    items = [(j, c, since, mp) for c in callers for j in jobs for since, mp in ((0, None), (2, None), (0, 2), (5, 1))]
+    reader = PollReader(engine, threads=2)
+
+    async def main() -> list[Any]:
+        return await asyncio.gather(*(reader.run_item(it, fr.metrics_polls(engine), it) for it in items))
+
+    try:
+        assert asyncio.run(main()) == [fr.metrics_json(engine, *it) for it in items]
+        assert reader.queries <= 2 * -(-len(items) // fr.metrics_polls(engine).limit)
+    finally:
+        reader.close()
+
+
 def test_poll_connections_use_the_engines_connect_arguments(inproc_env):
     """A password with a space (``%20`` in the URL) reaches libpq intact: the poll threads connect
     with the engine's own arguments, not a URL rendered back to text. (The test server trusts

@@ -26,7 +26,7 @@ import training
 from client import Client
 from store import repo
 from store.db import session_scope
-from store.models import Job, JobMetric
+from store.models import Job, JobEvent, JobMetric
 
 from .conftest import RUN_ID, cli
 from .helpers import ROOT, free_port, stop, wait_for_log, wait_http, wait_status
@@ -254,3 +254,119 @@ def test_a_batch_of_same_shape_jobs_runs_as_one_pack_embedded(tmp_path: Path) ->
             check_sweeps(c)
     finally:
         stop(proc)
+
+
+# --------------------------------------------------------------------------- resumed members
+
+
+def _epoch_events(job_id: str) -> list[int]:
+    """The epochs a job's events say were recorded, in the order they were written."""
+    with session_scope(write=False) as s:
+        rows = s.scalars(select(JobEvent.data).where(JobEvent.job_id == job_id, JobEvent.kind == "epoch").order_by(JobEvent.id))
+        return [int(d["epoch"]) for d in rows]
+
+
+def _pack_events(job_id: str) -> int:
+    with session_scope(write=False) as s:
+        return int(s.scalar(select(func.count()).select_from(JobEvent).where(JobEvent.job_id == job_id, JobEvent.kind == "pack")) or 0)
+
+
+def test_an_asha_sweeps_promoted_trials_resume_together_as_a_pack(pg_service: str, inproc_env: dict[str, str]) -> None:
+    """ASHA (min 1 epoch, reduction factor 3, 9 trials of 9 epochs): the base rung's 9 trials
+    train as one pack and pause together; the 3 promoted at once resume from their snapshots as
+    one pack (the job view's ``info.pack`` says so: fused, its members the promoted trials); every
+    trial's epochs are recorded once each, in order, and equal its solo ``training.fit`` run's."""
+    base = dict(copy.deepcopy(BASE), epochs=9)
+    with Client(pg_service) as c:
+        sweep = c.create_sweep({
+            "name": "pack-asha", "base": base, "method": "random", "seed": 5,
+            "parameters": {"optimizer.learning_rate": {"distribution": "log_uniform", "min": 1e-3, "max": 3e-2}},
+            "objective": {"metric": "val_accuracy", "mode": "max"}, "max_trials": 9, "max_concurrent": 9,
+            "early_termination": {"type": "asha", "min_epochs": 1, "reduction_factor": 3},
+        })
+        done = c.wait_sweep(sweep["id"], timeout=300)
+        assert done["status"] == "succeeded" and len(done["trials"]) == 9, done
+        jobs = {t["job_id"]: c.job(t["job_id"]) for t in done["trials"]}
+        rows = {i: c.metrics(i) for i in jobs}
+    reached = {i: len(r) for i, r in rows.items()}
+    assert sorted(reached.values()) == [1] * 6 + [3] * 2 + [9], reached
+    promoted = [i for i, n in reached.items() if n > 1]
+    for job_id, view in jobs.items():
+        n = reached[job_id]
+        assert [r["epoch"] for r in rows[job_id]] == list(range(1, n + 1)), rows[job_id]
+        assert _epoch_events(job_id) == list(range(1, n + 1))  # each epoch recorded once, in order
+        solo = training.fit(view["spec"])
+        for row, ref in zip(rows[job_id], solo.history, strict=False):
+            for key in ("loss", "val_loss", "accuracy", "val_accuracy", "lr"):
+                assert close(row[key], ref[key]), (job_id, row["epoch"], key, row[key], ref[key])
+    # the two promoted trials that stopped at rung 3 trained epochs 2-3 in one pack of the three
+    # promoted trials (the last one's view says so too, unless its run to epoch 9 replaced it)
+    rung = [jobs[i] for i in promoted if reached[i] == 3]
+    packs = [v["info"]["pack"] for v in rung]
+    assert all(p["fused"] is True and p["size"] == 3 for p in packs), packs
+    assert {p["id"] for p in packs} == {packs[0]["id"]} and sorted(packs[0]["jobs"]) == sorted(promoted), packs
+    assert all(_pack_events(i) == 2 for i in promoted)  # the base rung's pack, then the promoted one
+    with session_scope(write=False) as s:
+        assert all(s.get(Job, i).attempts == 1 + (reached[i] > 1) + (reached[i] > 3) for i in jobs)
+
+
+def test_the_members_of_a_pack_whose_worker_died_resume_together_from_their_snapshots(
+        inproc_env: dict[str, str], caplog: pytest.LogCaptureFixture) -> None:
+    """A pack's worker dies after its members' snapshots of epoch 2 and their epoch 3 were
+    written; recovery requeues them. The next claim of one member trains all three as one pack,
+    each resumed from its own snapshot: attempt 2 (its claim event and record), epochs 3 and 4
+    trained again (the dead attempt's epoch 3 replaced), and every epoch equals the solo run's."""
+    from config.settings import settings_from_env
+    from training import BaseReporter
+    from training.reporting import Snapshot
+    from worker.record import RunRecord
+    from worker.runner import run_job
+
+    settings = settings_from_env({**inproc_env, "TRAINYARD_PACK": "1"})
+    queue = f"ty-{RUN_ID}-resumepack-{os.getpid()}"  # no other test's job can join this pack
+    specs = [dict(s, epochs=4) for s in batch_specs()[:3]]
+
+    class Snaps(BaseReporter):
+        def __init__(self) -> None:
+            self.snapshots: dict[int, Snapshot] = {}
+
+        def on_snapshot(self, snapshot: Snapshot) -> None:
+            self.snapshots[snapshot.epoch] = snapshot
+
+    with session_scope() as s:
+        ids = [repo.create_job(s, spec=training.validate_spec(spec).model_dump(mode="json"), queue=queue).id for spec in specs]
+    solos = []
+    for job_id, spec in zip(ids, specs, strict=True):  # the dead pack's writes, attempt 1
+        with session_scope() as s:
+            token = repo.claim_job(s, job_id, "dead-host:1", 60.0).lease_token  # type: ignore[union-attr]
+        rep = Snaps()
+        solos.append(training.fit(spec, rep))
+        dead = RunRecord(job_id, settings, lease_token=token, attempt=1)
+        for h in solos[-1].history[:2]:
+            dead.on_epoch(dict(h))
+        dead.write_snapshot(rep.snapshots[2])
+        dead.on_epoch({**solos[-1].history[2], "loss": 123.0})  # epoch 3, after the snapshot: redone
+        dead.flush(force=True)
+    with session_scope() as s:
+        s.execute(update(Job).where(Job.id.in_(ids)).values(heartbeat_at=repo.utcnow() - timedelta(hours=1)))
+        assert all(repo.requeue_job(s, i, "worker lost", stale_after_s=60.0) for i in ids)
+    with caplog.at_level("INFO", logger="trainyard.worker"):
+        assert run_job(ids[0], settings) == "succeeded"
+    for job_id in ids:
+        assert f"job {job_id}: attempt 2 resumes from its snapshot of epoch 2 in the pack" in caplog.text
+    with session_scope(write=False) as s:
+        jobs = [s.get(Job, i) for i in ids]
+        assert [(j.status, j.attempts, j.epoch) for j in jobs] == [("succeeded", 2, 4)] * 3
+        packs = [j.info["pack"] for j in jobs]
+        assert all(p["fused"] is True and p["size"] == 3 and p["id"] == ids[0] for p in packs), packs
+        events = {i: [e.data for e in s.scalars(select(JobEvent).where(JobEvent.job_id == i, JobEvent.kind == "state"))]
+                  for i in ids}
+    assert all({"status": "running", "attempt": 2} in ev for ev in events.values()), events
+    for job_id, solo in zip(ids, solos, strict=True):
+        assert _epoch_events(job_id) == [1, 2, 3, 3, 4]  # the dead attempt's epoch 3, then the resumed run's 3 and 4
+        with session_scope(write=False) as s:
+            rows = list(s.scalars(select(JobMetric).where(JobMetric.job_id == job_id).order_by(JobMetric.epoch)))
+        assert [r.epoch for r in rows] == [1, 2, 3, 4]
+        for r, ref in zip(rows, solo.history, strict=True):
+            for key in ("loss", "val_loss", "accuracy", "val_accuracy"):
+                assert close(r.values[key], ref[key]), (job_id, r.epoch, key, r.values[key], ref[key])

@@ -445,3 +445,140 @@ def test_a_member_resumes_alone_from_its_snapshot_as_its_solo_run(optimizer: dic
                 assert close(r[k], s[k]), f"epoch {e + 1} {k}: resumed {r[k]!r} vs solo {s[k]!r}"
         for k in solo.weights:
             torch.testing.assert_close(resumed.weights[k], solo.weights[k], rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- members resumed in a pack
+
+RESUME_EPOCHS = 6
+
+#: every optimizer family, Keras formulas (the pack's stacked state) and torch formulas (each
+#: member's own torch.optim optimizer); per member: its own rate, and one member with momentum
+#: or initial accumulator of its own (a fill value per row next to restored rows)
+RESUME_OPTIMIZERS: dict[str, list[dict[str, Any]]] = {
+    "adam": [{"name": "adam", "learning_rate": 0.003}, {"name": "adam", "learning_rate": 0.01, "beta_1": 0.8},
+             {"name": "adam", "learning_rate": 0.002, "weight_decay": 0.01}],
+    "adam_amsgrad": [{"name": "adam", "learning_rate": 0.003, "amsgrad": True},
+                     {"name": "adam", "learning_rate": 0.01, "amsgrad": True, "beta_2": 0.99}, {"name": "adam", "learning_rate": 0.005, "amsgrad": True}],
+    "adamw": [{"name": "adamw", "learning_rate": 0.003, "weight_decay": 0.01}, {"name": "adamw", "learning_rate": 0.01},
+              {"name": "adamw", "learning_rate": 0.005, "weight_decay": 0.004}],
+    "sgd_momentum_clipnorm": [{"name": "sgd", "learning_rate": 0.05, "momentum": 0.9, "clipnorm": 1.0},
+                              {"name": "sgd", "learning_rate": 0.1, "clipnorm": 2.0},
+                              {"name": "sgd", "learning_rate": 0.02, "momentum": 0.5, "clipnorm": 0.5}],
+    "sgd_nesterov": [{"name": "sgd", "learning_rate": 0.05, "momentum": 0.9, "nesterov": True},
+                     {"name": "sgd", "learning_rate": 0.02, "momentum": 0.8, "nesterov": True},
+                     {"name": "sgd", "learning_rate": 0.03, "momentum": 0.7, "nesterov": True}],
+    "nadam": [{"name": "nadam", "learning_rate": 0.002}, {"name": "nadam", "learning_rate": 0.005, "beta_1": 0.8},
+              {"name": "nadam", "learning_rate": 0.003, "weight_decay": 0.004}],
+    "rmsprop_centered": [{"name": "rmsprop", "learning_rate": 0.001, "centered": True},
+                         {"name": "rmsprop", "learning_rate": 0.002, "centered": True, "momentum": 0.3},
+                         {"name": "rmsprop", "learning_rate": 0.003, "centered": True, "rho": 0.8}],
+    "rmsprop": [{"name": "rmsprop", "learning_rate": 0.001, "rho": 0.8}, {"name": "rmsprop", "learning_rate": 0.003},
+                {"name": "rmsprop", "learning_rate": 0.002, "momentum": 0.5}],
+    "adagrad": [{"name": "adagrad", "learning_rate": 0.05, "initial_accumulator_value": 0.2},
+                {"name": "adagrad", "learning_rate": 0.1}, {"name": "adagrad", "learning_rate": 0.07, "initial_accumulator_value": 0.5}],
+    "adamax": [{"name": "adamax", "learning_rate": 0.003}, {"name": "adamax", "learning_rate": 0.01, "beta_2": 0.99},
+               {"name": "adamax", "learning_rate": 0.005, "beta_1": 0.8}],
+    "torch_adamw_amsgrad": [{"name": "adamw", "formulas": "torch", "learning_rate": 0.003, "amsgrad": True},
+                            {"name": "adamw", "formulas": "torch", "learning_rate": 0.01, "amsgrad": True, "weight_decay": 0.001},
+                            {"name": "adamw", "formulas": "torch", "learning_rate": 0.005, "amsgrad": True}],
+    "torch_sgd_nesterov": [{"name": "sgd", "formulas": "torch", "learning_rate": 0.05, "momentum": 0.9, "nesterov": True},
+                           {"name": "sgd", "formulas": "torch", "learning_rate": 0.02, "momentum": 0.5, "nesterov": True},
+                           {"name": "sgd", "formulas": "torch", "learning_rate": 0.03, "momentum": 0.7, "nesterov": True}],
+    "torch_radam": [{"name": "radam", "formulas": "torch", "learning_rate": 0.003, "clipnorm": 2.0},
+                    {"name": "radam", "formulas": "torch", "learning_rate": 0.01, "beta_1": 0.8, "clipnorm": 1.0},
+                    {"name": "radam", "formulas": "torch", "learning_rate": 0.005, "clipnorm": 0.5}],
+    "torch_nadam": [{"name": "nadam", "formulas": "torch", "learning_rate": 0.003},
+                    {"name": "nadam", "formulas": "torch", "learning_rate": 0.01, "weight_decay": 0.01},
+                    {"name": "nadam", "formulas": "torch", "learning_rate": 0.005}],
+    "torch_rmsprop": [{"name": "rmsprop", "formulas": "torch", "learning_rate": 0.001, "centered": True, "momentum": 0.5},
+                      {"name": "rmsprop", "formulas": "torch", "learning_rate": 0.003, "centered": True},
+                      {"name": "rmsprop", "formulas": "torch", "learning_rate": 0.002, "centered": True}],
+    "torch_adagrad": [{"name": "adagrad", "formulas": "torch", "learning_rate": 0.05, "initial_accumulator_value": 0.2},
+                      {"name": "adagrad", "formulas": "torch", "learning_rate": 0.1},
+                      {"name": "adagrad", "formulas": "torch", "learning_rate": 0.07}],
+    "torch_adamax": [{"name": "adamax", "formulas": "torch", "learning_rate": 0.003},
+                     {"name": "adamax", "formulas": "torch", "learning_rate": 0.01, "beta_2": 0.99},
+                     {"name": "adamax", "formulas": "torch", "learning_rate": 0.005}],
+}
+
+#: per member: early stopping (restoring the best weights) and a per-step schedule (member 1: a
+#: constant rate and a plateau callback instead); member 2 checkpoints every 5 steps
+SCHEDULES: list[dict[str, Any]] = [
+    {"schedule": "exponential", "decay_steps": 7, "decay_rate": 0.7},
+    {},
+    {"schedule": "step", "step_size": 2, "gamma": 0.5},
+]
+
+
+def _resume_trial(k: int, optimizer: dict[str, Any]) -> dict[str, Any]:
+    lr = optimizer["learning_rate"]
+    rate = lr if k == 1 else {**SCHEDULES[k], "initial_learning_rate": lr}
+    spec = trial(40 + k, optimizer={**optimizer, "learning_rate": rate})
+    spec["epochs"] = RESUME_EPOCHS
+    spec["callbacks"] = {"early_stopping": {"monitor": "val_loss", "patience": 1, "min_delta": 0.1, "restore_best_weights": True}}
+    if k == 1:  # a constant rate that its plateau callback lowers (Keras: not with a schedule)
+        spec["callbacks"]["reduce_lr_on_plateau"] = {"monitor": "loss", "factor": 0.5, "patience": 0, "min_delta": 0.05}
+    if k == 2:
+        spec["callbacks"]["model_checkpoint"] = {"monitor": "accuracy", "mode": "max", "save_freq": 5}
+    return spec
+
+
+def _snapshot_at(spec: dict[str, Any], epoch: int) -> bytes:
+    """The snapshot of ``spec``'s solo run after ``epoch`` epochs (or its last one before it stopped)."""
+    rep = Snapshots()
+    training.fit(spec, rep)
+    assert rep.snapshots, "the solo run took no snapshot"
+    return rep.snapshots[min(epoch, max(rep.snapshots))]
+
+
+@pytest.mark.parametrize("family", sorted(RESUME_OPTIMIZERS))
+def test_members_resumed_in_a_pack_equal_their_solo_resumes(family: str) -> None:
+    """A pack of a fresh member and two members resumed from snapshots of different epochs (1 and
+    3): each member's per-epoch metrics, stop, best epoch, weights and best checkpoint equal its
+    solo ``fit(resume_from=the same snapshot)`` (the fresh one: its solo ``fit``), with a
+    schedule, early stopping, a plateau and a step checkpoint; every optimizer family."""
+    specs = [_resume_trial(k, opt) for k, opt in enumerate(RESUME_OPTIMIZERS[family])]
+    snaps: list[bytes | None] = [None, _snapshot_at(specs[1], 1), _snapshot_at(specs[2], 3)]
+    assert why_not_fused([validate_spec(s) for s in specs]) is None
+    fused = fit_fused(specs, resume_from=snaps)
+    for spec, snap, result in zip(specs, snaps, fused, strict=True):
+        solo = training.fit(spec, resume_from=snap)
+        assert_same_run(result, solo)
+    assert [r.epochs_run - len(r.history) for r in fused] == [0, 0, 0]  # the restored history is the run's own
+
+
+class Epochs(Snapshots):
+    """The epochs a member reports (what the worker's record writes) and its start info."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.epochs: list[int] = []
+        self.started: dict[str, Any] = {}
+
+    def on_start(self, info: dict[str, Any]) -> None:
+        self.started = dict(info)
+
+    def on_epoch(self, metrics: dict[str, float]) -> None:
+        self.epochs.append(int(metrics["epoch"]))
+
+
+def test_a_resumed_pack_reports_each_members_epochs_from_its_own_and_snapshots_as_solo() -> None:
+    """Reporters of resumed members: ``resumed_from_epoch`` is the snapshot's epoch, the epochs
+    reported are those after it (none twice), and a member whose snapshot holds all its epochs
+    (continued to as many epochs as it had) trains none, as solo; the snapshots a resumed member
+    takes in the pack equal those its solo resume takes (resuming from either gives the same run)."""
+    specs = [trial(50, epochs=5), trial(51, epochs=5), trial(52, epochs=2), trial(53, epochs=5)]
+    longer = dict(specs[2], epochs=5)
+    snaps: list[bytes | None] = [None, _snapshot_at(specs[1], 2), _snapshot_at(longer, 2), _snapshot_at(specs[3], 4)]
+    reps = [Epochs() for _ in specs]
+    fused = fit_fused(specs, reps, resume_from=snaps)
+    assert [r.started["resumed_from_epoch"] for r in reps] == [0, 2, 2, 4]
+    assert [r.epochs for r in reps] == [[1, 2, 3, 4, 5], [3, 4, 5], [], [5]]
+    assert [r.epochs_run for r in fused] == [5, 5, 2, 5]
+    for spec, snap, result in zip(specs, snaps, fused, strict=True):
+        assert_same_run(result, training.fit(spec, resume_from=snap))
+    # member 1's snapshot of epoch 3, taken in the pack, resumes (alone) as its solo run goes on
+    solo = training.fit(specs[1])
+    again = training.fit(specs[1], resume_from=reps[1].snapshots[3])
+    for a, b in zip(again.history, solo.history, strict=True):
+        assert all(close(a[k], b[k]) for k in set(b) - {"seconds"})
