@@ -325,7 +325,7 @@ class _LoopReader:
 
     def _dispatch(self) -> None:
         self.scheduled = False
-        while self.waiting and not self.closed:
+        while self.waiting:  # closed too: close() finishes the waiting polls
             if self.idle:
                 self.loop.create_task(self._run(self.idle.pop(), self._take()))
             elif len(self.conns) + self.opening < self.limit:
@@ -341,8 +341,9 @@ class _LoopReader:
             hook(conn)
         self.born[id(conn)] = time.monotonic()
         self.conns.append(conn)
-        with self.owner._lock:
-            self.owner._conns.append(conn)  # listed with the threads' (tests look at their backends)
+        if not self.closed:  # (once closed, this reader closes it: the owner's close() would not await it)
+            with self.owner._lock:
+                self.owner._conns.append(conn)  # listed with the threads' (tests look at their backends)
         return conn
 
     def _forget(self, conn: Any) -> None:
@@ -399,29 +400,54 @@ class _LoopReader:
                 raise
         finally:
             if conn is not None:
-                if self.closed:
+                if self.closed and not self.waiting:
                     await self._drop(conn)
                 else:
                     self.idle.append(conn)
-            if self.waiting and not self.closed:
+            if self.waiting:
                 self._dispatch()
 
     def close(self) -> None:
-        """Close this loop's connections, from any thread: on the loop if it runs in another
-        thread, else at once (libpq's own close; nothing is waited for)."""
+        """Take no more polls, from any thread. On the loop (at once, or as soon as it runs the
+        call if it runs in another thread), the polls still waiting are finished as the threads
+        finish theirs, then each connection closes once it is idle: never under a query that is
+        under way (its socket is the loop's). A loop that no longer runs has its connections
+        closed at once (libpq's own close; nothing is waited for)."""
         self.closed = True
-        conns, self.idle = list(self.conns), []
-        for conn in conns:
-            self._forget(conn)
+        with self.owner._lock:  # the owner's close() no longer counts them: they close here
+            self.owner._conns = [c for c in self.owner._conns if c not in self.conns]
         try:
             on_loop = asyncio.get_running_loop() is self.loop
         except RuntimeError:
             on_loop = False
+        if on_loop:
+            self._close_idle()
+            return
+        if self.loop.is_running():
+            try:
+                self.loop.call_soon_threadsafe(self._close_idle)
+                return
+            except RuntimeError:  # closed meanwhile
+                pass
+        # nothing runs the loop: its polls cannot be answered, its connections are unused
+        waiting, self.waiting = list(self.waiting.values()), {}
+        if not self.loop.is_closed():
+            for fut, _, _ in waiting:
+                if not fut.done():
+                    fut.set_exception(RuntimeError("the poll reader is closed"))
+        conns, self.idle = list(self.conns), []
         for conn in conns:
-            if not on_loop and self.loop.is_running():
-                asyncio.run_coroutine_threadsafe(conn.close(), self.loop)
-            else:
-                _finish(conn)
+            self._forget(conn)
+            _finish(conn)
+
+    def _close_idle(self) -> None:
+        """(On the loop, once closed) the waiting polls go on, else the idle connections close."""
+        if self.waiting:
+            self._dispatch()  # the last batch to end closes its connection (``_run``)
+        idle, self.idle = self.idle, []
+        for conn in idle:
+            self._forget(conn)
+            _finish(conn)
 
 
 def _finish(conn: Any) -> None:
