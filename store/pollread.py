@@ -361,6 +361,16 @@ class _LoopReader:
         except Exception:  # noqa: BLE001 - it is broken already
             pass
 
+    async def _replace(self, conn: Any) -> Any:
+        """A new connection for ``conn`` (closed first); counted as opening meanwhile, so that the
+        loop never holds more than ``limit`` (a poll that arrives meanwhile waits for it)."""
+        self.opening += 1
+        try:
+            await self._drop(conn)
+            return await self._connect()
+        finally:
+            self.opening -= 1
+
     async def _run(self, conn: Any, batch: list[tuple[asyncio.Future[Any], BatchKind, Any]]) -> None:
         batch = [b for b in batch if not b[0].done()]
         try:
@@ -370,8 +380,7 @@ class _LoopReader:
                 finally:
                     self.opening -= 1
             elif conn.closed or time.monotonic() - self.born.get(id(conn), 0.0) > RECYCLE_S:
-                await self._drop(conn)
-                conn = await self._connect()
+                conn = await self._replace(conn)
             if batch:
                 self.owner._count_query()
                 kind = batch[0][1]
@@ -383,8 +392,7 @@ class _LoopReader:
                         raise
                     # the server ended the connection while it sat idle (a restart, an idle
                     # timeout): polls only read, so they are asked once more on a new one
-                    await self._drop(conn)
-                    conn = await self._connect()
+                    conn = await self._replace(conn)
                     results = await kind.run_many_async(conn, items)
                 for (fut, _, _), result in zip(batch, results, strict=True):
                     if not fut.done():

@@ -504,6 +504,46 @@ def test_closing_the_reader_finishes_the_polls_still_waiting_on_a_loop(inproc_en
     assert not reader._conns
 
 
+def test_a_loop_never_holds_more_connections_than_its_limit_while_one_is_replaced(inproc_env, monkeypatch):
+    """A connection replaced on the loop (recycled after RECYCLE_S, or broken by a server restart)
+    counts while its successor opens: a poll that arrives meanwhile waits for it rather than
+    opening one more (before, each replacement let the loop open one connection over its limit)."""
+    import asyncio
+
+    from store import fastread as fr
+    from store import pollread
+    from store.db import get_engine
+    from store.pollread import PollReader
+
+    engine = get_engine()
+    callers, jobs = _callers_and_jobs()
+    reader = PollReader(engine, threads=1)
+    kind = fr.job_polls(engine)
+    items = [(j, callers[0]) for j in jobs]
+    most = 0
+
+    async def main() -> list[Any]:
+        nonlocal most
+        loop = asyncio.get_running_loop()
+        answers = [await reader.run_item(items[0], kind, items[0])]  # one connection, idle now
+        monkeypatch.setattr(pollread, "RECYCLE_S", -1.0)  # its next use replaces it
+        lr = reader._loops[loop]
+        first = asyncio.ensure_future(reader.run_item(items[1], kind, items[1]))
+        while lr.waiting or lr.idle:
+            await asyncio.sleep(0)  # taken with the idle connection, which is being replaced
+        second = asyncio.ensure_future(reader.run_item(items[2], kind, items[2]))
+        while not (first.done() and second.done()):
+            most = max(most, len(lr.conns) + lr.opening)
+            await asyncio.sleep(0)
+        return answers + [first.result(), second.result()]
+
+    try:
+        assert asyncio.run(main()) == [fr.job_json(engine, *it) for it in items[:3]]
+        assert most <= 1
+    finally:
+        reader.close()
+
+
 def test_metrics_polls_from_an_event_loop_answer_what_single_polls_answer(inproc_env):
     import asyncio
 
