@@ -53,6 +53,26 @@ KEEPALIVES = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10,
 CONNECT_HOOKS: list[Callable[[Any], None]] = []
 
 
+def _connect_args(engine: Engine) -> tuple[list[Any], dict[str, Any]]:
+    """A poll connection's arguments (threads and loops alike): the engine's own (a URL rendered
+    back to text can lose its escaping), with TCP keepalives (a connection a proxy or firewall
+    dropped silently fails in seconds), in autocommit."""
+    cargs, cparams = engine.dialect.create_connect_args(engine.url)
+    return list(cargs), {**KEEPALIVES, **cparams, "autocommit": True}
+
+
+def _take(waiting: dict[Hashable, Any], kind_of: Callable[[Any], BatchKind | None]) -> list[Any]:
+    """The batching rule (threads and loops alike): the oldest waiting poll, taken off ``waiting``
+    (under way: later arrivals wait for a query of their own) and, for a batch kind, every other
+    waiting one of its kind, up to the kind's ``limit``."""
+    first = waiting.pop(next(iter(waiting)))
+    kind = kind_of(first)
+    if kind is None:
+        return [first]
+    same = [k for k, w in waiting.items() if kind_of(w) is kind][: kind.limit - 1]
+    return [first] + [waiting.pop(k) for k in same]
+
+
 class BatchKind(Protocol):
     """A kind of read that many requests can share one query for (store.fastread.JobPolls)."""
 
@@ -100,10 +120,8 @@ class PollReader:
 
     # ---- connections
     def _connect(self) -> Any:
-        # the engine's own connect arguments (a URL rendered back to text can lose its escaping),
-        # with TCP keepalives: a connection a proxy or firewall dropped silently fails in seconds
-        cargs, cparams = self.engine.dialect.create_connect_args(self.engine.url)
-        conn = psycopg.connect(*cargs, **{**KEEPALIVES, **cparams}, autocommit=True)
+        cargs, cparams = _connect_args(self.engine)
+        conn = psycopg.connect(*cargs, **cparams)
         for hook in CONNECT_HOOKS:
             hook(conn)
         with self._lock:
@@ -122,13 +140,7 @@ class PollReader:
     # ---- the threads
     def _take(self) -> list[_Flight]:
         """The oldest waiting flight and, for a batch kind, the others of its kind (lock held)."""
-        key = next(iter(self._waiting))
-        first = self._waiting.pop(key)  # under way: later arrivals wait for a query of their own
-        batch = [first]
-        if first.kind is not None:
-            same = [k for k, f in self._waiting.items() if f.kind is first.kind][: first.kind.limit - 1]
-            batch += [self._waiting.pop(k) for k in same]
-        return batch
+        return _take(self._waiting, lambda f: f.kind)
 
     def _serve(self) -> None:
         conn: Any = None
@@ -317,11 +329,7 @@ class _LoopReader:
         return fut
 
     def _take(self) -> list[tuple[asyncio.Future[Any], BatchKind, Any]]:
-        key = next(iter(self.waiting))
-        first = self.waiting.pop(key)
-        kind = first[1]
-        same = [k for k, w in self.waiting.items() if w[1] is kind][: kind.limit - 1]
-        return [first] + [self.waiting.pop(k) for k in same]
+        return _take(self.waiting, lambda w: w[1])
 
     def _dispatch(self) -> None:
         self.scheduled = False
@@ -335,8 +343,8 @@ class _LoopReader:
                 return  # a connection that comes back dispatches the rest
 
     async def _connect(self) -> Any:
-        cargs, cparams = self.owner.engine.dialect.create_connect_args(self.owner.engine.url)
-        conn = await psycopg.AsyncConnection.connect(*cargs, **{**KEEPALIVES, **cparams}, autocommit=True)
+        cargs, cparams = _connect_args(self.owner.engine)
+        conn = await psycopg.AsyncConnection.connect(*cargs, **cparams)
         for hook in CONNECT_HOOKS:
             hook(conn)
         self.born[id(conn)] = time.monotonic()
