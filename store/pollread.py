@@ -53,6 +53,26 @@ KEEPALIVES = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10,
 CONNECT_HOOKS: list[Callable[[Any], None]] = []
 
 
+def _connect_args(engine: Engine) -> tuple[list[Any], dict[str, Any]]:
+    """A poll connection's arguments (threads and loops alike): the engine's own (a URL rendered
+    back to text can lose its escaping), with TCP keepalives (a connection a proxy or firewall
+    dropped silently fails in seconds), in autocommit."""
+    cargs, cparams = engine.dialect.create_connect_args(engine.url)
+    return list(cargs), {**KEEPALIVES, **cparams, "autocommit": True}
+
+
+def _take(waiting: dict[Hashable, Any], kind_of: Callable[[Any], BatchKind | None]) -> list[Any]:
+    """The batching rule (threads and loops alike): the oldest waiting poll, taken off ``waiting``
+    (under way: later arrivals wait for a query of their own) and, for a batch kind, every other
+    waiting one of its kind, up to the kind's ``limit``."""
+    first = waiting.pop(next(iter(waiting)))
+    kind = kind_of(first)
+    if kind is None:
+        return [first]
+    same = [k for k, w in waiting.items() if kind_of(w) is kind][: kind.limit - 1]
+    return [first] + [waiting.pop(k) for k in same]
+
+
 class BatchKind(Protocol):
     """A kind of read that many requests can share one query for (store.fastread.JobPolls)."""
 
@@ -100,10 +120,8 @@ class PollReader:
 
     # ---- connections
     def _connect(self) -> Any:
-        # the engine's own connect arguments (a URL rendered back to text can lose its escaping),
-        # with TCP keepalives: a connection a proxy or firewall dropped silently fails in seconds
-        cargs, cparams = self.engine.dialect.create_connect_args(self.engine.url)
-        conn = psycopg.connect(*cargs, **{**KEEPALIVES, **cparams}, autocommit=True)
+        cargs, cparams = _connect_args(self.engine)
+        conn = psycopg.connect(*cargs, **cparams)
         for hook in CONNECT_HOOKS:
             hook(conn)
         with self._lock:
@@ -122,13 +140,7 @@ class PollReader:
     # ---- the threads
     def _take(self) -> list[_Flight]:
         """The oldest waiting flight and, for a batch kind, the others of its kind (lock held)."""
-        key = next(iter(self._waiting))
-        first = self._waiting.pop(key)  # under way: later arrivals wait for a query of their own
-        batch = [first]
-        if first.kind is not None:
-            same = [k for k, f in self._waiting.items() if f.kind is first.kind][: first.kind.limit - 1]
-            batch += [self._waiting.pop(k) for k in same]
-        return batch
+        return _take(self._waiting, lambda f: f.kind)
 
     def _serve(self) -> None:
         conn: Any = None
@@ -317,15 +329,11 @@ class _LoopReader:
         return fut
 
     def _take(self) -> list[tuple[asyncio.Future[Any], BatchKind, Any]]:
-        key = next(iter(self.waiting))
-        first = self.waiting.pop(key)
-        kind = first[1]
-        same = [k for k, w in self.waiting.items() if w[1] is kind][: kind.limit - 1]
-        return [first] + [self.waiting.pop(k) for k in same]
+        return _take(self.waiting, lambda w: w[1])
 
     def _dispatch(self) -> None:
         self.scheduled = False
-        while self.waiting and not self.closed:
+        while self.waiting:  # closed too: close() finishes the waiting polls
             if self.idle:
                 self.loop.create_task(self._run(self.idle.pop(), self._take()))
             elif len(self.conns) + self.opening < self.limit:
@@ -335,14 +343,15 @@ class _LoopReader:
                 return  # a connection that comes back dispatches the rest
 
     async def _connect(self) -> Any:
-        cargs, cparams = self.owner.engine.dialect.create_connect_args(self.owner.engine.url)
-        conn = await psycopg.AsyncConnection.connect(*cargs, **{**KEEPALIVES, **cparams}, autocommit=True)
+        cargs, cparams = _connect_args(self.owner.engine)
+        conn = await psycopg.AsyncConnection.connect(*cargs, **cparams)
         for hook in CONNECT_HOOKS:
             hook(conn)
         self.born[id(conn)] = time.monotonic()
         self.conns.append(conn)
-        with self.owner._lock:
-            self.owner._conns.append(conn)  # listed with the threads' (tests look at their backends)
+        if not self.closed:  # (once closed, this reader closes it: the owner's close() would not await it)
+            with self.owner._lock:
+                self.owner._conns.append(conn)  # listed with the threads' (tests look at their backends)
         return conn
 
     def _forget(self, conn: Any) -> None:
@@ -360,6 +369,16 @@ class _LoopReader:
         except Exception:  # noqa: BLE001 - it is broken already
             pass
 
+    async def _replace(self, conn: Any) -> Any:
+        """A new connection for ``conn`` (closed first); counted as opening meanwhile, so that the
+        loop never holds more than ``limit`` (a poll that arrives meanwhile waits for it)."""
+        self.opening += 1
+        try:
+            await self._drop(conn)
+            return await self._connect()
+        finally:
+            self.opening -= 1
+
     async def _run(self, conn: Any, batch: list[tuple[asyncio.Future[Any], BatchKind, Any]]) -> None:
         batch = [b for b in batch if not b[0].done()]
         try:
@@ -369,8 +388,7 @@ class _LoopReader:
                 finally:
                     self.opening -= 1
             elif conn.closed or time.monotonic() - self.born.get(id(conn), 0.0) > RECYCLE_S:
-                await self._drop(conn)
-                conn = await self._connect()
+                conn = await self._replace(conn)
             if batch:
                 self.owner._count_query()
                 kind = batch[0][1]
@@ -382,8 +400,7 @@ class _LoopReader:
                         raise
                     # the server ended the connection while it sat idle (a restart, an idle
                     # timeout): polls only read, so they are asked once more on a new one
-                    await self._drop(conn)
-                    conn = await self._connect()
+                    conn = await self._replace(conn)
                     results = await kind.run_many_async(conn, items)
                 for (fut, _, _), result in zip(batch, results, strict=True):
                     if not fut.done():
@@ -399,29 +416,54 @@ class _LoopReader:
                 raise
         finally:
             if conn is not None:
-                if self.closed:
+                if self.closed and not self.waiting:
                     await self._drop(conn)
                 else:
                     self.idle.append(conn)
-            if self.waiting and not self.closed:
+            if self.waiting:
                 self._dispatch()
 
     def close(self) -> None:
-        """Close this loop's connections, from any thread: on the loop if it runs in another
-        thread, else at once (libpq's own close; nothing is waited for)."""
+        """Take no more polls, from any thread. On the loop (at once, or as soon as it runs the
+        call if it runs in another thread), the polls still waiting are finished as the threads
+        finish theirs, then each connection closes once it is idle: never under a query that is
+        under way (its socket is the loop's). A loop that no longer runs has its connections
+        closed at once (libpq's own close; nothing is waited for)."""
         self.closed = True
-        conns, self.idle = list(self.conns), []
-        for conn in conns:
-            self._forget(conn)
+        with self.owner._lock:  # the owner's close() no longer counts them: they close here
+            self.owner._conns = [c for c in self.owner._conns if c not in self.conns]
         try:
             on_loop = asyncio.get_running_loop() is self.loop
         except RuntimeError:
             on_loop = False
+        if on_loop:
+            self._close_idle()
+            return
+        if self.loop.is_running():
+            try:
+                self.loop.call_soon_threadsafe(self._close_idle)
+                return
+            except RuntimeError:  # closed meanwhile
+                pass
+        # nothing runs the loop: its polls cannot be answered, its connections are unused
+        waiting, self.waiting = list(self.waiting.values()), {}
+        if not self.loop.is_closed():
+            for fut, _, _ in waiting:
+                if not fut.done():
+                    fut.set_exception(RuntimeError("the poll reader is closed"))
+        conns, self.idle = list(self.conns), []
         for conn in conns:
-            if not on_loop and self.loop.is_running():
-                asyncio.run_coroutine_threadsafe(conn.close(), self.loop)
-            else:
-                _finish(conn)
+            self._forget(conn)
+            _finish(conn)
+
+    def _close_idle(self) -> None:
+        """(On the loop, once closed) the waiting polls go on, else the idle connections close."""
+        if self.waiting:
+            self._dispatch()  # the last batch to end closes its connection (``_run``)
+        idle, self.idle = self.idle, []
+        for conn in idle:
+            self._forget(conn)
+            _finish(conn)
 
 
 def _finish(conn: Any) -> None:

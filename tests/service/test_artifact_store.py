@@ -273,7 +273,10 @@ def test_a_resume_from_a_missing_or_corrupt_snapshot_file_fails_the_job_with_the
         store.put(corrupt.uri, data[:-1] + bytes([data[-1] ^ 1]))
         store.delete([missing.uri])
     assert run_job(corrupt_id, settings) == "failed"
-    assert run_job(missing_id, settings) == "failed"
+    # the worker packs the other resumed job of the same shape with the one it claimed
+    # (worker/packs.py): that member fails there with its own reason (the pack does not stop for
+    # it), and its own message then finds it handled
+    assert run_job(missing_id, settings) == ("skipped" if settings.pack else "failed")
     with session_scope(write=False) as s:
         c, m = s.get(Job, corrupt_id), s.get(Job, missing_id)
         assert c is not None and m is not None

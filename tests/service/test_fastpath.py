@@ -463,6 +463,87 @@ def test_polls_from_an_event_loop_share_a_query_not_yet_sent_and_only_that(inpro
     assert not reader._conns
 
 
+@pytest.mark.parametrize("closer", ["loop", "thread"])
+def test_closing_the_reader_finishes_the_polls_still_waiting_on_a_loop(inproc_env, closer):
+    """``PollReader.close`` finishes the waiting polls (the threads' rule) on an event loop too,
+    whether it is called on the loop itself (the app's lifespan: close_readers) or from another
+    thread (get_reader replacing a reader) while a poll is under way and another waits for the
+    connection: both are answered (before, the waiting one was never answered: its request hung),
+    and no connection is left open."""
+    import asyncio
+
+    from store import fastread as fr
+    from store.db import get_engine
+    from store.pollread import PollReader
+
+    engine = get_engine()
+    callers, jobs = _callers_and_jobs()
+    reader = PollReader(engine, threads=1)
+    kind = fr.job_polls(engine)
+    item = (jobs[0], callers[0])
+
+    async def main() -> tuple[list[Any], Any]:
+        loop = asyncio.get_running_loop()
+        first = asyncio.ensure_future(reader.run_item(item, kind, item))
+        while not reader._loops.get(loop) or reader._loops[loop].waiting or not reader._loops[loop].opening:
+            await asyncio.sleep(0)  # the first poll's query is taken (its connection is opening)
+        on_loop = reader._loops[loop]
+        later = asyncio.ensure_future(reader.run_item(item, kind, item))  # waits for the one connection
+        await asyncio.sleep(0)
+        if closer == "loop":
+            reader.close()
+        else:
+            await loop.run_in_executor(None, reader.close)
+        answers = list(await asyncio.wait_for(asyncio.gather(first, later), 10))
+        await asyncio.sleep(0.1)  # the last batch's task closes its connection after answering
+        return answers, on_loop
+
+    answers, on_loop = asyncio.run(main())
+    assert answers == [fr.job_json(engine, *item)] * 2
+    assert on_loop.closed and not on_loop.conns and not on_loop.idle
+    assert not reader._conns
+
+
+def test_a_loop_never_holds_more_connections_than_its_limit_while_one_is_replaced(inproc_env, monkeypatch):
+    """A connection replaced on the loop (recycled after RECYCLE_S, or broken by a server restart)
+    counts while its successor opens: a poll that arrives meanwhile waits for it rather than
+    opening one more (before, each replacement let the loop open one connection over its limit)."""
+    import asyncio
+
+    from store import fastread as fr
+    from store import pollread
+    from store.db import get_engine
+    from store.pollread import PollReader
+
+    engine = get_engine()
+    callers, jobs = _callers_and_jobs()
+    reader = PollReader(engine, threads=1)
+    kind = fr.job_polls(engine)
+    items = [(j, callers[0]) for j in jobs]
+    most = 0
+
+    async def main() -> list[Any]:
+        nonlocal most
+        loop = asyncio.get_running_loop()
+        answers = [await reader.run_item(items[0], kind, items[0])]  # one connection, idle now
+        monkeypatch.setattr(pollread, "RECYCLE_S", -1.0)  # its next use replaces it
+        lr = reader._loops[loop]
+        first = asyncio.ensure_future(reader.run_item(items[1], kind, items[1]))
+        while lr.waiting or lr.idle:
+            await asyncio.sleep(0)  # taken with the idle connection, which is being replaced
+        second = asyncio.ensure_future(reader.run_item(items[2], kind, items[2]))
+        while not (first.done() and second.done()):
+            most = max(most, len(lr.conns) + lr.opening)
+            await asyncio.sleep(0)
+        return answers + [first.result(), second.result()]
+
+    try:
+        assert asyncio.run(main()) == [fr.job_json(engine, *it) for it in items[:3]]
+        assert most <= 1
+    finally:
+        reader.close()
+
+
 def test_metrics_polls_from_an_event_loop_answer_what_single_polls_answer(inproc_env):
     import asyncio
 
