@@ -118,12 +118,23 @@ class ChangeHub:
         if notices.uses_redis(self.settings):
             self._listener = asyncio.get_running_loop().create_task(self._listen())
 
-    async def stop(self) -> None:
-        for task in (self._task, self._listener):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+    async def stop(self, timeout_s: float = 5.0) -> None:
+        """Cancel the reader and the Redis listener and wait for them, at most ``timeout_s``: a
+        listener whose Redis went away can sit in its client's clean-up past the cancel (seen once
+        as a hang of the app's shutdown in a test that stops and restarts Redis); the app's
+        shutdown must not wait for it."""
+        tasks = [t for t in (self._task, self._listener) if t is not None]
+        for task in tasks:
+            task.cancel()
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=timeout_s)
+        for task in pending:
+            log.warning("the change reader's task %s did not stop within %.0f s; left behind", task.get_name(), timeout_s)
+        for task in tasks:
+            if task.done() and not task.cancelled():
+                with contextlib.suppress(Exception):
+                    task.result()  # retrieved: no "exception was never retrieved" at exit
 
     def poke(self) -> None:
         """Wake the reader now (this process wrote something)."""

@@ -247,3 +247,40 @@ def test_the_change_reader_delivers_an_event_whose_commit_came_after_a_later_id(
         return [(c.job_id, c.kind) for c in got]
 
     assert asyncio.run(run()) == [(second.id, "epoch"), (first.id, "epoch")]
+
+
+def test_the_change_hub_stops_in_bounded_time_when_a_task_ignores_its_cancel(inproc_env):
+    """The app's shutdown awaits ChangeHub.stop(): a task stuck past its cancel (a Redis client's
+    clean-up after Redis went away) is left behind after the timeout instead of hanging it."""
+    import asyncio
+    import time
+
+    from api.changes import ChangeHub
+    from config.settings import get_settings
+
+    hold = True
+
+    async def stubborn() -> None:
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                if not hold:
+                    raise
+                # ignores the cancel, as a stuck clean-up does
+
+    async def main() -> tuple[float, bool]:
+        hub = ChangeHub(get_settings())
+        hub._listener = asyncio.get_running_loop().create_task(stubborn())
+        await asyncio.sleep(0.01)  # it runs, and waits inside its sleep
+        t0 = time.monotonic()
+        await hub.stop(timeout_s=0.5)
+        took = time.monotonic() - t0
+        done = hub._listener.done()
+        nonlocal hold
+        hold = False
+        hub._listener.cancel()
+        return took, done
+
+    took, done = asyncio.run(asyncio.wait_for(main(), 30))
+    assert 0.4 < took < 5 and not done
