@@ -22,11 +22,11 @@ from sqlalchemy.orm import Session
 from store import lifecycle, outbox, repo
 from store.db import session_scope
 from store.models import Job
+from store.packing import FAULT_STOP_REASONS
 
 log = logging.getLogger("trainyard.recovery")
 
-LOST_STOP_REASON = "worker_lost"
-STALLED_STOP_REASON = "stalled"
+LOST_STOP_REASON, STALLED_STOP_REASON = FAULT_STOP_REASONS  # "worker_lost", "stalled"
 
 
 def reconcile_interval(stale_after_s: float) -> float:

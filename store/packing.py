@@ -13,11 +13,33 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import bindparam, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import bindparam, exists, func, select, update
+from sqlalchemy.orm import Session, aliased
 
 from store import repo
-from store.models import Job
+from store.models import Job, JobEvent
+
+#: the stop reasons of an attempt that a fault ended: its worker was lost, or its training stalled
+#: (``orchestration.recovery.end_attempt`` writes them into the job's move back to the queue)
+FAULT_STOP_REASONS = ("worker_lost", "stalled")
+
+
+def _after_a_fault() -> Any:
+    """True for a job whose latest move back to the queue ended an attempt by a fault. Such a job
+    runs alone (its claim forms no pack, and no pack takes it in): a pack that brought its worker
+    down (memory, a crash in native code) is not formed again as it was, attempt after attempt;
+    alone, each member gets the retry a solo job gets. A promotion, a preemption or a worker's
+    shutdown is no fault: those jobs are packed."""
+    moves = aliased(JobEvent)
+    last = (select(func.max(moves.id))
+            .where(moves.job_id == Job.id, moves.kind == "state", moves.data["status"].as_string() == "queued")
+            .scalar_subquery())
+    return exists().where(JobEvent.id == last, JobEvent.data["stop_reason"].as_string().in_(FAULT_STOP_REASONS))
+
+
+def resumes_alone(session: Session, job_id: str) -> bool:
+    """Whether ``job_id`` must run alone: its last attempt ended by a fault (:func:`_after_a_fault`)."""
+    return session.scalar(select(Job.id).where(Job.id == job_id, _after_a_fault())) is not None
 
 
 @dataclass(frozen=True)
@@ -31,8 +53,9 @@ class Candidate:
 def queued_candidates(session: Session, job_id: str, limit: int) -> list[Candidate]:
     """Up to ``limit`` queued jobs of ``job_id``'s queue and project, in claim order, row-locked on
     PostgreSQL (skipping rows another worker holds). First attempts and jobs that resume from a
-    snapshot alike (a sweep's promoted trials, the requeued members of a pack whose worker died):
-    the worker resumes each member from its own snapshot. Other projects' jobs are left out: the
+    snapshot alike (a sweep's promoted trials, the jobs of a worker that shut down): the worker
+    resumes each member from its own snapshot. Not those whose last attempt a fault ended (a lost
+    worker, a stall): they run alone (:func:`resumes_alone`). Other projects' jobs are left out: the
     fair share between projects (:mod:`store.scheduling`) picks whose job runs next, and a pack
     never carries another project's jobs past it."""
     lead = select(Job.queue, Job.project_id).where(Job.id == job_id).subquery()
@@ -40,7 +63,8 @@ def queued_candidates(session: Session, job_id: str, limit: int) -> list[Candida
         select(Job.id, Job.spec)
         .where(Job.queue == select(lead.c.queue).scalar_subquery(),
                Job.project_id == select(lead.c.project_id).scalar_subquery(),
-               Job.status == "queued", Job.cancel_requested.is_(False), Job.id != job_id)
+               Job.status == "queued", Job.cancel_requested.is_(False), Job.id != job_id,
+               (Job.attempts == 0) | ~_after_a_fault())
         .order_by(Job.priority.desc(), Job.created_at, Job.id)
         .limit(limit)
         .with_for_update(skip_locked=True)

@@ -125,6 +125,11 @@ def run_pack_if_any(job_id: str, settings: Settings, send: Any, token: int, atte
     claimed job resumes from (``worker.runner.resume_snapshot``), or None."""
     if not settings.pack or not _packable(spec_dict):
         return None
+    if attempt > 1:
+        with session_scope(write=False) as s:
+            if packing.resumes_alone(s, job_id):  # its last attempt a fault ended: alone (store.packing)
+                log.info("job %s: its last attempt ended by a fault; it runs alone", job_id)
+                return None
     from worker.datasets import resolve_dataset
 
     try:

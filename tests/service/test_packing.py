@@ -310,13 +310,19 @@ def test_an_asha_sweeps_promoted_trials_resume_together_as_a_pack(pg_service: st
         assert all(s.get(Job, i).attempts == 1 + (reached[i] > 1) + (reached[i] > 3) for i in jobs)
 
 
-def test_the_members_of_a_pack_whose_worker_died_resume_together_from_their_snapshots(
-        inproc_env: dict[str, str], caplog: pytest.LogCaptureFixture) -> None:
-    """A pack's worker dies after its members' snapshots of epoch 2 and their epoch 3 were
-    written; recovery requeues them. The next claim of one member trains all three as one pack,
-    each resumed from its own snapshot: attempt 2 (its claim event and record), epochs 3 and 4
-    trained again (the dead attempt's epoch 3 replaced), and every epoch equals the solo run's."""
+@pytest.mark.parametrize("ended_by", ["shutdown", "fault"])
+def test_the_members_of_a_stopped_pack_resume_from_their_snapshots_together_unless_a_fault_stopped_it(
+        inproc_env: dict[str, str], caplog: pytest.LogCaptureFixture, ended_by: str) -> None:
+    """A pack's attempt ends after its members' snapshots of epoch 2 and their epoch 3 were
+    written, and its members are requeued: by the worker's shutdown (a decision), or by recovery
+    after the worker was lost (a fault: ``orchestration.recovery.end_attempt``). After a shutdown,
+    the next claim of one member trains all three as one pack; after a fault each runs alone (a
+    pack that brought its worker down is not formed again: store.packing.resumes_alone). Either
+    way each member resumes from its own snapshot: attempt 2 (its claim event and record),
+    epochs 3 and 4 trained again (the dead attempt's epoch 3 replaced), and every epoch equals the
+    solo run's."""
     from config.settings import settings_from_env
+    from orchestration.recovery import LOST_STOP_REASON, end_attempt
     from training import BaseReporter
     from training.reporting import Snapshot
     from worker.record import RunRecord
@@ -349,16 +355,27 @@ def test_the_members_of_a_pack_whose_worker_died_resume_together_from_their_snap
         dead.flush(force=True)
     with session_scope() as s:
         s.execute(update(Job).where(Job.id.in_(ids)).values(heartbeat_at=repo.utcnow() - timedelta(hours=1)))
-        assert all(repo.requeue_job(s, i, "worker lost", stale_after_s=60.0) for i in ids)
+        for i in ids:
+            if ended_by == "shutdown":
+                assert repo.requeue_job(s, i, "worker shutdown")
+            else:
+                assert end_attempt(s, i, queue, attempts=1, max_attempts=3, cond=[], stop_reason=LOST_STOP_REASON,
+                                   reason="worker lost", why="its heartbeat stopped") == "requeued"
     with caplog.at_level("INFO", logger="trainyard.worker"):
-        assert run_job(ids[0], settings) == "succeeded"
+        for job_id in ids if ended_by == "fault" else ids[:1]:
+            assert run_job(job_id, settings) == "succeeded"
     for job_id in ids:
-        assert f"job {job_id}: attempt 2 resumes from its snapshot of epoch 2 in the pack" in caplog.text
+        if ended_by == "shutdown":
+            assert f"job {job_id}: attempt 2 resumes from its snapshot of epoch 2 in the pack" in caplog.text
+        else:
+            assert f"job {job_id}: its last attempt ended by a fault; it runs alone" in caplog.text
+    assert ("packed with" in caplog.text) == (ended_by == "shutdown")
     with session_scope(write=False) as s:
         jobs = [s.get(Job, i) for i in ids]
         assert [(j.status, j.attempts, j.epoch) for j in jobs] == [("succeeded", 2, 4)] * 3
-        packs = [j.info["pack"] for j in jobs]
-        assert all(p["fused"] is True and p["size"] == 3 and p["id"] == ids[0] for p in packs), packs
+        if ended_by == "shutdown":
+            packs = [j.info["pack"] for j in jobs]
+            assert all(p["fused"] is True and p["size"] == 3 and p["id"] == ids[0] for p in packs), packs
         events = {i: [e.data for e in s.scalars(select(JobEvent).where(JobEvent.job_id == i, JobEvent.kind == "state"))]
                   for i in ids}
     assert all({"status": "running", "attempt": 2} in ev for ev in events.values()), events
