@@ -239,21 +239,22 @@ def _update_best_and_finish(session: Session, sweep: Sweep, views: list[TrialVie
 
 
 def trial_records_for_decision(
-    session: Session, sweep_id: str, job_id: str | None = None
-) -> tuple[Sweep | None, list[TrialRecord], int | None, bool]:
-    """The sweep, its trials as Optuna records, the trial number of ``job_id`` (None if it is not
-    a trial of the sweep; no lock: a decision only reads), and whether the sweep is in its end
-    game for ``job_id``: no more trials may start and no other is queued or running, so pausing
-    it would only have the sweep promote it straight back (``training.sweep_space.make_pruner``)."""
+    session: Session, sweep_id: str, job_ids: Sequence[str] = ()
+) -> tuple[Sweep | None, list[TrialRecord], dict[str, int], bool]:
+    """The sweep, its trials as Optuna records, the trial numbers of those of ``job_ids`` that are
+    its trials (by job id; no lock: a decision only reads), and whether the sweep is in its end
+    game for them: no more trials may start and no other trial is queued or running, so pausing
+    them would only have the sweep promote one straight back
+    (``training.sweep_space.make_pruner``)."""
     sweep = store_sweeps.get_sweep(session, sweep_id)
     if sweep is None:
-        return None, [], None, False
+        return None, [], {}, False
     views = trial_views(session, sweep)
-    number = next((v.job.trial_number for v in views if v.job.id == job_id), None)
+    asked = set(job_ids)
+    numbers = {v.job.id: int(v.job.trial_number or 0) for v in views if v.job.id in asked}
     endgame = sweep.trials_created >= sweep.max_trials and not any(
-        v.job.status in ACTIVE for v in views if v.job.id != job_id)
-    return sweep, [v.record() for v in views], number, endgame
-
+        v.job.status in ACTIVE for v in views if v.job.id not in asked)
+    return sweep, [v.record() for v in views], numbers, endgame
 
 
 def advance(sweep_id: str, settings: Settings, send: Send) -> list[tuple[str, str]]:

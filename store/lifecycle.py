@@ -81,10 +81,10 @@ def move(session: Session, job_id: str, sources: Collection[str], target: str, *
 
 
 def move_many(session: Session, moves: Mapping[str, Mapping[str, Any]], sources: Collection[str], target: str, *,
-              values: Mapping[str, Any] | None = None, added: Collection[str] = ()) -> list[str]:
+              values: Mapping[str, Any] | None = None, added: Collection[str] = (), where: Sequence[Any] = ()) -> list[str]:
     """:func:`move` of several jobs (a pack's members): ``moves`` gives each job's own values
     (plain values; a column in ``added`` is added to the stored value, taken as 0 when NULL),
-    ``values`` those common to all. The compare-and-set is one ``UPDATE ... WHERE id IN (...)
+    ``values`` those common to all, ``where`` what each row must also match. The compare-and-set is one ``UPDATE ... WHERE id IN (...)
     RETURNING id``, each moved job's own values one executemany (one statement for a single job);
     then what ending does, for all of them at once. Returns the ids moved, in ``moves``' order."""
     if not moves:
@@ -100,7 +100,7 @@ def move_many(session: Session, moves: Mapping[str, Mapping[str, Any]], sources:
         common.update({k: own(k, v) for k, v in mine.items()})
     check(sources, target)
     moved = set(session.execute(
-        update(Job).where(Job.id.in_(list(moves)), Job.status.in_(list(sources)))
+        update(Job).where(Job.id.in_(list(moves)), Job.status.in_(list(sources)), *where)
         .values(status=target, **common).returning(Job.id).execution_options(synchronize_session=False)
     ).scalars())
     if len(moves) > 1:

@@ -4,7 +4,7 @@ commit; the request or task boundary owns the transaction."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, overload
@@ -534,19 +534,7 @@ def finish_jobs(session: Session, ends: dict[str, dict[str, Any]]) -> list[str]:
     by_status: dict[str, dict[str, dict[str, Any]]] = {}
     for job_id, end in ends.items():
         assert end["status"] in TERMINAL_STATUSES
-        values: dict[str, Any] = dict(stop_reason=end.get("stop_reason"), error=end.get("error"))
-        best = end.get("best")
-        if best is not None:
-            values.update(best_monitor=best[0], best_value=to_text(best[1]), best_epoch=best[2],
-                          best_number=finite_or_none(best[1]))
-        if end.get("steps") is not None:
-            values["steps"] = end["steps"]
-        if end.get("epochs_run") is not None:
-            values["epoch"] = end["epochs_run"]
-        if end.get("run_seconds") is not None:
-            # added to what earlier runs of the job recorded (a sweep trial paused and resumed runs
-            # several times; other jobs record it once)
-            values["run_seconds"] = end["run_seconds"]
+        values: dict[str, Any] = dict(stop_reason=end.get("stop_reason"), error=end.get("error"), **_run_values(end))
         if end.get("info") is not None:
             values["info"] = end["info"]
         by_status.setdefault(end["status"], {})[job_id] = values
@@ -564,6 +552,25 @@ def finish_jobs(session: Session, ends: dict[str, dict[str, Any]]) -> list[str]:
     return ended
 
 
+def _run_values(run: Mapping[str, Any]) -> dict[str, Any]:
+    """The columns of how far a run got (``steps``, ``epochs_run``, ``best``, ``run_seconds``: the
+    keywords of :func:`finish_job` and :func:`pause_job`), for :func:`store.lifecycle.move_many`
+    (``run_seconds`` is added to what earlier runs of the job recorded: a sweep trial paused and
+    resumed runs several times; other jobs record it once)."""
+    values: dict[str, Any] = {}
+    best = run.get("best")
+    if best is not None:
+        values.update(best_monitor=best[0], best_value=to_text(best[1]), best_epoch=best[2],
+                      best_number=finite_or_none(best[1]))
+    if run.get("steps") is not None:
+        values["steps"] = run["steps"]
+    if run.get("epochs_run") is not None:
+        values["epoch"] = run["epochs_run"]
+    if run.get("run_seconds") is not None:
+        values["run_seconds"] = run["run_seconds"]
+    return values
+
+
 def pause_job(
     session: Session, job_id: str, *, steps: int, epochs_run: int, best: tuple[str | None, Any, int | None] | None = None,
     run_seconds: float | None = None,
@@ -572,17 +579,21 @@ def pause_job(
     transaction). Not terminal: the sweep promotes it (:func:`promote_job`) or ends it
     (:func:`end_paused_job`). False if the job is no longer running or a cancel was requested
     (the worker then ends it ``cancelled``: a cancel never leaves a paused trial behind)."""
+    return bool(pause_jobs(session, {job_id: dict(steps=steps, epochs_run=epochs_run, best=best, run_seconds=run_seconds)}))
+
+
+def pause_jobs(session: Session, pauses: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """:func:`pause_job` of several jobs, each with its keywords (``pauses``, by job id; a pack's
+    members that stopped at a rung): one compare-and-set for all, their own values in one
+    executemany, their state events together. Returns the ids paused (those still ``running``
+    and not asked to cancel)."""
     now = utcnow()
-    moved = lifecycle.move(
-        session, job_id, (lifecycle.RUNNING,), lifecycle.PAUSED, where=(Job.cancel_requested.is_(False),),
-        values=dict(stop_reason="paused", steps=steps, epoch=epochs_run, updated_at=now, heartbeat_at=now,
-                    **({} if best is None else dict(best_monitor=best[0], best_value=to_text(best[1]), best_epoch=best[2],
-                                                 best_number=finite_or_none(best[1]))),
-                    **({} if run_seconds is None else {"run_seconds": func.coalesce(Job.run_seconds, 0.0) + run_seconds})))
-    if not moved:
-        return False
-    add_event(session, job_id, "state", {"status": "paused", "epoch": epochs_run}, now)
-    return True
+    paused = lifecycle.move_many(session, {job_id: _run_values(p) for job_id, p in pauses.items()},
+                                 (lifecycle.RUNNING,), lifecycle.PAUSED, added=("run_seconds",),
+                                 where=(Job.cancel_requested.is_(False),),
+                                 values=dict(stop_reason="paused", updated_at=now, heartbeat_at=now))
+    add_events(session, [(job_id, "state", {"status": "paused", "epoch": pauses[job_id]["epochs_run"]}) for job_id in paused], now)
+    return paused
 
 
 def promote_job(session: Session, job_id: str) -> bool:

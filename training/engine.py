@@ -444,11 +444,20 @@ class _Run:
                    val: dict[str, float] | None = None) -> None:
         """``val``: the epoch's validation logs when the caller computed them (a fused pack
         validates all its trials in one pass, ``training.fused``); else :meth:`evaluate`."""
+        self._epoch_end_with(self._epoch_logs(loss_sum, sums, seen, started, val))
+
+    def _epoch_logs(self, loss_sum: torch.Tensor, sums: dict[str, torch.Tensor], seen: int, started: float,
+                    val: dict[str, float] | None = None) -> dict[str, float]:
+        """The logs of the epoch that has just ended (what its callbacks get)."""
         logs: dict[str, float] = {"epoch": self.epoch + 1}
         logs.update(self._train_logs(loss_sum, sums, seen))
         logs.update(self.evaluate() if val is None else val)
         logs["lr"] = self.lr
         logs["seconds"] = time.perf_counter() - started
+        return logs
+
+    def _epoch_end_with(self, logs: dict[str, float]) -> None:
+        """The epoch end's callbacks, in order, on the epoch's ``logs`` (:meth:`_epoch_logs`)."""
         for callback in self.epoch_end:
             callback.on_epoch_end(self, self.epoch, logs)
 

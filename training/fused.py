@@ -274,8 +274,10 @@ class _Pack:
     """The fused state of the live members: stacked parameters, data, optimizer, penalties."""
 
     def __init__(self, members: list[_Run], opt_cls: type[_StackedKeras] | type[_MemberOptimizers],
-                 isolate: tuple[type[BaseException], ...] = ()) -> None:
+                 isolate: tuple[type[BaseException], ...] = (),
+                 on_epoch_logs: Callable[[list[tuple[int, dict[str, float]]]], None] | None = None) -> None:
         self.members = members
+        self.on_epoch_logs = on_epoch_logs
         self.live = list(range(len(members)))
         self.isolate = isolate
         self.lost: dict[int, str] = {}  # member index -> what its reporter or should_stop raised
@@ -648,11 +650,16 @@ def _epoch(pack: _Pack, finished: list[int]) -> None:
             leave(ending, end_epoch=True)
     gone = []
     val = pack.validate()
+    logs = []
+    for s, i in enumerate(pack.live):
+        members[i].lr = lrs[s]
+        logs.append(members[i]._epoch_logs(loss_sum[s], {k: v[s] for k, v in sums.items()}, max(seen, 1), started, val[s]))
+    if pack.on_epoch_logs is not None:
+        pack.on_epoch_logs(list(zip(pack.live, logs, strict=True)))
     for s, i in enumerate(pack.live):
         m = members[i]
         pack.sync(s)
-        m.lr = lrs[s]
-        pack.call(i, m._end_epoch, loss_sum[s], {k: v[s] for k, v in sums.items()}, max(seen, 1), started, val[s])
+        pack.call(i, m._epoch_end_with, logs[s])
         if m.stop_reason is not None or m.epoch >= m.spec.epochs:  # a lost member's is LOST
             gone.append(s)
             finished.append(i)
@@ -669,6 +676,7 @@ def fit_fused(
     fallback: bool = True,
     isolate: tuple[type[BaseException], ...] = (),
     resume_from: Sequence[bytes | None] | None = None,
+    on_epoch_logs: Callable[[list[tuple[int, dict[str, float]]]], None] | None = None,
 ) -> list[FitResult]:
     """Train ``specs`` as one fused model when :func:`why_not_fused` allows it and the engine's
     optimizer for them has a fused form; otherwise (``fallback``) train them one after another
@@ -687,7 +695,13 @@ def fit_fused(
     schedule, plateau, early-stopping and checkpoint state, its batch-order generator) before the
     pack is formed, and goes on from its own epoch; members may resume from different epochs, and
     fresh and resumed members may share a pack. A member whose snapshot already holds all its
-    epochs trains none (as solo)."""
+    epochs trains none (as solo).
+
+    ``on_epoch_logs``: called at each epoch end of the fused pack with ``(member index, the
+    epoch's logs)`` of every member that ends it, before any of their epoch ends runs (callbacks,
+    reporter): what the members' reporters will each get, seen together (the worker decides the
+    sweep trials at one rung together with it, ``worker.record.FlushGroup.decide``). Members
+    that leave in the middle of an epoch (non-finite loss, ``max_steps``) end theirs alone."""
     jobs = [validate_spec(s, datasets) for s in specs]
     reps = list(reporters) if reporters is not None else [None] * len(jobs)
     stops = list(should_stops) if should_stops is not None else [None] * len(jobs)
@@ -711,7 +725,7 @@ def fit_fused(
             elif len(sizes) != 1:
                 reason = "the trials' training splits differ in size"
             else:
-                results = _train_pack(members, classes.pop(), started, isolate)
+                results = _train_pack(members, classes.pop(), started, isolate, on_epoch_logs)
     if results is not None:
         return results
     if not fallback:
@@ -730,8 +744,9 @@ def fit_fused(
 
 
 def _train_pack(members: list[_Run], opt_cls: type[_StackedKeras] | type[_MemberOptimizers], started: float,
-                isolate: tuple[type[BaseException], ...] = ()) -> list[FitResult]:
-    pack = _Pack(members, opt_cls, isolate)
+                isolate: tuple[type[BaseException], ...] = (),
+                on_epoch_logs: Callable[[list[tuple[int, dict[str, float]]]], None] | None = None) -> list[FitResult]:
+    pack = _Pack(members, opt_cls, isolate, on_epoch_logs)
     finished: list[int] = []
     lost = [k for k, m in enumerate(members)
             if not pack.call(k, m.start, {"pack": {"fused": True, "size": len(members), "index": k}})]

@@ -401,17 +401,54 @@ def should_prune(
     of the sweep (``trials`` includes this one, with its values up to ``epoch``). With ``pause``,
     "stop" means "pause", and for a paused trial (state running, at its rung) "not stop" means
     "promote" (see :func:`make_pruner`)."""
-    if not config.get("early_termination"):
-        return False
+    return number in prune_many(config, trials, {number: epoch}, study_name=study_name, endgame=endgame)
+
+
+def prune_many(
+    config: Mapping[str, Any], trials: Sequence[TrialRecord], asked: Mapping[int, int], *, study_name: str,
+    endgame: bool = False,
+) -> set[int]:
+    """Which of the running trials ``asked`` (trial number -> the epoch it has just ended, or
+    paused after) Optuna's pruner stops there: :func:`should_prune` of each, every one asked
+    with the others' values as ``trials`` hold them. So the trials of a pack that reach a rung at
+    the same epoch end are ranked together, each against all of them, as synchronous successive
+    halving ranks a rung (``worker.record.FlushGroup.decide``). An asked trial's values after its
+    epoch are not the pruner's business. ASHA builds the study once and asks Optuna's pruner about
+    each asked trial in it (the pruner sees the study with that trial's current rung value not yet
+    recorded: it records it itself, :class:`_Asking`); Hyperband and the median rule read the
+    study through their own storage queries, so each is asked in a study of its own."""
+    et = config.get("early_termination")
+    if not et or not asked:
+        return set()
     optuna = _optuna()
-    study = build_study(
-        config, trials, study_name=study_name, sampler=optuna.samplers.RandomSampler(seed=0),
-        deciding=number, deciding_step=epoch, endgame=endgame,
-    )
-    frozen = next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
-    if frozen is None or frozen.state != optuna.trial.TrialState.RUNNING or epoch not in frozen.intermediate_values:
-        return False
-    return bool(study.pruner.prune(study, frozen))
+    trials = [replace(t, values={e: v for e, v in t.values.items() if e <= asked[t.number]})
+              if t.number in asked else t for t in trials]
+    sampler = optuna.samplers.RandomSampler(seed=0)
+    running = optuna.trial.TrialState.RUNNING
+    if et["type"] != "asha":
+        out = set()
+        for number, epoch in asked.items():
+            study = build_study(config, trials, study_name=study_name, sampler=sampler, deciding=number,
+                                deciding_step=epoch, endgame=endgame)
+            frozen = next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
+            if frozen is not None and frozen.state == running and epoch in frozen.intermediate_values \
+                    and study.pruner.prune(study, frozen):
+                out.add(number)
+        return out
+    study = build_study(config, trials, study_name=study_name, sampler=sampler, endgame=endgame)
+    min_epochs, rf = int(et.get("min_epochs") or 1), int(et.get("reduction_factor") or DEFAULT_REDUCTION_FACTOR)
+    worst = -math.inf if config["objective"]["mode"] == "max" else math.inf
+    stored = study.get_trials(deepcopy=False)
+    out = set()
+    for i, frozen in enumerate(stored):
+        epoch = asked.get(frozen.number)
+        if epoch is None or frozen.state != running or epoch not in frozen.intermediate_values:
+            continue  # not running, or no value at that epoch: nothing to decide on
+        question = copy.copy(frozen)
+        question.system_attrs = _rung_attrs(frozen.intermediate_values, min_epochs, rf, 0, epoch, worst)
+        if study.pruner.prune(_Asking(study, [*stored[:i], question, *stored[i + 1:]]), question):
+            out.add(frozen.number)
+    return out
 
 
 def promotions(
@@ -419,41 +456,19 @@ def promotions(
     endgame: bool = False,
 ) -> set[int]:
     """Which paused trials (``paused``: trial number -> the epoch it paused after) Optuna's
-    successive halving now promotes: for each, :meth:`SuccessiveHalvingPruner.prune` is asked as if
-    the trial reported its rung value again now, and "not prune" means "promote" (see
-    :func:`make_pruner`). Equal to asking :func:`should_prune` about each, with the study built
-    once: the pruner sees the study with the asked trial's current rung value not yet recorded
-    (it records it itself; :class:`_Asking`), and every other trial as stored."""
+    successive halving now promotes: those :func:`prune_many` does not stop when asked as if each
+    reported its rung value again now (see :func:`make_pruner`); a paused trial without a value at
+    its rung has nothing to be decided on and goes on."""
     if not paused or not pauses(config):
         return set()
-    optuna = _optuna()
-    # a paused trial's values after its rung (none are written) are not the pruner's business
-    trials = [replace(t, values={e: v for e, v in t.values.items() if e <= paused[t.number]})
-              if t.number in paused else t for t in trials]
-    study = build_study(config, trials, study_name=study_name, sampler=optuna.samplers.RandomSampler(seed=0),
-                        endgame=endgame)
-    et = config["early_termination"]
-    min_epochs, rf = int(et.get("min_epochs") or 1), int(et.get("reduction_factor") or DEFAULT_REDUCTION_FACTOR)
-    worst = -math.inf if config["objective"]["mode"] == "max" else math.inf
-    stored = study.get_trials(deepcopy=False)
-    out: set[int] = set()
-    for i, frozen in enumerate(stored):
-        epoch = paused.get(frozen.number)
-        if epoch is None or frozen.state != optuna.trial.TrialState.RUNNING:
-            continue
-        if epoch not in frozen.intermediate_values:
-            out.add(frozen.number)  # not at a rung value: nothing to decide on (as should_prune)
-            continue
-        asked = copy.copy(frozen)
-        asked.system_attrs = _rung_attrs(frozen.intermediate_values, min_epochs, rf, 0, epoch, worst)
-        if not study.pruner.prune(_Asking(study, [*stored[:i], asked, *stored[i + 1:]]), asked):
-            out.add(frozen.number)
-    return out
+    running = {t.number for t in trials if t.state == "running"}
+    stopped = prune_many(config, trials, paused, study_name=study_name, endgame=endgame)
+    return {n for n in paused if n in running and n not in stopped}
 
 
 class _Asking:
-    """The study as :meth:`SuccessiveHalvingPruner.prune` reads it while one paused trial is asked
-    about: its trials (the asked one without its current rung value) and direction; what the
+    """The study as :meth:`SuccessiveHalvingPruner.prune` reads it while one trial is asked
+    about (:func:`prune_many`): its trials (the asked one without its current rung value) and direction; what the
     pruner records (the asked trial's rung value) is dropped, so the next question sees the study
     as stored."""
 

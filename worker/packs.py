@@ -177,7 +177,7 @@ def _run_pack(members: list[Member], settings: Settings, send: Any) -> str:
         try:
             # a member whose lease is lost leaves the pack alone (its result's stop reason: LOST)
             results = fit_fused([m[3] for m in members], records, [r.should_stop for r in records],
-                                isolate=(leases.LeaseLost,), resume_from=resumes)
+                                isolate=(leases.LeaseLost,), resume_from=resumes, on_epoch_logs=group.decide)
         except leases.LeaseLost:
             # not from one member's record or poll (those are isolated above): the pack stops;
             # the members' heartbeats stop with it and recovery requeues them

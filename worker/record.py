@@ -153,6 +153,8 @@ class RunRecord(BaseReporter):
         self.last_built: float | None = None
         self.epochs_seen = 0
         self.stop_request: str | None = None  # set by a trial's pruner (PAUSED or "pruned")
+        # a pack member's pruner decision, made with the pack's (FlushGroup.decide): (epoch, request)
+        self.decided: tuple[int, str | None] | None = None
         # the state after the last epoch is kept, so the job can be continued with more epochs
         self.wants_final_snapshot = settings.keep_final_snapshot
 
@@ -262,8 +264,12 @@ class RunRecord(BaseReporter):
         assert self.pruner is not None
         if not self.pruner.decides_at(epoch):
             return
+        decided, self.decided = self.decided, None
         try:
-            request = self.pruner.decide(epoch, list(self.buffer))
+            if decided is not None and decided[0] == epoch:  # decided with its pack (FlushGroup.decide)
+                request = decided[1]
+            else:
+                request = self.pruner.decide(epoch, list(self.buffer))
             if request is not None:
                 # ASHA with promotions pauses the trial (the engine hands over a snapshot of this
                 # epoch; the sweep may resume it from there), plain pruning stops it for good
@@ -272,6 +278,9 @@ class RunRecord(BaseReporter):
                 return  # the engine stops after this epoch; finish() writes the buffer with the result
         except Exception:  # noqa: BLE001 - a failed decision must not fail the trial: it trains on
             log.exception("trial %s: the pruning decision at epoch %d failed; the trial continues", self.job_id, epoch)
+        if decided is not None and self.group is not None:
+            self.group.went_on(self)  # the pack's members that go on write their epochs together
+            return
         self.flush()
 
     def on_checkpoint(self, checkpoint: Checkpoint) -> None:
@@ -603,9 +612,7 @@ class RunRecord(BaseReporter):
         job was cancelled meanwhile (nothing written)."""
 
         def pause(s: Any) -> bool:
-            if not repo.pause_job(s, self.job_id, steps=result.steps, epochs_run=result.epochs_run,
-                                  run_seconds=result.seconds,
-                                  best=(result.monitor, result.best_value, result.best_epoch) if result.monitor else None):
+            if not repo.pause_job(s, self.job_id, **self._pause_values(result)):
                 return False
             self._write_buffered(s)
             s.flush()
@@ -617,6 +624,12 @@ class RunRecord(BaseReporter):
             return False
         self._buffered_written()
         return True
+
+    @staticmethod
+    def _pause_values(result: FitResult) -> dict[str, Any]:
+        """The keywords of ``store.repo.pause_job`` for a run paused at a rung."""
+        return dict(steps=result.steps, epochs_run=result.epochs_run, run_seconds=result.seconds,
+                    best=(result.monitor, result.best_value, result.best_epoch) if result.monitor else None)
 
     def _store_best(self, s: Any, result: FitResult) -> None:
         """Mark the engine's best checkpoint; store it (or the final weights) if no row has it."""
@@ -721,6 +734,48 @@ class FlushGroup:
         self.records = records
         for r in records:
             r.group = self
+        self.going_on: set[str] = set()  # members decided together that go on and have not said so yet
+
+    def decide(self, ended: list[tuple[int, dict[str, Any]]]) -> None:
+        """The pack's epoch end (``training.fused.fit_fused``'s ``on_epoch_logs``: ``(member index,
+        its epoch's logs)``, before any member's epoch end runs): the members that are trials of
+        one sweep and end one of its pruner's decision epochs are decided together, in one read
+        of the sweep's trials (``worker.sweeps.prune_decisions``), each ranked against all of them
+        (as solo trials, one after another, are ranked against those before them). Each member's
+        own epoch end then takes its decision (:meth:`RunRecord._ask_pruner`), and the members
+        that go on write their epochs in one transaction, after the last of them (trials elsewhere
+        decide with their values at the rung). A member alone at its rung, or a failed read,
+        decides on its own, as solo."""
+        from worker.sweeps import prune_decisions
+
+        self.going_on = set()
+        asked: dict[str, list[tuple[RunRecord, int, dict[str, Any]]]] = {}
+        for k, logs in ended:
+            r = self.records[k]
+            epoch = int(logs["epoch"])
+            if r.pruner is not None and r.stop_request is None and r.pruner.decides_at(epoch):
+                asked.setdefault(r.pruner.sweep_id, []).append((r, epoch, logs))
+        for sweep_id, members in asked.items():
+            if len(members) < 2:
+                continue
+            try:
+                stopped = prune_decisions(sweep_id, [(r.job_id, epoch, [*r.buffer, logs]) for r, epoch, logs in members])
+            except Exception:  # noqa: BLE001 - each member then decides on its own, as solo
+                log.exception("pack of %s: the pruning decision of its trials at one rung failed; each decides alone",
+                              self.records[0].job_id)
+                continue
+            for r, epoch, _ in members:
+                assert r.pruner is not None
+                r.decided = (epoch, r.pruner.request(r.job_id in stopped))
+                if r.job_id not in stopped:
+                    self.going_on.add(r.job_id)
+
+    def went_on(self, record: RunRecord) -> None:
+        """``record``'s trial goes on after a decision made with the pack's: once every member
+        that goes on has said so, their epochs (the rung's values) are written together."""
+        self.going_on.discard(record.job_id)
+        if not self.going_on:
+            self.flush()
 
     def flush(self) -> None:
         members = [r for r in self.records if r.groupable()]
@@ -781,32 +836,45 @@ class FlushGroup:
             r.cancelled = done[k] or r.cancelled
 
     def finish(self, results: list[tuple[RunRecord, FitResult]]) -> dict[str, str]:
-        """Record the final results of the pack's members in one transaction, instead of one per
-        member: each member's part starts with its own fence and is what its own :meth:`RunRecord.finish`
-        writes (buffered epochs and checkpoints, best and last checkpoints, the final row). Returns
-        the status of each member recorded here, by job id (``"lease_lost"`` for a member whose
-        fence failed: nothing written for it). Members not in the answer finish on their own
-        (:meth:`RunRecord.finish`): those whose run did not end plainly (a requeue, a pause), and
-        all of them if the shared transaction failed (it is rolled back whole; each member's own
-        transaction then retries, or records its own failure, as a solo run's)."""
-        plain = [(r, res) for r, res in results
-                 if r.lease_token is not None and not r.lease_lost.is_set() and r.ends_plainly(res)]
-        if len(plain) < 2:
+        """Record how the pack's members' runs ended in one transaction, instead of one per
+        member: each member's part starts with its own fence and is what its own
+        :meth:`RunRecord.finish` writes (buffered epochs and checkpoints, the snapshot of a pause,
+        best and last checkpoints, the final row, or the paused state of a trial stopped at a
+        rung). Returns the status of each member recorded here, by job id (``"lease_lost"`` for a
+        member whose fence failed: nothing written for it). Members not in the answer finish on
+        their own (:meth:`RunRecord.finish`): those requeued (a shutdown, a preemption), a trial
+        asked to cancel while it paused (it ends cancelled), and all of them if the shared
+        transaction failed (it is rolled back whole; each member's own transaction then retries,
+        or records its own failure, as a solo run's)."""
+        ending = [(r, res) for r, res in results
+                  if r.lease_token is not None and not r.lease_lost.is_set() and (r.ends_plainly(res) or res.stop_reason == PAUSED)]
+        if len(ending) < 2:
             return {}
         parts = []
         out: dict[str, str] = {}
         try:
-            for r, res in plain:
+            for r, res in ending:
+                if res.stop_reason == PAUSED:
+                    r._stage_buffered()  # its epochs and its snapshot at the rung
+                    parts.append((r, res, PAUSED, None))
+                    continue
                 status, end = r._end(res, res.stop_reason)
                 r._stage_buffered(res.last_checkpoint)  # the files, before the transaction (see _stage)
                 parts.append((r, res, status, end))
             with session_scope() as s:
                 held = leases.fence_many(s, {r.job_id: r.lease_token for r, *_ in parts})  # type: ignore[misc]
-                mine = [(r, res, status, end) for r, res, status, end in parts if r.job_id in held]
                 out.update({r.job_id: "lease_lost" for r, *_ in parts if r.job_id not in held})  # nothing written for it
+                paused = set(repo.pause_jobs(s, {r.job_id: r._pause_values(res) for r, res, status, _ in parts
+                                                 if status == PAUSED and r.job_id in held}))
+                # a trial asked to cancel meanwhile is not paused: it finishes on its own (cancelled)
+                mine = [p for p in parts if p[0].job_id in held and (p[2] != PAUSED or p[0].job_id in paused)]
                 # what each member's own finish writes, in a few statements for all of them
                 write_items(s, [r._buffered() for r, *_ in mine])
-                record_ends(s, [(r, res, end) for r, res, _, end in mine])
+                s.flush()  # the best checkpoints may be among the rows just written
+                store_bests(s, [(r, res) for r, res, status, _ in mine if status == PAUSED])  # what a pruned trial keeps
+                ends = [(r, res, end) for r, res, status, end in mine if status != PAUSED]
+                if ends:
+                    record_ends(s, ends)
                 out.update({r.job_id: status for r, _, status, _ in mine})
         except Exception as exc:  # noqa: BLE001 - rolled back: every member finishes on its own
             log.warning("pack of %s: the members' results could not be recorded together (%s: %s); "

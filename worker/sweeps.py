@@ -8,7 +8,10 @@
   value). A "prune" sets the record's ``stop_request = "pruned"``: the engine ends the run after
   this epoch, and the job ends ``succeeded`` with stop reason ``pruned`` (its metrics, written with
   the result, and its best checkpoint are kept, as for an early stop); with ASHA's promotions
-  the trial pauses instead (``"paused"``).
+  the trial pauses instead (``"paused"``). The trials of a pack that end a decision epoch together
+  are decided together (:func:`prune_decisions`, from ``worker.record.FlushGroup.decide``): one
+  read, each ranked against all of them, and those that go on write their epochs in one
+  transaction.
 * **Advancing** (:func:`orchestration.sweeps.after_job`): when a trial job ends (whatever way), its
   worker advances the sweep.
 """
@@ -24,7 +27,7 @@ from orchestration import sweeps as orchestration_sweeps
 from store import sweeps as store_sweeps
 from store.db import session_scope
 from training.reporting import PAUSED  # not training.engine: no torch before the claim's heartbeat
-from training.sweep_space import is_decision_epoch, pauses, should_prune
+from training.sweep_space import is_decision_epoch, pauses, prune_many
 
 log = logging.getLogger("trainyard.worker")
 
@@ -33,15 +36,28 @@ def prune_decision(sweep_id: str, job_id: str, epoch: int, unwritten: Sequence[d
     """Whether the sweep's pruner stops trial ``job_id`` after ``epoch``, from the sweep's trials
     as stored plus ``unwritten``, this trial's epochs not written yet (its record's buffer).
     Reads only; no lock."""
+    return job_id in prune_decisions(sweep_id, [(job_id, epoch, unwritten)])
+
+
+def prune_decisions(sweep_id: str, asked: Sequence[tuple[str, int, Sequence[dict[str, Any]]]]) -> set[str]:
+    """Which of the sweep's running trials ``asked`` (job id, the epoch it has just ended, its
+    epochs not written yet) its pruner stops there, all asked in one read of the sweep's trials:
+    each is ranked with the others' unwritten epochs as if written
+    (``training.sweep_space.prune_many``: a pack's members at one rung are ranked together).
+    Reads only; no lock."""
     with session_scope(write=False) as s:
-        sweep, records, number, endgame = orchestration_sweeps.trial_records_for_decision(s, sweep_id, job_id)
-        if sweep is None or number is None or sweep.status != "running":
-            return False
+        sweep, records, numbers, endgame = orchestration_sweeps.trial_records_for_decision(
+            s, sweep_id, [job_id for job_id, _, _ in asked])
+        if sweep is None or sweep.status != "running":
+            return set()
         config, metric = sweep.config, sweep.objective_metric
-    if unwritten:
-        mine = store_sweeps.objective_values(unwritten, metric)
-        records = [replace(r, values={**r.values, **mine}) if r.number == number else r for r in records]
-    return should_prune(config, records, number, epoch, study_name=sweep_id, endgame=endgame)
+    mine = {numbers[job_id]: store_sweeps.objective_values(unwritten, metric)
+            for job_id, _, unwritten in asked if job_id in numbers and unwritten}
+    records = [replace(r, values={**r.values, **mine[r.number]}) if r.number in mine else r for r in records]
+    by_number = {numbers[job_id]: job_id for job_id, _, _ in asked if job_id in numbers}
+    stopped = prune_many(config, records, {numbers[job_id]: epoch for job_id, epoch, _ in asked if job_id in numbers},
+                         study_name=sweep_id, endgame=endgame)
+    return {by_number[n] for n in stopped}
 
 
 class TrialPruner:
@@ -62,9 +78,12 @@ class TrialPruner:
         """The stop request after ``epoch`` (``"paused"`` when ASHA may promote the trial later,
         ``"pruned"`` otherwise), or None when the trial goes on; ``unwritten``: its epochs not
         written yet. Reads only."""
-        if prune_decision(self.sweep_id, self.job_id, epoch, unwritten):
-            return PAUSED if self.pauses else "pruned"
-        return None
+        return self.request(prune_decision(self.sweep_id, self.job_id, epoch, unwritten))
+
+    def request(self, stopped: bool) -> str | None:
+        """The stop request of a decision: ``"paused"`` (ASHA with promotions) or ``"pruned"``
+        when the pruner stops the trial, None when it goes on."""
+        return (PAUSED if self.pauses else "pruned") if stopped else None
 
 
 def trial_pruner(job_id: str, sweep_id: str | None, epochs: int) -> TrialPruner | None:

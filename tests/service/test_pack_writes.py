@@ -198,3 +198,40 @@ def test_pack_members_written_at_once_leave_what_one_at_a_time_leaves(backend, p
                                                                   ["job.failed", "job.started"],
                                                                   ["job.started", "job.succeeded"]]
     engine.dispose()
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "sqlite"])
+def test_pausing_members_at_once_leaves_what_pausing_one_at_a_time_leaves(backend, pg, tmp_path, artifacts):
+    """``pause_jobs`` (a pack's trials stopped at a rung, recorded together) against ``pause_job``
+    once per job: the same rows (paused, steps, epoch, best, run_seconds added) and state events;
+    a job asked to cancel, and one no longer running, are paused by neither."""
+    url = pg.create("pack_pauses") if backend == "postgresql" else f"sqlite:///{tmp_path / 'pause.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    files = get_store()
+    base = validate_spec(note_spec(3)).model_dump(mode="json")
+    plans = [dict(steps=10, epochs_run=1, best=("val_accuracy", 0.5, 1), run_seconds=0.25),
+             dict(steps=30, epochs_run=3, best=None, run_seconds=None),
+             dict(steps=10, epochs_run=1, best=("val_accuracy", float("nan"), 1), run_seconds=1.0),
+             dict(steps=10, epochs_run=1, best=None, run_seconds=0.5)]  # asked to cancel: not paused
+    with Session(engine) as s:
+        groups = {mode: [repo.create_job(s, spec=base, queue="cpu").id for _ in range(len(plans) + 1)]
+                  for mode in ("one", "many")}
+        s.commit()
+        for ids in groups.values():
+            packing.claim_members(s, ids, "host:1", 300)
+            s.execute(update(Job).where(Job.id == ids[1]).values(run_seconds=2.0))  # ran before: added to
+            s.commit()
+            assert repo.request_cancel(s, ids[3]) == "running"  # asked; the worker ends it
+            assert repo.finish_job(s, ids[4], status="failed", stop_reason="error", error="gone")  # not running
+            s.commit()
+        paused_one = [j for p, j in zip([*plans, plans[0]], groups["one"], strict=True) if repo.pause_job(s, j, **p)]
+        paused_many = repo.pause_jobs(s, dict(zip(groups["many"], [*plans, plans[0]], strict=True)))
+        s.commit()
+        assert paused_one == groups["one"][:3] and paused_many == groups["many"][:3]
+        one, many = _state(s, groups["one"], files), _state(s, groups["many"], files)
+        assert one == many
+        assert [r[0][0] for r in many] == ["paused"] * 3 + ["running", "failed"]
+        assert [r[0][9] for r in many[:3]] == [0.25, 2.0, 1.0]  # run_seconds added to what earlier runs recorded
+        assert many[0][1][-1] == ("state", {"status": "paused", "epoch": 1})
+    engine.dispose()

@@ -271,43 +271,75 @@ def _pack_events(job_id: str) -> int:
         return int(s.scalar(select(func.count()).select_from(JobEvent).where(JobEvent.job_id == job_id, JobEvent.kind == "pack")) or 0)
 
 
-def test_an_asha_sweeps_promoted_trials_resume_together_as_a_pack(pg_service: str, inproc_env: dict[str, str]) -> None:
-    """ASHA (min 1 epoch, reduction factor 3, 9 trials of 9 epochs): the base rung's 9 trials
-    train as one pack and pause together; the 3 promoted at once resume from their snapshots as
-    one pack (the job view's ``info.pack`` says so: fused, its members the promoted trials); every
-    trial's epochs are recorded once each, in order, and equal its solo ``training.fit`` run's."""
-    base = dict(copy.deepcopy(BASE), epochs=9)
-    with Client(pg_service) as c:
-        sweep = c.create_sweep({
-            "name": "pack-asha", "base": base, "method": "random", "seed": 5,
-            "parameters": {"optimizer.learning_rate": {"distribution": "log_uniform", "min": 1e-3, "max": 3e-2}},
-            "objective": {"metric": "val_accuracy", "mode": "max"}, "max_trials": 9, "max_concurrent": 9,
-            "early_termination": {"type": "asha", "min_epochs": 1, "reduction_factor": 3},
-        })
-        done = c.wait_sweep(sweep["id"], timeout=300)
-        assert done["status"] == "succeeded" and len(done["trials"]) == 9, done
-        jobs = {t["job_id"]: c.job(t["job_id"]) for t in done["trials"]}
-        rows = {i: c.metrics(i) for i in jobs}
-    reached = {i: len(r) for i, r in rows.items()}
-    assert sorted(reached.values()) == [1] * 6 + [3] * 2 + [9], reached
-    promoted = [i for i, n in reached.items() if n > 1]
+def _asha_sweep(c: Client, trials: int, epochs: int, seed: int) -> tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, list[dict[str, Any]]]]:
+    """An ASHA sweep (min 1 epoch, reduction factor 3) of BASE run to its end: the sweep, each
+    trial's job view and its metric rows, by job id; each trial's epochs recorded once, in order,
+    and equal to its solo ``training.fit`` run's."""
+    sweep = c.create_sweep({
+        "name": "pack-asha", "base": dict(copy.deepcopy(BASE), epochs=epochs), "method": "random", "seed": seed,
+        "parameters": {"optimizer.learning_rate": {"distribution": "log_uniform", "min": 1e-3, "max": 3e-2}},
+        "objective": {"metric": "val_accuracy", "mode": "max"}, "max_trials": trials, "max_concurrent": trials,
+        "early_termination": {"type": "asha", "min_epochs": 1, "reduction_factor": 3},
+    })
+    done = c.wait_sweep(sweep["id"], timeout=300)
+    assert done["status"] == "succeeded" and len(done["trials"]) == trials, done
+    jobs = {t["job_id"]: c.job(t["job_id"]) for t in done["trials"]}
+    rows = {i: c.metrics(i) for i in jobs}
     for job_id, view in jobs.items():
-        n = reached[job_id]
+        n = len(rows[job_id])
         assert [r["epoch"] for r in rows[job_id]] == list(range(1, n + 1)), rows[job_id]
         assert _epoch_events(job_id) == list(range(1, n + 1))  # each epoch recorded once, in order
         solo = training.fit(view["spec"])
         for row, ref in zip(rows[job_id], solo.history, strict=False):
             for key in ("loss", "val_loss", "accuracy", "val_accuracy", "lr"):
                 assert close(row[key], ref[key]), (job_id, row["epoch"], key, row[key], ref[key])
-    # the two promoted trials that stopped at rung 3 trained epochs 2-3 in one pack of the three
-    # promoted trials (the last one's view says so too, unless its run to epoch 9 replaced it)
-    rung = [jobs[i] for i in promoted if reached[i] == 3]
-    packs = [v["info"]["pack"] for v in rung]
-    assert all(p["fused"] is True and p["size"] == 3 for p in packs), packs
-    assert {p["id"] for p in packs} == {packs[0]["id"]} and sorted(packs[0]["jobs"]) == sorted(promoted), packs
-    assert all(_pack_events(i) == 2 for i in promoted)  # the base rung's pack, then the promoted one
+    return done, jobs, rows
+
+
+def test_an_asha_sweeps_rungs_are_decided_together_in_its_pack(pg_service: str, inproc_env: dict[str, str]) -> None:
+    """ASHA (min 1 epoch, reduction factor 3, 9 trials of 9 epochs): the 9 trials train as one
+    pack, and the members that reach a rung at the same epoch end are ranked together: the best
+    third go on in the pack at once (never paused, so never resumed: one attempt each), the others
+    pause and end pruned. Every trial's epochs are recorded once and equal its solo run's."""
+    with Client(pg_service) as c:
+        _, jobs, rows = _asha_sweep(c, 9, 9, seed=5)
+    reached = {i: len(r) for i, r in rows.items()}
+    assert sorted(reached.values()) == [1] * 6 + [3] * 2 + [9], reached
+    # the best third of each rung, by the rung's value: epoch 1 among all 9, epoch 3 among those 3
+    at = lambda i, e: rows[i][e - 1]["val_accuracy"]  # noqa: E731
+    best1 = sorted(jobs, key=lambda i: -at(i, 1))[:3]
+    assert sorted(best1) == sorted(i for i, n in reached.items() if n > 1), (reached, {i: at(i, 1) for i in jobs})
+    assert max(best1, key=lambda i: at(i, 3)) == next(i for i, n in reached.items() if n == 9)
+    packs = [v["info"]["pack"] for v in jobs.values()]
+    assert all(p["fused"] is True and p["size"] == 9 for p in packs) and len({p["id"] for p in packs}) == 1, packs
+    assert sorted(v["stop_reason"] for v in jobs.values()) == ["completed"] + ["pruned"] * 8, jobs
     with session_scope(write=False) as s:
-        assert all(s.get(Job, i).attempts == 1 + (reached[i] > 1) + (reached[i] > 3) for i in jobs)
+        assert all(s.get(Job, i).attempts == 1 for i in jobs)
+
+
+@pytest.mark.parametrize("pg_service", [{"TRAINYARD_PACK_MAX_MEMBERS": "3"}], indirect=True)
+def test_an_asha_sweeps_promoted_trials_resume_in_a_pack(pg_service: str, inproc_env: dict[str, str]) -> None:
+    """ASHA with packs of at most 3 (``TRAINYARD_PACK_MAX_MEMBERS``), 9 trials (seed 11: the first
+    pack holds two of the rung's best three): a trial paused at a rung before enough trials had
+    reached it is promoted later (async ASHA), and its next attempt resumes from its snapshot in a
+    pack (a ``pack`` event in that attempt; its view says fused); every trial's epochs are
+    recorded once, in order, and equal its solo run's, across pauses and resumes."""
+    with Client(pg_service) as c:
+        _, jobs, rows = _asha_sweep(c, 9, 9, seed=11)
+    with session_scope(write=False) as s:
+        attempts = {i: s.get(Job, i).attempts for i in jobs}
+        events = {i: [(e.kind, e.data) for e in s.scalars(select(JobEvent).where(JobEvent.job_id == i).order_by(JobEvent.id))]
+                  for i in jobs}
+    promoted = [i for i, n in attempts.items() if n > 1]
+    assert promoted, attempts  # some trial was paused and promoted
+    # the trials whose later attempt (a resume from the snapshot of its pause) trained in a pack
+    resumed_in_a_pack = []
+    for i in promoted:
+        runs = [k for k, (kind, d) in enumerate(events[i]) if kind == "state" and d.get("status") == "running"]
+        if any(kind == "pack" for kind, _ in events[i][runs[-1]:]):
+            resumed_in_a_pack.append(i)
+    assert resumed_in_a_pack, (attempts, events)
+    assert all(jobs[i]["info"]["pack"]["fused"] is True for i in resumed_in_a_pack)
 
 
 @pytest.mark.parametrize("ended_by", ["shutdown", "fault"])

@@ -159,3 +159,39 @@ def test_promotions_are_optunas_decisions_on_the_same_values():
             asked += len(paused)
             promoted += len(got)
     assert 0 < promoted < asked  # the scenarios hold both outcomes
+
+
+def test_a_packs_rung_is_ranked_together():
+    """Trials of a pack that reach a rung at the same epoch end are asked about together
+    (``prune_many``): each is ranked against all of them, so the best 1/reduction_factor go on at
+    once and the rest pause; and each answer is Optuna's live answer for that trial with the
+    others' values reported."""
+    from training.sweep_space import prune_many
+
+    values = [0.31, 0.9, 0.55, 0.72, 0.12, 0.95, 0.6, 0.44, 0.81]
+    trials = [rec(n, {1: v}) for n, v in enumerate(values)]
+    stopped = prune_many(CONFIG, trials, {n: 1 for n in range(9)}, study_name="s")
+    assert sorted(set(range(9)) - stopped) == [1, 5, 8]  # floor(9 / 3) = 3: the three best
+    for n in range(9):
+        assert (n in stopped) == (not _optuna_promotes(CONFIG, trials, n, 1, False))
+    # asked one at a time as the trials arrive (async ASHA), the first ones wait for company
+    assert decide(trials[:1], 0, 1) and decide(trials[:2], 1, 1)
+    # a trial's values after the epoch it is asked about are left out
+    later = [rec(0, {1: 0.1, 2: 0.99, 3: 0.99})] + trials[1:]
+    assert 0 in prune_many(CONFIG, later, {n: 1 for n in range(9)}, study_name="s")
+
+
+def test_prune_many_is_should_prune_of_each():
+    """Asked together, every trial gets the answer it gets asked alone (same stored values), for
+    each pruner: ASHA (one study), Hyperband and the median rule (a study per question)."""
+    from training.sweep_space import prune_many
+
+    hb = {**CONFIG, "early_termination": {"type": "hyperband", "min_epochs": 1, "max_epochs": 9, "reduction_factor": 3}}
+    med = {**CONFIG, "early_termination": {"type": "median", "min_epochs": 1, "n_startup_trials": 2}}
+    for seed in range(30):
+        config, trials, paused = _scenario(seed)
+        for cfg in (config, hb, med):
+            asked = {t.number: max(t.values) for t in trials if t.state == "running" and t.values}
+            for endgame in (False, True):
+                one_by_one = {n for n, e in asked.items() if should_prune(cfg, trials, n, e, study_name="s", endgame=endgame)}
+                assert prune_many(cfg, trials, asked, study_name="s", endgame=endgame) == one_by_one
