@@ -123,7 +123,7 @@ class RunRecord(BaseReporter):
         self.unwritten_snapshot: Snapshot | None = None  # due (or a pause's, or the final one), not written yet
         self.heartbeat_every_s = min(HEARTBEAT_EVERY_S, settings.heartbeat_stale_s / 4)
         self.lease_lost = threading.Event()
-        self._beating = threading.Event()
+        self._stop_beating = threading.Event()
         self._beat_thread: threading.Thread | None = None
         self.buffer: list[dict[str, Any]] = []
         self.info: dict[str, Any] | None = None
@@ -181,18 +181,21 @@ class RunRecord(BaseReporter):
         try:
             yield
         finally:
-            self._beating.clear()
+            self._stop_beating.set()
             self._beat_thread = None
 
     def _start_heartbeat(self) -> None:
         if self.lease_token is None or self._beat_thread is not None:
             return
-        self._beating.set()
+        self._stop_beating.clear()
 
         every = min(self.heartbeat_every_s, self.stall_timeout_s / 4) if self.stall_timeout_s else self.heartbeat_every_s
 
         def beat() -> None:
-            while self._beating.is_set():
+            # the claim has just written the heartbeat: the first beat is due one interval later
+            # (a pack's members then do not each commit one as the pack starts); the thread ends
+            # as soon as the attempt does
+            while not self._stop_beating.wait(every):
                 try:
                     if self._stalled_for() is not None:
                         self._end_stalled()
@@ -204,9 +207,6 @@ class RunRecord(BaseReporter):
                     return
                 except Exception as exc:  # noqa: BLE001 - transient: the training thread's writes retry
                     log.debug("job %s: heartbeat not written: %s", self.job_id, exc)
-                if not self._beating.is_set():
-                    return
-                time.sleep(every)
 
         self._beat_thread = in_current_context(beat, name=f"trainyard-heartbeat-{self.job_id[:8]}", daemon=True)
         self._beat_thread.start()

@@ -710,3 +710,18 @@ def test_without_model_checkpoint_the_best_weights_follow_the_documented_monitor
     assert r.monitor == monitor and r.best_epoch == best + 1 and r.best_value == values[best]
     assert rec.checkpoints and rec.checkpoints[-1].monitor == monitor and rec.checkpoints[-1].epoch == best + 1
     assert r.best_checkpoint == rec.checkpoints[-1].data
+
+
+def test_seed_torch_seeds_as_torch_manual_seed():
+    """The engine's seeding (``seed_torch``, which skips torch's lazy CUDA seeding on a machine
+    without an accelerator) leaves the global generator exactly where ``torch.manual_seed`` does."""
+    import torch
+
+    from training.engine import seed_torch
+
+    for seed in (0, 7, 2**31 + 5, 2**63 - 1):
+        seed_torch(seed)
+        ours = (torch.rand(5), torch.randn(3), torch.randperm(10))
+        torch.manual_seed(seed)
+        theirs = (torch.rand(5), torch.randn(3), torch.randperm(10))
+        assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True)), seed
