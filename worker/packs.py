@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import logging
 import traceback
-from contextlib import ExitStack
 from typing import Any
 
 from config.logs import job_context
@@ -172,9 +171,7 @@ def _run_pack(members: list[Member], settings: Settings, send: Any) -> str:
     if not members:
         return _after_sweeps(formed, statuses, settings, send)
     group = FlushGroup(records)  # one transaction per flush interval for the whole pack, not one per member
-    with ExitStack() as heartbeats:
-        for r in records:
-            heartbeats.enter_context(r.heartbeat())
+    with group.heartbeat():  # one heartbeat thread for the pack
         try:
             # a member whose lease is lost leaves the pack alone (its result's stop reason: LOST)
             results = fit_fused([m[3] for m in members], records, [r.should_stop for r in records],

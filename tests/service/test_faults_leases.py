@@ -322,3 +322,38 @@ def test_a_packs_results_commit_in_one_transaction_and_a_taken_member_writes_not
     assert records[0].buffer == [] and records[2].buffer == [{"epoch": 1, "loss": 0.5}]
     with session_scope() as s:  # the new attempt ends it (no later test's worker may take it over)
         assert repo.finish_job(s, ids[2], status="cancelled", stop_reason="cancelled")
+
+
+def test_a_packs_one_heartbeat_thread_beats_for_every_member_and_notices_a_lost_lease(inproc_env):
+    """A pack's heartbeat (``FlushGroup.heartbeat``: one thread for all members) bumps every
+    member's heartbeat each interval in one statement; a member whose lease another attempt took
+    gets LeaseLost at its next poll and is beaten no more, while the others' heartbeats go on."""
+    import time
+
+    from worker.record import FlushGroup
+
+    settings = settings_from_env({**inproc_env, "TRAINYARD_HEARTBEAT_STALE": "0.8"})  # beats every 0.2 s
+    ids = [_job(tiny_spec(epochs=5), settings.queue_name("cpu")) for _ in range(3)]
+    claims = [_claim(j) for j in ids]
+    records = [RunRecord(j, settings, lease_token=c.lease_token) for j, c in zip(ids, claims, strict=True)]
+    group = FlushGroup(records)
+
+    def beats() -> dict[str, Any]:
+        with session_scope(write=False) as s:
+            return dict(s.execute(select(Job.id, Job.heartbeat_at).where(Job.id.in_(ids))).all())
+
+    with group.heartbeat():
+        _age_heartbeat(ids[1])  # another worker takes the second member over
+        taken = _claim(ids[1], "w:2")
+        start = beats()
+        time.sleep(0.7)
+        later = beats()
+        assert later[ids[0]] > start[ids[0]] and later[ids[2]] > start[ids[2]]  # beaten
+        assert later[ids[1]] == start[ids[1]]  # the new owner's row: untouched
+        assert records[1].lease_lost.is_set() and not records[0].lease_lost.is_set() and not records[2].lease_lost.is_set()
+        with pytest.raises(leases.LeaseLost):
+            records[1].should_stop()
+    stopped = beats()
+    time.sleep(0.5)
+    assert beats() == stopped  # the thread stopped with the block
+    assert taken.lease_token == 2
