@@ -25,8 +25,9 @@ Parts (``--parts``, in this order; default all three):
 Each part runs in both modes, back to back: **solo** (``TRAINYARD_PACK=0``, today's path: one
 job after another) then **packed** (``TRAINYARD_PACK=1``), each on its own ``trainyard serve``
 (API + one worker + SQLite + the embedded broker, exactly as a user runs it; same worker count)
-on a fresh data directory (``--warm``: after one 1-epoch job of the same model has run there, so
-the worker's first-use costs are paid before the timed part, in both modes). So each part's ratio (packed / solo wall time; packed / solo jobs per
+on a fresh data directory (``--warm``: after one 1-epoch job of the same model and a 1-trial
+ASHA sweep of it have run there, so the worker's first-use costs are paid before the timed part,
+in both modes). So each part's ratio (packed / solo wall time; packed / solo jobs per
 minute) is measured side by side, and a part's figures are printed (and written to ``--json``) as
 soon as it is done. The load average (``os.getloadavg``, 1 minute) before and after each mode is
 printed with the figures: on a shared machine, quote it with them.
@@ -222,14 +223,24 @@ PARTS = ("sweep", "asha", "batch")
 
 
 def warm_up(srv: Serve) -> None:
-    """One 1-epoch job of the same model, alone (``"pack": false``), run to its end before the
-    timed part: the worker has then paid its first-use costs (torch and scikit-learn imports, the
-    dataset's first load), as a worker that has been up for a while has."""
+    """One 1-epoch job of the same model, alone (``"pack": false``), then a 1-trial ASHA sweep of
+    it (2 epochs, alone), each run to its end before the timed part: the worker has then paid its
+    first-use costs (torch and scikit-learn imports, the dataset's first load; Optuna's import for
+    the sweep's first pruning decision, the API's for its first suggestion), as a worker that has
+    been up for a while has."""
     spec = dict(copy.deepcopy(BASE), name="bench-warm-up", epochs=1, pack=False, seed=0)
     r = srv.http.post("/v1/jobs", json=spec)
     r.raise_for_status()
     job_id = r.json()["id"]
     while srv.http.get(f"/v1/jobs/{job_id}").json()["status"] not in TERMINAL:
+        time.sleep(0.05)
+    r = srv.http.post("/v1/sweeps", json={
+        "name": "bench-warm-up", "base": dict(spec, epochs=2), "method": "random", "parameters": SPACE,
+        "objective": {"metric": "val_accuracy", "mode": "max"}, "max_trials": 1, "max_concurrent": 1, "seed": 1,
+        "early_termination": {"type": "asha", "min_epochs": 1, "reduction_factor": 3}})
+    r.raise_for_status()
+    sweep_id = r.json()["id"]
+    while srv.http.get(f"/v1/sweeps/{sweep_id}").json()["status"] not in TERMINAL:
         time.sleep(0.05)
 
 
@@ -259,7 +270,7 @@ def main() -> None:
     ap.add_argument("--torch-threads", type=int, default=0,
                     help="TRAINYARD_TORCH_THREADS for both modes' worker (0: torch's default, one per core)")
     ap.add_argument("--warm", action="store_true",
-                    help="in both modes, run one 1-epoch job to its end before the timed part (a worker that has been up a while)")
+                    help="in both modes, run a 1-epoch job and a 1-trial sweep to their end before the timed part (a worker that has been up a while)")
     ap.add_argument("--timeline", action="store_true",
                     help="print each sweep's runs (packs and solo runs: when, how many members, which epochs), from its events")
     ap.add_argument("--json", type=Path)

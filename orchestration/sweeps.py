@@ -212,9 +212,7 @@ def _end_game(session: Session, sweep: Sweep, views: list[TrialView], created: l
     if promoted:
         created += promoted
     else:
-        for v in views:
-            if v.job.status == "paused":
-                repo.end_paused_job(session, v.job.id)
+        repo.end_paused_jobs(session, [v.job.id for v in views if v.job.status == "paused"])
     session.flush()
     return trial_views(session, sweep)
 

@@ -612,13 +612,20 @@ def end_paused_job(session: Session, job_id: str, stop_reason: str = "pruned", s
     """paused -> ``status`` with ``stop_reason``: ``succeeded``/``pruned`` when the sweep ended
     without promoting it (like a pruned trial, it keeps its metrics and checkpoints), ``cancelled``
     when its sweep failed."""
+    return bool(end_paused_jobs(session, [job_id], stop_reason, status))
+
+
+def end_paused_jobs(session: Session, job_ids: Sequence[str], stop_reason: str = "pruned",
+                    status: str = "succeeded") -> list[str]:
+    """:func:`end_paused_job` of several jobs (a sweep's paused trials when it ends): one
+    compare-and-set for all, their state events together. Returns the ids ended (those still
+    ``paused``)."""
     assert status in TERMINAL_STATUSES
     now = utcnow()
-    if not lifecycle.move(session, job_id, (lifecycle.PAUSED,), status,
-                          values=dict(stop_reason=stop_reason, finished_at=now, updated_at=now)):
-        return False
-    add_event(session, job_id, "state", {"status": status, "stop_reason": stop_reason}, now)
-    return True
+    ended = lifecycle.move_many(session, {job_id: {} for job_id in job_ids}, (lifecycle.PAUSED,), status,
+                                values=dict(stop_reason=stop_reason, finished_at=now, updated_at=now))
+    add_events(session, [(job_id, "state", {"status": status, "stop_reason": stop_reason}) for job_id in ended], now)
+    return ended
 
 
 def fail_unstarted_job(session: Session, job_id: str, error: str) -> None:

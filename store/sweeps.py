@@ -151,8 +151,9 @@ def record_error(session: Session, sweep_id: str, error: str) -> None:
         if ended is not None:
             sweep_ended(session, ended, now)
         # nothing will promote its paused trials any more: they end with it
-        for job_id in session.scalars(select(Job.id).where(Job.sweep_id == sweep_id, Job.status == "paused")):
-            repo.end_paused_job(session, job_id, "sweep_failed", status="cancelled")
+        repo.end_paused_jobs(session, list(session.scalars(select(Job.id).where(Job.sweep_id == sweep_id,
+                                                                               Job.status == "paused"))),
+                             "sweep_failed", status="cancelled")
 
 
 def sweeps_of_jobs(session: Session, job_ids: list[str]) -> list[tuple[str | None, str | None]]:

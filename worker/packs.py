@@ -158,8 +158,9 @@ def _run_pack(members: list[Member], settings: Settings, send: Any) -> str:
 
     ids = [m[0] for m in members]
     # each member's own attempt number, as its solo claim records it
+    configs: dict[str, Any] = {}  # the members' sweeps' configs, read once per sweep
     records = [RunRecord.open(job_id, settings, lease_token=token, attempt=attempt, spec=spec, sweep_id=sweep_id,
-                              epochs=epochs, send=send)
+                              epochs=epochs, send=send, sweep_configs=configs)
                for job_id, token, spec, _, sweep_id, epochs, attempt, _ in members]
     for k, r in enumerate(records):
         r.pack = {"id": ids[0], "jobs": ids, "size": len(ids), "index": k}  # kept in the info on_start writes

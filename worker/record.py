@@ -160,13 +160,15 @@ class RunRecord(BaseReporter):
 
     @classmethod
     def open(cls, job_id: str, settings: Settings, *, lease_token: int, attempt: int, spec: dict[str, Any],
-             sweep_id: str | None, epochs: int, send: Any = None) -> RunRecord:
+             sweep_id: str | None, epochs: int, send: Any = None,
+             sweep_configs: dict[str, dict[str, Any] | None] | None = None) -> RunRecord:
         """The record of a claimed attempt, from what its claim read (lease token, attempt, spec,
         sweep id, epochs): its stall timeout is the spec's, else the server's; a trial of a sweep
-        with early termination gets its sweep's pruner (only a trial costs a query)."""
+        with early termination gets its sweep's pruner (only a trial costs a query; a pack's
+        members share one per sweep through ``sweep_configs``)."""
         record = cls(job_id, settings, lease_token=lease_token, attempt=attempt,
                      stall_timeout_s=spec.get("stall_timeout_s") or settings.stall_timeout_s, send=send,
-                     pruner=trial_pruner(job_id, sweep_id, epochs))
+                     pruner=trial_pruner(job_id, sweep_id, epochs, sweep_configs))
         record.drop_superseded = spec.get("keep_checkpoints") != "all"
         return record
 

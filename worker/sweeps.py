@@ -86,14 +86,21 @@ class TrialPruner:
         return (PAUSED if self.pauses else "pruned") if stopped else None
 
 
-def trial_pruner(job_id: str, sweep_id: str | None, epochs: int) -> TrialPruner | None:
+def trial_pruner(job_id: str, sweep_id: str | None, epochs: int,
+                 configs: dict[str, dict[str, Any] | None] | None = None) -> TrialPruner | None:
     """The pruner of a job (``sweep_id`` and ``epochs`` as its claim read them) if it is a trial of
-    a sweep with early termination, else None. Only a trial costs a query (its sweep's config)."""
+    a sweep with early termination, else None. Only a trial costs a query (its sweep's config),
+    once per sweep for a pack's members (``configs``: the configs read so far, by sweep id)."""
     if not sweep_id:
         return None
-    with session_scope(write=False) as s:
-        sweep = store_sweeps.get_sweep(s, sweep_id)
-        config = sweep.config if sweep is not None else None
+    if configs is None or sweep_id not in configs:
+        with session_scope(write=False) as s:
+            sweep = store_sweeps.get_sweep(s, sweep_id)
+            config = sweep.config if sweep is not None else None
+        if configs is not None:
+            configs[sweep_id] = config
+    else:
+        config = configs[sweep_id]
     if not (config or {}).get("early_termination"):
         return None
     return TrialPruner(job_id, sweep_id=sweep_id, config=config or {}, epochs=int(epochs))
