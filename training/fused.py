@@ -38,7 +38,9 @@ Snapshots are the engine's own, per member (``_Run._end_epoch``, after the membe
 optimizer state are written back into its own model and optimizer): a member resumes from its
 snapshot alone (``fit(resume_from=...)``) or in a pack (``fit_fused(..., resume_from=[...])``,
 each member restored by ``_Run.restore`` as its solo resume is, at its own epoch), and goes on as
-its solo run would.
+its solo run would. A member whose snapshot cannot be restored (another spec's, an incompatible
+state) trains none and ends alone: its result's stop reason is ``RESUME_FAILED`` and its ``error``
+what its solo ``fit(resume_from=...)`` raises; the others train.
 """
 
 from __future__ import annotations
@@ -72,6 +74,10 @@ FUSED_LAYERS = frozenset({"dense", "dropout", "activation"})
 #: the stop reason of a member whose reporter or ``should_stop`` raised one of ``fit_fused``'s
 #: ``isolate`` exceptions: it left the pack, and its result is not the caller's to record
 LOST = "lost"
+
+#: the stop reason of a member whose snapshot (``fit_fused``'s ``resume_from``) could not be
+#: restored: it trained none, and its result's ``error`` is what its solo resume raises
+RESUME_FAILED = "resume_failed"
 
 
 def pack_key(job: JobSpec) -> str:
@@ -677,6 +683,7 @@ def fit_fused(
     isolate: tuple[type[BaseException], ...] = (),
     resume_from: Sequence[bytes | None] | None = None,
     on_epoch_logs: Callable[[list[tuple[int, dict[str, float]]]], None] | None = None,
+    on_resume_error: Callable[[int, BaseException], None] | None = None,
 ) -> list[FitResult]:
     """Train ``specs`` as one fused model when :func:`why_not_fused` allows it and the engine's
     optimizer for them has a fused form; otherwise (``fallback``) train them one after another
@@ -695,13 +702,22 @@ def fit_fused(
     schedule, plateau, early-stopping and checkpoint state, its batch-order generator) before the
     pack is formed, and goes on from its own epoch; members may resume from different epochs, and
     fresh and resumed members may share a pack. A member whose snapshot already holds all its
-    epochs trains none (as solo).
+    epochs trains none (as solo). A member whose snapshot cannot be restored (``_Run.restore``
+    raises: another spec's snapshot, an incompatible or corrupt state) ends alone before the pack
+    trains, and the others train without it: its result has ``stop_reason`` ``RESUME_FAILED``, no
+    history, and ``error``: the exception its solo ``fit(resume_from=...)`` raises (the same type
+    and message: ``_actionable_errors`` of its own spec). ``on_resume_error(index, exception)`` is
+    called as soon as that happens (the worker records that job failed at once, not after the
+    pack). (When the specs cannot be fused at all, the fallback's ``fit`` calls restore each
+    member as solo, and any exception there ends the call, as before.)
 
     ``on_epoch_logs``: called at each epoch end of the fused pack with ``(member index, the
     epoch's logs)`` of every member that ends it, before any of their epoch ends runs (callbacks,
     reporter): what the members' reporters will each get, seen together (the worker decides the
     sweep trials at one rung together with it, ``worker.record.FlushGroup.decide``). Members
-    that leave in the middle of an epoch (non-finite loss, ``max_steps``) end theirs alone."""
+    that leave in the middle of an epoch (non-finite loss, ``max_steps``) end theirs alone.
+    Member indices (here, in ``on_resume_error`` and in each result's ``info["pack"]["index"]``)
+    are positions in ``specs``, whichever members are left in the pack."""
     jobs = [validate_spec(s, datasets) for s in specs]
     reps = list(reporters) if reporters is not None else [None] * len(jobs)
     stops = list(should_stops) if should_stops is not None else [None] * len(jobs)
@@ -711,27 +727,44 @@ def fit_fused(
     reason = why_not_fused(jobs)
     started = time.perf_counter()
     results: list[FitResult] | None = None
+    failed: dict[int, BaseException] = {}  # members whose snapshot could not be restored
     if reason is None:
         device = resolve_device(jobs[0].device)
         with _deterministic(jobs[0].deterministic, device), _actionable_errors(jobs[0], device):
             members = [_Run(job, rep, stop) for job, rep, stop in zip(jobs, reps, stops, strict=True)]
-            for m, data in zip(members, resumes, strict=True):
-                if data is not None:
-                    m.restore(data)
-            classes = {_fused_optimizer_for(m.optimizer) for m in members}
-            sizes = {(m.n_train, m.batch_size) for m in members}
-            if len(classes) != 1:
+            for k, (m, data) in enumerate(zip(members, resumes, strict=True)):
+                if data is None:
+                    continue
+                try:
+                    with _actionable_errors(m.spec, device):  # what its solo fit(resume_from=...) raises
+                        m.restore(data)
+                except Exception as exc:  # noqa: BLE001 - that member's own snapshot: it alone ends
+                    failed[k] = exc
+                    if on_resume_error is not None:
+                        on_resume_error(k, exc)
+            live = [k for k in range(len(members)) if k not in failed]
+            classes = {_fused_optimizer_for(members[k].optimizer) for k in live}
+            sizes = {(members[k].n_train, members[k].batch_size) for k in live}
+            if not live:  # none left to train
+                results = [_resume_failed(failed[k], k, len(members)) for k in range(len(members))]
+            elif len(classes) != 1:
                 reason = f"optimizer {jobs[0].optimizer.name!r}: the trials' optimizers are of different kinds"
             elif len(sizes) != 1:
                 reason = "the trials' training splits differ in size"
             else:
-                results = _train_pack(members, classes.pop(), started, isolate, on_epoch_logs)
+                trained = _train_pack([members[k] for k in live], classes.pop(), started, isolate,
+                                      _renumbered(on_epoch_logs, live), numbers=live, size=len(members))
+                results = [_resume_failed(failed[k], k, len(members)) if k in failed else trained[live.index(k)]
+                           for k in range(len(members))]
     if results is not None:
         return results
     if not fallback:
         raise ValueError(f"these trials cannot be fused: {reason}")
     out = []
-    for job, rep, stop, data in zip(jobs, reps, stops, resumes, strict=True):
+    for k, (job, rep, stop, data) in enumerate(zip(jobs, reps, stops, resumes, strict=True)):
+        if k in failed:  # restored above, it could not be: its solo fit would raise the same
+            out.append(_resume_failed(failed[k], k, len(jobs)))
+            continue
         try:
             r = fit(job, rep, stop, data, datasets=datasets)
         except isolate as exc:
@@ -743,13 +776,36 @@ def fit_fused(
     return out
 
 
+def _renumbered(on_epoch_logs: Callable[[list[tuple[int, dict[str, float]]]], None] | None,
+                numbers: list[int]) -> Callable[[list[tuple[int, dict[str, float]]]], None] | None:
+    """``on_epoch_logs`` called with the caller's member indices (``numbers``: each pack member's)."""
+    if on_epoch_logs is None:
+        return None
+    call = on_epoch_logs
+    return lambda ended: call([(numbers[i], logs) for i, logs in ended])
+
+
+def _resume_failed(exc: BaseException, index: int, size: int) -> FitResult:
+    """The result of a member whose snapshot could not be restored (see :data:`RESUME_FAILED`)."""
+    return FitResult(history=[], stop_reason=RESUME_FAILED, best_epoch=None, best_value=None, monitor=None,
+                     stopped_epoch=None, epochs_run=0, steps=0, weights={}, best_checkpoint=None,
+                     info={"pack": {"fused": False, "size": size, "index": index,
+                                    "resume_failed": f"{type(exc).__name__}: {exc}"}},
+                     error=exc)
+
+
 def _train_pack(members: list[_Run], opt_cls: type[_StackedKeras] | type[_MemberOptimizers], started: float,
                 isolate: tuple[type[BaseException], ...] = (),
-                on_epoch_logs: Callable[[list[tuple[int, dict[str, float]]]], None] | None = None) -> list[FitResult]:
+                on_epoch_logs: Callable[[list[tuple[int, dict[str, float]]]], None] | None = None,
+                numbers: Sequence[int] | None = None, size: int | None = None) -> list[FitResult]:
+    """Train ``members`` as one pack; ``numbers``: each member's index among the caller's specs
+    and ``size`` their count (reported in ``info["pack"]``), when some did not join the pack."""
+    number = list(numbers) if numbers is not None else list(range(len(members)))
+    size = size if size is not None else len(members)
     pack = _Pack(members, opt_cls, isolate, on_epoch_logs)
     finished: list[int] = []
     lost = [k for k, m in enumerate(members)
-            if not pack.call(k, m.start, {"pack": {"fused": True, "size": len(members), "index": k}})]
+            if not pack.call(k, m.start, {"pack": {"fused": True, "size": size, "index": number[k]}})]
     # (the pack's slots are the members' indices until the first drop) a member resumed from a
     # snapshot that holds all its epochs trains none, as solo (``_Run.run``)
     gone = [k for k, m in enumerate(members) if k in lost or m.epoch >= m.spec.epochs]
@@ -762,6 +818,6 @@ def _train_pack(members: list[_Run], opt_cls: type[_StackedKeras] | type[_Member
     results = []
     for k, m in enumerate(members):
         r = m.result(seconds)
-        r.info["pack"] = {"fused": True, "size": len(members), "index": k, **({"lost": pack.lost[k]} if k in pack.lost else {})}
+        r.info["pack"] = {"fused": True, "size": size, "index": number[k], **({"lost": pack.lost[k]} if k in pack.lost else {})}
         results.append(r)
     return results

@@ -107,3 +107,6 @@ class FitResult:
     last_checkpoint: Checkpoint | None = None
     seconds: float = 0.0
     info: dict[str, Any] = field(default_factory=dict)  # device, parameter count, effective spec
+    #: only on a ``fit_fused`` member whose snapshot could not be restored (stop reason
+    #: ``training.fused.RESUME_FAILED``; it trained none): what its solo ``fit(resume_from=...)`` raises
+    error: BaseException | None = None

@@ -18,8 +18,9 @@ Each member resumes from what its solo claim would resume from (``worker.runner.
 the job's latest snapshot on an attempt after the first), restored in the pack by
 ``fit_fused(resume_from=...)`` exactly as a solo ``fit(resume_from=...)`` restores it; its record
 is opened with its own attempt number, and its start info says ``resumed_from_epoch``. A member
-whose snapshot cannot be read is recorded failed with the reason, as its solo run would be; the
-others train.
+whose snapshot cannot be read (``_resume_bytes``) or restored (``fit_fused``'s ``on_resume_error``)
+ends alone at once, recorded failed with the error its solo run records
+(``worker.runner.failure_reason``); the others train.
 
 Each member has its own record (``worker.record.RunRecord``, as a solo run: heartbeat, lease
 fence, cancel, sweep pruner, and its result recorded by ``RunRecord.finish``: metrics, best and
@@ -48,7 +49,7 @@ from config.logs import job_context
 from config.settings import Settings
 from store import leases, packing
 from store.db import session_scope
-from worker.record import FlushGroup, RunRecord
+from worker.record import FlushGroup, RunRecord, pack_heartbeat
 
 log = logging.getLogger("trainyard.worker")
 
@@ -151,7 +152,8 @@ def run_pack_if_any(job_id: str, settings: Settings, send: Any, token: int, atte
 
 def _run_pack(members: list[Member], settings: Settings, send: Any) -> str:
     from training import SpecError, TrainingError
-    from training.fused import fit_fused
+    from training.fused import LOST, RESUME_FAILED, fit_fused
+    from worker.runner import failure_reason
 
     ids = [m[0] for m in members]
     # each member's own attempt number, as its solo claim records it
@@ -161,34 +163,41 @@ def _run_pack(members: list[Member], settings: Settings, send: Any) -> str:
                for job_id, token, spec, _, sweep_id, epochs, attempt, _ in members]
     for k, r in enumerate(records):
         r.pack = {"id": ids[0], "jobs": ids, "size": len(ids), "index": k}  # kept in the info on_start writes
-    statuses: dict[str, str] = {}
-    resumes = _resume_bytes(members, records, statuses)
-    formed, pack_ids = members, ids  # the pack as formed (info.pack); those whose snapshot could not be read are failed
-    members = [m for m in members if m[0] not in statuses]
-    records = [r for r in records if r.job_id not in statuses]
-    resumes = [resumes[k] for k, i in enumerate(ids) if i not in statuses]
-    ids = [m[0] for m in members]
-    if not members:
-        return _after_sweeps(formed, statuses, settings, send)
-    group = FlushGroup(records)  # one transaction per flush interval for the whole pack, not one per member
-    with group.heartbeat():  # one heartbeat thread for the pack
+    statuses: dict[str, str] = {}  # the members ended so far, by job id
+    formed, pack_ids = members, ids  # the pack as formed (info.pack); some may end before it trains
+    with pack_heartbeat(records):  # one heartbeat thread for the pack
         try:
-            # a member whose lease is lost leaves the pack alone (its result's stop reason: LOST)
+            # read in the pack's try: a member whose snapshot cannot be read ends alone (as solo);
+            # anything else ends the pack as any of its errors does (below)
+            resumes = _resume_bytes(members, records, statuses)
+            members = [m for m in members if m[0] not in statuses]
+            records = [r for r in records if r.job_id not in statuses]
+            resumes = [resumes[k] for k, i in enumerate(ids) if i not in statuses]
+            ids = [m[0] for m in members]
+            if not members:
+                return _after_sweeps(formed, statuses, settings, send)
+            group = FlushGroup(records)  # one transaction per flush interval for the whole pack, not one per member
+            in_pack = records  # the members fit_fused trains (its indices)
+            # a member whose lease is lost leaves the pack alone (its result's stop reason: LOST);
+            # one whose snapshot cannot be restored ends at once, as its solo resume (the others train)
             results = fit_fused([m[3] for m in members], records, [r.should_stop for r in records],
-                                isolate=(leases.LeaseLost,), resume_from=resumes, on_epoch_logs=group.decide)
+                                isolate=(leases.LeaseLost,), resume_from=resumes, on_epoch_logs=group.decide,
+                                on_resume_error=lambda k, exc: _end_alone(in_pack[k], exc, statuses))
         except leases.LeaseLost:
             # not from one member's record or poll (those are isolated above): the pack stops;
             # the members' heartbeats stop with it and recovery requeues them
             log.warning("pack of %s: the pack lost its lease outside a member's run; stopped, recovery requeues its members", ids[0])
             return "lease_lost"
         except (SpecError, TrainingError) as exc:
-            _fail_all(records, str(exc))
+            _fail_all([r for r in records if r.job_id not in statuses], failure_reason(exc))
             return "failed"
         except BaseException as exc:
-            _fail_all(records, f"internal error: {type(exc).__name__}: {exc}")
+            _fail_all([r for r in records if r.job_id not in statuses], failure_reason(exc))
             log.error("pack of %s crashed:\n%s", ids[0], traceback.format_exc())
             raise
-        from training.fused import LOST
+        # those whose snapshot could not be restored are recorded (_end_alone)
+        keep = [k for k, res in enumerate(results) if res.stop_reason != RESUME_FAILED]
+        records, ids, results = [records[k] for k in keep], [ids[k] for k in keep], [results[k] for k in keep]
 
         for job_id, result in zip(ids, results, strict=True):
             if result.stop_reason != LOST:
@@ -236,10 +245,9 @@ def _after_sweeps(members: list[Member], statuses: dict[str, str], settings: Set
 
 def _resume_bytes(members: list[Member], records: list[RunRecord], statuses: dict[str, str]) -> list[bytes | None]:
     """Each member's snapshot bytes (None: it starts fresh), read and verified as a solo resume
-    reads them (``worker.runner._verified_snapshot``). A member whose snapshot cannot be read is
-    recorded failed with the reason, as its solo run is (``statuses``: ``failed``); the others
-    train without it."""
-    from training import TrainingError
+    reads them (``worker.runner._verified_snapshot``). A member whose snapshot cannot be read
+    (missing, corrupt, or any other error of the artifact store) ends alone, recorded as its solo
+    run records it (:func:`_end_alone`); the others train without it."""
     from worker.runner import _verified_snapshot
 
     out: list[bytes | None] = []
@@ -252,11 +260,34 @@ def _resume_bytes(members: list[Member], records: list[RunRecord], statuses: dic
             log.info("job %s: attempt %d resumes from its snapshot of epoch %s in the pack", job_id, attempt, snapshot.epoch)
             try:
                 out.append(_verified_snapshot(job_id, snapshot))
-            except TrainingError as exc:
+            except Exception as exc:  # noqa: BLE001 - that member's snapshot: it alone ends
                 out.append(None)
-                _fail_all([r], str(exc))
-                statuses[job_id] = "failed"
+                _end_alone(r, exc, statuses)
     return out
+
+
+def _end_alone(r: RunRecord, exc: BaseException, statuses: dict[str, str]) -> None:
+    """End member ``r`` alone before the pack trains (its snapshot could not be read or restored),
+    recorded failed with the error its solo run records for ``exc`` (``worker.runner.failure_reason``;
+    an error other than the engine's own is logged with its traceback, as a solo run's crash is);
+    ``statuses`` gets its status. Its record then leaves the pack's group flushes, and its heartbeat
+    thread ends at its next beat (the job is no longer running)."""
+    from training import SpecError, TrainingError
+    from worker.runner import failure_reason
+
+    with job_context(r.job_id):
+        if not isinstance(exc, SpecError | TrainingError):
+            log.error("job %s crashed in its pack before training:\n%s", r.job_id,
+                      "".join(traceback.format_exception(exc)))
+        try:
+            r.fail(failure_reason(exc))
+            statuses[r.job_id] = "failed"
+        except leases.LeaseLost:
+            statuses[r.job_id] = "lease_lost"
+            log.warning("job %s: not recorded as failed: another attempt owns it", r.job_id)
+        r.lease_lost.set()
+        log.info("job %s: %s (%s); the other members of its pack train", r.job_id, statuses[r.job_id],
+                 failure_reason(exc))
 
 
 def _fail_all(records: list[RunRecord], error: str) -> None:

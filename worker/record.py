@@ -748,41 +748,6 @@ class FlushGroup:
             r.group = self
         self.going_on: set[str] = set()  # members decided together that go on and have not said so yet
 
-    @contextmanager
-    def heartbeat(self) -> Iterator[None]:
-        """:meth:`RunRecord.heartbeat` for every member, from one thread for the whole pack: each
-        member's stall watchdog, then one fence of all their leases in one statement (a member
-        whose lease is gone gets ``LeaseLost`` at its next poll, and its heartbeat stops, as its
-        own thread's would). One thread, not one per member: starting 32 threads beside a busy
-        training thread cost ~25 ms a pack."""
-        beating = [r for r in self.records if r.lease_token is not None]
-        stop = threading.Event()
-
-        def beat() -> None:
-            live = list(beating)
-            while live and not stop.wait(min(r._beat_interval() for r in live)):
-                try:
-                    live = [r for r in live if not r.lease_lost.is_set() and not r._stalled()]
-                    if not live:
-                        return
-                    with session_scope() as s:
-                        held = leases.fence_many(s, {r.job_id: r.lease_token for r in live})  # type: ignore[misc]
-                    for r in live:
-                        if r.job_id not in held:
-                            r.lease_lost.set()
-                    live = [r for r in live if r.job_id in held]
-                except Exception as exc:  # noqa: BLE001 - transient: the training thread's writes retry
-                    log.debug("pack of %s: heartbeat not written: %s", self.records[0].job_id, exc)
-
-        thread = None
-        if beating:
-            thread = in_current_context(beat, name=f"trainyard-heartbeat-pack-{self.records[0].job_id[:8]}", daemon=True)
-            thread.start()
-        try:
-            yield
-        finally:
-            stop.set()
-
     def decide(self, ended: list[tuple[int, dict[str, Any]]]) -> None:
         """The pack's epoch end (``training.fused.fit_fused``'s ``on_epoch_logs``: ``(member index,
         its epoch's logs)``, before any member's epoch end runs): the members that are trials of
@@ -931,3 +896,37 @@ class FlushGroup:
             if out.get(r.job_id) == status:
                 r._buffered_written()
         return out
+
+
+@contextmanager
+def pack_heartbeat(records: list[RunRecord]) -> Iterator[None]:
+    """:meth:`RunRecord.heartbeat` for every member of a pack, from one thread for the whole pack:
+    each member's stall watchdog, then one fence of all their leases in one statement (a member
+    whose lease is gone gets ``LeaseLost`` at its next poll, and its heartbeat stops, as its own
+    thread's would; so does one whose job has ended). One thread, not one per member: starting
+    32 threads beside a busy training thread cost ~25 ms a pack."""
+    beating = [r for r in records if r.lease_token is not None]
+    stop = threading.Event()
+
+    def beat() -> None:
+        live = list(beating)
+        while live and not stop.wait(min(r._beat_interval() for r in live)):
+            try:
+                live = [r for r in live if not r.lease_lost.is_set() and not r._stalled()]
+                if not live:
+                    return
+                with session_scope() as s:
+                    held = leases.fence_many(s, {r.job_id: r.lease_token for r in live})  # type: ignore[misc]
+                for r in live:
+                    if r.job_id not in held:
+                        r.lease_lost.set()
+                live = [r for r in live if r.job_id in held]
+            except Exception as exc:  # noqa: BLE001 - transient: the training thread's writes retry
+                log.debug("pack of %s: heartbeat not written: %s", records[0].job_id, exc)
+
+    if beating:
+        in_current_context(beat, name=f"trainyard-heartbeat-pack-{records[0].job_id[:8]}", daemon=True).start()
+    try:
+        yield
+    finally:
+        stop.set()

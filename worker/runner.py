@@ -140,16 +140,30 @@ def _train(job_id: str, settings: Settings, record: RunRecord, spec_dict: dict[s
     except leases.LeaseLost:
         raise
     except (SpecError, TrainingError) as exc:
-        record.fail(str(exc))
+        record.fail(failure_reason(exc))
         return "failed"
     except (KeyboardInterrupt, SystemExit) as exc:
-        record.fail(f"the worker was stopped while the job ran ({type(exc).__name__}); submit it again")
+        record.fail(failure_reason(exc))
         raise
     except BaseException as exc:
-        record.fail(f"internal error: {type(exc).__name__}: {exc}")
+        record.fail(failure_reason(exc))
         log.error("job %s crashed:\n%s", job_id, traceback.format_exc())
         raise
     return record.finish(result)
+
+
+def failure_reason(exc: BaseException) -> str:
+    """The error a run that raised ``exc`` is recorded failed with (``RunRecord.fail``): the
+    engine's own errors (``SpecError``, ``TrainingError``) as they say, the worker's stop, or an
+    internal error. The one home of this text: a solo run (:func:`_train`) and a pack's members
+    (``worker/packs.py``: a snapshot that cannot be read or restored, a pack that fails) use it."""
+    from training import SpecError, TrainingError
+
+    if isinstance(exc, SpecError | TrainingError):
+        return str(exc)
+    if isinstance(exc, KeyboardInterrupt | SystemExit):
+        return f"the worker was stopped while the job ran ({type(exc).__name__}); submit it again"
+    return f"internal error: {type(exc).__name__}: {exc}"
 
 
 def _claim(job_id: str, settings: Settings, by_priority: bool = False) -> tuple[int, int, dict[str, Any], Any, str | None, int, str] | None:

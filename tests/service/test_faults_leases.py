@@ -325,24 +325,23 @@ def test_a_packs_results_commit_in_one_transaction_and_a_taken_member_writes_not
 
 
 def test_a_packs_one_heartbeat_thread_beats_for_every_member_and_notices_a_lost_lease(inproc_env):
-    """A pack's heartbeat (``FlushGroup.heartbeat``: one thread for all members) bumps every
+    """A pack's heartbeat (``pack_heartbeat``: one thread for all members) bumps every
     member's heartbeat each interval in one statement; a member whose lease another attempt took
     gets LeaseLost at its next poll and is beaten no more, while the others' heartbeats go on."""
     import time
 
-    from worker.record import FlushGroup
+    from worker.record import pack_heartbeat
 
     settings = settings_from_env({**inproc_env, "TRAINYARD_HEARTBEAT_STALE": "0.8"})  # beats every 0.2 s
     ids = [_job(tiny_spec(epochs=5), settings.queue_name("cpu")) for _ in range(3)]
     claims = [_claim(j) for j in ids]
     records = [RunRecord(j, settings, lease_token=c.lease_token) for j, c in zip(ids, claims, strict=True)]
-    group = FlushGroup(records)
 
     def beats() -> dict[str, Any]:
         with session_scope(write=False) as s:
             return dict(s.execute(select(Job.id, Job.heartbeat_at).where(Job.id.in_(ids))).all())
 
-    with group.heartbeat():
+    with pack_heartbeat(records):
         _age_heartbeat(ids[1])  # another worker takes the second member over
         taken = _claim(ids[1], "w:2")
         start = beats()

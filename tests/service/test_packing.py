@@ -419,3 +419,95 @@ def test_the_members_of_a_stopped_pack_resume_from_their_snapshots_together_unle
         for r, ref in zip(rows, solo.history, strict=True):
             for key in ("loss", "val_loss", "accuracy", "val_accuracy"):
                 assert close(r.values[key], ref[key]), (job_id, r.epoch, key, r.values[key], ref[key])
+
+
+@pytest.mark.parametrize("bad", ["another_spec", "unreadable"])
+def test_a_member_whose_snapshot_cannot_be_restored_or_read_ends_alone_as_solo_and_the_others_train(
+        inproc_env: dict[str, str], caplog: pytest.LogCaptureFixture, bad: str) -> None:
+    """Three resuming members of a pack (their attempt 1 wrote a snapshot of epoch 2, then the
+    worker shut down); member 1's snapshot cannot be used: ``another_spec``, it is a snapshot of
+    member 0's spec (``fit_fused`` cannot restore it), or ``unreadable``, its file is a directory
+    (reading it raises ``IsADirectoryError``, not an artifact error). Member 1 alone ends, recorded
+    as the same job run alone (``TRAINYARD_PACK=0``) records it: status, stop reason and error
+    (``internal error: IsADirectoryError: ...`` for the unreadable one); members 0 and 2 train in
+    the pack and succeed with their solo runs' epochs; no member is left running."""
+    from config.settings import settings_from_env
+    from store.artifact_store import get_store
+    from store.models import Snapshot as SnapshotRow
+    from training import BaseReporter
+    from training.reporting import Snapshot
+    from worker.record import RunRecord
+    from worker.runner import run_job
+
+    packed = settings_from_env({**inproc_env, "TRAINYARD_PACK": "1"})
+    alone = settings_from_env({**inproc_env, "TRAINYARD_PACK": "0"})
+    queue = f"ty-{RUN_ID}-badsnap-{bad}-{os.getpid()}"  # no other test's job can join this pack
+    specs = [dict(s, epochs=4) for s in batch_specs()[:3]]
+
+    class Snaps(BaseReporter):
+        def __init__(self) -> None:
+            self.snapshots: dict[int, Snapshot] = {}
+
+        def on_snapshot(self, snapshot: Snapshot) -> None:
+            self.snapshots[snapshot.epoch] = snapshot
+
+    solos, snaps = [], []
+    for spec in specs:
+        rep = Snaps()
+        solos.append(training.fit(spec, rep))
+        snaps.append(rep.snapshots[2])
+    # member 1's snapshot: member 0's (another spec) or its own (made unreadable below); the
+    # last job: member 1's spec with the same snapshot, run alone in a queue of its own
+    written = [snaps[0], snaps[0] if bad == "another_spec" else snaps[1], snaps[2], snaps[0] if bad == "another_spec" else snaps[1]]
+    with session_scope() as s:
+        ids = [repo.create_job(s, spec=training.validate_spec(spec).model_dump(mode="json"), queue=q).id
+               for spec, q in zip([*specs, specs[1]], [queue] * 3 + [f"{queue}-alone"], strict=True)]
+    for job_id, snap in zip(ids, written, strict=True):  # attempt 1 wrote its snapshot of epoch 2, then stopped
+        with session_scope() as s:
+            token = repo.claim_job(s, job_id, "gone-host:1", 60.0).lease_token  # type: ignore[union-attr]
+        dead = RunRecord(job_id, packed, lease_token=token, attempt=1)
+        dead.write_snapshot(snap)
+        dead.flush(force=True)
+    with session_scope() as s:
+        for i in ids:
+            assert repo.requeue_job(s, i, "worker shutdown")
+    if bad == "unreadable":
+        store = get_store(packed)
+        for i in (ids[1], ids[3]):
+            with session_scope(write=False) as s:
+                row = s.get(SnapshotRow, i)
+                assert row is not None
+                path = store.local_path(row.uri)
+            assert path is not None
+            path.unlink()
+            path.mkdir()  # a directory where the file was: reading it raises IsADirectoryError
+    # the job run alone: what its solo run records (an error other than the engine's is re-raised)
+    if bad == "unreadable":
+        with pytest.raises(IsADirectoryError):
+            run_job(ids[3], alone)
+    else:
+        assert run_job(ids[3], alone) == "failed"
+    with caplog.at_level("INFO", logger="trainyard.worker"):
+        assert run_job(ids[0], packed) == "succeeded"
+    assert f"packed with 2 queued job(s) of its shape: {ids[1]}, {ids[2]}" in caplog.text
+    with session_scope(write=False) as s:
+        jobs = [s.get(Job, i) for i in ids]
+        assert all(j is not None for j in jobs)
+        ended = [(j.status, j.stop_reason, j.attempts) for j in jobs]  # type: ignore[union-attr]
+        errors = [(j.error or "").replace(j.id, "<job>") for j in jobs]  # type: ignore[union-attr]
+        packs = [j.info.get("pack") for j in jobs[:3]]  # type: ignore[union-attr]
+    assert ended[:3] == [("succeeded", "completed", 2), ended[3], ("succeeded", "completed", 2)], ended
+    assert ended[3] == ("failed", "error", 2) and errors[1] == errors[3], (errors, ended)
+    if bad == "unreadable":
+        assert errors[1].startswith("internal error: IsADirectoryError: "), errors[1]
+    else:
+        assert errors[1] == "cannot resume: the snapshot was taken from a different job spec", errors[1]
+    assert packs[0]["fused"] is True and packs[2]["fused"] is True and packs[0]["jobs"] == ids[:3], packs
+    for job_id, solo in ((ids[0], solos[0]), (ids[2], solos[2])):
+        assert _epoch_events(job_id) == [3, 4]  # resumed from its snapshot of epoch 2
+        with session_scope(write=False) as s:
+            rows = list(s.scalars(select(JobMetric).where(JobMetric.job_id == job_id).order_by(JobMetric.epoch)))
+        assert [r.epoch for r in rows] == [3, 4]
+        for r, ref in zip(rows, solo.history[2:], strict=True):
+            for key in ("loss", "val_loss", "accuracy", "val_accuracy"):
+                assert close(r.values[key], ref[key]), (job_id, r.epoch, key, r.values[key], ref[key])

@@ -582,3 +582,61 @@ def test_a_resumed_pack_reports_each_members_epochs_from_its_own_and_snapshots_a
     again = training.fit(specs[1], resume_from=reps[1].snapshots[3])
     for a, b in zip(again.history, solo.history, strict=True):
         assert all(close(a[k], b[k]) for k in set(b) - {"seconds"})
+
+
+class Started(Snapshots):
+    """Whether the engine started the member (``on_start``) and the epochs it reported."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started: dict[str, Any] | None = None
+        self.epochs: list[int] = []
+
+    def on_start(self, info: dict[str, Any]) -> None:
+        self.started = dict(info)
+
+    def on_epoch(self, metrics: dict[str, float]) -> None:
+        self.epochs.append(int(metrics["epoch"]))
+
+
+def test_a_member_whose_snapshot_cannot_be_restored_ends_alone_as_its_solo_resume_and_the_others_train() -> None:
+    """A pack of four: a fresh member, one resumed from its own snapshot of epoch 2, one given a
+    snapshot of another spec (member 0's), one given bytes that are no snapshot. The two bad ones
+    train none and end alone: their results say ``RESUME_FAILED`` and hold the very exception
+    (type and message) their solo ``fit(resume_from=...)`` raises, reported at once through
+    ``on_resume_error``, and their reporters never start (as solo). The other two train as one
+    pack and equal their solo runs; member indices (``on_epoch_logs``, ``info["pack"]``) stay the
+    caller's."""
+    from training.fused import RESUME_FAILED
+
+    specs = [trial(60, epochs=4), trial(61, epochs=4, optimizer__learning_rate=0.01), trial(62, epochs=4),
+             trial(63, epochs=4)]
+    snaps: list[bytes | None] = [None, _snapshot_at(specs[1], 2), _snapshot_at(specs[0], 2), b"not a snapshot"]
+    reps = [Started() for _ in specs]
+    errors: list[tuple[int, BaseException]] = []
+    ended: list[int] = []
+    fused = fit_fused(specs, reps, resume_from=snaps, on_resume_error=lambda k, exc: errors.append((k, exc)),
+                      on_epoch_logs=lambda logs: ended.extend(k for k, _ in logs))
+    assert [k for k, _ in errors] == [2, 3]
+    for k in (2, 3):
+        result = fused[k]
+        assert result.stop_reason == RESUME_FAILED and result.history == [] and result.epochs_run == 0
+        assert result.error is dict(errors)[k]
+        with pytest.raises(Exception) as solo:  # noqa: PT011 - whatever the solo resume raises, the same
+            training.fit(specs[k], resume_from=snaps[k])
+        assert type(result.error) is type(solo.value) and str(result.error) == str(solo.value), (result.error, solo.value)
+        assert isinstance(result.error, training.TrainingError) and "cannot resume" in str(result.error)
+        assert reps[k].started is None and reps[k].epochs == []
+        assert result.info["pack"]["index"] == k
+    assert "different job spec" in str(fused[2].error) and "corrupt" in str(fused[3].error)
+    for k in (0, 1):
+        assert_same_run(fused[k], training.fit(specs[k], resume_from=snaps[k]))
+        assert fused[k].info["pack"]["index"] == k and reps[k].started is not None
+        assert reps[k].started["pack"]["index"] == k and reps[k].started["resumed_from_epoch"] == 2 * k
+    assert reps[0].epochs == [1, 2, 3, 4] and reps[1].epochs == [3, 4]
+    assert set(ended) == {0, 1}
+
+    # none left to train: every member ends alone, nothing trains
+    alone = fit_fused(specs[2:], resume_from=snaps[2:])
+    assert [r.stop_reason for r in alone] == [RESUME_FAILED] * 2
+    assert [str(r.error) for r in alone] == [str(fused[2].error), str(fused[3].error)]
