@@ -684,6 +684,7 @@ def fit_fused(
     resume_from: Sequence[bytes | None] | None = None,
     on_epoch_logs: Callable[[list[tuple[int, dict[str, float]]]], None] | None = None,
     on_resume_error: Callable[[int, BaseException], None] | None = None,
+    on_leave: Callable[[list[tuple[int, FitResult]]], None] | None = None,
 ) -> list[FitResult]:
     """Train ``specs`` as one fused model when :func:`why_not_fused` allows it and the engine's
     optimizer for them has a fused form; otherwise (``fallback``) train them one after another
@@ -716,6 +717,13 @@ def fit_fused(
     reporter): what the members' reporters will each get, seen together (the worker decides the
     sweep trials at one rung together with it, ``worker.record.FlushGroup.decide``). Members
     that leave in the middle of an epoch (non-finite loss, ``max_steps``) end theirs alone.
+    ``on_leave``: called with ``(member index, its result)`` of the members that have left the
+    fused pack, after each fused epoch (and once at the start for those that train no epoch), so
+    the caller can record a member as soon as it stops (a pause at a rung, a prune, an early stop,
+    its last epoch, a cancel) rather than when the last member ends; each fused member is reported
+    exactly once, with the result returned for it (its ``seconds`` its own: from the call's start
+    to its leaving). Members that are not fused (a failed restore, a fallback) are not reported.
+
     Member indices (here, in ``on_resume_error`` and in each result's ``info["pack"]["index"]``)
     are positions in ``specs``, whichever members are left in the pack."""
     jobs = [validate_spec(s, datasets) for s in specs]
@@ -753,7 +761,8 @@ def fit_fused(
                 reason = "the trials' training splits differ in size"
             else:
                 trained = _train_pack([members[k] for k in live], classes.pop(), started, isolate,
-                                      _renumbered(on_epoch_logs, live), numbers=live, size=len(members))
+                                      _renumbered(on_epoch_logs, live), numbers=live, size=len(members),
+                                      on_leave=_renumbered(on_leave, live))
                 results = [_resume_failed(failed[k], k, len(members)) if k in failed else trained[live.index(k)]
                            for k in range(len(members))]
     if results is not None:
@@ -776,13 +785,14 @@ def fit_fused(
     return out
 
 
-def _renumbered(on_epoch_logs: Callable[[list[tuple[int, dict[str, float]]]], None] | None,
-                numbers: list[int]) -> Callable[[list[tuple[int, dict[str, float]]]], None] | None:
-    """``on_epoch_logs`` called with the caller's member indices (``numbers``: each pack member's)."""
-    if on_epoch_logs is None:
+def _renumbered(callback: Callable[[list[tuple[int, Any]]], None] | None,
+                numbers: list[int]) -> Callable[[list[tuple[int, Any]]], None] | None:
+    """``callback`` (``on_epoch_logs``, ``on_leave``) called with the caller's member indices
+    (``numbers``: each pack member's)."""
+    if callback is None:
         return None
-    call = on_epoch_logs
-    return lambda ended: call([(numbers[i], logs) for i, logs in ended])
+    call = callback
+    return lambda items: call([(numbers[i], x) for i, x in items])
 
 
 def _resume_failed(exc: BaseException, index: int, size: int) -> FitResult:
@@ -797,13 +807,26 @@ def _resume_failed(exc: BaseException, index: int, size: int) -> FitResult:
 def _train_pack(members: list[_Run], opt_cls: type[_StackedKeras] | type[_MemberOptimizers], started: float,
                 isolate: tuple[type[BaseException], ...] = (),
                 on_epoch_logs: Callable[[list[tuple[int, dict[str, float]]]], None] | None = None,
-                numbers: Sequence[int] | None = None, size: int | None = None) -> list[FitResult]:
+                numbers: Sequence[int] | None = None, size: int | None = None,
+                on_leave: Callable[[list[tuple[int, FitResult]]], None] | None = None) -> list[FitResult]:
     """Train ``members`` as one pack; ``numbers``: each member's index among the caller's specs
-    and ``size`` their count (reported in ``info["pack"]``), when some did not join the pack."""
+    and ``size`` their count (reported in ``info["pack"]``), when some did not join the pack.
+    Each member's result is made when it leaves the pack (its ``seconds`` its own) and handed to
+    ``on_leave`` (pack indices) after the epoch it left in."""
     number = list(numbers) if numbers is not None else list(range(len(members)))
     size = size if size is not None else len(members)
     pack = _Pack(members, opt_cls, isolate, on_epoch_logs)
     finished: list[int] = []
+    results: dict[int, FitResult] = {}
+
+    def report_left() -> None:
+        left = [k for k in finished if k not in results]
+        for k in left:
+            r = results[k] = members[k].result(time.perf_counter() - started)
+            r.info["pack"] = {"fused": True, "size": size, "index": number[k], **({"lost": pack.lost[k]} if k in pack.lost else {})}
+        if on_leave is not None and left:
+            on_leave([(k, results[k]) for k in left])
+
     lost = [k for k, m in enumerate(members)
             if not pack.call(k, m.start, {"pack": {"fused": True, "size": size, "index": number[k]}})]
     # (the pack's slots are the members' indices until the first drop) a member resumed from a
@@ -812,12 +835,8 @@ def _train_pack(members: list[_Run], opt_cls: type[_StackedKeras] | type[_Member
     if gone:
         finished.extend(gone)
         pack.drop(gone)
+        report_left()
     while pack.live:
         _epoch(pack, finished)
-    seconds = time.perf_counter() - started
-    results = []
-    for k, m in enumerate(members):
-        r = m.result(seconds)
-        r.info["pack"] = {"fused": True, "size": size, "index": number[k], **({"lost": pack.lost[k]} if k in pack.lost else {})}
-        results.append(r)
-    return results
+        report_left()
+    return [results[k] for k in range(len(members))]

@@ -152,7 +152,7 @@ def run_pack_if_any(job_id: str, settings: Settings, send: Any, token: int, atte
 
 def _run_pack(members: list[Member], settings: Settings, send: Any) -> str:
     from training import SpecError, TrainingError
-    from training.fused import LOST, RESUME_FAILED, fit_fused
+    from training.fused import RESUME_FAILED, fit_fused
     from worker.runner import failure_reason
 
     ids = [m[0] for m in members]
@@ -178,11 +178,18 @@ def _run_pack(members: list[Member], settings: Settings, send: Any) -> str:
                 return _after_sweeps(formed, statuses, settings, send)
             group = FlushGroup(records)  # one transaction per flush interval for the whole pack, not one per member
             in_pack = records  # the members fit_fused trains (its indices)
+
+            def left(members_left: list[tuple[int, Any]]) -> None:
+                # each member is recorded as soon as it leaves the pack (its pause, prune, early
+                # stop or last epoch), not when the last member ends
+                _record_left([(in_pack[k], res) for k, res in members_left], group, pack_ids, statuses)
+
             # a member whose lease is lost leaves the pack alone (its result's stop reason: LOST);
             # one whose snapshot cannot be restored ends at once, as its solo resume (the others train)
             results = fit_fused([m[3] for m in members], records, [r.should_stop for r in records],
                                 isolate=(leases.LeaseLost,), resume_from=resumes, on_epoch_logs=group.decide,
-                                on_resume_error=lambda k, exc: _end_alone(in_pack[k], exc, statuses))
+                                on_resume_error=lambda k, exc: _end_alone(in_pack[k], exc, statuses),
+                                on_leave=left)
         except leases.LeaseLost:
             # not from one member's record or poll (those are isolated above): the pack stops;
             # the members' heartbeats stop with it and recovery requeues them
@@ -195,17 +202,31 @@ def _run_pack(members: list[Member], settings: Settings, send: Any) -> str:
             _fail_all([r for r in records if r.job_id not in statuses], failure_reason(exc))
             log.error("pack of %s crashed:\n%s", ids[0], traceback.format_exc())
             raise
-        # those whose snapshot could not be restored are recorded (_end_alone)
-        keep = [k for k, res in enumerate(results) if res.stop_reason != RESUME_FAILED]
-        records, ids, results = [records[k] for k in keep], [ids[k] for k in keep], [results[k] for k in keep]
+        # those not recorded as they left (a recording that failed there): now; those whose
+        # snapshot could not be restored were recorded by _end_alone
+        _record_left([(r, res) for r, res in zip(records, results, strict=True)
+                      if r.job_id not in statuses and res.stop_reason != RESUME_FAILED], group, pack_ids, statuses)
+    return _after_sweeps(formed, statuses, settings, send)
 
-        for job_id, result in zip(ids, results, strict=True):
+
+def _record_left(ended: list[tuple[RunRecord, Any]], group: FlushGroup, pack_ids: list[str],
+                 statuses: dict[str, str]) -> None:
+    """Record the members that have left the pack (``(record, result)``), as each one's solo run
+    records its end: those that end plainly or pause in one transaction (``FlushGroup.finish``),
+    the others (a requeue on shutdown, a cancel while pausing, a failed group write) each on its
+    own (``RunRecord.finish``); a member whose lease is lost (``LOST``) is left to the attempt that
+    owns it. ``statuses`` gets each one's status. Never raises: a member whose recording failed
+    here is not in ``statuses`` and is recorded again when the pack ends."""
+    from training.fused import LOST
+
+    try:
+        for r, result in ended:
             if result.stop_reason != LOST:
                 result.info["pack"] = {**result.info.get("pack", {}), "id": pack_ids[0], "jobs": pack_ids,
-                                       "index": pack_ids.index(job_id)}
-        # the members' results in one transaction (those that end plainly); the others on their own
-        together = group.finish([(r, res) for r, res in zip(records, results, strict=True) if res.stop_reason != LOST])
-        for job_id, r, result in zip(ids, records, results, strict=True):
+                                       "index": pack_ids.index(r.job_id)}
+        together = group.finish([(r, res) for r, res in ended if res.stop_reason != LOST])
+        for r, result in ended:
+            job_id = r.job_id
             if result.stop_reason == LOST:
                 # another attempt owns this job (or its watchdog ended it as stalled): it left the
                 # pack at once, the others trained on; that attempt records the job, not this one
@@ -213,21 +234,22 @@ def _run_pack(members: list[Member], settings: Settings, send: Any) -> str:
                 with job_context(job_id):
                     log.warning("job %s: %s in the pack of %s (%s); it left the pack, nothing more recorded, "
                                 "the other members went on", job_id, "stalled" if r.stalled else "lost its lease",
-                                ids[0], result.info.get("pack", {}).get("lost"))
-                continue
-            with job_context(job_id):
-                if job_id in together:
-                    statuses[job_id] = together[job_id]
-                    log.info("job %s: %s (pack of %s)", job_id, statuses[job_id], ids[0])
-                    continue
-                try:
-                    statuses[job_id] = r.finish(result)
-                except leases.LeaseLost:
-                    statuses[job_id] = "lease_lost"
-                except Exception:  # noqa: BLE001 - recorded failed by finish(); the others' results stay
-                    statuses[job_id] = "failed"
-                log.info("job %s: %s (pack of %s)", job_id, statuses[job_id], ids[0])
-    return _after_sweeps(formed, statuses, settings, send)
+                                pack_ids[0], result.info.get("pack", {}).get("lost"))
+            else:
+                with job_context(job_id):
+                    if job_id in together:
+                        statuses[job_id] = together[job_id]
+                    else:
+                        try:
+                            statuses[job_id] = r.finish(result)
+                        except leases.LeaseLost:
+                            statuses[job_id] = "lease_lost"
+                        except Exception:  # noqa: BLE001 - recorded failed by finish(); the others' results stay
+                            statuses[job_id] = "failed"
+                    log.info("job %s: %s (pack of %s)", job_id, statuses[job_id], pack_ids[0])
+            r.ended = True  # out of the pack's flushes and heartbeat
+    except Exception:  # noqa: BLE001 - the pack trains on; what is not in statuses is recorded at its end
+        log.exception("pack of %s: recording members that left it failed; retried when the pack ends", pack_ids[0])
 
 
 def _after_sweeps(members: list[Member], statuses: dict[str, str], settings: Settings, send: Any) -> str:
@@ -285,7 +307,7 @@ def _end_alone(r: RunRecord, exc: BaseException, statuses: dict[str, str]) -> No
         except leases.LeaseLost:
             statuses[r.job_id] = "lease_lost"
             log.warning("job %s: not recorded as failed: another attempt owns it", r.job_id)
-        r.lease_lost.set()
+        r.ended = True  # out of the pack's flushes and heartbeat
         log.info("job %s: %s (%s); the other members of its pack train", r.job_id, statuses[r.job_id],
                  failure_reason(exc))
 

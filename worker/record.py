@@ -134,6 +134,9 @@ class RunRecord(BaseReporter):
         # buffer in one transaction; None: the record flushes alone
         self.group: FlushGroup | None = None
         self.final_pending = False  # a final snapshot waits for the result's transaction
+        # how the attempt ended is recorded (a pack member recorded as it left its pack): it leaves
+        # the pack's group flushes and heartbeat
+        self.ended = False
         self.cancelled = False
         # preemption (settings.preemption): the job was asked to make room; read every flush interval
         self.preempted = False
@@ -509,7 +512,7 @@ class RunRecord(BaseReporter):
         snapshot waits (a due one retried, a pause's or the final one, written with the result),
         nor a trial's stop request (its last epochs commit with its pause or result), nor once its
         lease is lost."""
-        return (self.lease_token is not None and not self.lease_lost.is_set() and self.stop_request is None
+        return (self.lease_token is not None and not self.lease_lost.is_set() and not self.ended and self.stop_request is None
                 and self.unwritten_snapshot is None and not self.final_pending)
 
     # -- the end of the attempt: one transaction, with whatever is still buffered
@@ -912,7 +915,7 @@ def pack_heartbeat(records: list[RunRecord]) -> Iterator[None]:
         live = list(beating)
         while live and not stop.wait(min(r._beat_interval() for r in live)):
             try:
-                live = [r for r in live if not r.lease_lost.is_set() and not r._stalled()]
+                live = [r for r in live if not r.lease_lost.is_set() and not r.ended and not r._stalled()]
                 if not live:
                     return
                 with session_scope() as s:

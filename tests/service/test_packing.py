@@ -172,6 +172,26 @@ def test_cancelling_one_packed_job_leaves_the_others_to_finish(pg_service: str) 
     assert {o["info"]["pack"]["id"] for o in others} == {cancelled["info"]["pack"]["id"]}  # one pack
 
 
+def test_a_member_that_ends_is_recorded_while_its_pack_trains_on(pg_service: str) -> None:
+    """A packed job that runs its last epoch (or stops otherwise) is recorded at once, as its solo
+    run would be (status, metrics, best checkpoint, its own run time), while the pack's other
+    members train on: it does not show ``running`` until the last member ends."""
+    specs = one_long_member(epochs=3)
+    with Client(pg_service) as c:
+        ids = [j["id"] for j in c.submit_batch(specs)["results"]]
+        short = [wait_status(c, i, ("succeeded", "failed", "cancelled"), timeout=300) for i in (ids[0], ids[2])]
+        long_now = c.job(ids[1])  # still training in the same pack
+        ckpt, _ = c.best_checkpoint(ids[0])
+        c.cancel(ids[1])
+        long_end = wait_status(c, ids[1], ("succeeded", "failed", "cancelled"), timeout=120)
+    assert [v["status"] for v in short] == ["succeeded"] * 2 and [v["progress"]["epoch"] for v in short] == [3, 3], short
+    assert long_now["status"] == "running" and long_now["info"]["pack"]["id"] == short[0]["info"]["pack"]["id"], long_now
+    assert ckpt  # its best checkpoint is downloadable while the pack trains on
+    assert long_end["status"] == "cancelled" and long_end["progress"]["epoch"] > 3, long_end
+    # each records its own run time (until it left the pack), not the pack's
+    assert all(v["run_seconds"] < long_end["run_seconds"] for v in short), (short, long_end)
+
+
 def test_a_member_that_loses_its_lease_leaves_the_pack_alone(pg_service: str, inproc_env: dict[str, str],
                                                             tmp_path: Path) -> None:
     """Another attempt takes one running member over (its worker looked lost: heartbeat aged, then
