@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -47,6 +46,7 @@ from api.schemas.common import ErrorResponse, Problem
 from api.schemas.specs import add_components
 from api.webhook_delivery import WebhookDeliverer
 from config.logs import configure_logging
+from config.process import freeze_startup_objects
 from config.settings import Settings, get_settings
 from store.artifact_store import ArtifactError
 from store.pollread import close_readers
@@ -75,14 +75,10 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.openapi()  # built now, not on a first request (the query-parameter check reads it)
     if app.state.settings.gc_freeze:
         # Everything built so far lives as long as the process: keep it out of full collections
-        # (config.settings.Settings.gc_freeze; measured in BENCHMARKS.md, "Service"). The broker
-        # client is built first (it imports celery and kombu), so that it is frozen too; and
-        # young-generation collections run every 10,000 allocations instead of 700, which makes
-        # full ones (a walk over whatever came later) 14 times rarer.
+        # (config.process; measured in BENCHMARKS.md, "Service"). The broker client is built
+        # first (it imports celery and kombu), so that it is frozen too.
         _ = app.state.dispatcher.celery
-        gc.collect()
-        gc.freeze()
-        gc.set_threshold(10_000, 10, 10)
+        freeze_startup_objects()
     try:
         yield
     finally:

@@ -23,7 +23,7 @@ from orchestration.services.base import LoopService
 from orchestration.services.outbox_relay import OutboxRelay
 from orchestration.services.preemptor import Preemptor
 from orchestration.services.reconciler import Reconciler
-from store.broker import EXPORT_TASK, celery_config
+from store.broker import EXPORT_TASK, celery_config, prepare_embedded_broker
 
 log = logging.getLogger("trainyard.api")
 
@@ -58,6 +58,7 @@ class Dispatcher:
 
         app = Celery("trainyard-api", set_as_current=False)
         app.conf.update(celery_config(self.settings))
+        prepare_embedded_broker(self.settings.broker_url)
         return app
 
     def send(self, jobs: Iterable[tuple[str, str]], max_retries: int = 3) -> None:

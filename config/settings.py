@@ -96,10 +96,11 @@ class Settings(BaseSettings):
     pack_max_params: int = Field(20_000_000, ge=1)
     requests_per_minute: int = Field(6000, ge=0)  # per project, per API process (0: unlimited)
     max_event_streams: int = Field(32, ge=0)  # open /events streams per project, per API process (0: none)
-    # API process: after start-up, move every object into the garbage collector's permanent
-    # generation (gc.freeze), so a full collection no longer walks the ~110k objects of the
-    # imported libraries: that walk took ~70 ms, a stall of every request in flight
-    # (TRAINYARD_GC_FREEZE=0 turns it off; the tests' in-process apps do).
+    # API and worker processes: after start-up, move every object into the garbage collector's
+    # permanent generation (gc.freeze, config.process), so a full collection no longer walks the
+    # objects of the imported libraries: in the API ~110k (~70 ms, a stall of every request in
+    # flight), in a worker ~440k (~100 ms in the middle of a pack) (TRAINYARD_GC_FREEZE=0 turns it
+    # off; the tests' in-process apps do).
     gc_freeze: bool = True
     # Worker: the nice value it trains at (worker.app.lower_priority; 0 = the caller's own).
     worker_nice: int = Field(10, ge=0, le=19)

@@ -53,3 +53,25 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 #: small SQLite query (~0.1 ms, 20 a second), and the first job of a submission waited 0.1 s on
 #: average at 0.2 s (bench/packing.py: a sweep's first claim 0.13 -> 0.09 s after its trials).
 SQLA_POLLING_INTERVAL_S = 0.05
+
+
+def prepare_embedded_broker(url: str) -> None:
+    """Put the embedded broker's SQLite file (``sqla+sqlite:///...``) in WAL mode (it persists in
+    the file; a no-op for any other broker, or once done). kombu's SQLAlchemy transport commits each
+    message on its own, and in SQLite's default rollback-journal mode a commit costs several
+    fsyncs: a 200-job batch's sends took 0.40-0.46 s, 0.24 s in WAL (still one fsync per commit:
+    durable). Called by whatever sends or consumes (the API's dispatcher, the worker)."""
+    prefix = "sqla+sqlite:///"
+    if not url.startswith(prefix) or url == prefix or ":memory:" in url:
+        return
+    import sqlite3
+    from pathlib import Path
+
+    path = Path(url[len(prefix):].split("?", 1)[0])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    con = sqlite3.connect(path, timeout=30)
+    try:
+        con.execute("PRAGMA journal_mode=WAL")
+    finally:
+        con.close()
+

@@ -22,7 +22,13 @@ from celery.signals import (
 
 from config.settings import Settings, get_settings
 from orchestration.messages import sender
-from store.broker import EXPORT_TASK, RUN_JOB_TASK, SQLA_POLLING_INTERVAL_S, celery_config
+from store.broker import (
+    EXPORT_TASK,
+    RUN_JOB_TASK,
+    SQLA_POLLING_INTERVAL_S,
+    celery_config,
+    prepare_embedded_broker,
+)
 
 log = logging.getLogger("trainyard.worker")
 
@@ -82,10 +88,20 @@ def _on_worker_init(**signal: Any) -> None:
         from training.engine import warm_up
 
         warm_up()
+        _freeze()
 
     alive = os.environ.get("TRAINYARD_WORKER_HEARTBEAT_FILE")
     if alive:
         _start_liveness_file(Path(alive))
+
+
+def _freeze() -> None:
+    """After the start-up imports: keep them out of full garbage collections, as the API does
+    (``config.process.freeze_startup_objects``; ``TRAINYARD_GC_FREEZE=0`` turns it off)."""
+    if get_settings().gc_freeze:
+        from config.process import freeze_startup_objects
+
+        freeze_startup_objects()
 
 
 def _warm_up() -> None:
@@ -93,6 +109,7 @@ def _warm_up() -> None:
         from training.engine import warm_up
 
         warm_up()
+        _freeze()
 
     threading.Thread(target=imports, name="trainyard-warm-up", daemon=True).start()
 
@@ -134,6 +151,7 @@ def create_celery(settings: Settings | None = None) -> Celery:
         from kombu.transport import sqlalchemy as sqla_transport
 
         sqla_transport.Transport.polling_interval = SQLA_POLLING_INTERVAL_S
+        prepare_embedded_broker(settings.broker_url)
 
     @app.task(name=RUN_JOB_TASK, ignore_result=True, acks_late=True)
     def run_job(job_id: str) -> str:

@@ -106,3 +106,32 @@ def test_serve_on_a_busy_port_says_so_and_exits_non_zero(tmp_path):
     assert out.returncode != 0, out.stdout + out.stderr
     assert "is running" not in out.stdout
     assert f"port {port} is in use" in out.stderr and "--port" in out.stderr
+
+
+def test_the_embedded_broker_file_is_in_wal_mode_and_takes_messages(tmp_path):
+    """``store.broker.prepare_embedded_broker`` (called by the API's dispatcher and the worker)
+    puts the embedded broker's SQLite file in WAL mode (one fsync per message's commit instead of
+    several); kombu's SQLAlchemy transport then stores and hands out messages from it as before."""
+    import sqlite3
+
+    from celery import Celery
+
+    from orchestration.messages import send_jobs
+    from store.broker import prepare_embedded_broker
+
+    url = f"sqla+sqlite:///{tmp_path / 'data' / 'broker.sqlite'}"
+    prepare_embedded_broker(url)
+    prepare_embedded_broker(url)  # idempotent
+    with sqlite3.connect(tmp_path / "data" / "broker.sqlite") as con:
+        assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    app = Celery("t", set_as_current=False)
+    app.conf.update(broker_url=url, task_serializer="json", accept_content=["json"])
+    send_jobs(app, [("a" * 32, "q1"), ("b" * 32, "q1")])
+    with app.connection_for_read() as conn:
+        queue = conn.SimpleQueue("q1")
+        got = [queue.get(timeout=5) for _ in range(2)]
+        for m in got:
+            m.ack()
+        queue.close()
+    assert [m.headers["argsrepr"] for m in got] == [repr(["a" * 32]), repr(["b" * 32])]
+    prepare_embedded_broker("redis://127.0.0.1:6379/0")  # any other broker: nothing to do
