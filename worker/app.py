@@ -99,9 +99,12 @@ def _freeze() -> None:
     """After the start-up imports: keep them out of full garbage collections, as the API does
     (``config.process.freeze_startup_objects``; ``TRAINYARD_GC_FREEZE=0`` turns it off)."""
     if get_settings().gc_freeze:
+        import gc
+
         from config.process import freeze_startup_objects
 
         freeze_startup_objects()
+        log.info("start-up objects kept out of garbage collection: %d", gc.get_freeze_count())
 
 
 def _warm_up() -> None:
