@@ -279,6 +279,16 @@ def test_a_batch_of_same_shape_jobs_runs_as_one_pack_embedded(tmp_path: Path) ->
 # --------------------------------------------------------------------------- resumed members
 
 
+class Snaps(training.BaseReporter):
+    """A reporter that keeps every snapshot a run hands it, by epoch."""
+
+    def __init__(self) -> None:
+        self.snapshots: dict[int, Any] = {}
+
+    def on_snapshot(self, snapshot: Any) -> None:
+        self.snapshots[snapshot.epoch] = snapshot
+
+
 def _epoch_events(job_id: str) -> list[int]:
     """The epochs a job's events say were recorded, in the order they were written."""
     with session_scope(write=False) as s:
@@ -375,21 +385,12 @@ def test_the_members_of_a_stopped_pack_resume_from_their_snapshots_together_unle
     solo run's."""
     from config.settings import settings_from_env
     from orchestration.recovery import LOST_STOP_REASON, end_attempt
-    from training import BaseReporter
-    from training.reporting import Snapshot
     from worker.record import RunRecord
     from worker.runner import run_job
 
     settings = settings_from_env({**inproc_env, "TRAINYARD_PACK": "1"})
     queue = f"ty-{RUN_ID}-resumepack-{os.getpid()}"  # no other test's job can join this pack
     specs = [dict(s, epochs=4) for s in batch_specs()[:3]]
-
-    class Snaps(BaseReporter):
-        def __init__(self) -> None:
-            self.snapshots: dict[int, Snapshot] = {}
-
-        def on_snapshot(self, snapshot: Snapshot) -> None:
-            self.snapshots[snapshot.epoch] = snapshot
 
     with session_scope() as s:
         ids = [repo.create_job(s, spec=training.validate_spec(spec).model_dump(mode="json"), queue=queue).id for spec in specs]
@@ -454,8 +455,6 @@ def test_a_member_whose_snapshot_cannot_be_restored_or_read_ends_alone_as_solo_a
     from config.settings import settings_from_env
     from store.artifact_store import get_store
     from store.models import Snapshot as SnapshotRow
-    from training import BaseReporter
-    from training.reporting import Snapshot
     from worker.record import RunRecord
     from worker.runner import run_job
 
@@ -463,13 +462,6 @@ def test_a_member_whose_snapshot_cannot_be_restored_or_read_ends_alone_as_solo_a
     alone = settings_from_env({**inproc_env, "TRAINYARD_PACK": "0"})
     queue = f"ty-{RUN_ID}-badsnap-{bad}-{os.getpid()}"  # no other test's job can join this pack
     specs = [dict(s, epochs=4) for s in batch_specs()[:3]]
-
-    class Snaps(BaseReporter):
-        def __init__(self) -> None:
-            self.snapshots: dict[int, Snapshot] = {}
-
-        def on_snapshot(self, snapshot: Snapshot) -> None:
-            self.snapshots[snapshot.epoch] = snapshot
 
     solos, snaps = [], []
     for spec in specs:
