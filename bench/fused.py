@@ -36,18 +36,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-BASE: dict[str, Any] = {
-    "name": "bench-fused",
-    "seed": 0,
-    "device": "cpu",
-    "data": {"dataset": "digits", "validation_split": 0.2, "batch_size": 64, "standardize": True},
-    "model": {"layers": [{"type": "dense", "units": 64, "activation": "relu"}, {"type": "dropout", "rate": 0.1},
-                         {"type": "dense", "units": 10}]},
-    "loss": "sparse_categorical_crossentropy",
-    "metrics": ["accuracy"],
-    "optimizer": {"name": "adam", "learning_rate": 0.001},
-    "epochs": 27,
-}
+from bench.specs import digits_mlp  # noqa: E402 - after the path insert (run as a script)
+
+BASE: dict[str, Any] = digits_mlp("bench-fused")
 
 INITIALIZERS = ["glorot_uniform", "he_normal", "lecun_normal"]
 

@@ -51,18 +51,9 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-BASE: dict[str, Any] = {
-    "name": "bench-packing",
-    "device": "cpu",
-    "data": {"dataset": "digits", "validation_split": 0.2, "batch_size": 64, "standardize": True},
-    "model": {"layers": [{"type": "dense", "units": 64, "activation": "relu", "kernel_regularizer": {"l2": 1e-4}},
-                         {"type": "dropout", "rate": 0.1},
-                         {"type": "dense", "units": 10}]},
-    "loss": "sparse_categorical_crossentropy",
-    "metrics": ["accuracy"],
-    "optimizer": {"name": "adam", "learning_rate": 0.001},
-    "epochs": 27,
-}
+from bench.specs import digits_mlp  # noqa: E402 - after the path insert (run as a script)
+
+BASE: dict[str, Any] = digits_mlp("bench-packing", l2=1e-4)
 
 SPACE: dict[str, Any] = {
     "optimizer.learning_rate": {"distribution": "log_uniform", "min": 1e-4, "max": 3e-2},

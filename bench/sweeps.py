@@ -50,18 +50,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-BASE: dict[str, Any] = {
-    "name": "bench-sweep",
-    "seed": 0,
-    "device": "cpu",
-    "data": {"dataset": "digits", "validation_split": 0.2, "batch_size": 64, "standardize": True},
-    "model": {"layers": [{"type": "dense", "units": 64, "activation": "relu"}, {"type": "dropout", "rate": 0.1},
-                         {"type": "dense", "units": 10}]},
-    "loss": "sparse_categorical_crossentropy",
-    "metrics": ["accuracy"],
-    "optimizer": {"name": "adam", "learning_rate": 0.001},
-    "epochs": 27,
-}
+from bench.specs import digits_mlp  # noqa: E402 - after the path insert (run as a script)
+
+BASE: dict[str, Any] = digits_mlp("bench-sweep")
 
 SPACE: dict[str, Any] = {
     "optimizer.learning_rate": {"distribution": "log_uniform", "min": 1e-5, "max": 0.3},
