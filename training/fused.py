@@ -647,6 +647,9 @@ def _epoch(pack: _Pack, finished: list[int]) -> None:
             elif polled:
                 members[i].stop_reason = "cancelled"
                 cancelled.append(s)
+        if cancelled and b == lead.steps_per_epoch - 1:
+            # the epoch's last step ran: a whole epoch, ended with the others' (as solo records it)
+            cancelled = []
         if cancelled or lost:
             # a cancelled solo run returns without ending its epoch; a lost member just leaves
             gone_now = sorted(cancelled + lost)
@@ -654,6 +657,8 @@ def _epoch(pack: _Pack, finished: list[int]) -> None:
             ending = [s - sum(1 for c in gone_now if c < s) for s in ending]
         if ending:
             leave(ending, end_epoch=True)
+    if not pack.live:  # the last members left at the epoch's last step (lost, cancelled, max_steps)
+        return
     gone = []
     val = pack.validate()
     logs = []

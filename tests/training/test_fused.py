@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -323,18 +324,36 @@ def test_non_finite_member_stops_alone() -> None:
     assert results[1].stop_reason == "completed" and results[1].epochs_run == EPOCHS
 
 
+def cancel_after(n: int) -> Callable[[], bool]:
+    """A ``should_stop`` that cancels at its (n+1)th poll."""
+    calls = {"n": 0}
+
+    def should_stop() -> bool:
+        calls["n"] += 1
+        return calls["n"] > n
+
+    return should_stop
+
+
+class Gone(Exception):
+    """Stands for the worker's LeaseLost: the caller no longer owns this member's job."""
+
+
+def gone_after(n: int) -> Callable[[], bool]:
+    """A ``should_stop`` that raises :class:`Gone` at its (n+1)th poll."""
+    calls = {"n": 0}
+
+    def should_stop() -> bool:
+        calls["n"] += 1
+        if calls["n"] > n:
+            raise Gone("lease 1 of job b is no longer held")
+        return False
+
+    return should_stop
+
+
 def test_cancel_of_one_member_leaves_the_others_untouched(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(engine, "POLL_SECONDS", 0.0)  # poll at every step: a cancel lands on a known step
-
-    def cancel_after(n: int):
-        calls = {"n": 0}
-
-        def should_stop() -> bool:
-            calls["n"] += 1
-            return calls["n"] > n
-
-        return should_stop
-
     specs = [trial(9), trial(10, optimizer__learning_rate=0.01), trial(11, optimizer__beta_1=0.8)]
     fused = fit_fused(specs, should_stops=[None, cancel_after(20), None])
     solo = [training.fit(specs[0]), training.fit(specs[1], should_stop=cancel_after(20)), training.fit(specs[2])]
@@ -344,8 +363,22 @@ def test_cancel_of_one_member_leaves_the_others_untouched(monkeypatch: pytest.Mo
     assert fused[0].epochs_run == fused[2].epochs_run == EPOCHS
 
 
-class Gone(Exception):
-    """Stands for the worker's LeaseLost: the caller no longer owns this member's job."""
+def test_a_member_stopped_at_its_epochs_last_step_as_solo(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cancel polled right after an epoch's last update: solo records that epoch (it is a whole
+    one), and so does the pack. The pack's last member lost at that step leaves it (the pack has
+    nobody left to validate) without recording that epoch."""
+    monkeypatch.setattr(engine, "POLL_SECONDS", 0.0)
+    specs = [trial(16, epochs=1), trial(17, optimizer__learning_rate=0.01)]
+    fused = fit_fused(specs, should_stops=[None, cancel_after(23)])  # the 24th poll: after epoch 2's last step
+    solo = [training.fit(specs[0]), training.fit(specs[1], should_stop=cancel_after(23))]
+    for f, s in zip(fused, solo, strict=True):
+        assert_same_run(f, s)
+    assert fused[1].stop_reason == "cancelled" and (fused[1].steps, fused[1].epochs_run) == (24, 2)
+    reps = [Recorder(), Recorder()]
+    lost = fit_fused(specs, reps, [None, gone_after(23)], isolate=(Gone,))
+    assert lost[1].stop_reason == "lost" and (lost[1].steps, lost[1].epochs_run) == (24, 1)
+    assert [e["epoch"] for e in reps[1].epochs] == [1]
+    assert_same_run(lost[0], solo[0])
 
 
 def test_a_member_whose_reporter_or_poll_raises_an_isolated_exception_leaves_alone(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -356,17 +389,6 @@ def test_a_member_whose_reporter_or_poll_raises_an_isolated_exception_leaves_alo
             super().on_epoch(metrics)
             if metrics["epoch"] == 2:
                 raise Gone("lease 1 of job a is no longer held")
-
-    def gone_after(n: int):
-        calls = {"n": 0}
-
-        def should_stop() -> bool:
-            calls["n"] += 1
-            if calls["n"] > n:
-                raise Gone("lease 1 of job b is no longer held")
-            return False
-
-        return should_stop
 
     specs = [trial(12), trial(13, optimizer__learning_rate=0.01), trial(14, optimizer__beta_1=0.8), trial(15)]
     reps = [Recorder(), GoneAtEpoch2(), Recorder(), Recorder()]
