@@ -49,6 +49,7 @@ from config.logs import job_context
 from config.settings import Settings
 from store import leases, packing
 from store.db import session_scope
+from store.models import TERMINAL_STATUSES
 from worker.record import FlushGroup, RunRecord, pack_heartbeat
 
 log = logging.getLogger("trainyard.worker")
@@ -181,8 +182,13 @@ def _run_pack(members: list[Member], settings: Settings, send: Any) -> str:
 
             def left(members_left: list[tuple[int, Any]]) -> None:
                 # each member is recorded as soon as it leaves the pack (its pause, prune, early
-                # stop or last epoch), not when the last member ends
+                # stop or last epoch), not when the last member ends; while others train on, the
+                # sweeps of those that left advance at once: a freed slot takes its next trial
+                # (another worker may start it) and a paused trial may be promoted
+                ended = [in_pack[k] for k, _ in members_left]
                 _record_left([(in_pack[k], res) for k, res in members_left], group, pack_ids, statuses)
+                if any(r.job_id not in statuses for r in in_pack):
+                    _advance_sweeps([m for m in formed if m[0] in {r.job_id for r in ended}], statuses, settings, send)
 
             # a member whose lease is lost leaves the pack alone (its result's stop reason: LOST);
             # one whose snapshot cannot be restored ends at once, as its solo resume (the others train)
@@ -253,16 +259,25 @@ def _record_left(ended: list[tuple[RunRecord, Any]], group: FlushGroup, pack_ids
 
 
 def _after_sweeps(members: list[Member], statuses: dict[str, str], settings: Settings, send: Any) -> str:
-    """Advance the sweeps of the members that are trials and that this worker recorded (the
-    Celery task does the claimed job's), each sweep once: advancing a sweep looks at all its
-    trials, and every member has ended by now (an ASHA rung's pack of 27 trials: 1 sweep step,
-    not 26). The claimed job's status."""
+    """Advance the sweeps of the members that are trials and that this worker recorded, each sweep
+    once: advancing a sweep looks at all its trials, and every member has ended by now (an ASHA
+    rung's pack of 27 trials: 1 sweep step, not 27). The claimed job's sweep is left to the
+    Celery task, which advances it after this returns (``worker.app``'s ``after_job``). The
+    claimed job's status."""
+    # (when it has ended or paused: else that call does not advance it, and it is advanced here)
+    claimed = members[0]
+    own = claimed[4] if statuses.get(claimed[0]) in (*TERMINAL_STATUSES, "paused") else None
+    _advance_sweeps([m for m in members[1:] if own is None or m[4] != own], statuses, settings, send)
+    return statuses[members[0][0]]
+
+
+def _advance_sweeps(members: list[Member], statuses: dict[str, str], settings: Settings, send: Any) -> None:
+    """Advance the sweeps of ``members`` that are trials this worker recorded (not those another
+    attempt owns), each sweep once, after one read of their sweeps (``after_jobs``). Never raises."""
     from orchestration.sweeps import after_jobs
 
-    # one read of the members' sweeps, then each sweep with an ended trial among them advanced once
-    after_jobs([m[0] for m in members[1:] if m[4] and statuses.get(m[0]) not in ("lease_lost", "stalled")],
+    after_jobs([m[0] for m in members if m[4] and statuses.get(m[0]) not in ("lease_lost", "stalled")],
                settings, send)
-    return statuses[members[0][0]]
 
 
 def _resume_bytes(members: list[Member], records: list[RunRecord], statuses: dict[str, str]) -> list[bytes | None]:

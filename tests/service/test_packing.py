@@ -372,6 +372,29 @@ def test_an_asha_sweeps_promoted_trials_resume_in_a_pack(pg_service: str, inproc
     assert all(jobs[i]["info"]["pack"]["fused"] is True for i in resumed_in_a_pack)
 
 
+def test_a_sweep_advances_as_soon_as_a_trial_leaves_its_pack(pg_service: str) -> None:
+    """A sweep of 4 trials, 2 at a time (a grid of 2 and 40 epochs x 2 seeds; sweep seed 3 puts a
+    2-epoch and a 40-epoch trial first): the first two train as one pack, and when the short one
+    leaves it the sweep advances at once: its third trial is created (queued for any worker) while
+    the long one still trains, not when the pack ends. The sweep completes, every trial succeeded."""
+    with Client(pg_service) as c:
+        sweep = c.create_sweep({
+            "name": "pack-advance", "base": copy.deepcopy(BASE), "method": "grid", "seed": 3,
+            "parameters": {"epochs": {"values": [2, 40]}, "seed": {"values": [1, 2]}},
+            "objective": {"metric": "val_accuracy"}, "max_trials": 4, "max_concurrent": 2,
+        })
+        done = c.wait_sweep(sweep["id"], timeout=300)
+        assert done["status"] == "succeeded" and len(done["trials"]) == 4, done
+        views = sorted((c.job(t["job_id"]) for t in done["trials"]), key=lambda v: v["trial_number"])
+    assert [v["status"] for v in views] == ["succeeded"] * 4, views
+    first = views[:2]
+    assert sorted(v["spec"]["epochs"] for v in first) == [2, 40], [v["spec"] for v in views]  # the premise (seed 3)
+    pack = first[0]["info"]["pack"]
+    assert pack["fused"] is True and sorted(pack["jobs"]) == sorted(v["id"] for v in first), pack
+    short, long = sorted(first, key=lambda v: v["spec"]["epochs"])
+    assert short["finished_at"] <= views[2]["created_at"] < long["finished_at"], (short, views[2], long)
+
+
 @pytest.mark.parametrize("ended_by", ["shutdown", "fault"])
 def test_the_members_of_a_stopped_pack_resume_from_their_snapshots_together_unless_a_fault_stopped_it(
         inproc_env: dict[str, str], caplog: pytest.LogCaptureFixture, ended_by: str) -> None:
