@@ -283,20 +283,27 @@ def after_job(job_id: str, settings: Settings, send: Send) -> None:
     after_jobs([job_id], settings, send)
 
 
-def after_jobs(job_ids: list[str], settings: Settings, send: Send) -> None:
+def after_jobs(job_ids: list[str], settings: Settings, send: Send, *, settled: Sequence[str] | None = None) -> None:
     """:func:`after_job` of several jobs (a pack's members): one read of their sweeps, and each
     sweep with an ended trial among them advanced once (an advance reads all its trials under
-    the sweep's lock, so one sees every trial that ended before it). Never raises."""
+    the sweep's lock, so one sees every trial that ended before it). ``settled`` (while other
+    trials of the sweep still run, so it cannot end): trials whose pause was just decided with
+    all the sweep knows; a sweep is then advanced only if that could create or promote a trial
+    (``store.sweeps.sweeps_with_moves``). Never raises."""
     if not job_ids:
         return
     try:
         with session_scope(write=False) as s:
             of = store_sweeps.sweeps_of_jobs(s, job_ids)
+            ended = list(dict.fromkeys(
+                sweep_id for sweep_id, status in of if sweep_id and (status in TERMINAL_STATUSES or status == "paused")))
+            if settled is not None and ended:
+                moves = store_sweeps.sweeps_with_moves(s, ended, list(settled))
+                ended = [i for i in ended if i in moves]
     except Exception:  # noqa: BLE001
         log.exception("jobs %s: could not look up their sweeps", ", ".join(job_ids))
         return
-    ended = [sweep_id for sweep_id, status in of if sweep_id and (status in TERMINAL_STATUSES or status == "paused")]
-    for sweep_id in dict.fromkeys(ended):
+    for sweep_id in ended:
         advance(sweep_id, settings, send)
 
 

@@ -163,6 +163,15 @@ def sweeps_of_jobs(session: Session, job_ids: list[str]) -> list[tuple[str | Non
     return [rows.get(i, (None, None)) for i in job_ids]
 
 
+def sweeps_with_moves(session: Session, sweep_ids: list[str], settled: list[str]) -> set[str]:
+    """Of ``sweep_ids``, the running sweeps that an advance could move now: one that may still
+    create trials, or that has a paused trial outside ``settled`` (trials whose pause was just
+    decided with everything the sweep knows: an advance would not promote them), in one query."""
+    paused = select(Job.id).where(Job.sweep_id == Sweep.id, Job.status == "paused", Job.id.not_in(settled)).exists()
+    return set(session.scalars(select(Sweep.id).where(
+        Sweep.id.in_(sweep_ids), Sweep.status == "running", (Sweep.trials_created < Sweep.max_trials) | paused)))
+
+
 def stalled_sweep_ids(session: Session) -> list[str]:
     """Running sweeps with no queued or running trial: nothing will advance them (e.g. their last
     trial was failed by the reconciler after its worker was lost on every attempt)."""

@@ -188,7 +188,10 @@ def _run_pack(members: list[Member], settings: Settings, send: Any) -> str:
                 ended = [in_pack[k] for k, _ in members_left]
                 _record_left([(in_pack[k], res) for k, res in members_left], group, pack_ids, statuses)
                 if any(r.job_id not in statuses for r in in_pack):
-                    _advance_sweeps([m for m in formed if m[0] in {r.job_id for r in ended}], statuses, settings, send)
+                    # (a pause decided in this pack was decided with all its sweep knows: an advance
+                    # now moves only sweeps that may create trials or have other paused ones)
+                    _advance_sweeps([m for m in formed if m[0] in {r.job_id for r in ended}], statuses, settings, send,
+                                    settled=pack_ids)
 
             # a member whose lease is lost leaves the pack alone (its result's stop reason: LOST);
             # one whose snapshot cannot be restored ends at once, as its solo resume (the others train)
@@ -271,13 +274,15 @@ def _after_sweeps(members: list[Member], statuses: dict[str, str], settings: Set
     return statuses[members[0][0]]
 
 
-def _advance_sweeps(members: list[Member], statuses: dict[str, str], settings: Settings, send: Any) -> None:
+def _advance_sweeps(members: list[Member], statuses: dict[str, str], settings: Settings, send: Any,
+                    settled: list[str] | None = None) -> None:
     """Advance the sweeps of ``members`` that are trials this worker recorded (not those another
-    attempt owns), each sweep once, after one read of their sweeps (``after_jobs``). Never raises."""
+    attempt owns), each sweep once, after one read of their sweeps (``after_jobs``, with its
+    ``settled``). Never raises."""
     from orchestration.sweeps import after_jobs
 
     after_jobs([m[0] for m in members if m[4] and statuses.get(m[0]) not in ("lease_lost", "stalled")],
-               settings, send)
+               settings, send, settled=settled)
 
 
 def _resume_bytes(members: list[Member], records: list[RunRecord], statuses: dict[str, str]) -> list[bytes | None]:

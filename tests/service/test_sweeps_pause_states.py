@@ -106,3 +106,26 @@ def test_the_last_trial_left_is_not_paused_to_be_promoted_back(inproc_env: dict[
     with session_scope() as s:
         repo.claim_job(s, c, "w", 60.0)
     assert prune_decision(sid2, c, 1, [{"epoch": 1, "val_accuracy": 0.5}]) is True
+
+
+def test_a_sweep_has_moves_while_it_may_create_trials_or_has_a_pause_decided_elsewhere(inproc_env: dict[str, str]) -> None:
+    """``store.sweeps.sweeps_with_moves`` (what a pack asks before advancing a sweep while its
+    other trials train on): a sweep that may still create trials has moves; one that may not has
+    moves only while it has a paused trial outside the trials just settled; an ended one has none."""
+    from sqlalchemy import update
+
+    from store import sweeps as store_sweeps
+    from store.db import session_scope
+    from store.models import Job, Sweep
+
+    full, (a, b) = _sweep("moves-full", max_trials=2, max_concurrent=2)
+    more, _ = _sweep("moves-more", max_trials=3, max_concurrent=2)
+    with session_scope() as s:
+        assert store_sweeps.sweeps_with_moves(s, [full, more], []) == {more}
+        s.execute(update(Job).where(Job.id == a).values(status="paused"))
+    with session_scope() as s:
+        assert store_sweeps.sweeps_with_moves(s, [full, more], [a, b]) == {more}  # its pause settled
+        assert store_sweeps.sweeps_with_moves(s, [full, more], [b]) == {full, more}  # paused elsewhere
+        s.execute(update(Sweep).where(Sweep.id == more).values(status="cancelled"))
+    with session_scope() as s:
+        assert store_sweeps.sweeps_with_moves(s, [full, more], []) == {full}
