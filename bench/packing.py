@@ -5,6 +5,7 @@ Usage (repo root, in the venv; needs nothing running)::
     python bench/packing.py                                    # the issue's sizes: 27 x 27 sweeps, 200-job batch
     python bench/packing.py --epochs 5 --batch 60 --batch-epochs 2   # shorter (a busy machine)
     python bench/packing.py --parts asha --json bench/out/packing-asha.json   # one part only
+    python bench/packing.py --warm --rounds 3                  # each part 3 times, the median ratio
 
 Parts (``--parts``, in this order; default all three):
 
@@ -29,7 +30,9 @@ on a fresh data directory (``--warm``: after one 1-epoch job of the same model a
 ASHA sweep of it have run there, so the worker's first-use costs are paid before the timed part,
 in both modes). So each part's ratio (packed / solo wall time; packed / solo jobs per
 minute) is measured side by side, and a part's figures are printed (and written to ``--json``) as
-soon as it is done. The load average (``os.getloadavg``, 1 minute) before and after each mode is
+soon as it is done. With ``--rounds N`` each part is measured N times, the order of the two
+modes alternating (solo first, then packed first, ...), and the median of the N ratios is the
+part's figure (``ratio`` in the JSON; each round's under ``rounds``). The load average (``os.getloadavg``, 1 minute) before and after each mode is
 printed with the figures: on a shared machine, quote it with them.
 """
 
@@ -39,6 +42,7 @@ import argparse
 import copy
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -264,6 +268,9 @@ def main() -> None:
                     help="in both modes, run a 1-epoch job and a 1-trial sweep to their end before the timed part (a worker that has been up a while)")
     ap.add_argument("--timeline", action="store_true",
                     help="print each sweep's runs (packs and solo runs: when, how many members, which epochs), from its events")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="measure each part this many times (solo and packed each on a fresh server, the order "
+                         "alternating) and report each round's ratio and their median: this machine is noisy")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
@@ -274,29 +281,55 @@ def main() -> None:
                            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     with tempfile.TemporaryDirectory(prefix="bench-packing-") as tmp:
         for part in parts:
-            res = {}
-            for mode in ("solo", "packed"):
-                r = res[mode] = run_part(part, mode == "packed", Path(tmp) / part / mode / "data", args)
-                load = f"load {r['load'][0]:.1f} -> {r['load'][1]:.1f}"
-                if part == "batch":
-                    print(f"{part:>5} {mode:>6}: {r['seconds']:.1f} s = {r['jobs_per_minute']:.1f} jobs/min "
-                          f"({r['statuses']}, {r['packed']} packed); {load}", flush=True)
-                else:
-                    print(f"{part:>5} {mode:>6}: {r['seconds']:.1f} s ({r['status']}, {r['trials']} trials, "
-                          f"{r['trials_packed']} packed, best {r['best']}); {load}", flush=True)
-                    if args.timeline:
-                        print_timeline(r["runs"])
-            s, p = res["solo"], res["packed"]
-            if part == "batch":
-                res["ratio"] = p["jobs_per_minute"] / s["jobs_per_minute"]
-                print(f"{part:>5}: jobs/min packed/solo {res['ratio']:.2f}x (goal >= 5x)", flush=True)
-            else:
-                res["ratio"] = p["seconds"] / s["seconds"]
-                print(f"{part:>5}: wall time packed/solo {res['ratio']:.3f} (goal <= 0.2 on CPU)", flush=True)
+            res: dict[str, Any] = {"rounds": []}
+            for k in range(args.rounds):
+                # alternate which mode goes first, so a drift of the machine's speed weighs on both
+                modes = ("solo", "packed") if k % 2 == 0 else ("packed", "solo")
+                rnd: dict[str, Any] = {}
+                for mode in modes:
+                    r = rnd[mode] = run_part(part, mode == "packed", Path(tmp) / part / f"{k}-{mode}" / "data", args)
+                    print_run(part, mode, r, args.timeline)
+                rnd["ratio"] = ratio(part, rnd["solo"], rnd["packed"])
+                res["rounds"].append(rnd)
+                print(f"{part:>5}: {RATIO[part]} {shown(part, rnd['ratio'])}" + (f" (round {k + 1} of {args.rounds})" if args.rounds > 1 else "")
+                      + f" (goal {GOAL[part]})", flush=True)
+            res["ratio"] = statistics.median(r["ratio"] for r in res["rounds"])
+            res["solo"], res["packed"] = res["rounds"][0]["solo"], res["rounds"][0]["packed"]
+            if args.rounds > 1:
+                each = ", ".join(shown(part, r["ratio"]) for r in res["rounds"])
+                print(f"{part:>5}: {RATIO[part]} median of {args.rounds} rounds {shown(part, res['ratio'])} "
+                      f"({each}; goal {GOAL[part]})", flush=True)
             out[part] = res
             if args.json:
                 args.json.parent.mkdir(parents=True, exist_ok=True)
                 args.json.write_text(json.dumps(out, indent=2))
+
+
+RATIO = {"sweep": "wall time packed/solo", "asha": "wall time packed/solo", "batch": "jobs/min packed/solo"}
+GOAL = {"sweep": "<= 0.2 on CPU", "asha": "<= 0.2 on CPU", "batch": ">= 5x"}
+
+
+def ratio(part: str, solo: dict[str, Any], packed: dict[str, Any]) -> float:
+    """A part's figure: packed / solo jobs per minute (batch), packed / solo wall time (sweeps)."""
+    if part == "batch":
+        return packed["jobs_per_minute"] / solo["jobs_per_minute"]
+    return packed["seconds"] / solo["seconds"]
+
+
+def shown(part: str, value: float) -> str:
+    return f"{value:.2f}x" if part == "batch" else f"{value:.3f}"
+
+
+def print_run(part: str, mode: str, r: dict[str, Any], show_timeline: bool) -> None:
+    load = f"load {r['load'][0]:.1f} -> {r['load'][1]:.1f}"
+    if part == "batch":
+        print(f"{part:>5} {mode:>6}: {r['seconds']:.1f} s = {r['jobs_per_minute']:.1f} jobs/min "
+              f"({r['statuses']}, {r['packed']} packed); {load}", flush=True)
+        return
+    print(f"{part:>5} {mode:>6}: {r['seconds']:.1f} s ({r['status']}, {r['trials']} trials, "
+          f"{r['trials_packed']} packed, best {r['best']}); {load}", flush=True)
+    if show_timeline:
+        print_timeline(r["runs"])
 
 
 if __name__ == "__main__":
