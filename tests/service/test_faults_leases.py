@@ -356,3 +356,47 @@ def test_a_packs_one_heartbeat_thread_beats_for_every_member_and_notices_a_lost_
     time.sleep(0.5)
     assert beats() == stopped  # the thread stopped with the block
     assert taken.lease_token == 2
+
+
+def test_a_member_whose_recording_fails_as_it_leaves_is_recorded_when_the_pack_ends(inproc_env, caplog, monkeypatch):
+    """The transaction that records a member leaving its pack fails (the database went away for
+    longer than its retries): the pack trains on, and the member is recorded when the pack ends,
+    with every epoch it trained, as its solo run; nothing is lost or written twice."""
+    import logging
+
+    from worker import packs
+    from worker.datasets import resolve_dataset
+    from worker.record import FlushGroup
+
+    settings = settings_from_env(inproc_env)
+    specs = [tiny_spec("rec-0", epochs=1, seed=1), tiny_spec("rec-1", epochs=3, seed=2), tiny_spec("rec-2", epochs=3, seed=3)]
+    ids = [_job(spec, settings.queue_name("cpu")) for spec in specs]
+    claims = [_claim(j) for j in ids]
+    members = [(j, c.lease_token, dict(c.spec), resolve_dataset(dict(c.spec), settings), None, c.epochs, c.attempts, None)
+               for j, c in zip(ids, claims, strict=True)]
+    finish, calls = FlushGroup.finish, []
+
+    def fails_once(self: FlushGroup, results: list[Any]) -> dict[str, str]:
+        calls.append([r.job_id for r, _ in results])
+        if len(calls) == 1:
+            raise RuntimeError("the database went away")
+        return finish(self, results)
+
+    monkeypatch.setattr(FlushGroup, "finish", fails_once)
+    with caplog.at_level(logging.ERROR, logger="trainyard.worker"):
+        status = packs._run_pack(members, settings, lambda jobs: None)
+    assert calls[0] == [ids[0]] and ids[0] in calls[-1], calls  # left after epoch 1, recorded at the end
+    assert "recording members that left it failed; retried when the pack ends" in caplog.text
+    assert status == "succeeded"
+    with session_scope(write=False) as s:
+        jobs = {j: s.get(Job, j) for j in ids}
+        rows = {j: [m.epoch for m in s.scalars(select(JobMetric).where(JobMetric.job_id == j).order_by(JobMetric.epoch))]
+                for j in ids}
+    assert [jobs[j].status for j in ids] == ["succeeded"] * 3
+    assert rows == {ids[0]: [1], ids[1]: [1, 2, 3], ids[2]: [1, 2, 3]}, rows
+    for j, spec in zip(ids, specs, strict=True):
+        assert jobs[j].epoch == spec["epochs"] and jobs[j].info["pack"]["fused"] is True
+        with session_scope(write=False) as s:
+            loss = [m.values["loss"] for m in s.scalars(select(JobMetric).where(JobMetric.job_id == j).order_by(JobMetric.epoch))]
+        solo = fit(spec)
+        assert all(math.isclose(a, b["loss"], rel_tol=1e-5) for a, b in zip(loss, solo.history, strict=True)), (loss, solo.history)
