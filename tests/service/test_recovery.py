@@ -177,7 +177,9 @@ def test_a_stalled_attempt_is_ended_and_the_job_requeued_and_resumed(recovery_db
     stalled = [e for e in events if e.kind == "state" and e.data.get("reason") == "stalled"]
     assert len(stalled) == 1 and stalled[0].data["stop_reason"] == "stalled" and stalled[0].data["status"] == "queued"
     ended_after = (stalled[0].created_at - hang_began.created_at).total_seconds()
-    assert 2.0 <= ended_after <= 6.0, ended_after  # the timeout, then at most a quarter of it (+ a busy machine)
+    # the timeout, then at most a quarter of it (+ a busy machine); the epoch's event is stamped by
+    # its write, a few ms after the progress mark the watchdog counts from (seen: 1.994 s)
+    assert 1.9 <= ended_after <= 6.0, ended_after
     assert probe.metric_epochs(job_id) == [1, 2, 3, 4]
     assert "stalled" in (tmp_path / "stall.log").read_text()
     probe.close()
