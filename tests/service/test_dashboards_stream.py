@@ -163,7 +163,7 @@ def test_a_resumed_stream_gets_what_was_committed_while_it_was_away_in_order_the
 
     from store import repo
     from store.db import session_scope
-    from store.models import Job, JobEvent
+    from store.models import TERMINAL_STATUSES, Job, JobEvent
 
     from .test_sweeps import base
 
@@ -177,17 +177,29 @@ def test_a_resumed_stream_gets_what_was_committed_while_it_was_away_in_order_the
             repo.record_progress(s, job, [{"epoch": e, "loss": 1 / e} for e in (1, 2, 3)])
         sweep = api.post("/v1/sweeps", json={"name": "resume-sweep", "base": base(), **SWEEP}).json()
         api.post(f"/v1/sweeps/{sweep['id']}/cancel")
+        # a worker may have claimed the trial before the cancel: it ends it within about a second
+        # of training; wait, so every sweep event is committed before epoch 4 (the test's order)
+        deadline = time.monotonic() + 60
+        while True:
+            with session_scope(write=False) as s:
+                left = s.scalars(select(Job.status).where(Job.sweep_id == sweep["id"], Job.status.not_in(TERMINAL_STATUSES))).all()
+            if not left:
+                break
+            assert time.monotonic() < deadline, f"the cancelled sweep's trials did not end: {left}"
+            time.sleep(0.05)
         with session_scope() as s:
             repo.record_progress(s, job, [{"epoch": 4, "loss": 0.25}])
 
         resumed = Stream(f"{api_url}/v1/events", headers={"Last-Event-ID": str(mark)})
         mine = lambda e: e[2].get("job_id") == job or e[2].get("sweep_id") == sweep["id"]  # noqa: E731
+        # the job's own epochs (a trial a worker claimed has epochs too, with the sweep's id)
+        epoch = lambda e: e[1] == "job" and e[2]["job_id"] == job and e[2]["kind"] == "epoch"  # noqa: E731
         got = [resumed.next(mine)]
-        while not (got[-1][1] == "job" and got[-1][2]["kind"] == "epoch" and got[-1][2]["data"]["epoch"] == 4):
+        while not (epoch(got[-1]) and got[-1][2]["data"]["epoch"] == 4):
             got.append(resumed.next(mine))
         with session_scope() as s:  # live, after the backlog
             repo.record_progress(s, job, [{"epoch": 5, "loss": 0.2}])
-        while not (got[-1][1] == "job" and got[-1][2]["kind"] == "epoch" and got[-1][2]["data"]["epoch"] == 5):
+        while not (epoch(got[-1]) and got[-1][2]["data"]["epoch"] == 5):
             got.append(resumed.next(mine))
         resumed.close()
 
@@ -199,7 +211,7 @@ def test_a_resumed_stream_gets_what_was_committed_while_it_was_away_in_order_the
         ids = [e[0] for e in got]
         assert sorted(set(ids)) == committed  # none lost, nothing of before the mark
         assert ids == sorted(ids)  # in order (a trial's change is a job and a sweep event: same id)
-        assert [e[2]["data"]["epoch"] for e in got if e[1] == "job" and e[2]["kind"] == "epoch"] == [1, 2, 3, 4, 5]
+        assert [e[2]["data"]["epoch"] for e in got if epoch(e)] == [1, 2, 3, 4, 5]
         assert len({(e[0], e[1]) for e in got}) == len(got)  # none twice
         assert [e[2]["kind"] for e in got if e[1] == "sweep" and e[2]["kind"] != "trial_changed"] == [
             "created", "trial", "state"]
