@@ -18,6 +18,8 @@ Reproducibility protocol (a hand-written loop that follows it gets the same numb
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
 import math
 import os
 import random
@@ -195,6 +197,8 @@ class _Run:
         self.steps_per_epoch = math.ceil(self.n_train / self.batch_size)
 
         self.objective: Objective = build_objective(spec, n_classes)
+        self._card_json: str | None = None  # the card as JSON, made at the first checkpoint
+        self._best_weights: tuple[str, dict[str, torch.Tensor]] | None = None  # (sha256, tensors) of the best checkpoint
         self.card = make_card(
             spec, split.info,
             mean=None if split.mean is None else split.mean.tolist(),
@@ -430,7 +434,9 @@ class _Run:
         self.reporter.on_checkpoint(ckpt)
 
     def _make_checkpoint(self, weights: dict[str, torch.Tensor], meta: dict[str, Any], is_best: bool = True) -> Checkpoint:
-        data = weights_to_bytes(weights, {**meta, "card": self.card})
+        if self._card_json is None:  # encoded once: the card is the same for every checkpoint of the run
+            self._card_json = json.dumps(self.card, sort_keys=True)
+        data = weights_to_bytes(weights, meta, {"card": self._card_json})
         return Checkpoint(meta["epoch"], meta["step"], meta["monitor"], meta["value"], data, sha256(data), is_best)
 
     def final_checkpoint(self) -> Checkpoint | None:
@@ -463,6 +469,12 @@ class _Run:
 
     snapshot_every = 1
 
+    @functools.cached_property
+    def spec_digests(self) -> tuple[str, str]:
+        """The spec's digests (whole; all but ``epochs``), which a snapshot carries and a resume
+        checks: computed once per run (the spec does not change during it)."""
+        return _spec_digest(self.spec), _spec_digest(self.spec, any_epochs=True)
+
     def snapshot_due(self) -> bool:
         return self.snapshot_every > 0 and self.epoch % self.snapshot_every == 0
 
@@ -481,13 +493,15 @@ class _Run:
         if self.final_checkpoint() is not None:
             c = self.best_checkpoint
             best_meta = {"epoch": c.epoch, "step": c.step, "monitor": c.monitor, "value": c.value}
-            from training.state import weights_from_bytes
+            if self._best_weights is None or self._best_weights[0] != c.sha256:  # decoded once per best checkpoint
+                from training.state import weights_from_bytes
 
-            extra["ckpt_best"] = weights_from_bytes(c.data)
+                self._best_weights = (c.sha256, weights_from_bytes(c.data))
+            extra["ckpt_best"] = self._best_weights[1]
         np_state = np.random.get_state()
         meta = {
-            "spec_digest": _spec_digest(self.spec),
-            "spec_digest_any_epochs": _spec_digest(self.spec, any_epochs=True),
+            "spec_digest": self.spec_digests[0],
+            "spec_digest_any_epochs": self.spec_digests[1],
             "epoch": self.epoch,
             "step": self.step,
             "lr": self.lr,
@@ -526,8 +540,8 @@ class _Run:
         state = unpack_snapshot(data)
         meta = state["meta"]
         # the same spec, or the same spec with more epochs (a job continued after it ended)
-        same = meta["spec_digest"] == _spec_digest(self.spec)
-        more_epochs = (meta.get("spec_digest_any_epochs") == _spec_digest(self.spec, any_epochs=True)
+        same = meta["spec_digest"] == self.spec_digests[0]
+        more_epochs = (meta.get("spec_digest_any_epochs") == self.spec_digests[1]
                        and self.spec.epochs >= meta["epoch"])
         if not (same or more_epochs):
             raise StateError("the snapshot was taken from a different job spec")
@@ -676,7 +690,6 @@ def seed_torch(seed: int) -> None:
 def _spec_digest(spec: JobSpec, *, any_epochs: bool = False) -> str:
     """sha256 of the spec; ``any_epochs``: of everything but its ``epochs``."""
     import hashlib
-    import json
 
     # "pack" changes nothing the job computes (snapshots of a job stay valid whether it may be packed)
     dumped = spec.model_dump(mode="json", exclude={"pack"})

@@ -13,8 +13,9 @@ import json
 from typing import Any
 
 import torch
+from safetensors.numpy import save as np_save
 from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
+from safetensors.torch import save as torch_save
 
 SNAPSHOT_FORMAT = "trainyard-state/1"
 CHECKPOINT_FORMAT = "trainyard-weights/1"
@@ -33,12 +34,39 @@ def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
 
 
-def weights_to_bytes(state: dict[str, torch.Tensor], meta: dict[str, Any] | None = None) -> bytes:
+#: dtypes numpy holds as they are (safetensors.numpy writes them with the same names and bytes)
+_NUMPY_DTYPES = frozenset({torch.float64, torch.float32, torch.float16, torch.int64, torch.int32, torch.int16,
+                           torch.int8, torch.uint8, torch.bool})
+
+
+def st_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """safetensors bytes of CPU ``tensors``: through ``safetensors.numpy`` when numpy holds every
+    dtype (the same bytes as ``safetensors.torch.save``, ~4x faster for a snapshot's ~20 small
+    tensors), else ``safetensors.torch`` (bfloat16, float8). The torch path also refuses tensors
+    that share storage (tied weights); nothing saved here does (a model's state_dict, optimizer
+    slots, RNG states), and the numpy path would write each in full."""
+    if all(v.dtype in _NUMPY_DTYPES for v in tensors.values()):
+        return np_save({k: v.numpy() for k, v in tensors.items()}, metadata=metadata)
+    return torch_save(tensors, metadata=metadata)
+
+
+def sorted_json(body: dict[str, Any], encoded: dict[str, str] | None = None) -> str:
+    """``json.dumps(body | encoded, sort_keys=True)`` where ``encoded`` holds values already
+    encoded that way (a run's model card, the same for each of its checkpoints: encoded once)."""
+    if not encoded:
+        return json.dumps(body, sort_keys=True)
+    items = {k: json.dumps(v, sort_keys=True) for k, v in body.items() if k not in encoded} | encoded
+    return "{" + ", ".join(f"{json.dumps(k)}: {items[k]}" for k in sorted(items)) + "}"
+
+
+def weights_to_bytes(state: dict[str, torch.Tensor], meta: dict[str, Any] | None = None,
+                     encoded: dict[str, str] | None = None) -> bytes:
     """A state_dict as safetensors bytes. The metadata is ONE key, ``trainyard``, holding sorted
-    JSON: safetensors writes several keys in a random (hash) order, which would make the bytes,
-    and so the sha256, of identical weights differ between calls."""
+    JSON (``meta``, and ``encoded``: values already encoded, see :func:`sorted_json`): safetensors
+    writes several keys in a random (hash) order, which would make the bytes, and so the sha256,
+    of identical weights differ between calls."""
     body = {"format": CHECKPOINT_FORMAT, **(meta or {})}
-    return st_save(_cpu(state), metadata={"trainyard": json.dumps(body, sort_keys=True)})
+    return st_save(_cpu(state), metadata={"trainyard": sorted_json(body, encoded)})
 
 
 def checkpoint_metadata(data: bytes) -> dict[str, Any]:

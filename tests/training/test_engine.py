@@ -696,6 +696,59 @@ def test_best_checkpoint_is_the_best_epoch_when_every_epoch_is_saved():
     assert res2.best_checkpoint_sha256 == res.best_checkpoint_sha256
 
 
+def test_a_checkpoints_metadata_is_the_sorted_json_of_its_meta_and_card():
+    """A run encodes its model card once for all its checkpoints: each checkpoint's metadata is
+    still exactly ``json.dumps(meta | {"card": card}, sort_keys=True)`` (the same bytes, so the
+    same sha256, as encoding it whole)."""
+    from training.state import CHECKPOINT_FORMAT, sorted_json
+
+    spec = _example_like()
+    spec["epochs"] = 2
+    spec["callbacks"] = {"model_checkpoint": {"monitor": "val_loss", "save_best_only": False}}
+
+    class Saved(BaseReporter):
+        def __init__(self):
+            self.saved = []
+
+        def on_checkpoint(self, c):
+            self.saved.append(c)
+
+    rep = Saved()
+    training.fit(spec, reporter=rep)
+    assert len(rep.saved) == 2
+    for c in rep.saved:
+        n = struct.unpack("<Q", c.data[:8])[0]  # safetensors: the header's length, then the header
+        text = json.loads(c.data[8 : 8 + n])["__metadata__"]["trainyard"]
+        meta = json.loads(text)
+        assert meta["card"]["card_version"] and meta["epoch"] == c.epoch and meta["format"] == CHECKPOINT_FORMAT
+        assert text == json.dumps(meta, sort_keys=True)
+    body = {"b": [1.5, {"z": 1, "a": None}], "a": "x", "format": "f"}
+    card = {"y": 2, "x": [0.1, 1e-7]}
+    assert sorted_json(body, {"card": json.dumps(card, sort_keys=True)}) == json.dumps(body | {"card": card}, sort_keys=True)
+
+
+def test_checkpoint_and_snapshot_bytes_are_safetensors_torch_saves_bytes():
+    """Checkpoints and snapshots are written through ``safetensors.numpy`` where numpy holds every
+    dtype: the bytes are exactly ``safetensors.torch.save``'s, for every such dtype, and a tensor
+    numpy cannot hold (bfloat16) goes through ``safetensors.torch``."""
+    from safetensors.torch import save as torch_save
+
+    from training.state import _NUMPY_DTYPES, st_save, weights_from_bytes
+
+    g = torch.Generator().manual_seed(3)
+    tensors = {f"t.{str(d).split('.')[-1]}": (torch.randn(3, 5, generator=g) * 50).to(d) for d in _NUMPY_DTYPES}
+    tensors["scalar"] = torch.tensor(2.5)
+    tensors["empty"] = torch.zeros(0, 4)
+    tensors["rng"] = torch.get_rng_state()
+    meta = {"trainyard": json.dumps({"b": 1, "a": [0.1]})}
+    assert st_save(tensors, meta) == torch_save(tensors, metadata=meta)
+    mixed = {**tensors, "half": torch.randn(4, generator=g).to(torch.bfloat16)}
+    assert st_save(mixed, meta) == torch_save(mixed, metadata=meta)
+    back = weights_from_bytes(st_save(mixed, meta))
+    assert back.keys() == mixed.keys() and all(torch.equal(back[k], mixed[k]) for k in mixed)
+    # a training run's checkpoint and snapshot, resumed from: see test_resume_equals_uninterrupted
+
+
 @pytest.mark.parametrize("callbacks, monitor, pick", [
     # early stopping without a model_checkpoint: the best weights follow its monitor (README)
     ({"early_stopping": {"monitor": "val_accuracy", "patience": 100}}, "val_accuracy", max),
