@@ -666,6 +666,16 @@ def test_generic_torch_shape_error_becomes_a_training_error():
     assert "cannot process" in str(info.value)
 
 
+class Saved(BaseReporter):
+    """Keeps every checkpoint the run reports."""
+
+    def __init__(self):
+        self.saved = []
+
+    def on_checkpoint(self, c):
+        self.saved.append(c)
+
+
 def test_best_checkpoint_is_the_best_epoch_when_every_epoch_is_saved():
     """save_best_only false: every epoch is reported, but the result's best checkpoint holds the
     weights of the epoch with the best monitored value, not the last saved one."""
@@ -675,13 +685,6 @@ def test_best_checkpoint_is_the_best_epoch_when_every_epoch_is_saved():
     spec["optimizer"] = {"name": "sgd", "learning_rate": {"schedule": "exponential", "initial_learning_rate": 0.02,
                                                           "decay_steps": 23, "decay_rate": 4.0}}
     spec["callbacks"] = {"model_checkpoint": {"monitor": "val_loss", "save_best_only": False}}
-
-    class Saved(BaseReporter):
-        def __init__(self):
-            self.saved = []
-
-        def on_checkpoint(self, c):
-            self.saved.append(c)
 
     rep = Saved()
     res = training.fit(spec, reporter=rep)
@@ -705,13 +708,6 @@ def test_a_checkpoints_metadata_is_the_sorted_json_of_its_meta_and_card():
     spec = _example_like()
     spec["epochs"] = 2
     spec["callbacks"] = {"model_checkpoint": {"monitor": "val_loss", "save_best_only": False}}
-
-    class Saved(BaseReporter):
-        def __init__(self):
-            self.saved = []
-
-        def on_checkpoint(self, c):
-            self.saved.append(c)
 
     rep = Saved()
     training.fit(spec, reporter=rep)
