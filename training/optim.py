@@ -32,10 +32,24 @@ def operand(value: Any, like: list[Tensor]) -> Any:
     """A hyperparameter or step scalar as the ``_foreach`` ops take it. One run: a Python float
     (the op rounds it to the variables' dtype, as Keras' ops do). A pack of stacked trials
     (``training/fused.py``): a numpy array of per-trial values, given as one tensor per parameter
-    shaped ``[N, 1, ...]`` so it broadcasts along the leading trial axis."""
+    shaped ``[N, 1, ...]`` so it broadcasts along the leading trial axis. Those tensors are
+    made once per distinct value (a pack's betas, epsilon, ``1 - beta``... are the same every
+    step; only the step-dependent scalars change): the ops only read them."""
     if isinstance(value, np.ndarray):
-        return [torch.as_tensor(value, dtype=p.dtype, device=p.device).view(-1, *([1] * (p.dim() - 1))) for p in like]
+        key = (value.tobytes(), value.dtype.str, value.shape, *((p.dtype, p.device, p.dim()) for p in like))
+        made = _OPERANDS.get(key)
+        if made is None:
+            if len(_OPERANDS) >= _OPERANDS_KEPT:
+                _OPERANDS.clear()
+            made = _OPERANDS[key] = [torch.as_tensor(value, dtype=p.dtype, device=p.device).view(-1, *([1] * (p.dim() - 1)))
+                                     for p in like]
+        return made
     return float(value)
+
+
+#: per-trial operands made by :func:`operand`, by value (a bounded cache: cleared when full)
+_OPERANDS: dict[tuple[Any, ...], list[Tensor]] = {}
+_OPERANDS_KEPT = 256
 
 
 def _axpy_(xs: list[Tensor], ys: list[Tensor], a: Any) -> None:

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import training
-from training import engine
+from training import engine, fused
 from training.fused import fit_fused, why_not_fused
 from training.reporting import BaseReporter
 from training.spec import validate_spec
@@ -237,6 +237,23 @@ KNOBS: dict[str, list[dict[str, Any]]] = {
         {"max_steps": 17},
         {},
     ],
+    # layers and losses of the hand-written backward (training.fused._Pack.backward) beyond
+    # relu and sparse labels: tanh, sigmoid, a dense layer without bias, penalties on each;
+    # one-hot targets smoothed per trial
+    "tanh_sigmoid_no_bias": [
+        {"model": {"layers": [
+            {"type": "dense", "units": 16, "activation": "tanh", "kernel_regularizer": {"l1": 0.001}},
+            {"type": "dense", "units": 12, "activation": "sigmoid", "use_bias": False, "kernel_regularizer": {"l2": 0.01}},
+            {"type": "dense", "units": 10, "bias_regularizer": {"l1": 0.01, "l2": 0.01}}]}},
+        {"model": {"layers": [
+            {"type": "dense", "units": 16, "activation": "tanh"},
+            {"type": "dense", "units": 12, "activation": "sigmoid", "use_bias": False},
+            {"type": "dense", "units": 10}]}},
+    ],
+    "categorical_soft_targets": [
+        {"loss": {"name": "categorical_crossentropy", "from_logits": True, "label_smoothing": 0.1}},
+        {"loss": {"name": "categorical_crossentropy", "from_logits": True}},
+    ],
 }
 
 
@@ -257,6 +274,49 @@ def _apply(seed: int, change: dict[str, Any]) -> dict[str, Any]:
 def test_fused_trial_equals_its_solo_run(knob: str) -> None:
     specs = [_apply(seed, change) for seed, change in enumerate(KNOBS[knob], start=3)]
     check_pack(specs)
+
+
+def _pack(specs: list[dict[str, Any]]) -> fused._Pack:
+    members = [engine._Run(validate_spec(s), None, None) for s in specs]
+    for m in members:
+        m.start({})
+    return fused._Pack(members, fused._fused_optimizer_for(members[0].optimizer))
+
+
+#: packs whose training steps' gradients are computed by hand (``_Pack.backward``): KNOBS' and
+#: dropout on (its scales are on the tape)
+BY_HAND = ["adam_lr_betas_eps", "kernel_l1_l2", "tanh_sigmoid_no_bias", "categorical_soft_targets", "dropout"]
+
+
+@pytest.mark.parametrize("knob", BY_HAND)
+def test_a_packs_hand_written_gradients_are_autograds_bit_for_bit(knob: str) -> None:
+    changes = KNOBS.get(knob) or [{"model.layers.1.rate": 0.3}, {"model.layers.1.rate": 0.1}]
+    pack = _pack([_apply(seed, change) for seed, change in enumerate(changes, start=3)])
+    assert pack.by_hand
+    xb, tb = pack.x[:, :64], pack.t[:, :64]
+    torch.manual_seed(11)  # the same dropout masks in both passes
+    out, losses, by_hand = pack.train_pass(pack.params, xb, tb)
+    got = by_hand()
+    pack.by_hand = False
+    torch.manual_seed(11)
+    out_autograd, losses_autograd, by_autograd = pack.train_pass(pack.params, xb, tb)
+    want = by_autograd()
+    assert torch.equal(out, out_autograd) and torch.equal(losses, losses_autograd)
+    assert len(got) == len(want) == len(pack.names)
+    for name, g, w in zip(pack.names, got, want, strict=True):
+        assert g.shape == w.shape, name
+        assert torch.equal(g, w), f"{name}: largest difference {(g - w).abs().max().item()}"
+        assert w.abs().sum() > 0, name  # a gradient that is there to compare
+
+
+@pytest.mark.parametrize("change", [
+    {"model.layers.0.activation": "gelu"},  # no hand-written backward for it
+    {"model.layers.0.activity_regularizer": {"l1": 0.01}},  # a forward hook's penalty
+    {"loss": {"name": "sparse_categorical_crossentropy", "label_smoothing": 0.1}},  # not F.cross_entropy
+])
+def test_a_pack_without_a_hand_written_backward_uses_autograd(change: dict[str, Any]) -> None:
+    assert _pack([_apply(3, change), _apply(4, change)]).by_hand is False
+    assert _pack([_apply(3, {}), _apply(4, {})]).by_hand is True
 
 
 def test_same_seed_different_trials_keep_their_own_data_order() -> None:
