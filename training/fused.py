@@ -538,7 +538,8 @@ class _Pack:
 
         By hand is the same arithmetic as autograd's (the same backward kernels on the same
         tensors), without the graph: for a small pack most of a step is per-op overhead, and the
-        graph's share of it goes (digits MLP, one trial alone: 0.45 -> 0.28 ms per step)."""
+        graph's share of it goes (digits MLP, a pack of one: 15.7-16.2 -> 12.3-14.8 ms per epoch,
+        BENCHMARKS.md "Gradients by hand")."""
         if not self.by_hand:
             out, penalty = self.forward(params, xb)
             losses = self.losses(out, tb)
