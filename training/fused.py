@@ -4,7 +4,10 @@
 batch size, dataset and optimizer) as one model: every weight is stacked along a leading trial
 axis, each dense layer is one batched matmul (``baddbmm``), and one backward pass gives every
 trial its own gradient (the trials' losses are summed; their parameters are disjoint, so each
-trial's gradient is exactly its own). Everything a trial owns stays its own:
+trial's gradient is exactly its own). For dense/dropout/relu-tanh-sigmoid packs with
+cross-entropy on logits that pass is written out (``_Pack.backward``: torch's own backward
+kernels in autograd's order, bit for bit autograd's gradients, without a graph per step); other
+packs use autograd. Everything a trial owns stays its own:
 
 - its set-up is the engine's own: each member is a ``training.engine._Run`` built from its spec
   exactly as ``fit`` builds it (data split, seeding, initial weights, batch-order generator,
