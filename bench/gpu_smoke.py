@@ -4,7 +4,8 @@ python bench/gpu_smoke.py [--json out.json]
 
 Checks: the source note's spec trains on cuda in fp32 and bf16 autocast (and with
 torch.compile), a non-finite loss stops within one step on CUDA (the deferred check),
-cancellation, and resume-from-snapshot equality in deterministic mode on the GPU.
+cancellation, resume-from-snapshot equality in deterministic mode on the GPU, and a fused pack's
+hand-written gradients against autograd's on the GPU.
 """
 
 from __future__ import annotations
@@ -87,11 +88,45 @@ def main() -> int:
     out["resume"] = {"max_weight_diff": wdiff, "max_history_diff": hdiff}
     print("resume", out["resume"])
     ok &= wdiff <= 1e-5 and hdiff <= 1e-5
+    out["fused_hand_gradients"] = hand_gradients(args.device)
+    print("fused hand-written gradients", out["fused_hand_gradients"])
+    ok &= out["fused_hand_gradients"]["max_relative_diff"] <= 1e-6  # type: ignore[index]
     out["ok"] = bool(ok)
     print("OK" if ok else "FAILED")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
     return 0 if ok else 1
+
+
+def hand_gradients(device: str) -> dict[str, object]:
+    """A fused pack's hand-written gradients (``training.fused._Pack.backward``) against autograd's
+    on ``device``: three digits-MLP trials (relu, dropout on, L2), one batch, the same dropout
+    masks (same seed). On the CPU they are equal bit for bit (tests/training/test_fused.py)."""
+    from bench.specs import digits_mlp
+    from training import engine, fused
+    from training.spec import validate_spec
+
+    specs = []
+    for k in range(3):
+        spec = digits_mlp(f"gpu-hand-{k}", l2=1e-3 * (k + 1))
+        spec.update(seed=k, device=device)
+        specs.append(spec)
+    members = [engine._Run(validate_spec(s), None, None) for s in specs]
+    for m in members:
+        m.start({})
+    pack = fused._Pack(members, fused._fused_optimizer_for(members[0].optimizer))
+    xb, tb = pack.x[:, :64], pack.t[:, :64]
+    torch.manual_seed(3)
+    _, _, by_hand = pack.train_pass(pack.params, xb, tb)
+    got = by_hand()
+    hand = pack.by_hand
+    pack.by_hand = False
+    torch.manual_seed(3)
+    _, _, by_autograd = pack.train_pass(pack.params, xb, tb)
+    want = by_autograd()
+    rel = max(((g - w).abs().max() / w.abs().max().clamp_min(1e-30)).item() for g, w in zip(got, want, strict=True))
+    return {"by_hand": hand, "bitwise_equal": all(torch.equal(g, w) for g, w in zip(got, want, strict=True)),
+            "max_relative_diff": rel if hand else float("inf")}
 
 
 if __name__ == "__main__":
