@@ -63,7 +63,7 @@ if sys.path and sys.path[0] == HERE:  # don't shadow anything with bench/engine.
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-CONTENDERS = ("plain", "engine", "keras", "lightning")
+CONTENDERS = ("plain", "engine", "engine_nocheck", "keras", "lightning")
 OPTIONAL = {"keras": "keras", "lightning": "lightning"}
 SEED = 0
 BATCH = 64
@@ -284,6 +284,14 @@ class Worker:
         res = self.fit(self.spec, reporter=None)
         keys = ("loss", "accuracy", "val_loss", "val_accuracy")
         return {"history": [{k: h[k] for k in keys} for h in res.history], "stop_reason": res.stop_reason}
+
+    def setup_engine_nocheck(self) -> None:
+        """The engine without its per-step non-finite-loss check (``terminate_on_nan: false``):
+        what the check costs (on a GPU, one copy to pinned memory and one event a step)."""
+        self.setup_engine()
+        self.spec = dict(self.spec, callbacks={"terminate_on_nan": False})
+
+    run_engine_nocheck = run_engine
 
     def setup_keras(self) -> None:
         os.environ.setdefault("KERAS_BACKEND", "torch")
@@ -565,13 +573,13 @@ def bench_workload(workload: str, contenders: list[str], args: argparse.Namespac
 
     cuda = args.device.startswith("cuda")
     unit = "CUDA MB" if cuda else "RSS MB"
-    head = (f"\n  {'contender':<10} {'s/run':>8} {'s/epoch':>9} {'x plain':>8} {'min..max s/run':>16} {'best x':>7} "
+    head = (f"\n  {'contender':<14} {'s/run':>8} {'s/epoch':>9} {'x plain':>8} {'min..max s/run':>16} {'best x':>7} "
             f"{'train peak ' + unit:>18} {'x plain':>8}")
     if not cuda:
         head += f" {'process peak MB':>16} {'x plain':>8}"
     print(head)
     for c, row in rows.items():
-        line = (f"  {c:<10} {row['median_s']:>8.3f} {row['median_s'] / args.epochs:>9.4f} {_fmt(row['ratio'], '.2f'):>8} "
+        line = (f"  {c:<14} {row['median_s']:>8.3f} {row['median_s'] / args.epochs:>9.4f} {_fmt(row['ratio'], '.2f'):>8} "
                 f"{row['min_s']:>7.3f}..{row['max_s']:<7.3f} {_fmt(row['best_ratio'], '.2f'):>7} {row['peak_mb']:>18.1f} {_fmt(row['mem_ratio'], '.2f'):>8}")
         if not cuda:
             line += f" {_fmt(row.get('process_peak_mb'), '.0f'):>16} {_fmt(row.get('process_mem_ratio'), '.3f'):>8}"
@@ -612,24 +620,28 @@ def bench_workload(workload: str, contenders: list[str], args: argparse.Namespac
 
 
 def profile_engine(args: argparse.Namespace) -> None:
-    """cProfile one engine run (after a warm-up) and print the top of the step loop."""
+    """cProfile one engine run and one plain-loop run (each after a warm-up) and print the top of
+    each: on a GPU, where a small model's step is launch-bound, the difference is the engine's cost."""
     import cProfile
     import pstats
 
     import torch
 
     torch.set_num_threads(args.threads)
-    import training
-
     for wl in args.workloads:
-        spec = engine_spec(WORKLOADS[wl]["hidden"], args.epochs, args.device)
-        training.fit(spec)
-        pr = cProfile.Profile()
-        pr.enable()
-        training.fit(spec)
-        pr.disable()
-        print(f"\n== cProfile of training.fit, {WORKLOADS[wl]['title']}, {args.epochs} epochs (profiler overhead inflates Python costs)")
-        pstats.Stats(pr).sort_stats("tottime").print_stats(25)
+        for name in ("engine", "plain"):
+            w = Worker(argparse.Namespace(**dict(vars(args), workload=wl, worker=name)))
+            fn = w.run_engine if name == "engine" else w.run_plain
+            fn()
+            pr = cProfile.Profile()
+            pr.enable()
+            fn()
+            if w.cuda:
+                torch.cuda.synchronize()
+            pr.disable()
+            print(f"\n== cProfile of the {name}, {WORKLOADS[wl]['title']}, {args.epochs} epochs, {args.device} "
+                  "(profiler overhead inflates Python costs)")
+            pstats.Stats(pr).sort_stats("tottime").print_stats(22)
 
 
 def ab_engine_plain(args: argparse.Namespace, workload: str, pairs: int) -> dict[str, Any]:
@@ -677,7 +689,7 @@ def main() -> None:
     p.add_argument("--only", default=",".join(CONTENDERS), help="comma list of contenders (default all)")
     p.add_argument("--workloads", default="small,large", help="comma list: small, large (default both)")
     p.add_argument("--json", metavar="PATH", help="write all results and raw timings here")
-    p.add_argument("--profile", action="store_true", help="cProfile the engine in-process instead of benchmarking")
+    p.add_argument("--profile", action="store_true", help="cProfile the engine and the plain loop in-process instead of benchmarking")
     p.add_argument("--logdir", default=None, help="worker stderr logs (default: a temp dir)")
     p.add_argument("--ab-pairs", type=int, default=15, help="engine/plain pairs of the in-process A/B (0: skip)")
     p.add_argument("--worker", help=argparse.SUPPRESS)

@@ -113,40 +113,49 @@ def _actionable_errors(spec: JobSpec, device: torch.device) -> Iterator[None]:
 
 
 class _CudaFiniteCheck:
-    """Non-finite loss detection on CUDA without stalling the pipeline: each step's
-    ``isfinite(loss)`` is copied to pinned host memory behind an event; a step's flag is read as
-    soon as the GPU has finished it (normally by the next step), and at the latest two steps
-    later, when its slot is reused."""
+    """Non-finite loss detection on CUDA without stalling the pipeline: each step's loss value is
+    copied (4 bytes, no kernel) to pinned host memory behind an event, and tested on the host
+    (``math.isfinite``) as soon as the GPU has finished that step (normally by the next step), at
+    the latest two steps later, when its slot is reused. A step costs one device-to-host copy, one
+    event record and one event query: no ``isfinite`` kernel, which was a third of the check's cost
+    in an overhead-bound step (BENCHMARKS.md, GPU)."""
 
     SLOTS = 2
 
     def __init__(self) -> None:
-        # One pinned host scalar per slot (not views of one buffer), allocated once per run:
-        # pinned allocation is slow, and the copy must target pinned memory to stay asynchronous.
-        self.flags = [torch.ones((), dtype=torch.bool).pin_memory() for _ in range(self.SLOTS)]
+        # Pinned host scalars (one per slot, not views of one buffer), allocated once per run, on
+        # the first step, in the loss's dtype (a same-dtype copy is a plain asynchronous memcpy):
+        # pinned allocation is slow.
+        self.values: list[torch.Tensor] = []
         self.events = [torch.cuda.Event() for _ in range(self.SLOTS)]
         self.pending: list[int] = []
         self.count = 0
 
     def _ok(self, slot: int) -> bool:
-        return bool(self.flags[slot].item())
+        return math.isfinite(self.values[slot].item())
 
     def push(self, loss: torch.Tensor) -> bool:
         """Queue this step's check; False when an earlier step's loss was not finite."""
         slot = self.count % self.SLOTS
         self.count += 1
-        while self.pending:
-            oldest = self.pending[0]
+        pending = self.pending
+        while pending:
+            oldest = pending[0]
             if oldest == slot:
                 self.events[slot].synchronize()
             elif not self.events[oldest].query():
                 break
-            self.pending.pop(0)
+            pending.pop(0)
             if not self._ok(oldest):
                 return False
-        self.flags[slot].copy_(torch.isfinite(loss.detach()), non_blocking=True)
+        values, value = self.values, loss.detach()
+        if not values:
+            values[:] = [torch.zeros((), dtype=value.dtype).pin_memory() for _ in range(self.SLOTS)]
+        elif value.dtype != values[0].dtype:  # not seen: a run's loss keeps its dtype
+            value = value.to(values[0].dtype)
+        values[slot].copy_(value, non_blocking=True)
         self.events[slot].record()
-        self.pending.append(slot)
+        pending.append(slot)
         return True
 
     def drain(self) -> bool:
