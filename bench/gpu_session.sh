@@ -10,7 +10,8 @@
 # bench/fused.py --device cuda (27 trials solo vs fused, in-process); bench/packing.py --device cuda
 # (packed vs solo through `trainyard serve`: needs the service's packages); with OLD_TREE (a copy
 # of an earlier commit), bench/engine.py from there for a before/after; last, cProfiles of the
-# engine and the plain loop on CUDA. OUTDIR gets session.log (every step's output) and the
+# engine and the plain loop on CUDA. STEPS (comma-separated: smoke, engine, fused, packing,
+# engine_old, profile; default all) picks steps for a rerun. OUTDIR gets session.log (every step's output) and the
 # steps' JSON files (five files). PYTHON (default python3) runs them; STEP_SCALE (default 1)
 # multiplies each step's time limit.
 set -u
@@ -26,6 +27,7 @@ LOG="$OUT/session.log"
 step() {  # step NAME SECONDS CMD...: run CMD under a time limit, its whole output appended to LOG
   local name=$1 limit=$(( $2 * SCALE )) t0=$SECONDS rc
   shift 2
+  [ -z "${STEPS:-}" ] || [[ ",$STEPS," == *",$name,"* ]] || return 0
   echo "== $name ($*), limit ${limit}s" >> "$LOG"
   timeout "$limit" "$@" >> "$LOG" 2>&1
   rc=$?
@@ -40,10 +42,10 @@ step() {  # step NAME SECONDS CMD...: run CMD under a time limit, its whole outp
 step smoke 180 "$PY" bench/gpu_smoke.py --json "$OUT/smoke.json"
 step engine 150 "$PY" bench/engine.py --device cuda --only plain,engine,engine_nocheck --rounds 5 --ab-pairs 6 --json "$OUT/engine.json"
 step fused 150 "$PY" bench/fused.py --device cuda --rounds 2 --json "$OUT/fused.json"
-if "$PY" -c "import fastapi, celery, sqlalchemy, optuna, uvicorn" 2>/dev/null; then
+if "$PY" -c "import api.app, worker.main, client.cli" >> "$LOG" 2>&1; then
   step packing 300 "$PY" bench/packing.py --device cuda --warm --json "$OUT/packing.json"
 else
-  echo "== packing: skipped (the service's packages are not importable)" | tee -a "$LOG"
+  echo "== packing: skipped (the service does not import: see the traceback above)" | tee -a "$LOG"
 fi
 if [ -n "$OLD" ]; then
   step engine_old 120 bash -c "cd '$OLD' && '$PY' bench/engine.py --device cuda --only plain,engine --rounds 5 --ab-pairs 6"

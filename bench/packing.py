@@ -101,7 +101,9 @@ class Serve:
             except httpx.TransportError:
                 pass
             if self.proc.poll() is not None:
-                raise RuntimeError(f"trainyard serve exited ({self.log.name})")
+                self.log.flush()
+                tail = Path(self.log.name).read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"trainyard serve exited ({self.log.name}):\n{tail}")
             time.sleep(0.5)
         raise RuntimeError("trainyard serve did not get ready in 120 s")
 
