@@ -8,12 +8,13 @@
 # Steps: bench/gpu_smoke.py (correctness on CUDA, the fused pack's hand-written gradients among
 # them); bench/engine.py --device cuda (engine, engine without its non-finite check, plain loop);
 # bench/fused.py --device cuda (27 trials solo vs fused, in-process); bench/packing.py --device cuda
-# (packed vs solo through `trainyard serve`: needs the service's packages); with OLD_TREE (a copy
-# of an earlier commit), bench/engine.py from there for a before/after; last, cProfiles of the
-# engine and the plain loop on CUDA. STEPS (comma-separated: smoke, engine, fused, packing,
-# engine_old, profile; default all) picks steps for a rerun. OUTDIR gets session.log (every step's output) and the
-# steps' JSON files (five files). PYTHON (default python3) runs them; STEP_SCALE (default 1)
-# multiplies each step's time limit.
+# (packed vs solo through `trainyard serve`: needs the service's packages, carried as wheels made
+# by bench/gpu_wheels.sh); with OLD_TREE (a copy of an earlier commit), bench/engine.py from there
+# for a before/after; last, cProfiles of the engine and the plain loop on CUDA. STEPS
+# (comma-separated: smoke, engine, fused, packing, engine_old, profile; default all) picks steps
+# for a rerun. OUTDIR gets session.log (every step's output) and the steps' JSON files. PYTHON
+# (default python3) runs them; STEP_SCALE (default 1) multiplies each step's time limit.
+# The whole of it took ~7 minutes on an H100 (2026-12-06); the device's lease is 15 minutes.
 set -u
 OUT=${1:?usage: bench/gpu_session.sh OUTDIR [OLD_TREE]}
 OLD=${2:-}
