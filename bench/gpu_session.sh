@@ -14,7 +14,9 @@
 # (comma-separated: smoke, engine, fused, packing, engine_old, profile; default all) picks steps
 # for a rerun. OUTDIR gets session.log (every step's output) and the steps' JSON files. PYTHON
 # (default python3) runs them; STEP_SCALE (default 1) multiplies each step's time limit.
-# The whole of it took ~7 minutes on an H100 (2026-12-06); the device's lease is 15 minutes.
+# On an H100 (2026-12-06) the steps took: smoke 39 s, engine > 150 s (then with 2 threads too),
+# fused 80 s, packing 130 s for its sweep and ASHA parts, engine_old 113 s, profile 17 s: about
+# 10 minutes in all, of a lease of 15 (the machine's start took ~30 s).
 set -u
 OUT=${1:?usage: bench/gpu_session.sh OUTDIR [OLD_TREE]}
 OLD=${2:-}
@@ -41,7 +43,7 @@ step() {  # step NAME SECONDS CMD...: run CMD under a time limit, its whole outp
   nproc; } 2>&1 | tee -a "$LOG"
 
 step smoke 180 "$PY" bench/gpu_smoke.py --json "$OUT/smoke.json"
-step engine 150 "$PY" bench/engine.py --device cuda --only plain,engine,engine_nocheck --rounds 5 --ab-pairs 6 --json "$OUT/engine.json"
+step engine 200 "$PY" bench/engine.py --device cuda --only plain,engine,engine_nocheck --rounds 5 --ab-pairs 5 --threads 1 --json "$OUT/engine.json"
 step fused 150 "$PY" bench/fused.py --device cuda --rounds 2 --json "$OUT/fused.json"
 if "$PY" -c "import api.app, worker.main, client.cli" >> "$LOG" 2>&1; then
   step packing 300 "$PY" bench/packing.py --device cuda --warm --json "$OUT/packing.json"
@@ -49,7 +51,7 @@ else
   echo "== packing: skipped (the service does not import: see the traceback above)" | tee -a "$LOG"
 fi
 if [ -n "$OLD" ]; then
-  step engine_old 120 bash -c "cd '$OLD' && '$PY' bench/engine.py --device cuda --only plain,engine --rounds 5 --ab-pairs 6"
+  step engine_old 120 bash -c "cd '$OLD' && '$PY' bench/engine.py --device cuda --only plain,engine --rounds 5 --ab-pairs 5 --threads 1"
 fi
 step profile 90 "$PY" bench/engine.py --device cuda --profile --workloads small --epochs 20
 echo "== done" | tee -a "$LOG"
