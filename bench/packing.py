@@ -74,7 +74,7 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 class Serve:
     """``trainyard serve`` on a free port and a fresh data directory."""
 
-    def __init__(self, pack: bool, data_dir: Path, torch_threads: int = 0) -> None:
+    def __init__(self, pack: bool, data_dir: Path, torch_threads: int = 0, pack_max_members: int = 0) -> None:
         import socket
 
         with socket.socket() as s:
@@ -85,6 +85,8 @@ class Serve:
                    TRAINYARD_PACK="1" if pack else "0")
         if torch_threads:
             env["TRAINYARD_TORCH_THREADS"] = str(torch_threads)
+        if pack_max_members:
+            env["TRAINYARD_PACK_MAX_MEMBERS"] = str(pack_max_members)
         data_dir.parent.mkdir(parents=True, exist_ok=True)
         self.log = (data_dir.parent / f"serve-{'packed' if pack else 'solo'}.log").open("wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "client.cli", "serve", "--port", str(self.port),
@@ -246,7 +248,7 @@ def warm_up(srv: Serve) -> None:
 
 
 def run_part(part: str, pack: bool, data_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
-    srv = Serve(pack, data_dir, args.torch_threads)
+    srv = Serve(pack, data_dir, args.torch_threads, args.pack_max_members)
     try:
         if args.warm:
             warm_up(srv)
@@ -270,6 +272,8 @@ def main() -> None:
     ap.add_argument("--batch-epochs", type=int, default=3)
     ap.add_argument("--torch-threads", type=int, default=0,
                     help="TRAINYARD_TORCH_THREADS for both modes' worker (0: torch's default, one per core)")
+    ap.add_argument("--pack-max-members", type=int, default=0,
+                    help="TRAINYARD_PACK_MAX_MEMBERS for the packed mode's server (0: the server's default)")
     ap.add_argument("--warm", action="store_true",
                     help="in both modes, run a 1-epoch job and a 1-trial sweep to their end before the timed part (a worker that has been up a while)")
     ap.add_argument("--timeline", action="store_true",

@@ -91,8 +91,11 @@ class Settings(BaseSettings):
     # same shape and trains them fused (training/fused.py), up to these budgets: members, and
     # floats (each member's parameters plus one batch of activations, training.fused.member_cost).
     # TRAINYARD_PACK=0 turns packing off for the server; a job spec's "pack": false for one job.
+    # 64 members: a 200-job batch of the digits MLP ran 2.5-2.9 s packed in packs of 64 against
+    # 2.8-3.2 s in packs of 32 (BENCHMARKS.md, Packed jobs, fifth session); the floats are the
+    # budget that bounds a pack of larger models.
     pack: bool = True
-    pack_max_members: int = Field(32, ge=1)
+    pack_max_members: int = Field(64, ge=1)
     pack_max_params: int = Field(20_000_000, ge=1)
     requests_per_minute: int = Field(6000, ge=0)  # per project, per API process (0: unlimited)
     max_event_streams: int = Field(32, ge=0)  # open /events streams per project, per API process (0: none)
