@@ -6,7 +6,8 @@ Usage (from the repo root, in the venv)::
     python bench/engine.py                         # CPU, 2 threads, 5 rounds, both workloads
     python bench/engine.py --rounds 9 --json out.json
     python bench/engine.py --device cuda --only engine,plain
-    python bench/engine.py --workloads small --profile   # cProfile of the engine's step loop
+    python bench/engine.py --device cuda --only plain,engine,engine_nocheck   # what the non-finite check costs
+    python bench/engine.py --workloads small --profile   # cProfiles of the engine and the plain loop
 
 Workloads
     small   MLP 64-64-10 on sklearn digits (the issue's target: engine <= 1.05x plain, memory <= 1.2x)
@@ -686,7 +687,8 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in every contender (default 2)")
-    p.add_argument("--only", default=",".join(CONTENDERS), help="comma list of contenders (default all)")
+    p.add_argument("--only", default=",".join(c for c in CONTENDERS if c != "engine_nocheck"),
+                   help=f"comma list of contenders, of {', '.join(CONTENDERS)} (default all but engine_nocheck)")
     p.add_argument("--workloads", default="small,large", help="comma list: small, large (default both)")
     p.add_argument("--json", metavar="PATH", help="write all results and raw timings here")
     p.add_argument("--profile", action="store_true", help="cProfile the engine and the plain loop in-process instead of benchmarking")
