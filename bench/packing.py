@@ -130,6 +130,7 @@ def run_sweep(srv: Serve, trials: int, epochs: int, asha: bool) -> dict[str, Any
     t0 = time.perf_counter()
     r = srv.http.post("/v1/sweeps", json=body)
     r.raise_for_status()
+    post_s = time.perf_counter() - t0
     sweep_id = r.json()["id"]
     while True:
         sw = srv.http.get(f"/v1/sweeps/{sweep_id}").json()
@@ -140,8 +141,8 @@ def run_sweep(srv: Serve, trials: int, epochs: int, asha: bool) -> dict[str, Any
     trials = [t["job_id"] for t in sw["leaderboard"]]
     packed = sum(bool((srv.http.get(f"/v1/jobs/{i}").json().get("info") or {}).get("pack", {}).get("fused")) for i in trials)
     best = (sw.get("best_trial") or {}).get("value")
-    return {"seconds": seconds, "status": sw["status"], "trials": len(trials), "trials_packed": packed, "best": best,
-            "runs": timeline(srv.data_dir / "trainyard.db", trials)}
+    return {"seconds": seconds, "post_s": post_s, "status": sw["status"], "trials": len(trials), "trials_packed": packed,
+            "best": best, "runs": timeline(srv.data_dir / "trainyard.db", trials)}
 
 
 def timeline(db: Path, job_ids: list[str]) -> list[dict[str, Any]]:
@@ -202,6 +203,7 @@ def run_batch(srv: Serve, n: int, epochs: int) -> dict[str, Any]:
         r = srv.http.post("/v1/jobs/batch", json={"jobs": specs[lo:lo + 1000]})
         r.raise_for_status()
         ids += [x["id"] for x in r.json()["results"]]
+    post_s = time.perf_counter() - t0
     # one request per cycle for the jobs not yet ended (what the client's wait(ids) asks), every
     # 0.1 s: a GET per job per cycle loaded the API beside the worker and stretched the last cycle
     pending = list(ids)
@@ -219,7 +221,7 @@ def run_batch(srv: Serve, n: int, epochs: int) -> dict[str, Any]:
         j = srv.http.get(f"/v1/jobs/{job_id}").json()
         statuses[j["status"]] = statuses.get(j["status"], 0) + 1
         packed += bool((j.get("info") or {}).get("pack", {}).get("fused"))
-    return {"seconds": seconds, "jobs_per_minute": n / seconds * 60, "statuses": statuses, "packed": packed}
+    return {"seconds": seconds, "post_s": post_s, "jobs_per_minute": n / seconds * 60, "statuses": statuses, "packed": packed}
 
 
 PARTS = ("sweep", "asha", "batch")
@@ -334,12 +336,13 @@ def shown(part: str, value: float) -> str:
 
 def print_run(part: str, mode: str, r: dict[str, Any], show_timeline: bool) -> None:
     load = f"load {r['load'][0]:.1f} -> {r['load'][1]:.1f}"
+    post = f"the POST {r['post_s'] * 1000:.0f} ms of it"
     if part == "batch":
         print(f"{part:>5} {mode:>6}: {r['seconds']:.1f} s = {r['jobs_per_minute']:.1f} jobs/min "
-              f"({r['statuses']}, {r['packed']} packed); {load}", flush=True)
+              f"({r['statuses']}, {r['packed']} packed; {post}); {load}", flush=True)
         return
     print(f"{part:>5} {mode:>6}: {r['seconds']:.1f} s ({r['status']}, {r['trials']} trials, "
-          f"{r['trials_packed']} packed, best {r['best']}); {load}", flush=True)
+          f"{r['trials_packed']} packed, best {r['best']}; {post}); {load}", flush=True)
     if show_timeline:
         print_timeline(r["runs"])
 
