@@ -189,3 +189,40 @@ def test_the_embedded_broker_stores_one_sends_messages_together_or_none(tmp_path
             got.append(m.headers["argsrepr"])
         queue.close()
     assert got == [repr([i]) for i in ["0" * 32, *ids, "c" * 32, "d" * 32]]
+
+
+def test_send_jobs_falls_back_to_kombus_own_put_when_storing_together_fails(tmp_path, caplog):
+    """Should a kombu release change what storing the messages together relies on (here: the
+    session's ``add_all`` raises, as an incompatible internal would), ``send_jobs`` stores them
+    through kombu's own ``_put``, one by one, in order, and says so in a warning: the messages are
+    sent, never lost to the change."""
+    from celery import Celery
+
+    from orchestration.messages import send_jobs
+    from store.broker import prepare_embedded_broker
+
+    url = f"sqla+sqlite:///{tmp_path / 'broker.sqlite'}"
+    prepare_embedded_broker(url)
+    app = Celery("t", set_as_current=False)
+    app.conf.update(broker_url=url, task_serializer="json", accept_content=["json"])
+    ids = [f"{k:032d}" for k in range(3)]
+
+    def changed(objects):
+        raise TypeError("an internal that changed")
+
+    with app.producer_or_acquire() as producer:
+        session = producer.channel.session
+    session.add_all = changed
+    try:
+        with caplog.at_level("WARNING", logger="trainyard.dispatch"):
+            send_jobs(app, [(i, "q1") for i in ids])
+    finally:
+        del session.add_all
+    assert "could not be stored together (TypeError: an internal that changed); storing them one by one" in caplog.text
+    with app.connection_for_read() as conn:
+        queue = conn.SimpleQueue("q1")
+        got = [queue.get(timeout=5) for _ in ids]
+        for m in got:
+            m.ack()
+        queue.close()
+    assert [m.headers["argsrepr"] for m in got] == [repr([i]) for i in ids]
