@@ -74,7 +74,8 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 class Serve:
     """``trainyard serve`` on a free port and a fresh data directory."""
 
-    def __init__(self, pack: bool, data_dir: Path, torch_threads: int = 0, pack_max_members: int = 0) -> None:
+    def __init__(self, pack: bool, data_dir: Path, torch_threads: int = 0, pack_max_members: int = 0,
+                 one_thread_below: int | None = None) -> None:
         import socket
 
         with socket.socket() as s:
@@ -87,6 +88,8 @@ class Serve:
             env["TRAINYARD_TORCH_THREADS"] = str(torch_threads)
         if pack_max_members:
             env["TRAINYARD_PACK_MAX_MEMBERS"] = str(pack_max_members)
+        if one_thread_below is not None:
+            env["TRAINYARD_TORCH_ONE_THREAD_BELOW"] = str(one_thread_below)
         data_dir.parent.mkdir(parents=True, exist_ok=True)
         self.log = (data_dir.parent / f"serve-{'packed' if pack else 'solo'}.log").open("wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "client.cli", "serve", "--port", str(self.port),
@@ -250,7 +253,7 @@ def warm_up(srv: Serve) -> None:
 
 
 def run_part(part: str, pack: bool, data_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
-    srv = Serve(pack, data_dir, args.torch_threads, args.pack_max_members)
+    srv = Serve(pack, data_dir, args.torch_threads, args.pack_max_members, args.one_thread_below)
     try:
         if args.warm:
             warm_up(srv)
@@ -274,6 +277,9 @@ def main() -> None:
     ap.add_argument("--batch-epochs", type=int, default=3)
     ap.add_argument("--torch-threads", type=int, default=0,
                     help="TRAINYARD_TORCH_THREADS for both modes' worker (0: torch's default, one per core)")
+    ap.add_argument("--one-thread-below", type=int, default=None,
+                    help="TRAINYARD_TORCH_ONE_THREAD_BELOW for both modes' worker (0: every job on torch's "
+                         "threads, as before 2026-12-06's seventh session; default: the server's)")
     ap.add_argument("--pack-max-members", type=int, default=0,
                     help="TRAINYARD_PACK_MAX_MEMBERS for the packed mode's server (0: the server's default)")
     ap.add_argument("--warm", action="store_true",

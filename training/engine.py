@@ -39,8 +39,10 @@ from training.objectives import Objective, build_objective, prepare_targets, str
 from training.optim import build_optimizer, make_clipper
 from training.reporting import BaseReporter, Checkpoint, FitResult, Reporter
 from training.schedules import make_lr_fn
+from training.shapes import multiply_adds
 from training.spec import FIND, JobSpec, ReduceOnPlateau, validate_spec
 from training.state import StateError, pack_snapshot, sha256, unpack_snapshot, weights_to_bytes
+from training.threads import step_threads
 
 POLL_SECONDS = 0.2
 VAL_CHUNK = 4096
@@ -204,6 +206,8 @@ class _Run:
         self.n_train, self.n_val = len(self.x_train), len(self.x_val)
         self.batch_size = min(spec.data.batch_size, self.n_train)
         self.steps_per_epoch = math.ceil(self.n_train / self.batch_size)
+        # a step's arithmetic (multiply-adds of its rows' forward pass): its intra-op threads follow it
+        self.step_work = self.batch_size * multiply_adds(spec.model, tuple(split.info.input_shape))
 
         self.objective: Objective = build_objective(spec, n_classes)
         self._card_json: str | None = None  # the card as JSON, made at the first checkpoint
@@ -725,6 +729,7 @@ def fit(
     snapshot_every: int = 1,
     datasets: Callable[[str], Any] | None = None,
     init_weights: bytes | None = None,
+    one_thread_below: int = 0,
 ) -> FitResult:
     """Train the model a spec describes and return its history, stop reason and weights.
 
@@ -738,7 +743,9 @@ def fit(
     uses its suggestion; its output is ``info["lr_find"]`` (in ``on_start`` and the result). A
     reporter that sets ``stop_request`` in ``on_epoch`` ends the run after that epoch with that
     stop reason (a sweep's pruner: ``"pruned"``; ``"paused"`` also hands the reporter a snapshot
-    of that epoch, to resume from).
+    of that epoch, to resume from). ``one_thread_below``: a run whose steps have fewer
+    multiply-adds than this trains on one intra-op thread (``training.threads``; 0: torch's
+    threads as they are).
     Raises ``SpecError`` for an invalid spec and ``TrainingError`` for failures a person can fix.
     """
     job = validate_spec(spec, datasets)
@@ -767,7 +774,9 @@ def fit(
             raise TrainingError(
                 f"init_from names job {job.init_from}: pass its checkpoint's bytes as init_weights", "resume"
             )
-        run.run()
+        with step_threads(one_thread_below, device) as use_threads:
+            use_threads(run.step_work)
+            run.run()
         return run.result(time.perf_counter() - started)
 
 

@@ -70,6 +70,7 @@ from training.engine import (
 from training.optim import _KerasForeach, clip_gradients, keras_step, operand
 from training.reporting import FitResult, Reporter
 from training.spec import FIND, JobSpec, validate_spec
+from training.threads import step_threads
 
 #: layer types a fused model can hold (the rest fall back to solo runs)
 FUSED_LAYERS = frozenset({"dense", "dropout", "activation"})
@@ -812,6 +813,7 @@ def fit_fused(
     on_epoch_logs: Callable[[list[tuple[int, dict[str, float]]]], None] | None = None,
     on_resume_error: Callable[[int, BaseException], None] | None = None,
     on_leave: Callable[[list[tuple[int, FitResult]]], None] | None = None,
+    one_thread_below: int = 0,
 ) -> list[FitResult]:
     """Train ``specs`` as one fused model when :func:`why_not_fused` allows it and the engine's
     optimizer for them has a fused form; otherwise (``fallback``) train them one after another
@@ -851,6 +853,9 @@ def fit_fused(
     exactly once, with the result returned for it (its ``seconds`` its own: from the call's start
     to its leaving). Members that are not fused (a failed restore, a fallback) are not reported.
 
+    ``one_thread_below``: as ``fit``'s, for each epoch's step of the live members (a pack that
+    shrinks below it goes on on one intra-op thread); the fallback passes it to ``fit``.
+
     Member indices (here, in ``on_resume_error`` and in each result's ``info["pack"]["index"]``)
     are positions in ``specs``, whichever members are left in the pack."""
     jobs = [validate_spec(s, datasets) for s in specs]
@@ -889,7 +894,7 @@ def fit_fused(
             else:
                 trained = _train_pack([members[k] for k in live], classes.pop(), started, isolate,
                                       _renumbered(on_epoch_logs, live), numbers=live, size=len(members),
-                                      on_leave=_renumbered(on_leave, live))
+                                      on_leave=_renumbered(on_leave, live), one_thread_below=one_thread_below)
                 results = [_resume_failed(failed[k], k, len(members)) if k in failed else trained[live.index(k)]
                            for k in range(len(members))]
     if results is not None:
@@ -902,7 +907,7 @@ def fit_fused(
             out.append(_resume_failed(failed[k], k, len(jobs)))
             continue
         try:
-            r = fit(job, rep, stop, data, datasets=datasets)
+            r = fit(job, rep, stop, data, datasets=datasets, one_thread_below=one_thread_below)
         except isolate as exc:
             r = FitResult(history=[], stop_reason=LOST, best_epoch=None, best_value=None, monitor=None,
                           stopped_epoch=None, epochs_run=0, steps=0, weights={}, best_checkpoint=None,
@@ -935,7 +940,8 @@ def _train_pack(members: list[_Run], opt_cls: type[_StackedKeras] | type[_Member
                 isolate: tuple[type[BaseException], ...] = (),
                 on_epoch_logs: Callable[[list[tuple[int, dict[str, float]]]], None] | None = None,
                 numbers: Sequence[int] | None = None, size: int | None = None,
-                on_leave: Callable[[list[tuple[int, FitResult]]], None] | None = None) -> list[FitResult]:
+                on_leave: Callable[[list[tuple[int, FitResult]]], None] | None = None,
+                one_thread_below: int = 0) -> list[FitResult]:
     """Train ``members`` as one pack; ``numbers``: each member's index among the caller's specs
     and ``size`` their count (reported in ``info["pack"]``), when some did not join the pack.
     Each member's result is made when it leaves the pack (its ``seconds`` its own) and handed to
@@ -963,7 +969,9 @@ def _train_pack(members: list[_Run], opt_cls: type[_StackedKeras] | type[_Member
         finished.extend(gone)
         pack.drop(gone)
         report_left()
-    while pack.live:
-        _epoch(pack, finished)
-        report_left()
+    with step_threads(one_thread_below, pack.device) as use_threads:
+        while pack.live:
+            use_threads(len(pack.live) * members[pack.live[0]].step_work)
+            _epoch(pack, finished)
+            report_left()
     return [results[k] for k in range(len(members))]

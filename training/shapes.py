@@ -116,3 +116,18 @@ def count_parameters(model: Any, input_shape: Shape) -> int:
         elif t == "layer_norm":
             total += shape[-1] * (int(layer.center) + int(layer.scale))
     return total
+
+
+def multiply_adds(model: Any, input_shape: Shape) -> int:
+    """Multiply-adds of one sample's forward pass through the dense and conv2d layers (the
+    arithmetic of a step; the backward pass is about twice as much again). Dense: each output
+    position's inputs x units; conv2d: each output pixel's ``in_channels x kh x kw`` x filters."""
+    shapes = infer_shapes(model, input_shape)
+    total = 0
+    for layer, shape, out in zip(model.layers, shapes, shapes[1:], strict=False):
+        if layer.type == "dense":
+            total += math.prod(shape) * layer.units
+        elif layer.type == "conv2d":
+            kh, kw = pair(layer.kernel_size)
+            total += math.prod(out) * shape[0] * kh * kw
+    return total

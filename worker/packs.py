@@ -198,7 +198,7 @@ def _run_pack(members: list[Member], settings: Settings, send: Any) -> str:
             results = fit_fused([m[3] for m in members], records, [r.should_stop for r in records],
                                 isolate=(leases.LeaseLost,), resume_from=resumes, on_epoch_logs=group.decide,
                                 on_resume_error=lambda k, exc: _end_alone(in_pack[k], exc, statuses),
-                                on_leave=left)
+                                on_leave=left, one_thread_below=settings.torch_one_thread_below)
         except leases.LeaseLost:
             # not from one member's record or poll (those are isolated above): the pack stops;
             # the members' heartbeats stop with it and recovery requeues them

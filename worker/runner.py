@@ -136,7 +136,7 @@ def _train(job_id: str, settings: Settings, record: RunRecord, spec_dict: dict[s
 
         init = _init_weights(job_id, str(spec_dict["init_from"])) if spec_dict.get("init_from") and not resume_from else None
         result = fit(run_spec, reporter=record, should_stop=record.should_stop, resume_from=resume_from,
-                     init_weights=init)
+                     init_weights=init, one_thread_below=settings.torch_one_thread_below)
     except leases.LeaseLost:
         raise
     except (SpecError, TrainingError) as exc:
