@@ -32,7 +32,8 @@ Measurements
      spec in this process with ``reporter=None``, interleaved rounds. Compared: the median of the
      per-epoch ``seconds`` (engine-internal, measured *before* the reporter's on_epoch and the
      snapshot), and the whole fit (the job's ``run_seconds``, i.e. ``fit()``'s wall time in the
-     worker, which includes reporting) per epoch. Both with the same torch thread count.
+     worker, which includes reporting) per epoch. Both with the same torch threads (and the same
+     one thread for small steps, ``TRAINYARD_TORCH_ONE_THREAD_BELOW``).
   4. tiny-job throughput: K 1-epoch jobs in one POST /v1/jobs/batch, time until the last
      finished_at; vs K no-op tasks through the baseline Celery worker.
 """
@@ -658,13 +659,14 @@ def bench_polling(st: Stack, api: str, bare_url: str, seconds: float, conc: int,
 
 
 def worker_threads(st: Stack) -> dict[str, Any]:
-    """What torch uses in the worker: the worker code never calls set_num_threads, so it is
-    torch's default in a fresh process with the worker's environment."""
+    """What torch uses in the worker: torch's default in a fresh process with the worker's
+    environment, except for a job whose steps are small (``one_thread_below``: the worker's
+    ``TRAINYARD_TORCH_ONE_THREAD_BELOW``), which trains on one (``training.threads``)."""
     out = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
                          env=st.env, capture_output=True, text=True, timeout=60)
     sets = subprocess.run(["grep", "-rln", "set_num_threads", "worker", "training", "store"], cwd=ROOT,
                           capture_output=True, text=True).stdout.split()
-    return {"threads": int(out.stdout.strip()), "set_num_threads_in": sets,
+    return {"threads": int(out.stdout.strip()), "set_num_threads_in": sets, "one_thread_below": one_thread_below(st),
             "OMP_NUM_THREADS": st.env.get("OMP_NUM_THREADS")}
 
 
@@ -709,15 +711,27 @@ def _timed_db_reporter(st: Stack) -> Any:
     return make
 
 
+def one_thread_below(st: Stack) -> int:
+    """The worker's ``torch_one_thread_below`` setting (its environment, else the default)."""
+    from config.settings import settings_from_env
+
+    return settings_from_env({k: v for k, v in st.env.items() if k.startswith("TRAINYARD_")}).torch_one_thread_below
+
+
 def bench_epochs(st: Stack, api: str, epochs: int, rounds: int, threads: int) -> dict[str, Any]:
     """Interleaved rounds of: the engine alone (reporter=None), the engine with a reporter that
     does nothing plus a should_stop poll (what the engine itself spends on reporting: snapshots
-    every epoch, callbacks), and the job through the service (RunRecord: database writes too)."""
+    every epoch, callbacks), and the job through the service (RunRecord: database writes too).
+    The in-process runs follow the worker's thread rule (:func:`one_thread_below`) as its job does."""
+    import functools
+
     import torch
 
-    from training import BaseReporter, fit
+    from training import BaseReporter
+    from training import fit as engine_fit
 
     torch.set_num_threads(threads)
+    fit = functools.partial(engine_fit, one_thread_below=one_thread_below(st))
     s = spec(epochs, "bench-epochs")
     fit(spec(2, "warm"))  # warm this process (imports, first-call costs)
     client = httpx.Client(base_url=api, timeout=30, headers=HEADERS)
@@ -920,7 +934,8 @@ def table(r: dict[str, Any]) -> str:
     head = ("measurement", "value", "ratio", "goal", "")
     lines = [" | ".join(h.ljust(w[i]) for i, h in enumerate(head)).rstrip(), "-+-".join("-" * x for x in w)]
     lines += [" | ".join(str(c).ljust(w[i]) for i, c in enumerate(row)).rstrip() for row in rows]
-    extra = (f"torch threads: {ep['threads']} in both (worker: torch default; set_num_threads in "
+    extra = (f"torch threads: {ep['threads']} in both (worker: torch default; one for steps under "
+             f"{r['threads'].get('one_thread_below', 0):,} multiply-adds, in both; set_num_threads in "
              f"{r['threads']['set_num_threads_in'] or 'no worker/training/store module'})  |  "
              f"tiny job run (started->finished) {tp['job_run_ms_median']:.0f} ms median / {tp['job_run_ms_max']:.0f} ms max "
              f"vs training.fit alone {tp['engine_fit_1_epoch_ms_median']:.0f} ms, gap finished->next started "

@@ -79,6 +79,10 @@ def _check(url: str) -> None:
             repo.record_progress(s, redone.id, [{"epoch": 3, "loss": 42.0}])
             s.commit()
             assert s.get(JobCurve, redone.id) is None
+            # ... and its row of that epoch is replaced (one row per job and epoch), the others kept
+            rows = dict(s.execute(select(JobMetric.epoch, JobMetric.values).where(JobMetric.job_id == redone.id)).all())
+            assert sorted(rows) == [1, 2, 3, 4] and rows[3] == {"epoch": 3, "loss": 42.0}
+            assert rows[1] == _epochs(4)[0]
             ids = [done.id, running.id, queued.id, redone.id]
 
             for since in (0, 2):
