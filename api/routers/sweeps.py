@@ -328,12 +328,17 @@ def create_sweep(
         priority=config.get("priority", 0), labels=config.get("labels") or {}, notes=config.get("notes"),
     )
     jobs = advance_sweep(session, sweep.id, settings)
+    # the answer is read in the writing transaction, before its commit: read after it, in a new
+    # transaction of this writing session (BEGIN IMMEDIATE on SQLite), it held the write lock
+    # while the workers that got the trials' messages waited for it to claim them (SQLite's
+    # busy handler then sleeps in steps: ~50 ms of a packed ASHA sweep's ~0.8 s)
+    created = sweep_read(session, sweep)
     replayed = idem.commit_once(session, project, "sweeps", idempotency_key, digest, {"sweep_id": sweep.id}, replay)
     if replayed is not None:
         return replayed
     _send(dispatcher, jobs)
     response.headers["Location"] = f"/v1/sweeps/{sweep.id}"
-    return sweep_read(session, sweep)
+    return created
 
 
 @router.get("", response_model=SweepList)
