@@ -35,6 +35,11 @@ soon as it is done. With ``--rounds N`` each part is measured N times, the order
 modes alternating (solo first, then packed first, ...), and the median of the N ratios is the
 part's figure (``ratio`` in the JSON; each round's under ``rounds``). The load average (``os.getloadavg``, 1 minute) before and after each mode is
 printed with the figures: on a shared machine, quote it with them.
+
+Both modes' workers follow the server's thread rule (``TRAINYARD_TORCH_ONE_THREAD_BELOW``: a job
+or a pack's epoch whose step is small trains on one intra-op thread, ``training/threads.py``);
+``--one-thread-below 0`` measures both modes without it, as every run before 2026-12-06's
+seventh session did.
 """
 
 from __future__ import annotations

@@ -115,8 +115,8 @@ class Settings(BaseSettings):
     # Worker: a job (or a fused pack's epoch) whose training step has fewer multiply-adds than
     # this (rows per step x the forward pass's multiply-adds per row x trials) trains on one
     # intra-op thread (training.threads): small steps are per-op overhead, and a parallel op waits
-    # for its second thread whenever the cores are busy (BENCHMARKS.md, "One thread for small
-    # steps"). 0: every job on torch_threads.
+    # for its second thread whenever the cores are busy (BENCHMARKS.md, "2026-12-06
+    # (seventh session)"). 0: every job on torch_threads.
     torch_one_thread_below: int = Field(2_000_000, ge=0)
     # Logging (config.logs): "text" for a terminal, "json" for one JSON object per line; the API's
     # one line per request (trainyard.access) only when access_log is on.

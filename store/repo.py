@@ -427,7 +427,7 @@ def _upsert_metrics(session: Session, rows: list[dict[str, Any]]) -> None:
     """Insert epoch rows, replacing any with the same (job, epoch): a resumed run that redoes an
     epoch overwrites its row. One statement, executed for the batch's rows (``session.merge`` read
     each row first; one multi-row VALUES statement was compiled anew for every flush: 27 rows
-    1.7-2.0 ms against 0.22 ms on SQLite, BENCHMARKS.md "One thread for small steps")."""
+    1.7-2.0 ms against 0.22 ms on SQLite, BENCHMARKS.md "2026-12-06 (seventh session)")."""
     curves.drop(session, {r["job_id"] for r in rows})  # a finished job's compacted curve is stale now
     dialect = session.get_bind().dialect.name
     if dialect not in ("postgresql", "sqlite"):  # pragma: no cover - the two supported databases

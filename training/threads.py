@@ -6,8 +6,8 @@ it: alone on this 2-core machine a solo step of up to ~2.4 M multiply-adds is as
 one thread. Where the cores are also busy with other work (``trainyard serve``: the API beside a
 niced worker) a parallel op loses outright, waiting for its second thread to be scheduled: in
 ``trainyard serve`` an ASHA sweep of the digits MLP took 3.35 s solo and 0.85 s packed with two
-threads, 2.88 s and 0.77 s with one for steps under 2 M multiply-adds (BENCHMARKS.md, "One
-thread for small steps"). Larger steps keep the process's threads (a pack of nine digits MLPs,
+threads, 2.88 s and 0.77 s with one for steps under 2 M multiply-adds (BENCHMARKS.md,
+"2026-12-06 (seventh session)"). Larger steps keep the process's threads (a pack of nine digits MLPs,
 ~2.7 M, is 13 % faster on two). The worker passes ``TRAINYARD_TORCH_ONE_THREAD_BELOW`` to ``fit``
 and ``fit_fused``; a caller of the engine that passes nothing gets torch's threads unchanged.
 """
