@@ -757,7 +757,7 @@ def fit(
         # a resumed run keeps the rate it found (the snapshot has it), so it resumes the same spec
         found = _found_in_snapshot(resume_from) if resume_from is not None else None
         if found is None:
-            found = lr_find(job, should_stop=should_stop, datasets=datasets)
+            found = lr_find(job, should_stop=should_stop, datasets=datasets, one_thread_below=one_thread_below)
         cancelled = found.get("suggested_learning_rate") is None and should_stop is not None and bool(should_stop())
         job = _with_found_lr(job, found, cancelled)
     device = resolve_device(job.device)
@@ -829,12 +829,13 @@ def lr_find(
     *,
     should_stop: Callable[[], bool] | None = None,
     datasets: Callable[[str], Any] | None = None,
+    one_thread_below: int = 0,
 ) -> dict[str, Any]:
     """LR range test (Smith 2015): raise the rate exponentially from ``min_lr`` to ``max_lr``
     over ``steps`` updates on the training data, record the loss (exponentially smoothed, with
     bias correction), stop when it exceeds ``stop_factor`` (4) times its best or is not finite.
     Returns ``lrs``, ``losses`` (smoothed), ``raw_losses``, ``suggested_learning_rate``, ``rule``,
-    ``stopped_early``."""
+    ``stopped_early``. ``one_thread_below``: as :func:`fit`'s."""
     job = validate_spec(spec, datasets)
     opts = job.lr_find or __import__("training.spec", fromlist=["LRFindSpec"]).LRFindSpec()
     lo = min_lr if min_lr is not None else opts.min_lr
@@ -847,8 +848,10 @@ def lr_find(
         update["optimizer"] = job.optimizer.model_copy(update={"learning_rate": lo})
     train_job = job.model_copy(update=update)
     device = resolve_device(job.device)
-    with _deterministic(job.deterministic, device), _actionable_errors(job, device):
+    with (_deterministic(job.deterministic, device), _actionable_errors(job, device),
+          step_threads(one_thread_below, device) as use_threads):
         run = _Run(train_job, None, should_stop)
+        use_threads(run.step_work)
         model, obj = run.model, run.objective
         model.train()
         lrs, raw, smooth = [], [], []

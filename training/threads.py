@@ -8,8 +8,8 @@ niced worker) a parallel op loses outright, waiting for its second thread to be 
 ``trainyard serve`` an ASHA sweep of the digits MLP took 3.35 s solo and 0.85 s packed with two
 threads, 2.88 s and 0.77 s with one for steps under 2 M multiply-adds (BENCHMARKS.md,
 "2026-12-06 (seventh session)"). Larger steps keep the process's threads (a pack of nine digits MLPs,
-~2.7 M, is 13 % faster on two). The worker passes ``TRAINYARD_TORCH_ONE_THREAD_BELOW`` to ``fit``
-and ``fit_fused``; a caller of the engine that passes nothing gets torch's threads unchanged.
+~2.7 M, is 13 % faster on two). The worker passes ``TRAINYARD_TORCH_ONE_THREAD_BELOW`` to ``fit``,
+``fit_fused`` and ``lr_find``; a caller of the engine that passes nothing gets torch's threads unchanged.
 """
 
 from __future__ import annotations

@@ -131,7 +131,8 @@ def _train(job_id: str, settings: Settings, record: RunRecord, spec_dict: dict[s
         if run_spec.get("kind") == "lr_find":
             from training import lr_find
 
-            return record.finish_lr_find(lr_find(run_spec, should_stop=record.should_stop))
+            return record.finish_lr_find(lr_find(run_spec, should_stop=record.should_stop,
+                                                     one_thread_below=settings.torch_one_thread_below))
         from training import fit
 
         init = _init_weights(job_id, str(spec_dict["init_from"])) if spec_dict.get("init_from") and not resume_from else None

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from training import fit
+from training import fit, lr_find
 from training.fused import fit_fused
 from training.model import build_model
 from training.objectives import strip_output_activation
@@ -97,4 +97,18 @@ def test_a_pack_that_shrinks_below_the_line_goes_on_on_one_thread() -> None:
     assert [r.info["pack"]["fused"] for r in results] == [True] * 3
     assert reps[0].seen == [2, 2]
     assert reps[1].seen == reps[2].seen == [2, 2, 1, 1]
+    assert torch.get_num_threads() == 2
+
+
+@pytest.mark.usefixtures("two_threads")
+@pytest.mark.parametrize(("one_below", "expected"), [(MLP_WORK + 1, 1), (0, 2)])
+def test_an_lr_range_test_follows_the_same_rule(one_below: int, expected: int) -> None:
+    seen: list[int] = []
+
+    def should_stop() -> bool:  # polled during the range test's steps
+        seen.append(torch.get_num_threads())
+        return False
+
+    found = lr_find(MLP, steps=20, should_stop=should_stop, one_thread_below=one_below)
+    assert found["lrs"] and seen and set(seen) == {expected}
     assert torch.get_num_threads() == 2
