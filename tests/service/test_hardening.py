@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import copy
+import os
+import signal
+import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -16,7 +20,8 @@ from training import preview_schedule
 from training.schedules import MAX_LEARNING_RATE
 from training.spec import MAX_MILESTONES
 
-from .helpers import note_spec
+from .conftest import cli
+from .helpers import ROOT, free_port, note_spec, stop, wait_http
 
 PREVIEW = "/v1/schedules/preview"
 
@@ -32,6 +37,47 @@ def paths(r: httpx.Response) -> list[str]:
 
 
 # --------------------------------------------------------------------------- high 2: previews
+
+
+def _children(pid: int) -> set[int]:
+    """The processes ``pid`` started that are still its children (Linux /proc)."""
+    out: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out |= {int(c) for c in (task / "children").read_text().split()}
+    return out
+
+
+def _gone(pid: int) -> bool:
+    """Whether process ``pid`` has exited (reaped, or a zombie nobody reaps in a container)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM])
+def test_the_preview_worker_ends_with_its_api_process(service_env: dict[str, str], migrated: None,
+                                                     tmp_path: Path, how: signal.Signals) -> None:
+    port = free_port()
+    with (tmp_path / "api.log").open("wb") as f:
+        api = subprocess.Popen(cli("api", "--port", str(port)), env=service_env, cwd=ROOT, stdout=f,
+                               stderr=subprocess.STDOUT)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", api)
+        r = httpx.post(f"http://127.0.0.1:{port}{PREVIEW}", json={"learning_rate": 0.01, "steps": 10}, timeout=60)
+        assert r.status_code == 200, r.text
+        # the preview worker that preview started (and multiprocessing's resource tracker)
+        started = _children(api.pid)
+        assert started, "the preview ran in no worker process"
+        os.kill(api.pid, how)
+        api.wait(30)
+        deadline = time.monotonic() + 10
+        while not all(_gone(p) for p in started) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        left = [p for p in started if not _gone(p)]
+        assert not left, f"processes {left} outlived their API process (signal {how.name})"
+    finally:
+        stop(api)
 
 
 def test_a_multistep_preview_with_the_most_milestones_is_cheap_and_exact(http: httpx.Client) -> None:
