@@ -28,6 +28,7 @@ import os
 import threading
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,25 +115,45 @@ class ArtifactStore:
     # -- writing
     def put(self, key: str, data: bytes | memoryview, sha256: str | None = None) -> Stored:
         """Write ``data`` at ``key`` atomically; returns its uri, size and sha256."""
-        digest = sha256 or sha256_hex(data)
-        target = self.path(key)
-        if self.local:
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            tmp = f"{target}.tmp-{uuid.uuid4().hex}"
-            try:
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
+        return self.put_many([(key, data, sha256)])[0]
+
+    def put_many(self, items: Sequence[tuple[str, bytes | memoryview, str | None]]) -> list[Stored]:
+        """:meth:`put` each ``(key, data, sha256)``; their uris, sizes and sha256s, in order.
+        Locally every file is written to its temporary name first, then all are fsynced at once
+        (a few threads: the disk takes concurrent syncs together; 27 checkpoint files of a pack's
+        flush 16-34 -> 8-9 ms on this project's VM, serial fsyncs), then each is renamed into
+        place: still atomic per file, and each is on disk before it is in place."""
+        out = [Stored(key, len(data), sha256 or sha256_hex(data)) for key, data, sha256 in items]
+        if not self.local:
+            for key, data, _ in items:
+                # s3fs: one PUT below its block size, else a multipart upload completed at the end
+                self.fs.pipe_file(self.path(key), bytes(data), chunksize=self.part_size)
+            return out
+        written: list[tuple[Any, str, str]] = []  # (open file, temporary name, target)
+        try:
+            for key, data, _ in items:
+                target = self.path(key)
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                tmp = f"{target}.tmp-{uuid.uuid4().hex}"
+                f = open(tmp, "wb")  # closed below, after the fsync
+                written.append((f, tmp, target))
+                f.write(data)
+                f.flush()
+            if len(written) == 1:
+                os.fsync(written[0][0].fileno())
+            else:
+                list(_fsync_pool().map(lambda w: os.fsync(w[0].fileno()), written))
+            for f, tmp, target in written:
+                f.close()
                 os.replace(tmp, target)
-            except BaseException:
+        except BaseException:
+            for f, tmp, _ in written:
+                with _quiet():
+                    f.close()
                 with _quiet():
                     os.unlink(tmp)
-                raise
-        else:
-            # s3fs: one PUT below its block size, else a multipart upload completed at the end
-            self.fs.pipe_file(target, bytes(data), chunksize=self.part_size)
-        return Stored(key, len(data), digest)
+            raise
+        return out
 
     # -- reading
     def _missing(self, key: str, what: str) -> ArtifactMissing:
@@ -261,6 +282,16 @@ def storage_options(settings: Settings) -> dict[str, Any]:
 
 _STORES: dict[tuple[int, str, str], ArtifactStore] = {}
 _STORES_LOCK = threading.Lock()
+_FSYNC: dict[int, ThreadPoolExecutor] = {}  # by process id (a forked child makes its own)
+
+
+def _fsync_pool() -> ThreadPoolExecutor:
+    """The threads :meth:`ArtifactStore.put_many` fsyncs its files on (fsync releases the GIL)."""
+    with _STORES_LOCK:
+        pool = _FSYNC.get(os.getpid())
+        if pool is None:
+            pool = _FSYNC[os.getpid()] = ThreadPoolExecutor(8, thread_name_prefix="trainyard-fsync")
+        return pool
 
 
 def get_store(settings: Settings | None = None) -> ArtifactStore:

@@ -419,11 +419,7 @@ class _Run:
         self._end_epoch(loss_sum, sums, max(seen, 1), started)
 
     def _train_logs(self, loss_sum: torch.Tensor, sums: dict[str, torch.Tensor], seen: int) -> dict[str, float]:
-        values = torch.stack([v.double() for v in (loss_sum, *sums.values())]).cpu().tolist()
-        logs = {"loss": values[0] / seen}
-        for k, v in zip(sums, values[1:], strict=True):
-            logs[k] = self.objective.finalize.get(k, float)(v / seen)
-        return logs
+        return finish_logs(self.objective, read_sums(loss_sum, sums), seen)
 
     def _step_checkpoint(self, loss_sum: torch.Tensor, sums: dict[str, torch.Tensor], seen: int) -> None:
         logs = self._train_logs(loss_sum, sums, seen)
@@ -463,13 +459,14 @@ class _Run:
                    val: dict[str, float] | None = None) -> None:
         """``val``: the epoch's validation logs when the caller computed them (a fused pack
         validates all its trials in one pass, ``training.fused``); else :meth:`evaluate`."""
-        self._epoch_end_with(self._epoch_logs(loss_sum, sums, seen, started, val))
+        self._epoch_end_with(self._epoch_logs(read_sums(loss_sum, sums), seen, started, val))
 
-    def _epoch_logs(self, loss_sum: torch.Tensor, sums: dict[str, torch.Tensor], seen: int, started: float,
+    def _epoch_logs(self, train: list[float], seen: int, started: float,
                     val: dict[str, float] | None = None) -> dict[str, float]:
-        """The logs of the epoch that has just ended (what its callbacks get)."""
+        """The logs of the epoch that has just ended (what its callbacks get); ``train``: the
+        epoch's loss sum and metric sums over ``seen`` samples (:func:`read_sums`)."""
         logs: dict[str, float] = {"epoch": self.epoch + 1}
-        logs.update(self._train_logs(loss_sum, sums, seen))
+        logs.update(finish_logs(self.objective, train, seen))
         logs.update(self.evaluate() if val is None else val)
         logs["lr"] = self.lr
         logs["seconds"] = time.perf_counter() - started
@@ -668,12 +665,20 @@ def evaluate_model(
         out = out.float()
         for k, fn in objective.metrics.items():
             sums[k] += fn(out, yb, tb)
-    return finish_logs(objective, torch.stack([loss_sum, *sums.values()]).double().cpu().tolist(), n)
+    return finish_logs(objective, read_sums(loss_sum, sums), n)
+
+
+def read_sums(loss_sum: torch.Tensor, sums: dict[str, torch.Tensor]) -> list[float]:
+    """An epoch's loss sum and metric sums (``sums``: in the objective's metric order) as floats,
+    read from the device in one transfer, each widened to float64 first (:func:`finish_logs` takes
+    them). Given ``(L,)`` tensors (a fused pack's, one value per trial): one such list per trial."""
+    return torch.stack([v.double() for v in (loss_sum, *sums.values())], -1).cpu().tolist()
 
 
 def finish_logs(objective: Objective, values: list[float], n: int) -> dict[str, float]:
-    """Validation logs from ``values``: the loss sum then the objective's metric sums over ``n``
-    samples (``evaluate_model``'s, and a fused pack's per trial)."""
+    """Logs from ``values``: the loss sum then the objective's metric sums over ``n`` samples
+    (an epoch's training logs, ``evaluate_model``'s validation logs, and a fused pack's per
+    trial)."""
     logs = {"loss": values[0] / n}
     for k, v in zip(objective.metrics, values[1:], strict=True):
         logs[k] = objective.finalize.get(k, float)(v / n)

@@ -65,6 +65,7 @@ from training.engine import (
     _Run,
     finish_logs,
     fit,
+    read_sums,
     resolve_device,
 )
 from training.optim import _KerasForeach, clip_gradients, keras_step, operand
@@ -303,7 +304,9 @@ class _Pack:
         lead = members[0]
         self.device = lead.device
         self.names = [n for n, p in lead.model.named_parameters() if p.requires_grad]
-        stacked = [torch.stack([m.model.get_parameter(n).detach() for m in members]) for n in self.names]
+        # each member's own parameters, in self.names order (:meth:`sync` copies its row into them)
+        self.own = [[m.model.get_parameter(n) for n in self.names] for m in members]
+        stacked = [torch.stack([own[j].detach() for own in self.own]) for j in range(len(self.names))]
         self.shapes = [t.shape[1:] for t in stacked]
         # every weight of a trial in one row: the optimizer updates one (trials, parameters) tensor
         self.flat = torch.cat([t.flatten(1) for t in stacked], 1).contiguous()
@@ -440,8 +443,7 @@ class _Pack:
         """Copy slot's fused weights into its member's own model."""
         m = self.members[self.live[slot]]
         with torch.no_grad():
-            for name, p in zip(self.names, self.params, strict=True):
-                m.model.get_parameter(name).copy_(p[slot])
+            torch._foreach_copy_(self.own[self.live[slot]], [p[slot] for p in self.params])
         self.opt.write_back(slot, m.optimizer)
 
     @torch.no_grad()
@@ -469,8 +471,7 @@ class _Pack:
             out = out.float()
             for k, fn in metric_fns:
                 sums[k] += fn(out, yb, tb)
-        rows = torch.stack([loss_sum, *sums.values()], 1).double().cpu().tolist()
-        return [{f"val_{k}": v for k, v in finish_logs(obj, row, n).items()} for row in rows]
+        return [{f"val_{k}": v for k, v in finish_logs(obj, row, n).items()} for row in read_sums(loss_sum, sums)]
 
     def forward(self, params: list[Tensor], xb: Tensor, training: bool = True,
                 tape: list[tuple[Any, ...]] | None = None) -> tuple[Tensor, Tensor | None]:
@@ -785,9 +786,10 @@ def _epoch(pack: _Pack, finished: list[int]) -> None:
     gone = []
     val = pack.validate()
     logs = []
+    train = read_sums(loss_sum, sums)  # every member's sums in one read
     for s, i in enumerate(pack.live):
         members[i].lr = lrs[s]
-        logs.append(members[i]._epoch_logs(loss_sum[s], {k: v[s] for k, v in sums.items()}, max(seen, 1), started, val[s]))
+        logs.append(members[i]._epoch_logs(train[s], max(seen, 1), started, val[s]))
     if pack.on_epoch_logs is not None:
         pack.on_epoch_logs(list(zip(pack.live, logs, strict=True)))
     for s, i in enumerate(pack.live):

@@ -153,6 +153,10 @@ class RunRecord(BaseReporter):
         # a flush writes no file for a checkpoint that the same flush supersedes (see _superseded)
         self.drop_superseded = False
         self._staged: dict[str, Stored] = {}  # files already in the artifact store, by key (see _stage)
+        # when a snapshot was last built; on_start sets it to the training's start, which counts as
+        # one: the first is built SNAPSHOT_BUILD_EVERY_S into the training, as every later one (a
+        # job shorter than that builds none before its end: a clean shutdown redoes all of it,
+        # less than that much work)
         self.last_built: float | None = None
         self.epochs_seen = 0
         self.stop_request: str | None = None  # set by a trial's pruner (PAUSED or "pruned")
@@ -248,7 +252,7 @@ class RunRecord(BaseReporter):
 
     # -- engine callbacks
     def on_start(self, info: dict[str, Any]) -> None:
-        self.last_progress = time.monotonic()
+        self.last_progress = self.last_built = time.monotonic()
         if self.pack is not None:
             info = {**info, "pack": {**info.get("pack", {}), **self.pack}}
         self.info = json_safe(info)
@@ -307,9 +311,10 @@ class RunRecord(BaseReporter):
             self.flush()
 
     def wants_snapshot(self) -> bool:
-        """Build a snapshot at most every SNAPSHOT_BUILD_EVERY_S of training (or every
-        ``snapshot_interval_s`` if shorter; an epoch end always qualifies after that): a clean
-        shutdown then redoes at most that much work."""
+        """Build a snapshot every SNAPSHOT_BUILD_EVERY_S of training (or every
+        ``snapshot_interval_s`` if shorter; the first epoch end after that much training since the
+        last one, or since the training started): a clean shutdown then redoes at most that much
+        work, and a job shorter than that builds none before its end."""
         every = min(SNAPSHOT_BUILD_EVERY_S, self.settings.snapshot_interval_s)
         return self.last_built is None or time.monotonic() - self.last_built >= every
 
@@ -396,20 +401,27 @@ class RunRecord(BaseReporter):
         the job's row, and an upload inside it would hold the lock (and block the heartbeat and a
         cancel) for as long as the upload takes. A file written here and not recorded (the
         transaction failed) is written again by key, or removed with the job's folder."""
-        store = get_store()
+        stage_files([(self, self._unstaged(checkpoints, snapshot, extra))])
+
+    def _unstaged(self, checkpoints: list[Checkpoint], snapshot: Snapshot | None,
+                  extra: tuple[Checkpoint, ...] = ()) -> dict[str, Checkpoint | Snapshot]:
+        """The files :meth:`_stage` writes for these, by key: those not written yet."""
         skip = self._superseded(checkpoints)
         kept = [c for k, c in enumerate(checkpoints) if k not in skip] + list(extra)
-        items = [(checkpoint_key(self.job_id, c.sha256), c) for c in kept]
+        items: dict[str, Checkpoint | Snapshot] = {checkpoint_key(self.job_id, c.sha256): c for c in kept}
         if snapshot is not None:
-            items.append((snapshot_key(self.job_id, snapshot.sha256), snapshot))
-        for key, item in items:
-            if key not in self._staged:
-                self._staged[key] = store.put(key, item.data, item.sha256)
+            items[snapshot_key(self.job_id, snapshot.sha256)] = snapshot
+        return {key: item for key, item in items.items() if key not in self._staged}
+
+    def _buffered_unstaged(self, *extra: Checkpoint | None) -> dict[str, Checkpoint | Snapshot]:
+        """The files of what :meth:`_write_buffered` will record, and of the ``extra`` checkpoints
+        recorded in it too (the last epoch's weights), not written yet (:meth:`_unstaged`)."""
+        return self._unstaged(self.pending_checkpoints, self.unwritten_snapshot, tuple(c for c in extra if c is not None))
 
     def _stage_buffered(self, *extra: Checkpoint | None) -> None:
         """:meth:`_stage` what :meth:`_write_buffered` will record (before its transaction), and the
         ``extra`` checkpoints recorded in it too (the last epoch's weights)."""
-        self._stage(self.pending_checkpoints, self.unwritten_snapshot, tuple(c for c in extra if c is not None))
+        stage_files([(self, self._buffered_unstaged(*extra))])
 
     def _staged_file(self, checkpoint: Checkpoint) -> Stored | None:
         """The file of ``checkpoint`` if :meth:`_stage` wrote it."""
@@ -808,8 +820,7 @@ class FlushGroup:
             r.info = r.info or info
 
         try:
-            for r, _, _, checkpoints in taken:
-                r._stage(checkpoints, None)
+            stage_files([(r, r._unstaged(checkpoints, None)) for r, _, _, checkpoints in taken])
             with session_scope() as s:
                 # the fences first, all in one statement: a member whose lease is gone writes nothing
                 held = leases.fence_many(s, {r.job_id: r.lease_token for r, *_ in taken if r.lease_token is not None})
@@ -868,14 +879,16 @@ class FlushGroup:
         parts = []
         out: dict[str, str] = {}
         try:
+            files = []  # every member's files, written together before the transaction (see _stage)
             for r, res in ending:
                 if res.stop_reason == PAUSED:
-                    r._stage_buffered()  # its epochs and its snapshot at the rung
+                    files.append((r, r._buffered_unstaged()))  # its epochs and its snapshot at the rung
                     parts.append((r, res, PAUSED, None))
                     continue
                 status, end = r._end(res, res.stop_reason)
-                r._stage_buffered(res.last_checkpoint)  # the files, before the transaction (see _stage)
+                files.append((r, r._buffered_unstaged(res.last_checkpoint)))
                 parts.append((r, res, status, end))
+            stage_files(files)
             with session_scope() as s:
                 held = leases.fence_many(s, {r.job_id: r.lease_token for r, *_ in parts})  # type: ignore[misc]
                 out.update({r.job_id: "lease_lost" for r, *_ in parts if r.job_id not in held})  # nothing written for it
@@ -899,6 +912,18 @@ class FlushGroup:
             if out.get(r.job_id) == status:
                 r._buffered_written()
         return out
+
+
+def stage_files(parts: list[tuple[RunRecord, dict[str, Checkpoint | Snapshot]]]) -> None:
+    """Write the files of several records (each one's :meth:`RunRecord._unstaged`) to the artifact
+    store in one :meth:`~store.artifact_store.ArtifactStore.put_many` (their fsyncs together: a
+    pack's flush writes a file per member), and note each as staged on its record."""
+    flat = [(r, key, item) for r, items in parts for key, item in items.items()]
+    if not flat:
+        return
+    stored = get_store().put_many([(key, item.data, item.sha256) for _, key, item in flat])
+    for (r, key, _), got in zip(flat, stored, strict=True):
+        r._staged[key] = got
 
 
 @contextmanager

@@ -68,6 +68,28 @@ def test_a_local_write_is_atomic_and_a_missing_or_changed_file_is_refused(tmp_pa
     assert store.presign("jobs/j1/snapshots/s.bin", 60) is None  # a directory cannot presign
 
 
+def test_files_written_together_are_each_whole_and_a_failed_batch_leaves_no_temporary_file(tmp_path: Path) -> None:
+    store = ArtifactStore(str(tmp_path / "store"))
+    blobs = {f"jobs/j{k % 3}/checkpoints/{k}.safetensors": os.urandom(20_000 + k) for k in range(27)}
+    stored = store.put_many([(key, data, None) for key, data in blobs.items()])
+    assert [s.uri for s in stored] == list(blobs)
+    for s, data in zip(stored, blobs.values(), strict=True):
+        assert (s.size, s.sha256) == (len(data), hashlib.sha256(data).hexdigest())
+        assert store.read(s.uri, s.sha256, s.size) == data
+    files = sorted(str(p.relative_to(tmp_path / "store")) for p in (tmp_path / "store").rglob("*") if p.is_file())
+    assert files == sorted(blobs)  # no temporary file left behind
+
+    # a batch whose third item cannot be written: the earlier ones' temporary files are removed and
+    # the files already in place are the previous ones, whole
+    first, second = list(blobs)[:2]
+    with pytest.raises(TypeError):
+        store.put_many([(first, b"new bytes", None), (second, b"new too", None), ("jobs/j9/x.bin", 12345, "0" * 64)])  # type: ignore[list-item]
+    files = sorted(str(p.relative_to(tmp_path / "store")) for p in (tmp_path / "store").rglob("*") if p.is_file())
+    assert files == sorted(blobs)
+    assert store.read(first, stored[0].sha256) == blobs[first]
+    assert store.read(second, stored[1].sha256) == blobs[second]
+
+
 # --------------------------------------------------------------------------- S3 (moto)
 
 
@@ -370,8 +392,9 @@ def test_a_flush_writes_no_file_for_a_checkpoint_it_supersedes(inproc_env: dict[
         token = repo.claim_job(s, job_id, "w:1", 300.0).lease_token
     record = RunRecord.open(job_id, settings, lease_token=token, attempt=1, spec=spec, sweep_id=None, epochs=5)
     written: list[str] = []
-    put = type(store).put
-    monkeypatch.setattr(type(store), "put", lambda self, key, data, sha: written.append(key) or put(self, key, data, sha))
+    put_many = type(store).put_many  # every file write goes through it (put too)
+    monkeypatch.setattr(type(store), "put_many",
+                        lambda self, items: written.extend(key for key, _, _ in items) or put_many(self, items))
     for epoch, best in enumerate([True, False, True, False, False], start=1):
         data = f"weights of epoch {epoch}".encode()
         record.pending_checkpoints.append(Ckpt(epoch, epoch, "val_loss", 1.0 / epoch, data, hashlib.sha256(data).hexdigest(), best))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -18,6 +19,7 @@ from store.db import session_scope
 from store.models import Job
 from training import BaseReporter, fit, validate_spec
 from worker.app import create_celery
+from worker.record import SNAPSHOT_BUILD_EVERY_S
 from worker.recovery import requeue_lost_jobs
 from worker.runner import run_job
 
@@ -45,8 +47,6 @@ def _epoch_events_after_last_start(job_id: str) -> list[int]:
 
 
 def _wait(pred: Any, timeout: float = 60.0) -> None:
-    import time
-
     deadline = time.monotonic() + timeout
     while not pred():
         assert time.monotonic() < deadline, "condition not reached in time"
@@ -113,6 +113,9 @@ def test_worker_shutdown_requeues_the_running_job_and_the_next_worker_resumes_it
     first = start(1)
     try:
         _wait(lambda: _status(job_id)[0] == "running" and _status(job_id)[1] >= 3)
+        # the first snapshot is built SNAPSHOT_BUILD_EVERY_S into the training: the shutdown
+        # writes it (without one, the job would rightly start over: less than that much work)
+        time.sleep(SNAPSHOT_BUILD_EVERY_S + 0.3)
         first.send_signal(signal.SIGTERM)
         assert first.wait(timeout=60) == 0
     finally:
