@@ -173,7 +173,11 @@ class _CudaFiniteCheck:
 class _Run:
     """One training run's state; see ``fit``."""
 
-    def __init__(self, spec: JobSpec, reporter: Reporter | None, should_stop: Callable[[], bool] | None) -> None:
+    def __init__(self, spec: JobSpec, reporter: Reporter | None, should_stop: Callable[[], bool] | None,
+                 splits: dict[tuple[str, int], data_mod.Split] | None = None) -> None:
+        """``splits``: data splits already loaded, by (data options, seed), which this run may
+        share (a fused pack's members, ``training.fused``: a sweep's trials often have the same
+        data and seed); the run adds its own. The run never writes into its split's arrays."""
         self.spec = spec
         self.reporter: Reporter = reporter or BaseReporter()
         self.has_reporter = reporter is not None
@@ -182,7 +186,11 @@ class _Run:
         if spec.precision == "fp16" and self.device.type != "cuda":
             raise TrainingError("precision 'fp16' needs a CUDA device; use 'bf16' or 'fp32' on CPU", "device")
 
-        split = data_mod.load(spec.data, spec.seed)
+        if splits is None:
+            split = data_mod.load(spec.data, spec.seed)
+        else:
+            key = (spec.data.model_dump_json(), spec.seed)
+            split = splits.get(key) or splits.setdefault(key, data_mod.load(spec.data, spec.seed))
         self.info = split.info
         seed = spec.seed
         random.seed(seed)

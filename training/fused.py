@@ -873,7 +873,8 @@ def fit_fused(
     if reason is None:
         device = resolve_device(jobs[0].device)
         with _deterministic(jobs[0].deterministic, device), _actionable_errors(jobs[0], device):
-            members = [_Run(job, rep, stop) for job, rep, stop in zip(jobs, reps, stops, strict=True)]
+            splits: dict[tuple[str, int], Any] = {}  # members of the same data and seed share one split
+            members = [_Run(job, rep, stop, splits) for job, rep, stop in zip(jobs, reps, stops, strict=True)]
             for k, (m, data) in enumerate(zip(members, resumes, strict=True)):
                 if data is None:
                     continue

@@ -324,6 +324,19 @@ def test_same_seed_different_trials_keep_their_own_data_order() -> None:
     check_pack([trial(11), trial(12, optimizer__learning_rate=0.01)])
 
 
+def test_members_of_the_same_data_and_seed_share_one_split_loaded_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three trials of seed 5 and one of seed 6: two loads, not four; each trial still equals its
+    solo run (which loads its own)."""
+    loads: list[int] = []
+    real = engine.data_mod.load
+    monkeypatch.setattr(engine.data_mod, "load", lambda data, seed: loads.append(seed) or real(data, seed))
+    specs = [trial(5), trial(5, optimizer__learning_rate=0.01), trial(5, optimizer__beta_1=0.8), trial(6)]
+    fused = fit_fused(specs)
+    assert sorted(loads) == [5, 6]
+    for spec, result in zip(specs, fused, strict=True):
+        assert_same_run(result, training.fit(spec))
+
+
 # --------------------------------------------------------------------------- lives of members
 
 
