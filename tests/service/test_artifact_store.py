@@ -19,7 +19,14 @@ from sqlalchemy import create_engine, select, text
 from client import Client, TrainyardError
 from config.settings import settings_from_env
 from store import repo
-from store.artifact_store import ArtifactCorrupt, ArtifactMissing, ArtifactStore, checkpoint_key, get_store
+from store.artifact_store import (
+    PUT_TOGETHER,
+    ArtifactCorrupt,
+    ArtifactMissing,
+    ArtifactStore,
+    checkpoint_key,
+    get_store,
+)
 from store.db import reset_caches, session_scope
 from store.models import Checkpoint, Job, Snapshot
 from training import BaseReporter, fit, validate_spec
@@ -70,7 +77,7 @@ def test_a_local_write_is_atomic_and_a_missing_or_changed_file_is_refused(tmp_pa
 
 def test_files_written_together_are_each_whole_and_a_failed_batch_leaves_no_temporary_file(tmp_path: Path) -> None:
     store = ArtifactStore(str(tmp_path / "store"))
-    blobs = {f"jobs/j{k % 3}/checkpoints/{k}.safetensors": os.urandom(20_000 + k) for k in range(27)}
+    blobs = {f"jobs/j{k % 3}/checkpoints/{k}.safetensors": os.urandom(20_000 + k) for k in range(PUT_TOGETHER + 27)}
     stored = store.put_many([(key, data, None) for key, data in blobs.items()])
     assert [s.uri for s in stored] == list(blobs)
     for s, data in zip(stored, blobs.values(), strict=True):

@@ -69,9 +69,9 @@ def test_a_high_priority_job_preempts_a_low_one_which_resumes_exactly(pg: Any, t
     assert probe.metric_epochs(low["id"]) == list(range(1, 41))  # no epoch lost
     first, second = probe.runs(low["id"])
     # resumed from its snapshot, not from epoch 1. A snapshot is built every
-    # SNAPSHOT_BUILD_EVERY_S (1 s) of training, the first one 1 s in (hence the wait for epoch 20,
-    # of ~0.07 s each on one core here), so the preempted attempt redoes the epochs of at most that last second
-    # (their metrics are stored once: above)
+    # SNAPSHOT_BUILD_EVERY_S (1 s) of training, the first one 1 s in (hence the wait for epoch
+    # 20, of ~0.07 s each on one core here), so the preempted attempt redoes the epochs of at
+    # most that last second (their metrics are stored once: above)
     assert len(first) >= 20 and second[0] >= 2, (first, second)
     assert second[0] <= first[-1] + 1, (first, second)  # no epoch skipped
     assert "preempted for a queued job of higher priority" in (tmp_path / "api.log").read_text()
