@@ -9,11 +9,13 @@ print it and stop before starting anything.
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Iterator, Mapping
+import functools
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
@@ -276,7 +278,38 @@ def default_broker_url(data_dir: Path) -> str:
     return f"sqla+sqlite:///{(data_dir / 'broker.sqlite').resolve()}"
 
 
-@lru_cache(maxsize=1)
+_T = TypeVar("_T")
+
+#: Held while a process-wide cache (the settings, the database engine, its sessionmakers) is
+#: filled or cleared: a thread that read the environment before it changed (a test switching its
+#: settings while a background service of the process polls) cannot store what it read after the
+#: clear (``store.db.reset_caches``), which ``lru_cache`` alone allows.
+CACHE_LOCK = threading.RLock()
+
+
+def locked_cache(maxsize: int) -> Callable[[Callable[..., _T]], Callable[..., _T]]:
+    """``functools.lru_cache(maxsize)`` whose filling and ``cache_clear`` hold :data:`CACHE_LOCK`."""
+
+    def wrap(fn: Callable[..., _T]) -> Callable[..., _T]:
+        cached = lru_cache(maxsize=maxsize)(fn)
+
+        @functools.wraps(fn)
+        def get(*args: Any, **kwargs: Any) -> _T:
+            with CACHE_LOCK:
+                return cached(*args, **kwargs)
+
+        def cache_clear() -> None:
+            with CACHE_LOCK:
+                cached.cache_clear()
+
+        get.cache_clear = cache_clear  # type: ignore[attr-defined]
+        get.cache_info = cached.cache_info  # type: ignore[attr-defined]
+        return get
+
+    return wrap
+
+
+@locked_cache(maxsize=1)
 def get_settings() -> Settings:
     """The process's settings (read from the environment on first call, then cached)."""
     return settings_from_env()

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
-from config.settings import get_settings
+from config.settings import CACHE_LOCK, get_settings, locked_cache
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
@@ -63,7 +62,7 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     return create_engine(url, **kwargs)
 
 
-@lru_cache(maxsize=1)
+@locked_cache(maxsize=1)
 def get_engine() -> Engine:
     """The process's engine for the configured database (built on first use); its committed
     writes publish change notices (:mod:`store.notices`)."""
@@ -75,7 +74,7 @@ def get_engine() -> Engine:
     return engine
 
 
-@lru_cache(maxsize=2)
+@locked_cache(maxsize=2)
 def get_sessionmaker(write: bool = True) -> sessionmaker[Session]:
     """Sessions for writing (a transaction; BEGIN IMMEDIATE on SQLite) or for reading
     (autocommit: one round trip per query, no BEGIN/COMMIT)."""
@@ -110,9 +109,10 @@ def reset_caches() -> None:
     from config.settings import get_settings as gs
     from store.pollread import close_readers
 
-    close_readers()
-    if get_engine.cache_info().currsize:
-        get_engine().dispose()
-    get_engine.cache_clear()
-    get_sessionmaker.cache_clear()
-    gs.cache_clear()
+    close_readers()  # (outside the lock: a reader thread may be waiting for it)
+    with CACHE_LOCK:  # all three at once: no thread fills one from the others' old values
+        if get_engine.cache_info().currsize:
+            get_engine().dispose()
+        get_engine.cache_clear()
+        get_sessionmaker.cache_clear()
+        gs.cache_clear()

@@ -74,6 +74,44 @@ def test_get_settings_is_cached_once_per_process(monkeypatch):
         get_settings.cache_clear()
 
 
+def test_a_settings_read_in_flight_when_the_cache_is_cleared_does_not_outlive_the_clear(monkeypatch):
+    """A background thread (a service of the process) reads the settings while a test switches the
+    environment and clears the cache: the clear waits for that read, so what it read is not what
+    the process keeps (with a bare lru_cache the stale read was stored after the clear: a CI run
+    wrote a snapshot to the previous test's artifact store)."""
+    import threading
+
+    from config import settings as settings_mod
+
+    started, release = threading.Event(), threading.Event()
+    real = settings_mod.settings_from_env
+
+    def slow_read() -> Settings:
+        got = real()
+        if threading.current_thread().name == "background-read":
+            started.set()
+            release.wait(5)
+        return got
+
+    monkeypatch.setattr(settings_mod, "settings_from_env", slow_read)
+    get_settings.cache_clear()
+    try:
+        monkeypatch.setenv("TRAINYARD_FLUSH_INTERVAL", "0.25")
+        reader = threading.Thread(target=get_settings, name="background-read")
+        reader.start()
+        assert started.wait(5)
+        monkeypatch.setenv("TRAINYARD_FLUSH_INTERVAL", "0.75")
+        clearer = threading.Thread(target=get_settings.cache_clear)
+        clearer.start()
+        clearer.join(0.3)  # it waits for the read in flight
+        release.set()
+        reader.join(5)
+        clearer.join(5)
+        assert get_settings().flush_interval_s == 0.75
+    finally:
+        get_settings.cache_clear()
+
+
 @pytest.mark.parametrize(("var", "value", "allowed"), [
     ("TRAINYARD_AUTH", "maybe", "'required' or 'off'"),
     ("TRAINYARD_AUTO_QUEUE", "tpu", "'gpu' or 'cpu'"),
