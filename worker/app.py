@@ -25,7 +25,6 @@ from orchestration.messages import sender
 from store.broker import (
     EXPORT_TASK,
     RUN_JOB_TASK,
-    SQLA_POLLING_INTERVAL_S,
     celery_config,
     prepare_embedded_broker,
 )
@@ -151,10 +150,10 @@ def create_celery(settings: Settings | None = None) -> Celery:
     if not any(isinstance(f, QuietHandBack) for f in trace_log.filters):
         trace_log.addFilter(QuietHandBack())
     if settings.broker_url.startswith("sqla+"):
-        from kombu.transport import sqlalchemy as sqla_transport
+        from worker.embedded_broker import use_quiet_polling
 
-        sqla_transport.Transport.polling_interval = SQLA_POLLING_INTERVAL_S
-        prepare_embedded_broker(settings.broker_url)
+        prepare_embedded_broker(settings.broker_url)  # the file exists before the channel watches it
+        use_quiet_polling()
 
     @app.task(name=RUN_JOB_TASK, ignore_result=True, acks_late=True)
     def run_job(job_id: str) -> str:

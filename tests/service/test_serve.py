@@ -138,6 +138,66 @@ def test_the_embedded_broker_file_is_in_wal_mode_and_takes_messages(tmp_path):
     prepare_embedded_broker("redis://127.0.0.1:6379/0")  # any other broker: nothing to do
 
 
+def test_an_idle_worker_polls_the_embedded_broker_without_querying_until_its_file_changes(tmp_path, monkeypatch):
+    """``worker.embedded_broker.QuietChannel`` (the worker's channel on the embedded broker) asks
+    SQLite whether the broker's file changed since a queue was found empty (``PRAGMA
+    data_version``) and skips the queue's query when it did not: an idle ``trainyard serve``
+    worker took 8.75 % of a core polling every 0.05 s, 1.3 % every 0.02 s now. A message sent by
+    another process is still found by the next poll, and one sent on this process's own
+    connection too."""
+    from queue import Empty
+
+    from celery import Celery
+    from kombu.transport import sqlalchemy as sqla_transport
+    from sqlalchemy import event
+
+    from orchestration.messages import send_jobs
+    from store.broker import prepare_embedded_broker
+    from worker.embedded_broker import QuietChannel, use_quiet_polling
+
+    # what the worker's app sets on kombu's class, undone after this test
+    monkeypatch.setattr(sqla_transport.Transport, "Channel", sqla_transport.Transport.Channel)
+    monkeypatch.setattr(sqla_transport.Transport, "polling_interval", sqla_transport.Transport.polling_interval)
+    db = tmp_path / "broker.sqlite"
+    url = f"sqla+sqlite:///{db}"
+    prepare_embedded_broker(url)
+    use_quiet_polling()
+    app = Celery("t", set_as_current=False)
+    app.conf.update(broker_url=url, task_serializer="json", accept_content=["json"])
+    send_jobs(app, [("0" * 32, "q1")])  # the queue exists (kombu creates it in a commit of its own)
+    with app.connection_for_read() as conn:
+        channel = conn.default_channel
+        assert isinstance(channel, QuietChannel)
+        statements: list[str] = []
+        event.listen(channel.session.get_bind(), "before_cursor_execute",
+                     lambda conn, cursor, sql, *rest: statements.append(sql))
+
+        def get() -> str | None:
+            try:
+                return channel._get("q1")["headers"]["argsrepr"]
+            except Empty:
+                return None
+
+        assert get() == repr(["0" * 32])
+        assert get() is None and statements  # found empty by a query
+        statements.clear()
+        for _ in range(5):
+            assert get() is None
+        assert statements == []  # nothing changed: no query
+        script = ("import sys; from celery import Celery; from orchestration.messages import send_jobs; "
+                  "app = Celery('t', set_as_current=False); "
+                  "app.conf.update(broker_url=sys.argv[1], task_serializer='json', accept_content=['json']); "
+                  "send_jobs(app, [('1' * 32, 'q1')])")
+        subprocess.run([sys.executable, "-c", script, url], cwd=ROOT, check=True, timeout=60,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert get() == repr(["1" * 32])  # another process's commit: the next poll queries
+        assert get() is None
+        statements.clear()
+        assert get() is None and statements == []
+        send_jobs(app, [("2" * 32, "q1")])  # this process, another connection of its own
+        assert get() == repr(["2" * 32])
+
+
 def test_the_embedded_broker_stores_one_sends_messages_together_or_none(tmp_path):
     """``orchestration.messages.send_jobs`` on the embedded broker stores all of one call's
     messages in one commit (kombu's transport commits each on its own: 27 messages took 56-71
