@@ -144,13 +144,17 @@ def test_an_idle_worker_polls_the_embedded_broker_without_querying_until_its_fil
     data_version``) and skips the queue's query when it did not: an idle ``trainyard serve``
     worker took 8.75 % of a core polling every 0.05 s, 1.3 % every 0.02 s now. A message sent by
     another process is still found by the next poll, and one sent on this process's own
-    connection too."""
+    connection too. An idle channel deletes the messages already delivered (kombu keeps them for
+    good: the file grew ~1.4 KB a job), at its first idle poll and then every ``PRUNE_EVERY_S``;
+    a message not yet delivered stays."""
+    import sqlite3
     from queue import Empty
 
     from celery import Celery
     from kombu.transport import sqlalchemy as sqla_transport
     from sqlalchemy import event
 
+    import worker.embedded_broker as embedded_broker
     from orchestration.messages import send_jobs
     from store.broker import prepare_embedded_broker
     from worker.embedded_broker import QuietChannel, use_quiet_polling
@@ -165,6 +169,13 @@ def test_an_idle_worker_polls_the_embedded_broker_without_querying_until_its_fil
     app = Celery("t", set_as_current=False)
     app.conf.update(broker_url=url, task_serializer="json", accept_content=["json"])
     send_jobs(app, [("0" * 32, "q1")])  # the queue exists (kombu creates it in a commit of its own)
+
+    def rows() -> list[tuple[str, int]]:
+        """(queue, visible) of every message row in the file."""
+        with sqlite3.connect(db) as con:
+            return con.execute("SELECT q.name, m.visible FROM kombu_message m JOIN kombu_queue q ON q.id = m.queue_id "
+                               "ORDER BY m.id").fetchall()
+
     with app.connection_for_read() as conn:
         channel = conn.default_channel
         assert isinstance(channel, QuietChannel)
@@ -179,7 +190,10 @@ def test_an_idle_worker_polls_the_embedded_broker_without_querying_until_its_fil
                 return None
 
         assert get() == repr(["0" * 32])
-        assert get() is None and statements  # found empty by a query
+        assert rows() == [("q1", 0)]  # delivered: kombu keeps the row
+        assert get() is None and any(sql.startswith("SELECT") for sql in statements)  # found empty by a query
+        assert any(sql.startswith("DELETE") for sql in statements) and rows() == []  # the first idle poll prunes
+        assert get() is None  # the prune changed the file: one more query
         statements.clear()
         for _ in range(5):
             assert get() is None
@@ -194,8 +208,18 @@ def test_an_idle_worker_polls_the_embedded_broker_without_querying_until_its_fil
         assert get() is None
         statements.clear()
         assert get() is None and statements == []
-        send_jobs(app, [("2" * 32, "q1")])  # this process, another connection of its own
+        send_jobs(app, [("2" * 32, "q1"), ("3" * 32, "q2")])  # this process, another connection of its own
         assert get() == repr(["2" * 32])
+        assert get() is None
+        assert rows() == [("q1", 0), ("q1", 0), ("q2", 1)]  # no prune within PRUNE_EVERY_S
+        monkeypatch.setattr(embedded_broker, "PRUNE_EVERY_S", 0.0)
+        monkeypatch.setattr(embedded_broker, "PRUNE_CHUNK", 1)  # at most one row a prune
+        assert get() is None
+        assert rows() == [("q1", 0), ("q2", 1)]
+        monkeypatch.setattr(embedded_broker, "PRUNE_EVERY_S", 3600.0)
+        assert get() is None  # a full chunk: the next idle poll goes on at once
+        assert rows() == [("q2", 1)]  # the delivered ones deleted; the one not delivered stays
+        assert get() is None and rows() == [("q2", 1)]
 
 
 def test_the_embedded_broker_stores_one_sends_messages_together_or_none(tmp_path):
